@@ -1,0 +1,426 @@
+// aimdo._core: thin nanobind bindings. Type conversion, GIL release and exception
+// translation only; every decision lives in the core.
+//
+// Every call that can reach the driver or wait on a device lock releases the GIL, so
+// Python threads driving different devices run in parallel.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/shared_ptr.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "aimdo/cuda_driver.hpp"
+#include "aimdo/errors.hpp"
+#include "aimdo/manager.hpp"
+#include "aimdo/process.hpp"
+#include "sim_driver.hpp"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace aimdo {
+namespace {
+
+using release_gil = nb::call_guard<nb::gil_scoped_release>;
+
+// Python exception classes, created once at import; owned by the module.
+struct ExceptionTypes {
+  PyObject* base = nullptr;
+  PyObject* out_of_memory = nullptr;
+  PyObject* driver = nullptr;
+  PyObject* device_not_initialized = nullptr;
+  PyObject* invalid_state = nullptr;
+};
+
+PyObject* new_exception(const char* name, const char* doc, PyObject* bases) {
+  PyObject* type = PyErr_NewExceptionWithDoc(name, doc, bases, nullptr);
+  if (type == nullptr) throw nb::python_error();
+  return type;
+}
+
+template <class... Attributes>
+void raise_python(PyObject* type, const char* message, Attributes&&... attributes) {
+  PyObject* instance = PyObject_CallFunction(type, "s", message);
+  if (instance == nullptr) return;  // the failure to build it is the error raised
+  bool ok = true;
+  const auto set = [&](const char* name, nb::object value) {
+    if (ok && PyObject_SetAttrString(instance, name, value.ptr()) != 0) ok = false;
+  };
+  (set(attributes.first, std::move(attributes.second)), ...);
+  if (ok) PyErr_SetObject(type, instance);
+  Py_DECREF(instance);
+}
+
+void translate(const std::exception_ptr& failure, void* payload) {
+  const auto* types = static_cast<const ExceptionTypes*>(payload);
+  try {
+    std::rethrow_exception(failure);
+  } catch (const OutOfMemoryError& e) {
+    raise_python(types->out_of_memory, e.what(),
+                 std::make_pair("device", nb::cast(e.device())),
+                 std::make_pair("requested_bytes", nb::cast(e.requested_bytes())),
+                 std::make_pair("injected", nb::cast(e.injected())));
+  } catch (const DriverError& e) {
+    raise_python(types->driver, e.what(), std::make_pair("device", nb::cast(e.device())),
+                 std::make_pair("operation", nb::cast(e.operation())),
+                 std::make_pair("code", nb::cast(e.code())),
+                 std::make_pair("error_name", nb::cast(e.error_name())),
+                 std::make_pair("injected", nb::cast(e.injected())));
+  } catch (const DeviceNotInitializedError& e) {
+    raise_python(types->device_not_initialized, e.what(),
+                 std::make_pair("device", nb::cast(e.device())));
+  } catch (const InvalidStateError& e) {
+    raise_python(types->invalid_state, e.what());
+  } catch (const InvalidArgumentError& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+  } catch (const Error& e) {
+    raise_python(types->base, e.what());
+  }
+}
+
+// Sizes arrive as Python ints; a negative one is a ValueError, not a wrapped-around size.
+std::size_t to_size(std::int64_t value, const char* what) {
+  if (value < 0) {
+    throw InvalidArgumentError(std::string(what) + " must not be negative, got " +
+                               std::to_string(value));
+  }
+  return static_cast<std::size_t>(value);
+}
+
+nb::dict stats_dict(const DeviceStatsSnapshot& s) {
+  nb::dict d;
+  d["faults"] = s.faults;
+  d["hits"] = s.hits;
+  d["offloaded"] = s.offloaded;
+  d["pages_mapped"] = s.pages_mapped;
+  d["pages_released"] = s.pages_released;
+  d["evictions"] = s.evictions;
+  d["evicted_bytes"] = s.evicted_bytes;
+  d["synchronizes"] = s.synchronizes;
+  d["polls"] = s.polls;
+  d["transient_retries"] = s.transient_retries;
+  d["oom_retries"] = s.oom_retries;
+  return d;
+}
+
+std::shared_ptr<Driver> load_cuda() {
+  CudaDriverLoad load = load_cuda_driver();
+  if (!load.driver) {
+    throw DriverError(load.message, -1, "load libcuda", load.status);
+  }
+  return load.driver;
+}
+
+}  // namespace
+}  // namespace aimdo
+
+NB_MODULE(_core, m) {
+  using namespace aimdo;
+  m.doc() = "aimdo's native core. Import `aimdo`, not this module.";
+
+  auto* types = new ExceptionTypes();  // lives as long as the process: translators need it
+  types->base = new_exception("aimdo.AimdoError", "Base of every error aimdo raises.", nullptr);
+  {
+    nb::object oom_bases = nb::make_tuple(nb::handle(types->base), nb::handle(PyExc_MemoryError));
+    types->out_of_memory = new_exception(
+        "aimdo.OutOfMemoryError",
+        "A device, or the budget aimdo was given on it, cannot supply the memory asked for.",
+        oom_bases.ptr());
+    nb::object runtime_bases =
+        nb::make_tuple(nb::handle(types->base), nb::handle(PyExc_RuntimeError));
+    types->driver = new_exception(
+        "aimdo.DriverError", "The GPU driver answered an error aimdo cannot handle.",
+        runtime_bases.ptr());
+    nb::object lookup_bases =
+        nb::make_tuple(nb::handle(types->base), nb::handle(PyExc_LookupError));
+    types->device_not_initialized = new_exception(
+        "aimdo.DeviceNotInitializedError",
+        "A device was used that the Manager was not told to initialize.", lookup_bases.ptr());
+    types->invalid_state = new_exception(
+        "aimdo.InvalidStateError",
+        "The object's state forbids the call (closed, or unpin without a fault).",
+        runtime_bases.ptr());
+  }
+  m.attr("AimdoError") = nb::borrow(types->base);
+  m.attr("OutOfMemoryError") = nb::borrow(types->out_of_memory);
+  m.attr("DriverError") = nb::borrow(types->driver);
+  m.attr("DeviceNotInitializedError") = nb::borrow(types->device_not_initialized);
+  m.attr("InvalidStateError") = nb::borrow(types->invalid_state);
+  nb::register_exception_translator(&translate, types);
+
+  m.def("set_process_exiting", &set_process_exiting,
+        "Tell the core the interpreter is exiting: destructors stop calling the driver.");
+  m.def("load_cuda_driver", &load_cuda, release_gil(),
+        "Load libcuda.so.1 and return the CUDA backend. Raises DriverError when it cannot.");
+
+  nb::class_<Driver>(m, "Driver", "A GPU backend (the CUDA driver or the simulator).")
+      .def_prop_ro("backend_name", [](const Driver& d) { return std::string(d.backend_name()); })
+      .def("device_count", [](Driver& d) {
+        int count = 0;
+        DriverStatus status;
+        {
+          nb::gil_scoped_release release;
+          status = d.device_count(&count);
+        }
+        if (!status.ok()) {
+          throw DriverError(std::string("cuDeviceGetCount failed with ") + status.name, -1,
+                            "cuDeviceGetCount", status);
+        }
+        return count;
+      })
+      .def("current_device", &Driver::current_device, release_gil(),
+           "The device whose context is current on the calling thread, or -1.");
+
+  using SpecTuple = std::tuple<std::string, std::int64_t, std::int64_t, bool>;
+  nb::class_<sim::SimDriver, Driver>(m, "SimDriver", "The simulator backend (see aimdo.sim).")
+      .def("__init__",
+           [](sim::SimDriver* self, const std::vector<SpecTuple>& specs, std::uint64_t seed) {
+             std::vector<sim::SimDeviceSpec> devices;
+             for (const auto& [name, total, granularity, integrated] : specs) {
+               sim::SimDeviceSpec spec;
+               spec.name = name;
+               spec.total_bytes = to_size(total, "capacity");
+               spec.granularity_bytes = to_size(granularity, "granularity");
+               spec.integrated = integrated;
+               devices.push_back(spec);
+             }
+             new (self) sim::SimDriver(std::move(devices), seed);
+           },
+           "devices"_a, "seed"_a)
+      .def_prop_ro("seed", &sim::SimDriver::seed)
+      .def("add_external_usage",
+           [](sim::SimDriver& s, int device, std::int64_t n) {
+             s.add_external_usage(device, to_size(n, "nbytes"));
+           },
+           "device"_a, "nbytes"_a, release_gil())
+      .def("remove_external_usage",
+           [](sim::SimDriver& s, int device, std::int64_t n) {
+             s.remove_external_usage(device, to_size(n, "nbytes"));
+           },
+           "device"_a, "nbytes"_a, release_gil())
+      .def("external_usage", &sim::SimDriver::external_usage, "device"_a, release_gil())
+      .def("physical_bytes", &sim::SimDriver::physical_bytes, "device"_a, release_gil())
+      .def("used_bytes", &sim::SimDriver::used_bytes, "device"_a, release_gil())
+      .def("is_accessible",
+           [](const sim::SimDriver& s, std::uint64_t address, std::int64_t n) {
+             return s.is_accessible(address, to_size(n, "nbytes"));
+           },
+           "address"_a, "nbytes"_a, release_gil())
+      .def("fail",
+           [](sim::SimDriver& s, const std::string& op, int device, int code, std::int64_t skip,
+              std::int64_t count) {
+             s.fail(op, device, code, to_size(skip, "skip"), to_size(count, "count"));
+           },
+           "operation"_a, "device"_a, "code"_a, "skip"_a, "count"_a, release_gil())
+      .def("clear_failures", &sim::SimDriver::clear_failures, release_gil())
+      .def("call_count", &sim::SimDriver::call_count, "operation"_a, release_gil())
+      .def("now_ns", &sim::SimDriver::now_ns, "device"_a, release_gil())
+      .def("advance", &sim::SimDriver::advance, "device"_a, "ns"_a, release_gil())
+      .def("leaks", &sim::SimDriver::leaks, release_gil())
+      .def_static("operation_names", &sim::SimDriver::operation_names);
+
+  nb::class_<Signature>(m, "Signature",
+                        "Per-page serial numbers from a fault. Equal to an earlier signature "
+                        "of the same allocation exactly when no page under it was re-mapped.")
+      .def_prop_ro("serials", [](const Signature& s) {
+        nb::list out;
+        for (auto serial : s.serials) out.append(serial);
+        return nb::tuple(out);
+      })
+      .def("__eq__", [](const Signature& a, const Signature& b) { return a == b; }, nb::is_operator())
+      .def("__eq__", [](const Signature&, nb::handle) { return false; }, nb::is_operator())
+      .def("__ne__", [](const Signature& a, const Signature& b) { return a != b; }, nb::is_operator())
+      .def("__ne__", [](const Signature&, nb::handle) { return true; }, nb::is_operator())
+      .def("__hash__", [](const Signature& s) {
+        std::uint64_t h = 1469598103934665603ULL;
+        for (auto serial : s.serials) h = (h ^ serial) * 1099511628211ULL;
+        return static_cast<Py_hash_t>(h >> 1);
+      })
+      .def("__len__", [](const Signature& s) { return s.serials.size(); })
+      .def("__repr__", [](const Signature& s) {
+        std::string out = "Signature(";
+        for (std::size_t i = 0; i < s.serials.size(); ++i) {
+          out += (i ? ", " : "") + std::to_string(s.serials[i]);
+        }
+        return out + ")";
+      });
+
+  nb::class_<Allocation>(m, "Allocation", "A byte range of a VBAR handed to one tensor.")
+      .def_prop_ro("offset", [](const Allocation& a) { return a.offset_bytes; },
+                   "Bytes from the VBAR's base (512-byte aligned).")
+      .def_prop_ro("size", [](const Allocation& a) { return a.size_bytes; }, "Bytes.")
+      .def_prop_ro("address", &Allocation::address, "Device virtual address of the first byte.")
+      .def_prop_ro("vbar", [](const Allocation& a) { return a.vbar; })
+      .def_prop_ro("device", [](const Allocation& a) { return a.vbar->device(); })
+      .def("__repr__", [](const Allocation& a) {
+        return "Allocation(device=" + std::to_string(a.vbar->device()) +
+               ", offset=" + std::to_string(a.offset_bytes) + ", size=" +
+               std::to_string(a.size_bytes) + ")";
+      });
+
+  nb::class_<Vbar>(m, "Vbar", "One model's reserved address range on one device (DESIGN §1).")
+      .def_prop_ro("device", &Vbar::device)
+      .def_prop_ro("size", &Vbar::size_bytes, "Bytes asked for at creation.")
+      .def_prop_ro("page_size", &Vbar::page_size_bytes)
+      .def_prop_ro("page_count", &Vbar::page_count)
+      .def_prop_ro("address", &Vbar::base_address, "Device virtual address of the range.")
+      .def("alloc", [](Vbar& v, std::int64_t n) { return v.alloc(to_size(n, "nbytes")); },
+           "nbytes"_a, release_gil(),
+           "Hand out the next `nbytes` of the range (512-byte aligned, in call order).")
+      .def("fault", &Vbar::fault, "allocation"_a, release_gil(),
+           "Make the allocation resident and pin it: its Signature, or None if offloaded.")
+      .def("unpin", &Vbar::unpin, "allocation"_a, release_gil(),
+           "Drop the pin taken by one successful fault.")
+      .def("prioritize", &Vbar::prioritize, release_gil(),
+           "Move to the top of the device's priority list; reset the watermark to all pages.")
+      .def("deprioritize", &Vbar::deprioritize, release_gil(),
+           "Move to the bottom of the device's priority list.")
+      .def_prop_ro("watermark_bytes", [](const Vbar& v) {
+        nb::gil_scoped_release release;
+        return v.watermark_bytes();
+      })
+      .def("set_watermark",
+           [](Vbar& v, std::int64_t n) { v.set_watermark(to_size(n, "nbytes")); }, "nbytes"_a,
+           release_gil(),
+           "Offload pages starting at or above `nbytes` (rounded up to a page), releasing "
+           "unpinned ones; may also raise the watermark.")
+      .def_prop_rw(
+          "floor_bytes",
+          [](const Vbar& v) {
+            nb::gil_scoped_release release;
+            return v.floor_bytes();
+          },
+          [](Vbar& v, std::int64_t n) {
+            const std::size_t bytes = to_size(n, "floor_bytes");
+            nb::gil_scoped_release release;
+            v.set_floor(bytes);
+          },
+          "Eviction never lowers the watermark below this (rounded up to a page).")
+      .def("free_memory",
+           [](Vbar& v, std::int64_t n) { return v.free_memory(to_size(n, "nbytes")); },
+           "nbytes"_a, release_gil(), "Evict from this VBAR alone; returns bytes freed.")
+      .def_prop_ro("loaded_bytes", [](const Vbar& v) {
+        nb::gil_scoped_release release;
+        return v.loaded_bytes();
+      })
+      .def_prop_ro("allocated_bytes", [](const Vbar& v) {
+        nb::gil_scoped_release release;
+        return v.allocated_bytes();
+      })
+      .def("residency",
+           [](const Vbar& v) {
+             std::vector<PageResidency> pages;
+             {
+               nb::gil_scoped_release release;
+               pages = v.residency();
+             }
+             nb::list out;
+             for (const auto& p : pages) out.append(nb::make_tuple(p.resident, p.pinned));
+             return out;
+           },
+           "Per page: (resident, pinned).")
+      .def("close", &Vbar::close, release_gil(),
+           "Release every page (pinned ones too) and the address range. Idempotent.")
+      .def_prop_ro("closed", [](const Vbar& v) {
+        nb::gil_scoped_release release;
+        return v.closed();
+      });
+
+  nb::class_<Manager>(m, "Manager", "Owns a backend and per-device state. Use aimdo.Manager.")
+      .def(nb::init<std::shared_ptr<Driver>>(), "driver"_a)
+      .def_prop_ro("driver", [](const Manager& mgr) { return mgr.driver_ptr(); })
+      .def(
+          "add_device",
+          [](Manager& mgr, int device, std::optional<std::int64_t> vram_limit,
+             std::int64_t headroom, std::int64_t extra_headroom, std::int64_t page_size,
+             std::int64_t poll_interval_ns, int transient_retries) {
+            DeviceOptions options;
+            if (vram_limit) options.vram_limit_bytes = to_size(*vram_limit, "vram_limit");
+            options.headroom_bytes = to_size(headroom, "headroom");
+            options.extra_headroom_bytes = to_size(extra_headroom, "extra_headroom");
+            options.page_size_bytes = to_size(page_size, "page_size");
+            options.poll_interval_ns = poll_interval_ns;
+            options.transient_retries = transient_retries;
+            mgr.add_device(device, options);
+          },
+          "device"_a, "vram_limit"_a.none(), "headroom"_a, "extra_headroom"_a, "page_size"_a,
+          "poll_interval_ns"_a, "transient_retries"_a, release_gil())
+      .def_prop_ro("devices", [](const Manager& mgr) {
+        nb::gil_scoped_release release;
+        return mgr.devices();
+      })
+      .def("create_vbar",
+           [](Manager& mgr, int device, std::int64_t size) {
+             return mgr.create_vbar(device, to_size(size, "size"));
+           },
+           "device"_a, "size"_a, release_gil())
+      .def("reclaim",
+           [](Manager& mgr, int device, std::int64_t n) {
+             return mgr.reclaim(device, to_size(n, "nbytes"));
+           },
+           "device"_a, "nbytes"_a, release_gil())
+      .def("reset_floors", &Manager::reset_floors, "device"_a.none(), release_gil())
+      .def("resident_bytes", [](Manager& mgr, int d) { return mgr.device(d)->resident_bytes(); },
+           "device"_a, release_gil())
+      .def("usage_bytes", [](Manager& mgr, int d) { return mgr.device(d)->usage_bytes(); },
+           "device"_a, release_gil())
+      .def("budget_bytes", [](Manager& mgr, int d) { return mgr.device(d)->budget_bytes(); },
+           "device"_a, release_gil())
+      .def("limit_bytes", [](Manager& mgr, int d) { return mgr.device(d)->limit_bytes(); },
+           "device"_a, release_gil())
+      .def("deficit_bytes",
+           [](Manager& mgr, int d, std::int64_t n) {
+             return mgr.device(d)->deficit_bytes(to_size(n, "nbytes"));
+           },
+           "device"_a, "nbytes"_a, release_gil())
+      .def("vbar_count", [](Manager& mgr, int d) { return mgr.device(d)->vbar_count(); },
+           "device"_a, release_gil())
+      .def("stats",
+           [](Manager& mgr, int d) {
+             DeviceStatsSnapshot snapshot;
+             {
+               nb::gil_scoped_release release;
+               snapshot = mgr.device(d)->stats();
+             }
+             return stats_dict(snapshot);
+           },
+           "device"_a)
+      .def("device_info",
+           [](Manager& mgr, int d) {
+             std::shared_ptr<Device> device;
+             DeviceOptions options;
+             {
+               nb::gil_scoped_release release;
+               device = mgr.device(d);
+               options = device->options();
+             }
+             const DeviceProperties& p = device->properties();
+             nb::dict out;
+             out["device"] = d;
+             out["name"] = p.name;
+             out["total_bytes"] = p.total_bytes;
+             out["granularity_bytes"] = p.granularity_bytes;
+             out["integrated"] = p.integrated;
+             out["vram_limit"] = options.vram_limit_bytes ? nb::cast(*options.vram_limit_bytes)
+                                                          : nb::none();
+             out["headroom"] = options.headroom_bytes;
+             out["extra_headroom"] = options.extra_headroom_bytes;
+             out["page_size"] = options.page_size_bytes;
+             out["poll_interval"] = static_cast<double>(options.poll_interval_ns) / 1e9;
+             return out;
+           },
+           "device"_a)
+      .def("close", &Manager::close, release_gil())
+      .def_prop_ro("closed", [](const Manager& mgr) {
+        nb::gil_scoped_release release;
+        return mgr.closed();
+      });
+}

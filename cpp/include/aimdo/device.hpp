@@ -1,0 +1,112 @@
+// Per-device state and policy: budget, priority list, eviction (DESIGN §3, §4).
+//
+// Thread-safety: one mutex per device (mutex()) guards the options, the priority list,
+// every page table of this device's VBARs and the usage counters. No operation holds
+// two devices' locks, and nothing here calls back into Python. Statistics are atomics,
+// readable without the lock. Driver calls that depend on the current context run under
+// a ScopedDevice for this device.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "aimdo/budget.hpp"
+#include "aimdo/driver.hpp"
+#include "aimdo/options.hpp"
+#include "aimdo/stats.hpp"
+
+namespace aimdo {
+
+class Vbar;
+
+class Device : public std::enable_shared_from_this<Device> {
+ public:
+  // Use Manager::add_device. Validates `options` against the device's properties.
+  Device(std::shared_ptr<Driver> driver, int ordinal, DeviceProperties properties,
+         const DeviceOptions& options);
+  ~Device();
+  Device(const Device&) = delete;
+  Device& operator=(const Device&) = delete;
+
+  int ordinal() const noexcept { return ordinal_; }
+  const DeviceProperties& properties() const noexcept { return properties_; }
+  Driver& driver() const noexcept { return *driver_; }
+  std::mutex& mutex() const noexcept { return mutex_; }
+
+  DeviceOptions options() const;
+  // Replace the options (VBARs keep the page size they were created with).
+  void set_options(const DeviceOptions& options);
+
+  // A new VBAR at the top of the priority list; page_count = ceil(size / page size).
+  std::shared_ptr<Vbar> create_vbar(std::size_t size_bytes);
+
+  // Make room for an outside allocation of `size_bytes`: evict deficit_bytes(size) when
+  // positive. Returns the bytes freed.
+  std::size_t reclaim(std::size_t size_bytes);
+  std::int64_t deficit_bytes(std::size_t size_bytes);
+  std::size_t limit_bytes() const;
+  std::size_t budget_bytes() const;
+  std::size_t usage_bytes() const;          // resident VBAR bytes + external bytes
+  std::size_t resident_bytes() const;       // resident VBAR bytes on this device
+  void reset_floors();
+  std::size_t vbar_count() const;
+  DeviceStatsSnapshot stats() const noexcept { return stats_.snapshot(); }
+
+  // Close every VBAR of this device and refuse new ones. Idempotent.
+  void close();
+  bool closed() const;
+
+ private:
+  friend class Vbar;
+
+  // Everything below: caller holds mutex_.
+  BudgetInputs budget_inputs_locked(std::size_t usage);
+  std::int64_t deficit_locked(std::size_t size_bytes);
+  void poll_locked();
+  // Evict, lowest priority first (or from `only`), until `bytes` are freed or nothing
+  // more may be lowered. Returns bytes freed.
+  std::size_t evict_locked(std::size_t bytes, Vbar* only);
+  // Map one page of `vbar` (create + map + set access, unwound on failure); on an
+  // out-of-memory answer evicts one page and retries once.
+  void map_page_locked(Vbar& vbar, std::size_t page);
+  // Release one resident page (synchronizing the device first, once per `synced` flag).
+  void release_page_locked(Vbar& vbar, std::size_t page, bool& synced);
+  void synchronize_locked();
+  void close_vbar_locked(Vbar& vbar);
+  std::size_t usage_locked() const { return resident_bytes_ + external_bytes_; }
+
+  // Throws the error a failed driver status stands for.
+  [[noreturn]] void raise(const DriverStatus& status, const char* operation,
+                          std::size_t requested_bytes) const;
+  // Runs a driver call, retrying transient failures up to options_.transient_retries.
+  template <class Call>
+  DriverStatus retrying(Call&& call);
+
+  std::shared_ptr<Driver> driver_;
+  const int ordinal_;
+  const DeviceProperties properties_;
+  mutable std::mutex mutex_;
+
+  // Guarded by mutex_:
+  DeviceOptions options_;
+  std::list<Vbar*> priority_;  // front: most important
+  std::size_t resident_bytes_ = 0;
+  std::size_t external_bytes_ = 0;
+  bool polled_ = false;
+  std::int64_t last_poll_ns_ = 0;
+  std::size_t free_at_poll_bytes_ = 0;
+  std::size_t total_at_poll_bytes_ = 0;
+  std::size_t usage_at_poll_bytes_ = 0;
+  std::uint64_t next_serial_ = 1;
+  bool closed_ = false;
+
+  DeviceStats stats_;
+};
+
+}  // namespace aimdo

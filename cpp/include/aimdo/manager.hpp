@@ -1,0 +1,57 @@
+// The Manager owns a Driver and one Device per initialized device. There is no global
+// state: several Managers (several simulators) can live in one process.
+//
+// Thread-safety: all methods may be called from any thread. A reader-writer lock
+// guards only the table of devices (taken briefly to find a Device, never across an
+// operation); each Device has its own lock for everything else.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <shared_mutex>
+#include <vector>
+
+#include "aimdo/device.hpp"
+#include "aimdo/driver.hpp"
+#include "aimdo/options.hpp"
+#include "aimdo/vbar.hpp"
+
+namespace aimdo {
+
+class Manager {
+ public:
+  explicit Manager(std::shared_ptr<Driver> driver);
+  ~Manager();
+  Manager(const Manager&) = delete;
+  Manager& operator=(const Manager&) = delete;
+
+  Driver& driver() const noexcept { return *driver_; }
+  const std::shared_ptr<Driver>& driver_ptr() const noexcept { return driver_; }
+
+  // Initialize `device` with `options`; when it already is, replace its options.
+  // InvalidArgumentError for an ordinal the driver does not have or bad options.
+  void add_device(int device, const DeviceOptions& options);
+  std::vector<int> devices() const;
+  // DeviceNotInitializedError (naming the initialized devices and the fix) when absent.
+  std::shared_ptr<Device> device(int device) const;
+
+  std::shared_ptr<Vbar> create_vbar(int device, std::size_t size_bytes);
+  std::size_t reclaim(int device, std::size_t size_bytes);
+  // All devices when `device` is empty.
+  void reset_floors(std::optional<int> device);
+
+  // Close every VBAR on every device. Idempotent; later calls raise InvalidStateError.
+  void close();
+  bool closed() const;
+
+ private:
+  void check_open() const;
+
+  std::shared_ptr<Driver> driver_;
+  mutable std::shared_mutex devices_mutex_;
+  std::map<int, std::shared_ptr<Device>> devices_;  // guarded by devices_mutex_
+  bool closed_ = false;                              // guarded by devices_mutex_
+};
+
+}  // namespace aimdo

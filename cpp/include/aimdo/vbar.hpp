@@ -1,0 +1,133 @@
+// A VBAR: one model's reserved virtual address range on one device, divided into pages
+// that are mapped (made resident) when an allocation under them is faulted and released,
+// lowest priority first, when the device runs short. See DESIGN §1 and §3.
+//
+// Thread-safety: every method may be called from any thread. Page table, watermark,
+// floor, allocation records and the closed flag are guarded by the owning Device's
+// lock; immutable fields (device, base address, page size and count) need none.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "aimdo/driver.hpp"
+
+namespace aimdo {
+
+class Device;
+class Vbar;
+
+// Per-page serial numbers of the pages under an allocation at the time of a fault.
+// Two signatures of the same allocation compare equal exactly when no page under it
+// was re-mapped in between (the data written there is intact).
+struct Signature {
+  std::vector<std::uint64_t> serials;
+  bool operator==(const Signature& other) const { return serials == other.serials; }
+  bool operator!=(const Signature& other) const { return !(*this == other); }
+};
+
+// A byte range inside a VBAR handed to one tensor. Holds its VBAR alive.
+struct Allocation {
+  std::shared_ptr<Vbar> vbar;
+  std::uint32_t index = 0;      // position in the VBAR's allocation records
+  std::size_t offset_bytes = 0; // from the VBAR's base, 512-byte aligned
+  std::size_t size_bytes = 0;
+  DeviceAddress address() const noexcept;
+};
+
+struct PageResidency {
+  bool resident = false;
+  bool pinned = false;
+};
+
+class Vbar : public std::enable_shared_from_this<Vbar> {
+ public:
+  static constexpr std::size_t kAllocationAlignment = 512;
+
+  // Use Device::create_vbar.
+  Vbar(std::shared_ptr<Device> device, DeviceAddress base, std::size_t size_bytes,
+       std::size_t page_size_bytes);
+  ~Vbar();
+  Vbar(const Vbar&) = delete;
+  Vbar& operator=(const Vbar&) = delete;
+
+  int device() const noexcept;
+  DeviceAddress base_address() const noexcept { return base_; }
+  std::size_t size_bytes() const noexcept { return size_bytes_; }
+  std::size_t page_size_bytes() const noexcept { return page_size_bytes_; }
+  std::size_t page_count() const noexcept { return pages_.size(); }
+
+  // Hand out the next `size_bytes` (> 0) of the range, 512-byte aligned, in call order.
+  // InvalidArgumentError when it does not fit; InvalidStateError when closed.
+  Allocation alloc(std::size_t size_bytes);
+
+  // DESIGN §3.2: make every page under `allocation` resident and pin it, returning its
+  // signature; std::nullopt means offloaded (the allocation reaches above the watermark).
+  // Errors: InvalidStateError (closed), InvalidArgumentError (foreign allocation),
+  // OutOfMemoryError (the budget cannot be met, or the driver refused twice),
+  // DriverError.
+  std::optional<Signature> fault(const Allocation& allocation);
+
+  // DESIGN §3.4: drop the pin of one earlier successful fault of `allocation`.
+  // InvalidStateError when it holds no pin.
+  void unpin(const Allocation& allocation);
+
+  // DESIGN §3.5.
+  void prioritize();
+  void deprioritize();
+  std::size_t watermark_bytes() const;
+  // Pages starting at or above `bytes` (rounded up to a page) become offloaded; unpinned
+  // resident ones are released. May raise the watermark too. 0 <= bytes <= page_count*page_size.
+  void set_watermark(std::size_t bytes);
+  std::size_t floor_bytes() const;
+  // Eviction never lowers the watermark below the floor (rounded up to a page). Raises
+  // the watermark to the floor if it is lower.
+  void set_floor(std::size_t bytes);
+  // Evict from this VBAR alone, top down, never below the floor; returns bytes freed.
+  std::size_t free_memory(std::size_t bytes);
+  std::size_t loaded_bytes() const;  // resident pages * page size
+  std::vector<PageResidency> residency() const;
+  std::size_t allocated_bytes() const;  // end of the last allocation
+
+  // DESIGN §3.7: release every page (pinned ones too) and the address range. Idempotent.
+  void close();
+  bool closed() const;
+
+ private:
+  friend class Device;
+
+  struct Page {
+    PhysicalHandle handle = 0;  // 0: not resident
+    std::uint32_t pins = 0;
+    std::uint64_t serial = 0;   // of the mapping that made it resident
+  };
+  struct AllocationRecord {
+    std::size_t offset_bytes;
+    std::size_t size_bytes;
+    std::uint32_t pins;
+  };
+
+  void check_open_locked() const;
+  void check_owned(const Allocation& allocation) const;
+
+  std::shared_ptr<Device> device_;
+  const DeviceAddress base_;
+  const std::size_t size_bytes_;
+  const std::size_t page_size_bytes_;
+
+  // Guarded by device_->mutex():
+  std::vector<Page> pages_;
+  std::vector<AllocationRecord> allocations_;
+  std::size_t next_offset_bytes_ = 0;
+  std::size_t watermark_pages_;
+  std::size_t floor_pages_ = 0;
+  std::size_t resident_pages_ = 0;
+  bool closed_ = false;
+  std::list<Vbar*>::iterator priority_position_;  // in the device's priority list
+};
+
+}  // namespace aimdo

@@ -1,0 +1,180 @@
+// The simulator backend: a deterministic N-device implementation of aimdo::Driver.
+//
+// What it models (DESIGN §5): devices with a name, capacity and allocation granularity;
+// virtual address reservations, physical allocations, mappings and access rights with
+// the real driver's rules (granularity alignment, maps only inside a reservation, no
+// overlapping map, no double unmap or release, access set before use); stream-ordered
+// allocations; a current context per thread, required by the context-dependent calls;
+// memory used by others (external usage); a virtual clock per device advanced by each
+// operation's cost (defaults from shared/h100-measurements.md); failures injected on
+// chosen operations. Nothing here reads the wall clock.
+//
+// What it does not model (yet): kernels, copies, real bytes behind the addresses, delays
+// in the reuse of stream-ordered frees.
+//
+// Operation names used by fault injection and call counts are the CUDA driver functions
+// the real backend calls: cuMemGetInfo, cuMemAddressReserve, cuMemAddressFree,
+// cuMemCreate, cuMemRelease, cuMemMap, cuMemUnmap, cuMemSetAccess, cuCtxSynchronize,
+// cuMemAllocAsync, cuMemFreeAsync, cuCtxSetCurrent.
+//
+// Thread-safety: every method may be called from any thread. One internal mutex guards
+// the simulator's tables; it is held only for the bookkeeping of one call and never
+// while waiting for anything, so calls for different devices never wait on each other
+// for longer than that.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "aimdo/driver.hpp"
+
+namespace aimdo::sim {
+
+struct SimDeviceSpec {
+  std::string name = "aimdo simulated GPU";
+  std::size_t total_bytes = 0;
+  std::size_t granularity_bytes = std::size_t{2} << 20;
+  bool integrated = false;
+};
+
+// Virtual time each operation costs on its device's clock, in nanoseconds.
+struct SimCosts {
+  std::int64_t create_physical_ns = 20'000;
+  std::int64_t map_ns = 4'000;
+  std::int64_t set_access_ns = 50'000;
+  std::int64_t unmap_ns = 27'000;
+  std::int64_t release_physical_ns = 44'000;
+  std::int64_t memory_info_ns = 8'000;
+  std::int64_t synchronize_ns = 4'000;
+  std::int64_t reserve_ns = 5'000;
+  std::int64_t free_range_ns = 5'000;
+  std::int64_t stream_alloc_ns = 2'000;
+  std::int64_t stream_free_ns = 2'000;
+};
+
+class SimDriver final : public Driver {
+ public:
+  // InvalidArgumentError for no devices, more than 64, a zero capacity or a granularity
+  // that is not a power of two of at least 4 KiB.
+  SimDriver(std::vector<SimDeviceSpec> devices, std::uint64_t seed, SimCosts costs = {});
+
+  // aimdo::Driver
+  const char* backend_name() const noexcept override { return "sim"; }
+  DriverStatus device_count(int* count) override;
+  DriverStatus device_properties(int device, DeviceProperties* out) override;
+  DriverStatus memory_info(int device, std::size_t* free_bytes, std::size_t* total_bytes) override;
+  DriverStatus reserve_address_range(int device, std::size_t size_bytes,
+                                     std::size_t alignment_bytes, DeviceAddress* out) override;
+  DriverStatus free_address_range(DeviceAddress va, std::size_t size_bytes) override;
+  DriverStatus create_physical(int device, std::size_t size_bytes, PhysicalHandle* out) override;
+  DriverStatus release_physical(PhysicalHandle handle) override;
+  DriverStatus map(DeviceAddress va, std::size_t size_bytes, PhysicalHandle handle) override;
+  DriverStatus unmap(DeviceAddress va, std::size_t size_bytes) override;
+  DriverStatus set_access(DeviceAddress va, std::size_t size_bytes, int device) override;
+  DriverStatus synchronize(int device) override;
+  DriverStatus stream_alloc(int device, std::size_t size_bytes, StreamHandle stream,
+                            DeviceAddress* out) override;
+  DriverStatus stream_free(int device, DeviceAddress ptr, StreamHandle stream) override;
+  int current_device() noexcept override;
+  DriverStatus make_current(int device, ContextToken* previous) override;
+  void restore_current(const ContextToken& previous) noexcept override;
+  std::int64_t now_ns(int device) noexcept override;
+
+  // --- simulator powers (InvalidArgumentError on a bad device or amount) ---
+  std::uint64_t seed() const noexcept { return seed_; }
+  int device_total() const noexcept { return static_cast<int>(devices_.size()); }
+  // Memory taken or given back by someone else (another process, PyTorch). Adding more
+  // than is free, or removing more than was added, is refused.
+  void add_external_usage(int device, std::size_t bytes);
+  void remove_external_usage(int device, std::size_t bytes);
+  std::size_t external_usage(int device) const;
+  // Bytes of physical allocations alive on the device (mapped or not).
+  std::size_t physical_bytes(int device) const;
+  // Everything the device counts as used: physical + stream-ordered + external.
+  std::size_t used_bytes(int device) const;
+  // True when every byte of [va, va + size) is mapped with access set.
+  bool is_accessible(DeviceAddress va, std::size_t size_bytes) const;
+  // Fail `count` calls of `operation` on `device` (-1: any) after letting `skip` matching
+  // calls through, answering `code` (a CUresult, e.g. 2 out of memory, 600 not ready).
+  void fail(const std::string& operation, int device, int code, std::uint64_t skip,
+            std::uint64_t count);
+  void clear_failures();
+  // Calls seen of `operation` (all devices), injected failures included.
+  std::uint64_t call_count(const std::string& operation) const;
+  // Move a device's clock (or every clock, device -1) forward.
+  void advance(int device, std::int64_t ns);
+  // One readable line per live reservation, physical allocation, mapping and
+  // stream-ordered allocation; empty when nothing leaks.
+  std::vector<std::string> leaks() const;
+
+  static const std::vector<std::string>& operation_names();
+
+ private:
+  struct DeviceState {
+    SimDeviceSpec spec;
+    std::size_t physical_bytes = 0;
+    std::size_t stream_bytes = 0;
+    std::size_t external_bytes = 0;
+    std::int64_t clock_ns = 0;
+  };
+  struct Mapping {
+    std::size_t size_bytes;
+    PhysicalHandle handle;
+    bool access = false;
+  };
+  struct Reservation {
+    int device;
+    std::size_t size_bytes;
+    std::map<std::size_t, Mapping> mappings;  // by offset in the reservation
+  };
+  struct Physical {
+    int device;
+    std::size_t size_bytes;
+    int map_count = 0;
+    bool released = false;  // released while mapped: freed at the last unmap
+  };
+  struct StreamAllocation {
+    int device;
+    std::size_t size_bytes;
+  };
+  struct FailureRule {
+    std::string operation;
+    int device;
+    int code;
+    std::uint64_t skip;
+    std::uint64_t count;
+  };
+
+  // All private helpers: caller holds mutex_.
+  bool valid_device(int device) const noexcept {
+    return device >= 0 && device < static_cast<int>(devices_.size());
+  }
+  void check_device(int device) const;  // throws InvalidArgumentError
+  DriverStatus intercept(const char* operation, int device);
+  Reservation* find_reservation(DeviceAddress va, std::size_t* offset);
+  const Reservation* find_reservation(DeviceAddress va, std::size_t* offset) const;
+  void charge(int device, std::int64_t ns);
+  int current_device_locked() const;
+  void free_physical_locked(std::map<PhysicalHandle, Physical>::iterator it);
+
+  const std::uint64_t seed_;
+  const SimCosts costs_;
+  mutable std::mutex mutex_;
+  std::vector<DeviceState> devices_;
+  std::map<DeviceAddress, Reservation> reservations_;
+  std::map<PhysicalHandle, Physical> physical_;
+  std::map<DeviceAddress, StreamAllocation> stream_allocations_;
+  std::map<std::thread::id, int> current_;
+  std::vector<FailureRule> rules_;
+  std::map<std::string, std::uint64_t> call_counts_;
+  DeviceAddress next_va_ = 0x7f0000000000ULL;
+  DeviceAddress next_stream_va_ = 0x600000000000ULL;
+  PhysicalHandle next_handle_ = 1;
+};
+
+}  // namespace aimdo::sim

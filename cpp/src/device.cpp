@@ -1,0 +1,388 @@
+#include "aimdo/device.hpp"
+
+#include <algorithm>
+#include <exception>
+#include <utility>
+
+#include "aimdo/errors.hpp"
+#include "aimdo/process.hpp"
+#include "aimdo/vbar.hpp"
+#include "driver_errors.hpp"
+#include "format.hpp"
+#include "limits.hpp"
+
+namespace aimdo {
+namespace {
+
+using detail::format_bytes;
+
+void validate_options(int ordinal, const DeviceProperties& properties,
+                      const DeviceOptions& options) {
+  const std::string where = "device " + std::to_string(ordinal) + ": ";
+  const std::size_t granularity = properties.granularity_bytes;
+  if (options.page_size_bytes == 0 || options.page_size_bytes > detail::kMaxSizeBytes ||
+      granularity == 0 || options.page_size_bytes % granularity != 0) {
+    throw InvalidArgumentError(where + "page_size must be a positive multiple of the allocation "
+                               "granularity (" + format_bytes(granularity) + "), got " +
+                               format_bytes(options.page_size_bytes));
+  }
+  if (options.vram_limit_bytes &&
+      (*options.vram_limit_bytes == 0 || *options.vram_limit_bytes > detail::kMaxSizeBytes)) {
+    throw InvalidArgumentError(where + "vram_limit must be positive, got " +
+                               format_bytes(*options.vram_limit_bytes));
+  }
+  if (options.headroom_bytes > detail::kMaxSizeBytes ||
+      options.extra_headroom_bytes > detail::kMaxSizeBytes) {
+    throw InvalidArgumentError(where + "headroom is out of range");
+  }
+  if (options.poll_interval_ns < 0) {
+    throw InvalidArgumentError(where + "poll_interval must not be negative");
+  }
+  if (options.transient_retries < 0 || options.transient_retries > 1000) {
+    throw InvalidArgumentError(where + "transient_retries must be in [0, 1000]");
+  }
+}
+
+}  // namespace
+
+Device::Device(std::shared_ptr<Driver> driver, int ordinal, DeviceProperties properties,
+               const DeviceOptions& options)
+    : driver_(std::move(driver)), ordinal_(ordinal), properties_(std::move(properties)) {
+  validate_options(ordinal_, properties_, options);
+  options_ = options;
+}
+
+Device::~Device() {
+  // VBARs hold the Device alive, so by now every VBAR is gone and released.
+}
+
+DeviceOptions Device::options() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return options_;
+}
+
+void Device::set_options(const DeviceOptions& options) {
+  validate_options(ordinal_, properties_, options);
+  std::lock_guard<std::mutex> lock(mutex_);
+  options_ = options;
+}
+
+template <class Call>
+DriverStatus Device::retrying(Call&& call) {
+  DriverStatus status = call();
+  for (int attempt = 0;
+       status.kind() == DriverErrorKind::transient && attempt < options_.transient_retries;
+       ++attempt) {
+    stats_.add(&DeviceStats::transient_retries);
+    status = call();
+  }
+  return status;
+}
+
+void Device::raise(const DriverStatus& status, const char* operation,
+                   std::size_t requested_bytes) const {
+  // Called with mutex_ held: the figures are consistent.
+  const std::size_t usage = usage_locked();
+  std::string detail = "aimdo uses " + format_bytes(usage) + " on this device";
+  detail::throw_driver_failure(status, ordinal_, operation, requested_bytes, detail);
+}
+
+std::shared_ptr<Vbar> Device::create_vbar(std::size_t size_bytes) {
+  if (size_bytes == 0 || size_bytes > detail::kMaxSizeBytes) {
+    throw InvalidArgumentError("device " + std::to_string(ordinal_) +
+                               ": a VBAR's size must be positive and below 2^60 bytes, got " +
+                               std::to_string(size_bytes));
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (closed_) throw InvalidStateError("device " + std::to_string(ordinal_) + " is closed");
+  const std::size_t page_size = options_.page_size_bytes;
+  const std::size_t pages = (size_bytes + page_size - 1) / page_size;
+  const std::size_t reserve_bytes = pages * page_size;
+
+  ScopedDevice guard(*driver_, ordinal_);
+  if (!guard.status().ok()) raise(guard.status(), "cuCtxSetCurrent", 0);
+  DeviceAddress base = 0;
+  const DriverStatus status = retrying([&] {
+    return driver_->reserve_address_range(ordinal_, reserve_bytes, properties_.granularity_bytes,
+                                          &base);
+  });
+  if (!status.ok()) raise(status, "cuMemAddressReserve", reserve_bytes);
+
+  // The list node comes first so that nothing can fail once the VBAR exists (its
+  // destructor would need this device's lock, which is held here).
+  std::shared_ptr<Vbar> vbar;
+  try {
+    priority_.push_front(nullptr);
+    try {
+      vbar = std::make_shared<Vbar>(shared_from_this(), base, size_bytes, page_size);
+    } catch (...) {
+      priority_.pop_front();
+      throw;
+    }
+  } catch (...) {
+    driver_->free_address_range(base, reserve_bytes);
+    throw;
+  }
+  priority_.front() = vbar.get();
+  vbar->priority_position_ = priority_.begin();
+  return vbar;
+}
+
+BudgetInputs Device::budget_inputs_locked(std::size_t usage) {
+  BudgetInputs in;
+  in.total_bytes = properties_.total_bytes;
+  in.limit_bytes = std::min(in.total_bytes, options_.vram_limit_bytes.value_or(in.total_bytes));
+  in.headroom_bytes = options_.headroom_bytes;
+  in.extra_headroom_bytes = options_.extra_headroom_bytes;
+  in.usage_bytes = usage;
+  in.usage_at_poll_bytes = usage_at_poll_bytes_;
+  in.free_at_poll_bytes = free_at_poll_bytes_;
+  return in;
+}
+
+void Device::poll_locked() {
+  const std::int64_t now = driver_->now_ns(ordinal_);
+  if (polled_ && now - last_poll_ns_ < options_.poll_interval_ns) return;
+  ScopedDevice guard(*driver_, ordinal_);
+  if (!guard.status().ok()) raise(guard.status(), "cuCtxSetCurrent", 0);
+  std::size_t free_bytes = 0;
+  std::size_t total_bytes = 0;
+  const DriverStatus status =
+      retrying([&] { return driver_->memory_info(ordinal_, &free_bytes, &total_bytes); });
+  if (!status.ok()) raise(status, "cuMemGetInfo", 0);
+  stats_.add(&DeviceStats::polls);
+  polled_ = true;
+  last_poll_ns_ = now;
+  free_at_poll_bytes_ = free_bytes;
+  usage_at_poll_bytes_ = usage_locked();
+}
+
+std::int64_t Device::deficit_locked(std::size_t size_bytes) {
+  poll_locked();
+  return aimdo::deficit_bytes(budget_inputs_locked(usage_locked()), size_bytes);
+}
+
+std::int64_t Device::deficit_bytes(std::size_t size_bytes) {
+  if (size_bytes > detail::kMaxSizeBytes) {
+    throw InvalidArgumentError("size must be below 2^60 bytes, got " + std::to_string(size_bytes));
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  return deficit_locked(size_bytes);
+}
+
+std::size_t Device::reclaim(std::size_t size_bytes) {
+  if (size_bytes > detail::kMaxSizeBytes) {
+    throw InvalidArgumentError("reclaim size must be below 2^60 bytes, got " +
+                               std::to_string(size_bytes));
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (closed_) throw InvalidStateError("device " + std::to_string(ordinal_) + " is closed");
+  const std::int64_t deficit = deficit_locked(size_bytes);
+  if (deficit <= 0) return 0;
+  return evict_locked(static_cast<std::size_t>(deficit), nullptr);
+}
+
+std::size_t Device::limit_bytes() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return std::min(properties_.total_bytes,
+                  options_.vram_limit_bytes.value_or(properties_.total_bytes));
+}
+
+std::size_t Device::budget_bytes() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  BudgetInputs in;
+  in.total_bytes = properties_.total_bytes;
+  in.limit_bytes = std::min(in.total_bytes, options_.vram_limit_bytes.value_or(in.total_bytes));
+  in.headroom_bytes = options_.headroom_bytes;
+  in.extra_headroom_bytes = options_.extra_headroom_bytes;
+  return aimdo::budget_bytes(in);
+}
+
+std::size_t Device::usage_bytes() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return usage_locked();
+}
+
+std::size_t Device::resident_bytes() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return resident_bytes_;
+}
+
+std::size_t Device::vbar_count() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return priority_.size();
+}
+
+void Device::reset_floors() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (Vbar* vbar : priority_) vbar->floor_pages_ = 0;
+}
+
+std::size_t Device::evict_locked(std::size_t bytes, Vbar* only) {
+  if (bytes == 0) return 0;
+  std::size_t freed = 0;
+  bool synced = false;
+  const auto lower = [&](Vbar& vbar) {
+    while (freed < bytes && vbar.watermark_pages_ > vbar.floor_pages_) {
+      const std::size_t page = --vbar.watermark_pages_;
+      const Vbar::Page& state = vbar.pages_[page];
+      // A pinned page stays until its unpin, which releases it (it is above the watermark).
+      if (state.handle != 0 && state.pins == 0) {
+        release_page_locked(vbar, page, synced);
+        freed += vbar.page_size_bytes_;
+      }
+    }
+  };
+  if (only != nullptr) {
+    lower(*only);
+  } else {
+    for (auto it = priority_.rbegin(); it != priority_.rend() && freed < bytes; ++it) lower(**it);
+  }
+  if (freed != 0) {
+    stats_.add(&DeviceStats::evictions);
+    stats_.add(&DeviceStats::evicted_bytes, freed);
+  }
+  return freed;
+}
+
+void Device::synchronize_locked() {
+  ScopedDevice guard(*driver_, ordinal_);
+  if (!guard.status().ok()) raise(guard.status(), "cuCtxSetCurrent", 0);
+  const DriverStatus status = retrying([&] { return driver_->synchronize(ordinal_); });
+  if (!status.ok()) raise(status, "cuCtxSynchronize", 0);
+  stats_.add(&DeviceStats::synchronizes);
+}
+
+void Device::release_page_locked(Vbar& vbar, std::size_t page, bool& synced) {
+  // Kernels queued before this point may still read the page.
+  if (!synced) {
+    synchronize_locked();
+    synced = true;
+  }
+  ScopedDevice guard(*driver_, ordinal_);
+  if (!guard.status().ok()) raise(guard.status(), "cuCtxSetCurrent", 0);
+  Vbar::Page& state = vbar.pages_[page];
+  const std::size_t page_size = vbar.page_size_bytes_;
+  const DeviceAddress va = vbar.base_ + page * page_size;
+  DriverStatus status = retrying([&] { return driver_->unmap(va, page_size); });
+  if (!status.ok()) raise(status, "cuMemUnmap", page_size);
+  const PhysicalHandle handle = state.handle;
+  state.handle = 0;
+  --vbar.resident_pages_;
+  resident_bytes_ -= page_size;
+  stats_.add(&DeviceStats::pages_released);
+  status = retrying([&] { return driver_->release_physical(handle); });
+  if (!status.ok()) raise(status, "cuMemRelease", page_size);
+}
+
+void Device::map_page_locked(Vbar& vbar, std::size_t page) {
+  const std::size_t page_size = vbar.page_size_bytes_;
+  const DeviceAddress va = vbar.base_ + page * page_size;
+  ScopedDevice guard(*driver_, ordinal_);
+  if (!guard.status().ok()) raise(guard.status(), "cuCtxSetCurrent", 0);
+  for (int attempt = 0;; ++attempt) {
+    PhysicalHandle handle = 0;
+    const char* operation = "cuMemCreate";
+    DriverStatus status =
+        retrying([&] { return driver_->create_physical(ordinal_, page_size, &handle); });
+    if (status.ok()) {
+      operation = "cuMemMap";
+      status = retrying([&] { return driver_->map(va, page_size, handle); });
+      if (status.ok()) {
+        operation = "cuMemSetAccess";
+        status = retrying([&] { return driver_->set_access(va, page_size, ordinal_); });
+        if (!status.ok()) driver_->unmap(va, page_size);
+      }
+      if (!status.ok()) driver_->release_physical(handle);
+    }
+    if (status.ok()) {
+      Vbar::Page& state = vbar.pages_[page];
+      state.handle = handle;
+      state.serial = next_serial_++;
+      ++vbar.resident_pages_;
+      resident_bytes_ += page_size;
+      stats_.add(&DeviceStats::pages_mapped);
+      return;
+    }
+    if (status.kind() == DriverErrorKind::out_of_memory && attempt == 0) {
+      // The driver knows better than our figures: make one more page of room and retry.
+      stats_.add(&DeviceStats::oom_retries);
+      evict_locked(page_size, nullptr);
+      // The eviction may have lowered this VBAR's watermark past the page: the caller
+      // sees that and answers offloaded.
+      if (page >= vbar.watermark_pages_) return;
+      continue;
+    }
+    raise(status, operation, page_size);
+  }
+}
+
+void Device::close_vbar_locked(Vbar& vbar) {
+  if (vbar.closed_) return;
+  vbar.closed_ = true;
+  priority_.erase(vbar.priority_position_);
+  // Release everything even when a call fails; report the first failure afterwards.
+  std::exception_ptr first_failure;
+  // One synchronize before the releases; a failed one is reported, but the releases still
+  // run (close must not leave mappings behind).
+  bool synced = vbar.resident_pages_ == 0;
+  if (!synced) {
+    try {
+      synchronize_locked();
+    } catch (...) {
+      first_failure = std::current_exception();
+    }
+    synced = true;
+  }
+  for (std::size_t page = 0; page < vbar.pages_.size(); ++page) {
+    Vbar::Page& state = vbar.pages_[page];
+    state.pins = 0;
+    if (state.handle == 0) continue;
+    try {
+      release_page_locked(vbar, page, synced);
+    } catch (...) {
+      if (!first_failure) first_failure = std::current_exception();
+      if (state.handle != 0) {  // unmap failed: the page is lost to us either way
+        state.handle = 0;
+        --vbar.resident_pages_;
+        resident_bytes_ -= vbar.page_size_bytes_;
+      }
+    }
+  }
+  for (auto& record : vbar.allocations_) record.pins = 0;
+  vbar.watermark_pages_ = 0;
+  const std::size_t reserve_bytes = vbar.pages_.size() * vbar.page_size_bytes_;
+  ScopedDevice guard(*driver_, ordinal_);
+  const DriverStatus status =
+      retrying([&] { return driver_->free_address_range(vbar.base_, reserve_bytes); });
+  if (!status.ok() && !first_failure) {
+    try {
+      raise(status, "cuMemAddressFree", reserve_bytes);
+    } catch (...) {
+      first_failure = std::current_exception();
+    }
+  }
+  if (first_failure) std::rethrow_exception(first_failure);
+}
+
+void Device::close() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  closed_ = true;
+  if (process_exiting()) return;  // the driver may be gone; the OS reclaims everything
+  std::exception_ptr first_failure;
+  while (!priority_.empty()) {
+    try {
+      close_vbar_locked(*priority_.front());
+    } catch (...) {
+      if (!first_failure) first_failure = std::current_exception();
+    }
+  }
+  if (first_failure) std::rethrow_exception(first_failure);
+}
+
+bool Device::closed() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return closed_;
+}
+
+}  // namespace aimdo

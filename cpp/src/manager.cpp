@@ -1,0 +1,136 @@
+#include "aimdo/manager.hpp"
+
+#include <exception>
+#include <mutex>
+#include <utility>
+
+#include "aimdo/errors.hpp"
+#include "aimdo/process.hpp"
+#include "driver_errors.hpp"
+
+namespace aimdo {
+namespace {
+
+std::string list_devices(const std::map<int, std::shared_ptr<Device>>& devices) {
+  std::string out = "[";
+  for (const auto& entry : devices) {
+    if (out.size() > 1) out += ", ";
+    out += std::to_string(entry.first);
+  }
+  return out + "]";
+}
+
+}  // namespace
+
+Manager::Manager(std::shared_ptr<Driver> driver) : driver_(std::move(driver)) {
+  if (!driver_) throw InvalidArgumentError("Manager needs a driver");
+}
+
+Manager::~Manager() {
+  try {
+    close();
+  } catch (...) {
+    // A destructor cannot report; the simulator's leak report shows what was lost.
+  }
+}
+
+void Manager::check_open() const {
+  if (closed_) throw InvalidStateError("this Manager is closed; create a new one");
+}
+
+void Manager::add_device(int device, const DeviceOptions& options) {
+  std::unique_lock<std::shared_mutex> lock(devices_mutex_);
+  check_open();
+  auto found = devices_.find(device);
+  if (found != devices_.end()) {
+    found->second->set_options(options);
+    return;
+  }
+  int count = 0;
+  DriverStatus status = driver_->device_count(&count);
+  if (!status.ok()) detail::throw_driver_failure(status, device, "cuDeviceGetCount", 0, "");
+  if (device < 0 || device >= count) {
+    throw InvalidArgumentError("device " + std::to_string(device) + " does not exist: the " +
+                               driver_->backend_name() + " backend has " + std::to_string(count) +
+                               " device(s), numbered from 0");
+  }
+  DeviceProperties properties;
+  status = driver_->device_properties(device, &properties);
+  if (!status.ok()) detail::throw_driver_failure(status, device, "cuDeviceGetAttribute", 0, "");
+  devices_.emplace(device,
+                   std::make_shared<Device>(driver_, device, std::move(properties), options));
+}
+
+std::vector<int> Manager::devices() const {
+  std::shared_lock<std::shared_mutex> lock(devices_mutex_);
+  std::vector<int> out;
+  out.reserve(devices_.size());
+  for (const auto& entry : devices_) out.push_back(entry.first);
+  return out;
+}
+
+std::shared_ptr<Device> Manager::device(int device) const {
+  std::shared_lock<std::shared_mutex> lock(devices_mutex_);
+  auto found = devices_.find(device);
+  if (found == devices_.end()) {
+    throw DeviceNotInitializedError(
+        "device " + std::to_string(device) + " is not initialized in this Manager (initialized: " +
+            list_devices(devices_) + "); list it when you create the Manager or call init, e.g. "
+            "aimdo.init(devices=[..., " + std::to_string(device) +
+            "]), or add it with Manager.add_device(" + std::to_string(device) + ")",
+        device);
+  }
+  return found->second;
+}
+
+std::shared_ptr<Vbar> Manager::create_vbar(int device, std::size_t size_bytes) {
+  {
+    std::shared_lock<std::shared_mutex> lock(devices_mutex_);
+    check_open();
+  }
+  return this->device(device)->create_vbar(size_bytes);
+}
+
+std::size_t Manager::reclaim(int device, std::size_t size_bytes) {
+  {
+    std::shared_lock<std::shared_mutex> lock(devices_mutex_);
+    check_open();
+  }
+  return this->device(device)->reclaim(size_bytes);
+}
+
+void Manager::reset_floors(std::optional<int> device) {
+  if (device) {
+    this->device(*device)->reset_floors();
+    return;
+  }
+  std::shared_lock<std::shared_mutex> lock(devices_mutex_);
+  for (const auto& entry : devices_) entry.second->reset_floors();
+}
+
+void Manager::close() {
+  std::vector<std::shared_ptr<Device>> to_close;
+  {
+    std::unique_lock<std::shared_mutex> lock(devices_mutex_);
+    if (closed_) return;
+    closed_ = true;
+    for (const auto& entry : devices_) to_close.push_back(entry.second);
+  }
+  // Devices are closed one at a time, never holding two device locks.
+  std::exception_ptr first_failure;
+  for (const auto& device : to_close) {
+    try {
+      device->close();
+    } catch (...) {
+      if (!first_failure) first_failure = std::current_exception();
+    }
+  }
+  if (first_failure) std::rethrow_exception(first_failure);
+}
+
+bool Manager::closed() const {
+  std::shared_lock<std::shared_mutex> lock(devices_mutex_);
+  return closed_;
+}
+
+}  // namespace aimdo

@@ -1,0 +1,264 @@
+#include "aimdo/vbar.hpp"
+
+#include <mutex>
+#include <utility>
+
+#include "aimdo/device.hpp"
+#include "aimdo/errors.hpp"
+#include "aimdo/process.hpp"
+#include "format.hpp"
+#include "limits.hpp"
+
+namespace aimdo {
+namespace {
+
+std::size_t pages_for(std::size_t bytes, std::size_t page_size) {
+  return (bytes + page_size - 1) / page_size;
+}
+
+}  // namespace
+
+DeviceAddress Allocation::address() const noexcept {
+  return vbar ? vbar->base_address() + offset_bytes : 0;
+}
+
+Vbar::Vbar(std::shared_ptr<Device> device, DeviceAddress base, std::size_t size_bytes,
+           std::size_t page_size_bytes)
+    : device_(std::move(device)),
+      base_(base),
+      size_bytes_(size_bytes),
+      page_size_bytes_(page_size_bytes),
+      pages_(pages_for(size_bytes, page_size_bytes)),
+      watermark_pages_(pages_.size()) {}
+
+Vbar::~Vbar() {
+  if (process_exiting()) return;  // the driver may be gone; the OS reclaims everything
+  try {
+    std::lock_guard<std::mutex> lock(device_->mutex());
+    device_->close_vbar_locked(*this);
+  } catch (...) {
+    // A destructor cannot report; the simulator's leak report shows what was lost.
+  }
+}
+
+int Vbar::device() const noexcept { return device_->ordinal(); }
+
+void Vbar::check_open_locked() const {
+  if (closed_) {
+    throw InvalidStateError("this VBAR (device " + std::to_string(device()) +
+                            ") is closed; create a new one with Manager.create_vbar");
+  }
+}
+
+void Vbar::check_owned(const Allocation& allocation) const {
+  if (allocation.vbar.get() != this) {
+    throw InvalidArgumentError("the allocation belongs to another VBAR (device " +
+                               (allocation.vbar ? std::to_string(allocation.vbar->device())
+                                                : std::string("none")) +
+                               "), not to this one (device " + std::to_string(device()) + ")");
+  }
+}
+
+Allocation Vbar::alloc(std::size_t size_bytes) {
+  std::lock_guard<std::mutex> lock(device_->mutex());
+  check_open_locked();
+  const std::size_t offset =
+      (next_offset_bytes_ + kAllocationAlignment - 1) / kAllocationAlignment * kAllocationAlignment;
+  if (size_bytes == 0 || size_bytes > detail::kMaxSizeBytes || offset > size_bytes_ ||
+      size_bytes > size_bytes_ - offset) {
+    throw InvalidArgumentError(
+        "cannot allocate " + detail::format_bytes(size_bytes) + " in this VBAR: size must be "
+        "positive and fit in the " + detail::format_bytes(offset <= size_bytes_ ? size_bytes_ - offset : 0) +
+        " left of its " + detail::format_bytes(size_bytes_));
+  }
+  if (allocations_.size() >= UINT32_MAX) {
+    throw InvalidArgumentError("this VBAR already holds the maximum number of allocations");
+  }
+  allocations_.push_back(AllocationRecord{offset, size_bytes, 0});
+  next_offset_bytes_ = offset + size_bytes;
+  Allocation out;
+  out.vbar = shared_from_this();
+  out.index = static_cast<std::uint32_t>(allocations_.size() - 1);
+  out.offset_bytes = offset;
+  out.size_bytes = size_bytes;
+  return out;
+}
+
+std::optional<Signature> Vbar::fault(const Allocation& allocation) {
+  check_owned(allocation);
+  Device& device = *device_;
+  std::lock_guard<std::mutex> lock(device.mutex());
+  check_open_locked();
+  device.stats_.add(&DeviceStats::faults);
+  AllocationRecord& record = allocations_[allocation.index];
+  const std::size_t first = record.offset_bytes / page_size_bytes_;
+  const std::size_t last = (record.offset_bytes + record.size_bytes - 1) / page_size_bytes_;
+
+  const std::int64_t standing_deficit = device.deficit_locked(0);
+  if (standing_deficit > 0) device.evict_locked(static_cast<std::size_t>(standing_deficit), nullptr);
+
+  const auto offloaded = [&]() -> std::optional<Signature> {
+    device.stats_.add(&DeviceStats::offloaded);
+    return std::nullopt;
+  };
+  if (last >= watermark_pages_) return offloaded();
+
+  std::size_t missing = 0;
+  for (std::size_t page = first; page <= last; ++page) missing += pages_[page].handle == 0;
+  if (missing == 0) {
+    device.stats_.add(&DeviceStats::hits);
+  } else {
+    // Room for every missing page at once, each counted once.
+    const std::size_t missing_bytes = missing * page_size_bytes_;
+    const std::int64_t need = device.deficit_locked(missing_bytes);
+    std::size_t freed = 0;
+    if (need > 0) freed = device.evict_locked(static_cast<std::size_t>(need), nullptr);
+    if (last >= watermark_pages_) return offloaded();
+    if (need > 0 && freed < static_cast<std::size_t>(need)) {
+      throw OutOfMemoryError(
+          "device " + std::to_string(device.ordinal()) + ": cannot fault " +
+              detail::format_bytes(missing_bytes) + " of VBAR pages: eviction freed only " +
+              detail::format_bytes(freed) + " of the " +
+              detail::format_signed_bytes(need) + " needed (budget " +
+              detail::format_bytes(aimdo::budget_bytes(device.budget_inputs_locked(0))) +
+              ", aimdo usage " + detail::format_bytes(device.usage_locked()) +
+              "); the rest is pinned, protected by floors, or used outside aimdo",
+          device.ordinal(), missing_bytes, false);
+    }
+    for (std::size_t page = first; page <= last; ++page) {
+      if (pages_[page].handle != 0) continue;
+      device.map_page_locked(*this, page);
+      if (last >= watermark_pages_) return offloaded();
+    }
+  }
+
+  Signature signature;
+  signature.serials.reserve(last - first + 1);
+  for (std::size_t page = first; page <= last; ++page) {
+    ++pages_[page].pins;
+    signature.serials.push_back(pages_[page].serial);
+  }
+  ++record.pins;
+  return signature;
+}
+
+void Vbar::unpin(const Allocation& allocation) {
+  check_owned(allocation);
+  Device& device = *device_;
+  std::lock_guard<std::mutex> lock(device.mutex());
+  check_open_locked();
+  AllocationRecord& record = allocations_[allocation.index];
+  if (record.pins == 0) {
+    throw InvalidStateError("unpin without a matching fault: the allocation at offset " +
+                            std::to_string(record.offset_bytes) + " holds no pin");
+  }
+  --record.pins;
+  const std::size_t first = record.offset_bytes / page_size_bytes_;
+  const std::size_t last = (record.offset_bytes + record.size_bytes - 1) / page_size_bytes_;
+  bool synced = false;
+  for (std::size_t page = first; page <= last; ++page) {
+    Page& state = pages_[page];
+    --state.pins;
+    if (state.pins == 0 && page >= watermark_pages_ && state.handle != 0) {
+      device.release_page_locked(*this, page, synced);
+    }
+  }
+}
+
+void Vbar::prioritize() {
+  std::lock_guard<std::mutex> lock(device_->mutex());
+  check_open_locked();
+  auto& list = device_->priority_;
+  list.splice(list.begin(), list, priority_position_);
+  watermark_pages_ = pages_.size();
+}
+
+void Vbar::deprioritize() {
+  std::lock_guard<std::mutex> lock(device_->mutex());
+  check_open_locked();
+  auto& list = device_->priority_;
+  list.splice(list.end(), list, priority_position_);
+}
+
+std::size_t Vbar::watermark_bytes() const {
+  std::lock_guard<std::mutex> lock(device_->mutex());
+  return watermark_pages_ * page_size_bytes_;
+}
+
+void Vbar::set_watermark(std::size_t bytes) {
+  const std::size_t capacity = pages_.size() * page_size_bytes_;
+  if (bytes > capacity) {
+    throw InvalidArgumentError("watermark " + detail::format_bytes(bytes) +
+                               " is beyond this VBAR's " + detail::format_bytes(capacity));
+  }
+  std::lock_guard<std::mutex> lock(device_->mutex());
+  check_open_locked();
+  const std::size_t wanted = pages_for(bytes, page_size_bytes_);
+  bool synced = false;
+  // Lower one page at a time so that a driver failure leaves a consistent watermark.
+  while (watermark_pages_ > wanted) {
+    const std::size_t page = --watermark_pages_;
+    if (pages_[page].handle != 0 && pages_[page].pins == 0) {
+      device_->release_page_locked(*this, page, synced);
+    }
+  }
+  watermark_pages_ = wanted;
+}
+
+std::size_t Vbar::floor_bytes() const {
+  std::lock_guard<std::mutex> lock(device_->mutex());
+  return floor_pages_ * page_size_bytes_;
+}
+
+void Vbar::set_floor(std::size_t bytes) {
+  const std::size_t capacity = pages_.size() * page_size_bytes_;
+  if (bytes > capacity) {
+    throw InvalidArgumentError("floor " + detail::format_bytes(bytes) + " is beyond this VBAR's " +
+                               detail::format_bytes(capacity));
+  }
+  std::lock_guard<std::mutex> lock(device_->mutex());
+  check_open_locked();
+  floor_pages_ = pages_for(bytes, page_size_bytes_);
+  if (watermark_pages_ < floor_pages_) watermark_pages_ = floor_pages_;
+}
+
+std::size_t Vbar::free_memory(std::size_t bytes) {
+  if (bytes > detail::kMaxSizeBytes) {
+    throw InvalidArgumentError("free_memory size must be below 2^60 bytes");
+  }
+  std::lock_guard<std::mutex> lock(device_->mutex());
+  check_open_locked();
+  return device_->evict_locked(bytes, this);
+}
+
+std::size_t Vbar::loaded_bytes() const {
+  std::lock_guard<std::mutex> lock(device_->mutex());
+  return resident_pages_ * page_size_bytes_;
+}
+
+std::vector<PageResidency> Vbar::residency() const {
+  std::lock_guard<std::mutex> lock(device_->mutex());
+  std::vector<PageResidency> out(pages_.size());
+  for (std::size_t i = 0; i < pages_.size(); ++i) {
+    out[i].resident = pages_[i].handle != 0;
+    out[i].pinned = pages_[i].pins != 0;
+  }
+  return out;
+}
+
+std::size_t Vbar::allocated_bytes() const {
+  std::lock_guard<std::mutex> lock(device_->mutex());
+  return next_offset_bytes_;
+}
+
+void Vbar::close() {
+  std::lock_guard<std::mutex> lock(device_->mutex());
+  device_->close_vbar_locked(*this);
+}
+
+bool Vbar::closed() const {
+  std::lock_guard<std::mutex> lock(device_->mutex());
+  return closed_;
+}
+
+}  // namespace aimdo

@@ -1,0 +1,343 @@
+"""aimdo.Manager and the process-wide default (aimdo.init / aimdo.get_manager)."""
+
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any, Union
+
+from . import _core
+from .sim import SimBackend
+
+__all__ = ["Manager", "init", "get_manager", "shutdown", "resolve_backend"]
+
+MiB = 1 << 20
+
+#: Defaults of the per-device options (sizes in bytes, poll_interval in seconds).
+DEFAULTS: dict[str, Any] = {
+    "vram_limit": None,
+    "headroom": 256 * MiB,
+    "extra_headroom": 0,
+    "page_size": 32 * MiB,
+    "poll_interval": 2.0,
+}
+TRANSIENT_RETRIES = 3
+
+BackendArg = Union[str, SimBackend, None]
+PerDevice = Union[Any, Mapping[int, Any]]
+
+
+class CudaBackend:
+    """The real GPUs, through libcuda.so.1 loaded at run time (first use, not import)."""
+
+    def __init__(self) -> None:
+        self._driver = _core.load_cuda_driver()
+
+    @property
+    def name(self) -> str:
+        return "cuda"
+
+    @property
+    def driver(self) -> _core.Driver:
+        return self._driver
+
+    @property
+    def device_count(self) -> int:
+        return self._driver.device_count()
+
+    def __repr__(self) -> str:
+        return "CudaBackend()"
+
+
+def resolve_backend(backend: BackendArg) -> SimBackend | CudaBackend:
+    """``backend`` as a backend object: a SimBackend as it is, ``"sim"`` or ``"cuda"``
+    as a new one, None as what the environment variable AIMDO_BACKEND names (default sim)."""
+    if isinstance(backend, (SimBackend, CudaBackend)):
+        return backend
+    if backend is None:
+        backend = os.environ.get("AIMDO_BACKEND", "sim") or "sim"
+        source = "AIMDO_BACKEND"
+    else:
+        source = "backend"
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be 'sim', 'cuda' or a SimBackend, not {type(backend).__name__}")
+    name = backend.strip().lower()
+    if name == "sim":
+        return SimBackend()
+    if name == "cuda":
+        return CudaBackend()
+    raise ValueError(f"{source}={backend!r}: expected 'sim' or 'cuda'")
+
+
+def _check_size(name: str, value: Any, device: int, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} for device {device} must be an int number of bytes, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} for device {device} must not be negative, got {value}")
+    return value
+
+
+def _check_seconds(name: str, value: Any, device: int) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} for device {device} must be a number of seconds, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} for device {device} must be finite and not negative, got {value}")
+    return float(value)
+
+
+def _per_device(name: str, value: PerDevice, devices: list[int]) -> dict[int, Any]:
+    """One value per device from a single value or a dict keyed by device."""
+    if isinstance(value, Mapping):
+        unknown = [key for key in value if key not in devices]
+        if unknown:
+            raise ValueError(f"{name} names device(s) {unknown} that are not among devices={devices}")
+        return {device: value.get(device, DEFAULTS[name]) for device in devices}
+    return {device: DEFAULTS[name] if value is None else value for device in devices}
+
+
+def _device_list(devices: int | Iterable[int] | None, backend) -> list[int]:
+    if devices is None:
+        return list(range(backend.device_count))
+    if isinstance(devices, bool):
+        raise TypeError("devices must be an int or a list of ints")
+    if isinstance(devices, int):
+        devices = [devices]
+    out = []
+    for device in devices:
+        if isinstance(device, bool) or not isinstance(device, int):
+            raise TypeError(f"devices must be ints (CUDA ordinals), got {device!r}")
+        if device not in out:
+            out.append(device)
+    if not out:
+        raise ValueError("devices must name at least one device")
+    return out
+
+
+class Manager:
+    """Owns a backend and aimdo's state for each initialized device.
+
+    ``Manager(backend="sim" | "cuda" | SimBackend, devices=[0, 1], *, vram_limit=None,
+    headroom=None, extra_headroom=None, page_size=None, poll_interval=None)``
+
+    ``devices`` lists the CUDA ordinals to manage (default: every device the backend
+    has); a device not listed cannot be used until ``add_devices`` adds it. Each option
+    is a single value for every device or a dict keyed by device; None means the default:
+
+    - ``vram_limit`` (bytes, default none): treat the device as having this much memory.
+    - ``headroom`` (bytes, default 256 MiB): what the device must keep free.
+    - ``extra_headroom`` (bytes, default 0): added on top of every deficit.
+    - ``page_size`` (bytes, default 32 MiB): unit of residency of new VBARs; a multiple
+      of the device's allocation granularity (2 MiB on NVIDIA GPUs).
+    - ``poll_interval`` (seconds, default 2): the driver's free-memory figure is read at
+      most this often per device (0: on every evaluation).
+
+    Thread-safe. One lock per device; threads driving different devices never wait on
+    each other. Use as a context manager, or call ``close()``.
+    """
+
+    def __init__(
+        self,
+        backend: BackendArg = None,
+        devices: int | Iterable[int] | None = None,
+        *,
+        vram_limit: PerDevice = None,
+        headroom: PerDevice = None,
+        extra_headroom: PerDevice = None,
+        page_size: PerDevice = None,
+        poll_interval: PerDevice = None,
+    ):
+        self._backend = resolve_backend(backend)
+        self._core = _core.Manager(self._backend.driver)
+        self.add_devices(
+            _device_list(devices, self._backend),
+            vram_limit=vram_limit,
+            headroom=headroom,
+            extra_headroom=extra_headroom,
+            page_size=page_size,
+            poll_interval=poll_interval,
+        )
+
+    # -- devices ----------------------------------------------------------------------
+    def add_devices(
+        self,
+        devices: int | Iterable[int],
+        *,
+        vram_limit: PerDevice = None,
+        headroom: PerDevice = None,
+        extra_headroom: PerDevice = None,
+        page_size: PerDevice = None,
+        poll_interval: PerDevice = None,
+    ) -> None:
+        """Initialize ``devices`` (options as in the constructor). A device already
+        initialized gets the options given here (VBARs keep their page size)."""
+        devices = _device_list(devices, self._backend)
+        given = {
+            "vram_limit": vram_limit,
+            "headroom": headroom,
+            "extra_headroom": extra_headroom,
+            "page_size": page_size,
+            "poll_interval": poll_interval,
+        }
+        per_device = {name: _per_device(name, value, devices) for name, value in given.items()}
+        # Validate everything before changing anything.
+        options = []
+        for device in devices:
+            options.append(
+                (
+                    device,
+                    _check_size("vram_limit", per_device["vram_limit"][device], device, allow_none=True),
+                    _check_size("headroom", per_device["headroom"][device], device),
+                    _check_size("extra_headroom", per_device["extra_headroom"][device], device),
+                    _check_size("page_size", per_device["page_size"][device], device),
+                    _check_seconds("poll_interval", per_device["poll_interval"][device], device),
+                )
+            )
+        for device, limit, head, extra, page, poll in options:
+            self._core.add_device(device, limit, head, extra, page, round(poll * 1e9), TRANSIENT_RETRIES)
+
+    @property
+    def devices(self) -> list[int]:
+        """Initialized devices, in ordinal order."""
+        return list(self._core.devices)
+
+    @property
+    def backend(self) -> SimBackend | CudaBackend:
+        return self._backend
+
+    @property
+    def backend_name(self) -> str:
+        """``"sim"`` or ``"cuda"``: the backend that actually runs."""
+        return self._core.driver.backend_name
+
+    def device_info(self, device: int) -> dict:
+        """Name, total_bytes, granularity_bytes, integrated and the device's options."""
+        return dict(self._core.device_info(device))
+
+    # -- VBARs ------------------------------------------------------------------------
+    def create_vbar(self, size: int, device: int) -> _core.Vbar:
+        """A new VBAR of ``size`` bytes on ``device``, at the top of its priority list.
+        Costs no memory; pages are mapped as allocations under them are faulted."""
+        return self._core.create_vbar(device, size)
+
+    # -- per-device figures -----------------------------------------------------------
+    def resident_bytes(self, device: int) -> int:
+        """Bytes of VBAR pages resident on ``device`` (never summed across devices)."""
+        return self._core.resident_bytes(device)
+
+    def usage_bytes(self, device: int) -> int:
+        """Bytes aimdo has in use on ``device``."""
+        return self._core.usage_bytes(device)
+
+    def budget_bytes(self, device: int) -> int:
+        """What aimdo may have in use on ``device``: limit minus headrooms."""
+        return self._core.budget_bytes(device)
+
+    def limit_bytes(self, device: int) -> int:
+        """min(total memory, vram_limit) of ``device``."""
+        return self._core.limit_bytes(device)
+
+    def deficit_bytes(self, device: int, nbytes: int = 0) -> int:
+        """Bytes to free on ``device`` before ``nbytes`` more fit (<= 0: they fit)."""
+        return self._core.deficit_bytes(device, nbytes)
+
+    def reclaim(self, device: int, nbytes: int) -> int:
+        """Make room on ``device`` for an allocation of ``nbytes`` made outside aimdo,
+        evicting VBAR pages lowest priority first. Returns the bytes freed."""
+        return self._core.reclaim(device, nbytes)
+
+    def reset_floors(self, device: int | None = None) -> None:
+        """Set the floor of every VBAR on ``device`` (every device when None) to 0."""
+        self._core.reset_floors(device)
+
+    def vbar_count(self, device: int) -> int:
+        return self._core.vbar_count(device)
+
+    def stats(self, device: int) -> dict[str, int]:
+        """Counters of ``device``: faults, hits, offloaded, pages_mapped, pages_released,
+        evictions, evicted_bytes, synchronizes, polls, transient_retries, oom_retries."""
+        return dict(self._core.stats(device))
+
+    # -- lifetime ---------------------------------------------------------------------
+    def close(self) -> None:
+        """Close every VBAR on every device. Idempotent."""
+        self._core.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._core.closed
+
+    def __enter__(self) -> "Manager":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<aimdo.Manager backend={self.backend_name} devices={self.devices} {state}>"
+
+
+_default_lock = threading.Lock()
+_default: Manager | None = None
+
+
+def init(
+    backend: BackendArg = None,
+    devices: int | Iterable[int] | None = None,
+    **options: Any,
+) -> Manager:
+    """Create the process-wide default Manager (arguments as for ``Manager``) and return it.
+
+    Calling it again is harmless: devices not yet initialized are added, and the options
+    given are applied to the devices named. Asking for another backend than the default
+    Manager's is a ValueError (call ``aimdo.shutdown()`` first)."""
+    global _default
+    with _default_lock:
+        if _default is not None and not _default.closed:
+            wanted = None
+            if isinstance(backend, (SimBackend, CudaBackend)):
+                if backend is not _default.backend:
+                    raise ValueError("aimdo is already initialized with another backend; "
+                                     "call aimdo.shutdown() first")
+            elif backend is not None:
+                wanted = str(backend).strip().lower()
+            if wanted is not None and wanted != _default.backend_name:
+                raise ValueError(f"aimdo is already initialized with backend "
+                                 f"{_default.backend_name!r}, not {wanted!r}; call aimdo.shutdown() first")
+            _default.add_devices(_device_list(devices, _default.backend), **options)
+            return _default
+        _default = Manager(backend, devices, **options)
+        return _default
+
+
+def get_manager() -> Manager:
+    """The default Manager made by ``aimdo.init``. AimdoError if there is none."""
+    manager = _default
+    if manager is None or manager.closed:
+        raise _core.AimdoError("aimdo is not initialized: call aimdo.init(devices=[...]) first")
+    return manager
+
+
+def shutdown() -> None:
+    """Close the default Manager, if any. ``aimdo.init`` may be called again afterwards."""
+    global _default
+    with _default_lock:
+        manager, _default = _default, None
+    if manager is not None:
+        manager.close()
+
+
+def _at_exit() -> None:
+    try:
+        shutdown()
+    finally:
+        # Whatever is destroyed after this point must not call a driver that may be gone.
+        _core.set_process_exiting()
+
+
+atexit.register(_at_exit)

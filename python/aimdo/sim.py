@@ -1,0 +1,199 @@
+"""The simulator backend: N deterministic simulated GPUs, no GPU needed.
+
+``SimBackend`` models what aimdo needs from a GPU driver (address reservations,
+physical allocations, mappings, access rights, per-thread current context, free
+memory) and enforces the real driver's rules, so code that passes on the simulator
+misuses nothing the real driver would refuse. It adds powers no real GPU has: memory
+used by others on demand (``add_external_usage``), failures injected on chosen driver
+operations (``fail``), a virtual clock per device (``now``, ``advance``) and a report
+of everything still allocated (``leaks``).
+
+Pass one to ``aimdo.Manager(backend=...)``; ``backend="sim"`` makes a default one
+(two devices of 24 GiB).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Iterable, Mapping
+from typing import Union
+
+from . import _core
+from ._sizes import parse_size
+
+__all__ = ["SimBackend", "DeviceSpec", "live_backends"]
+
+DEFAULT_DEVICES = "2x24GiB"
+DEFAULT_GRANULARITY = 2 << 20
+
+#: A device spec: a capacity (``"24GiB"`` or bytes) or a mapping with keys ``capacity``
+#: (required), ``name``, ``granularity`` (bytes or a size string) and ``integrated``.
+DeviceSpec = Union[str, int, Mapping]
+
+_ERROR_CODES = {
+    "out_of_memory": 2,
+    "not_ready": 600,
+    "error": 999,
+    "invalid_value": 1,
+}
+
+_live: "weakref.WeakSet[SimBackend]" = weakref.WeakSet()
+
+
+def live_backends() -> list["SimBackend"]:
+    """Simulators alive in this process (the test suite checks each for leaks)."""
+    return list(_live)
+
+
+def _parse_devices(devices: str | Iterable[DeviceSpec]) -> list[tuple[str, int, int, bool]]:
+    if isinstance(devices, str):
+        text = devices.strip()
+        if "x" in text.lower() and text.lower().split("x", 1)[0].strip().isdigit():
+            count_text, size_text = text.lower().split("x", 1)
+            count = int(count_text)
+            if count < 1:
+                raise ValueError(f"{devices!r}: a simulator needs at least one device")
+            specs: list[DeviceSpec] = [size_text.strip()] * count
+        else:
+            specs = [part for part in text.split(",")]
+    else:
+        specs = list(devices)
+    if not specs:
+        raise ValueError("a simulator needs at least one device")
+    out = []
+    for index, spec in enumerate(specs):
+        name = f"aimdo simulated GPU {index}"
+        granularity = DEFAULT_GRANULARITY
+        integrated = False
+        if isinstance(spec, Mapping):
+            unknown = set(spec) - {"capacity", "name", "granularity", "integrated"}
+            if unknown:
+                raise ValueError(f"device spec {index}: unknown keys {sorted(unknown)}")
+            if "capacity" not in spec:
+                raise ValueError(f"device spec {index}: 'capacity' is required")
+            capacity = parse_size(spec["capacity"])
+            name = str(spec.get("name", name))
+            granularity = parse_size(spec.get("granularity", granularity))
+            integrated = bool(spec.get("integrated", False))
+        else:
+            capacity = parse_size(spec)
+        out.append((name, capacity, granularity, integrated))
+    return out
+
+
+class SimBackend:
+    """Simulated GPUs. ``devices`` is ``"2x24GiB"``, ``"24GiB,12GiB"`` or a list of
+    specs (see ``DeviceSpec``); ``seed`` makes runs with fault rates reproducible.
+
+    Thread-safe: every method may be called from any thread.
+    """
+
+    def __init__(self, devices: str | Iterable[DeviceSpec] = DEFAULT_DEVICES, *, seed: int = 0):
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        self._specs = _parse_devices(devices)
+        self._driver = _core.SimDriver(self._specs, seed)
+        _live.add(self)
+
+    # -- what it is -------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return "sim"
+
+    @property
+    def seed(self) -> int:
+        return self._driver.seed
+
+    @property
+    def device_count(self) -> int:
+        return len(self._specs)
+
+    @property
+    def driver(self) -> _core.SimDriver:
+        """The native driver object (what ``aimdo.Manager`` runs on)."""
+        return self._driver
+
+    def __repr__(self) -> str:
+        caps = ", ".join(f"{spec[1] / (1 << 30):g}GiB" for spec in self._specs)
+        return f"SimBackend(devices=[{caps}], seed={self.seed})"
+
+    # -- other users of the device ----------------------------------------------------
+    def add_external_usage(self, device: int, nbytes: int | str) -> None:
+        """Someone else (another process, PyTorch) takes ``nbytes`` on ``device``.
+        ValueError when the device has less than that free."""
+        self._driver.add_external_usage(device, parse_size(nbytes))
+
+    def remove_external_usage(self, device: int, nbytes: int | str) -> None:
+        """Give back external usage added earlier. ValueError for more than was added."""
+        self._driver.remove_external_usage(device, parse_size(nbytes))
+
+    def external_usage(self, device: int) -> int:
+        return self._driver.external_usage(device)
+
+    # -- what the driver sees ---------------------------------------------------------
+    def physical_bytes(self, device: int) -> int:
+        """Bytes of physical allocations alive on ``device`` (aimdo's VBAR pages)."""
+        return self._driver.physical_bytes(device)
+
+    def used_bytes(self, device: int) -> int:
+        """All memory the device counts as used: physical, stream-ordered and external."""
+        return self._driver.used_bytes(device)
+
+    def is_accessible(self, address: int, nbytes: int) -> bool:
+        """True when every byte of ``[address, address + nbytes)`` is mapped with access set."""
+        return self._driver.is_accessible(address, nbytes)
+
+    def leaks(self) -> list[str]:
+        """One readable line per live reservation, physical allocation, mapping and
+        stream-ordered allocation; empty when nothing leaks."""
+        return list(self._driver.leaks())
+
+    # -- fault injection --------------------------------------------------------------
+    @staticmethod
+    def operations() -> list[str]:
+        """Driver operations that ``fail`` and ``call_count`` know, by CUDA function name."""
+        return list(_core.SimDriver.operation_names())
+
+    def fail(
+        self,
+        operation: str,
+        *,
+        device: int | None = None,
+        error: str | int = "out_of_memory",
+        skip: int = 0,
+        count: int = 1,
+    ) -> None:
+        """Make the next ``count`` calls of ``operation`` (on ``device``, or any device)
+        fail after ``skip`` matching calls succeed. ``error`` is ``"out_of_memory"``,
+        ``"not_ready"`` (transient: aimdo retries it), ``"error"``, ``"invalid_value"``
+        or a CUresult code. The error aimdo raises is flagged ``injected``."""
+        if isinstance(error, str):
+            if error not in _ERROR_CODES:
+                raise ValueError(f"error must be one of {sorted(_ERROR_CODES)} or a code, got {error!r}")
+            code = _ERROR_CODES[error]
+        elif isinstance(error, int) and not isinstance(error, bool):
+            code = error
+        else:
+            raise TypeError(f"error must be a name or an int code, not {type(error).__name__}")
+        self._driver.fail(operation, -1 if device is None else device, code, skip, count)
+
+    def clear_failures(self) -> None:
+        self._driver.clear_failures()
+
+    def call_count(self, operation: str) -> int:
+        """Calls of ``operation`` seen so far on all devices (injected failures included)."""
+        return self._driver.call_count(operation)
+
+    # -- virtual time -----------------------------------------------------------------
+    def now(self, device: int) -> float:
+        """Seconds on ``device``'s virtual clock."""
+        return self._driver.now_ns(device) / 1e9
+
+    def advance(self, seconds: float, device: int | None = None) -> None:
+        """Move ``device``'s clock (every clock when ``device`` is None) forward."""
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise TypeError("seconds must be a number")
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"seconds must be finite and not negative, got {seconds}")
+        self._driver.advance(-1 if device is None else device, round(seconds * 1e9))
