@@ -77,7 +77,7 @@ std::shared_ptr<Device> Manager::device(int device) const {
         "device " + std::to_string(device) + " is not initialized in this Manager (initialized: " +
             list_devices(devices_) + "); list it when you create the Manager or call init, e.g. "
             "aimdo.init(devices=[..., " + std::to_string(device) +
-            "]), or add it with Manager.add_device(" + std::to_string(device) + ")",
+            "]), or add it with Manager.add_devices([" + std::to_string(device) + "])",
         device);
   }
   return found->second;
