@@ -111,6 +111,10 @@ nb::dict stats_dict(const DeviceStatsSnapshot& s) {
   return d;
 }
 
+std::tuple<int, std::string> status_tuple(const DriverStatus& s) {
+  return std::make_tuple(s.code, std::string(s.name));
+}
+
 std::shared_ptr<Driver> load_cuda() {
   CudaDriverLoad load = load_cuda_driver();
   if (!load.driver) {
@@ -177,7 +181,71 @@ NB_MODULE(_core, m) {
         return count;
       })
       .def("current_device", &Driver::current_device, release_gil(),
-           "The device whose context is current on the calling thread, or -1.");
+           "The device whose context is current on the calling thread, or -1.")
+      // Raw driver operations, for the driver-contract tests that hold both backends to
+      // the same rules. Each returns (code, error name[, value]); 0 is success. They
+      // bypass aimdo's accounting: not for use next to a Manager's VBARs.
+      .def("raw_reserve",
+           [](Driver& d, int device, std::int64_t size, std::int64_t alignment) {
+             DeviceAddress va = 0;
+             const DriverStatus s = d.reserve_address_range(device, to_size(size, "size"),
+                                                            to_size(alignment, "alignment"), &va);
+             return std::make_tuple(s.code, std::string(s.name), va);
+           },
+           release_gil())
+      .def("raw_free_range",
+           [](Driver& d, std::uint64_t va, std::int64_t size) {
+             return status_tuple(d.free_address_range(va, to_size(size, "size")));
+           },
+           release_gil())
+      .def("raw_create",
+           [](Driver& d, int device, std::int64_t size) {
+             PhysicalHandle handle = 0;
+             const DriverStatus s = d.create_physical(device, to_size(size, "size"), &handle);
+             return std::make_tuple(s.code, std::string(s.name), handle);
+           },
+           release_gil())
+      .def("raw_release",
+           [](Driver& d, std::uint64_t handle) { return status_tuple(d.release_physical(handle)); },
+           release_gil())
+      .def("raw_map",
+           [](Driver& d, std::uint64_t va, std::int64_t size, std::uint64_t handle) {
+             return status_tuple(d.map(va, to_size(size, "size"), handle));
+           },
+           release_gil())
+      .def("raw_unmap",
+           [](Driver& d, std::uint64_t va, std::int64_t size) {
+             return status_tuple(d.unmap(va, to_size(size, "size")));
+           },
+           release_gil())
+      .def("raw_set_access",
+           [](Driver& d, std::uint64_t va, std::int64_t size, int device) {
+             return status_tuple(d.set_access(va, to_size(size, "size"), device));
+           },
+           release_gil())
+      .def("raw_memory_info",
+           [](Driver& d, int device) {
+             std::size_t free_bytes = 0, total_bytes = 0;
+             const DriverStatus s = d.memory_info(device, &free_bytes, &total_bytes);
+             return std::make_tuple(s.code, std::string(s.name), free_bytes, total_bytes);
+           },
+           release_gil())
+      .def("raw_synchronize",
+           [](Driver& d, int device) { return status_tuple(d.synchronize(device)); },
+           release_gil())
+      .def("raw_memory_info_on",
+           [](Driver& d, int device) {
+             // The same query under a guard that makes `device` current, then restores.
+             ScopedDevice guard(d, device);
+             if (!guard.status().ok()) {
+               return std::make_tuple(guard.status().code, std::string(guard.status().name),
+                                      std::size_t{0}, std::size_t{0});
+             }
+             std::size_t free_bytes = 0, total_bytes = 0;
+             const DriverStatus s = d.memory_info(device, &free_bytes, &total_bytes);
+             return std::make_tuple(s.code, std::string(s.name), free_bytes, total_bytes);
+           },
+           release_gil());
 
   using SpecTuple = std::tuple<std::string, std::int64_t, std::int64_t, bool>;
   nb::class_<sim::SimDriver, Driver>(m, "SimDriver", "The simulator backend (see aimdo.sim).")
@@ -381,6 +449,9 @@ NB_MODULE(_core, m) {
              return mgr.device(d)->deficit_bytes(to_size(n, "nbytes"));
            },
            "device"_a, "nbytes"_a, release_gil())
+      .def("memory_info",
+           [](Manager& mgr, int d) { return mgr.device(d)->memory_info(); }, "device"_a,
+           release_gil())
       .def("vbar_count", [](Manager& mgr, int d) { return mgr.device(d)->vbar_count(); },
            "device"_a, release_gil())
       .def("stats",

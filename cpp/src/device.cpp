@@ -157,6 +157,18 @@ void Device::poll_locked() {
   usage_at_poll_bytes_ = usage_locked();
 }
 
+std::pair<std::size_t, std::size_t> Device::memory_info() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  ScopedDevice guard(*driver_, ordinal_);
+  if (!guard.status().ok()) raise(guard.status(), "cuCtxSetCurrent", 0);
+  std::size_t free_bytes = 0;
+  std::size_t total_bytes = 0;
+  const DriverStatus status =
+      retrying([&] { return driver_->memory_info(ordinal_, &free_bytes, &total_bytes); });
+  if (!status.ok()) raise(status, "cuMemGetInfo", 0);
+  return {free_bytes, total_bytes};
+}
+
 std::int64_t Device::deficit_locked(std::size_t size_bytes) {
   poll_locked();
   return aimdo::deficit_bytes(budget_inputs_locked(usage_locked()), size_bytes);

@@ -254,6 +254,11 @@ class Manager:
         """Set the floor of every VBAR on ``device`` (every device when None) to 0."""
         self._core.reset_floors(device)
 
+    def memory_info(self, device: int) -> tuple[int, int]:
+        """(free, total) bytes of ``device`` as the driver reports them now."""
+        free, total = self._core.memory_info(device)
+        return int(free), int(total)
+
     def vbar_count(self, device: int) -> int:
         return self._core.vbar_count(device)
 

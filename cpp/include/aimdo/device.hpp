@@ -14,6 +14,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "aimdo/budget.hpp"
@@ -50,6 +51,8 @@ class Device : public std::enable_shared_from_this<Device> {
   // positive. Returns the bytes freed.
   std::size_t reclaim(std::size_t size_bytes);
   std::int64_t deficit_bytes(std::size_t size_bytes);
+  // The driver's free and total memory of this device now (not the cached poll).
+  std::pair<std::size_t, std::size_t> memory_info();
   std::size_t limit_bytes() const;
   std::size_t budget_bytes() const;
   std::size_t usage_bytes() const;          // resident VBAR bytes + external bytes

@@ -1,0 +1,129 @@
+"""One suite for every backend: AIMDO_BACKEND=sim (default) or cuda.
+
+Fixtures here build every Manager a test uses, so that each test has its own state
+(safe under ``pytest -n auto``), checks that the backend it asked for is the one that
+ran, and checks that no simulator leaks anything when the test ends.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+
+import aimdo
+from aimdo.sim import SimBackend, live_backends
+
+BACKEND = os.environ.get("AIMDO_BACKEND", "sim").strip().lower() or "sim"
+MiB = 1 << 20
+PAGE = 2 * MiB  # the smallest page the driver's granularity allows: cheap on both backends
+
+
+def pytest_report_header(config):
+    return f"aimdo backend: {BACKEND}"
+
+
+def pytest_collection_modifyitems(config, items):
+    if BACKEND != "cuda":
+        return
+    skip = pytest.mark.skip(reason="needs a simulator-only power (AIMDO_BACKEND=cuda)")
+    for item in items:
+        if "sim_only" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def no_simulator_leaks():
+    """Every simulator a test created reports no leak once the test's objects are gone."""
+    before = {id(backend) for backend in live_backends()}
+    yield
+    gc.collect()
+    for backend in live_backends():
+        if id(backend) in before:
+            continue
+        leaks = backend.leaks()
+        assert leaks == [], f"simulator (seed {backend.seed}) leaked: {leaks}"
+
+
+@pytest.fixture
+def backend_name() -> str:
+    return BACKEND
+
+
+class Budgeted:
+    """What make_manager built: the Manager, its simulator (None on cuda) and the memory
+    others used on each device when it started."""
+
+    def __init__(self, manager: aimdo.Manager, sim: SimBackend | None, baseline: dict[int, int]):
+        self.manager = manager
+        self.sim = sim
+        self.baseline = baseline
+
+
+@pytest.fixture
+def make_manager(backend_name):
+    """make_manager(pages=8, devices=(0,), ...) -> Manager whose aimdo budget on each
+    device is exactly ``pages`` pages of PAGE bytes.
+
+    The limit is pages + headroom + whatever others already use on the device (the CUDA
+    context on a real GPU, nothing on a fresh simulator), and the free-memory figure is
+    read once, so a scripted fault sequence evicts the same pages on an 80 GB card as on
+    a small simulated one.
+    """
+    made: list[aimdo.Manager] = []
+
+    def make(
+        pages: int | dict[int, int] = 8,
+        devices=(0,),
+        *,
+        sim: SimBackend | None = None,
+        headroom: int = 0,
+        extra_headroom: int = 0,
+        poll_interval: float = 1e9,
+        page_size: int = PAGE,
+    ) -> aimdo.Manager:
+        devices = list(devices)
+        if backend_name == "sim":
+            backend = sim if sim is not None else SimBackend(f"{max(2, max(devices) + 1)}x1GiB")
+        elif backend_name == "cuda":
+            assert sim is None, "a test passing its own simulator must be marked sim_only"
+            backend = "cuda"
+        else:
+            raise pytest.UsageError(f"AIMDO_BACKEND={backend_name!r}: expected sim or cuda")
+        manager = aimdo.Manager(backend, devices, poll_interval=poll_interval, page_size=page_size)
+        made.append(manager)
+        assert manager.backend_name == backend_name, (
+            f"asked for the {backend_name} backend, {manager.backend_name} ran"
+        )
+        per_device = pages if isinstance(pages, dict) else {d: pages for d in devices}
+        baseline = {}
+        limits = {}
+        for device in devices:
+            free, total = manager.memory_info(device)
+            baseline[device] = total - free
+            limits[device] = per_device[device] * page_size + headroom + baseline[device]
+        manager.add_devices(
+            devices,
+            vram_limit=limits,
+            headroom=headroom,
+            extra_headroom=extra_headroom,
+            poll_interval=poll_interval,
+            page_size=page_size,
+        )
+        manager.sim = manager.backend if isinstance(manager.backend, SimBackend) else None
+        manager.baseline = baseline
+        return manager
+
+    yield make
+    for manager in made:
+        manager.close()
+
+
+def residency(vbar) -> str:
+    """A VBAR's pages as a string: '.' absent, 'R' resident, 'P' resident and pinned."""
+    return "".join("P" if pinned else "R" if resident else "." for resident, pinned in vbar.residency())
+
+
+def watermark_pages(vbar) -> int:
+    return vbar.watermark_bytes // vbar.page_size
