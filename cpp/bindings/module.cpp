@@ -185,6 +185,13 @@ NB_MODULE(_core, m) {
       // Raw driver operations, for the driver-contract tests that hold both backends to
       // the same rules. Each returns (code, error name[, value]); 0 is success. They
       // bypass aimdo's accounting: not for use next to a Manager's VBARs.
+      .def("raw_make_current",
+           [](Driver& d, int device) {
+             // Leaves `device` current on this thread (no restore): for contract tests.
+             ContextToken previous;
+             return status_tuple(d.make_current(device, &previous));
+           },
+           release_gil())
       .def("raw_reserve",
            [](Driver& d, int device, std::int64_t size, std::int64_t alignment) {
              DeviceAddress va = 0;
