@@ -66,10 +66,11 @@ def make_manager(backend_name):
     """make_manager(pages=8, devices=(0,), ...) -> Manager whose aimdo budget on each
     device is exactly ``pages`` pages of PAGE bytes.
 
-    The limit is pages + headroom + whatever others already use on the device (the CUDA
-    context on a real GPU, nothing on a fresh simulator), and the free-memory figure is
-    read once, so a scripted fault sequence evicts the same pages on an 80 GB card as on
-    a small simulated one.
+    The limit is pages + headroom + whatever others used on the device at the Manager's
+    only poll (the CUDA contexts on a real GPU, nothing on a fresh simulator), so a
+    scripted fault sequence evicts the same pages on an 80 GB card as on a small
+    simulated one. Tests that need the budget to follow later changes pass a
+    poll_interval of their own (on the simulator).
     """
     made: list[aimdo.Manager] = []
 
@@ -100,8 +101,11 @@ def make_manager(backend_name):
         baseline = {}
         limits = {}
         for device in devices:
-            free, total = manager.memory_info(device)
-            baseline[device] = total - free
+            # The one poll this Manager will make (poll_interval is huge): others' usage is
+            # read from the very figure the budget uses, so a concurrent process (another
+            # xdist worker on the same GPU) cannot change it between two reads.
+            _, total = manager.memory_info(device)
+            baseline[device] = total - manager.poll(device)["free_bytes"]
             limits[device] = per_device[device] * page_size + headroom + baseline[device]
         manager.add_devices(
             devices,

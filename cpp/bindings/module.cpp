@@ -456,6 +456,20 @@ NB_MODULE(_core, m) {
              return mgr.device(d)->deficit_bytes(to_size(n, "nbytes"));
            },
            "device"_a, "nbytes"_a, release_gil())
+      .def("poll",
+           [](Manager& mgr, int d) {
+             Device::PollRecord record;
+             {
+               nb::gil_scoped_release release;
+               record = mgr.device(d)->poll();
+             }
+             nb::dict out;
+             out["time"] = static_cast<double>(record.time_ns) / 1e9;
+             out["free_bytes"] = record.free_bytes;
+             out["usage_bytes"] = record.usage_bytes;
+             return out;
+           },
+           "device"_a)
       .def("memory_info",
            [](Manager& mgr, int d) { return mgr.device(d)->memory_info(); }, "device"_a,
            release_gil())

@@ -157,6 +157,12 @@ void Device::poll_locked() {
   usage_at_poll_bytes_ = usage_locked();
 }
 
+Device::PollRecord Device::poll() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  poll_locked();
+  return PollRecord{polled_, last_poll_ns_, free_at_poll_bytes_, usage_at_poll_bytes_};
+}
+
 std::pair<std::size_t, std::size_t> Device::memory_info() {
   std::lock_guard<std::mutex> lock(mutex_);
   ScopedDevice guard(*driver_, ordinal_);

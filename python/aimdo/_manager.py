@@ -254,6 +254,13 @@ class Manager:
         """Set the floor of every VBAR on ``device`` (every device when None) to 0."""
         self._core.reset_floors(device)
 
+    def poll(self, device: int) -> dict:
+        """The free-memory figure the budget uses on ``device``: read from the driver now
+        if the poll interval has passed (or it never was), else the cached one. Returns
+        ``time`` (seconds on the backend's clock), ``free_bytes`` (what the driver
+        reported) and ``usage_bytes`` (what aimdo had in use then)."""
+        return dict(self._core.poll(device))
+
     def memory_info(self, device: int) -> tuple[int, int]:
         """(free, total) bytes of ``device`` as the driver reports them now."""
         free, total = self._core.memory_info(device)

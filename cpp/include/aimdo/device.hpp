@@ -51,6 +51,14 @@ class Device : public std::enable_shared_from_this<Device> {
   // positive. Returns the bytes freed.
   std::size_t reclaim(std::size_t size_bytes);
   std::int64_t deficit_bytes(std::size_t size_bytes);
+  struct PollRecord {
+    bool polled = false;
+    std::int64_t time_ns = 0;       // on the driver's clock for this device
+    std::size_t free_bytes = 0;     // what the driver reported free
+    std::size_t usage_bytes = 0;    // what aimdo had in use then
+  };
+  // Poll now if the interval has passed (or never polled), and return the figures in use.
+  PollRecord poll();
   // The driver's free and total memory of this device now (not the cached poll).
   std::pair<std::size_t, std::size_t> memory_info();
   std::size_t limit_bytes() const;
