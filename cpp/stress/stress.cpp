@@ -1,0 +1,232 @@
+// Native stress program: several threads drive the core on the simulator with a seeded
+// random mix of operations, then the per-device invariants are checked. Built and run
+// under AddressSanitizer + UBSan and under ThreadSanitizer by .ci/run (no Python).
+//
+//   aimdo_stress [--devices N] [--threads N] [--ops N] [--seed N]
+//
+// Exit status 0 when every invariant holds, 1 otherwise (the seed is printed).
+#include <atomic>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "aimdo/errors.hpp"
+#include "aimdo/manager.hpp"
+#include "sim_driver.hpp"
+
+namespace {
+
+constexpr std::size_t kPage = std::size_t{2} << 20;
+
+struct Config {
+  int devices = 8;
+  int threads = 16;
+  int ops = 4000;
+  std::uint64_t seed = 1;
+};
+
+struct OwnedVbar {
+  std::shared_ptr<aimdo::Vbar> vbar;
+  std::vector<aimdo::Allocation> allocations;
+  std::vector<int> pins;  // per allocation, taken by this thread
+};
+
+struct Counters {
+  std::atomic<std::uint64_t> ops{0};
+  std::atomic<std::uint64_t> offloaded{0};
+  std::atomic<std::uint64_t> out_of_memory{0};
+  std::atomic<std::uint64_t> refused_external{0};
+  std::atomic<std::uint64_t> unexpected{0};
+};
+
+void unpin_all(OwnedVbar& owned) {
+  for (std::size_t i = 0; i < owned.allocations.size(); ++i) {
+    while (owned.pins[i] > 0) {
+      owned.vbar->unpin(owned.allocations[i]);
+      --owned.pins[i];
+    }
+  }
+}
+
+void drive(aimdo::Manager& manager, aimdo::sim::SimDriver& sim, const Config& config, int index,
+           Counters& counters, std::vector<OwnedVbar>& kept) {
+  std::mt19937_64 random(config.seed * 1000003u + static_cast<std::uint64_t>(index));
+  const auto pick = [&](std::uint64_t n) { return static_cast<std::size_t>(random() % n); };
+  std::vector<OwnedVbar> vbars;
+  std::vector<std::size_t> external(static_cast<std::size_t>(config.devices), 0);
+
+  for (int op = 0; op < config.ops; ++op) {
+    counters.ops.fetch_add(1, std::memory_order_relaxed);
+    const int device = static_cast<int>(pick(static_cast<std::uint64_t>(config.devices)));
+    try {
+      const std::size_t choice = pick(100);
+      if (vbars.empty() || choice < 5) {
+        OwnedVbar owned;
+        owned.vbar = manager.create_vbar(device, (4 + pick(28)) * kPage + pick(kPage));
+        const std::size_t count = 1 + pick(12);
+        for (std::size_t i = 0; i < count; ++i) {
+          try {
+            owned.allocations.push_back(owned.vbar->alloc(1 + pick(3 * kPage)));
+            owned.pins.push_back(0);
+          } catch (const aimdo::InvalidArgumentError&) {
+            break;  // the range is full
+          }
+        }
+        vbars.push_back(std::move(owned));
+        continue;
+      }
+      OwnedVbar& owned = vbars[pick(vbars.size())];
+      if (owned.allocations.empty()) continue;
+      const std::size_t a = pick(owned.allocations.size());
+      if (choice < 45) {
+        if (owned.vbar->fault(owned.allocations[a])) {
+          ++owned.pins[a];
+        } else {
+          counters.offloaded.fetch_add(1, std::memory_order_relaxed);
+        }
+      } else if (choice < 75) {
+        if (owned.pins[a] > 0) {
+          owned.vbar->unpin(owned.allocations[a]);
+          --owned.pins[a];
+        }
+      } else if (choice < 79) {
+        owned.vbar->prioritize();
+      } else if (choice < 82) {
+        owned.vbar->deprioritize();
+      } else if (choice < 85) {
+        owned.vbar->set_watermark(pick(owned.vbar->page_count() + 1) * kPage);
+      } else if (choice < 87) {
+        owned.vbar->set_floor(pick(owned.vbar->page_count() / 2 + 1) * kPage);
+      } else if (choice < 90) {
+        owned.vbar->free_memory(pick(6) * kPage);
+      } else if (choice < 93) {
+        manager.reclaim(device, pick(8) * kPage);
+      } else if (choice < 95) {
+        unpin_all(owned);
+        owned.vbar->close();
+        owned = std::move(vbars.back());
+        vbars.pop_back();
+      } else if (choice < 98) {
+        const std::size_t bytes = (1 + pick(6)) * kPage;
+        try {
+          sim.add_external_usage(device, bytes);
+          external[static_cast<std::size_t>(device)] += bytes;
+        } catch (const aimdo::InvalidArgumentError&) {
+          counters.refused_external.fetch_add(1, std::memory_order_relaxed);
+        }
+      } else {
+        std::size_t& mine = external[static_cast<std::size_t>(device)];
+        sim.remove_external_usage(device, mine);
+        mine = 0;
+      }
+    } catch (const aimdo::OutOfMemoryError&) {
+      counters.out_of_memory.fetch_add(1, std::memory_order_relaxed);
+    } catch (const std::exception& error) {
+      std::fprintf(stderr, "thread %d op %d: unexpected %s\n", index, op, error.what());
+      counters.unexpected.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+  for (auto& owned : vbars) unpin_all(owned);
+  for (int d = 0; d < config.devices; ++d) {
+    sim.remove_external_usage(d, external[static_cast<std::size_t>(d)]);
+  }
+  for (auto& owned : vbars) kept.push_back(std::move(owned));
+}
+
+bool parse(int argc, char** argv, Config* config) {
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string key = argv[i];
+    const long long value = std::strtoll(argv[i + 1], nullptr, 10);
+    if (value <= 0) return false;
+    if (key == "--devices") config->devices = static_cast<int>(value);
+    else if (key == "--threads") config->threads = static_cast<int>(value);
+    else if (key == "--ops") config->ops = static_cast<int>(value);
+    else if (key == "--seed") config->seed = static_cast<std::uint64_t>(value);
+    else return false;
+  }
+  return argc % 2 == 1 && config->devices <= 64;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Config config;
+  if (!parse(argc, argv, &config)) {
+    std::fprintf(stderr, "usage: %s [--devices N<=64] [--threads N] [--ops N] [--seed N]\n", argv[0]);
+    return 2;
+  }
+  std::vector<aimdo::sim::SimDeviceSpec> specs(static_cast<std::size_t>(config.devices));
+  for (auto& spec : specs) spec.total_bytes = 256 * kPage;
+  auto sim = std::make_shared<aimdo::sim::SimDriver>(specs, config.seed);
+  bool ok = true;
+  Counters counters;
+  {
+    aimdo::Manager manager(sim);
+    for (int d = 0; d < config.devices; ++d) {
+      aimdo::DeviceOptions options;
+      options.page_size_bytes = kPage;
+      options.headroom_bytes = kPage;
+      options.vram_limit_bytes = 32 * kPage + static_cast<std::size_t>(d) * kPage;
+      options.poll_interval_ns = 0;
+      manager.add_device(d, options);
+    }
+    std::vector<std::vector<OwnedVbar>> kept(static_cast<std::size_t>(config.threads));
+    std::vector<std::thread> threads;
+    for (int t = 0; t < config.threads; ++t) {
+      threads.emplace_back(drive, std::ref(manager), std::ref(*sim), std::cref(config), t,
+                           std::ref(counters), std::ref(kept[static_cast<std::size_t>(t)]));
+    }
+    for (auto& thread : threads) thread.join();
+
+    // Invariants, per device: what the VBARs hold is what aimdo accounts, and what the
+    // simulator has allocated is exactly that.
+    std::vector<std::size_t> loaded(static_cast<std::size_t>(config.devices), 0);
+    for (const auto& list : kept) {
+      for (const auto& owned : list) {
+        if (!owned.vbar->closed()) {
+          loaded[static_cast<std::size_t>(owned.vbar->device())] += owned.vbar->loaded_bytes();
+          for (const auto& page : owned.vbar->residency()) {
+            if (page.pinned) {
+              std::fprintf(stderr, "a page is still pinned after every pin was dropped\n");
+              ok = false;
+            }
+          }
+        }
+      }
+    }
+    for (int d = 0; d < config.devices; ++d) {
+      const auto device = manager.device(d);
+      const std::size_t resident = device->resident_bytes();
+      const std::size_t physical = sim->physical_bytes(d);
+      if (resident != loaded[static_cast<std::size_t>(d)] || physical != resident ||
+          device->usage_bytes() != resident || sim->external_usage(d) != 0) {
+        std::fprintf(stderr,
+                     "device %d: VBARs hold %zu bytes, aimdo accounts %zu (usage %zu), the "
+                     "simulator has %zu physical and %zu external\n",
+                     d, loaded[static_cast<std::size_t>(d)], resident, device->usage_bytes(),
+                     physical, sim->external_usage(d));
+        ok = false;
+      }
+    }
+    manager.close();
+  }
+  const auto leaks = sim->leaks();
+  for (const auto& leak : leaks) std::fprintf(stderr, "leak: %s\n", leak.c_str());
+  ok = ok && leaks.empty() && counters.unexpected.load() == 0;
+  std::printf(
+      "aimdo_stress seed=%llu devices=%d threads=%d: %llu ops, %llu offloaded, %llu out of "
+      "memory, %llu external refused, %llu unexpected: %s\n",
+      static_cast<unsigned long long>(config.seed), config.devices, config.threads,
+      static_cast<unsigned long long>(counters.ops.load()),
+      static_cast<unsigned long long>(counters.offloaded.load()),
+      static_cast<unsigned long long>(counters.out_of_memory.load()),
+      static_cast<unsigned long long>(counters.refused_external.load()),
+      static_cast<unsigned long long>(counters.unexpected.load()), ok ? "ok" : "FAILED");
+  return ok ? 0 : 1;
+}
