@@ -296,7 +296,10 @@ NB_MODULE(_core, m) {
            },
            "operation"_a, "device"_a, "code"_a, "skip"_a, "count"_a, release_gil())
       .def("clear_failures", &sim::SimDriver::clear_failures, release_gil())
-      .def("call_count", &sim::SimDriver::call_count, "operation"_a, release_gil())
+      .def("call_count", &sim::SimDriver::call_count, "operation"_a, "device"_a, release_gil())
+      .def("hold", &sim::SimDriver::hold, "operation"_a, "device"_a, release_gil())
+      .def("wait_held", &sim::SimDriver::wait_held, "hold_id"_a, "timeout_ns"_a, release_gil())
+      .def("release_hold", &sim::SimDriver::release_hold, "hold_id"_a, release_gil())
       .def("now_ns", &sim::SimDriver::now_ns, "device"_a, release_gil())
       .def("advance", &sim::SimDriver::advance, "device"_a, "ns"_a, release_gil())
       .def("leaks", &sim::SimDriver::leaks, release_gil())

@@ -1,13 +1,53 @@
 #include "sim_driver.hpp"
 
 #include <algorithm>
+#include <array>
+#include <atomic>
+#include <chrono>
 #include <cinttypes>
+#include <condition_variable>
 #include <cstdio>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
 
 #include "aimdo/errors.hpp"
 
 namespace aimdo::sim {
 namespace {
+
+enum Op : int {
+  kMemGetInfo,
+  kReserve,
+  kFreeRange,
+  kCreate,
+  kRelease,
+  kMap,
+  kUnmap,
+  kSetAccess,
+  kSynchronize,
+  kAllocAsync,
+  kFreeAsync,
+  kSetCurrent,
+  kOpCount
+};
+constexpr const char* kOpNames[kOpCount] = {
+    "cuMemGetInfo", "cuMemAddressReserve", "cuMemAddressFree", "cuMemCreate",
+    "cuMemRelease", "cuMemMap",            "cuMemUnmap",       "cuMemSetAccess",
+    "cuCtxSynchronize", "cuMemAllocAsync", "cuMemFreeAsync",   "cuCtxSetCurrent"};
+
+// Each device owns a region of the (simulated) address space, so an address names its
+// device without a global table: reservations in the first TiB, stream-ordered
+// allocations in the second.
+constexpr DeviceAddress kAddressBase = DeviceAddress{1} << 44;
+constexpr DeviceAddress kRegionBytes = DeviceAddress{1} << 40;
+constexpr int kHandleDeviceShift = 48;
+
+DeviceAddress reservation_region(int device) {
+  return kAddressBase + static_cast<DeviceAddress>(device) * 2 * kRegionBytes;
+}
 
 const char* error_name(int code) noexcept {
   switch (code) {
@@ -43,24 +83,182 @@ std::string hex(DeviceAddress va) {
   return buffer;
 }
 
+int op_index(const std::string& operation) {
+  for (int i = 0; i < kOpCount; ++i) {
+    if (operation == kOpNames[i]) return i;
+  }
+  std::string known;
+  for (const char* name : kOpNames) known += (known.empty() ? "" : ", ") + std::string(name);
+  throw InvalidArgumentError("unknown driver operation '" + operation + "'; known: " + known);
+}
+
+struct FailureRule {
+  int op;
+  int device;
+  int code;
+  std::uint64_t skip;
+  std::uint64_t count;
+};
+
+struct Mapping {
+  std::size_t size_bytes;
+  PhysicalHandle handle;
+  bool access = false;
+};
+
+struct Reservation {
+  std::size_t size_bytes;
+  std::map<std::size_t, Mapping> mappings;  // by offset in the reservation
+};
+
+struct Physical {
+  std::size_t size_bytes;
+  int map_count = 0;
+  bool released = false;  // released while mapped: freed at the last unmap
+};
+
+struct DeviceState {
+  mutable std::mutex mutex;
+  std::size_t physical_bytes = 0;
+  std::size_t stream_bytes = 0;
+  std::size_t external_bytes = 0;
+  std::int64_t clock_ns = 0;
+  std::map<DeviceAddress, Reservation> reservations;
+  std::map<PhysicalHandle, Physical> physical;
+  std::map<DeviceAddress, std::size_t> streams;
+  DeviceAddress next_stream_va = 0;
+  std::uint64_t next_handle = 1;
+  std::vector<FailureRule> rules;
+  std::array<std::uint64_t, kOpCount> calls{};
+
+  std::size_t used() const { return physical_bytes + stream_bytes + external_bytes; }
+};
+
+struct ContextShard {
+  std::mutex mutex;
+  std::unordered_map<std::thread::id, int> current;
+};
+
+struct Hold {
+  std::uint64_t id;
+  int op;
+  int device;
+  bool arrived = false;
+  bool released = false;
+};
+
 }  // namespace
 
+struct SimDriver::State {
+  std::vector<std::unique_ptr<DeviceState>> devices;
+  std::array<ContextShard, 16> contexts;
+
+  // Failures for "any device": rare, so the common path only reads the atomic count.
+  std::mutex any_mutex;
+  std::vector<FailureRule> any_rules;
+  std::atomic<std::size_t> any_rule_count{0};
+  std::array<std::atomic<std::uint64_t>, kOpCount> unrouted_calls{};
+
+  std::mutex holds_mutex;
+  std::condition_variable holds_changed;
+  std::vector<Hold> holds;
+  std::atomic<std::size_t> pending_holds{0};
+  std::uint64_t next_hold_id = 1;
+
+  ContextShard& shard() {
+    return contexts[std::hash<std::thread::id>{}(std::this_thread::get_id()) % contexts.size()];
+  }
+
+  int current_device() {
+    ContextShard& s = shard();
+    std::lock_guard<std::mutex> lock(s.mutex);
+    auto found = s.current.find(std::this_thread::get_id());
+    return found == s.current.end() ? -1 : found->second;
+  }
+
+  void set_current(int device) {
+    ContextShard& s = shard();
+    std::lock_guard<std::mutex> lock(s.mutex);
+    if (device < 0) {
+      s.current.erase(std::this_thread::get_id());
+    } else {
+      s.current[std::this_thread::get_id()] = device;
+    }
+  }
+
+  DriverStatus check_any_rules(int op, int device) {
+    if (any_rule_count.load(std::memory_order_acquire) == 0) return DriverStatus::success();
+    std::lock_guard<std::mutex> lock(any_mutex);
+    return apply(any_rules, op, device, &any_rule_count);
+  }
+
+  static DriverStatus apply(std::vector<FailureRule>& rules, int op, int device,
+                            std::atomic<std::size_t>* count) {
+    for (auto it = rules.begin(); it != rules.end(); ++it) {
+      if (it->op != op || (it->device != -1 && it->device != device)) continue;
+      if (it->skip > 0) {
+        --it->skip;
+        continue;
+      }
+      DriverStatus status = failure(it->code);
+      status.injected = true;
+      if (--it->count == 0) {
+        rules.erase(it);
+        if (count != nullptr) count->fetch_sub(1, std::memory_order_acq_rel);
+      }
+      return status;
+    }
+    return DriverStatus::success();
+  }
+
+  // Caller holds d.mutex.
+  DriverStatus intercept(DeviceState& d, int op, int device) {
+    ++d.calls[static_cast<std::size_t>(op)];
+    DriverStatus status = apply(d.rules, op, device, nullptr);
+    if (!status.ok()) return status;
+    return check_any_rules(op, device);
+  }
+
+  // A call whose device cannot be told (a bad address or handle).
+  DriverStatus intercept_unrouted(int op) {
+    unrouted_calls[static_cast<std::size_t>(op)].fetch_add(1, std::memory_order_relaxed);
+    return check_any_rules(op, -1);
+  }
+
+  void wait_if_held(int op, int device) {
+    if (pending_holds.load(std::memory_order_acquire) == 0) return;
+    std::unique_lock<std::mutex> lock(holds_mutex);
+    auto match = std::find_if(holds.begin(), holds.end(), [&](const Hold& h) {
+      return h.op == op && h.device == device && !h.arrived;
+    });
+    if (match == holds.end()) return;
+    const std::uint64_t id = match->id;
+    match->arrived = true;
+    holds_changed.notify_all();
+    holds_changed.wait(lock, [&] {
+      auto h = std::find_if(holds.begin(), holds.end(), [&](const Hold& x) { return x.id == id; });
+      return h == holds.end() || h->released;
+    });
+    holds.erase(std::remove_if(holds.begin(), holds.end(), [&](const Hold& x) { return x.id == id; }),
+                holds.end());
+    pending_holds.fetch_sub(1, std::memory_order_acq_rel);
+    holds_changed.notify_all();
+  }
+};
+
 const std::vector<std::string>& SimDriver::operation_names() {
-  static const std::vector<std::string> names = {
-      "cuMemGetInfo", "cuMemAddressReserve", "cuMemAddressFree", "cuMemCreate",
-      "cuMemRelease", "cuMemMap",            "cuMemUnmap",       "cuMemSetAccess",
-      "cuCtxSynchronize", "cuMemAllocAsync", "cuMemFreeAsync",   "cuCtxSetCurrent"};
+  static const std::vector<std::string> names(std::begin(kOpNames), std::end(kOpNames));
   return names;
 }
 
 SimDriver::SimDriver(std::vector<SimDeviceSpec> devices, std::uint64_t seed, SimCosts costs)
-    : seed_(seed), costs_(costs) {
-  if (devices.empty() || devices.size() > 64) {
+    : seed_(seed), costs_(costs), devices_(std::move(devices)), state_(std::make_unique<State>()) {
+  if (devices_.empty() || devices_.size() > 64) {
     throw InvalidArgumentError("a simulator needs between 1 and 64 devices, got " +
-                               std::to_string(devices.size()));
+                               std::to_string(devices_.size()));
   }
-  for (std::size_t i = 0; i < devices.size(); ++i) {
-    const SimDeviceSpec& spec = devices[i];
+  for (std::size_t i = 0; i < devices_.size(); ++i) {
+    const SimDeviceSpec& spec = devices_[i];
     const std::size_t g = spec.granularity_bytes;
     if (spec.total_bytes == 0) {
       throw InvalidArgumentError("simulated device " + std::to_string(i) +
@@ -71,62 +269,66 @@ SimDriver::SimDriver(std::vector<SimDeviceSpec> devices, std::uint64_t seed, Sim
                                  ": granularity must be a power of two of at least 4 KiB, got " +
                                  std::to_string(g));
     }
-    DeviceState state;
-    state.spec = spec;
-    devices_.push_back(state);
+    auto state = std::make_unique<DeviceState>();
+    state->next_stream_va = reservation_region(static_cast<int>(i)) + kRegionBytes;
+    state_->devices.push_back(std::move(state));
   }
 }
 
-void SimDriver::check_device(int device) const {
-  if (!valid_device(device)) {
-    throw InvalidArgumentError("the simulator has no device " + std::to_string(device) + " (it has " +
-                               std::to_string(devices_.size()) + ")");
-  }
+SimDriver::~SimDriver() = default;
+
+namespace {
+
+// Which device an address belongs to, and whether it is a stream-ordered one; -1 if none.
+int device_of_address(DeviceAddress va, std::size_t device_count, bool* stream) {
+  if (va < kAddressBase) return -1;
+  const DeviceAddress offset = va - kAddressBase;
+  const std::size_t device = static_cast<std::size_t>(offset / (2 * kRegionBytes));
+  if (device >= device_count) return -1;
+  *stream = (offset / kRegionBytes) % 2 == 1;
+  return static_cast<int>(device);
 }
 
-DriverStatus SimDriver::intercept(const char* operation, int device) {
-  ++call_counts_[operation];
-  for (auto it = rules_.begin(); it != rules_.end(); ++it) {
-    if (it->operation != operation || (it->device != -1 && it->device != device)) continue;
-    if (it->skip > 0) {
-      --it->skip;
-      continue;
-    }
-    DriverStatus status = failure(it->code);
-    status.injected = true;
-    if (--it->count == 0) rules_.erase(it);
-    return status;
-  }
-  return DriverStatus::success();
+int device_of_handle(PhysicalHandle handle, std::size_t device_count) {
+  const std::uint64_t encoded = handle >> kHandleDeviceShift;
+  if (encoded == 0 || encoded > device_count) return -1;
+  return static_cast<int>(encoded - 1);
 }
 
-void SimDriver::charge(int device, std::int64_t ns) {
-  if (valid_device(device)) devices_[static_cast<std::size_t>(device)].clock_ns += ns;
-}
-
-int SimDriver::current_device_locked() const {
-  auto found = current_.find(std::this_thread::get_id());
-  return found == current_.end() ? -1 : found->second;
-}
-
-SimDriver::Reservation* SimDriver::find_reservation(DeviceAddress va, std::size_t* offset) {
-  auto it = reservations_.upper_bound(va);
-  if (it == reservations_.begin()) return nullptr;
+// The reservation holding `va` and the offset of `va` in it, or null.
+Reservation* find_reservation(DeviceState& d, DeviceAddress va, std::size_t* offset) {
+  auto it = d.reservations.upper_bound(va);
+  if (it == d.reservations.begin()) return nullptr;
   --it;
   if (va - it->first >= it->second.size_bytes) return nullptr;
   *offset = static_cast<std::size_t>(va - it->first);
   return &it->second;
 }
 
-const SimDriver::Reservation* SimDriver::find_reservation(DeviceAddress va,
-                                                          std::size_t* offset) const {
-  return const_cast<SimDriver*>(this)->find_reservation(va, offset);
+// Every byte of [offset, offset + size) is mapped (with access set, if asked).
+bool covered(Reservation& r, std::size_t offset, std::size_t size_bytes, bool need_access,
+             std::vector<Mapping*>* out) {
+  if (size_bytes == 0 || size_bytes > r.size_bytes - offset) return false;
+  auto mapping = r.mappings.upper_bound(offset);
+  if (mapping == r.mappings.begin()) return false;
+  --mapping;
+  std::size_t cursor = offset;
+  while (cursor < offset + size_bytes) {
+    if (mapping == r.mappings.end() || mapping->first > cursor ||
+        mapping->first + mapping->second.size_bytes <= cursor ||
+        (need_access && !mapping->second.access)) {
+      return false;
+    }
+    if (out != nullptr) out->push_back(&mapping->second);
+    cursor = mapping->first + mapping->second.size_bytes;
+    ++mapping;
+  }
+  return true;
 }
 
-void SimDriver::free_physical_locked(std::map<PhysicalHandle, Physical>::iterator it) {
-  devices_[static_cast<std::size_t>(it->second.device)].physical_bytes -= it->second.size_bytes;
-  physical_.erase(it);
-}
+}  // namespace
+
+// --- aimdo::Driver ---------------------------------------------------------------------
 
 DriverStatus SimDriver::device_count(int* count) {
   *count = static_cast<int>(devices_.size());
@@ -134,9 +336,8 @@ DriverStatus SimDriver::device_count(int* count) {
 }
 
 DriverStatus SimDriver::device_properties(int device, DeviceProperties* out) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (!valid_device(device)) return failure(driver_code::invalid_device);
-  const SimDeviceSpec& spec = devices_[static_cast<std::size_t>(device)].spec;
+  if (device < 0 || device >= device_total()) return failure(driver_code::invalid_device);
+  const SimDeviceSpec& spec = devices_[static_cast<std::size_t>(device)];
   out->name = spec.name;
   out->total_bytes = spec.total_bytes;
   out->granularity_bytes = spec.granularity_bytes;
@@ -145,387 +346,517 @@ DriverStatus SimDriver::device_properties(int device, DeviceProperties* out) {
 }
 
 DriverStatus SimDriver::memory_info(int device, std::size_t* free_bytes, std::size_t* total_bytes) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  DriverStatus status = intercept("cuMemGetInfo", device);
+  state_->wait_if_held(kMemGetInfo, device);
+  if (device < 0 || device >= device_total()) {
+    const DriverStatus status = state_->intercept_unrouted(kMemGetInfo);
+    return status.ok() ? failure(driver_code::invalid_device) : status;
+  }
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  const DriverStatus status = state_->intercept(d, kMemGetInfo, device);
   if (!status.ok()) return status;
-  if (!valid_device(device)) return failure(driver_code::invalid_device);
-  if (current_device_locked() != device) return failure(driver_code::invalid_context);
-  const DeviceState& state = devices_[static_cast<std::size_t>(device)];
-  const std::size_t used = state.physical_bytes + state.stream_bytes + state.external_bytes;
-  *total_bytes = state.spec.total_bytes;
-  *free_bytes = used >= state.spec.total_bytes ? 0 : state.spec.total_bytes - used;
-  charge(device, costs_.memory_info_ns);
+  if (state_->current_device() != device) return failure(driver_code::invalid_context);
+  const std::size_t total = devices_[static_cast<std::size_t>(device)].total_bytes;
+  *total_bytes = total;
+  *free_bytes = d.used() >= total ? 0 : total - d.used();
+  d.clock_ns += costs_.memory_info_ns;
   return DriverStatus::success();
 }
 
 DriverStatus SimDriver::reserve_address_range(int device, std::size_t size_bytes,
                                               std::size_t alignment_bytes, DeviceAddress* out) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  DriverStatus status = intercept("cuMemAddressReserve", device);
+  state_->wait_if_held(kReserve, device);
+  if (device < 0 || device >= device_total()) {
+    const DriverStatus status = state_->intercept_unrouted(kReserve);
+    return status.ok() ? failure(driver_code::invalid_device) : status;
+  }
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  const DriverStatus status = state_->intercept(d, kReserve, device);
   if (!status.ok()) return status;
-  if (!valid_device(device)) return failure(driver_code::invalid_device);
-  const std::size_t granularity = devices_[static_cast<std::size_t>(device)].spec.granularity_bytes;
-  if (size_bytes == 0 || !aligned(size_bytes, granularity) ||
+  const std::size_t granularity = devices_[static_cast<std::size_t>(device)].granularity_bytes;
+  if (size_bytes == 0 || size_bytes > kRegionBytes / 2 || !aligned(size_bytes, granularity) ||
       (alignment_bytes != 0 && !aligned(alignment_bytes, granularity))) {
     return failure(driver_code::invalid_value);
   }
-  const std::size_t alignment = std::max(alignment_bytes, granularity);
-  const DeviceAddress va = (next_va_ + alignment - 1) / alignment * alignment;
-  // Leave an unreserved gap after each range so an overrun cannot land in a neighbour.
-  next_va_ = va + size_bytes + granularity;
-  reservations_.emplace(va, Reservation{device, size_bytes, {}});
-  *out = va;
-  charge(device, costs_.reserve_ns);
+  const DeviceAddress alignment = std::max(alignment_bytes, granularity);
+  // First fit in the device's region, leaving one unreserved granule after each range so
+  // that an overrun never lands in a neighbour.
+  const DeviceAddress region = reservation_region(device);
+  DeviceAddress candidate = region;
+  for (const auto& [start, reservation] : d.reservations) {
+    candidate = (candidate + alignment - 1) / alignment * alignment;
+    if (candidate + size_bytes + granularity <= start) break;
+    candidate = start + reservation.size_bytes + granularity;
+  }
+  candidate = (candidate + alignment - 1) / alignment * alignment;
+  if (candidate + size_bytes > region + kRegionBytes) return failure(driver_code::out_of_memory);
+  d.reservations.emplace(candidate, Reservation{size_bytes, {}});
+  *out = candidate;
+  d.clock_ns += costs_.reserve_ns;
   return DriverStatus::success();
 }
 
 DriverStatus SimDriver::free_address_range(DeviceAddress va, std::size_t size_bytes) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  auto it = reservations_.find(va);
-  DriverStatus status = intercept("cuMemAddressFree", it == reservations_.end() ? -1 : it->second.device);
+  bool stream = false;
+  const int device = device_of_address(va, devices_.size(), &stream);
+  state_->wait_if_held(kFreeRange, device);
+  if (device < 0 || stream) {
+    const DriverStatus status = state_->intercept_unrouted(kFreeRange);
+    return status.ok() ? failure(driver_code::invalid_value) : status;
+  }
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  const DriverStatus status = state_->intercept(d, kFreeRange, device);
   if (!status.ok()) return status;
-  if (it == reservations_.end() || it->second.size_bytes != size_bytes) {
+  auto it = d.reservations.find(va);
+  if (it == d.reservations.end() || it->second.size_bytes != size_bytes ||
+      !it->second.mappings.empty()) {
     return failure(driver_code::invalid_value);
   }
-  if (!it->second.mappings.empty()) return failure(driver_code::invalid_value);
-  const int device = it->second.device;
-  reservations_.erase(it);
-  charge(device, costs_.free_range_ns);
+  d.reservations.erase(it);
+  d.clock_ns += costs_.free_range_ns;
   return DriverStatus::success();
 }
 
 DriverStatus SimDriver::create_physical(int device, std::size_t size_bytes, PhysicalHandle* out) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  DriverStatus status = intercept("cuMemCreate", device);
+  state_->wait_if_held(kCreate, device);
+  if (device < 0 || device >= device_total()) {
+    const DriverStatus status = state_->intercept_unrouted(kCreate);
+    return status.ok() ? failure(driver_code::invalid_device) : status;
+  }
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  const DriverStatus status = state_->intercept(d, kCreate, device);
   if (!status.ok()) return status;
-  if (!valid_device(device)) return failure(driver_code::invalid_device);
-  DeviceState& state = devices_[static_cast<std::size_t>(device)];
-  if (size_bytes == 0 || !aligned(size_bytes, state.spec.granularity_bytes)) {
+  const SimDeviceSpec& spec = devices_[static_cast<std::size_t>(device)];
+  if (size_bytes == 0 || !aligned(size_bytes, spec.granularity_bytes)) {
     return failure(driver_code::invalid_value);
   }
-  const std::size_t used = state.physical_bytes + state.stream_bytes + state.external_bytes;
-  if (used > state.spec.total_bytes || size_bytes > state.spec.total_bytes - used) {
+  if (d.used() > spec.total_bytes || size_bytes > spec.total_bytes - d.used()) {
     return failure(driver_code::out_of_memory);
   }
-  state.physical_bytes += size_bytes;
-  const PhysicalHandle handle = next_handle_++;
-  physical_.emplace(handle, Physical{device, size_bytes, 0, false});
+  d.physical_bytes += size_bytes;
+  const PhysicalHandle handle =
+      (static_cast<PhysicalHandle>(device + 1) << kHandleDeviceShift) | d.next_handle++;
+  d.physical.emplace(handle, Physical{size_bytes, 0, false});
   *out = handle;
-  charge(device, costs_.create_physical_ns);
+  d.clock_ns += costs_.create_physical_ns;
   return DriverStatus::success();
 }
 
 DriverStatus SimDriver::release_physical(PhysicalHandle handle) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  auto it = physical_.find(handle);
-  const int device = it == physical_.end() ? -1 : it->second.device;
-  DriverStatus status = intercept("cuMemRelease", device);
+  const int device = device_of_handle(handle, devices_.size());
+  state_->wait_if_held(kRelease, device);
+  if (device < 0) {
+    const DriverStatus status = state_->intercept_unrouted(kRelease);
+    return status.ok() ? failure(driver_code::invalid_handle) : status;
+  }
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  const DriverStatus status = state_->intercept(d, kRelease, device);
   if (!status.ok()) return status;
-  if (it == physical_.end() || it->second.released) return failure(driver_code::invalid_handle);
-  charge(device, costs_.release_physical_ns);
+  auto it = d.physical.find(handle);
+  if (it == d.physical.end() || it->second.released) return failure(driver_code::invalid_handle);
+  d.clock_ns += costs_.release_physical_ns;
   // As on the real driver, memory released while mapped lives until its last unmap.
   if (it->second.map_count > 0) {
     it->second.released = true;
   } else {
-    free_physical_locked(it);
+    d.physical_bytes -= it->second.size_bytes;
+    d.physical.erase(it);
   }
   return DriverStatus::success();
 }
 
 DriverStatus SimDriver::map(DeviceAddress va, std::size_t size_bytes, PhysicalHandle handle) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  std::size_t offset = 0;
-  Reservation* reservation = find_reservation(va, &offset);
-  auto physical = physical_.find(handle);
-  DriverStatus status =
-      intercept("cuMemMap", physical == physical_.end() ? -1 : physical->second.device);
+  const int device = device_of_handle(handle, devices_.size());
+  state_->wait_if_held(kMap, device);
+  if (device < 0) {
+    const DriverStatus status = state_->intercept_unrouted(kMap);
+    return status.ok() ? failure(driver_code::invalid_handle) : status;
+  }
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  const DriverStatus status = state_->intercept(d, kMap, device);
   if (!status.ok()) return status;
-  if (physical == physical_.end() || physical->second.released) {
+  auto physical = d.physical.find(handle);
+  if (physical == d.physical.end() || physical->second.released) {
     return failure(driver_code::invalid_handle);
   }
-  const std::size_t granularity =
-      devices_[static_cast<std::size_t>(physical->second.device)].spec.granularity_bytes;
-  if (reservation == nullptr || size_bytes == 0 || !aligned(offset, granularity) ||
-      !aligned(static_cast<std::size_t>(va), granularity) ||
-      size_bytes != physical->second.size_bytes ||
-      size_bytes > reservation->size_bytes - offset) {
+  // Stricter than the driver: memory of one device is only mapped in a range reserved
+  // for that device (aimdo never does otherwise).
+  bool stream = false;
+  if (device_of_address(va, devices_.size(), &stream) != device || stream) {
     return failure(driver_code::invalid_value);
   }
-  // No overlap with an existing mapping on either side.
+  const std::size_t granularity = devices_[static_cast<std::size_t>(device)].granularity_bytes;
+  std::size_t offset = 0;
+  Reservation* reservation = find_reservation(d, va, &offset);
+  if (reservation == nullptr || size_bytes == 0 || !aligned(offset, granularity) ||
+      !aligned(static_cast<std::size_t>(va), granularity) ||
+      size_bytes != physical->second.size_bytes || size_bytes > reservation->size_bytes - offset) {
+    return failure(driver_code::invalid_value);
+  }
+  // No overlap with an existing mapping on either side (the real driver answers
+  // CUDA_ERROR_INVALID_VALUE too).
   auto next = reservation->mappings.lower_bound(offset);
   if (next != reservation->mappings.end() && next->first < offset + size_bytes) {
-    return failure(driver_code::invalid_value);  // what the real driver answers
+    return failure(driver_code::invalid_value);
   }
   if (next != reservation->mappings.begin()) {
     auto previous = std::prev(next);
     if (previous->first + previous->second.size_bytes > offset) {
-      return failure(driver_code::invalid_value);  // what the real driver answers
+      return failure(driver_code::invalid_value);
     }
   }
   reservation->mappings.emplace(offset, Mapping{size_bytes, handle, false});
   ++physical->second.map_count;
-  charge(physical->second.device, costs_.map_ns);
+  d.clock_ns += costs_.map_ns;
   return DriverStatus::success();
 }
 
 DriverStatus SimDriver::unmap(DeviceAddress va, std::size_t size_bytes) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  std::size_t offset = 0;
-  Reservation* reservation = find_reservation(va, &offset);
-  DriverStatus status = intercept("cuMemUnmap", reservation ? reservation->device : -1);
+  bool stream = false;
+  const int device = device_of_address(va, devices_.size(), &stream);
+  state_->wait_if_held(kUnmap, device);
+  if (device < 0 || stream) {
+    const DriverStatus status = state_->intercept_unrouted(kUnmap);
+    return status.ok() ? failure(driver_code::invalid_value) : status;
+  }
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  const DriverStatus status = state_->intercept(d, kUnmap, device);
   if (!status.ok()) return status;
+  std::size_t offset = 0;
+  Reservation* reservation = find_reservation(d, va, &offset);
   if (reservation == nullptr) return failure(driver_code::invalid_value);
   auto mapping = reservation->mappings.find(offset);
+  // Stricter than the driver, which accepts a second unmap: that is always a bug here.
   if (mapping == reservation->mappings.end()) return failure(driver_code::not_mapped);
   if (mapping->second.size_bytes != size_bytes) return failure(driver_code::invalid_value);
-  auto physical = physical_.find(mapping->second.handle);
+  auto physical = d.physical.find(mapping->second.handle);
   reservation->mappings.erase(mapping);
-  if (physical != physical_.end()) {
-    charge(physical->second.device, costs_.unmap_ns);
-    if (--physical->second.map_count == 0 && physical->second.released) {
-      free_physical_locked(physical);
-    }
+  d.clock_ns += costs_.unmap_ns;
+  if (physical != d.physical.end() && --physical->second.map_count == 0 &&
+      physical->second.released) {
+    d.physical_bytes -= physical->second.size_bytes;
+    d.physical.erase(physical);
   }
   return DriverStatus::success();
 }
 
 DriverStatus SimDriver::set_access(DeviceAddress va, std::size_t size_bytes, int device) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  DriverStatus status = intercept("cuMemSetAccess", device);
+  state_->wait_if_held(kSetAccess, device);
+  bool stream = false;
+  if (device < 0 || device >= device_total()) {
+    const DriverStatus status = state_->intercept_unrouted(kSetAccess);
+    return status.ok() ? failure(driver_code::invalid_device) : status;
+  }
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  const DriverStatus status = state_->intercept(d, kSetAccess, device);
   if (!status.ok()) return status;
-  if (!valid_device(device)) return failure(driver_code::invalid_device);
-  std::size_t offset = 0;
-  Reservation* reservation = find_reservation(va, &offset);
-  if (reservation == nullptr || size_bytes == 0 || size_bytes > reservation->size_bytes - offset) {
+  // Peer access is not modelled: a device gets access to its own memory only.
+  if (device_of_address(va, devices_.size(), &stream) != device || stream) {
     return failure(driver_code::invalid_value);
   }
-  // Every byte of the range must be mapped.
-  std::size_t cursor = offset;
-  auto mapping = reservation->mappings.upper_bound(offset);
-  if (mapping == reservation->mappings.begin()) return failure(driver_code::invalid_value);
-  --mapping;
-  std::vector<Mapping*> covered;
-  while (cursor < offset + size_bytes) {
-    if (mapping == reservation->mappings.end() || mapping->first > cursor ||
-        mapping->first + mapping->second.size_bytes <= cursor) {
-      return failure(driver_code::invalid_value);
-    }
-    covered.push_back(&mapping->second);
-    cursor = mapping->first + mapping->second.size_bytes;
-    ++mapping;
+  std::size_t offset = 0;
+  Reservation* reservation = find_reservation(d, va, &offset);
+  std::vector<Mapping*> mappings;
+  if (reservation == nullptr || !covered(*reservation, offset, size_bytes, false, &mappings)) {
+    return failure(driver_code::invalid_value);
   }
-  for (Mapping* m : covered) m->access = true;
-  charge(device, costs_.set_access_ns);
+  for (Mapping* m : mappings) m->access = true;
+  d.clock_ns += costs_.set_access_ns;
   return DriverStatus::success();
 }
 
 DriverStatus SimDriver::synchronize(int device) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  DriverStatus status = intercept("cuCtxSynchronize", device);
+  state_->wait_if_held(kSynchronize, device);
+  if (device < 0 || device >= device_total()) {
+    const DriverStatus status = state_->intercept_unrouted(kSynchronize);
+    return status.ok() ? failure(driver_code::invalid_device) : status;
+  }
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  const DriverStatus status = state_->intercept(d, kSynchronize, device);
   if (!status.ok()) return status;
-  if (!valid_device(device)) return failure(driver_code::invalid_device);
-  if (current_device_locked() != device) return failure(driver_code::invalid_context);
-  charge(device, costs_.synchronize_ns);
+  if (state_->current_device() != device) return failure(driver_code::invalid_context);
+  d.clock_ns += costs_.synchronize_ns;
   return DriverStatus::success();
 }
 
 DriverStatus SimDriver::stream_alloc(int device, std::size_t size_bytes, StreamHandle,
                                      DeviceAddress* out) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  DriverStatus status = intercept("cuMemAllocAsync", device);
+  state_->wait_if_held(kAllocAsync, device);
+  if (device < 0 || device >= device_total()) {
+    const DriverStatus status = state_->intercept_unrouted(kAllocAsync);
+    return status.ok() ? failure(driver_code::invalid_device) : status;
+  }
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  const DriverStatus status = state_->intercept(d, kAllocAsync, device);
   if (!status.ok()) return status;
-  if (!valid_device(device)) return failure(driver_code::invalid_device);
-  if (current_device_locked() != device) return failure(driver_code::invalid_context);
-  if (size_bytes == 0) return failure(driver_code::invalid_value);
-  DeviceState& state = devices_[static_cast<std::size_t>(device)];
-  const std::size_t used = state.physical_bytes + state.stream_bytes + state.external_bytes;
-  if (used > state.spec.total_bytes || size_bytes > state.spec.total_bytes - used) {
+  if (state_->current_device() != device) return failure(driver_code::invalid_context);
+  const std::size_t total = devices_[static_cast<std::size_t>(device)].total_bytes;
+  if (size_bytes == 0 || size_bytes > kRegionBytes / 4) return failure(driver_code::invalid_value);
+  if (d.used() > total || size_bytes > total - d.used()) {
     return failure(driver_code::out_of_memory);
   }
-  state.stream_bytes += size_bytes;
-  const DeviceAddress va = next_stream_va_;
-  next_stream_va_ += (size_bytes + 511) / 512 * 512 + 512;
-  stream_allocations_.emplace(va, StreamAllocation{device, size_bytes});
+  const DeviceAddress region_end = reservation_region(device) + 2 * kRegionBytes;
+  const DeviceAddress padded = (size_bytes + 511) / 512 * 512 + 512;
+  if (d.next_stream_va + padded > region_end) {
+    d.next_stream_va = reservation_region(device) + kRegionBytes;  // wrap around
+  }
+  while (d.streams.count(d.next_stream_va) != 0) d.next_stream_va += 512;
+  const DeviceAddress va = d.next_stream_va;
+  d.next_stream_va += padded;
+  d.stream_bytes += size_bytes;
+  d.streams.emplace(va, size_bytes);
   *out = va;
-  charge(device, costs_.stream_alloc_ns);
+  d.clock_ns += costs_.stream_alloc_ns;
   return DriverStatus::success();
 }
 
 DriverStatus SimDriver::stream_free(int device, DeviceAddress ptr, StreamHandle) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  DriverStatus status = intercept("cuMemFreeAsync", device);
-  if (!status.ok()) return status;
-  if (!valid_device(device)) return failure(driver_code::invalid_device);
-  if (current_device_locked() != device) return failure(driver_code::invalid_context);
-  auto it = stream_allocations_.find(ptr);
-  if (it == stream_allocations_.end() || it->second.device != device) {
-    return failure(driver_code::invalid_value);
+  state_->wait_if_held(kFreeAsync, device);
+  if (device < 0 || device >= device_total()) {
+    const DriverStatus status = state_->intercept_unrouted(kFreeAsync);
+    return status.ok() ? failure(driver_code::invalid_device) : status;
   }
-  devices_[static_cast<std::size_t>(device)].stream_bytes -= it->second.size_bytes;
-  stream_allocations_.erase(it);
-  charge(device, costs_.stream_free_ns);
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  const DriverStatus status = state_->intercept(d, kFreeAsync, device);
+  if (!status.ok()) return status;
+  if (state_->current_device() != device) return failure(driver_code::invalid_context);
+  auto it = d.streams.find(ptr);
+  if (it == d.streams.end()) return failure(driver_code::invalid_value);
+  d.stream_bytes -= it->second;
+  d.streams.erase(it);
+  d.clock_ns += costs_.stream_free_ns;
   return DriverStatus::success();
 }
 
-int SimDriver::current_device() noexcept {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return current_device_locked();
-}
+int SimDriver::current_device() noexcept { return state_->current_device(); }
 
 DriverStatus SimDriver::make_current(int device, ContextToken* previous) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  DriverStatus status = intercept("cuCtxSetCurrent", device);
-  if (!status.ok()) return status;
-  if (!valid_device(device)) return failure(driver_code::invalid_device);
-  const int current = current_device_locked();
+  state_->wait_if_held(kSetCurrent, device);
+  if (device < 0 || device >= device_total()) {
+    const DriverStatus status = state_->intercept_unrouted(kSetCurrent);
+    return status.ok() ? failure(driver_code::invalid_device) : status;
+  }
+  {
+    DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+    std::lock_guard<std::mutex> lock(d.mutex);
+    const DriverStatus status = state_->intercept(d, kSetCurrent, device);
+    if (!status.ok()) return status;
+  }
+  const int current = state_->current_device();
   previous->device = current;
   previous->context = nullptr;
   previous->switched = current != device;
-  if (previous->switched) current_[std::this_thread::get_id()] = device;
+  if (previous->switched) state_->set_current(device);
   return DriverStatus::success();
 }
 
 void SimDriver::restore_current(const ContextToken& previous) noexcept {
-  if (!previous.switched) return;
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (previous.device < 0) {
-    current_.erase(std::this_thread::get_id());
-  } else {
-    current_[std::this_thread::get_id()] = previous.device;
-  }
+  if (previous.switched) state_->set_current(previous.device);
 }
 
 std::int64_t SimDriver::now_ns(int device) noexcept {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return valid_device(device) ? devices_[static_cast<std::size_t>(device)].clock_ns : 0;
+  if (device < 0 || device >= device_total()) return 0;
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  return d.clock_ns;
 }
 
+// --- simulator powers ------------------------------------------------------------------
+
+namespace {
+void check_device(int device, int total) {
+  if (device < 0 || device >= total) {
+    throw InvalidArgumentError("the simulator has no device " + std::to_string(device) +
+                               " (it has " + std::to_string(total) + ")");
+  }
+}
+}  // namespace
+
 void SimDriver::add_external_usage(int device, std::size_t bytes) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  check_device(device);
-  DeviceState& state = devices_[static_cast<std::size_t>(device)];
-  const std::size_t used = state.physical_bytes + state.stream_bytes + state.external_bytes;
-  const std::size_t free_bytes = used >= state.spec.total_bytes ? 0 : state.spec.total_bytes - used;
+  check_device(device, device_total());
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  const std::size_t total = devices_[static_cast<std::size_t>(device)].total_bytes;
+  const std::size_t free_bytes = d.used() >= total ? 0 : total - d.used();
   if (bytes > free_bytes) {
     throw InvalidArgumentError("device " + std::to_string(device) + " has only " +
                                std::to_string(free_bytes) + " bytes free; cannot add " +
                                std::to_string(bytes) + " bytes of external usage");
   }
-  state.external_bytes += bytes;
+  d.external_bytes += bytes;
 }
 
 void SimDriver::remove_external_usage(int device, std::size_t bytes) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  check_device(device);
-  DeviceState& state = devices_[static_cast<std::size_t>(device)];
-  if (bytes > state.external_bytes) {
+  check_device(device, device_total());
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  if (bytes > d.external_bytes) {
     throw InvalidArgumentError("device " + std::to_string(device) + " has only " +
-                               std::to_string(state.external_bytes) +
+                               std::to_string(d.external_bytes) +
                                " bytes of external usage; cannot remove " + std::to_string(bytes));
   }
-  state.external_bytes -= bytes;
+  d.external_bytes -= bytes;
 }
 
 std::size_t SimDriver::external_usage(int device) const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  check_device(device);
-  return devices_[static_cast<std::size_t>(device)].external_bytes;
+  check_device(device, device_total());
+  const DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  return d.external_bytes;
 }
 
 std::size_t SimDriver::physical_bytes(int device) const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  check_device(device);
-  return devices_[static_cast<std::size_t>(device)].physical_bytes;
+  check_device(device, device_total());
+  const DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  return d.physical_bytes;
 }
 
 std::size_t SimDriver::used_bytes(int device) const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  check_device(device);
-  const DeviceState& state = devices_[static_cast<std::size_t>(device)];
-  return state.physical_bytes + state.stream_bytes + state.external_bytes;
+  check_device(device, device_total());
+  const DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  return d.used();
 }
 
 bool SimDriver::is_accessible(DeviceAddress va, std::size_t size_bytes) const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  bool stream = false;
+  const int device = device_of_address(va, devices_.size(), &stream);
+  if (device < 0 || stream) return false;
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
   std::size_t offset = 0;
-  const Reservation* reservation = find_reservation(va, &offset);
-  if (reservation == nullptr || size_bytes == 0 || size_bytes > reservation->size_bytes - offset) {
-    return false;
-  }
-  std::size_t cursor = offset;
-  auto mapping = reservation->mappings.upper_bound(offset);
-  if (mapping == reservation->mappings.begin()) return false;
-  --mapping;
-  while (cursor < offset + size_bytes) {
-    if (mapping == reservation->mappings.end() || mapping->first > cursor ||
-        mapping->first + mapping->second.size_bytes <= cursor || !mapping->second.access) {
-      return false;
-    }
-    cursor = mapping->first + mapping->second.size_bytes;
-    ++mapping;
-  }
-  return true;
+  Reservation* reservation = find_reservation(d, va, &offset);
+  return reservation != nullptr && covered(*reservation, offset, size_bytes, true, nullptr);
 }
 
 void SimDriver::fail(const std::string& operation, int device, int code, std::uint64_t skip,
                      std::uint64_t count) {
-  const auto& names = operation_names();
-  if (std::find(names.begin(), names.end(), operation) == names.end()) {
-    std::string known;
-    for (const auto& name : names) known += (known.empty() ? "" : ", ") + name;
-    throw InvalidArgumentError("unknown driver operation '" + operation + "'; known: " + known);
+  const int op = op_index(operation);
+  if (code == driver_code::success) {
+    throw InvalidArgumentError("an injected failure needs a non-zero code");
   }
-  if (code == driver_code::success) throw InvalidArgumentError("an injected failure needs a non-zero code");
   if (count == 0) throw InvalidArgumentError("count must be positive");
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (device != -1) check_device(device);
-  rules_.push_back(FailureRule{operation, device, code, skip, count});
+  const FailureRule rule{op, device, code, skip, count};
+  if (device == -1) {
+    std::lock_guard<std::mutex> lock(state_->any_mutex);
+    state_->any_rules.push_back(rule);
+    state_->any_rule_count.fetch_add(1, std::memory_order_acq_rel);
+    return;
+  }
+  check_device(device, device_total());
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  d.rules.push_back(rule);
 }
 
 void SimDriver::clear_failures() {
-  std::lock_guard<std::mutex> lock(mutex_);
-  rules_.clear();
+  {
+    std::lock_guard<std::mutex> lock(state_->any_mutex);
+    state_->any_rules.clear();
+    state_->any_rule_count.store(0, std::memory_order_release);
+  }
+  for (auto& d : state_->devices) {
+    std::lock_guard<std::mutex> lock(d->mutex);
+    d->rules.clear();
+  }
 }
 
-std::uint64_t SimDriver::call_count(const std::string& operation) const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  auto found = call_counts_.find(operation);
-  return found == call_counts_.end() ? 0 : found->second;
+std::uint64_t SimDriver::call_count(const std::string& operation, int device) const {
+  const auto op = static_cast<std::size_t>(op_index(operation));
+  if (device != -1) {
+    check_device(device, device_total());
+    const DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+    std::lock_guard<std::mutex> lock(d.mutex);
+    return d.calls[op];
+  }
+  std::uint64_t total = state_->unrouted_calls[op].load(std::memory_order_relaxed);
+  for (const auto& d : state_->devices) {
+    std::lock_guard<std::mutex> lock(d->mutex);
+    total += d->calls[op];
+  }
+  return total;
 }
 
 void SimDriver::advance(int device, std::int64_t ns) {
   if (ns < 0) throw InvalidArgumentError("time only moves forward");
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (device == -1) {
-    for (auto& state : devices_) state.clock_ns += ns;
-    return;
+  if (device != -1) check_device(device, device_total());
+  for (int i = 0; i < device_total(); ++i) {
+    if (device != -1 && i != device) continue;
+    DeviceState& d = *state_->devices[static_cast<std::size_t>(i)];
+    std::lock_guard<std::mutex> lock(d.mutex);
+    d.clock_ns += ns;
   }
-  check_device(device);
-  devices_[static_cast<std::size_t>(device)].clock_ns += ns;
 }
 
 std::vector<std::string> SimDriver::leaks() const {
-  std::lock_guard<std::mutex> lock(mutex_);
   std::vector<std::string> out;
-  for (const auto& [va, reservation] : reservations_) {
-    out.push_back("device " + std::to_string(reservation.device) + ": address reservation of " +
-                  std::to_string(reservation.size_bytes) + " bytes at " + hex(va));
-    for (const auto& [offset, mapping] : reservation.mappings) {
-      out.push_back("device " + std::to_string(reservation.device) + ": mapping of " +
-                    std::to_string(mapping.size_bytes) + " bytes at " + hex(va + offset) +
-                    " (physical allocation #" + std::to_string(mapping.handle) + ")");
+  for (int device = 0; device < device_total(); ++device) {
+    const DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+    const std::string prefix = "device " + std::to_string(device) + ": ";
+    std::lock_guard<std::mutex> lock(d.mutex);
+    for (const auto& [va, reservation] : d.reservations) {
+      out.push_back(prefix + "address reservation of " + std::to_string(reservation.size_bytes) +
+                    " bytes at " + hex(va));
+      for (const auto& [offset, mapping] : reservation.mappings) {
+        out.push_back(prefix + "mapping of " + std::to_string(mapping.size_bytes) + " bytes at " +
+                      hex(va + offset) + " (physical allocation " + hex(mapping.handle) + ")");
+      }
+    }
+    for (const auto& [handle, physical] : d.physical) {
+      out.push_back(prefix + "physical allocation " + hex(handle) + " of " +
+                    std::to_string(physical.size_bytes) + " bytes" +
+                    (physical.released ? " (released but still mapped)" : ""));
+    }
+    for (const auto& [va, size] : d.streams) {
+      out.push_back(prefix + "stream-ordered allocation of " + std::to_string(size) +
+                    " bytes at " + hex(va));
     }
   }
-  for (const auto& [handle, physical] : physical_) {
-    out.push_back("device " + std::to_string(physical.device) + ": physical allocation #" +
-                  std::to_string(handle) + " of " + std::to_string(physical.size_bytes) +
-                  " bytes" + (physical.released ? " (released but still mapped)" : ""));
-  }
-  for (const auto& [va, allocation] : stream_allocations_) {
-    out.push_back("device " + std::to_string(allocation.device) + ": stream-ordered allocation of " +
-                  std::to_string(allocation.size_bytes) + " bytes at " + hex(va));
-  }
   return out;
+}
+
+std::uint64_t SimDriver::hold(const std::string& operation, int device) {
+  const int op = op_index(operation);
+  check_device(device, device_total());
+  std::lock_guard<std::mutex> lock(state_->holds_mutex);
+  const std::uint64_t id = state_->next_hold_id++;
+  state_->holds.push_back(Hold{id, op, device});
+  state_->pending_holds.fetch_add(1, std::memory_order_acq_rel);
+  return id;
+}
+
+bool SimDriver::wait_held(std::uint64_t hold_id, std::int64_t timeout_ns) {
+  std::unique_lock<std::mutex> lock(state_->holds_mutex);
+  return state_->holds_changed.wait_for(lock, std::chrono::nanoseconds(timeout_ns), [&] {
+    auto h = std::find_if(state_->holds.begin(), state_->holds.end(),
+                          [&](const Hold& x) { return x.id == hold_id; });
+    return h != state_->holds.end() && h->arrived;
+  });
+}
+
+void SimDriver::release_hold(std::uint64_t hold_id) {
+  std::lock_guard<std::mutex> lock(state_->holds_mutex);
+  auto h = std::find_if(state_->holds.begin(), state_->holds.end(),
+                        [&](const Hold& x) { return x.id == hold_id; });
+  if (h == state_->holds.end()) return;
+  if (h->arrived) {
+    h->released = true;  // the held call removes it
+  } else {
+    state_->holds.erase(h);
+    state_->pending_holds.fetch_sub(1, std::memory_order_acq_rel);
+  }
+  state_->holds_changed.notify_all();
 }
 
 }  // namespace aimdo::sim

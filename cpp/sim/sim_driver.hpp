@@ -17,18 +17,18 @@
 // cuMemCreate, cuMemRelease, cuMemMap, cuMemUnmap, cuMemSetAccess, cuCtxSynchronize,
 // cuMemAllocAsync, cuMemFreeAsync, cuCtxSetCurrent.
 //
-// Thread-safety: every method may be called from any thread. One internal mutex guards
-// the simulator's tables; it is held only for the bookkeeping of one call and never
-// while waiting for anything, so calls for different devices never wait on each other
-// for longer than that.
+// Thread-safety: every method may be called from any thread. Each device's state
+// (its reservations, physical allocations, mappings, clock, counters and injected
+// failures) has its own mutex, held only for the bookkeeping of one call; addresses and
+// handles encode their device, so no call takes two devices' locks and calls for
+// different devices never wait on each other. The current context of each thread is kept
+// in sharded tables. A "hold" (see hold()) blocks a call before it takes any lock.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
-#include <map>
-#include <mutex>
+#include <memory>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "aimdo/driver.hpp"
@@ -62,6 +62,7 @@ class SimDriver final : public Driver {
   // InvalidArgumentError for no devices, more than 64, a zero capacity or a granularity
   // that is not a power of two of at least 4 KiB.
   SimDriver(std::vector<SimDeviceSpec> devices, std::uint64_t seed, SimCosts costs = {});
+  ~SimDriver() override;
 
   // aimdo::Driver
   const char* backend_name() const noexcept override { return "sim"; }
@@ -85,7 +86,7 @@ class SimDriver final : public Driver {
   void restore_current(const ContextToken& previous) noexcept override;
   std::int64_t now_ns(int device) noexcept override;
 
-  // --- simulator powers (InvalidArgumentError on a bad device or amount) ---
+  // --- simulator powers (InvalidArgumentError on a bad device, operation or amount) ---
   std::uint64_t seed() const noexcept { return seed_; }
   int device_total() const noexcept { return static_cast<int>(devices_.size()); }
   // Memory taken or given back by someone else (another process, PyTorch). Adding more
@@ -104,77 +105,33 @@ class SimDriver final : public Driver {
   void fail(const std::string& operation, int device, int code, std::uint64_t skip,
             std::uint64_t count);
   void clear_failures();
-  // Calls seen of `operation` (all devices), injected failures included.
-  std::uint64_t call_count(const std::string& operation) const;
+  // Calls seen of `operation` on `device` (-1: all devices), injected failures included.
+  std::uint64_t call_count(const std::string& operation, int device) const;
   // Move a device's clock (or every clock, device -1) forward.
   void advance(int device, std::int64_t ns);
   // One readable line per live reservation, physical allocation, mapping and
   // stream-ordered allocation; empty when nothing leaks.
   std::vector<std::string> leaks() const;
 
+  // Hold the next call of `operation` on `device` open: it blocks, before taking any of
+  // the simulator's locks, until release(). Returns the hold's id. For tests that need a
+  // driver call to stay in flight (a slow synchronize, say) without any timing.
+  std::uint64_t hold(const std::string& operation, int device);
+  // Wait until the held call has arrived; false after `timeout_ns` of real time (the
+  // only wall-clock wait in the simulator: a bound for a test that would otherwise hang).
+  bool wait_held(std::uint64_t hold_id, std::int64_t timeout_ns);
+  // Let the held call (or a future one) go on. Unknown ids are ignored.
+  void release_hold(std::uint64_t hold_id);
+
   static const std::vector<std::string>& operation_names();
 
  private:
-  struct DeviceState {
-    SimDeviceSpec spec;
-    std::size_t physical_bytes = 0;
-    std::size_t stream_bytes = 0;
-    std::size_t external_bytes = 0;
-    std::int64_t clock_ns = 0;
-  };
-  struct Mapping {
-    std::size_t size_bytes;
-    PhysicalHandle handle;
-    bool access = false;
-  };
-  struct Reservation {
-    int device;
-    std::size_t size_bytes;
-    std::map<std::size_t, Mapping> mappings;  // by offset in the reservation
-  };
-  struct Physical {
-    int device;
-    std::size_t size_bytes;
-    int map_count = 0;
-    bool released = false;  // released while mapped: freed at the last unmap
-  };
-  struct StreamAllocation {
-    int device;
-    std::size_t size_bytes;
-  };
-  struct FailureRule {
-    std::string operation;
-    int device;
-    int code;
-    std::uint64_t skip;
-    std::uint64_t count;
-  };
-
-  // All private helpers: caller holds mutex_.
-  bool valid_device(int device) const noexcept {
-    return device >= 0 && device < static_cast<int>(devices_.size());
-  }
-  void check_device(int device) const;  // throws InvalidArgumentError
-  DriverStatus intercept(const char* operation, int device);
-  Reservation* find_reservation(DeviceAddress va, std::size_t* offset);
-  const Reservation* find_reservation(DeviceAddress va, std::size_t* offset) const;
-  void charge(int device, std::int64_t ns);
-  int current_device_locked() const;
-  void free_physical_locked(std::map<PhysicalHandle, Physical>::iterator it);
+  struct State;  // everything mutable, one part per device; see sim_driver.cpp
 
   const std::uint64_t seed_;
   const SimCosts costs_;
-  mutable std::mutex mutex_;
-  std::vector<DeviceState> devices_;
-  std::map<DeviceAddress, Reservation> reservations_;
-  std::map<PhysicalHandle, Physical> physical_;
-  std::map<DeviceAddress, StreamAllocation> stream_allocations_;
-  std::map<std::thread::id, int> current_;
-  std::vector<FailureRule> rules_;
-  std::map<std::string, std::uint64_t> call_counts_;
-  DeviceAddress next_va_ = 0x7f0000000000ULL;
-  DeviceAddress next_stream_va_ = 0x600000000000ULL;
-  PhysicalHandle next_handle_ = 1;
+  std::vector<SimDeviceSpec> devices_;
+  std::unique_ptr<State> state_;
 };
 
 }  // namespace aimdo::sim

@@ -22,7 +22,7 @@ from typing import Union
 from . import _core
 from ._sizes import parse_size
 
-__all__ = ["SimBackend", "DeviceSpec", "live_backends"]
+__all__ = ["SimBackend", "SimHold", "DeviceSpec", "live_backends"]
 
 DEFAULT_DEVICES = "2x24GiB"
 DEFAULT_GRANULARITY = 2 << 20
@@ -80,6 +80,31 @@ def _parse_devices(devices: str | Iterable[DeviceSpec]) -> list[tuple[str, int, 
             capacity = parse_size(spec)
         out.append((name, capacity, granularity, integrated))
     return out
+
+
+class SimHold:
+    """A driver call held open by ``SimBackend.hold``. ``wait_arrived`` waits (at most
+    ``timeout`` seconds of real time) for the call to arrive; ``release`` lets it go on.
+    As a context manager it releases on exit, so a failing test never leaves a thread
+    blocked."""
+
+    def __init__(self, driver, hold_id: int, operation: str, device: int):
+        self._driver = driver
+        self._id = hold_id
+        self.operation = operation
+        self.device = device
+
+    def wait_arrived(self, timeout: float = 30.0) -> bool:
+        return self._driver.wait_held(self._id, round(timeout * 1e9))
+
+    def release(self) -> None:
+        self._driver.release_hold(self._id)
+
+    def __enter__(self) -> "SimHold":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
 
 
 class SimBackend:
@@ -181,9 +206,16 @@ class SimBackend:
     def clear_failures(self) -> None:
         self._driver.clear_failures()
 
-    def call_count(self, operation: str) -> int:
-        """Calls of ``operation`` seen so far on all devices (injected failures included)."""
-        return self._driver.call_count(operation)
+    def call_count(self, operation: str, device: int | None = None) -> int:
+        """Calls of ``operation`` seen so far on ``device`` (all devices when None),
+        injected failures included."""
+        return self._driver.call_count(operation, -1 if device is None else device)
+
+    def hold(self, operation: str, device: int) -> "SimHold":
+        """Hold the next call of ``operation`` on ``device`` open until released: it
+        blocks before taking any of the simulator's locks. For tests that need a driver
+        call in flight (see SimHold)."""
+        return SimHold(self._driver, self._driver.hold(operation, device), operation, device)
 
     # -- virtual time -----------------------------------------------------------------
     def now(self, device: int) -> float:
