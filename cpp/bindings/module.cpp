@@ -27,6 +27,40 @@ namespace nb = nanobind;
 using namespace nb::literals;
 
 namespace aimdo {
+// An integer argument from Python: any int but a bool (anything else is a TypeError);
+// its range is checked where it is used, as a ValueError.
+struct IntArg {
+  long long value = 0;
+  int overflow = 0;  // +1: above the range of long long, -1: below
+};
+}  // namespace aimdo
+
+namespace nanobind::detail {
+template <>
+struct type_caster<aimdo::IntArg> {
+  NB_TYPE_CASTER(aimdo::IntArg, const_name("int"))
+
+  bool from_python(handle src, uint8_t, cleanup_list*) noexcept {
+    PyObject* object = src.ptr();
+    if (PyBool_Check(object) || !PyLong_Check(object)) return false;
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(object, &overflow);
+    if (v == -1 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+    value.value = v;
+    value.overflow = overflow;
+    return true;
+  }
+
+  static handle from_cpp(const aimdo::IntArg& v, rv_policy, cleanup_list*) noexcept {
+    return PyLong_FromLongLong(v.value);
+  }
+};
+}  // namespace nanobind::detail
+
+namespace aimdo {
 namespace {
 
 using release_gil = nb::call_guard<nb::gil_scoped_release>;
@@ -93,6 +127,19 @@ std::size_t to_size(std::int64_t value, const char* what) {
                                std::to_string(value));
   }
   return static_cast<std::size_t>(value);
+}
+
+std::size_t to_size(const IntArg& arg, const char* what) {
+  if (arg.overflow > 0) throw InvalidArgumentError(std::string(what) + " is too large");
+  if (arg.overflow < 0) throw InvalidArgumentError(std::string(what) + " must not be negative");
+  return to_size(static_cast<std::int64_t>(arg.value), what);
+}
+
+int to_device(const IntArg& arg) {
+  if (arg.overflow != 0 || arg.value < -1 || arg.value > 1 << 20) {
+    throw InvalidArgumentError("device ordinal out of range");
+  }
+  return static_cast<int>(arg.value);
 }
 
 nb::dict stats_dict(const DeviceStatsSnapshot& s) {
@@ -272,13 +319,13 @@ NB_MODULE(_core, m) {
            "devices"_a, "seed"_a)
       .def_prop_ro("seed", &sim::SimDriver::seed)
       .def("add_external_usage",
-           [](sim::SimDriver& s, int device, std::int64_t n) {
-             s.add_external_usage(device, to_size(n, "nbytes"));
+           [](sim::SimDriver& s, IntArg device, IntArg n) {
+             s.add_external_usage(to_device(device), to_size(n, "nbytes"));
            },
            "device"_a, "nbytes"_a, release_gil())
       .def("remove_external_usage",
-           [](sim::SimDriver& s, int device, std::int64_t n) {
-             s.remove_external_usage(device, to_size(n, "nbytes"));
+           [](sim::SimDriver& s, IntArg device, IntArg n) {
+             s.remove_external_usage(to_device(device), to_size(n, "nbytes"));
            },
            "device"_a, "nbytes"_a, release_gil())
       .def("external_usage", &sim::SimDriver::external_usage, "device"_a, release_gil())
@@ -350,7 +397,7 @@ NB_MODULE(_core, m) {
       .def_prop_ro("page_size", &Vbar::page_size_bytes)
       .def_prop_ro("page_count", &Vbar::page_count)
       .def_prop_ro("address", &Vbar::base_address, "Device virtual address of the range.")
-      .def("alloc", [](Vbar& v, std::int64_t n) { return v.alloc(to_size(n, "nbytes")); },
+      .def("alloc", [](Vbar& v, IntArg n) { return v.alloc(to_size(n, "nbytes")); },
            "nbytes"_a, release_gil(),
            "Hand out the next `nbytes` of the range (512-byte aligned, in call order).")
       .def("fault", &Vbar::fault, "allocation"_a, release_gil(),
@@ -366,7 +413,7 @@ NB_MODULE(_core, m) {
         return v.watermark_bytes();
       })
       .def("set_watermark",
-           [](Vbar& v, std::int64_t n) { v.set_watermark(to_size(n, "nbytes")); }, "nbytes"_a,
+           [](Vbar& v, IntArg n) { v.set_watermark(to_size(n, "nbytes")); }, "nbytes"_a,
            release_gil(),
            "Offload pages starting at or above `nbytes` (rounded up to a page), releasing "
            "unpinned ones; may also raise the watermark.")
@@ -376,14 +423,14 @@ NB_MODULE(_core, m) {
             nb::gil_scoped_release release;
             return v.floor_bytes();
           },
-          [](Vbar& v, std::int64_t n) {
+          [](Vbar& v, IntArg n) {
             const std::size_t bytes = to_size(n, "floor_bytes");
             nb::gil_scoped_release release;
             v.set_floor(bytes);
           },
           "Eviction never lowers the watermark below this (rounded up to a page).")
       .def("free_memory",
-           [](Vbar& v, std::int64_t n) { return v.free_memory(to_size(n, "nbytes")); },
+           [](Vbar& v, IntArg n) { return v.free_memory(to_size(n, "nbytes")); },
            "nbytes"_a, release_gil(), "Evict from this VBAR alone; returns bytes freed.")
       .def_prop_ro("loaded_bytes", [](const Vbar& v) {
         nb::gil_scoped_release release;
@@ -416,55 +463,67 @@ NB_MODULE(_core, m) {
       .def(nb::init<std::shared_ptr<Driver>>(), "driver"_a)
       .def_prop_ro("driver", [](const Manager& mgr) { return mgr.driver_ptr(); })
       .def(
-          "add_device",
-          [](Manager& mgr, int device, std::optional<std::int64_t> vram_limit,
-             std::int64_t headroom, std::int64_t extra_headroom, std::int64_t page_size,
-             std::int64_t poll_interval_ns, int transient_retries) {
-            DeviceOptions options;
-            if (vram_limit) options.vram_limit_bytes = to_size(*vram_limit, "vram_limit");
-            options.headroom_bytes = to_size(headroom, "headroom");
-            options.extra_headroom_bytes = to_size(extra_headroom, "extra_headroom");
-            options.page_size_bytes = to_size(page_size, "page_size");
-            options.poll_interval_ns = poll_interval_ns;
-            options.transient_retries = transient_retries;
-            mgr.add_device(device, options);
+          "add_devices",
+          [](Manager& mgr, const std::vector<std::tuple<IntArg, std::optional<IntArg>, IntArg,
+                                                        IntArg, IntArg, IntArg, int>>& entries) {
+            // (device, vram_limit or None, headroom, extra_headroom, page_size,
+            //  poll_interval_ns, transient_retries), applied all or nothing.
+            std::vector<std::pair<int, DeviceOptions>> wanted;
+            for (const auto& [device, limit, headroom, extra, page, poll, retries] : entries) {
+              DeviceOptions options;
+              if (limit) options.vram_limit_bytes = to_size(*limit, "vram_limit");
+              options.headroom_bytes = to_size(headroom, "headroom");
+              options.extra_headroom_bytes = to_size(extra, "extra_headroom");
+              options.page_size_bytes = to_size(page, "page_size");
+              options.poll_interval_ns = static_cast<std::int64_t>(to_size(poll, "poll_interval"));
+              options.transient_retries = retries;
+              wanted.emplace_back(to_device(device), options);
+            }
+            nb::gil_scoped_release release;
+            mgr.add_devices(wanted);
           },
-          "device"_a, "vram_limit"_a.none(), "headroom"_a, "extra_headroom"_a, "page_size"_a,
-          "poll_interval_ns"_a, "transient_retries"_a, release_gil())
+          "entries"_a)
       .def_prop_ro("devices", [](const Manager& mgr) {
         nb::gil_scoped_release release;
         return mgr.devices();
       })
       .def("create_vbar",
-           [](Manager& mgr, int device, std::int64_t size) {
-             return mgr.create_vbar(device, to_size(size, "size"));
+           [](Manager& mgr, IntArg device, IntArg size) {
+             return mgr.create_vbar(to_device(device), to_size(size, "size"));
            },
            "device"_a, "size"_a, release_gil())
       .def("reclaim",
-           [](Manager& mgr, int device, std::int64_t n) {
-             return mgr.reclaim(device, to_size(n, "nbytes"));
+           [](Manager& mgr, IntArg device, IntArg n) {
+             return mgr.reclaim(to_device(device), to_size(n, "nbytes"));
            },
            "device"_a, "nbytes"_a, release_gil())
-      .def("reset_floors", &Manager::reset_floors, "device"_a.none(), release_gil())
-      .def("resident_bytes", [](Manager& mgr, int d) { return mgr.device(d)->resident_bytes(); },
+      .def("reset_floors",
+           [](Manager& mgr, std::optional<IntArg> device) {
+             std::optional<int> ordinal;
+             if (device) ordinal = to_device(*device);
+             nb::gil_scoped_release release;
+             mgr.reset_floors(ordinal);
+           },
+           "device"_a.none())
+      .def("resident_bytes", [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->resident_bytes(); },
            "device"_a, release_gil())
-      .def("usage_bytes", [](Manager& mgr, int d) { return mgr.device(d)->usage_bytes(); },
+      .def("usage_bytes", [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->usage_bytes(); },
            "device"_a, release_gil())
-      .def("budget_bytes", [](Manager& mgr, int d) { return mgr.device(d)->budget_bytes(); },
+      .def("budget_bytes", [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->budget_bytes(); },
            "device"_a, release_gil())
-      .def("limit_bytes", [](Manager& mgr, int d) { return mgr.device(d)->limit_bytes(); },
+      .def("limit_bytes", [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->limit_bytes(); },
            "device"_a, release_gil())
       .def("deficit_bytes",
-           [](Manager& mgr, int d, std::int64_t n) {
-             return mgr.device(d)->deficit_bytes(to_size(n, "nbytes"));
+           [](Manager& mgr, IntArg d, IntArg n) {
+             return mgr.device(to_device(d))->deficit_bytes(to_size(n, "nbytes"));
            },
            "device"_a, "nbytes"_a, release_gil())
       .def("poll",
-           [](Manager& mgr, int d) {
+           [](Manager& mgr, IntArg d) {
              Device::PollRecord record;
              {
                nb::gil_scoped_release release;
-               record = mgr.device(d)->poll();
+               record = mgr.device(to_device(d))->poll();
              }
              nb::dict out;
              out["time"] = static_cast<double>(record.time_ns) / 1e9;
@@ -474,32 +533,32 @@ NB_MODULE(_core, m) {
            },
            "device"_a)
       .def("memory_info",
-           [](Manager& mgr, int d) { return mgr.device(d)->memory_info(); }, "device"_a,
+           [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->memory_info(); }, "device"_a,
            release_gil())
-      .def("vbar_count", [](Manager& mgr, int d) { return mgr.device(d)->vbar_count(); },
+      .def("vbar_count", [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->vbar_count(); },
            "device"_a, release_gil())
       .def("stats",
-           [](Manager& mgr, int d) {
+           [](Manager& mgr, IntArg d) {
              DeviceStatsSnapshot snapshot;
              {
                nb::gil_scoped_release release;
-               snapshot = mgr.device(d)->stats();
+               snapshot = mgr.device(to_device(d))->stats();
              }
              return stats_dict(snapshot);
            },
            "device"_a)
       .def("device_info",
-           [](Manager& mgr, int d) {
+           [](Manager& mgr, IntArg d) {
              std::shared_ptr<Device> device;
              DeviceOptions options;
              {
                nb::gil_scoped_release release;
-               device = mgr.device(d);
+               device = mgr.device(to_device(d));
                options = device->options();
              }
              const DeviceProperties& p = device->properties();
              nb::dict out;
-             out["device"] = d;
+             out["device"] = to_device(d);
              out["name"] = p.name;
              out["total_bytes"] = p.total_bytes;
              out["granularity_bytes"] = p.granularity_bytes;

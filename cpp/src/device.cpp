@@ -45,6 +45,11 @@ void validate_options(int ordinal, const DeviceProperties& properties,
 
 }  // namespace
 
+void Device::validate(int ordinal, const DeviceProperties& properties,
+                      const DeviceOptions& options) {
+  validate_options(ordinal, properties, options);
+}
+
 Device::Device(std::shared_ptr<Driver> driver, int ordinal, DeviceProperties properties,
                const DeviceOptions& options)
     : driver_(std::move(driver)), ordinal_(ordinal), properties_(std::move(properties)) {

@@ -38,27 +38,42 @@ void Manager::check_open() const {
   if (closed_) throw InvalidStateError("this Manager is closed; create a new one");
 }
 
-void Manager::add_device(int device, const DeviceOptions& options) {
+void Manager::add_devices(const std::vector<std::pair<int, DeviceOptions>>& wanted) {
   std::unique_lock<std::shared_mutex> lock(devices_mutex_);
   check_open();
-  auto found = devices_.find(device);
-  if (found != devices_.end()) {
-    found->second->set_options(options);
-    return;
-  }
   int count = 0;
   DriverStatus status = driver_->device_count(&count);
-  if (!status.ok()) detail::throw_driver_failure(status, device, "cuDeviceGetCount", 0, "");
-  if (device < 0 || device >= count) {
-    throw InvalidArgumentError("device " + std::to_string(device) + " does not exist: the " +
-                               driver_->backend_name() + " backend has " + std::to_string(count) +
-                               " device(s), numbered from 0");
+  if (!status.ok()) detail::throw_driver_failure(status, -1, "cuDeviceGetCount", 0, "");
+  // Check everything first, so that a bad entry changes nothing.
+  std::vector<DeviceProperties> properties(wanted.size());
+  for (std::size_t i = 0; i < wanted.size(); ++i) {
+    const int device = wanted[i].first;
+    if (device < 0 || device >= count) {
+      throw InvalidArgumentError("device " + std::to_string(device) + " does not exist: the " +
+                                 driver_->backend_name() + " backend has " +
+                                 std::to_string(count) + " device(s), numbered from 0");
+    }
+    auto found = devices_.find(device);
+    if (found != devices_.end()) {
+      properties[i] = found->second->properties();
+    } else {
+      status = driver_->device_properties(device, &properties[i]);
+      if (!status.ok()) {
+        detail::throw_driver_failure(status, device, "cuDeviceGetAttribute", 0, "");
+      }
+    }
+    Device::validate(device, properties[i], wanted[i].second);
   }
-  DeviceProperties properties;
-  status = driver_->device_properties(device, &properties);
-  if (!status.ok()) detail::throw_driver_failure(status, device, "cuDeviceGetAttribute", 0, "");
-  devices_.emplace(device,
-                   std::make_shared<Device>(driver_, device, std::move(properties), options));
+  for (std::size_t i = 0; i < wanted.size(); ++i) {
+    const auto& [device, options] = wanted[i];
+    auto found = devices_.find(device);
+    if (found != devices_.end()) {
+      found->second->set_options(options);
+    } else {
+      devices_.emplace(device, std::make_shared<Device>(driver_, device, std::move(properties[i]),
+                                                        options));
+    }
+  }
 }
 
 std::vector<int> Manager::devices() const {

@@ -90,14 +90,19 @@ def _check_seconds(name: str, value: Any, device: int) -> float:
     return float(value)
 
 
-def _per_device(name: str, value: PerDevice, devices: list[int]) -> dict[int, Any]:
-    """One value per device from a single value or a dict keyed by device."""
+def _per_device(name: str, value: PerDevice, devices: list[int], current: dict[int, dict]) -> dict[int, Any]:
+    """One value per device from a single value or a dict keyed by device. Where none is
+    given, a device keeps its current value (``current``) or gets the default."""
+
+    def fallback(device: int) -> Any:
+        return current[device][name] if device in current else DEFAULTS[name]
+
     if isinstance(value, Mapping):
         unknown = [key for key in value if key not in devices]
         if unknown:
             raise ValueError(f"{name} names device(s) {unknown} that are not among devices={devices}")
-        return {device: value.get(device, DEFAULTS[name]) for device in devices}
-    return {device: DEFAULTS[name] if value is None else value for device in devices}
+        return {device: value[device] if device in value else fallback(device) for device in devices}
+    return {device: fallback(device) if value is None else value for device in devices}
 
 
 def _device_list(devices: int | Iterable[int] | None, backend) -> list[int]:
@@ -173,8 +178,10 @@ class Manager:
         page_size: PerDevice = None,
         poll_interval: PerDevice = None,
     ) -> None:
-        """Initialize ``devices`` (options as in the constructor). A device already
-        initialized gets the options given here (VBARs keep their page size)."""
+        """Initialize ``devices`` (options as in the constructor). For a device already
+        initialized, the options given replace its current ones and the options left out
+        (None, or absent from a dict) keep their current values; VBARs keep their page
+        size. All or nothing: on an error no device changes."""
         devices = _device_list(devices, self._backend)
         given = {
             "vram_limit": vram_limit,
@@ -183,22 +190,22 @@ class Manager:
             "page_size": page_size,
             "poll_interval": poll_interval,
         }
-        per_device = {name: _per_device(name, value, devices) for name, value in given.items()}
-        # Validate everything before changing anything.
-        options = []
+        current = {d: self._core.device_info(d) for d in self._core.devices if d in devices}
+        per_device = {name: _per_device(name, value, devices, current) for name, value in given.items()}
+        entries = []
         for device in devices:
-            options.append(
+            entries.append(
                 (
                     device,
                     _check_size("vram_limit", per_device["vram_limit"][device], device, allow_none=True),
                     _check_size("headroom", per_device["headroom"][device], device),
                     _check_size("extra_headroom", per_device["extra_headroom"][device], device),
                     _check_size("page_size", per_device["page_size"][device], device),
-                    _check_seconds("poll_interval", per_device["poll_interval"][device], device),
+                    round(_check_seconds("poll_interval", per_device["poll_interval"][device], device) * 1e9),
+                    TRANSIENT_RETRIES,
                 )
             )
-        for device, limit, head, extra, page, poll in options:
-            self._core.add_device(device, limit, head, extra, page, round(poll * 1e9), TRANSIENT_RETRIES)
+        self._core.add_devices(entries)
 
     @property
     def devices(self) -> list[int]:

@@ -115,8 +115,10 @@ class SimBackend:
     """
 
     def __init__(self, devices: str | Iterable[DeviceSpec] = DEFAULT_DEVICES, *, seed: int = 0):
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        if not 0 <= seed < 1 << 64:
+            raise ValueError(f"seed must be in [0, 2**64), got {seed}")
         self._specs = _parse_devices(devices)
         self._driver = _core.SimDriver(self._specs, seed)
         _live.add(self)

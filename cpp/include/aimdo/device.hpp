@@ -40,6 +40,10 @@ class Device : public std::enable_shared_from_this<Device> {
   Driver& driver() const noexcept { return *driver_; }
   std::mutex& mutex() const noexcept { return mutex_; }
 
+  // InvalidArgumentError when `options` do not suit a device with these properties.
+  static void validate(int ordinal, const DeviceProperties& properties,
+                       const DeviceOptions& options);
+
   DeviceOptions options() const;
   // Replace the options (VBARs keep the page size they were created with).
   void set_options(const DeviceOptions& options);

@@ -10,6 +10,7 @@
 #include <memory>
 #include <optional>
 #include <shared_mutex>
+#include <utility>
 #include <vector>
 
 #include "aimdo/device.hpp"
@@ -29,9 +30,11 @@ class Manager {
   Driver& driver() const noexcept { return *driver_; }
   const std::shared_ptr<Driver>& driver_ptr() const noexcept { return driver_; }
 
-  // Initialize `device` with `options`; when it already is, replace its options.
-  // InvalidArgumentError for an ordinal the driver does not have or bad options.
-  void add_device(int device, const DeviceOptions& options);
+  // Initialize each listed device with its options; a device already initialized gets
+  // its options replaced. All or nothing: InvalidArgumentError for an ordinal the driver
+  // does not have or options a device cannot take, and then nothing changed.
+  void add_devices(const std::vector<std::pair<int, DeviceOptions>>& devices);
+  void add_device(int device, const DeviceOptions& options) { add_devices({{device, options}}); }
   std::vector<int> devices() const;
   // DeviceNotInitializedError (naming the initialized devices and the fix) when absent.
   std::shared_ptr<Device> device(int device) const;
