@@ -400,10 +400,26 @@ NB_MODULE(_core, m) {
       .def("alloc", [](Vbar& v, IntArg n) { return v.alloc(to_size(n, "nbytes")); },
            "nbytes"_a, release_gil(),
            "Hand out the next `nbytes` of the range (512-byte aligned, in call order).")
-      .def("fault", &Vbar::fault, "allocation"_a, release_gil(),
-           "Make the allocation resident and pin it: its Signature, or None if offloaded.")
-      .def("unpin", &Vbar::unpin, "allocation"_a, release_gil(),
-           "Drop the pin taken by one successful fault.")
+      .def(
+          "fault",
+          [](Vbar& v, const Allocation& a) {
+            // A hit needs neither the driver nor a wait: done with the GIL held. Anything
+            // else runs with the GIL released.
+            std::optional<Signature> out;
+            if (v.try_fault(a, &out)) return out;
+            nb::gil_scoped_release release;
+            return v.fault(a);
+          },
+          "allocation"_a,
+          "Make the allocation resident and pin it: its Signature, or None if offloaded.")
+      .def(
+          "unpin",
+          [](Vbar& v, const Allocation& a) {
+            if (v.try_unpin(a)) return;
+            nb::gil_scoped_release release;
+            v.unpin(a);
+          },
+          "allocation"_a, "Drop the pin taken by one successful fault.")
       .def("prioritize", &Vbar::prioritize, release_gil(),
            "Move to the top of the device's priority list; reset the watermark to all pages.")
       .def("deprioritize", &Vbar::deprioritize, release_gil(),

@@ -151,7 +151,7 @@ struct Hold {
 
 struct SimDriver::State {
   std::vector<std::unique_ptr<DeviceState>> devices;
-  std::array<ContextShard, 16> contexts;
+  std::array<ContextShard, 64> contexts;
 
   // Failures for "any device": rare, so the common path only reads the atomic count.
   std::mutex any_mutex;
@@ -166,7 +166,13 @@ struct SimDriver::State {
   std::uint64_t next_hold_id = 1;
 
   ContextShard& shard() {
-    return contexts[std::hash<std::thread::id>{}(std::this_thread::get_id()) % contexts.size()];
+    // libstdc++ hashes a thread id to its pthread_t, an aligned address: mix the bits, or
+    // every thread would land in the same shard.
+    std::uint64_t h = std::hash<std::thread::id>{}(std::this_thread::get_id());
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdULL;
+    h ^= h >> 33;
+    return contexts[static_cast<std::size_t>(h % contexts.size())];
   }
 
   int current_device() {

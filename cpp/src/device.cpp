@@ -145,6 +145,10 @@ BudgetInputs Device::budget_inputs_locked(std::size_t usage) {
   return in;
 }
 
+bool Device::poll_due_locked() const {
+  return !polled_ || driver_->now_ns(ordinal_) - last_poll_ns_ >= options_.poll_interval_ns;
+}
+
 void Device::poll_locked() {
   const std::int64_t now = driver_->now_ns(ordinal_);
   if (polled_ && now - last_poll_ns_ < options_.poll_interval_ns) return;

@@ -86,25 +86,46 @@ Allocation Vbar::alloc(std::size_t size_bytes) {
 
 std::optional<Signature> Vbar::fault(const Allocation& allocation) {
   check_owned(allocation);
+  std::unique_lock<std::mutex> lock(device_->mutex());
+  std::optional<Signature> out;
+  fault_locked(allocation, true, &out);
+  return out;
+}
+
+bool Vbar::try_fault(const Allocation& allocation, std::optional<Signature>* out) {
+  check_owned(allocation);
+  std::unique_lock<std::mutex> lock(device_->mutex(), std::try_to_lock);
+  return lock.owns_lock() && fault_locked(allocation, false, out);
+}
+
+bool Vbar::fault_locked(const Allocation& allocation, bool may_block,
+                        std::optional<Signature>* out) {
   Device& device = *device_;
-  std::lock_guard<std::mutex> lock(device.mutex());
   check_open_locked();
-  device.stats_.add(&DeviceStats::faults);
+  // Without the driver, only a hit or an offloaded answer can be given, and only when
+  // the budget's figures are current.
+  if (!may_block && device.poll_due_locked()) return false;
   AllocationRecord& record = allocations_[allocation.index];
   const std::size_t first = record.offset_bytes / page_size_bytes_;
   const std::size_t last = (record.offset_bytes + record.size_bytes - 1) / page_size_bytes_;
 
   const std::int64_t standing_deficit = device.deficit_locked(0);
-  if (standing_deficit > 0) device.evict_locked(static_cast<std::size_t>(standing_deficit), nullptr);
+  if (standing_deficit > 0) {
+    if (!may_block) return false;
+    device.evict_locked(static_cast<std::size_t>(standing_deficit), nullptr);
+  }
 
-  const auto offloaded = [&]() -> std::optional<Signature> {
+  const auto offloaded = [&]() {
+    device.stats_.add(&DeviceStats::faults);
     device.stats_.add(&DeviceStats::offloaded);
-    return std::nullopt;
+    out->reset();
+    return true;
   };
   if (last >= watermark_pages_) return offloaded();
 
   std::size_t missing = 0;
   for (std::size_t page = first; page <= last; ++page) missing += pages_[page].handle == 0;
+  if (missing != 0 && !may_block) return false;
   if (missing == 0) {
     device.stats_.add(&DeviceStats::hits);
   } else {
@@ -115,6 +136,7 @@ std::optional<Signature> Vbar::fault(const Allocation& allocation) {
     if (need > 0) freed = device.evict_locked(static_cast<std::size_t>(need), nullptr);
     if (last >= watermark_pages_) return offloaded();
     if (need > 0 && freed < static_cast<std::size_t>(need)) {
+      device.stats_.add(&DeviceStats::faults);
       throw OutOfMemoryError(
           "device " + std::to_string(device.ordinal()) + ": cannot fault " +
               detail::format_bytes(missing_bytes) + " of VBAR pages: eviction freed only " +
@@ -132,6 +154,7 @@ std::optional<Signature> Vbar::fault(const Allocation& allocation) {
     }
   }
 
+  device.stats_.add(&DeviceStats::faults);
   Signature signature;
   signature.serials.reserve(last - first + 1);
   for (std::size_t page = first; page <= last; ++page) {
@@ -139,30 +162,49 @@ std::optional<Signature> Vbar::fault(const Allocation& allocation) {
     signature.serials.push_back(pages_[page].serial);
   }
   ++record.pins;
-  return signature;
+  *out = std::move(signature);
+  return true;
 }
 
 void Vbar::unpin(const Allocation& allocation) {
   check_owned(allocation);
-  Device& device = *device_;
-  std::lock_guard<std::mutex> lock(device.mutex());
+  std::unique_lock<std::mutex> lock(device_->mutex());
+  unpin_locked(allocation, true);
+}
+
+bool Vbar::try_unpin(const Allocation& allocation) {
+  check_owned(allocation);
+  std::unique_lock<std::mutex> lock(device_->mutex(), std::try_to_lock);
+  return lock.owns_lock() && unpin_locked(allocation, false);
+}
+
+bool Vbar::unpin_locked(const Allocation& allocation, bool may_block) {
   check_open_locked();
   AllocationRecord& record = allocations_[allocation.index];
   if (record.pins == 0) {
     throw InvalidStateError("unpin without a matching fault: the allocation at offset " +
                             std::to_string(record.offset_bytes) + " holds no pin");
   }
-  --record.pins;
   const std::size_t first = record.offset_bytes / page_size_bytes_;
   const std::size_t last = (record.offset_bytes + record.size_bytes - 1) / page_size_bytes_;
+  if (!may_block) {
+    // Releasing a page needs the driver: leave that to the blocking path.
+    for (std::size_t page = first; page <= last; ++page) {
+      if (pages_[page].pins == 1 && page >= watermark_pages_ && pages_[page].handle != 0) {
+        return false;
+      }
+    }
+  }
+  --record.pins;
   bool synced = false;
   for (std::size_t page = first; page <= last; ++page) {
     Page& state = pages_[page];
     --state.pins;
     if (state.pins == 0 && page >= watermark_pages_ && state.handle != 0) {
-      device.release_page_locked(*this, page, synced);
+      device_->release_page_locked(*this, page, synced);
     }
   }
+  return true;
 }
 
 void Vbar::prioritize() {

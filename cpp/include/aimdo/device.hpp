@@ -84,6 +84,7 @@ class Device : public std::enable_shared_from_this<Device> {
   BudgetInputs budget_inputs_locked(std::size_t usage);
   std::int64_t deficit_locked(std::size_t size_bytes);
   void poll_locked();
+  bool poll_due_locked() const;
   // Evict, lowest priority first (or from `only`), until `bytes` are freed or nothing
   // more may be lowered. Returns bytes freed.
   std::size_t evict_locked(std::size_t bytes, Vbar* only);

@@ -76,6 +76,14 @@ class Vbar : public std::enable_shared_from_this<Vbar> {
   // InvalidStateError when it holds no pin.
   void unpin(const Allocation& allocation);
 
+  // The same calls, but they never wait for the device's lock and never call the driver:
+  // they return false (having changed nothing) when they would have to, and the caller
+  // then uses fault/unpin. A resident hit, an offloaded answer and an unpin that releases
+  // nothing complete here. The Python bindings try these with the GIL held, which costs
+  // less than releasing and re-taking the GIL around a call of a few hundred nanoseconds.
+  bool try_fault(const Allocation& allocation, std::optional<Signature>* out);
+  bool try_unpin(const Allocation& allocation);
+
   // DESIGN §3.5.
   void prioritize();
   void deprioritize();
@@ -112,6 +120,10 @@ class Vbar : public std::enable_shared_from_this<Vbar> {
   };
 
   void check_open_locked() const;
+  // Caller holds the device's lock. With may_block false, returns false as soon as the
+  // driver would be needed; otherwise always true.
+  bool fault_locked(const Allocation& allocation, bool may_block, std::optional<Signature>* out);
+  bool unpin_locked(const Allocation& allocation, bool may_block);
   void check_owned(const Allocation& allocation) const;
 
   std::shared_ptr<Device> device_;
