@@ -100,11 +100,19 @@ def main() -> int:
             torch.cuda.set_device(device)
             vbar = manager.create_vbar(args.layers * layer_bytes, device)
             allocations = [vbar.alloc(layer_bytes) for _ in range(args.layers)]
-            # bf16 has no array-interface type string: view the same bytes as fp16, then as bf16.
-            views = [torch.as_tensor(_DeviceView(a.address, (width, width), "<f2")).view(dtype)
-                     for a in allocations]
-            assert all(v.device.index == device and v.data_ptr() == a.address
-                       for v, a in zip(views, allocations))
+            # A view can only be made once its pages are mapped (PyTorch checks the pointer),
+            # and stays valid after: the address never changes, only what backs it.
+            views = [None] * args.layers
+
+            def view(i):
+                if views[i] is None:
+                    # bf16 has no array-interface type string: view as fp16, then as bf16.
+                    cai = _DeviceView(allocations[i].address, (width, width), "<f2")
+                    views[i] = torch.as_tensor(cai).view(dtype)
+                    assert views[i].device.index == device
+                    assert views[i].data_ptr() == allocations[i].address
+                return views[i]
+
             temporary = torch.empty(width, width, device=device, dtype=dtype)
             last = [None] * args.layers
             deadline = time.monotonic() + args.minutes * 60
@@ -123,10 +131,10 @@ def main() -> int:
                         offloaded += 1
                         continue
                     if signature != last[i]:
-                        views[i].copy_(host[i], non_blocking=True)
+                        view(i).copy_(host[i], non_blocking=True)
                         last[i] = signature
                         copied += 1
-                    x = torch.tanh(x @ views[i] / 64)
+                    x = torch.tanh(x @ view(i) / 64)
                     vbar.unpin(allocation)
                 out = x.cpu()
                 steps[device].append({
