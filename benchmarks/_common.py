@@ -24,7 +24,8 @@ def environment() -> dict:
 
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git("rev-parse", "--short", "HEAD"),
+        # AIMDO_COMMIT names the commit where the tree travelled without its .git.
+        "commit": os.environ.get("AIMDO_COMMIT") or git("rev-parse", "--short", "HEAD"),
         "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "machine": platform.node(),
         "cpu": platform.processor() or platform.machine(),

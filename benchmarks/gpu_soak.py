@@ -148,6 +148,8 @@ def main() -> int:
             del views, temporary
             torch.cuda.synchronize(device)
             vbar.close()
+            # cuBLAS workspaces belong to this thread's handles: give them back here.
+            release_torch_caches(torch, [device])
         except BaseException as error:  # reported below
             failures.append(f"device {device}: {type(error).__name__}: {error}")
             stop.set()
@@ -180,6 +182,7 @@ def main() -> int:
         thread.join()
     stop.set()
     third.join()
+    aimdo_after = {d: {"usage_bytes": manager.usage_bytes(d), **manager.stats(d)} for d in devices}
     manager.close()
     release_torch_caches(torch, devices)
     end_free = {d: torch.cuda.mem_get_info(d)[0] for d in devices}
@@ -195,6 +198,9 @@ def main() -> int:
             "copied_layers_median": sorted(x["copied_layers"] for x in s)[len(s) // 2] if s else None,
             "offloaded_layers_median": sorted(x["offloaded_layers"] for x in s)[len(s) // 2] if s else None,
             "max_resident_bytes": max((x["resident_bytes"] for x in s), default=0),
+            "aimdo_usage_bytes_after_close": aimdo_after[d]["usage_bytes"],
+            "aimdo_pages_mapped": aimdo_after[d]["pages_mapped"],
+            "aimdo_pages_released": aimdo_after[d]["pages_released"],
             "free_bytes_start": start_free[d],
             "free_bytes_end": end_free[d],
         }
