@@ -481,11 +481,13 @@ NB_MODULE(_core, m) {
       .def(
           "add_devices",
           [](Manager& mgr, const std::vector<std::tuple<IntArg, std::optional<IntArg>, IntArg,
-                                                        IntArg, IntArg, IntArg, int>>& entries) {
+                                                        IntArg, IntArg, IntArg, int, IntArg>>&
+                                 entries) {
             // (device, vram_limit or None, headroom, extra_headroom, page_size,
-            //  poll_interval_ns, transient_retries), applied all or nothing.
+            //  poll_interval_ns, transient_retries, allocator_headroom), all or nothing.
             std::vector<std::pair<int, DeviceOptions>> wanted;
-            for (const auto& [device, limit, headroom, extra, page, poll, retries] : entries) {
+            for (const auto& [device, limit, headroom, extra, page, poll, retries, allocator] :
+                 entries) {
               DeviceOptions options;
               if (limit) options.vram_limit_bytes = to_size(*limit, "vram_limit");
               options.headroom_bytes = to_size(headroom, "headroom");
@@ -493,6 +495,7 @@ NB_MODULE(_core, m) {
               options.page_size_bytes = to_size(page, "page_size");
               options.poll_interval_ns = static_cast<std::int64_t>(to_size(poll, "poll_interval"));
               options.transient_retries = retries;
+              options.allocator_headroom_bytes = to_size(allocator, "allocator_headroom");
               wanted.emplace_back(to_device(device), options);
             }
             nb::gil_scoped_release release;
@@ -551,6 +554,17 @@ NB_MODULE(_core, m) {
       .def("memory_info",
            [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->memory_info(); }, "device"_a,
            release_gil())
+      .def("external_alloc",
+           [](Manager& mgr, IntArg d, IntArg n, std::uintptr_t stream) {
+             const int device = to_device(d);
+             const std::size_t bytes = to_size(n, "nbytes");
+             nb::gil_scoped_release release;
+             return mgr.external_alloc(device, bytes, stream);
+           },
+           "device"_a, "nbytes"_a, "stream"_a)
+      .def("external_free", &Manager::external_free, "ptr"_a, "stream"_a, release_gil())
+      .def("external_bytes", [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->external_bytes(); },
+           "device"_a, release_gil())
       .def("vbar_count", [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->vbar_count(); },
            "device"_a, release_gil())
       .def("stats",
@@ -585,6 +599,7 @@ NB_MODULE(_core, m) {
              out["extra_headroom"] = options.extra_headroom_bytes;
              out["page_size"] = options.page_size_bytes;
              out["poll_interval"] = static_cast<double>(options.poll_interval_ns) / 1e9;
+             out["allocator_headroom"] = options.allocator_headroom_bytes;
              return out;
            },
            "device"_a)

@@ -15,7 +15,8 @@ std::int64_t deficit_bytes(const BudgetInputs& in, std::size_t size_bytes) noexc
       s(in.free_at_poll_bytes) - (s(in.total_bytes) - s(in.limit_bytes));
   // What aimdo allocated since the poll is not in the driver's figure yet.
   const std::int64_t measured = s(in.headroom_bytes) - free_adjusted +
-                                (s(in.usage_bytes) - s(in.usage_at_poll_bytes)) + s(size_bytes);
+                                (s(in.usage_bytes) - s(in.usage_at_poll_bytes)) +
+                                s(in.stream_freed_since_poll_bytes) + s(size_bytes);
   return std::max(simple, measured) + s(in.extra_headroom_bytes);
 }
 

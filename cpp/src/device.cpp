@@ -142,6 +142,7 @@ BudgetInputs Device::budget_inputs_locked(std::size_t usage) {
   in.usage_bytes = usage;
   in.usage_at_poll_bytes = usage_at_poll_bytes_;
   in.free_at_poll_bytes = free_at_poll_bytes_;
+  in.stream_freed_since_poll_bytes = stream_freed_since_poll_bytes_;
   return in;
 }
 
@@ -164,6 +165,7 @@ void Device::poll_locked() {
   last_poll_ns_ = now;
   free_at_poll_bytes_ = free_bytes;
   usage_at_poll_bytes_ = usage_locked();
+  stream_freed_since_poll_bytes_ = 0;
 }
 
 Device::PollRecord Device::poll() {
@@ -207,6 +209,62 @@ std::size_t Device::reclaim(std::size_t size_bytes) {
   const std::int64_t deficit = deficit_locked(size_bytes);
   if (deficit <= 0) return 0;
   return evict_locked(static_cast<std::size_t>(deficit), nullptr);
+}
+
+DeviceAddress Device::external_alloc(std::size_t size_bytes, StreamHandle stream) {
+  if (size_bytes == 0 || size_bytes > detail::kMaxSizeBytes) {
+    throw InvalidArgumentError("an external allocation must be positive and below 2^60 bytes, got " +
+                               std::to_string(size_bytes));
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (closed_) throw InvalidStateError("device " + std::to_string(ordinal_) + " is closed");
+  const std::size_t wanted = size_bytes + options_.allocator_headroom_bytes;
+  const std::int64_t deficit = deficit_locked(wanted);
+  if (deficit > 0) {
+    const std::size_t freed = evict_locked(static_cast<std::size_t>(deficit), nullptr);
+    if (freed < static_cast<std::size_t>(deficit)) {
+      throw OutOfMemoryError(
+          "device " + std::to_string(ordinal_) + ": no room for an allocation of " +
+              format_bytes(size_bytes) + ": eviction freed " + format_bytes(freed) + " of the " +
+              detail::format_signed_bytes(deficit) + " needed (budget " +
+              format_bytes(aimdo::budget_bytes(budget_inputs_locked(0))) + ", aimdo usage " +
+              format_bytes(usage_locked()) + ")",
+          ordinal_, size_bytes, false);
+    }
+  }
+  ScopedDevice guard(*driver_, ordinal_);
+  if (!guard.status().ok()) raise(guard.status(), "cuCtxSetCurrent", 0);
+  DeviceAddress ptr = 0;
+  DriverStatus status =
+      retrying([&] { return driver_->stream_alloc(ordinal_, size_bytes, stream, &ptr); });
+  if (status.kind() == DriverErrorKind::out_of_memory) {
+    stats_.add(&DeviceStats::oom_retries);
+    evict_locked(wanted, nullptr);
+    status = retrying([&] { return driver_->stream_alloc(ordinal_, size_bytes, stream, &ptr); });
+  }
+  if (!status.ok()) raise(status, "cuMemAllocAsync", size_bytes);
+  external_.emplace(ptr, size_bytes);
+  external_bytes_ += size_bytes;
+  return ptr;
+}
+
+bool Device::external_free(DeviceAddress ptr, StreamHandle stream) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto found = external_.find(ptr);
+  if (found == external_.end()) return false;
+  ScopedDevice guard(*driver_, ordinal_);
+  if (!guard.status().ok()) raise(guard.status(), "cuCtxSetCurrent", 0);
+  const DriverStatus status = retrying([&] { return driver_->stream_free(ordinal_, ptr, stream); });
+  if (!status.ok()) raise(status, "cuMemFreeAsync", found->second);
+  external_bytes_ -= found->second;
+  stream_freed_since_poll_bytes_ += found->second;
+  external_.erase(found);
+  return true;
+}
+
+std::size_t Device::external_bytes() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return external_bytes_;
 }
 
 std::size_t Device::limit_bytes() const {
@@ -403,6 +461,21 @@ void Device::close() {
     } catch (...) {
       if (!first_failure) first_failure = std::current_exception();
     }
+  }
+  if (!external_.empty()) {
+    ScopedDevice guard(*driver_, ordinal_);
+    for (const auto& [ptr, size] : external_) {
+      const DriverStatus status = driver_->stream_free(ordinal_, ptr, 0);
+      if (!status.ok() && !first_failure) {
+        try {
+          raise(status, "cuMemFreeAsync", size);
+        } catch (...) {
+          first_failure = std::current_exception();
+        }
+      }
+    }
+    external_.clear();
+    external_bytes_ = 0;
   }
   if (first_failure) std::rethrow_exception(first_failure);
 }

@@ -1,5 +1,6 @@
 #include "aimdo/manager.hpp"
 
+#include <cstdio>
 #include <exception>
 #include <mutex>
 #include <utility>
@@ -112,6 +113,30 @@ std::size_t Manager::reclaim(int device, std::size_t size_bytes) {
     check_open();
   }
   return this->device(device)->reclaim(size_bytes);
+}
+
+DeviceAddress Manager::external_alloc(int device, std::size_t size_bytes, StreamHandle stream) {
+  {
+    std::shared_lock<std::shared_mutex> lock(devices_mutex_);
+    check_open();
+  }
+  return this->device(device)->external_alloc(size_bytes, stream);
+}
+
+void Manager::external_free(DeviceAddress ptr, StreamHandle stream) {
+  std::vector<std::shared_ptr<Device>> devices;
+  {
+    std::shared_lock<std::shared_mutex> lock(devices_mutex_);
+    for (const auto& entry : devices_) devices.push_back(entry.second);
+  }
+  // One device's lock at a time.
+  for (const auto& device : devices) {
+    if (device->external_free(ptr, stream)) return;
+  }
+  char text[32];
+  std::snprintf(text, sizeof text, "0x%llx", static_cast<unsigned long long>(ptr));
+  throw InvalidArgumentError(std::string("external_free: ") + text +
+                             " is not an allocation made by this Manager's external_alloc");
 }
 
 void Manager::reset_floors(std::optional<int> device) {

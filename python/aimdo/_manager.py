@@ -23,6 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "extra_headroom": 0,
     "page_size": 32 * MiB,
     "poll_interval": 2.0,
+    "allocator_headroom": 0,
 }
 TRANSIENT_RETRIES = 3
 
@@ -140,6 +141,8 @@ class Manager:
       of the device's allocation granularity (2 MiB on NVIDIA GPUs).
     - ``poll_interval`` (seconds, default 2): the driver's free-memory figure is read at
       most this often per device (0: on every evaluation).
+    - ``allocator_headroom`` (bytes, default 0): extra room made before each
+      ``external_alloc`` (the PyTorch allocator's path).
 
     Thread-safe. One lock per device; threads driving different devices never wait on
     each other. Use as a context manager, or call ``close()``.
@@ -155,6 +158,7 @@ class Manager:
         extra_headroom: PerDevice = None,
         page_size: PerDevice = None,
         poll_interval: PerDevice = None,
+        allocator_headroom: PerDevice = None,
     ):
         self._backend = resolve_backend(backend)
         self._core = _core.Manager(self._backend.driver)
@@ -165,6 +169,7 @@ class Manager:
             extra_headroom=extra_headroom,
             page_size=page_size,
             poll_interval=poll_interval,
+            allocator_headroom=allocator_headroom,
         )
 
     # -- devices ----------------------------------------------------------------------
@@ -177,6 +182,7 @@ class Manager:
         extra_headroom: PerDevice = None,
         page_size: PerDevice = None,
         poll_interval: PerDevice = None,
+        allocator_headroom: PerDevice = None,
     ) -> None:
         """Initialize ``devices`` (options as in the constructor). For a device already
         initialized, the options given replace its current ones and the options left out
@@ -189,6 +195,7 @@ class Manager:
             "extra_headroom": extra_headroom,
             "page_size": page_size,
             "poll_interval": poll_interval,
+            "allocator_headroom": allocator_headroom,
         }
         current = {d: self._core.device_info(d) for d in self._core.devices if d in devices}
         per_device = {name: _per_device(name, value, devices, current) for name, value in given.items()}
@@ -203,6 +210,7 @@ class Manager:
                     _check_size("page_size", per_device["page_size"][device], device),
                     round(_check_seconds("poll_interval", per_device["poll_interval"][device], device) * 1e9),
                     TRANSIENT_RETRIES,
+                    _check_size("allocator_headroom", per_device["allocator_headroom"][device], device),
                 )
             )
         self._core.add_devices(entries)
@@ -256,6 +264,23 @@ class Manager:
         """Make room on ``device`` for an allocation of ``nbytes`` made outside aimdo,
         evicting VBAR pages lowest priority first. Returns the bytes freed."""
         return self._core.reclaim(device, nbytes)
+
+    def external_alloc(self, device: int, nbytes: int, stream: int = 0) -> int:
+        """Allocate ``nbytes`` of stream-ordered memory on ``device`` for someone else
+        (PyTorch's allocator): first evict what the budget needs (plus the device's
+        ``allocator_headroom``), on the driver's out-of-memory evict that much more and
+        retry once. Returns the device address. OutOfMemoryError when the budget cannot
+        be met. The bytes count as the device's usage until ``external_free``."""
+        return self._core.external_alloc(device, nbytes, stream)
+
+    def external_free(self, ptr: int, stream: int = 0) -> None:
+        """Free an ``external_alloc`` allocation from any thread; its device is found from
+        the pointer. ValueError for a pointer this Manager did not hand out."""
+        self._core.external_free(ptr, stream)
+
+    def external_bytes(self, device: int) -> int:
+        """Bytes of ``external_alloc`` allocations alive on ``device``."""
+        return self._core.external_bytes(device)
 
     def reset_floors(self, device: int | None = None) -> None:
         """Set the floor of every VBAR on ``device`` (every device when None) to 0."""

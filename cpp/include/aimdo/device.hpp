@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <list>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -55,6 +56,15 @@ class Device : public std::enable_shared_from_this<Device> {
   // positive. Returns the bytes freed.
   std::size_t reclaim(std::size_t size_bytes);
   std::int64_t deficit_bytes(std::size_t size_bytes);
+
+  // DESIGN §3.6: an allocation made for someone else (PyTorch's allocator): make room
+  // for size + allocator headroom, allocate stream-ordered memory, on out-of-memory evict
+  // that much more and retry once. OutOfMemoryError when the budget cannot be met or the
+  // driver refuses twice. The bytes count as this device's usage until freed.
+  DeviceAddress external_alloc(std::size_t size_bytes, StreamHandle stream);
+  // Free `ptr` if it is one of this device's external allocations; false if it is not.
+  bool external_free(DeviceAddress ptr, StreamHandle stream);
+  std::size_t external_bytes() const;
   struct PollRecord {
     bool polled = false;
     std::int64_t time_ns = 0;       // on the driver's clock for this device
@@ -73,7 +83,8 @@ class Device : public std::enable_shared_from_this<Device> {
   std::size_t vbar_count() const;
   DeviceStatsSnapshot stats() const noexcept { return stats_.snapshot(); }
 
-  // Close every VBAR of this device and refuse new ones. Idempotent.
+  // Close every VBAR of this device, free its external allocations and refuse new ones.
+  // Idempotent.
   void close();
   bool closed() const;
 
@@ -119,6 +130,8 @@ class Device : public std::enable_shared_from_this<Device> {
   std::size_t free_at_poll_bytes_ = 0;
   std::size_t total_at_poll_bytes_ = 0;
   std::size_t usage_at_poll_bytes_ = 0;
+  std::size_t stream_freed_since_poll_bytes_ = 0;
+  std::map<DeviceAddress, std::size_t> external_;  // external allocations by address
   std::uint64_t next_serial_ = 1;
   bool closed_ = false;
 

@@ -41,6 +41,11 @@ class Manager {
 
   std::shared_ptr<Vbar> create_vbar(int device, std::size_t size_bytes);
   std::size_t reclaim(int device, std::size_t size_bytes);
+  // DESIGN §3.6 (see Device::external_alloc).
+  DeviceAddress external_alloc(int device, std::size_t size_bytes, StreamHandle stream);
+  // Free an external allocation, found by pointer whatever thread calls: the owning
+  // device is looked up, never guessed. InvalidArgumentError for an unknown pointer.
+  void external_free(DeviceAddress ptr, StreamHandle stream);
   // All devices when `device` is empty.
   void reset_floors(std::optional<int> device);
 

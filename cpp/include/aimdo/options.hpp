@@ -24,6 +24,8 @@ struct DeviceOptions {
   std::size_t page_size_bytes = 32 * kMiB;
   // The driver's free-memory query runs at most once per interval; 0 = every evaluation.
   std::int64_t poll_interval_ns = 2'000'000'000;
+  // Extra room made before each allocation through Manager::external_alloc (DESIGN §3.6).
+  std::size_t allocator_headroom_bytes = 0;
   // How often a transient driver error ("not ready") is retried before it is reported.
   int transient_retries = 3;
 };
