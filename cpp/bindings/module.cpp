@@ -301,22 +301,27 @@ NB_MODULE(_core, m) {
            },
            release_gil());
 
-  using SpecTuple = std::tuple<std::string, std::int64_t, std::int64_t, bool>;
+  using SpecTuple = std::tuple<std::string, std::int64_t, std::int64_t, bool, double>;
   nb::class_<sim::SimDriver, Driver>(m, "SimDriver", "The simulator backend (see aimdo.sim).")
       .def("__init__",
-           [](sim::SimDriver* self, const std::vector<SpecTuple>& specs, std::uint64_t seed) {
+           [](sim::SimDriver* self, const std::vector<SpecTuple>& specs, std::uint64_t seed,
+              std::int64_t free_delay_ns, bool record) {
              std::vector<sim::SimDeviceSpec> devices;
-             for (const auto& [name, total, granularity, integrated] : specs) {
+             for (const auto& [name, total, granularity, integrated, bandwidth] : specs) {
                sim::SimDeviceSpec spec;
                spec.name = name;
                spec.total_bytes = to_size(total, "capacity");
                spec.granularity_bytes = to_size(granularity, "granularity");
                spec.integrated = integrated;
+               spec.host_to_device_bytes_per_s = bandwidth;
                devices.push_back(spec);
              }
-             new (self) sim::SimDriver(std::move(devices), seed);
+             sim::SimOptions options;
+             options.free_delay_ns = free_delay_ns;
+             options.record = record;
+             new (self) sim::SimDriver(std::move(devices), seed, options);
            },
-           "devices"_a, "seed"_a)
+           "devices"_a, "seed"_a, "free_delay_ns"_a, "record"_a)
       .def_prop_ro("seed", &sim::SimDriver::seed)
       .def("add_external_usage",
            [](sim::SimDriver& s, IntArg device, IntArg n) {
@@ -342,7 +347,24 @@ NB_MODULE(_core, m) {
              s.fail(op, device, code, to_size(skip, "skip"), to_size(count, "count"));
            },
            "operation"_a, "device"_a, "code"_a, "skip"_a, "count"_a, release_gil())
+      .def("fail_rate", &sim::SimDriver::fail_rate, "operation"_a, "device"_a, "code"_a,
+           "probability"_a, release_gil())
       .def("clear_failures", &sim::SimDriver::clear_failures, release_gil())
+      .def("copy_to_device",
+           [](sim::SimDriver& s, IntArg device, IntArg n) {
+             s.copy_to_device(to_device(device), to_size(n, "nbytes"));
+           },
+           "device"_a, "nbytes"_a, release_gil())
+      .def("compute",
+           [](sim::SimDriver& s, IntArg device, IntArg ns) {
+             s.compute(to_device(device), static_cast<std::int64_t>(to_size(ns, "ns")));
+           },
+           "device"_a, "ns"_a, release_gil())
+      .def("host_now_ns", &sim::SimDriver::host_now_ns)
+      .def("pending_free_bytes", &sim::SimDriver::pending_free_bytes, "device"_a, release_gil())
+      .def("set_recording", &sim::SimDriver::set_recording, "on"_a, release_gil())
+      .def("log", &sim::SimDriver::log, release_gil())
+      .def("replay", &sim::SimDriver::replay, "log"_a, release_gil())
       .def("call_count", &sim::SimDriver::call_count, "operation"_a, "device"_a, release_gil())
       .def("hold", &sim::SimDriver::hold, "operation"_a, "device"_a, release_gil())
       .def("wait_held", &sim::SimDriver::wait_held, "hold_id"_a, "timeout_ns"_a, release_gil())

@@ -5,11 +5,13 @@
 #include <atomic>
 #include <chrono>
 #include <cinttypes>
+#include <cmath>
 #include <condition_variable>
 #include <cstdio>
 #include <functional>
 #include <map>
 #include <mutex>
+#include <sstream>
 #include <thread>
 #include <unordered_map>
 
@@ -98,7 +100,17 @@ struct FailureRule {
   int code;
   std::uint64_t skip;
   std::uint64_t count;
+  double probability = 0;      // > 0: a rate rule (count is ignored)
+  std::uint64_t random = 0;    // its generator's state (splitmix64)
 };
+
+double next_unit(std::uint64_t& state) {
+  std::uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  z ^= z >> 31;
+  return static_cast<double>(z >> 11) * (1.0 / 9007199254740992.0);
+}
 
 struct Mapping {
   std::size_t size_bytes;
@@ -130,8 +142,22 @@ struct DeviceState {
   std::uint64_t next_handle = 1;
   std::vector<FailureRule> rules;
   std::array<std::uint64_t, kOpCount> calls{};
+  // Stream-ordered frees not reusable yet: (when, bytes), in order of `when`.
+  std::vector<std::pair<std::int64_t, std::size_t>> pending_frees;
+  std::size_t pending_bytes = 0;
 
-  std::size_t used() const { return physical_bytes + stream_bytes + external_bytes; }
+  // Give back the frees whose delay has passed on this device's clock.
+  void reap() {
+    std::size_t done = 0;
+    while (done < pending_frees.size() && pending_frees[done].first <= clock_ns) {
+      pending_bytes -= pending_frees[done].second;
+      ++done;
+    }
+    pending_frees.erase(pending_frees.begin(), pending_frees.begin() + static_cast<std::ptrdiff_t>(done));
+  }
+  std::size_t used() const {
+    return physical_bytes + stream_bytes + external_bytes + pending_bytes;
+  }
 };
 
 struct ContextShard {
@@ -158,6 +184,50 @@ struct SimDriver::State {
   std::vector<FailureRule> any_rules;
   std::atomic<std::size_t> any_rule_count{0};
   std::array<std::atomic<std::uint64_t>, kOpCount> unrouted_calls{};
+
+  // The event log: only touched while recording (a diagnostic mode), under its own mutex.
+  std::atomic<bool> recording{false};
+  mutable std::mutex log_mutex;
+  std::vector<std::string> log_lines;
+  std::atomic<std::int64_t> host_clock{0};
+  std::atomic<std::uint64_t> rate_rules{0};  // seeds rate rules in order of creation
+  std::size_t device_count = 0;
+
+  void record(std::string line) {
+    std::lock_guard<std::mutex> lock(log_mutex);
+    log_lines.push_back(std::move(line));
+  }
+
+  // Addresses in the log are relative to their device's region, so they read the same in
+  // every run: "r<device>+0x<offset>" (reservations) or "s<device>+0x<offset>" (stream).
+  std::string address(DeviceAddress va) const {
+    if (va >= kAddressBase) {
+      const DeviceAddress offset = va - kAddressBase;
+      const std::size_t device = static_cast<std::size_t>(offset / (2 * kRegionBytes));
+      if (device < device_count) {
+        const bool stream = (offset / kRegionBytes) % 2 == 1;
+        const DeviceAddress base = reservation_region(static_cast<int>(device)) +
+                                   (stream ? kRegionBytes : 0);
+        return std::string(stream ? "s" : "r") + std::to_string(device) + "+" + hex(va - base);
+      }
+    }
+    return hex(va);
+  }
+  DeviceAddress parse_address(const std::string& text) const {
+    if (!text.empty() && (text[0] == 'r' || text[0] == 's')) {
+      const std::size_t plus = text.find('+');
+      const int device = std::stoi(text.substr(1, plus - 1));
+      const DeviceAddress base = reservation_region(device) + (text[0] == 's' ? kRegionBytes : 0);
+      return base + std::stoull(text.substr(plus + 1), nullptr, 16);
+    }
+    return std::stoull(text, nullptr, 16);
+  }
+  // Advance the host clock to at least `ns`.
+  void host_at_least(std::int64_t ns) {
+    std::int64_t seen = host_clock.load(std::memory_order_relaxed);
+    while (seen < ns && !host_clock.compare_exchange_weak(seen, ns, std::memory_order_relaxed)) {
+    }
+  }
 
   std::mutex holds_mutex;
   std::condition_variable holds_changed;
@@ -202,6 +272,12 @@ struct SimDriver::State {
                             std::atomic<std::size_t>* count) {
     for (auto it = rules.begin(); it != rules.end(); ++it) {
       if (it->op != op || (it->device != -1 && it->device != device)) continue;
+      if (it->probability > 0) {
+        if (next_unit(it->random) >= it->probability) continue;
+        DriverStatus status = failure(it->code);
+        status.injected = true;
+        return status;
+      }
       if (it->skip > 0) {
         --it->skip;
         continue;
@@ -219,6 +295,7 @@ struct SimDriver::State {
 
   // Caller holds d.mutex.
   DriverStatus intercept(DeviceState& d, int op, int device) {
+    d.reap();
     ++d.calls[static_cast<std::size_t>(op)];
     DriverStatus status = apply(d.rules, op, device, nullptr);
     if (!status.ok()) return status;
@@ -257,8 +334,13 @@ const std::vector<std::string>& SimDriver::operation_names() {
   return names;
 }
 
-SimDriver::SimDriver(std::vector<SimDeviceSpec> devices, std::uint64_t seed, SimCosts costs)
-    : seed_(seed), costs_(costs), devices_(std::move(devices)), state_(std::make_unique<State>()) {
+SimDriver::SimDriver(std::vector<SimDeviceSpec> devices, std::uint64_t seed, SimOptions options)
+    : seed_(seed),
+      options_(options),
+      costs_(options_.costs),
+      devices_(std::move(devices)),
+      state_(std::make_unique<State>()) {
+  if (options_.free_delay_ns < 0) throw InvalidArgumentError("free_delay must not be negative");
   if (devices_.empty() || devices_.size() > 64) {
     throw InvalidArgumentError("a simulator needs between 1 and 64 devices, got " +
                                std::to_string(devices_.size()));
@@ -275,10 +357,16 @@ SimDriver::SimDriver(std::vector<SimDeviceSpec> devices, std::uint64_t seed, Sim
                                  ": granularity must be a power of two of at least 4 KiB, got " +
                                  std::to_string(g));
     }
+    if (!(spec.host_to_device_bytes_per_s > 0) || !std::isfinite(spec.host_to_device_bytes_per_s)) {
+      throw InvalidArgumentError("simulated device " + std::to_string(i) +
+                                 ": host-to-device bandwidth must be positive and finite");
+    }
     auto state = std::make_unique<DeviceState>();
     state->next_stream_va = reservation_region(static_cast<int>(i)) + kRegionBytes;
     state_->devices.push_back(std::move(state));
   }
+  state_->device_count = devices_.size();
+  state_->recording.store(options_.record);
 }
 
 SimDriver::~SimDriver() = default;
@@ -352,318 +440,412 @@ DriverStatus SimDriver::device_properties(int device, DeviceProperties* out) {
 }
 
 DriverStatus SimDriver::memory_info(int device, std::size_t* free_bytes, std::size_t* total_bytes) {
-  state_->wait_if_held(kMemGetInfo, device);
-  if (device < 0 || device >= device_total()) {
-    const DriverStatus status = state_->intercept_unrouted(kMemGetInfo);
-    return status.ok() ? failure(driver_code::invalid_device) : status;
+  const DriverStatus result = [&]() -> DriverStatus {
+    state_->wait_if_held(kMemGetInfo, device);
+    if (device < 0 || device >= device_total()) {
+      const DriverStatus status = state_->intercept_unrouted(kMemGetInfo);
+      return status.ok() ? failure(driver_code::invalid_device) : status;
+    }
+    DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+    std::lock_guard<std::mutex> lock(d.mutex);
+    const DriverStatus status = state_->intercept(d, kMemGetInfo, device);
+    if (!status.ok()) return status;
+    if (state_->current_device() != device) return failure(driver_code::invalid_context);
+    const std::size_t total = devices_[static_cast<std::size_t>(device)].total_bytes;
+    *total_bytes = total;
+    *free_bytes = d.used() >= total ? 0 : total - d.used();
+    d.clock_ns += costs_.memory_info_ns;
+    return DriverStatus::success();
+  }();
+  if (state_->recording.load(std::memory_order_relaxed)) {
+    std::string line = std::string("cuMemGetInfo") + " dev=" + std::to_string(device) + " cur=" + std::to_string(state_->current_device()) + " -> " + result.name;
+    if (result.ok()) line += " free=" + std::to_string(*free_bytes) + " total=" + std::to_string(*total_bytes);
+    state_->record(std::move(line));
   }
-  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-  std::lock_guard<std::mutex> lock(d.mutex);
-  const DriverStatus status = state_->intercept(d, kMemGetInfo, device);
-  if (!status.ok()) return status;
-  if (state_->current_device() != device) return failure(driver_code::invalid_context);
-  const std::size_t total = devices_[static_cast<std::size_t>(device)].total_bytes;
-  *total_bytes = total;
-  *free_bytes = d.used() >= total ? 0 : total - d.used();
-  d.clock_ns += costs_.memory_info_ns;
-  return DriverStatus::success();
+  return result;
 }
 
 DriverStatus SimDriver::reserve_address_range(int device, std::size_t size_bytes,
                                               std::size_t alignment_bytes, DeviceAddress* out) {
-  state_->wait_if_held(kReserve, device);
-  if (device < 0 || device >= device_total()) {
-    const DriverStatus status = state_->intercept_unrouted(kReserve);
-    return status.ok() ? failure(driver_code::invalid_device) : status;
-  }
-  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-  std::lock_guard<std::mutex> lock(d.mutex);
-  const DriverStatus status = state_->intercept(d, kReserve, device);
-  if (!status.ok()) return status;
-  const std::size_t granularity = devices_[static_cast<std::size_t>(device)].granularity_bytes;
-  if (size_bytes == 0 || size_bytes > kRegionBytes / 2 || !aligned(size_bytes, granularity) ||
-      (alignment_bytes != 0 && !aligned(alignment_bytes, granularity))) {
-    return failure(driver_code::invalid_value);
-  }
-  const DeviceAddress alignment = std::max(alignment_bytes, granularity);
-  // First fit in the device's region, leaving one unreserved granule after each range so
-  // that an overrun never lands in a neighbour.
-  const DeviceAddress region = reservation_region(device);
-  DeviceAddress candidate = region;
-  for (const auto& [start, reservation] : d.reservations) {
+  const DriverStatus result = [&]() -> DriverStatus {
+    state_->wait_if_held(kReserve, device);
+    if (device < 0 || device >= device_total()) {
+      const DriverStatus status = state_->intercept_unrouted(kReserve);
+      return status.ok() ? failure(driver_code::invalid_device) : status;
+    }
+    DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+    std::lock_guard<std::mutex> lock(d.mutex);
+    const DriverStatus status = state_->intercept(d, kReserve, device);
+    if (!status.ok()) return status;
+    const std::size_t granularity = devices_[static_cast<std::size_t>(device)].granularity_bytes;
+    if (size_bytes == 0 || size_bytes > kRegionBytes / 2 || !aligned(size_bytes, granularity) ||
+        (alignment_bytes != 0 && !aligned(alignment_bytes, granularity))) {
+      return failure(driver_code::invalid_value);
+    }
+    const DeviceAddress alignment = std::max(alignment_bytes, granularity);
+    // First fit in the device's region, leaving one unreserved granule after each range so
+    // that an overrun never lands in a neighbour.
+    const DeviceAddress region = reservation_region(device);
+    DeviceAddress candidate = region;
+    for (const auto& [start, reservation] : d.reservations) {
+      candidate = (candidate + alignment - 1) / alignment * alignment;
+      if (candidate + size_bytes + granularity <= start) break;
+      candidate = start + reservation.size_bytes + granularity;
+    }
     candidate = (candidate + alignment - 1) / alignment * alignment;
-    if (candidate + size_bytes + granularity <= start) break;
-    candidate = start + reservation.size_bytes + granularity;
+    if (candidate + size_bytes > region + kRegionBytes) return failure(driver_code::out_of_memory);
+    d.reservations.emplace(candidate, Reservation{size_bytes, {}});
+    *out = candidate;
+    d.clock_ns += costs_.reserve_ns;
+    return DriverStatus::success();
+  }();
+  if (state_->recording.load(std::memory_order_relaxed)) {
+    std::string line = std::string("cuMemAddressReserve") + " dev=" + std::to_string(device) + " size=" + std::to_string(size_bytes) + " align=" + std::to_string(alignment_bytes) + " -> " + result.name;
+    if (result.ok()) line += " va=" + state_->address(*out);
+    state_->record(std::move(line));
   }
-  candidate = (candidate + alignment - 1) / alignment * alignment;
-  if (candidate + size_bytes > region + kRegionBytes) return failure(driver_code::out_of_memory);
-  d.reservations.emplace(candidate, Reservation{size_bytes, {}});
-  *out = candidate;
-  d.clock_ns += costs_.reserve_ns;
-  return DriverStatus::success();
+  return result;
 }
 
 DriverStatus SimDriver::free_address_range(DeviceAddress va, std::size_t size_bytes) {
-  bool stream = false;
-  const int device = device_of_address(va, devices_.size(), &stream);
-  state_->wait_if_held(kFreeRange, device);
-  if (device < 0 || stream) {
-    const DriverStatus status = state_->intercept_unrouted(kFreeRange);
-    return status.ok() ? failure(driver_code::invalid_value) : status;
+  const DriverStatus result = [&]() -> DriverStatus {
+    bool stream = false;
+    const int device = device_of_address(va, devices_.size(), &stream);
+    state_->wait_if_held(kFreeRange, device);
+    if (device < 0 || stream) {
+      const DriverStatus status = state_->intercept_unrouted(kFreeRange);
+      return status.ok() ? failure(driver_code::invalid_value) : status;
+    }
+    DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+    std::lock_guard<std::mutex> lock(d.mutex);
+    const DriverStatus status = state_->intercept(d, kFreeRange, device);
+    if (!status.ok()) return status;
+    auto it = d.reservations.find(va);
+    if (it == d.reservations.end() || it->second.size_bytes != size_bytes ||
+        !it->second.mappings.empty()) {
+      return failure(driver_code::invalid_value);
+    }
+    d.reservations.erase(it);
+    d.clock_ns += costs_.free_range_ns;
+    return DriverStatus::success();
+  }();
+  if (state_->recording.load(std::memory_order_relaxed)) {
+    std::string line = std::string("cuMemAddressFree") + " va=" + state_->address(va) + " size=" + std::to_string(size_bytes) + " -> " + result.name;
+    state_->record(std::move(line));
   }
-  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-  std::lock_guard<std::mutex> lock(d.mutex);
-  const DriverStatus status = state_->intercept(d, kFreeRange, device);
-  if (!status.ok()) return status;
-  auto it = d.reservations.find(va);
-  if (it == d.reservations.end() || it->second.size_bytes != size_bytes ||
-      !it->second.mappings.empty()) {
-    return failure(driver_code::invalid_value);
-  }
-  d.reservations.erase(it);
-  d.clock_ns += costs_.free_range_ns;
-  return DriverStatus::success();
+  return result;
 }
 
 DriverStatus SimDriver::create_physical(int device, std::size_t size_bytes, PhysicalHandle* out) {
-  state_->wait_if_held(kCreate, device);
-  if (device < 0 || device >= device_total()) {
-    const DriverStatus status = state_->intercept_unrouted(kCreate);
-    return status.ok() ? failure(driver_code::invalid_device) : status;
+  const DriverStatus result = [&]() -> DriverStatus {
+    state_->wait_if_held(kCreate, device);
+    if (device < 0 || device >= device_total()) {
+      const DriverStatus status = state_->intercept_unrouted(kCreate);
+      return status.ok() ? failure(driver_code::invalid_device) : status;
+    }
+    DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+    std::lock_guard<std::mutex> lock(d.mutex);
+    const DriverStatus status = state_->intercept(d, kCreate, device);
+    if (!status.ok()) return status;
+    const SimDeviceSpec& spec = devices_[static_cast<std::size_t>(device)];
+    if (size_bytes == 0 || !aligned(size_bytes, spec.granularity_bytes)) {
+      return failure(driver_code::invalid_value);
+    }
+    if (d.used() > spec.total_bytes || size_bytes > spec.total_bytes - d.used()) {
+      return failure(driver_code::out_of_memory);
+    }
+    d.physical_bytes += size_bytes;
+    const PhysicalHandle handle =
+        (static_cast<PhysicalHandle>(device + 1) << kHandleDeviceShift) | d.next_handle++;
+    d.physical.emplace(handle, Physical{size_bytes, 0, false});
+    *out = handle;
+    d.clock_ns += costs_.create_physical_ns;
+    return DriverStatus::success();
+  }();
+  if (state_->recording.load(std::memory_order_relaxed)) {
+    std::string line = std::string("cuMemCreate") + " dev=" + std::to_string(device) + " size=" + std::to_string(size_bytes) + " -> " + result.name;
+    if (result.ok()) line += " handle=" + hex(*out);
+    state_->record(std::move(line));
   }
-  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-  std::lock_guard<std::mutex> lock(d.mutex);
-  const DriverStatus status = state_->intercept(d, kCreate, device);
-  if (!status.ok()) return status;
-  const SimDeviceSpec& spec = devices_[static_cast<std::size_t>(device)];
-  if (size_bytes == 0 || !aligned(size_bytes, spec.granularity_bytes)) {
-    return failure(driver_code::invalid_value);
-  }
-  if (d.used() > spec.total_bytes || size_bytes > spec.total_bytes - d.used()) {
-    return failure(driver_code::out_of_memory);
-  }
-  d.physical_bytes += size_bytes;
-  const PhysicalHandle handle =
-      (static_cast<PhysicalHandle>(device + 1) << kHandleDeviceShift) | d.next_handle++;
-  d.physical.emplace(handle, Physical{size_bytes, 0, false});
-  *out = handle;
-  d.clock_ns += costs_.create_physical_ns;
-  return DriverStatus::success();
+  return result;
 }
 
 DriverStatus SimDriver::release_physical(PhysicalHandle handle) {
-  const int device = device_of_handle(handle, devices_.size());
-  state_->wait_if_held(kRelease, device);
-  if (device < 0) {
-    const DriverStatus status = state_->intercept_unrouted(kRelease);
-    return status.ok() ? failure(driver_code::invalid_handle) : status;
+  const DriverStatus result = [&]() -> DriverStatus {
+    const int device = device_of_handle(handle, devices_.size());
+    state_->wait_if_held(kRelease, device);
+    if (device < 0) {
+      const DriverStatus status = state_->intercept_unrouted(kRelease);
+      return status.ok() ? failure(driver_code::invalid_handle) : status;
+    }
+    DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+    std::lock_guard<std::mutex> lock(d.mutex);
+    const DriverStatus status = state_->intercept(d, kRelease, device);
+    if (!status.ok()) return status;
+    auto it = d.physical.find(handle);
+    if (it == d.physical.end() || it->second.released) return failure(driver_code::invalid_handle);
+    d.clock_ns += costs_.release_physical_ns;
+    // As on the real driver, memory released while mapped lives until its last unmap.
+    if (it->second.map_count > 0) {
+      it->second.released = true;
+    } else {
+      d.physical_bytes -= it->second.size_bytes;
+      d.physical.erase(it);
+    }
+    return DriverStatus::success();
+  }();
+  if (state_->recording.load(std::memory_order_relaxed)) {
+    std::string line = std::string("cuMemRelease") + " handle=" + hex(handle) + " -> " + result.name;
+    state_->record(std::move(line));
   }
-  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-  std::lock_guard<std::mutex> lock(d.mutex);
-  const DriverStatus status = state_->intercept(d, kRelease, device);
-  if (!status.ok()) return status;
-  auto it = d.physical.find(handle);
-  if (it == d.physical.end() || it->second.released) return failure(driver_code::invalid_handle);
-  d.clock_ns += costs_.release_physical_ns;
-  // As on the real driver, memory released while mapped lives until its last unmap.
-  if (it->second.map_count > 0) {
-    it->second.released = true;
-  } else {
-    d.physical_bytes -= it->second.size_bytes;
-    d.physical.erase(it);
-  }
-  return DriverStatus::success();
+  return result;
 }
 
 DriverStatus SimDriver::map(DeviceAddress va, std::size_t size_bytes, PhysicalHandle handle) {
-  const int device = device_of_handle(handle, devices_.size());
-  state_->wait_if_held(kMap, device);
-  if (device < 0) {
-    const DriverStatus status = state_->intercept_unrouted(kMap);
-    return status.ok() ? failure(driver_code::invalid_handle) : status;
-  }
-  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-  std::lock_guard<std::mutex> lock(d.mutex);
-  const DriverStatus status = state_->intercept(d, kMap, device);
-  if (!status.ok()) return status;
-  auto physical = d.physical.find(handle);
-  if (physical == d.physical.end() || physical->second.released) {
-    return failure(driver_code::invalid_handle);
-  }
-  // Stricter than the driver: memory of one device is only mapped in a range reserved
-  // for that device (aimdo never does otherwise).
-  bool stream = false;
-  if (device_of_address(va, devices_.size(), &stream) != device || stream) {
-    return failure(driver_code::invalid_value);
-  }
-  const std::size_t granularity = devices_[static_cast<std::size_t>(device)].granularity_bytes;
-  std::size_t offset = 0;
-  Reservation* reservation = find_reservation(d, va, &offset);
-  if (reservation == nullptr || size_bytes == 0 || !aligned(offset, granularity) ||
-      !aligned(static_cast<std::size_t>(va), granularity) ||
-      size_bytes != physical->second.size_bytes || size_bytes > reservation->size_bytes - offset) {
-    return failure(driver_code::invalid_value);
-  }
-  // No overlap with an existing mapping on either side (the real driver answers
-  // CUDA_ERROR_INVALID_VALUE too).
-  auto next = reservation->mappings.lower_bound(offset);
-  if (next != reservation->mappings.end() && next->first < offset + size_bytes) {
-    return failure(driver_code::invalid_value);
-  }
-  if (next != reservation->mappings.begin()) {
-    auto previous = std::prev(next);
-    if (previous->first + previous->second.size_bytes > offset) {
+  const DriverStatus result = [&]() -> DriverStatus {
+    const int device = device_of_handle(handle, devices_.size());
+    state_->wait_if_held(kMap, device);
+    if (device < 0) {
+      const DriverStatus status = state_->intercept_unrouted(kMap);
+      return status.ok() ? failure(driver_code::invalid_handle) : status;
+    }
+    DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+    std::lock_guard<std::mutex> lock(d.mutex);
+    const DriverStatus status = state_->intercept(d, kMap, device);
+    if (!status.ok()) return status;
+    auto physical = d.physical.find(handle);
+    if (physical == d.physical.end() || physical->second.released) {
+      return failure(driver_code::invalid_handle);
+    }
+    // Stricter than the driver: memory of one device is only mapped in a range reserved
+    // for that device (aimdo never does otherwise).
+    bool stream = false;
+    if (device_of_address(va, devices_.size(), &stream) != device || stream) {
       return failure(driver_code::invalid_value);
     }
+    const std::size_t granularity = devices_[static_cast<std::size_t>(device)].granularity_bytes;
+    std::size_t offset = 0;
+    Reservation* reservation = find_reservation(d, va, &offset);
+    if (reservation == nullptr || size_bytes == 0 || !aligned(offset, granularity) ||
+        !aligned(static_cast<std::size_t>(va), granularity) ||
+        size_bytes != physical->second.size_bytes || size_bytes > reservation->size_bytes - offset) {
+      return failure(driver_code::invalid_value);
+    }
+    // No overlap with an existing mapping on either side (the real driver answers
+    // CUDA_ERROR_INVALID_VALUE too).
+    auto next = reservation->mappings.lower_bound(offset);
+    if (next != reservation->mappings.end() && next->first < offset + size_bytes) {
+      return failure(driver_code::invalid_value);
+    }
+    if (next != reservation->mappings.begin()) {
+      auto previous = std::prev(next);
+      if (previous->first + previous->second.size_bytes > offset) {
+        return failure(driver_code::invalid_value);
+      }
+    }
+    reservation->mappings.emplace(offset, Mapping{size_bytes, handle, false});
+    ++physical->second.map_count;
+    d.clock_ns += costs_.map_ns;
+    return DriverStatus::success();
+  }();
+  if (state_->recording.load(std::memory_order_relaxed)) {
+    std::string line = std::string("cuMemMap") + " va=" + state_->address(va) + " size=" + std::to_string(size_bytes) + " handle=" + hex(handle) + " -> " + result.name;
+    state_->record(std::move(line));
   }
-  reservation->mappings.emplace(offset, Mapping{size_bytes, handle, false});
-  ++physical->second.map_count;
-  d.clock_ns += costs_.map_ns;
-  return DriverStatus::success();
+  return result;
 }
 
 DriverStatus SimDriver::unmap(DeviceAddress va, std::size_t size_bytes) {
-  bool stream = false;
-  const int device = device_of_address(va, devices_.size(), &stream);
-  state_->wait_if_held(kUnmap, device);
-  if (device < 0 || stream) {
-    const DriverStatus status = state_->intercept_unrouted(kUnmap);
-    return status.ok() ? failure(driver_code::invalid_value) : status;
+  const DriverStatus result = [&]() -> DriverStatus {
+    bool stream = false;
+    const int device = device_of_address(va, devices_.size(), &stream);
+    state_->wait_if_held(kUnmap, device);
+    if (device < 0 || stream) {
+      const DriverStatus status = state_->intercept_unrouted(kUnmap);
+      return status.ok() ? failure(driver_code::invalid_value) : status;
+    }
+    DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+    std::lock_guard<std::mutex> lock(d.mutex);
+    const DriverStatus status = state_->intercept(d, kUnmap, device);
+    if (!status.ok()) return status;
+    std::size_t offset = 0;
+    Reservation* reservation = find_reservation(d, va, &offset);
+    if (reservation == nullptr) return failure(driver_code::invalid_value);
+    auto mapping = reservation->mappings.find(offset);
+    // Stricter than the driver, which accepts a second unmap: that is always a bug here.
+    if (mapping == reservation->mappings.end()) return failure(driver_code::not_mapped);
+    if (mapping->second.size_bytes != size_bytes) return failure(driver_code::invalid_value);
+    auto physical = d.physical.find(mapping->second.handle);
+    reservation->mappings.erase(mapping);
+    d.clock_ns += costs_.unmap_ns;
+    if (physical != d.physical.end() && --physical->second.map_count == 0 &&
+        physical->second.released) {
+      d.physical_bytes -= physical->second.size_bytes;
+      d.physical.erase(physical);
+    }
+    return DriverStatus::success();
+  }();
+  if (state_->recording.load(std::memory_order_relaxed)) {
+    std::string line = std::string("cuMemUnmap") + " va=" + state_->address(va) + " size=" + std::to_string(size_bytes) + " -> " + result.name;
+    state_->record(std::move(line));
   }
-  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-  std::lock_guard<std::mutex> lock(d.mutex);
-  const DriverStatus status = state_->intercept(d, kUnmap, device);
-  if (!status.ok()) return status;
-  std::size_t offset = 0;
-  Reservation* reservation = find_reservation(d, va, &offset);
-  if (reservation == nullptr) return failure(driver_code::invalid_value);
-  auto mapping = reservation->mappings.find(offset);
-  // Stricter than the driver, which accepts a second unmap: that is always a bug here.
-  if (mapping == reservation->mappings.end()) return failure(driver_code::not_mapped);
-  if (mapping->second.size_bytes != size_bytes) return failure(driver_code::invalid_value);
-  auto physical = d.physical.find(mapping->second.handle);
-  reservation->mappings.erase(mapping);
-  d.clock_ns += costs_.unmap_ns;
-  if (physical != d.physical.end() && --physical->second.map_count == 0 &&
-      physical->second.released) {
-    d.physical_bytes -= physical->second.size_bytes;
-    d.physical.erase(physical);
-  }
-  return DriverStatus::success();
+  return result;
 }
 
 DriverStatus SimDriver::set_access(DeviceAddress va, std::size_t size_bytes, int device) {
-  state_->wait_if_held(kSetAccess, device);
-  bool stream = false;
-  if (device < 0 || device >= device_total()) {
-    const DriverStatus status = state_->intercept_unrouted(kSetAccess);
-    return status.ok() ? failure(driver_code::invalid_device) : status;
+  const DriverStatus result = [&]() -> DriverStatus {
+    state_->wait_if_held(kSetAccess, device);
+    bool stream = false;
+    if (device < 0 || device >= device_total()) {
+      const DriverStatus status = state_->intercept_unrouted(kSetAccess);
+      return status.ok() ? failure(driver_code::invalid_device) : status;
+    }
+    DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+    std::lock_guard<std::mutex> lock(d.mutex);
+    const DriverStatus status = state_->intercept(d, kSetAccess, device);
+    if (!status.ok()) return status;
+    // Peer access is not modelled: a device gets access to its own memory only.
+    if (device_of_address(va, devices_.size(), &stream) != device || stream) {
+      return failure(driver_code::invalid_value);
+    }
+    std::size_t offset = 0;
+    Reservation* reservation = find_reservation(d, va, &offset);
+    std::vector<Mapping*> mappings;
+    if (reservation == nullptr || !covered(*reservation, offset, size_bytes, false, &mappings)) {
+      return failure(driver_code::invalid_value);
+    }
+    for (Mapping* m : mappings) m->access = true;
+    d.clock_ns += costs_.set_access_ns;
+    return DriverStatus::success();
+  }();
+  if (state_->recording.load(std::memory_order_relaxed)) {
+    std::string line = std::string("cuMemSetAccess") + " va=" + state_->address(va) + " size=" + std::to_string(size_bytes) + " dev=" + std::to_string(device) + " -> " + result.name;
+    state_->record(std::move(line));
   }
-  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-  std::lock_guard<std::mutex> lock(d.mutex);
-  const DriverStatus status = state_->intercept(d, kSetAccess, device);
-  if (!status.ok()) return status;
-  // Peer access is not modelled: a device gets access to its own memory only.
-  if (device_of_address(va, devices_.size(), &stream) != device || stream) {
-    return failure(driver_code::invalid_value);
-  }
-  std::size_t offset = 0;
-  Reservation* reservation = find_reservation(d, va, &offset);
-  std::vector<Mapping*> mappings;
-  if (reservation == nullptr || !covered(*reservation, offset, size_bytes, false, &mappings)) {
-    return failure(driver_code::invalid_value);
-  }
-  for (Mapping* m : mappings) m->access = true;
-  d.clock_ns += costs_.set_access_ns;
-  return DriverStatus::success();
+  return result;
 }
 
 DriverStatus SimDriver::synchronize(int device) {
-  state_->wait_if_held(kSynchronize, device);
-  if (device < 0 || device >= device_total()) {
-    const DriverStatus status = state_->intercept_unrouted(kSynchronize);
-    return status.ok() ? failure(driver_code::invalid_device) : status;
+  const DriverStatus result = [&]() -> DriverStatus {
+    state_->wait_if_held(kSynchronize, device);
+    if (device < 0 || device >= device_total()) {
+      const DriverStatus status = state_->intercept_unrouted(kSynchronize);
+      return status.ok() ? failure(driver_code::invalid_device) : status;
+    }
+    DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+    std::lock_guard<std::mutex> lock(d.mutex);
+    const DriverStatus status = state_->intercept(d, kSynchronize, device);
+    if (!status.ok()) return status;
+    if (state_->current_device() != device) return failure(driver_code::invalid_context);
+    d.clock_ns += costs_.synchronize_ns;
+    state_->host_at_least(d.clock_ns);  // the host waited for the device
+    return DriverStatus::success();
+  }();
+  if (state_->recording.load(std::memory_order_relaxed)) {
+    std::string line = std::string("cuCtxSynchronize") + " dev=" + std::to_string(device) + " cur=" + std::to_string(state_->current_device()) + " -> " + result.name;
+    state_->record(std::move(line));
   }
-  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-  std::lock_guard<std::mutex> lock(d.mutex);
-  const DriverStatus status = state_->intercept(d, kSynchronize, device);
-  if (!status.ok()) return status;
-  if (state_->current_device() != device) return failure(driver_code::invalid_context);
-  d.clock_ns += costs_.synchronize_ns;
-  return DriverStatus::success();
+  return result;
 }
 
 DriverStatus SimDriver::stream_alloc(int device, std::size_t size_bytes, StreamHandle,
                                      DeviceAddress* out) {
-  state_->wait_if_held(kAllocAsync, device);
-  if (device < 0 || device >= device_total()) {
-    const DriverStatus status = state_->intercept_unrouted(kAllocAsync);
-    return status.ok() ? failure(driver_code::invalid_device) : status;
+  const DriverStatus result = [&]() -> DriverStatus {
+    state_->wait_if_held(kAllocAsync, device);
+    if (device < 0 || device >= device_total()) {
+      const DriverStatus status = state_->intercept_unrouted(kAllocAsync);
+      return status.ok() ? failure(driver_code::invalid_device) : status;
+    }
+    DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+    std::lock_guard<std::mutex> lock(d.mutex);
+    const DriverStatus status = state_->intercept(d, kAllocAsync, device);
+    if (!status.ok()) return status;
+    if (state_->current_device() != device) return failure(driver_code::invalid_context);
+    const std::size_t total = devices_[static_cast<std::size_t>(device)].total_bytes;
+    if (size_bytes == 0 || size_bytes > kRegionBytes / 4) return failure(driver_code::invalid_value);
+    if (d.used() > total || size_bytes > total - d.used()) {
+      return failure(driver_code::out_of_memory);
+    }
+    const DeviceAddress region_end = reservation_region(device) + 2 * kRegionBytes;
+    const DeviceAddress padded = (size_bytes + 511) / 512 * 512 + 512;
+    if (d.next_stream_va + padded > region_end) {
+      d.next_stream_va = reservation_region(device) + kRegionBytes;  // wrap around
+    }
+    while (d.streams.count(d.next_stream_va) != 0) d.next_stream_va += 512;
+    const DeviceAddress va = d.next_stream_va;
+    d.next_stream_va += padded;
+    d.stream_bytes += size_bytes;
+    d.streams.emplace(va, size_bytes);
+    *out = va;
+    d.clock_ns += costs_.stream_alloc_ns;
+    return DriverStatus::success();
+  }();
+  if (state_->recording.load(std::memory_order_relaxed)) {
+    std::string line = std::string("cuMemAllocAsync") + " dev=" + std::to_string(device) + " cur=" + std::to_string(state_->current_device()) + " size=" + std::to_string(size_bytes) + " -> " + result.name;
+    if (result.ok()) line += " ptr=" + state_->address(*out);
+    state_->record(std::move(line));
   }
-  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-  std::lock_guard<std::mutex> lock(d.mutex);
-  const DriverStatus status = state_->intercept(d, kAllocAsync, device);
-  if (!status.ok()) return status;
-  if (state_->current_device() != device) return failure(driver_code::invalid_context);
-  const std::size_t total = devices_[static_cast<std::size_t>(device)].total_bytes;
-  if (size_bytes == 0 || size_bytes > kRegionBytes / 4) return failure(driver_code::invalid_value);
-  if (d.used() > total || size_bytes > total - d.used()) {
-    return failure(driver_code::out_of_memory);
-  }
-  const DeviceAddress region_end = reservation_region(device) + 2 * kRegionBytes;
-  const DeviceAddress padded = (size_bytes + 511) / 512 * 512 + 512;
-  if (d.next_stream_va + padded > region_end) {
-    d.next_stream_va = reservation_region(device) + kRegionBytes;  // wrap around
-  }
-  while (d.streams.count(d.next_stream_va) != 0) d.next_stream_va += 512;
-  const DeviceAddress va = d.next_stream_va;
-  d.next_stream_va += padded;
-  d.stream_bytes += size_bytes;
-  d.streams.emplace(va, size_bytes);
-  *out = va;
-  d.clock_ns += costs_.stream_alloc_ns;
-  return DriverStatus::success();
+  return result;
 }
 
 DriverStatus SimDriver::stream_free(int device, DeviceAddress ptr, StreamHandle) {
-  state_->wait_if_held(kFreeAsync, device);
-  if (device < 0 || device >= device_total()) {
-    const DriverStatus status = state_->intercept_unrouted(kFreeAsync);
-    return status.ok() ? failure(driver_code::invalid_device) : status;
+  const DriverStatus result = [&]() -> DriverStatus {
+    state_->wait_if_held(kFreeAsync, device);
+    if (device < 0 || device >= device_total()) {
+      const DriverStatus status = state_->intercept_unrouted(kFreeAsync);
+      return status.ok() ? failure(driver_code::invalid_device) : status;
+    }
+    DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+    std::lock_guard<std::mutex> lock(d.mutex);
+    const DriverStatus status = state_->intercept(d, kFreeAsync, device);
+    if (!status.ok()) return status;
+    if (state_->current_device() != device) return failure(driver_code::invalid_context);
+    auto it = d.streams.find(ptr);
+    if (it == d.streams.end()) return failure(driver_code::invalid_value);
+    d.stream_bytes -= it->second;
+    d.clock_ns += costs_.stream_free_ns;
+    if (options_.free_delay_ns > 0) {
+      // Reusable only once the device's clock has passed the delay.
+      d.pending_frees.emplace_back(d.clock_ns + options_.free_delay_ns, it->second);
+      d.pending_bytes += it->second;
+    }
+    d.streams.erase(it);
+    return DriverStatus::success();
+  }();
+  if (state_->recording.load(std::memory_order_relaxed)) {
+    std::string line = std::string("cuMemFreeAsync") + " dev=" + std::to_string(device) + " cur=" + std::to_string(state_->current_device()) + " ptr=" + state_->address(ptr) + " -> " + result.name;
+    state_->record(std::move(line));
   }
-  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-  std::lock_guard<std::mutex> lock(d.mutex);
-  const DriverStatus status = state_->intercept(d, kFreeAsync, device);
-  if (!status.ok()) return status;
-  if (state_->current_device() != device) return failure(driver_code::invalid_context);
-  auto it = d.streams.find(ptr);
-  if (it == d.streams.end()) return failure(driver_code::invalid_value);
-  d.stream_bytes -= it->second;
-  d.streams.erase(it);
-  d.clock_ns += costs_.stream_free_ns;
-  return DriverStatus::success();
+  return result;
 }
 
 int SimDriver::current_device() noexcept { return state_->current_device(); }
 
 DriverStatus SimDriver::make_current(int device, ContextToken* previous) {
-  state_->wait_if_held(kSetCurrent, device);
-  if (device < 0 || device >= device_total()) {
-    const DriverStatus status = state_->intercept_unrouted(kSetCurrent);
-    return status.ok() ? failure(driver_code::invalid_device) : status;
+  const DriverStatus result = [&]() -> DriverStatus {
+    state_->wait_if_held(kSetCurrent, device);
+    if (device < 0 || device >= device_total()) {
+      const DriverStatus status = state_->intercept_unrouted(kSetCurrent);
+      return status.ok() ? failure(driver_code::invalid_device) : status;
+    }
+    {
+      DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+      std::lock_guard<std::mutex> lock(d.mutex);
+      const DriverStatus status = state_->intercept(d, kSetCurrent, device);
+      if (!status.ok()) return status;
+    }
+    const int current = state_->current_device();
+    previous->device = current;
+    previous->context = nullptr;
+    previous->switched = current != device;
+    if (previous->switched) state_->set_current(device);
+    return DriverStatus::success();
+  }();
+  if (state_->recording.load(std::memory_order_relaxed)) {
+    std::string line = std::string("cuCtxSetCurrent") + " dev=" + std::to_string(device) + " -> " + result.name;
+    state_->record(std::move(line));
   }
-  {
-    DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-    std::lock_guard<std::mutex> lock(d.mutex);
-    const DriverStatus status = state_->intercept(d, kSetCurrent, device);
-    if (!status.ok()) return status;
-  }
-  const int current = state_->current_device();
-  previous->device = current;
-  previous->context = nullptr;
-  previous->switched = current != device;
-  if (previous->switched) state_->set_current(device);
-  return DriverStatus::success();
+  return result;
 }
 
 void SimDriver::restore_current(const ContextToken& previous) noexcept {
@@ -692,6 +874,7 @@ void SimDriver::add_external_usage(int device, std::size_t bytes) {
   check_device(device, device_total());
   DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
   std::lock_guard<std::mutex> lock(d.mutex);
+  d.reap();
   const std::size_t total = devices_[static_cast<std::size_t>(device)].total_bytes;
   const std::size_t free_bytes = d.used() >= total ? 0 : total - d.used();
   if (bytes > free_bytes) {
@@ -700,6 +883,10 @@ void SimDriver::add_external_usage(int device, std::size_t bytes) {
                                std::to_string(bytes) + " bytes of external usage");
   }
   d.external_bytes += bytes;
+  if (state_->recording.load(std::memory_order_relaxed)) {
+    state_->record("@add_external_usage dev=" + std::to_string(device) + " bytes=" +
+                   std::to_string(bytes));
+  }
 }
 
 void SimDriver::remove_external_usage(int device, std::size_t bytes) {
@@ -712,6 +899,10 @@ void SimDriver::remove_external_usage(int device, std::size_t bytes) {
                                " bytes of external usage; cannot remove " + std::to_string(bytes));
   }
   d.external_bytes -= bytes;
+  if (state_->recording.load(std::memory_order_relaxed)) {
+    state_->record("@remove_external_usage dev=" + std::to_string(device) + " bytes=" +
+                   std::to_string(bytes));
+  }
 }
 
 std::size_t SimDriver::external_usage(int device) const {
@@ -730,9 +921,18 @@ std::size_t SimDriver::physical_bytes(int device) const {
 
 std::size_t SimDriver::used_bytes(int device) const {
   check_device(device, device_total());
-  const DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
   std::lock_guard<std::mutex> lock(d.mutex);
+  d.reap();
   return d.used();
+}
+
+std::size_t SimDriver::pending_free_bytes(int device) const {
+  check_device(device, device_total());
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  d.reap();
+  return d.pending_bytes;
 }
 
 bool SimDriver::is_accessible(DeviceAddress va, std::size_t size_bytes) const {
@@ -754,6 +954,11 @@ void SimDriver::fail(const std::string& operation, int device, int code, std::ui
   }
   if (count == 0) throw InvalidArgumentError("count must be positive");
   const FailureRule rule{op, device, code, skip, count};
+  if (state_->recording.load(std::memory_order_relaxed)) {
+    state_->record("@fail op=" + operation + " dev=" + std::to_string(device) + " code=" +
+                   std::to_string(code) + " skip=" + std::to_string(skip) + " count=" +
+                   std::to_string(count));
+  }
   if (device == -1) {
     std::lock_guard<std::mutex> lock(state_->any_mutex);
     state_->any_rules.push_back(rule);
@@ -766,7 +971,39 @@ void SimDriver::fail(const std::string& operation, int device, int code, std::ui
   d.rules.push_back(rule);
 }
 
+void SimDriver::fail_rate(const std::string& operation, int device, int code,
+                          double probability) {
+  const int op = op_index(operation);
+  if (code == driver_code::success) {
+    throw InvalidArgumentError("an injected failure needs a non-zero code");
+  }
+  if (!(probability > 0 && probability <= 1)) {
+    throw InvalidArgumentError("probability must be in (0, 1]");
+  }
+  if (device != -1) check_device(device, device_total());
+  FailureRule rule{op, device, code, 0, 1};
+  rule.probability = probability;
+  const std::uint64_t index = state_->rate_rules.fetch_add(1);
+  rule.random = seed_ ^ (0x9e3779b97f4a7c15ULL * (index + 1));
+  if (state_->recording.load(std::memory_order_relaxed)) {
+    char text[40];
+    std::snprintf(text, sizeof text, "%.17g", probability);
+    state_->record("@fail_rate op=" + operation + " dev=" + std::to_string(device) + " code=" +
+                   std::to_string(code) + " p=" + text);
+  }
+  if (device == -1) {
+    std::lock_guard<std::mutex> lock(state_->any_mutex);
+    state_->any_rules.push_back(rule);
+    state_->any_rule_count.fetch_add(1, std::memory_order_acq_rel);
+    return;
+  }
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  d.rules.push_back(rule);
+}
+
 void SimDriver::clear_failures() {
+  if (state_->recording.load(std::memory_order_relaxed)) state_->record("@clear_failures");
   {
     std::lock_guard<std::mutex> lock(state_->any_mutex);
     state_->any_rules.clear();
@@ -797,12 +1034,170 @@ std::uint64_t SimDriver::call_count(const std::string& operation, int device) co
 void SimDriver::advance(int device, std::int64_t ns) {
   if (ns < 0) throw InvalidArgumentError("time only moves forward");
   if (device != -1) check_device(device, device_total());
+  if (state_->recording.load(std::memory_order_relaxed)) {
+    state_->record("@advance dev=" + std::to_string(device) + " ns=" + std::to_string(ns));
+  }
   for (int i = 0; i < device_total(); ++i) {
     if (device != -1 && i != device) continue;
     DeviceState& d = *state_->devices[static_cast<std::size_t>(i)];
     std::lock_guard<std::mutex> lock(d.mutex);
     d.clock_ns += ns;
   }
+  if (device == -1) state_->host_clock.fetch_add(ns, std::memory_order_relaxed);
+}
+
+void SimDriver::copy_to_device(int device, std::size_t bytes) {
+  check_device(device, device_total());
+  const double seconds =
+      static_cast<double>(bytes) / devices_[static_cast<std::size_t>(device)].host_to_device_bytes_per_s;
+  if (state_->recording.load(std::memory_order_relaxed)) {
+    state_->record("@copy_to_device dev=" + std::to_string(device) + " bytes=" +
+                   std::to_string(bytes));
+  }
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  d.clock_ns += static_cast<std::int64_t>(std::llround(seconds * 1e9));
+}
+
+void SimDriver::compute(int device, std::int64_t ns) {
+  if (ns < 0) throw InvalidArgumentError("compute time must not be negative");
+  check_device(device, device_total());
+  if (state_->recording.load(std::memory_order_relaxed)) {
+    state_->record("@compute dev=" + std::to_string(device) + " ns=" + std::to_string(ns));
+  }
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  d.clock_ns += ns;
+}
+
+std::int64_t SimDriver::host_now_ns() const noexcept {
+  return state_->host_clock.load(std::memory_order_relaxed);
+}
+
+void SimDriver::set_recording(bool on) { state_->recording.store(on); }
+
+std::string SimDriver::log() const {
+  std::lock_guard<std::mutex> lock(state_->log_mutex);
+  std::string out;
+  for (const auto& line : state_->log_lines) {
+    out += line;
+    out += '\n';
+  }
+  return out;
+}
+
+namespace {
+
+// One log line: its name, its key=value arguments, and what follows "->".
+struct LogLine {
+  std::string name;
+  std::map<std::string, std::string> args;
+};
+
+LogLine parse_line(const std::string& line) {
+  std::istringstream in(line);
+  LogLine out;
+  in >> out.name;
+  std::string token;
+  while (in >> token && token != "->") {
+    const std::size_t eq = token.find('=');
+    if (eq == std::string::npos) throw InvalidArgumentError("cannot read log line: " + line);
+    out.args[token.substr(0, eq)] = token.substr(eq + 1);
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<std::string> SimDriver::replay(const std::string& log_text) const {
+  SimOptions options = options_;
+  options.record = true;
+  SimDriver fresh(devices_, seed_, options);
+  State& st = *fresh.state_;
+  std::vector<std::string> expected;
+  std::istringstream lines(log_text);
+  std::string line;
+  const auto number = [](const LogLine& l, const char* key) -> std::uint64_t {
+    auto found = l.args.find(key);
+    if (found == l.args.end()) throw InvalidArgumentError(std::string("log line lacks ") + key);
+    return std::stoull(found->second, nullptr, 0);
+  };
+  const auto signed_number = [](const LogLine& l, const char* key) -> std::int64_t {
+    auto found = l.args.find(key);
+    if (found == l.args.end()) throw InvalidArgumentError(std::string("log line lacks ") + key);
+    return std::stoll(found->second, nullptr, 0);
+  };
+  while (std::getline(lines, line)) {
+    if (line.empty()) continue;
+    expected.push_back(line);
+    const LogLine l = parse_line(line);
+    const auto device = [&] { return static_cast<int>(signed_number(l, "dev")); };
+    const auto size = [&] { return static_cast<std::size_t>(number(l, "size")); };
+    const auto va = [&] { return st.parse_address(l.args.at("va")); };
+    if (l.args.count("cur")) st.set_current(static_cast<int>(signed_number(l, "cur")));
+    std::size_t a = 0;
+    std::size_t b = 0;
+    DeviceAddress out = 0;
+    PhysicalHandle handle = 0;
+    if (l.name == "cuMemGetInfo") {
+      fresh.memory_info(device(), &a, &b);
+    } else if (l.name == "cuMemAddressReserve") {
+      fresh.reserve_address_range(device(), size(), static_cast<std::size_t>(number(l, "align")), &out);
+    } else if (l.name == "cuMemAddressFree") {
+      fresh.free_address_range(va(), size());
+    } else if (l.name == "cuMemCreate") {
+      fresh.create_physical(device(), size(), &handle);
+    } else if (l.name == "cuMemRelease") {
+      fresh.release_physical(number(l, "handle"));
+    } else if (l.name == "cuMemMap") {
+      fresh.map(va(), size(), number(l, "handle"));
+    } else if (l.name == "cuMemUnmap") {
+      fresh.unmap(va(), size());
+    } else if (l.name == "cuMemSetAccess") {
+      fresh.set_access(va(), size(), device());
+    } else if (l.name == "cuCtxSynchronize") {
+      fresh.synchronize(device());
+    } else if (l.name == "cuMemAllocAsync") {
+      fresh.stream_alloc(device(), size(), 0, &out);
+    } else if (l.name == "cuMemFreeAsync") {
+      fresh.stream_free(device(), st.parse_address(l.args.at("ptr")), 0);
+    } else if (l.name == "cuCtxSetCurrent") {
+      ContextToken token;
+      fresh.make_current(device(), &token);
+    } else if (l.name == "@add_external_usage") {
+      fresh.add_external_usage(device(), static_cast<std::size_t>(number(l, "bytes")));
+    } else if (l.name == "@remove_external_usage") {
+      fresh.remove_external_usage(device(), static_cast<std::size_t>(number(l, "bytes")));
+    } else if (l.name == "@fail") {
+      fresh.fail(l.args.at("op"), device(), static_cast<int>(signed_number(l, "code")),
+                 number(l, "skip"), number(l, "count"));
+    } else if (l.name == "@fail_rate") {
+      fresh.fail_rate(l.args.at("op"), device(), static_cast<int>(signed_number(l, "code")),
+                      std::stod(l.args.at("p")));
+    } else if (l.name == "@clear_failures") {
+      fresh.clear_failures();
+    } else if (l.name == "@advance") {
+      fresh.advance(device(), signed_number(l, "ns"));
+    } else if (l.name == "@copy_to_device") {
+      fresh.copy_to_device(device(), static_cast<std::size_t>(number(l, "bytes")));
+    } else if (l.name == "@compute") {
+      fresh.compute(device(), signed_number(l, "ns"));
+    } else {
+      throw InvalidArgumentError("cannot replay log line: " + line);
+    }
+  }
+  std::vector<std::string> differences;
+  std::lock_guard<std::mutex> lock(st.log_mutex);
+  const std::size_t n = std::max(expected.size(), st.log_lines.size());
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::string want = i < expected.size() ? expected[i] : "(nothing)";
+    const std::string got = i < st.log_lines.size() ? st.log_lines[i] : "(nothing)";
+    if (want != got) {
+      differences.push_back("line " + std::to_string(i + 1) + ": logged '" + want +
+                            "', replayed '" + got + "'");
+    }
+  }
+  return differences;
 }
 
 std::vector<std::string> SimDriver::leaks() const {

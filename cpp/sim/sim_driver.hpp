@@ -5,12 +5,20 @@
 // the real driver's rules (granularity alignment, maps only inside a reservation, no
 // overlapping map, no double unmap or release, access set before use); stream-ordered
 // allocations; a current context per thread, required by the context-dependent calls;
-// memory used by others (external usage); a virtual clock per device advanced by each
-// operation's cost (defaults from shared/h100-measurements.md); failures injected on
-// chosen operations. Nothing here reads the wall clock.
+// memory used by others (external usage); stream-ordered frees that become reusable only
+// after a delay; failures injected on chosen operations, by count or at a seeded rate; an
+// event log of every call that can be replayed.
 //
-// What it does not model (yet): kernels, copies, real bytes behind the addresses, delays
-// in the reuse of stream-ordered frees.
+// Time. Each device has a virtual clock: the moment its queued work is done. Driver
+// operations made for a device cost time on its clock (defaults from
+// shared/h100-measurements.md); a workload declares its copies (bytes / the device's
+// host-to-device bandwidth) and its compute. The host clock moves to a device's clock
+// when the host waits for that device (synchronize) and with advance(). The budget's poll
+// interval runs on the device clocks. Nothing here reads the wall clock, but wait_held,
+// which bounds a test's wait for a held call.
+//
+// What it does not model: kernels and their data, copy/compute overlap on separate
+// engines, peer access between devices, partial unmaps.
 //
 // Operation names used by fault injection and call counts are the CUDA driver functions
 // the real backend calls: cuMemGetInfo, cuMemAddressReserve, cuMemAddressFree,
@@ -40,6 +48,9 @@ struct SimDeviceSpec {
   std::size_t total_bytes = 0;
   std::size_t granularity_bytes = std::size_t{2} << 20;
   bool integrated = false;
+  // Host-to-device copy bandwidth for copy_to_device (shared/h100-measurements.md: about
+  // 50 GB/s per GPU with both copying at once from pinned memory).
+  double host_to_device_bytes_per_s = 50e9;
 };
 
 // Virtual time each operation costs on its device's clock, in nanoseconds.
@@ -57,11 +68,20 @@ struct SimCosts {
   std::int64_t stream_free_ns = 2'000;
 };
 
+struct SimOptions {
+  SimCosts costs;
+  // Stream-ordered frees become reusable (and show in free memory) this long after the
+  // free on the device's clock.
+  std::int64_t free_delay_ns = 0;
+  // Keep the event log (log()) from the start.
+  bool record = false;
+};
+
 class SimDriver final : public Driver {
  public:
   // InvalidArgumentError for no devices, more than 64, a zero capacity or a granularity
   // that is not a power of two of at least 4 KiB.
-  SimDriver(std::vector<SimDeviceSpec> devices, std::uint64_t seed, SimCosts costs = {});
+  SimDriver(std::vector<SimDeviceSpec> devices, std::uint64_t seed, SimOptions options = {});
   ~SimDriver() override;
 
   // aimdo::Driver
@@ -104,11 +124,32 @@ class SimDriver final : public Driver {
   // calls through, answering `code` (a CUresult, e.g. 2 out of memory, 600 not ready).
   void fail(const std::string& operation, int device, int code, std::uint64_t skip,
             std::uint64_t count);
+  // Fail each matching call with `probability` in (0, 1], drawn from a generator seeded
+  // by the simulator's seed and the order of fail_rate calls: the same calls fail again
+  // for the same seed and the same call sequence. Until clear_failures().
+  void fail_rate(const std::string& operation, int device, int code, double probability);
   void clear_failures();
   // Calls seen of `operation` on `device` (-1: all devices), injected failures included.
   std::uint64_t call_count(const std::string& operation, int device) const;
-  // Move a device's clock (or every clock, device -1) forward.
+  // Move a device's clock (or every clock and the host's, device -1) forward.
   void advance(int device, std::int64_t ns);
+  // Declare work queued on a device: a host-to-device copy of `bytes` (costs bytes /
+  // bandwidth) or `ns` of compute. Both move the device's clock.
+  void copy_to_device(int device, std::size_t bytes);
+  void compute(int device, std::int64_t ns);
+  // The host's clock (see "Time" above).
+  std::int64_t host_now_ns() const noexcept;
+  // Stream-ordered frees not reusable yet on `device`.
+  std::size_t pending_free_bytes(int device) const;
+  // The event log: one line per driver call (arguments, result, outputs) and per use of
+  // a simulator power, in call order. Addresses are written relative to their device's
+  // region, so the same calls give the same log, byte for byte, run after run.
+  void set_recording(bool on);
+  std::string log() const;
+  // Re-issue every call of `log` on a fresh simulator with this one's devices, seed and
+  // options, and compare each result line. Returns the lines that differ (empty: the
+  // replay reproduced the log). InvalidArgumentError for a line it cannot read.
+  std::vector<std::string> replay(const std::string& log) const;
   // One readable line per live reservation, physical allocation, mapping and
   // stream-ordered allocation; empty when nothing leaks.
   std::vector<std::string> leaks() const;
@@ -129,7 +170,8 @@ class SimDriver final : public Driver {
   struct State;  // everything mutable, one part per device; see sim_driver.cpp
 
   const std::uint64_t seed_;
-  const SimCosts costs_;
+  const SimOptions options_;
+  const SimCosts& costs_;
   std::vector<SimDeviceSpec> devices_;
   std::unique_ptr<State> state_;
 };

@@ -26,9 +26,13 @@ __all__ = ["SimBackend", "SimHold", "DeviceSpec", "live_backends"]
 
 DEFAULT_DEVICES = "2x24GiB"
 DEFAULT_GRANULARITY = 2 << 20
+#: Host-to-device bandwidth of a simulated device: about what one H100 of a pair reached
+#: from pinned host memory with both copying at once (shared/h100-measurements.md).
+DEFAULT_BANDWIDTH = 50e9
 
 #: A device spec: a capacity (``"24GiB"`` or bytes) or a mapping with keys ``capacity``
-#: (required), ``name``, ``granularity`` (bytes or a size string) and ``integrated``.
+#: (required), ``name``, ``granularity`` (bytes or a size string), ``integrated`` and
+#: ``bandwidth`` (host-to-device bytes per second).
 DeviceSpec = Union[str, int, Mapping]
 
 _ERROR_CODES = {
@@ -46,7 +50,7 @@ def live_backends() -> list["SimBackend"]:
     return list(_live)
 
 
-def _parse_devices(devices: str | Iterable[DeviceSpec]) -> list[tuple[str, int, int, bool]]:
+def _parse_devices(devices: str | Iterable[DeviceSpec]) -> list[tuple[str, int, int, bool, float]]:
     if isinstance(devices, str):
         text = devices.strip()
         if "x" in text.lower() and text.lower().split("x", 1)[0].strip().isdigit():
@@ -66,8 +70,9 @@ def _parse_devices(devices: str | Iterable[DeviceSpec]) -> list[tuple[str, int, 
         name = f"aimdo simulated GPU {index}"
         granularity = DEFAULT_GRANULARITY
         integrated = False
+        bandwidth = DEFAULT_BANDWIDTH
         if isinstance(spec, Mapping):
-            unknown = set(spec) - {"capacity", "name", "granularity", "integrated"}
+            unknown = set(spec) - {"capacity", "name", "granularity", "integrated", "bandwidth"}
             if unknown:
                 raise ValueError(f"device spec {index}: unknown keys {sorted(unknown)}")
             if "capacity" not in spec:
@@ -76,9 +81,14 @@ def _parse_devices(devices: str | Iterable[DeviceSpec]) -> list[tuple[str, int, 
             name = str(spec.get("name", name))
             granularity = parse_size(spec.get("granularity", granularity))
             integrated = bool(spec.get("integrated", False))
+            bandwidth = spec.get("bandwidth", bandwidth)
+            if isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float)):
+                raise TypeError(f"device spec {index}: bandwidth must be a number of bytes per second")
+            if not math.isfinite(bandwidth) or bandwidth <= 0:
+                raise ValueError(f"device spec {index}: bandwidth must be positive, got {bandwidth}")
         else:
             capacity = parse_size(spec)
-        out.append((name, capacity, granularity, integrated))
+        out.append((name, capacity, granularity, integrated, float(bandwidth)))
     return out
 
 
@@ -109,18 +119,31 @@ class SimHold:
 
 class SimBackend:
     """Simulated GPUs. ``devices`` is ``"2x24GiB"``, ``"24GiB,12GiB"`` or a list of
-    specs (see ``DeviceSpec``); ``seed`` makes runs with fault rates reproducible.
+    specs (see ``DeviceSpec``); ``seed`` makes runs with fault rates reproducible;
+    ``free_delay`` (seconds of virtual time) delays the reuse of stream-ordered frees;
+    ``record`` keeps the event log from the start (see ``log``).
 
     Thread-safe: every method may be called from any thread.
     """
 
-    def __init__(self, devices: str | Iterable[DeviceSpec] = DEFAULT_DEVICES, *, seed: int = 0):
+    def __init__(
+        self,
+        devices: str | Iterable[DeviceSpec] = DEFAULT_DEVICES,
+        *,
+        seed: int = 0,
+        free_delay: float = 0.0,
+        record: bool = False,
+    ):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
         if not 0 <= seed < 1 << 64:
             raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+        if isinstance(free_delay, bool) or not isinstance(free_delay, (int, float)):
+            raise TypeError("free_delay must be a number of seconds")
+        if not math.isfinite(free_delay) or free_delay < 0:
+            raise ValueError(f"free_delay must be finite and not negative, got {free_delay}")
         self._specs = _parse_devices(devices)
-        self._driver = _core.SimDriver(self._specs, seed)
+        self._driver = _core.SimDriver(self._specs, seed, round(free_delay * 1e9), bool(record))
         _live.add(self)
 
     # -- what it is -------------------------------------------------------------------
@@ -195,14 +218,7 @@ class SimBackend:
         fail after ``skip`` matching calls succeed. ``error`` is ``"out_of_memory"``,
         ``"not_ready"`` (transient: aimdo retries it), ``"error"``, ``"invalid_value"``
         or a CUresult code. The error aimdo raises is flagged ``injected``."""
-        if isinstance(error, str):
-            if error not in _ERROR_CODES:
-                raise ValueError(f"error must be one of {sorted(_ERROR_CODES)} or a code, got {error!r}")
-            code = _ERROR_CODES[error]
-        elif isinstance(error, int) and not isinstance(error, bool):
-            code = error
-        else:
-            raise TypeError(f"error must be a name or an int code, not {type(error).__name__}")
+        code = _error_code(error)
         self._driver.fail(operation, -1 if device is None else device, code, skip, count)
 
     def clear_failures(self) -> None:
@@ -219,15 +235,79 @@ class SimBackend:
         call in flight (see SimHold)."""
         return SimHold(self._driver, self._driver.hold(operation, device), operation, device)
 
+    def fail_rate(
+        self,
+        operation: str,
+        probability: float,
+        *,
+        device: int | None = None,
+        error: str | int = "out_of_memory",
+    ) -> None:
+        """Fail each call of ``operation`` (on ``device``, or any) with ``probability``,
+        drawn from a generator seeded by the simulator's seed: the same calls fail again
+        for the same seed and call sequence. Lasts until ``clear_failures``."""
+        code = _error_code(error)
+        if isinstance(probability, bool) or not isinstance(probability, (int, float)):
+            raise TypeError("probability must be a number")
+        self._driver.fail_rate(operation, -1 if device is None else device, code, float(probability))
+
     # -- virtual time -----------------------------------------------------------------
-    def now(self, device: int) -> float:
-        """Seconds on ``device``'s virtual clock."""
+    def now(self, device: int | None = None) -> float:
+        """Seconds on ``device``'s virtual clock (the moment its queued work is done), or
+        on the host's clock when ``device`` is None (it moves when the host waits for a
+        device, and with ``advance``)."""
+        if device is None:
+            return self._driver.host_now_ns() / 1e9
+        if not 0 <= device < self.device_count:
+            raise ValueError(f"the simulator has no device {device}")
         return self._driver.now_ns(device) / 1e9
 
     def advance(self, seconds: float, device: int | None = None) -> None:
-        """Move ``device``'s clock (every clock when ``device`` is None) forward."""
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-            raise TypeError("seconds must be a number")
-        if not math.isfinite(seconds) or seconds < 0:
-            raise ValueError(f"seconds must be finite and not negative, got {seconds}")
-        self._driver.advance(-1 if device is None else device, round(seconds * 1e9))
+        """Move ``device``'s clock (every clock, the host's too, when None) forward."""
+        self._driver.advance(-1 if device is None else device, _nanoseconds(seconds))
+
+    def copy_to_device(self, device: int, nbytes: int) -> None:
+        """Declare a host-to-device copy: the device's clock moves by nbytes / bandwidth."""
+        self._driver.copy_to_device(device, nbytes)
+
+    def compute(self, device: int, seconds: float) -> None:
+        """Declare ``seconds`` of compute queued on ``device``."""
+        self._driver.compute(device, _nanoseconds(seconds))
+
+    def pending_free_bytes(self, device: int) -> int:
+        """Stream-ordered frees on ``device`` that are not reusable yet (see free_delay)."""
+        return self._driver.pending_free_bytes(device)
+
+    # -- event log --------------------------------------------------------------------
+    def record(self, on: bool = True) -> None:
+        """Start (or stop) keeping the event log."""
+        self._driver.set_recording(bool(on))
+
+    def log(self) -> str:
+        """The event log: one line per driver call (arguments, result, outputs) and per
+        use of a simulator power, in call order. Addresses are relative to their device's
+        region, so the same seed and the same calls give the same text, byte for byte."""
+        return self._driver.log()
+
+    def replay(self, log: str) -> list[str]:
+        """Re-issue every call of ``log`` on a fresh simulator with this one's devices,
+        seed and options; return the lines whose result differs (empty: reproduced)."""
+        return list(self._driver.replay(log))
+
+
+def _error_code(error: str | int) -> int:
+    if isinstance(error, str):
+        if error not in _ERROR_CODES:
+            raise ValueError(f"error must be one of {sorted(_ERROR_CODES)} or a code, got {error!r}")
+        return _ERROR_CODES[error]
+    if isinstance(error, int) and not isinstance(error, bool):
+        return error
+    raise TypeError(f"error must be a name or an int code, not {type(error).__name__}")
+
+
+def _nanoseconds(seconds: float) -> int:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError("seconds must be a number")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"seconds must be finite and not negative, got {seconds}")
+    return round(seconds * 1e9)

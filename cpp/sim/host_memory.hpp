@@ -1,0 +1,217 @@
+// Real bytes for the simulator (DESIGN §5, "optionally back mapped pages with real host
+// memory"): host memory that is really mapped and unmapped at the addresses of reserved
+// ranges, the way the CUDA driver maps physical device memory into a VA reservation.
+// Data written through a mapped range reads back exactly as long as the physical
+// allocation behind it lives, so a test can tell intact data from data that was lost.
+//
+// The model, one host object per CUDA object (Linux only):
+// - reservation (cuMemAddressReserve): an mmap of PROT_NONE, MAP_NORESERVE anonymous
+//   memory, aligned to at least kReservationAlignmentBytes. Costs address space only,
+//   so a 1 TiB reservation commits nothing.
+// - physical allocation (cuMemCreate): a memfd of the allocation's size, filled with
+//   kFreshByte, as new device memory holds whatever was there before. Released
+//   (cuMemRelease) by closing the descriptor: pages still mapped somewhere stay alive
+//   until their last unmap, which is the driver's release-while-mapped rule.
+// - map (cuMemMap) + set_access (cuMemSetAccess): the memfd is mmapped MAP_SHARED at
+//   the address, read-write, when access is set. Until then the range keeps whatever
+//   it held (the reservation's PROT_NONE, or the trap left by an earlier unmap), so a
+//   range is never accessible with the new allocation's bytes before set_access, and a
+//   range that held a trap never turns PROT_NONE under a reader (see "Traps").
+// - unmap (cuMemUnmap): the range becomes a *trap*, not PROT_NONE (see below).
+//
+// Traps. aimdo's rule is that nothing a Python caller does may crash the process, and a
+// caller may still hold a memoryview of a page after aimdo evicted it. So an unmapped
+// range stays readable and writable: it is replaced by a private copy-on-write mapping
+// of a shared "trap file" full of kTrapByte. A stale reader sees kTrapByte garbage, never
+// the data (and never the next allocation's data); a stale writer changes only its own
+// private copy of the page. When the range is mapped again, or forgotten, or its
+// reservation is freed, the trap is scanned: any byte that is no longer kTrapByte was
+// written through a stale pointer, and a violation ("write to 0x... after it was
+// unmapped") is recorded for violations(). A trap commits no memory until someone writes
+// into it (one shared trap file backs every trap, sized to the largest unmapped range).
+// Limits: a stale write of the value kTrapByte itself is invisible; a stale write made
+// between map() and set_access() of the same range is not reported (the trap was
+// scanned at map()); a stale pointer into a range whose reservation was unreserved
+// faults like any dangling pointer (the address space is given back to the process).
+//
+// Costs and system limits:
+// - Each page that was ever mapped costs one kernel mapping (VMA) for as long as its
+//   reservation lives: its memfd mapping while mapped, its trap once unmapped (adjacent
+//   mappings of different memfds, or of the trap file at offset 0, never merge). The
+//   reservation's PROT_NONE rest is split by them into up to one more VMA per page. So
+//   budget about 2 VMAs per page against vm.max_map_count (65530 by default): about
+//   32k pages, e.g. 64 GiB touched with 2 MiB pages. A call that runs past it fails
+//   with ENOMEM (std::system_error).
+// - Each live (unreleased) allocation holds one file descriptor (RLIMIT_NOFILE), as does
+//   a released allocation that is mapped but whose access was not set yet, plus one for
+//   the trap file.
+// - Memory: each allocation's bytes are committed (shmem) at create(); traps commit only
+//   the pages written through stale pointers, plus the trap file once.
+// - Time: create() writes the whole allocation; map() and unreserve() read each trap
+//   they drop (a memcmp-speed scan: a few milliseconds for 32 MiB).
+//
+// Errors: arguments that are unusable (misaligned, zero or overflowing sizes, a range
+// outside every reservation, an unknown or released id, overlapping or missing mappings)
+// throw aimdo::InvalidArgumentError and change nothing. A failed system call throws
+// std::system_error carrying errno, with a message that says what was asked. Alignment
+// is to the host page size (page_size_bytes()); the simulator's own granularity rules
+// are checked by SimDriver before it calls here.
+//
+// Thread-safety: every method may be called from any thread. One mutex guards the tables
+// (reservations, allocations, violations) and is held only to look up or update them,
+// never across a system call that touches page contents. Each reservation has its own
+// mutex, held for the whole of a call on that reservation (its scans and mmaps
+// included): calls on different reservations run concurrently, calls on one reservation
+// are serialised. Lock order: a reservation's mutex, then the table mutex or the trap
+// file's mutex; neither of those is held while taking another lock. The destructor
+// must not race with any other call.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace aimdo::sim {
+
+class HostMemory {
+ public:
+  // The byte a new physical allocation is filled with ("whatever was there").
+  static constexpr unsigned char kFreshByte = 0xA5;
+  // The byte an unmapped range reads as.
+  static constexpr unsigned char kTrapByte = 0x5A;
+  // Every reservation's base is aligned to at least this (2 MiB, the CUDA granularity).
+  static constexpr std::size_t kReservationAlignmentBytes = std::size_t{2} << 20;
+  // violations() lists at most this many entries, then one line counting the rest.
+  static constexpr std::size_t kMaxListedViolations = 256;
+
+  // Reads the host page size. Creates no kernel object (the trap file is made on first
+  // use). Throws std::system_error if the page size cannot be read.
+  HostMemory();
+  // Unmaps every reservation (and with it every mapping and trap) and closes every
+  // memfd. Errors are ignored. No other call may run concurrently.
+  ~HostMemory();
+  HostMemory(const HostMemory&) = delete;
+  HostMemory& operator=(const HostMemory&) = delete;
+  HostMemory(HostMemory&&) = delete;
+  HostMemory& operator=(HostMemory&&) = delete;
+
+  // The host page size in bytes: every address and size passed here must be a multiple
+  // of it. Thread-safe (immutable).
+  std::size_t page_size_bytes() const noexcept { return page_size_bytes_; }
+
+  // Reserves `size_bytes` of address space (PROT_NONE, MAP_NORESERVE: nothing is
+  // committed, 1 TiB is fine) and returns its base, aligned to the larger of
+  // `alignment_bytes` and kReservationAlignmentBytes (0: the default). Touching the
+  // range before a mapping is made faults, as on the device.
+  // InvalidArgumentError: zero size, size not a multiple of the page size, alignment not
+  // a power of two multiple of the page size, or size + alignment overflowing.
+  // std::system_error: mmap or munmap failed (ENOMEM: no address space).
+  std::uintptr_t reserve(std::size_t size_bytes, std::size_t alignment_bytes = 0);
+
+  // Frees the reservation [base, base + size_bytes) made by reserve(): first scans every
+  // trap inside it (recording violations), then unmaps the whole range. Pointers into it
+  // dangle afterwards.
+  // InvalidArgumentError: no reservation starts at `base`, its size differs, or it still
+  // holds mappings (unmap them first, as cuMemAddressFree requires).
+  // std::system_error: munmap failed (the reservation is forgotten all the same).
+  void unreserve(std::uintptr_t base, std::size_t size_bytes);
+
+  // Creates a physical allocation of `size_bytes`: a memfd (MFD_CLOEXEC) filled with
+  // kFreshByte, committed now. Returns its id (never 0, never reused).
+  // InvalidArgumentError: zero size, or not a multiple of the page size.
+  // std::system_error: memfd_create, ftruncate or the fill failed (ENOMEM, ENOSPC,
+  // EMFILE: out of memory or of file descriptors).
+  std::uint64_t create(std::size_t size_bytes);
+
+  // Releases the allocation `id`: the id becomes unknown at once, and its memory is freed
+  // when it is no longer mapped anywhere (at once if it is not mapped).
+  // InvalidArgumentError: unknown or already released id.
+  void release(std::uint64_t id);
+
+  // Maps the first `size_bytes` of allocation `id` at [va, va + size_bytes), which must
+  // lie inside one reservation and overlap no other mapping. The bytes become reachable
+  // at set_access(). Traps inside the range are scanned first: bytes written through
+  // stale pointers since they were unmapped are recorded as violations (this never
+  // fails the call).
+  // InvalidArgumentError: unaligned or zero range, range outside every reservation or
+  // overlapping a mapping, unknown or released id, size larger than the allocation.
+  // Makes no system call.
+  void map(std::uintptr_t va, std::size_t size_bytes, std::uint64_t id);
+
+  // Makes every mapping that [va, va + size_bytes) touches readable and writable (all of
+  // each such mapping, as the simulator counts access per mapping): its memfd is mmapped
+  // MAP_SHARED | MAP_FIXED at its address, replacing the trap or PROT_NONE there in one
+  // step. Setting access again on an accessible mapping does nothing.
+  // InvalidArgumentError: unaligned or zero range, or a byte of it not mapped.
+  // std::system_error: mmap failed (ENOMEM: vm.max_map_count). The mappings done before
+  // the failure stay accessible; the failed one stays mapped without access, its range
+  // PROT_NONE.
+  void set_access(std::uintptr_t va, std::size_t size_bytes);
+
+  // Unmaps the mapping that starts at `va` and spans exactly `size_bytes` (as
+  // cuMemUnmap, a whole mapping) and leaves a trap in its place: the range reads
+  // kTrapByte and may be written without crashing; writes are reported when the range is
+  // mapped again. The allocation's pages are freed if it was released and this was its
+  // last mapping.
+  // InvalidArgumentError: no mapping starts at `va`, or its size differs.
+  // std::system_error: the trap could not be put in place (ENOMEM). The mapping is gone
+  // all the same and the range is PROT_NONE.
+  void unmap(std::uintptr_t va, std::size_t size_bytes);
+
+  // Scans the traps, or parts of traps, inside [va, va + size_bytes) (recording
+  // violations) and stops tracking them. Their bytes stay readable and writable until
+  // the range is mapped again or its reservation freed; later writes are not reported.
+  // For a caller about to free a reservation or giving a range up for good. A range
+  // holding no trap, even one outside every reservation, is no error: nothing happens.
+  // InvalidArgumentError: unaligned, zero or overflowing range.
+  void forget_trap(std::uintptr_t va, std::size_t size_bytes);
+
+  // One line per detected write through a stale pointer, oldest first, e.g.
+  // "write to 0x7f3a40201000 after it was unmapped: 16 bytes changed in
+  // [0x7f3a40201000, 0x7f3a4020100f], in the range [0x7f3a40200000, +33554432 bytes)
+  // unmapped there". At most kMaxListedViolations lines plus one counting the rest.
+  // Empty when no stale write was seen.
+  std::vector<std::string> violations() const;
+
+  // Physical allocations created and not yet released (whether mapped or not).
+  std::size_t live_allocations() const;
+
+ private:
+  struct Allocation;   // a memfd; closed when the last reference goes
+  struct Reservation;  // a reserved range: its mappings and traps, under its own mutex
+
+  std::shared_ptr<Reservation> reservation_holding(std::uintptr_t va, std::size_t size_bytes,
+                                                   const char* operation) const;
+  void check_range(std::uintptr_t va, std::size_t size_bytes, const char* operation) const;
+  // Scans and drops the traps (or parts) of `reservation` inside [begin, end). The caller
+  // holds the reservation's mutex.
+  void drop_traps(Reservation& reservation, std::uintptr_t begin, std::uintptr_t end);
+  void scan_trap(std::uintptr_t begin, std::uintptr_t end, std::uintptr_t trap_begin,
+                 std::size_t trap_size_bytes);
+  void record_violation(std::string message);
+  // The trap file's descriptor, the file grown to at least `size_bytes` first.
+  int trap_file(std::size_t size_bytes);
+  // Puts PROT_NONE back over a range after a failed MAP_FIXED; on failure marks the
+  // reservation broken (its range is then never touched again, not even freed).
+  static void restore_reserved(Reservation& reservation, std::uintptr_t va,
+                               std::size_t size_bytes) noexcept;
+
+  const std::size_t page_size_bytes_;
+
+  mutable std::mutex mutex_;  // guards the members below, up to trap_mutex_
+  std::map<std::uintptr_t, std::shared_ptr<Reservation>> reservations_;  // by base
+  std::map<std::uint64_t, std::shared_ptr<Allocation>> allocations_;     // live ids
+  std::uint64_t next_id_ = 1;
+  std::vector<std::string> violations_;
+  std::size_t unlisted_violations_ = 0;
+
+  std::mutex trap_mutex_;  // guards the trap file: created once, only ever grows
+  int trap_fd_ = -1;
+  std::size_t trap_file_bytes_ = 0;
+};
+
+}  // namespace aimdo::sim
