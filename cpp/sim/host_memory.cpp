@@ -468,8 +468,8 @@ void HostMemory::scan_trap(std::uintptr_t begin, std::uintptr_t end, std::uintpt
   const std::uintptr_t last = begin + changed.last;
   record_violation("write to " + hex(first) + " after it was unmapped: " +
                    std::to_string(changed.count) + " byte(s) changed in [" + hex(first) +
-                   ", " + hex(last) + "], in the range " +
-                   range_text(trap_begin, trap_size_bytes) + " unmapped there");
+                   ", " + hex(last) + "], in the unmapped range " +
+                   range_text(trap_begin, trap_size_bytes));
 }
 
 void HostMemory::record_violation(std::string message) {

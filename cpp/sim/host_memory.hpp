@@ -172,8 +172,8 @@ class HostMemory {
 
   // One line per detected write through a stale pointer, oldest first, e.g.
   // "write to 0x7f3a40201000 after it was unmapped: 16 bytes changed in
-  // [0x7f3a40201000, 0x7f3a4020100f], in the range [0x7f3a40200000, +33554432 bytes)
-  // unmapped there". At most kMaxListedViolations lines plus one counting the rest.
+  // [0x7f3a40201000, 0x7f3a4020100f], in the unmapped range [0x7f3a40200000,
+  // +33554432 bytes)". At most kMaxListedViolations lines plus one counting the rest.
   // Empty when no stale write was seen.
   std::vector<std::string> violations() const;
 

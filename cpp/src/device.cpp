@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <exception>
+#include <optional>
 #include <utility>
 
 #include "aimdo/errors.hpp"
@@ -84,6 +85,26 @@ DriverStatus Device::retrying(Call&& call) {
   return status;
 }
 
+void Device::activate(std::optional<ScopedDevice>& guard) {
+  for (int attempt = 0;; ++attempt) {
+    guard.emplace(*driver_, ordinal_);
+    const DriverStatus status = guard->status();
+    if (status.ok()) return;
+    guard.reset();
+    if (status.kind() != DriverErrorKind::transient || attempt >= options_.transient_retries) {
+      raise(status, "cuCtxSetCurrent", 0);
+    }
+    stats_.add(&DeviceStats::transient_retries);
+  }
+}
+
+template <class Call>
+DriverStatus Device::retrying_twice(Call&& call) {
+  DriverStatus status = retrying(call);
+  if (!status.ok()) status = retrying(call);
+  return status;
+}
+
 void Device::raise(const DriverStatus& status, const char* operation,
                    std::size_t requested_bytes) const {
   // Called with mutex_ held: the figures are consistent.
@@ -104,8 +125,8 @@ std::shared_ptr<Vbar> Device::create_vbar(std::size_t size_bytes) {
   const std::size_t pages = (size_bytes + page_size - 1) / page_size;
   const std::size_t reserve_bytes = pages * page_size;
 
-  ScopedDevice guard(*driver_, ordinal_);
-  if (!guard.status().ok()) raise(guard.status(), "cuCtxSetCurrent", 0);
+  std::optional<ScopedDevice> guard;
+  activate(guard);
   DeviceAddress base = 0;
   const DriverStatus status = retrying([&] {
     return driver_->reserve_address_range(ordinal_, reserve_bytes, properties_.granularity_bytes,
@@ -153,8 +174,8 @@ bool Device::poll_due_locked() const {
 void Device::poll_locked() {
   const std::int64_t now = driver_->now_ns(ordinal_);
   if (polled_ && now - last_poll_ns_ < options_.poll_interval_ns) return;
-  ScopedDevice guard(*driver_, ordinal_);
-  if (!guard.status().ok()) raise(guard.status(), "cuCtxSetCurrent", 0);
+  std::optional<ScopedDevice> guard;
+  activate(guard);
   std::size_t free_bytes = 0;
   std::size_t total_bytes = 0;
   const DriverStatus status =
@@ -176,8 +197,8 @@ Device::PollRecord Device::poll() {
 
 std::pair<std::size_t, std::size_t> Device::memory_info() {
   std::lock_guard<std::mutex> lock(mutex_);
-  ScopedDevice guard(*driver_, ordinal_);
-  if (!guard.status().ok()) raise(guard.status(), "cuCtxSetCurrent", 0);
+  std::optional<ScopedDevice> guard;
+  activate(guard);
   std::size_t free_bytes = 0;
   std::size_t total_bytes = 0;
   const DriverStatus status =
@@ -232,8 +253,8 @@ DeviceAddress Device::external_alloc(std::size_t size_bytes, StreamHandle stream
           ordinal_, size_bytes, false);
     }
   }
-  ScopedDevice guard(*driver_, ordinal_);
-  if (!guard.status().ok()) raise(guard.status(), "cuCtxSetCurrent", 0);
+  std::optional<ScopedDevice> guard;
+  activate(guard);
   DeviceAddress ptr = 0;
   DriverStatus status =
       retrying([&] { return driver_->stream_alloc(ordinal_, size_bytes, stream, &ptr); });
@@ -252,8 +273,8 @@ bool Device::external_free(DeviceAddress ptr, StreamHandle stream) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto found = external_.find(ptr);
   if (found == external_.end()) return false;
-  ScopedDevice guard(*driver_, ordinal_);
-  if (!guard.status().ok()) raise(guard.status(), "cuCtxSetCurrent", 0);
+  std::optional<ScopedDevice> guard;
+  activate(guard);
   const DriverStatus status = retrying([&] { return driver_->stream_free(ordinal_, ptr, stream); });
   if (!status.ok()) raise(status, "cuMemFreeAsync", found->second);
   external_bytes_ -= found->second;
@@ -331,8 +352,8 @@ std::size_t Device::evict_locked(std::size_t bytes, Vbar* only) {
 }
 
 void Device::synchronize_locked() {
-  ScopedDevice guard(*driver_, ordinal_);
-  if (!guard.status().ok()) raise(guard.status(), "cuCtxSetCurrent", 0);
+  std::optional<ScopedDevice> guard;
+  activate(guard);
   const DriverStatus status = retrying([&] { return driver_->synchronize(ordinal_); });
   if (!status.ok()) raise(status, "cuCtxSynchronize", 0);
   stats_.add(&DeviceStats::synchronizes);
@@ -344,27 +365,29 @@ void Device::release_page_locked(Vbar& vbar, std::size_t page, bool& synced) {
     synchronize_locked();
     synced = true;
   }
-  ScopedDevice guard(*driver_, ordinal_);
-  if (!guard.status().ok()) raise(guard.status(), "cuCtxSetCurrent", 0);
+  std::optional<ScopedDevice> guard;
+  activate(guard);
   Vbar::Page& state = vbar.pages_[page];
   const std::size_t page_size = vbar.page_size_bytes_;
   const DeviceAddress va = vbar.base_ + page * page_size;
-  DriverStatus status = retrying([&] { return driver_->unmap(va, page_size); });
+  // Releasing is retried once even after a hard error: a page lost to the driver costs
+  // more than one more call. A failed unmap leaves the page resident and accounted.
+  DriverStatus status = retrying_twice([&] { return driver_->unmap(va, page_size); });
   if (!status.ok()) raise(status, "cuMemUnmap", page_size);
   const PhysicalHandle handle = state.handle;
   state.handle = 0;
   --vbar.resident_pages_;
   resident_bytes_ -= page_size;
   stats_.add(&DeviceStats::pages_released);
-  status = retrying([&] { return driver_->release_physical(handle); });
+  status = retrying_twice([&] { return driver_->release_physical(handle); });
   if (!status.ok()) raise(status, "cuMemRelease", page_size);
 }
 
 void Device::map_page_locked(Vbar& vbar, std::size_t page) {
   const std::size_t page_size = vbar.page_size_bytes_;
   const DeviceAddress va = vbar.base_ + page * page_size;
-  ScopedDevice guard(*driver_, ordinal_);
-  if (!guard.status().ok()) raise(guard.status(), "cuCtxSetCurrent", 0);
+  std::optional<ScopedDevice> guard;
+  activate(guard);
   for (int attempt = 0;; ++attempt) {
     PhysicalHandle handle = 0;
     const char* operation = "cuMemCreate";
@@ -423,23 +446,33 @@ void Device::close_vbar_locked(Vbar& vbar) {
     Vbar::Page& state = vbar.pages_[page];
     state.pins = 0;
     if (state.handle == 0) continue;
-    try {
-      release_page_locked(vbar, page, synced);
-    } catch (...) {
-      if (!first_failure) first_failure = std::current_exception();
-      if (state.handle != 0) {  // unmap failed: the page is lost to us either way
-        state.handle = 0;
-        --vbar.resident_pages_;
-        resident_bytes_ -= vbar.page_size_bytes_;
+    // Two attempts (each with its own retries) before a page is given up: a close that
+    // leaves a page mapped leaks it for the life of the process.
+    for (int attempt = 0; attempt < 2 && state.handle != 0; ++attempt) {
+      try {
+        release_page_locked(vbar, page, synced);
+      } catch (...) {
+        if (attempt == 1) {
+          if (!first_failure) first_failure = std::current_exception();
+          // The page is lost to us either way: stop counting it.
+          state.handle = 0;
+          --vbar.resident_pages_;
+          resident_bytes_ -= vbar.page_size_bytes_;
+        }
       }
     }
   }
   for (auto& record : vbar.allocations_) record.pins = 0;
   vbar.watermark_pages_ = 0;
   const std::size_t reserve_bytes = vbar.pages_.size() * vbar.page_size_bytes_;
-  ScopedDevice guard(*driver_, ordinal_);
+  std::optional<ScopedDevice> guard;
+  try {
+    activate(guard);
+  } catch (...) {
+    // cuMemAddressFree does not need the context; try it all the same.
+  }
   const DriverStatus status =
-      retrying([&] { return driver_->free_address_range(vbar.base_, reserve_bytes); });
+      retrying_twice([&] { return driver_->free_address_range(vbar.base_, reserve_bytes); });
   if (!status.ok() && !first_failure) {
     try {
       raise(status, "cuMemAddressFree", reserve_bytes);
@@ -463,9 +496,17 @@ void Device::close() {
     }
   }
   if (!external_.empty()) {
-    ScopedDevice guard(*driver_, ordinal_);
+    std::optional<ScopedDevice> guard;
+    for (int attempt = 0; attempt < 2 && !guard; ++attempt) {
+      try {
+        activate(guard);
+      } catch (...) {
+        if (attempt == 1 && !first_failure) first_failure = std::current_exception();
+      }
+    }
     for (const auto& [ptr, size] : external_) {
-      const DriverStatus status = driver_->stream_free(ordinal_, ptr, 0);
+      const DriverStatus status =
+          retrying_twice([&, p = ptr] { return driver_->stream_free(ordinal_, p, 0); });
       if (!status.ok() && !first_failure) {
         try {
           raise(status, "cuMemFreeAsync", size);

@@ -114,6 +114,12 @@ class Device : public std::enable_shared_from_this<Device> {
   // Runs a driver call, retrying transient failures up to options_.transient_retries.
   template <class Call>
   DriverStatus retrying(Call&& call);
+  // Make this device's context current for the guard's lifetime, retrying transient
+  // failures; throws the driver's error otherwise. `guard` is empty on entry.
+  void activate(std::optional<ScopedDevice>& guard);
+  // For release paths: `retrying`, and once more after any failure.
+  template <class Call>
+  DriverStatus retrying_twice(Call&& call);
 
   std::shared_ptr<Driver> driver_;
   const int ordinal_;

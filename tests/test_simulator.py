@@ -1,0 +1,235 @@
+"""DESIGN §5: the simulator's powers, and aimdo under them.
+
+Every test here needs a simulator-only power and is marked sim_only. Seeds are part of
+each test's name or printed in its assertion messages.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+import aimdo
+
+pytestmark = pytest.mark.sim_only
+
+MiB = 1 << 20
+PAGE = 2 * MiB
+US = 1e-6
+
+
+def scenario(seed: int, *, fail=None, record=True):
+    """A scripted two-device run: two VBARs per device, faults past the budget, pins,
+    an outside allocation and its free, external usage, a close. Returns the simulator,
+    the error raised (if any) and the manager's per-device figures before it closed.
+    `fail(sim)` arms failures before the run."""
+    sim = aimdo.SimBackend("2x256MiB", seed=seed, record=record)
+    if fail is not None:
+        fail(sim)
+    figures = None
+    error = None
+    manager = aimdo.Manager(sim, [0, 1], vram_limit=10 * PAGE, headroom=PAGE, page_size=PAGE,
+                            poll_interval=0)
+    try:
+        vbars = [manager.create_vbar(8 * PAGE, d) for d in (0, 1) for _ in range(2)]
+        for step in range(3):
+            for vbar in vbars:
+                if step:
+                    vbar.prioritize()
+                allocations = [vbar.alloc(PAGE + 4096) for _ in range(2)] if step == 0 else []
+                for allocation in allocations:
+                    if vbar.fault(allocation) is not None:
+                        vbar.unpin(allocation)
+            ptr = manager.external_alloc(step % 2, 2 * PAGE)
+            sim.add_external_usage(1 - step % 2, PAGE)
+            manager.external_free(ptr)
+            sim.remove_external_usage(1 - step % 2, PAGE)
+        vbars[0].free_memory(3 * PAGE)
+        manager.reclaim(1, 4 * PAGE)
+        vbars[3].close()
+    except aimdo.AimdoError as caught:
+        error = caught
+    finally:
+        figures = {
+            d: (manager.resident_bytes(d), sim.physical_bytes(d), manager.usage_bytes(d))
+            for d in (0, 1)
+        }
+        try:
+            manager.close()
+        except aimdo.AimdoError as caught:
+            error = error or caught
+    return sim, error, figures
+
+
+def test_the_same_seed_and_calls_give_the_same_log_byte_for_byte():
+    first, error, _ = scenario(11, fail=lambda s: s.fail_rate("cuMemCreate", 0.2))
+    second, error_again, _ = scenario(11, fail=lambda s: s.fail_rate("cuMemCreate", 0.2))
+    assert first.log() == second.log()
+    assert repr(error) == repr(error_again)
+    assert first.log().count("\n") > 100
+    assert "CUDA_ERROR_OUT_OF_MEMORY" in first.log()  # the rate did inject failures
+    other, _, _ = scenario(12, fail=lambda s: s.fail_rate("cuMemCreate", 0.2))
+    assert other.log() != first.log()  # the seed drives the rate
+
+
+def test_a_replay_reproduces_the_log_and_notices_a_changed_line():
+    sim, _, _ = scenario(5, fail=lambda s: s.fail_rate("cuMemCreate", 0.2))
+    log = sim.log()
+    assert sim.replay(log) == []
+    changed = re.sub(r"free=(\d+)", lambda m: f"free={int(m.group(1)) + 1}", log, count=1)
+    differences = sim.replay(changed)
+    assert len(differences) == 1
+    assert "free=" in differences[0]
+
+
+def test_driver_operations_cost_their_calibrated_time_on_their_own_device():
+    sim = aimdo.SimBackend("2x1GiB")
+    with aimdo.Manager(sim, [0, 1], headroom=0, page_size=PAGE, poll_interval=1e9) as manager:
+        vbar = manager.create_vbar(4 * PAGE, 0)
+        allocation = vbar.alloc(PAGE)
+        assert vbar.fault(allocation) is not None  # polls once, then maps a page
+        before = sim.now(0)
+        vbar.unpin(allocation)
+        second = vbar.alloc(PAGE)
+        assert vbar.fault(second) is not None
+        # cuMemCreate 20 us + cuMemMap 4 us + cuMemSetAccess 50 us (h100-measurements.md)
+        assert sim.now(0) - before == pytest.approx(74 * US, abs=1e-12)
+        assert sim.now(1) == 0.0
+        vbar.unpin(second)
+
+
+def test_declared_copies_and_compute_move_the_device_clock_and_synchronize_the_host():
+    sim = aimdo.SimBackend([{"capacity": "1GiB", "bandwidth": 25e9}, "1GiB"])
+    sim.copy_to_device(0, 50 * 10**6)  # 2 ms at 25 GB/s
+    sim.compute(0, 0.003)
+    assert sim.now(0) == pytest.approx(0.005)
+    assert sim.now(1) == 0.0
+    sim.copy_to_device(1, 50 * 10**6)  # the default 50 GB/s: 1 ms
+    assert sim.now(1) == pytest.approx(0.001)
+    assert sim.now() == 0.0  # the host has not waited for anything yet
+    with aimdo.Manager(sim, [0], poll_interval=1e9) as manager:
+        vbar = manager.create_vbar(PAGE, 0)
+        vbar.free_memory(PAGE)  # nothing resident: no synchronize
+        assert sim.now() == 0.0
+        vbar.prioritize()  # free_memory lowered the watermark
+        allocation = vbar.alloc(PAGE)
+        assert vbar.fault(allocation) is not None
+        vbar.unpin(allocation)
+        vbar.set_watermark(0)  # releases the page: synchronizes device 0 first
+        assert sim.now() == pytest.approx(sim.now(0) - (27 + 44) * US)
+
+
+def test_a_lagging_free_is_not_counted_as_free_until_the_driver_has_it_back():
+    """aimdo's accounting says the freed bytes are free at once; the driver gets them back
+    only after the delay. aimdo must not map into them (no out-of-memory, no retry)."""
+    sim = aimdo.SimBackend([16 * PAGE], free_delay=1.0)
+    with aimdo.Manager(sim, [0], headroom=0, page_size=PAGE, poll_interval=10.0) as manager:
+        vbar = manager.create_vbar(16 * PAGE, 0)
+        pages = [vbar.alloc(PAGE) for _ in range(16)]
+        for allocation in pages[:10]:
+            assert vbar.fault(allocation) is not None
+            vbar.unpin(allocation)
+        ptr = manager.external_alloc(0, 6 * PAGE)
+        manager.external_free(ptr)
+        assert manager.usage_bytes(0) == 10 * PAGE  # accounting: 6 pages free again
+        assert sim.pending_free_bytes(0) == 6 * PAGE  # the driver: not yet
+        other = manager.create_vbar(6 * PAGE, 0)
+        for allocation in [other.alloc(PAGE) for _ in range(6)]:
+            assert other.fault(allocation) is not None
+            other.unpin(allocation)
+        assert manager.stats(0)["oom_retries"] == 0
+        assert manager.stats(0)["evicted_bytes"] == 6 * PAGE
+        assert sim.used_bytes(0) <= 16 * PAGE
+        sim.advance(1.0)
+        assert sim.pending_free_bytes(0) == 0
+
+
+def test_external_usage_between_polls_is_noticed_within_one_interval_on_that_device_only():
+    sim = aimdo.SimBackend("2x1GiB")
+    with aimdo.Manager(sim, [0, 1], vram_limit=8 * PAGE, headroom=0, page_size=PAGE,
+                       poll_interval=1.0) as manager:
+        vbars = [manager.create_vbar(8 * PAGE, d) for d in (0, 1)]
+        for vbar in vbars:
+            for allocation in [vbar.alloc(PAGE) for _ in range(8)]:
+                vbar.fault(allocation)
+                vbar.unpin(allocation)
+        sim.add_external_usage(0, 3 * PAGE)  # another process, between two polls
+        sim.compute(0, 0.6)
+        assert manager.reclaim(0, 0) == 0  # not seen yet: 0.6 s since the poll
+        sim.compute(0, 0.4)  # one interval has passed on device 0's clock
+        assert manager.reclaim(0, 0) == 3 * PAGE
+        assert manager.resident_bytes(0) == 5 * PAGE
+        assert manager.resident_bytes(1) == 8 * PAGE
+        assert manager.stats(1)["evicted_bytes"] == 0
+        sim.remove_external_usage(0, 3 * PAGE)
+
+
+def _clean_calls(seed):
+    sim, error, _ = scenario(seed)
+    assert error is None, error
+    calls = []
+    seen = {}
+    for line in sim.log().splitlines():
+        if line.startswith("@"):
+            continue
+        name = line.split()[0]
+        device = re.search(r" dev=(-?\d+)", line)
+        va = re.search(r" (?:va|ptr)=[rs](\d+)\+", line)
+        handle = re.search(r" handle=0x(\w+)", line)
+        if device:
+            d = int(device.group(1))
+        elif va:
+            d = int(va.group(1))
+        else:
+            d = (int(handle.group(1), 16) >> 48) - 1
+        skip = seen.get((name, d), 0)
+        seen[(name, d)] = skip + 1
+        calls.append((name, d, skip))
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["out_of_memory", "not_ready", "error"])
+def test_a_failure_at_every_driver_call_in_turn_leaves_every_invariant(kind):
+    """Inject one failure at each driver call of a scripted two-device run, in turn.
+    Whatever aimdo raises is typed and flagged injected; afterwards aimdo's accounting
+    equals the simulator's physical memory on each device, and nothing leaks."""
+    seed = int(os.environ.get("AIMDO_SWEEP_SEED", "3"))
+    calls = _clean_calls(seed)
+    assert len(calls) > 150
+    for index, (name, device, skip) in enumerate(calls):
+        def arm(sim):
+            sim.fail(name, device=device, error=kind, skip=skip, count=1)
+
+        sim, error, figures = scenario(seed, fail=arm, record=False)
+        where = f"seed {seed}, call {index} ({name} on device {device}, #{skip}), {kind}"
+        if error is not None:
+            assert isinstance(error, (aimdo.OutOfMemoryError, aimdo.DriverError)), where
+            assert error.injected is True, f"{where}: {error!r}"
+        if kind == "not_ready":
+            assert error is None, f"{where}: a transient failure must be retried: {error!r}"
+        for d, (resident, physical, usage) in figures.items():
+            assert resident == physical, f"{where}: device {d} accounts {resident}, has {physical}"
+        assert sim.leaks() == [], where
+
+
+def test_accounting_mode_simulates_eight_80_gb_devices_in_a_few_megabytes():
+    def rss_bytes():
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    before = rss_bytes()
+    sim = aimdo.SimBackend("8x80GB")
+    with aimdo.Manager(sim, list(range(8)), page_size=32 * MiB, poll_interval=1e9) as manager:
+        total_pages = 0
+        for device in range(8):
+            vbar = manager.create_vbar(80 * 10**9, device)
+            for allocation in [vbar.alloc(32 * MiB) for _ in range(vbar.size // (32 * MiB))]:
+                if vbar.fault(allocation) is not None:
+                    vbar.unpin(allocation)
+            total_pages += manager.resident_bytes(device) // (32 * MiB)
+            assert manager.resident_bytes(device) > 70 * 10**9
+        grown = rss_bytes() - before
+    assert total_pages > 8 * 2000
+    assert grown < 16 * MiB, f"{grown / MiB:.1f} MiB for {total_pages} resident pages"
