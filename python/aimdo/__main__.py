@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, default=4, help="forward passes (default 4)")
     demo.add_argument("--page-size", type=_size, default=parse_size("32MiB"),
                       help="VBAR page size (default 32MiB)")
+    demo.add_argument("--layer-compute-ms", type=float, default=1.5,
+                      help="declared compute per layer per batch item, simulator only (default 1.5)")
 
     args = parser.parse_args(argv)
     try:
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         from ._demo import run_demo
 
         return run_demo(args)
-    except _core.AimdoError as error:
+    except (_core.AimdoError, ValueError, TypeError) as error:
+        # The world's errors and bad arguments: one line, no traceback.
         print(f"aimdo: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
 

@@ -1,12 +1,17 @@
 """``python -m aimdo demo``: a model larger than each device's budget, run layer by
-layer on every device at once (one thread per device, as classifier-free guidance
-split across GPUs would), printing per-device residency, evictions and bytes copied.
+layer, first on one device at batch 2, then on two devices at batch 1 each (one thread
+per device, as classifier-free guidance split across GPUs would), printing per-device
+residency, evictions, bytes copied and step times.
 
 Each layer's weights are one allocation in a VBAR on each device. A forward pass
 faults each layer in turn: a matching signature means the weights are still resident
-(no copy); a new one means they must be copied in; None means the layer is offloaded
-and streams through a temporary buffer. Nothing is computed; the figures are what the
-offloader decided.
+(no copy); a new one means they are copied in; None means the layer is offloaded and
+streams through a temporary buffer. On the simulator the copies and the compute are
+declared (``SimBackend.copy_to_device`` / ``compute``) and step times are virtual, shown
+next to the physical floor max(compute, bytes copied / bandwidth). The simulator keeps
+one timeline per device (a copy and a kernel never overlap there), so the floor is what
+overlapping them, as prefetching does, could reach. On real GPUs nothing is copied or
+computed: the figures are the offloader's decisions and its own wall-clock cost.
 """
 
 from __future__ import annotations
@@ -15,63 +20,75 @@ import argparse
 import threading
 import time
 
-from ._manager import Manager
+from ._manager import Manager, resolve_backend
 from ._sizes import format_size
+from .sim import SimBackend
 
 
 class _DeviceRun:
-    def __init__(self, manager: Manager, device: int, layers: int, layer_size: int):
+    def __init__(self, manager: Manager, device: int, args: argparse.Namespace, batch: int):
+        self.manager = manager
         self.device = device
-        self.vbar = manager.create_vbar(layers * layer_size, device=device)
-        self.layers = [self.vbar.alloc(layer_size) for _ in range(layers)]
-        self.signatures = [None] * layers
+        self.batch = batch
+        self.args = args
+        self.sim = manager.backend if isinstance(manager.backend, SimBackend) else None
+        self.vbar = manager.create_vbar(args.layers * args.layer_size, device=device)
+        self.layers = [self.vbar.alloc(args.layer_size) for _ in range(args.layers)]
+        self.signatures = [None] * args.layers
         self.error: BaseException | None = None
         self.step: dict = {}
 
     def forward(self) -> None:
         copied = hits = offloaded = 0
-        started = time.perf_counter()
+        compute_seconds = self.args.layer_compute_ms / 1000 * self.batch
+        began = self.sim.now(self.device) if self.sim else time.perf_counter()
+        evicted = self.manager.stats(self.device)["evicted_bytes"]
         try:
             for index, layer in enumerate(self.layers):
                 signature = self.vbar.fault(layer)
                 if signature is None:
-                    offloaded += 1
-                    copied += layer.size  # streamed through a temporary buffer
-                    self.signatures[index] = None
-                    continue
-                if signature == self.signatures[index]:
+                    offloaded += 1  # streamed through a temporary buffer
+                    copy = True
+                elif signature == self.signatures[index]:
                     hits += 1
+                    copy = False
                 else:
+                    copy = True
+                self.signatures[index] = signature
+                if copy:
                     copied += layer.size
-                    self.signatures[index] = signature
-                self.vbar.unpin(layer)
+                if self.sim:
+                    if copy:
+                        self.sim.copy_to_device(self.device, layer.size)
+                    self.sim.compute(self.device, compute_seconds)
+                if signature is not None:
+                    self.vbar.unpin(layer)
         except BaseException as error:  # reported by the main thread
             self.error = error
+        ended = self.sim.now(self.device) if self.sim else time.perf_counter()
         self.step = {
             "copied": copied,
             "hits": hits,
             "offloaded": offloaded,
-            "seconds": time.perf_counter() - started,
+            "seconds": ended - began,
+            "compute": compute_seconds * len(self.layers),
+            "evicted": self.manager.stats(self.device)["evicted_bytes"] - evicted,
         }
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    if args.layers < 1 or args.steps < 1:
-        raise SystemExit("--layers and --steps must be positive")
-    with Manager(args.backend, args.devices, vram_limit=args.vram_limit,
-                 page_size=args.page_size) as manager:
-        devices = manager.devices
-        model = args.layers * args.layer_size
-        print(
-            f"aimdo demo: backend {manager.backend_name}, devices {devices}; model "
-            f"{format_size(model)} ({args.layers} layers of {format_size(args.layer_size)}) on "
-            f"every device; budget per device "
-            + ", ".join(f"{d}: {format_size(manager.budget_bytes(d))}" for d in devices)
-        )
-        runs = [_DeviceRun(manager, d, args.layers, args.layer_size) for d in devices]
-        print(f"{'step':>4} {'device':>6} {'resident':>12} {'budget':>12} {'hits':>5} "
-              f"{'offloaded':>9} {'copied':>12} {'evicted':>12}")
-        evicted_before = {d: manager.stats(d)["evicted_bytes"] for d in devices}
+def _run_config(args, label: str, devices: list[int], batch: int) -> list[dict]:
+    """Run `args.steps` forward passes on `devices` (one thread each); returns the last
+    step's figures per device."""
+    backend = resolve_backend(args.backend)
+    with Manager(backend, devices, vram_limit=args.vram_limit, page_size=args.page_size) as manager:
+        sim = backend if isinstance(backend, SimBackend) else None
+        runs = [_DeviceRun(manager, d, args, batch) for d in devices]
+        print(f"\n{label} ({manager.backend_name}, budget "
+              + ", ".join(f"device {d}: {format_size(manager.budget_bytes(d))}" for d in devices) + ")")
+        clock = "virtual" if sim else "wall"
+        print(f"{'step':>4} {'device':>6} {'resident':>11} {'hits':>5} {'offloaded':>9} "
+              f"{'copied':>11} {'evicted':>11} {'step (' + clock + ')':>15}"
+              + (f" {'floor':>9} {'of floor':>8}" if sim else ""))
         for step in range(1, args.steps + 1):
             threads = [threading.Thread(target=run.forward) for run in runs]
             for thread in threads:
@@ -81,22 +98,42 @@ def run_demo(args: argparse.Namespace) -> int:
             for run in runs:
                 if run.error is not None:
                     raise run.error
-                d = run.device
-                evicted = manager.stats(d)["evicted_bytes"]
-                print(f"{step:>4} {d:>6} {format_size(manager.resident_bytes(d)):>12} "
-                      f"{format_size(manager.budget_bytes(d)):>12} {run.step['hits']:>5} "
-                      f"{run.step['offloaded']:>9} {format_size(run.step['copied']):>12} "
-                      f"{format_size(evicted - evicted_before[d]):>12}")
-                evicted_before[d] = evicted
-        print()
-        for run in runs:
-            d = run.device
-            resident_layers = sum(1 for s in run.signatures if s is not None)
-            print(
-                f"device {d}: {resident_layers} of {args.layers} layers stay resident "
-                f"({format_size(manager.resident_bytes(d))} of a "
-                f"{format_size(manager.budget_bytes(d))} budget); the other "
-                f"{args.layers - resident_layers} stream "
-                f"{format_size(run.step['copied'])} from the host each step"
-            )
+                st = run.step
+                line = (f"{step:>4} {run.device:>6} {format_size(manager.resident_bytes(run.device)):>11} "
+                        f"{st['hits']:>5} {st['offloaded']:>9} {format_size(st['copied']):>11} "
+                        f"{format_size(st['evicted']):>11} {st['seconds'] * 1000:>12.1f} ms")
+                if sim:
+                    bandwidth = sim._specs[run.device][4]
+                    floor = max(st["compute"], st["copied"] / bandwidth)
+                    st["floor"] = floor
+                    line += f" {floor * 1000:>6.1f} ms {floor / st['seconds']:>7.0%}"
+                print(line)
+        return [run.step for run in runs]
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    if args.layers < 1 or args.steps < 1:
+        raise SystemExit("--layers and --steps must be positive")
+    backend = resolve_backend(args.backend)
+    count = backend.device_count
+    devices = args.devices if args.devices is not None else list(range(min(count, 2)))
+    print(f"aimdo demo: a {format_size(args.layers * args.layer_size)} model ({args.layers} layers of "
+          f"{format_size(args.layer_size)}), each device limited to {format_size(args.vram_limit)}, "
+          f"{args.layer_compute_ms:g} ms of compute per layer per batch item")
+    one = _run_config(args, f"1 device at batch 2 (device {devices[0]})", devices[:1], 2)
+    if len(devices) < 2:
+        print("\n(one device only: the two-device run needs --devices with two ordinals)")
+        return 0
+    two = _run_config(args, f"2 devices at batch 1 each (devices {devices[0]}, {devices[1]})",
+                      devices[:2], 1)
+    one_step = one[0]["seconds"]
+    two_step = max(run["seconds"] for run in two)
+    kind = "virtual" if "floor" in one[0] else "wall-clock"
+    print(f"\nlast step ({kind}): 1 device {one_step * 1000:.1f} ms, 2 devices "
+          f"{two_step * 1000:.1f} ms: {one_step / two_step:.2f}x")
+    if "floor" in one[0]:
+        two_floor = max(run["floor"] for run in two)
+        print(f"physical floor: 1 device {one[0]['floor'] * 1000:.1f} ms, 2 devices "
+              f"{two_floor * 1000:.1f} ms ({one[0]['floor'] / two_floor:.2f}x); "
+              "copies and compute do not overlap in the simulator")
     return 0
