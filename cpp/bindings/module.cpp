@@ -305,7 +305,7 @@ NB_MODULE(_core, m) {
   nb::class_<sim::SimDriver, Driver>(m, "SimDriver", "The simulator backend (see aimdo.sim).")
       .def("__init__",
            [](sim::SimDriver* self, const std::vector<SpecTuple>& specs, std::uint64_t seed,
-              std::int64_t free_delay_ns, bool record) {
+              std::int64_t free_delay_ns, bool record, bool real_bytes) {
              std::vector<sim::SimDeviceSpec> devices;
              for (const auto& [name, total, granularity, integrated, bandwidth] : specs) {
                sim::SimDeviceSpec spec;
@@ -319,9 +319,12 @@ NB_MODULE(_core, m) {
              sim::SimOptions options;
              options.free_delay_ns = free_delay_ns;
              options.record = record;
+             options.real_bytes = real_bytes;
              new (self) sim::SimDriver(std::move(devices), seed, options);
            },
-           "devices"_a, "seed"_a, "free_delay_ns"_a, "record"_a)
+           "devices"_a, "seed"_a, "free_delay_ns"_a, "record"_a, "real_bytes"_a)
+      .def_prop_ro("real_bytes", &sim::SimDriver::real_bytes)
+      .def("violations", &sim::SimDriver::violations, release_gil())
       .def_prop_ro("seed", &sim::SimDriver::seed)
       .def("add_external_usage",
            [](sim::SimDriver& s, IntArg device, IntArg n) {

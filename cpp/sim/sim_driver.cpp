@@ -16,6 +16,7 @@
 #include <unordered_map>
 
 #include "aimdo/errors.hpp"
+#include "host_memory.hpp"
 
 namespace aimdo::sim {
 namespace {
@@ -40,14 +41,14 @@ constexpr const char* kOpNames[kOpCount] = {
     "cuMemRelease", "cuMemMap",            "cuMemUnmap",       "cuMemSetAccess",
     "cuCtxSynchronize", "cuMemAllocAsync", "cuMemFreeAsync",   "cuCtxSetCurrent"};
 
-// Each device owns a region of the (simulated) address space, so an address names its
-// device without a global table: reservations in the first TiB, stream-ordered
-// allocations in the second.
+// Each device owns two regions of address space, so an address names its device without
+// a global table: one TiB for reservations (synthetic addresses, or real host address
+// space in real-bytes mode) and one for stream-ordered allocations (always synthetic).
 constexpr DeviceAddress kAddressBase = DeviceAddress{1} << 44;
 constexpr DeviceAddress kRegionBytes = DeviceAddress{1} << 40;
 constexpr int kHandleDeviceShift = 48;
 
-DeviceAddress reservation_region(int device) {
+DeviceAddress synthetic_region(int device) {
   return kAddressBase + static_cast<DeviceAddress>(device) * 2 * kRegionBytes;
 }
 
@@ -125,6 +126,7 @@ struct Reservation {
 
 struct Physical {
   std::size_t size_bytes;
+  std::uint64_t host_id = 0;  // its host memory in real-bytes mode
   int map_count = 0;
   bool released = false;  // released while mapped: freed at the last unmap
 };
@@ -193,6 +195,27 @@ struct SimDriver::State {
   std::atomic<std::uint64_t> rate_rules{0};  // seeds rate rules in order of creation
   std::size_t device_count = 0;
 
+  // Fixed at construction: where each device's regions start, and the host memory that
+  // backs mapped pages in real-bytes mode (null otherwise).
+  std::vector<DeviceAddress> reservation_base;
+  std::vector<DeviceAddress> stream_base;
+  std::unique_ptr<HostMemory> host;
+
+  // Which device an address belongs to, and whether it is a stream-ordered one; -1 if none.
+  int device_of(DeviceAddress va, bool* stream) const {
+    for (std::size_t d = 0; d < device_count; ++d) {
+      if (va >= reservation_base[d] && va - reservation_base[d] < kRegionBytes) {
+        *stream = false;
+        return static_cast<int>(d);
+      }
+      if (va >= stream_base[d] && va - stream_base[d] < kRegionBytes) {
+        *stream = true;
+        return static_cast<int>(d);
+      }
+    }
+    return -1;
+  }
+
   void record(std::string line) {
     std::lock_guard<std::mutex> lock(log_mutex);
     log_lines.push_back(std::move(line));
@@ -201,23 +224,19 @@ struct SimDriver::State {
   // Addresses in the log are relative to their device's region, so they read the same in
   // every run: "r<device>+0x<offset>" (reservations) or "s<device>+0x<offset>" (stream).
   std::string address(DeviceAddress va) const {
-    if (va >= kAddressBase) {
-      const DeviceAddress offset = va - kAddressBase;
-      const std::size_t device = static_cast<std::size_t>(offset / (2 * kRegionBytes));
-      if (device < device_count) {
-        const bool stream = (offset / kRegionBytes) % 2 == 1;
-        const DeviceAddress base = reservation_region(static_cast<int>(device)) +
-                                   (stream ? kRegionBytes : 0);
-        return std::string(stream ? "s" : "r") + std::to_string(device) + "+" + hex(va - base);
-      }
-    }
-    return hex(va);
+    bool stream = false;
+    const int device = device_of(va, &stream);
+    if (device < 0) return hex(va);
+    const auto d = static_cast<std::size_t>(device);
+    const DeviceAddress base = stream ? stream_base[d] : reservation_base[d];
+    return std::string(stream ? "s" : "r") + std::to_string(device) + "+" + hex(va - base);
   }
   DeviceAddress parse_address(const std::string& text) const {
     if (!text.empty() && (text[0] == 'r' || text[0] == 's')) {
       const std::size_t plus = text.find('+');
-      const int device = std::stoi(text.substr(1, plus - 1));
-      const DeviceAddress base = reservation_region(device) + (text[0] == 's' ? kRegionBytes : 0);
+      const auto device = static_cast<std::size_t>(std::stoi(text.substr(1, plus - 1)));
+      if (device >= device_count) throw InvalidArgumentError("log names a device it lacks: " + text);
+      const DeviceAddress base = text[0] == 's' ? stream_base[device] : reservation_base[device];
       return base + std::stoull(text.substr(plus + 1), nullptr, 16);
     }
     return std::stoull(text, nullptr, 16);
@@ -362,26 +381,35 @@ SimDriver::SimDriver(std::vector<SimDeviceSpec> devices, std::uint64_t seed, Sim
                                  ": host-to-device bandwidth must be positive and finite");
     }
     auto state = std::make_unique<DeviceState>();
-    state->next_stream_va = reservation_region(static_cast<int>(i)) + kRegionBytes;
+    state_->stream_base.push_back(synthetic_region(static_cast<int>(i)) + kRegionBytes);
+    state->next_stream_va = state_->stream_base.back();
     state_->devices.push_back(std::move(state));
   }
   state_->device_count = devices_.size();
   state_->recording.store(options_.record);
+  if (options_.real_bytes) {
+    state_->host = std::make_unique<HostMemory>();
+    for (std::size_t i = 0; i < devices_.size(); ++i) {
+      state_->reservation_base.push_back(
+          static_cast<DeviceAddress>(state_->host->reserve(kRegionBytes, std::size_t{2} << 20)));
+    }
+  } else {
+    for (std::size_t i = 0; i < devices_.size(); ++i) {
+      state_->reservation_base.push_back(synthetic_region(static_cast<int>(i)));
+    }
+  }
 }
 
 SimDriver::~SimDriver() = default;
 
+bool SimDriver::real_bytes() const noexcept { return state_->host != nullptr; }
+
+std::vector<std::string> SimDriver::violations() const {
+  return state_->host ? state_->host->violations() : std::vector<std::string>{};
+}
+
 namespace {
 
-// Which device an address belongs to, and whether it is a stream-ordered one; -1 if none.
-int device_of_address(DeviceAddress va, std::size_t device_count, bool* stream) {
-  if (va < kAddressBase) return -1;
-  const DeviceAddress offset = va - kAddressBase;
-  const std::size_t device = static_cast<std::size_t>(offset / (2 * kRegionBytes));
-  if (device >= device_count) return -1;
-  *stream = (offset / kRegionBytes) % 2 == 1;
-  return static_cast<int>(device);
-}
 
 int device_of_handle(PhysicalHandle handle, std::size_t device_count) {
   const std::uint64_t encoded = handle >> kHandleDeviceShift;
@@ -485,7 +513,7 @@ DriverStatus SimDriver::reserve_address_range(int device, std::size_t size_bytes
     const DeviceAddress alignment = std::max(alignment_bytes, granularity);
     // First fit in the device's region, leaving one unreserved granule after each range so
     // that an overrun never lands in a neighbour.
-    const DeviceAddress region = reservation_region(device);
+    const DeviceAddress region = state_->reservation_base[static_cast<std::size_t>(device)];
     DeviceAddress candidate = region;
     for (const auto& [start, reservation] : d.reservations) {
       candidate = (candidate + alignment - 1) / alignment * alignment;
@@ -510,7 +538,7 @@ DriverStatus SimDriver::reserve_address_range(int device, std::size_t size_bytes
 DriverStatus SimDriver::free_address_range(DeviceAddress va, std::size_t size_bytes) {
   const DriverStatus result = [&]() -> DriverStatus {
     bool stream = false;
-    const int device = device_of_address(va, devices_.size(), &stream);
+    const int device = state_->device_of(va, &stream);
     state_->wait_if_held(kFreeRange, device);
     if (device < 0 || stream) {
       const DriverStatus status = state_->intercept_unrouted(kFreeRange);
@@ -525,6 +553,9 @@ DriverStatus SimDriver::free_address_range(DeviceAddress va, std::size_t size_by
         !it->second.mappings.empty()) {
       return failure(driver_code::invalid_value);
     }
+    // In real-bytes mode the range stays in the device's host reservation as it is: its
+    // once-mapped pages read the trap pattern, so a Python view kept past the VBAR's
+    // close reads garbage instead of crashing, and a later map there reports its writes.
     d.reservations.erase(it);
     d.clock_ns += costs_.free_range_ns;
     return DriverStatus::success();
@@ -554,10 +585,19 @@ DriverStatus SimDriver::create_physical(int device, std::size_t size_bytes, Phys
     if (d.used() > spec.total_bytes || size_bytes > spec.total_bytes - d.used()) {
       return failure(driver_code::out_of_memory);
     }
+    std::uint64_t host_id = 0;
+    if (state_->host) {
+      try {
+        host_id = state_->host->create(size_bytes);
+      } catch (const std::exception&) {
+        return failure(driver_code::out_of_memory);  // the host could not back it
+      }
+    }
     d.physical_bytes += size_bytes;
     const PhysicalHandle handle =
         (static_cast<PhysicalHandle>(device + 1) << kHandleDeviceShift) | d.next_handle++;
-    d.physical.emplace(handle, Physical{size_bytes, 0, false});
+    Physical physical{size_bytes, host_id, 0, false};
+    d.physical.emplace(handle, physical);
     *out = handle;
     d.clock_ns += costs_.create_physical_ns;
     return DriverStatus::success();
@@ -585,7 +625,9 @@ DriverStatus SimDriver::release_physical(PhysicalHandle handle) {
     auto it = d.physical.find(handle);
     if (it == d.physical.end() || it->second.released) return failure(driver_code::invalid_handle);
     d.clock_ns += costs_.release_physical_ns;
-    // As on the real driver, memory released while mapped lives until its last unmap.
+    // As on the real driver, memory released while mapped lives until its last unmap
+    // (so does a closed memfd that is still mapped).
+    if (state_->host) state_->host->release(it->second.host_id);
     if (it->second.map_count > 0) {
       it->second.released = true;
     } else {
@@ -620,7 +662,7 @@ DriverStatus SimDriver::map(DeviceAddress va, std::size_t size_bytes, PhysicalHa
     // Stricter than the driver: memory of one device is only mapped in a range reserved
     // for that device (aimdo never does otherwise).
     bool stream = false;
-    if (device_of_address(va, devices_.size(), &stream) != device || stream) {
+    if (state_->device_of(va, &stream) != device || stream) {
       return failure(driver_code::invalid_value);
     }
     const std::size_t granularity = devices_[static_cast<std::size_t>(device)].granularity_bytes;
@@ -643,6 +685,13 @@ DriverStatus SimDriver::map(DeviceAddress va, std::size_t size_bytes, PhysicalHa
         return failure(driver_code::invalid_value);
       }
     }
+    if (state_->host) {
+      try {
+        state_->host->map(static_cast<std::uintptr_t>(va), size_bytes, physical->second.host_id);
+      } catch (const std::exception&) {
+        return failure(driver_code::out_of_memory);
+      }
+    }
     reservation->mappings.emplace(offset, Mapping{size_bytes, handle, false});
     ++physical->second.map_count;
     d.clock_ns += costs_.map_ns;
@@ -658,7 +707,7 @@ DriverStatus SimDriver::map(DeviceAddress va, std::size_t size_bytes, PhysicalHa
 DriverStatus SimDriver::unmap(DeviceAddress va, std::size_t size_bytes) {
   const DriverStatus result = [&]() -> DriverStatus {
     bool stream = false;
-    const int device = device_of_address(va, devices_.size(), &stream);
+    const int device = state_->device_of(va, &stream);
     state_->wait_if_held(kUnmap, device);
     if (device < 0 || stream) {
       const DriverStatus status = state_->intercept_unrouted(kUnmap);
@@ -675,6 +724,13 @@ DriverStatus SimDriver::unmap(DeviceAddress va, std::size_t size_bytes) {
     // Stricter than the driver, which accepts a second unmap: that is always a bug here.
     if (mapping == reservation->mappings.end()) return failure(driver_code::not_mapped);
     if (mapping->second.size_bytes != size_bytes) return failure(driver_code::invalid_value);
+    if (state_->host) {
+      try {
+        state_->host->unmap(static_cast<std::uintptr_t>(va), size_bytes);
+      } catch (const std::exception&) {
+        return failure(driver_code::unknown);
+      }
+    }
     auto physical = d.physical.find(mapping->second.handle);
     reservation->mappings.erase(mapping);
     d.clock_ns += costs_.unmap_ns;
@@ -705,7 +761,7 @@ DriverStatus SimDriver::set_access(DeviceAddress va, std::size_t size_bytes, int
     const DriverStatus status = state_->intercept(d, kSetAccess, device);
     if (!status.ok()) return status;
     // Peer access is not modelled: a device gets access to its own memory only.
-    if (device_of_address(va, devices_.size(), &stream) != device || stream) {
+    if (state_->device_of(va, &stream) != device || stream) {
       return failure(driver_code::invalid_value);
     }
     std::size_t offset = 0;
@@ -713,6 +769,13 @@ DriverStatus SimDriver::set_access(DeviceAddress va, std::size_t size_bytes, int
     std::vector<Mapping*> mappings;
     if (reservation == nullptr || !covered(*reservation, offset, size_bytes, false, &mappings)) {
       return failure(driver_code::invalid_value);
+    }
+    if (state_->host) {
+      try {
+        state_->host->set_access(static_cast<std::uintptr_t>(va), size_bytes);
+      } catch (const std::exception&) {
+        return failure(driver_code::out_of_memory);
+      }
     }
     for (Mapping* m : mappings) m->access = true;
     d.clock_ns += costs_.set_access_ns;
@@ -766,10 +829,10 @@ DriverStatus SimDriver::stream_alloc(int device, std::size_t size_bytes, StreamH
     if (d.used() > total || size_bytes > total - d.used()) {
       return failure(driver_code::out_of_memory);
     }
-    const DeviceAddress region_end = reservation_region(device) + 2 * kRegionBytes;
+    const DeviceAddress region_end = state_->stream_base[static_cast<std::size_t>(device)] + kRegionBytes;
     const DeviceAddress padded = (size_bytes + 511) / 512 * 512 + 512;
     if (d.next_stream_va + padded > region_end) {
-      d.next_stream_va = reservation_region(device) + kRegionBytes;  // wrap around
+      d.next_stream_va = state_->stream_base[static_cast<std::size_t>(device)];  // wrap around
     }
     while (d.streams.count(d.next_stream_va) != 0) d.next_stream_va += 512;
     const DeviceAddress va = d.next_stream_va;
@@ -937,7 +1000,7 @@ std::size_t SimDriver::pending_free_bytes(int device) const {
 
 bool SimDriver::is_accessible(DeviceAddress va, std::size_t size_bytes) const {
   bool stream = false;
-  const int device = device_of_address(va, devices_.size(), &stream);
+  const int device = state_->device_of(va, &stream);
   if (device < 0 || stream) return false;
   DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
   std::lock_guard<std::mutex> lock(d.mutex);

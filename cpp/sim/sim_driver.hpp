@@ -75,6 +75,11 @@ struct SimOptions {
   std::int64_t free_delay_ns = 0;
   // Keep the event log (log()) from the start.
   bool record = false;
+  // Back mapped pages with host memory really mapped at the reserved addresses (see
+  // host_memory.hpp): data written through a mapping reads back while it stays mapped,
+  // new pages hold a poison pattern, and an unmapped range reads a trap pattern instead
+  // of the data (writes there are reported by violations()). Linux only.
+  bool real_bytes = false;
 };
 
 class SimDriver final : public Driver {
@@ -120,6 +125,10 @@ class SimDriver final : public Driver {
   std::size_t used_bytes(int device) const;
   // True when every byte of [va, va + size) is mapped with access set.
   bool is_accessible(DeviceAddress va, std::size_t size_bytes) const;
+  // Whether mapped pages are backed by host memory at their addresses (SimOptions).
+  bool real_bytes() const noexcept;
+  // Writes seen through pointers to memory after it was unmapped (real-bytes mode).
+  std::vector<std::string> violations() const;
   // Fail `count` calls of `operation` on `device` (-1: any) after letting `skip` matching
   // calls through, answering `code` (a CUresult, e.g. 2 out of memory, 600 not ready).
   void fail(const std::string& operation, int device, int code, std::uint64_t skip,

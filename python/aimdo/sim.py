@@ -14,6 +14,7 @@ Pass one to ``aimdo.Manager(backend=...)``; ``backend="sim"`` makes a default on
 
 from __future__ import annotations
 
+import ctypes
 import math
 import weakref
 from collections.abc import Iterable, Mapping
@@ -92,6 +93,21 @@ def _parse_devices(devices: str | Iterable[DeviceSpec]) -> list[tuple[str, int, 
     return out
 
 
+class _HostView:
+    """ctypes arrays over simulator memory, of a subclass that can carry its owner."""
+
+    _types: dict[int, type] = {}
+
+    @classmethod
+    def of_size(cls, nbytes: int) -> type:
+        found = cls._types.get(nbytes)
+        if found is None:
+            found = type("SimMemory", (ctypes.c_ubyte * nbytes,), {})
+            if len(cls._types) < 1024:
+                cls._types[nbytes] = found
+        return found
+
+
 class SimHold:
     """A driver call held open by ``SimBackend.hold``. ``wait_arrived`` waits (at most
     ``timeout`` seconds of real time) for the call to arrive; ``release`` lets it go on.
@@ -121,7 +137,8 @@ class SimBackend:
     """Simulated GPUs. ``devices`` is ``"2x24GiB"``, ``"24GiB,12GiB"`` or a list of
     specs (see ``DeviceSpec``); ``seed`` makes runs with fault rates reproducible;
     ``free_delay`` (seconds of virtual time) delays the reuse of stream-ordered frees;
-    ``record`` keeps the event log from the start (see ``log``).
+    ``record`` keeps the event log from the start (see ``log``); ``real_bytes`` backs
+    mapped pages with host memory really mapped at the VBAR's addresses (see ``view``).
 
     Thread-safe: every method may be called from any thread.
     """
@@ -133,6 +150,7 @@ class SimBackend:
         seed: int = 0,
         free_delay: float = 0.0,
         record: bool = False,
+        real_bytes: bool = False,
     ):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
@@ -143,7 +161,8 @@ class SimBackend:
         if not math.isfinite(free_delay) or free_delay < 0:
             raise ValueError(f"free_delay must be finite and not negative, got {free_delay}")
         self._specs = _parse_devices(devices)
-        self._driver = _core.SimDriver(self._specs, seed, round(free_delay * 1e9), bool(record))
+        self._driver = _core.SimDriver(self._specs, seed, round(free_delay * 1e9), bool(record),
+                                       bool(real_bytes))
         _live.add(self)
 
     # -- what it is -------------------------------------------------------------------
@@ -193,6 +212,34 @@ class SimBackend:
     def is_accessible(self, address: int, nbytes: int) -> bool:
         """True when every byte of ``[address, address + nbytes)`` is mapped with access set."""
         return self._driver.is_accessible(address, nbytes)
+
+    @property
+    def real_bytes(self) -> bool:
+        return self._driver.real_bytes
+
+    def view(self, address, nbytes: int | None = None) -> memoryview:
+        """A writable memoryview of ``nbytes`` at ``address`` (or of a whole Allocation),
+        in real-bytes mode. The range must be mapped with access set (between a fault and
+        its unpin, for a VBAR's allocation): otherwise aimdo.InvalidStateError. A view
+        kept after its pages are unmapped never crashes: it reads a trap pattern (0x5A),
+        not the data, and writes through it are reported by ``violations()``. New pages
+        hold a poison pattern (0xA5), as real GPU memory holds whatever was there."""
+        if nbytes is None:
+            address, nbytes = address.address, address.size
+        if not self.real_bytes:
+            raise _core.InvalidStateError("view needs SimBackend(real_bytes=True)")
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
+            raise ValueError(f"nbytes must be a positive int, got {nbytes!r}")
+        if not self._driver.is_accessible(address, nbytes):
+            raise _core.InvalidStateError(
+                f"[{address:#x}, +{nbytes}) is not mapped with access set: fault the allocation first")
+        array = _HostView.of_size(nbytes).from_address(address)
+        array.owner = self  # the memory lives as long as the simulator
+        return memoryview(array).cast("B")
+
+    def violations(self) -> list[str]:
+        """Writes made through views after their pages were unmapped (real-bytes mode)."""
+        return list(self._driver.violations())
 
     def leaks(self) -> list[str]:
         """One readable line per live reservation, physical allocation, mapping and
