@@ -12,6 +12,7 @@
 #include <nanobind/stl/vector.h>
 
 #include <cstdint>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -170,8 +171,47 @@ std::shared_ptr<Driver> load_cuda() {
   return load.driver;
 }
 
+// The Manager that PyTorch's pluggable allocator reaches (aimdo.torch.use_allocator).
+// PyTorch takes plain C functions with no user data, so this is the one piece of
+// process-wide mutable state in aimdo: set once by use_allocator, read by every
+// allocation. A shared_ptr keeps the Manager alive while a call is in flight.
+std::mutex g_allocator_mutex;
+std::shared_ptr<Manager> g_allocator_manager;
+
+std::shared_ptr<Manager> allocator_manager() {
+  std::lock_guard<std::mutex> lock(g_allocator_mutex);
+  return g_allocator_manager;
+}
+
 }  // namespace
 }  // namespace aimdo
+
+// PyTorch's CUDAPluggableAllocator entry points (looked up by name in this library).
+// They never throw: a failure is a null pointer, which PyTorch reports as out of memory.
+extern "C" __attribute__((visibility("default"))) void* aimdo_torch_alloc(
+    std::size_t size, int device, void* stream) noexcept {
+  try {
+    auto manager = aimdo::allocator_manager();
+    if (!manager || size == 0) return nullptr;
+    return reinterpret_cast<void*>(
+        manager->external_alloc(device, size, reinterpret_cast<aimdo::StreamHandle>(stream)));
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+extern "C" __attribute__((visibility("default"))) void aimdo_torch_free(
+    void* ptr, std::size_t, int, void* stream) noexcept {
+  try {
+    auto manager = aimdo::allocator_manager();
+    if (manager && ptr != nullptr) {
+      manager->external_free(reinterpret_cast<aimdo::DeviceAddress>(ptr),
+                             reinterpret_cast<aimdo::StreamHandle>(stream));
+    }
+  } catch (...) {
+    // Nothing to report to: PyTorch's free returns void. The pointer stays accounted.
+  }
+}
 
 NB_MODULE(_core, m) {
   using namespace aimdo;
@@ -209,6 +249,18 @@ NB_MODULE(_core, m) {
 
   m.def("set_process_exiting", &set_process_exiting,
         "Tell the core the interpreter is exiting: destructors stop calling the driver.");
+  m.def(
+      "set_allocator_manager",
+      [](std::shared_ptr<Manager> manager) {
+        std::shared_ptr<Manager> previous;
+        {
+          std::lock_guard<std::mutex> lock(g_allocator_mutex);
+          previous = std::move(g_allocator_manager);
+          g_allocator_manager = std::move(manager);
+        }
+      },
+      "manager"_a.none(),
+      "Route aimdo_torch_alloc/aimdo_torch_free (PyTorch's pluggable allocator) to a Manager.");
   m.def("load_cuda_driver", &load_cuda, release_gil(),
         "Load libcuda.so.1 and return the CUDA backend. Raises DriverError when it cannot.");
 
@@ -416,7 +468,8 @@ NB_MODULE(_core, m) {
                std::to_string(a.size_bytes) + ")";
       });
 
-  nb::class_<Vbar>(m, "Vbar", "One model's reserved address range on one device (DESIGN §1).")
+  nb::class_<Vbar>(m, "Vbar", "One model's reserved address range on one device (DESIGN §1).",
+                   nb::dynamic_attr())
       .def_prop_ro("device", &Vbar::device)
       .def_prop_ro("size", &Vbar::size_bytes, "Bytes asked for at creation.")
       .def_prop_ro("page_size", &Vbar::page_size_bytes)

@@ -237,7 +237,9 @@ class Manager:
     def create_vbar(self, size: int, device: int) -> _core.Vbar:
         """A new VBAR of ``size`` bytes on ``device``, at the top of its priority list.
         Costs no memory; pages are mapped as allocations under them are faulted."""
-        return self._core.create_vbar(device, size)
+        vbar = self._core.create_vbar(device, size)
+        vbar.backend = self._backend  # what aimdo.torch.as_tensor views its memory through
+        return vbar
 
     # -- per-device figures -----------------------------------------------------------
     def resident_bytes(self, device: int) -> int:

@@ -1,0 +1,339 @@
+"""PyTorch integration: tensor views of allocations, a budget-aware CUDA allocator, and
+``offload(module)``, which runs a model larger than a device's budget layer by layer.
+
+Needs PyTorch (``pip install 'aimdo[torch]'``); ``import aimdo`` alone does not.
+
+- ``as_tensor(allocation, dtype, shape)`` views an allocation's memory in place: a CUDA
+  tensor on the cuda backend, a CPU tensor over host memory on a simulator with
+  ``real_bytes=True``. A view is valid only between a successful fault of the allocation
+  and the matching unpin: after the unpin its pages may be unmapped at any moment.
+- ``use_allocator(manager)`` routes PyTorch's CUDA allocations through the Manager:
+  each one first makes room on its device by evicting VBAR pages. Call it before PyTorch
+  allocates any CUDA memory.
+- ``offload(module, device)`` keeps the module's weights on the host and streams them
+  through one VBAR on ``device``; see OffloadedModule.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from . import _core
+from ._manager import Manager, get_manager
+from .sim import SimBackend
+
+__all__ = ["as_tensor", "use_allocator", "offload", "OffloadedModule", "ForwardStats"]
+
+_ALIGNMENT = 512  # every tensor of a block starts 512-byte aligned, as PyTorch's do
+
+
+class _CudaBytes:
+    """A CUDA array interface over raw device memory, so torch.as_tensor views it."""
+
+    def __init__(self, address: int, nbytes: int):
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (address, False),
+            "version": 3,
+            "strides": None,
+        }
+
+
+def as_tensor(allocation, dtype: torch.dtype, shape, *, backend=None) -> torch.Tensor:
+    """A tensor of ``dtype`` and ``shape`` viewing ``allocation``'s memory in place.
+
+    Valid only between a successful ``Vbar.fault`` of the allocation and the matching
+    ``unpin``. On the cuda backend it is a CUDA tensor on the allocation's device; on a
+    simulator with ``real_bytes=True`` a CPU tensor. ``backend`` defaults to the one of
+    the Manager that created the VBAR. ValueError when the shape does not fit the
+    allocation; aimdo.InvalidStateError when its pages are not mapped."""
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, not {type(dtype).__name__}")
+    shape = tuple(shape) if not isinstance(shape, int) else (shape,)
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in shape):
+        raise ValueError(f"shape must be non-negative ints, got {shape}")
+    numel = 1
+    for n in shape:
+        numel *= n
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if nbytes > allocation.size:
+        raise ValueError(f"{shape} of {dtype} is {nbytes} bytes; the allocation has {allocation.size}")
+    backend = backend if backend is not None else getattr(allocation.vbar, "backend", None)
+    if isinstance(backend, SimBackend):
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        raw = torch.frombuffer(backend.view(allocation.address, nbytes), dtype=torch.uint8)
+    else:
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype, device=f"cuda:{allocation.device}")
+        try:
+            raw = torch.as_tensor(_CudaBytes(allocation.address, nbytes))
+        except RuntimeError as error:  # PyTorch checks the pointer: not mapped yet
+            raise _core.InvalidStateError(
+                f"allocation at {allocation.address:#x} is not mapped: fault it first ({error})"
+            ) from error
+        if raw.device.type != "cuda" or raw.device.index != allocation.device:
+            raise _core.InvalidStateError(
+                f"allocation at {allocation.address:#x} did not resolve to cuda:{allocation.device}")
+    return raw.view(dtype).view(shape)
+
+
+def use_allocator(manager: Manager | None = None) -> None:
+    """Route PyTorch's CUDA allocations through ``manager`` (default: aimdo's default
+    Manager): before each allocation, VBAR pages on that device are evicted as the
+    budget needs (DESIGN §3.6); frees are found by pointer from any thread.
+
+    PyTorch can only swap its allocator before it has allocated CUDA memory: call this
+    first thing. Errors: aimdo.AimdoError when called too late or without CUDA."""
+    manager = manager if manager is not None else get_manager()
+    if manager.backend_name != "cuda":
+        raise _core.AimdoError("use_allocator routes PyTorch's CUDA memory: it needs a Manager "
+                               "on the cuda backend (on the simulator use Manager.external_alloc)")
+    if not torch.cuda.is_available():
+        raise _core.AimdoError("use_allocator: this PyTorch has no CUDA")
+    allocator = torch.cuda.memory.CUDAPluggableAllocator(
+        _core.__file__, "aimdo_torch_alloc", "aimdo_torch_free")
+    _core.set_allocator_manager(manager._core)
+    try:
+        torch.cuda.memory.change_current_allocator(allocator)
+    except RuntimeError as error:
+        _core.set_allocator_manager(None)
+        raise _core.AimdoError(
+            "PyTorch already allocated CUDA memory with its own allocator, which it cannot swap "
+            "afterwards: call aimdo.torch.use_allocator() before creating any CUDA tensor "
+            f"(PyTorch said: {error})") from error
+
+
+@dataclass
+class ForwardStats:
+    """What one forward of an OffloadedModule did."""
+
+    layers: int = 0          # blocks of weights faulted (modules with their own weights)
+    hits: int = 0            # found resident and intact: no copy
+    copied_layers: int = 0   # (re)mapped pages: weights copied in from the host
+    offloaded_layers: int = 0  # above the watermark: streamed through a temporary buffer
+    bytes_copied: int = 0
+
+
+class _Block:
+    """The weights of one module (its own parameters and buffers, not its children's),
+    laid out 512-byte aligned in one allocation."""
+
+    def __init__(self, module: torch.nn.Module, entries, host):
+        self.module = module
+        self.entries = []  # (kind, name, host tensor, offset)
+        offset = 0
+        for kind, name, key in entries:
+            tensor = host[key]
+            offset = (offset + _ALIGNMENT - 1) // _ALIGNMENT * _ALIGNMENT
+            self.entries.append((kind, name, tensor, offset))
+            offset += tensor.numel() * tensor.element_size()
+        self.nbytes = max(offset, 1)
+        self.allocation = None
+        self.signature = None
+        self.storage = None   # uint8 tensor this forward's weights live in
+        self.pinned = False
+        self.event = None     # copy-stream event to wait for (CUDA prefetch)
+
+
+_host_stores: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_host_lock = threading.Lock()
+
+
+def _host_store(module: torch.nn.Module, pin: bool) -> dict:
+    """The module's weights on the host, by id of the original tensor; shared by every
+    offload of the same module (pinned once when CUDA copies will read them)."""
+    with _host_lock:
+        store = _host_stores.get(module)
+        if store is None:
+            store = {}
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                host = tensor.detach().to("cpu")
+                if pin and not host.is_pinned():
+                    host = host.pin_memory()
+                store[id(tensor)] = host
+            _host_stores[module] = store
+        return store
+
+
+class OffloadedModule(torch.nn.Module):
+    """A module whose weights stay on the host and reach ``device`` through one VBAR.
+
+    Each module with weights of its own is a block: one allocation, placed in the VBAR in
+    the order the first forward uses them. Before a block's module runs, its allocation
+    is faulted: a signature equal to the last one means the weights are still there (no
+    copy); a new one means they are copied in from the host; None means offloaded, and
+    they go through a temporary buffer. After the module runs, the allocation is
+    unpinned. With ``prefetch=k`` (k > 0), the next k blocks are faulted and copied while
+    the current one computes (on CUDA, on a copy stream ordered by events).
+
+    The wrapped module is not changed: this runs a replica of it whose weights are bound
+    to those views only while each module runs. Outputs equal the module's own, bit for
+    bit. Inference only. ``last_stats`` tells what the last forward did. One forward at a
+    time per OffloadedModule; offload the same module to two devices to run two at once.
+    """
+
+    def __init__(self, module: torch.nn.Module, device: int, manager: Manager, prefetch: int):
+        super().__init__()
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+            raise ValueError(f"prefetch must be a non-negative int, got {prefetch!r}")
+        backend = manager.backend
+        self._manager = manager
+        self._device_index = device
+        self._sim = backend if isinstance(backend, SimBackend) else None
+        if self._sim is not None and not self._sim.real_bytes:
+            raise _core.InvalidStateError("offload on a simulator needs SimBackend(real_bytes=True)")
+        self._torch_device = torch.device("cpu") if self._sim else torch.device("cuda", device)
+        host = _host_store(module, pin=self._sim is None)
+        tensors = list(module.parameters()) + list(module.buffers())
+        placeholders = {}
+        for tensor in tensors:
+            empty = torch.empty(0, dtype=tensor.dtype)
+            placeholders[id(tensor)] = (torch.nn.Parameter(empty, requires_grad=False)
+                                        if isinstance(tensor, torch.nn.Parameter) else empty)
+        # A replica whose weights are placeholders: deepcopy maps each weight to its one.
+        memo = {key: value for key, value in placeholders.items()}
+        self._replica = copy.deepcopy(module, memo)
+        self._blocks = []
+        for original, replica in zip(module.modules(), self._replica.modules()):
+            entries = [("p", name, id(t)) for name, t in original._parameters.items() if t is not None]
+            entries += [("b", name, id(t)) for name, t in original._buffers.items() if t is not None]
+            if not entries:
+                continue
+            block = _Block(replica, entries, host)
+            self._blocks.append(block)
+            # The hooks live in the replica, which this object owns: a weak reference back
+            # keeps that from being a cycle only the garbage collector could free.
+            owner = weakref.ref(self)
+            replica.register_forward_pre_hook(lambda m, args, b=block: owner()._before(b))
+            replica.register_forward_hook(lambda m, args, out, b=block: owner()._after(b))
+        total = sum((b.nbytes + _ALIGNMENT - 1) // _ALIGNMENT * _ALIGNMENT for b in self._blocks)
+        self.vbar = manager.create_vbar(max(total, 1), device)
+        self.prefetch = prefetch
+        self._order = []          # blocks in first-use order, learned on the first forward
+        self._position = {}
+        self._learning = True
+        self._copy_stream = None
+        if self._sim is None and prefetch:
+            self._copy_stream = torch.cuda.Stream(device=self._torch_device)
+        self.last_stats = ForwardStats()
+        self._stats = ForwardStats()
+
+    # -- one forward ---------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        self._stats = ForwardStats()
+        try:
+            with torch.no_grad():
+                if self._sim is None:
+                    with torch.cuda.device(self._torch_device):
+                        return self._replica(*args, **kwargs)
+                return self._replica(*args, **kwargs)
+        finally:
+            for block in self._blocks:  # prefetched but never run: let them go
+                if block.storage is not None:
+                    self._release(block)
+            if self._learning and self._order:
+                self._learning = False
+            self.last_stats = self._stats
+
+    def _before(self, block: _Block) -> None:
+        if self._learning and block not in self._position:
+            self._position[block] = len(self._order)
+            self._order.append(block)
+        self._load(block, self._copy_stream if not self._learning else None)
+        if block.event is not None:
+            torch.cuda.current_stream(self._torch_device).wait_event(block.event)
+            block.storage.record_stream(torch.cuda.current_stream(self._torch_device))
+            block.event = None
+        if not self._learning and self.prefetch:
+            start = self._position[block] + 1
+            for ahead in self._order[start:start + self.prefetch]:
+                self._load(ahead, self._copy_stream)
+        for kind, name, tensor, offset in block.entries:
+            nbytes = tensor.numel() * tensor.element_size()
+            view = block.storage[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
+            if kind == "p":
+                block.module._parameters[name] = view
+            else:
+                block.module._buffers[name] = view
+
+    def _after(self, block: _Block) -> None:
+        self._release(block)
+
+    def _load(self, block: _Block, stream) -> None:
+        """Fault the block and make its weights current in block.storage (copying on
+        `stream` when given, CUDA only). Idempotent within a forward."""
+        if block.storage is not None:
+            return
+        if block.allocation is None:
+            block.allocation = self.vbar.alloc(block.nbytes)  # first-use order
+        stats = self._stats
+        stats.layers += 1
+        signature = self.vbar.fault(block.allocation)
+        copy_in = True
+        if signature is None:
+            stats.offloaded_layers += 1
+            if stream is not None:
+                with torch.cuda.stream(stream):
+                    storage = torch.empty(block.nbytes, dtype=torch.uint8, device=self._torch_device)
+            else:
+                storage = torch.empty(block.nbytes, dtype=torch.uint8, device=self._torch_device)
+            block.pinned = False
+            block.signature = None
+        else:
+            block.pinned = True
+            storage = as_tensor(block.allocation, torch.uint8, (block.nbytes,), backend=self._manager.backend)
+            if signature == block.signature:
+                stats.hits += 1
+                copy_in = False
+            else:
+                stats.copied_layers += 1
+                block.signature = signature
+        if copy_in:
+            stats.bytes_copied += block.nbytes
+            if stream is not None:
+                with torch.cuda.stream(stream):
+                    self._copy(block, storage)
+                    block.event = torch.cuda.Event()
+                    block.event.record(stream)
+            else:
+                self._copy(block, storage)
+        block.storage = storage
+
+    @staticmethod
+    def _copy(block: _Block, storage: torch.Tensor) -> None:
+        for _, _, tensor, offset in block.entries:
+            nbytes = tensor.numel() * tensor.element_size()
+            destination = storage[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
+            destination.copy_(tensor, non_blocking=True)
+
+    def _release(self, block: _Block) -> None:
+        for kind, name, tensor, _ in block.entries:
+            empty = torch.empty(0, dtype=tensor.dtype)
+            if kind == "p":
+                block.module._parameters[name] = torch.nn.Parameter(empty, requires_grad=False)
+            else:
+                block.module._buffers[name] = empty
+        if block.event is not None:  # prefetched, never used: the copy must finish first
+            block.event.synchronize()
+            block.event = None
+        if block.pinned:
+            self.vbar.unpin(block.allocation)
+        block.pinned = False
+        block.storage = None
+
+
+def offload(module: torch.nn.Module, device: int, *, manager: Manager | None = None,
+            prefetch: int = 1) -> OffloadedModule:
+    """Run ``module`` on ``device`` with its weights streamed through aimdo (see
+    OffloadedModule). ``manager`` defaults to aimdo's default Manager."""
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"offload takes a torch.nn.Module, not {type(module).__name__}")
+    manager = manager if manager is not None else get_manager()
+    return OffloadedModule(module, device, manager, prefetch)

@@ -1,0 +1,252 @@
+"""aimdo.torch: tensor views, the allocator entry points, and module offload.
+
+On the simulator (CI) everything runs on the CPU over real bytes; on the cuda backend the
+same tests run on the GPUs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import sys
+import threading
+
+import pytest
+
+torch = pytest.importorskip("torch")  # the test extra installs it: a skip here is a setup error
+
+import aimdo  # noqa: E402
+import aimdo.torch as atorch  # noqa: E402
+from aimdo import _core  # noqa: E402
+from conftest import BACKEND, PAGE  # noqa: E402
+
+
+def new_manager(make_manager, pages, devices=(0,)):
+    if BACKEND == "sim":
+        return make_manager(pages=pages, devices=devices,
+                            sim=aimdo.SimBackend("2x1GiB", real_bytes=True))
+    return make_manager(pages=pages, devices=devices)
+
+
+def where(device: int) -> torch.device:
+    return torch.device("cpu") if BACKEND == "sim" else torch.device("cuda", device)
+
+
+def stack(blocks: int = 12, width: int = 256, seed: int = 0) -> torch.nn.Module:
+    """A small transformer-like stack: per block, LayerNorm -> Linear -> GELU -> Linear."""
+    torch.manual_seed(seed)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(width)
+            self.up = torch.nn.Linear(width, 4 * width)
+            self.down = torch.nn.Linear(4 * width, width)
+
+        def forward(self, x):
+            return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+
+    return torch.nn.Sequential(*[Block() for _ in range(blocks)]).eval()
+
+
+def reference(model, x, device):
+    import copy
+
+    with torch.no_grad():
+        return copy.deepcopy(model).to(where(device))(x.to(where(device)))
+
+
+def weight_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def test_as_tensor_views_the_allocation_in_place(make_manager):
+    manager = new_manager(make_manager, pages=4)
+    vbar = manager.create_vbar(4 * PAGE, device=0)
+    allocation = vbar.alloc(PAGE + 4096)
+    with pytest.raises(aimdo.InvalidStateError):
+        atorch.as_tensor(allocation, torch.float32, (16,))  # not mapped yet
+    assert vbar.fault(allocation) is not None
+    first = atorch.as_tensor(allocation, torch.float32, (4, (PAGE + 4096) // 16))
+    assert first.device == where(0)
+    first.fill_(2.5)
+    again = atorch.as_tensor(allocation, torch.bfloat16, (2, (PAGE + 4096) // 4))
+    assert again.data_ptr() == allocation.address
+    assert torch.equal(again.view(torch.float32), first.view(-1).view(2, -1))
+    with pytest.raises(ValueError, match="bytes"):
+        atorch.as_tensor(allocation, torch.float32, (PAGE,))
+    with pytest.raises(TypeError):
+        atorch.as_tensor(allocation, "float32", (4,))
+    del first, again
+    vbar.unpin(allocation)
+
+
+def test_a_stack_three_times_the_budget_gives_identical_outputs(make_manager):
+    model = stack()
+    budget_pages = weight_bytes(model) // 3 // PAGE
+    manager = new_manager(make_manager, pages=budget_pages)
+    offloaded = atorch.offload(model, 0, manager=manager, prefetch=1)
+    x = torch.randn(4, 256)
+    expected = reference(model, x, 0)
+    copied = []
+    for _ in range(4):
+        out = offloaded(x.to(where(0)))
+        assert torch.equal(out, expected)
+        stats = offloaded.last_stats
+        assert stats.layers == 36
+        copied.append(stats.bytes_copied)
+    # Part of the model stays resident: later forwards copy less than the first.
+    assert copied[1] < copied[0]
+    assert copied[1] == copied[2] == copied[3]
+    assert offloaded.last_stats.hits > 0 and offloaded.last_stats.offloaded_layers > 0
+    assert manager.resident_bytes(0) <= budget_pages * PAGE
+
+
+def test_a_model_that_fits_copies_nothing_after_the_first_forward(make_manager):
+    model = stack(blocks=3)
+    manager = new_manager(make_manager, pages=weight_bytes(model) // PAGE + 8)
+    offloaded = atorch.offload(model, 0, manager=manager)
+    x = torch.randn(2, 256).to(where(0))
+    expected = reference(model, x, 0)
+    assert torch.equal(offloaded(x), expected)
+    assert offloaded.last_stats.bytes_copied == weight_bytes(model)  # every block once
+    for _ in range(3):
+        assert torch.equal(offloaded(x), expected)
+        assert offloaded.last_stats.bytes_copied == 0
+        assert offloaded.last_stats.hits == 9
+
+
+def test_prefetch_changes_no_output_and_no_byte_count(make_manager):
+    model = stack()
+    manager = new_manager(make_manager, pages=weight_bytes(model) // 3 // PAGE, devices=(0, 1))
+    x = torch.randn(4, 256)
+    plain = atorch.offload(model, 0, manager=manager, prefetch=0)
+    ahead = atorch.offload(model, 1, manager=manager, prefetch=3)
+    for _ in range(3):
+        a = plain(x.to(where(0)))
+        b = ahead(x.to(where(1)))
+        assert torch.equal(a.cpu(), b.cpu())
+        assert plain.last_stats.bytes_copied == ahead.last_stats.bytes_copied
+
+
+def test_offload_leaves_the_module_untouched(make_manager):
+    model = stack(blocks=2)
+    before = {name: (t, t.clone()) for name, t in model.state_dict(keep_vars=True).items()}
+    manager = new_manager(make_manager, pages=64)
+    offloaded = atorch.offload(model, 0, manager=manager)
+    offloaded(torch.randn(1, 256).to(where(0)))
+    after = model.state_dict(keep_vars=True)
+    assert set(after) == set(before)
+    for name, (tensor, copy) in before.items():
+        assert after[name] is tensor and torch.equal(tensor, copy), name
+    assert all(t.device.type == "cpu" for t in model.parameters())
+
+
+def test_the_same_model_on_two_devices_runs_from_two_threads(make_manager):
+    model = stack()
+    budget_pages = weight_bytes(model) // 3 // PAGE
+    manager = new_manager(make_manager, pages=budget_pages, devices=(0, 1))
+    x = torch.randn(4, 256)
+    expected = {d: reference(model, x, d) for d in (0, 1)}
+    replicas = {d: atorch.offload(model, d, manager=manager) for d in (0, 1)}
+    results = {d: [] for d in (0, 1)}
+    errors = []
+
+    def run(device):
+        try:
+            for _ in range(5):
+                results[device].append(torch.equal(replicas[device](x.to(where(device))), expected[device]))
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(d,)) for d in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert results == {0: [True] * 5, 1: [True] * 5}
+    for d in (0, 1):
+        assert manager.resident_bytes(d) <= budget_pages * PAGE
+
+
+@pytest.mark.sim_only
+def test_offload_on_a_simulator_without_real_bytes_is_refused(make_manager):
+    manager = make_manager(pages=8)
+    with pytest.raises(aimdo.InvalidStateError, match="real_bytes"):
+        atorch.offload(stack(blocks=1), 0, manager=manager)
+    with pytest.raises(TypeError):
+        atorch.offload("not a module", 0, manager=manager)
+
+
+@pytest.mark.sim_only
+def test_the_allocator_entry_points_evict_on_their_device_and_free_by_pointer(make_manager):
+    """The C functions PyTorch's pluggable allocator calls, called here directly."""
+    manager = make_manager(pages=8, devices=(0, 1))
+    vbar = manager.create_vbar(8 * PAGE, device=1)
+    for allocation in [vbar.alloc(PAGE) for _ in range(8)]:
+        vbar.fault(allocation)
+        vbar.unpin(allocation)
+    library = ctypes.CDLL(_core.__file__)
+    library.aimdo_torch_alloc.restype = ctypes.c_void_p
+    library.aimdo_torch_alloc.argtypes = [ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    library.aimdo_torch_free.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    assert library.aimdo_torch_alloc(PAGE, 1, None) is None  # no Manager installed yet
+    _core.set_allocator_manager(manager._core)
+    try:
+        ptr = library.aimdo_torch_alloc(3 * PAGE, 1, None)
+        assert ptr
+        assert manager.external_bytes(1) == 3 * PAGE
+        assert manager.resident_bytes(1) == 5 * PAGE  # room made by eviction on device 1
+        assert manager.external_bytes(0) == 0
+        assert library.aimdo_torch_alloc(PAGE, 5, None) is None  # device not initialized
+        freed = []
+        thread = threading.Thread(target=lambda: freed.append(library.aimdo_torch_free(ptr, 3 * PAGE, 1, None)))
+        thread.start()
+        thread.join()
+        assert manager.external_bytes(1) == 0
+    finally:
+        _core.set_allocator_manager(None)
+
+
+def test_use_allocator_needs_a_cuda_manager(make_manager):
+    if BACKEND == "sim":
+        manager = make_manager(pages=8)
+        with pytest.raises(aimdo.AimdoError, match="cuda backend"):
+            atorch.use_allocator(manager)
+        return
+    # On CUDA, PyTorch has allocated in this process already: too late to swap.
+    torch.zeros(1, device="cuda:0")
+    manager = make_manager(pages=8)
+    with pytest.raises(aimdo.AimdoError, match="before creating any CUDA tensor"):
+        atorch.use_allocator(manager)
+
+
+USE_ALLOCATOR_SCRIPT = r"""
+import torch, aimdo, aimdo.torch as atorch
+manager = aimdo.init("cuda", [0], vram_limit=VRAM_LIMIT, poll_interval=0)
+atorch.use_allocator(manager)
+torch.manual_seed(0)
+layers = [torch.nn.Linear(4096, 4096).to(torch.bfloat16) for _ in range(32)]  # 1 GiB
+model = torch.nn.Sequential(*layers).eval()
+offloaded = atorch.offload(model, 0, manager=manager)
+x = torch.randn(8, 4096, dtype=torch.bfloat16, device="cuda:0")
+first = offloaded(x)
+resident_before = manager.resident_bytes(0)
+big = [torch.empty(256 << 20, dtype=torch.uint8, device="cuda:0") for _ in range(3)]  # activations
+second = offloaded(x)
+print("resident", resident_before, manager.resident_bytes(0), "external", manager.external_bytes(0))
+assert torch.equal(first, second)
+assert manager.resident_bytes(0) < resident_before, "the activations should have pushed weights out"
+del big
+print("ok")
+"""
+
+
+def test_use_allocator_lets_activations_push_weights_out():
+    if BACKEND == "sim":
+        pytest.skip("needs real CUDA memory (a fresh process on the cuda backend)")
+    script = USE_ALLOCATOR_SCRIPT.replace("VRAM_LIMIT", str(2 << 30))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith("ok")
