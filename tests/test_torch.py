@@ -191,7 +191,9 @@ def test_the_allocator_entry_points_evict_on_their_device_and_free_by_pointer(ma
     library.aimdo_torch_alloc.restype = ctypes.c_void_p
     library.aimdo_torch_alloc.argtypes = [ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
     library.aimdo_torch_free.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-    assert library.aimdo_torch_alloc(PAGE, 1, None) is None  # no Manager installed yet
+    # (A failing allocation throws a C++ exception for PyTorch's C++ to raise; ctypes
+    # cannot catch that, so only the succeeding paths are called from here.)
+    assert library.aimdo_torch_alloc(0, 1, None) is None  # zero bytes: null, as PyTorch expects
     _core.set_allocator_manager(manager._core)
     try:
         ptr = library.aimdo_torch_alloc(3 * PAGE, 1, None)
@@ -199,7 +201,6 @@ def test_the_allocator_entry_points_evict_on_their_device_and_free_by_pointer(ma
         assert manager.external_bytes(1) == 3 * PAGE
         assert manager.resident_bytes(1) == 5 * PAGE  # room made by eviction on device 1
         assert manager.external_bytes(0) == 0
-        assert library.aimdo_torch_alloc(PAGE, 5, None) is None  # device not initialized
         freed = []
         thread = threading.Thread(target=lambda: freed.append(library.aimdo_torch_free(ptr, 3 * PAGE, 1, None)))
         thread.start()
@@ -224,7 +225,11 @@ def test_use_allocator_needs_a_cuda_manager(make_manager):
 
 USE_ALLOCATOR_SCRIPT = r"""
 import torch, aimdo, aimdo.torch as atorch
-manager = aimdo.init("cuda", [0], vram_limit=VRAM_LIMIT, poll_interval=0)
+manager = aimdo.init("cuda", [0], poll_interval=1e9)
+# A budget of VRAM_LIMIT above what others use now (other test processes share the GPU):
+# the budget reads free memory once, at this poll.
+others = manager.memory_info(0)[1] - manager.poll(0)["free_bytes"]
+manager.add_devices([0], vram_limit=others + VRAM_LIMIT)
 atorch.use_allocator(manager)
 torch.manual_seed(0)
 layers = [torch.nn.Linear(4096, 4096).to(torch.bfloat16) for _ in range(32)]  # 1 GiB
@@ -239,6 +244,11 @@ print("resident", resident_before, manager.resident_bytes(0), "external", manage
 assert torch.equal(first, second)
 assert manager.resident_bytes(0) < resident_before, "the activations should have pushed weights out"
 del big
+try:  # more than the budget can ever give: refused with aimdo's reason, not a null pointer
+    torch.empty(4 << 30, dtype=torch.uint8, device="cuda:0")
+    print("not refused")
+except RuntimeError as error:
+    assert "aimdo: " in str(error), error
 print("ok")
 """
 

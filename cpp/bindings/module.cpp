@@ -187,16 +187,22 @@ std::shared_ptr<Manager> allocator_manager() {
 }  // namespace aimdo
 
 // PyTorch's CUDAPluggableAllocator entry points (looked up by name in this library).
-// They never throw: a failure is a null pointer, which PyTorch reports as out of memory.
+// PyTorch does not check the pointer an allocator returns, so a failure must not be a
+// null pointer: aimdo_torch_alloc throws std::runtime_error with aimdo's message, which
+// PyTorch's C++ passes up to Python as a RuntimeError. A zero-byte request gets null.
 extern "C" __attribute__((visibility("default"))) void* aimdo_torch_alloc(
-    std::size_t size, int device, void* stream) noexcept {
+    std::size_t size, int device, void* stream) {
+  if (size == 0) return nullptr;
+  auto manager = aimdo::allocator_manager();
+  if (!manager) {
+    throw std::runtime_error(
+        "aimdo: no Manager behind PyTorch's allocator (call aimdo.torch.use_allocator)");
+  }
   try {
-    auto manager = aimdo::allocator_manager();
-    if (!manager || size == 0) return nullptr;
     return reinterpret_cast<void*>(
         manager->external_alloc(device, size, reinterpret_cast<aimdo::StreamHandle>(stream)));
-  } catch (...) {
-    return nullptr;
+  } catch (const std::exception& error) {
+    throw std::runtime_error(std::string("aimdo: ") + error.what());
   }
 }
 

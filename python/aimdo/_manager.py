@@ -380,6 +380,7 @@ def shutdown() -> None:
 
 def _at_exit() -> None:
     try:
+        _core.set_allocator_manager(None)  # PyTorch's allocator: nothing to reach any more
         shutdown()
     finally:
         # Whatever is destroyed after this point must not call a driver that may be gone.
