@@ -129,6 +129,28 @@ def test_prefetch_changes_no_output_and_no_byte_count(make_manager):
         assert plain.last_stats.bytes_copied == ahead.last_stats.bytes_copied
 
 
+def test_weights_are_placed_in_first_use_order_or_as_declared(make_manager):
+    model = stack(blocks=3)
+    manager = new_manager(make_manager, pages=64)
+    x = torch.randn(2, 256).to(where(0))
+    learned = atorch.offload(model, 0, manager=manager)
+    assert learned.placement() == []
+    learned(x)
+    used = ["0.norm", "0.up", "0.down", "1.norm", "1.up", "1.down", "2.norm", "2.up", "2.down"]
+    assert [name for name, _, _ in learned.placement()] == used
+    declared_order = [model[2].up, model[2].down, model[0].up]
+    declared = atorch.offload(model, 0, manager=manager, order=declared_order)
+    out = declared(x)
+    assert torch.equal(out, learned(x))
+    names = [name for name, _, _ in declared.placement()]
+    assert names[:3] == ["2.up", "2.down", "0.up"]
+    assert sorted(names[3:]) == sorted(set(used) - {"2.up", "2.down", "0.up"})
+    with pytest.raises(ValueError, match="twice"):
+        atorch.offload(model, 0, manager=manager, order=[model[0].up, model[0].up])
+    with pytest.raises(ValueError, match="not part"):
+        atorch.offload(model, 0, manager=manager, order=[torch.nn.Linear(2, 2)])
+
+
 def test_offload_leaves_the_module_untouched(make_manager):
     model = stack(blocks=2)
     before = {name: (t, t.clone()) for name, t in model.state_dict(keep_vars=True).items()}

@@ -179,7 +179,8 @@ class OffloadedModule(torch.nn.Module):
     time per OffloadedModule; offload the same module to two devices to run two at once.
     """
 
-    def __init__(self, module: torch.nn.Module, device: int, manager: Manager, prefetch: int):
+    def __init__(self, module: torch.nn.Module, device: int, manager: Manager, prefetch: int,
+                 order=None):
         super().__init__()
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
             raise ValueError(f"prefetch must be a non-negative int, got {prefetch!r}")
@@ -201,13 +202,17 @@ class OffloadedModule(torch.nn.Module):
         memo = {key: value for key, value in placeholders.items()}
         self._replica = copy.deepcopy(module, memo)
         self._blocks = []
+        by_original = {}
+        names = {id(m): name for name, m in module.named_modules()}
         for original, replica in zip(module.modules(), self._replica.modules()):
             entries = [("p", name, id(t)) for name, t in original._parameters.items() if t is not None]
             entries += [("b", name, id(t)) for name, t in original._buffers.items() if t is not None]
             if not entries:
                 continue
             block = _Block(replica, entries, host)
+            block.name = names.get(id(original), "")
             self._blocks.append(block)
+            by_original[id(original)] = block
             # The hooks live in the replica, which this object owns: a weak reference back
             # keeps that from being a cycle only the garbage collector could free.
             owner = weakref.ref(self)
@@ -219,6 +224,19 @@ class OffloadedModule(torch.nn.Module):
         self._order = []          # blocks in first-use order, learned on the first forward
         self._position = {}
         self._learning = True
+        if order is not None:
+            # Declared: place these modules' weights first, in this order; prefetch from the
+            # first forward on. Modules left out are placed where they are first used.
+            for declared in order:
+                block = by_original.get(id(declared))
+                if block is None:
+                    raise ValueError("order lists a module that is not part of the offloaded "
+                                     "module, or that has no weights of its own")
+                if block in self._position:
+                    raise ValueError(f"order lists {block.name or 'a module'} twice")
+                self._position[block] = len(self._order)
+                self._order.append(block)
+            self._learning = False
         self._copy_stream = None
         if self._sim is None and prefetch:
             self._copy_stream = torch.cuda.Stream(device=self._torch_device)
@@ -243,7 +261,7 @@ class OffloadedModule(torch.nn.Module):
             self.last_stats = self._stats
 
     def _before(self, block: _Block) -> None:
-        if self._learning and block not in self._position:
+        if block not in self._position:
             self._position[block] = len(self._order)
             self._order.append(block)
         self._load(block, self._copy_stream if not self._learning else None)
@@ -263,6 +281,12 @@ class OffloadedModule(torch.nn.Module):
             else:
                 block.module._buffers[name] = view
 
+    def placement(self) -> list[tuple[str, int, int]]:
+        """(module name, offset in the VBAR, bytes) of every block placed so far, by offset."""
+        placed = [(b.name, b.allocation.offset, b.allocation.size) for b in self._blocks
+                  if b.allocation is not None]
+        return sorted(placed, key=lambda entry: entry[1])
+
     def _after(self, block: _Block) -> None:
         self._release(block)
 
@@ -272,7 +296,11 @@ class OffloadedModule(torch.nn.Module):
         if block.storage is not None:
             return
         if block.allocation is None:
-            block.allocation = self.vbar.alloc(block.nbytes)  # first-use order
+            # First-use order; declared blocks come first, placed together at once.
+            for earlier in self._order[:self._position.get(block, len(self._order))]:
+                if earlier.allocation is None:
+                    earlier.allocation = self.vbar.alloc(earlier.nbytes)
+            block.allocation = self.vbar.alloc(block.nbytes)
         stats = self._stats
         stats.layers += 1
         signature = self.vbar.fault(block.allocation)
@@ -330,10 +358,13 @@ class OffloadedModule(torch.nn.Module):
 
 
 def offload(module: torch.nn.Module, device: int, *, manager: Manager | None = None,
-            prefetch: int = 1) -> OffloadedModule:
+            prefetch: int = 1, order=None) -> OffloadedModule:
     """Run ``module`` on ``device`` with its weights streamed through aimdo (see
-    OffloadedModule). ``manager`` defaults to aimdo's default Manager."""
+    OffloadedModule). ``manager`` defaults to aimdo's default Manager. ``order``, a
+    sequence of ``module``'s submodules, declares the order their weights are used (and
+    placed in the VBAR: the lowest offsets stay resident longest); by default it is
+    learned on the first forward."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"offload takes a torch.nn.Module, not {type(module).__name__}")
     manager = manager if manager is not None else get_manager()
-    return OffloadedModule(module, device, manager, prefetch)
+    return OffloadedModule(module, device, manager, prefetch, order)
