@@ -327,6 +327,24 @@ struct SimDriver::State {
     return check_any_rules(op, -1);
   }
 
+  // The start of every operation: wait if it is held, find its device (or answer
+  // `unrouted_code`, or the failure injected for "any device"), take the device's lock
+  // into `lock` and apply injected failures. Returns the device, or null with `status`
+  // set to the answer.
+  DeviceState* enter(int op, int device, int unrouted_code, std::unique_lock<std::mutex>& lock,
+                     DriverStatus* status) {
+    wait_if_held(op, device);
+    if (device < 0 || static_cast<std::size_t>(device) >= device_count) {
+      const DriverStatus injected = intercept_unrouted(op);
+      *status = injected.ok() ? failure(unrouted_code) : injected;
+      return nullptr;
+    }
+    DeviceState& d = *devices[static_cast<std::size_t>(device)];
+    lock = std::unique_lock<std::mutex>(d.mutex);
+    *status = intercept(d, op, device);
+    return status->ok() ? &d : nullptr;
+  }
+
   void wait_if_held(int op, int device) {
     if (pending_holds.load(std::memory_order_acquire) == 0) return;
     std::unique_lock<std::mutex> lock(holds_mutex);
@@ -469,15 +487,11 @@ DriverStatus SimDriver::device_properties(int device, DeviceProperties* out) {
 
 DriverStatus SimDriver::memory_info(int device, std::size_t* free_bytes, std::size_t* total_bytes) {
   const DriverStatus result = [&]() -> DriverStatus {
-    state_->wait_if_held(kMemGetInfo, device);
-    if (device < 0 || device >= device_total()) {
-      const DriverStatus status = state_->intercept_unrouted(kMemGetInfo);
-      return status.ok() ? failure(driver_code::invalid_device) : status;
-    }
-    DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-    std::lock_guard<std::mutex> lock(d.mutex);
-    const DriverStatus status = state_->intercept(d, kMemGetInfo, device);
-    if (!status.ok()) return status;
+    std::unique_lock<std::mutex> lock;
+    DriverStatus status;
+    DeviceState* entered = state_->enter(kMemGetInfo, device, driver_code::invalid_device, lock, &status);
+    if (entered == nullptr) return status;
+    DeviceState& d = *entered;
     if (state_->current_device() != device) return failure(driver_code::invalid_context);
     const std::size_t total = devices_[static_cast<std::size_t>(device)].total_bytes;
     *total_bytes = total;
@@ -496,15 +510,11 @@ DriverStatus SimDriver::memory_info(int device, std::size_t* free_bytes, std::si
 DriverStatus SimDriver::reserve_address_range(int device, std::size_t size_bytes,
                                               std::size_t alignment_bytes, DeviceAddress* out) {
   const DriverStatus result = [&]() -> DriverStatus {
-    state_->wait_if_held(kReserve, device);
-    if (device < 0 || device >= device_total()) {
-      const DriverStatus status = state_->intercept_unrouted(kReserve);
-      return status.ok() ? failure(driver_code::invalid_device) : status;
-    }
-    DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-    std::lock_guard<std::mutex> lock(d.mutex);
-    const DriverStatus status = state_->intercept(d, kReserve, device);
-    if (!status.ok()) return status;
+    std::unique_lock<std::mutex> lock;
+    DriverStatus status;
+    DeviceState* entered = state_->enter(kReserve, device, driver_code::invalid_device, lock, &status);
+    if (entered == nullptr) return status;
+    DeviceState& d = *entered;
     const std::size_t granularity = devices_[static_cast<std::size_t>(device)].granularity_bytes;
     if (size_bytes == 0 || size_bytes > kRegionBytes / 2 || !aligned(size_bytes, granularity) ||
         (alignment_bytes != 0 && !aligned(alignment_bytes, granularity))) {
@@ -539,15 +549,11 @@ DriverStatus SimDriver::free_address_range(DeviceAddress va, std::size_t size_by
   const DriverStatus result = [&]() -> DriverStatus {
     bool stream = false;
     const int device = state_->device_of(va, &stream);
-    state_->wait_if_held(kFreeRange, device);
-    if (device < 0 || stream) {
-      const DriverStatus status = state_->intercept_unrouted(kFreeRange);
-      return status.ok() ? failure(driver_code::invalid_value) : status;
-    }
-    DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-    std::lock_guard<std::mutex> lock(d.mutex);
-    const DriverStatus status = state_->intercept(d, kFreeRange, device);
-    if (!status.ok()) return status;
+    std::unique_lock<std::mutex> lock;
+    DriverStatus status;
+    DeviceState* entered = state_->enter(kFreeRange, stream ? -1 : device, driver_code::invalid_value, lock, &status);
+    if (entered == nullptr) return status;
+    DeviceState& d = *entered;
     auto it = d.reservations.find(va);
     if (it == d.reservations.end() || it->second.size_bytes != size_bytes ||
         !it->second.mappings.empty()) {
@@ -569,15 +575,11 @@ DriverStatus SimDriver::free_address_range(DeviceAddress va, std::size_t size_by
 
 DriverStatus SimDriver::create_physical(int device, std::size_t size_bytes, PhysicalHandle* out) {
   const DriverStatus result = [&]() -> DriverStatus {
-    state_->wait_if_held(kCreate, device);
-    if (device < 0 || device >= device_total()) {
-      const DriverStatus status = state_->intercept_unrouted(kCreate);
-      return status.ok() ? failure(driver_code::invalid_device) : status;
-    }
-    DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-    std::lock_guard<std::mutex> lock(d.mutex);
-    const DriverStatus status = state_->intercept(d, kCreate, device);
-    if (!status.ok()) return status;
+    std::unique_lock<std::mutex> lock;
+    DriverStatus status;
+    DeviceState* entered = state_->enter(kCreate, device, driver_code::invalid_device, lock, &status);
+    if (entered == nullptr) return status;
+    DeviceState& d = *entered;
     const SimDeviceSpec& spec = devices_[static_cast<std::size_t>(device)];
     if (size_bytes == 0 || !aligned(size_bytes, spec.granularity_bytes)) {
       return failure(driver_code::invalid_value);
@@ -613,15 +615,11 @@ DriverStatus SimDriver::create_physical(int device, std::size_t size_bytes, Phys
 DriverStatus SimDriver::release_physical(PhysicalHandle handle) {
   const DriverStatus result = [&]() -> DriverStatus {
     const int device = device_of_handle(handle, devices_.size());
-    state_->wait_if_held(kRelease, device);
-    if (device < 0) {
-      const DriverStatus status = state_->intercept_unrouted(kRelease);
-      return status.ok() ? failure(driver_code::invalid_handle) : status;
-    }
-    DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-    std::lock_guard<std::mutex> lock(d.mutex);
-    const DriverStatus status = state_->intercept(d, kRelease, device);
-    if (!status.ok()) return status;
+    std::unique_lock<std::mutex> lock;
+    DriverStatus status;
+    DeviceState* entered = state_->enter(kRelease, device, driver_code::invalid_handle, lock, &status);
+    if (entered == nullptr) return status;
+    DeviceState& d = *entered;
     auto it = d.physical.find(handle);
     if (it == d.physical.end() || it->second.released) return failure(driver_code::invalid_handle);
     d.clock_ns += costs_.release_physical_ns;
@@ -646,15 +644,11 @@ DriverStatus SimDriver::release_physical(PhysicalHandle handle) {
 DriverStatus SimDriver::map(DeviceAddress va, std::size_t size_bytes, PhysicalHandle handle) {
   const DriverStatus result = [&]() -> DriverStatus {
     const int device = device_of_handle(handle, devices_.size());
-    state_->wait_if_held(kMap, device);
-    if (device < 0) {
-      const DriverStatus status = state_->intercept_unrouted(kMap);
-      return status.ok() ? failure(driver_code::invalid_handle) : status;
-    }
-    DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-    std::lock_guard<std::mutex> lock(d.mutex);
-    const DriverStatus status = state_->intercept(d, kMap, device);
-    if (!status.ok()) return status;
+    std::unique_lock<std::mutex> lock;
+    DriverStatus status;
+    DeviceState* entered = state_->enter(kMap, device, driver_code::invalid_handle, lock, &status);
+    if (entered == nullptr) return status;
+    DeviceState& d = *entered;
     auto physical = d.physical.find(handle);
     if (physical == d.physical.end() || physical->second.released) {
       return failure(driver_code::invalid_handle);
@@ -708,15 +702,11 @@ DriverStatus SimDriver::unmap(DeviceAddress va, std::size_t size_bytes) {
   const DriverStatus result = [&]() -> DriverStatus {
     bool stream = false;
     const int device = state_->device_of(va, &stream);
-    state_->wait_if_held(kUnmap, device);
-    if (device < 0 || stream) {
-      const DriverStatus status = state_->intercept_unrouted(kUnmap);
-      return status.ok() ? failure(driver_code::invalid_value) : status;
-    }
-    DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-    std::lock_guard<std::mutex> lock(d.mutex);
-    const DriverStatus status = state_->intercept(d, kUnmap, device);
-    if (!status.ok()) return status;
+    std::unique_lock<std::mutex> lock;
+    DriverStatus status;
+    DeviceState* entered = state_->enter(kUnmap, stream ? -1 : device, driver_code::invalid_value, lock, &status);
+    if (entered == nullptr) return status;
+    DeviceState& d = *entered;
     std::size_t offset = 0;
     Reservation* reservation = find_reservation(d, va, &offset);
     if (reservation == nullptr) return failure(driver_code::invalid_value);
@@ -750,16 +740,12 @@ DriverStatus SimDriver::unmap(DeviceAddress va, std::size_t size_bytes) {
 
 DriverStatus SimDriver::set_access(DeviceAddress va, std::size_t size_bytes, int device) {
   const DriverStatus result = [&]() -> DriverStatus {
-    state_->wait_if_held(kSetAccess, device);
+    std::unique_lock<std::mutex> lock;
+    DriverStatus status;
+    DeviceState* entered = state_->enter(kSetAccess, device, driver_code::invalid_device, lock, &status);
+    if (entered == nullptr) return status;
+    DeviceState& d = *entered;
     bool stream = false;
-    if (device < 0 || device >= device_total()) {
-      const DriverStatus status = state_->intercept_unrouted(kSetAccess);
-      return status.ok() ? failure(driver_code::invalid_device) : status;
-    }
-    DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-    std::lock_guard<std::mutex> lock(d.mutex);
-    const DriverStatus status = state_->intercept(d, kSetAccess, device);
-    if (!status.ok()) return status;
     // Peer access is not modelled: a device gets access to its own memory only.
     if (state_->device_of(va, &stream) != device || stream) {
       return failure(driver_code::invalid_value);
@@ -790,15 +776,11 @@ DriverStatus SimDriver::set_access(DeviceAddress va, std::size_t size_bytes, int
 
 DriverStatus SimDriver::synchronize(int device) {
   const DriverStatus result = [&]() -> DriverStatus {
-    state_->wait_if_held(kSynchronize, device);
-    if (device < 0 || device >= device_total()) {
-      const DriverStatus status = state_->intercept_unrouted(kSynchronize);
-      return status.ok() ? failure(driver_code::invalid_device) : status;
-    }
-    DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-    std::lock_guard<std::mutex> lock(d.mutex);
-    const DriverStatus status = state_->intercept(d, kSynchronize, device);
-    if (!status.ok()) return status;
+    std::unique_lock<std::mutex> lock;
+    DriverStatus status;
+    DeviceState* entered = state_->enter(kSynchronize, device, driver_code::invalid_device, lock, &status);
+    if (entered == nullptr) return status;
+    DeviceState& d = *entered;
     if (state_->current_device() != device) return failure(driver_code::invalid_context);
     d.clock_ns += costs_.synchronize_ns;
     state_->host_at_least(d.clock_ns);  // the host waited for the device
@@ -814,15 +796,11 @@ DriverStatus SimDriver::synchronize(int device) {
 DriverStatus SimDriver::stream_alloc(int device, std::size_t size_bytes, StreamHandle,
                                      DeviceAddress* out) {
   const DriverStatus result = [&]() -> DriverStatus {
-    state_->wait_if_held(kAllocAsync, device);
-    if (device < 0 || device >= device_total()) {
-      const DriverStatus status = state_->intercept_unrouted(kAllocAsync);
-      return status.ok() ? failure(driver_code::invalid_device) : status;
-    }
-    DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-    std::lock_guard<std::mutex> lock(d.mutex);
-    const DriverStatus status = state_->intercept(d, kAllocAsync, device);
-    if (!status.ok()) return status;
+    std::unique_lock<std::mutex> lock;
+    DriverStatus status;
+    DeviceState* entered = state_->enter(kAllocAsync, device, driver_code::invalid_device, lock, &status);
+    if (entered == nullptr) return status;
+    DeviceState& d = *entered;
     if (state_->current_device() != device) return failure(driver_code::invalid_context);
     const std::size_t total = devices_[static_cast<std::size_t>(device)].total_bytes;
     if (size_bytes == 0 || size_bytes > kRegionBytes / 4) return failure(driver_code::invalid_value);
@@ -853,15 +831,11 @@ DriverStatus SimDriver::stream_alloc(int device, std::size_t size_bytes, StreamH
 
 DriverStatus SimDriver::stream_free(int device, DeviceAddress ptr, StreamHandle) {
   const DriverStatus result = [&]() -> DriverStatus {
-    state_->wait_if_held(kFreeAsync, device);
-    if (device < 0 || device >= device_total()) {
-      const DriverStatus status = state_->intercept_unrouted(kFreeAsync);
-      return status.ok() ? failure(driver_code::invalid_device) : status;
-    }
-    DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-    std::lock_guard<std::mutex> lock(d.mutex);
-    const DriverStatus status = state_->intercept(d, kFreeAsync, device);
-    if (!status.ok()) return status;
+    std::unique_lock<std::mutex> lock;
+    DriverStatus status;
+    DeviceState* entered = state_->enter(kFreeAsync, device, driver_code::invalid_device, lock, &status);
+    if (entered == nullptr) return status;
+    DeviceState& d = *entered;
     if (state_->current_device() != device) return failure(driver_code::invalid_context);
     auto it = d.streams.find(ptr);
     if (it == d.streams.end()) return failure(driver_code::invalid_value);
@@ -886,16 +860,12 @@ int SimDriver::current_device() noexcept { return state_->current_device(); }
 
 DriverStatus SimDriver::make_current(int device, ContextToken* previous) {
   const DriverStatus result = [&]() -> DriverStatus {
-    state_->wait_if_held(kSetCurrent, device);
-    if (device < 0 || device >= device_total()) {
-      const DriverStatus status = state_->intercept_unrouted(kSetCurrent);
-      return status.ok() ? failure(driver_code::invalid_device) : status;
-    }
     {
-      DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-      std::lock_guard<std::mutex> lock(d.mutex);
-      const DriverStatus status = state_->intercept(d, kSetCurrent, device);
-      if (!status.ok()) return status;
+      std::unique_lock<std::mutex> lock;
+      DriverStatus status;
+      if (state_->enter(kSetCurrent, device, driver_code::invalid_device, lock, &status) == nullptr) {
+        return status;
+      }
     }
     const int current = state_->current_device();
     previous->device = current;

@@ -171,9 +171,7 @@ bool Device::poll_due_locked() const {
   return !polled_ || driver_->now_ns(ordinal_) - last_poll_ns_ >= options_.poll_interval_ns;
 }
 
-void Device::poll_locked() {
-  const std::int64_t now = driver_->now_ns(ordinal_);
-  if (polled_ && now - last_poll_ns_ < options_.poll_interval_ns) return;
+std::pair<std::size_t, std::size_t> Device::query_memory_locked() {
   std::optional<ScopedDevice> guard;
   activate(guard);
   std::size_t free_bytes = 0;
@@ -181,6 +179,13 @@ void Device::poll_locked() {
   const DriverStatus status =
       retrying([&] { return driver_->memory_info(ordinal_, &free_bytes, &total_bytes); });
   if (!status.ok()) raise(status, "cuMemGetInfo", 0);
+  return {free_bytes, total_bytes};
+}
+
+void Device::poll_locked() {
+  if (!poll_due_locked()) return;
+  const std::int64_t now = driver_->now_ns(ordinal_);
+  const std::size_t free_bytes = query_memory_locked().first;
   stats_.add(&DeviceStats::polls);
   polled_ = true;
   last_poll_ns_ = now;
@@ -197,14 +202,7 @@ Device::PollRecord Device::poll() {
 
 std::pair<std::size_t, std::size_t> Device::memory_info() {
   std::lock_guard<std::mutex> lock(mutex_);
-  std::optional<ScopedDevice> guard;
-  activate(guard);
-  std::size_t free_bytes = 0;
-  std::size_t total_bytes = 0;
-  const DriverStatus status =
-      retrying([&] { return driver_->memory_info(ordinal_, &free_bytes, &total_bytes); });
-  if (!status.ok()) raise(status, "cuMemGetInfo", 0);
-  return {free_bytes, total_bytes};
+  return query_memory_locked();
 }
 
 std::int64_t Device::deficit_locked(std::size_t size_bytes) {

@@ -227,12 +227,16 @@ std::size_t Vbar::watermark_bytes() const {
   return watermark_pages_ * page_size_bytes_;
 }
 
-void Vbar::set_watermark(std::size_t bytes) {
+void Vbar::check_within(std::size_t bytes, const char* what) const {
   const std::size_t capacity = pages_.size() * page_size_bytes_;
   if (bytes > capacity) {
-    throw InvalidArgumentError("watermark " + detail::format_bytes(bytes) +
+    throw InvalidArgumentError(std::string(what) + " " + detail::format_bytes(bytes) +
                                " is beyond this VBAR's " + detail::format_bytes(capacity));
   }
+}
+
+void Vbar::set_watermark(std::size_t bytes) {
+  check_within(bytes, "watermark");
   std::lock_guard<std::mutex> lock(device_->mutex());
   check_open_locked();
   const std::size_t wanted = pages_for(bytes, page_size_bytes_);
@@ -253,11 +257,7 @@ std::size_t Vbar::floor_bytes() const {
 }
 
 void Vbar::set_floor(std::size_t bytes) {
-  const std::size_t capacity = pages_.size() * page_size_bytes_;
-  if (bytes > capacity) {
-    throw InvalidArgumentError("floor " + detail::format_bytes(bytes) + " is beyond this VBAR's " +
-                               detail::format_bytes(capacity));
-  }
+  check_within(bytes, "floor");
   std::lock_guard<std::mutex> lock(device_->mutex());
   check_open_locked();
   floor_pages_ = pages_for(bytes, page_size_bytes_);

@@ -96,6 +96,8 @@ class Device : public std::enable_shared_from_this<Device> {
   std::int64_t deficit_locked(std::size_t size_bytes);
   void poll_locked();
   bool poll_due_locked() const;
+  // The driver's (free, total) now, under this device's context.
+  std::pair<std::size_t, std::size_t> query_memory_locked();
   // Evict, lowest priority first (or from `only`), until `bytes` are freed or nothing
   // more may be lowered. Returns bytes freed.
   std::size_t evict_locked(std::size_t bytes, Vbar* only);

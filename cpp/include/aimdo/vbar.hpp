@@ -125,6 +125,8 @@ class Vbar : public std::enable_shared_from_this<Vbar> {
   bool fault_locked(const Allocation& allocation, bool may_block, std::optional<Signature>* out);
   bool unpin_locked(const Allocation& allocation, bool may_block);
   void check_owned(const Allocation& allocation) const;
+  // InvalidArgumentError when `bytes` is beyond the VBAR's pages.
+  void check_within(std::size_t bytes, const char* what) const;
 
   std::shared_ptr<Device> device_;
   const DeviceAddress base_;
