@@ -253,6 +253,8 @@ NB_MODULE(_core, m) {
   m.attr("InvalidStateError") = nb::borrow(types->invalid_state);
   nb::register_exception_translator(&translate, types);
 
+  m.def("noop", [](const Allocation&) {},
+        "Does nothing with an Allocation: the baseline of benchmarks.fault_path.");
   m.def("set_process_exiting", &set_process_exiting,
         "Tell the core the interpreter is exiting: destructors stop calling the driver.");
   m.def(
