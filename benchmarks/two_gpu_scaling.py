@@ -1,0 +1,163 @@
+"""Two-GPU scaling (issue 6, item 4): classifier-free guidance split across two GPUs (one
+thread per GPU, batch 1 each, the same model offloaded to both) against one GPU at batch
+2, with the same model and per-GPU vram_limit; repeated runs in one process; and
+accelerate's placement of the layers across both GPUs with the same per-GPU budget.
+
+    python -m benchmarks.two_gpu_scaling [--blocks 60] [--hidden 5120] [--tokens 2048]
+                                         [--vram-limit 24GiB] [--steps 20] [--repeats 5]
+    python -m benchmarks.two_gpu_scaling --tiny    # CPU simulator, to check the script
+
+Reported: speedup, per-GPU residency against its budget (no device evicts for the other's
+sake), per-GPU floor efficiency (floor = max(compute, bytes copied / bandwidth)), and
+whether every repeat gave identical outputs. Which regime each run is in (copy-bound or
+compute-bound) follows from which term of its floor is larger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+
+import torch
+
+import aimdo
+import aimdo.torch as atorch
+
+from ._common import environment, save
+from .streaming import build, pinned_bandwidth, sync, to_host
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--blocks", type=int, default=60)
+    parser.add_argument("--hidden", type=int, default=5120)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--vram-limit", type=aimdo.parse_size, default=aimdo.parse_size("24GiB"))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--prefetch", type=int, default=2)
+    parser.add_argument("--accelerate", action="store_true", help="also run accelerate's placement")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.tiny:
+        args.blocks, args.hidden, args.tokens, args.steps, args.repeats = 6, 256, 64, 3, 2
+        args.vram_limit = 6 << 20
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    devices = [torch.device("cpu")] * 2 if args.tiny else [torch.device("cuda", d) for d in (0, 1)]
+    made = build(args.blocks, args.hidden, dtype, "cpu" if args.tiny else "cuda:0")
+    gen = torch.Generator().manual_seed(1)
+    cond = torch.randn(1, args.tokens, args.hidden, dtype=dtype, generator=gen)
+    uncond = torch.randn(1, args.tokens, args.hidden, dtype=dtype, generator=gen)
+    both = torch.cat([cond, uncond])
+
+    # Compute floors, all resident on GPU 0: batch 2 and batch 1.
+    with torch.no_grad():
+        x2 = both.to(devices[0])
+        x1 = cond.to(devices[0])
+        for _ in range(2):
+            made(x2)
+        sync(devices[0])
+        start = time.perf_counter(); made(x2); sync(devices[0]); compute_b2 = time.perf_counter() - start
+        start = time.perf_counter(); made(x1); sync(devices[0]); compute_b1 = time.perf_counter() - start
+    model = to_host(made, pin=not args.tiny)
+    if not args.tiny:
+        torch.cuda.empty_cache()
+    bandwidth = 50e9 if args.tiny else min(pinned_bandwidth(d) for d in devices)
+    backend = aimdo.SimBackend("2x1GiB", real_bytes=True) if args.tiny else "cuda"
+    result = {"benchmark": "two_gpu_scaling", "environment": environment(), "args": vars(args),
+              "compute_seconds": {"batch 2": compute_b2, "batch 1": compute_b1},
+              "pinned_h2d_bytes_per_s": bandwidth, "repeats": []}
+    page = (2 << 20) if args.tiny else None
+    with aimdo.Manager(backend, [0, 1], vram_limit=args.vram_limit, page_size=page,
+                       headroom=0 if args.tiny else None) as manager:
+        one = atorch.offload(model, 0, manager=manager, prefetch=args.prefetch)
+        two = {d: atorch.offload(model, d, manager=manager, prefetch=args.prefetch) for d in (0, 1)}
+        first_outputs = None
+        for repeat in range(args.repeats):
+            # One GPU, batch 2.
+            times1 = []
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                out1 = one(both.to(devices[0]))
+                sync(devices[0])
+                times1.append(time.perf_counter() - start)
+            copied1 = one.last_stats.bytes_copied
+            # Two GPUs, batch 1 each, one thread each.
+            outs, times2, copied2 = {}, {0: [], 1: []}, {}
+
+            def run(d, x):
+                for _ in range(args.steps):
+                    start = time.perf_counter()
+                    outs[d] = two[d](x.to(devices[d]))
+                    sync(devices[d])
+                    times2[d].append(time.perf_counter() - start)
+                copied2[d] = two[d].last_stats.bytes_copied
+
+            threads = [threading.Thread(target=run, args=(0, cond)), threading.Thread(target=run, args=(1, uncond))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            median = lambda v: sorted(v[1:] or v)[len(v[1:] or v) // 2]  # noqa: E731
+            step1 = median(times1)
+            step2 = max(median(times2[0]), median(times2[1]))
+            outputs = (out1.float().cpu(), outs[0].float().cpu(), outs[1].float().cpu())
+            if first_outputs is None:
+                first_outputs = outputs
+            identical = all(torch.equal(a, b) for a, b in zip(outputs, first_outputs))
+            split_equal = torch.equal(outputs[0][:1], outputs[1]) and torch.equal(outputs[0][1:], outputs[2])
+            floor1 = max(compute_b2, copied1 / bandwidth)
+            floors2 = {d: max(compute_b1, copied2[d] / bandwidth) for d in (0, 1)}
+            entry = {
+                "one_gpu_batch2_step_seconds": step1, "two_gpus_step_seconds": step2,
+                "speedup": step1 / step2,
+                "one_gpu_floor_efficiency": floor1 / step1,
+                "one_gpu_regime": "copy-bound" if copied1 / bandwidth > compute_b2 else "compute-bound",
+                "per_gpu": {d: {"residency_of_budget": manager.resident_bytes(d) / manager.budget_bytes(d),
+                                "floor_efficiency": floors2[d] / median(times2[d]),
+                                "regime": "copy-bound" if copied2[d] / bandwidth > compute_b1 else "compute-bound",
+                                "bytes_copied_per_step": copied2[d]} for d in (0, 1)},
+                "identical_to_first_repeat": identical,
+                "two_gpu_halves_equal_one_gpu_batch": split_equal,
+            }
+            result["repeats"].append(entry)
+            print(f"repeat {repeat + 1}: 1 GPU batch 2 {step1 * 1000:.1f} ms, 2 GPUs {step2 * 1000:.1f} ms "
+                  f"({step1 / step2:.2f}x); residency of budget "
+                  + ", ".join(f"GPU {d} {entry['per_gpu'][d]['residency_of_budget']:.0%}" for d in (0, 1))
+                  + f"; identical: {identical}")
+    if args.accelerate and not args.tiny:
+        import copy
+
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        replica = copy.deepcopy(model)
+        device_map = infer_auto_device_map(replica, max_memory={0: args.vram_limit, 1: args.vram_limit,
+                                                                "cpu": 1 << 40},
+                                           no_split_module_classes=["Block"])
+        replica = dispatch_model(replica, device_map=device_map)
+        times = []
+        with torch.no_grad():
+            for _ in range(3):
+                start = time.perf_counter()
+                replica(both.to(devices[0]))
+                for d in devices:
+                    sync(d)
+                times.append(time.perf_counter() - start)
+        result["accelerate_layer_split"] = {"step_seconds": times, "device_map_counts": {
+            str(k): sum(1 for v in device_map.values() if v == k) for k in set(device_map.values())}}
+        print(f"accelerate across both GPUs: {min(times) * 1000:.1f} ms per step")
+    text = json.dumps(result, indent=2, default=str)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    elif not args.tiny:
+        save("two_gpu_scaling", result)
+    ok = all(r["identical_to_first_repeat"] and r["two_gpu_halves_equal_one_gpu_batch"] for r in result["repeats"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
