@@ -13,7 +13,7 @@ import os
 import pytest
 
 import aimdo
-from aimdo.sim import SimBackend, live_backends
+from aimdo.sim import SimBackend
 
 BACKEND = os.environ.get("AIMDO_BACKEND", "sim").strip().lower() or "sim"
 MiB = 1 << 20
@@ -34,14 +34,22 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def no_simulator_leaks():
-    """Every simulator a test created reports no leak once the test's objects are gone."""
-    before = {id(backend) for backend in live_backends()}
+def no_simulator_leaks(monkeypatch):
+    """Every simulator a test created reports no leak once the test's objects are gone.
+
+    The simulators are held here until the check (a test's own references may be gone by
+    then), so a leak cannot escape by being garbage-collected with its simulator."""
+    created: list[SimBackend] = []
+    original_init = SimBackend.__init__
+
+    def recording_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        created.append(self)
+
+    monkeypatch.setattr(SimBackend, "__init__", recording_init)
     yield
     gc.collect()
-    for backend in live_backends():
-        if id(backend) in before:
-            continue
+    for backend in created:
         leaks = backend.leaks()
         assert leaks == [], f"simulator (seed {backend.seed}) leaked: {leaks}"
 

@@ -222,6 +222,9 @@ extern "C" __attribute__((visibility("default"))) void aimdo_torch_free(
 NB_MODULE(_core, m) {
   using namespace aimdo;
   m.doc() = "aimdo's native core. Import `aimdo`, not this module.";
+  // Objects still alive when the interpreter exits are normal for a Python library (a
+  // global Manager, a module-level model); nanobind's report of them would read as a bug.
+  nb::set_leak_warnings(false);
 
   auto* types = new ExceptionTypes();  // lives as long as the process: translators need it
   types->base = new_exception("aimdo.AimdoError", "Base of every error aimdo raises.", nullptr);

@@ -332,7 +332,14 @@ std::size_t Device::evict_locked(std::size_t bytes, Vbar* only) {
       const Vbar::Page& state = vbar.pages_[page];
       // A pinned page stays until its unpin, which releases it (it is above the watermark).
       if (state.handle != 0 && state.pins == 0) {
-        release_page_locked(vbar, page, synced);
+        try {
+          release_page_locked(vbar, page, synced);
+        } catch (...) {
+          // Still resident after a failed release: back below the watermark, where a
+          // later eviction finds it again (an unpinned page above it would be stranded).
+          if (state.handle != 0) ++vbar.watermark_pages_;
+          throw;
+        }
         freed += vbar.page_size_bytes_;
       }
     }
@@ -450,8 +457,12 @@ void Device::close_vbar_locked(Vbar& vbar) {
       try {
         release_page_locked(vbar, page, synced);
       } catch (...) {
-        if (attempt == 1) {
-          if (!first_failure) first_failure = std::current_exception();
+        // Unmapped but not released (handle cleared): no second attempt is possible, and
+        // the failure must still be reported.
+        if ((attempt == 1 || state.handle == 0) && !first_failure) {
+          first_failure = std::current_exception();
+        }
+        if (attempt == 1 && state.handle != 0) {
           // The page is lost to us either way: stop counting it.
           state.handle = 0;
           --vbar.resident_pages_;

@@ -115,28 +115,50 @@ std::size_t Manager::reclaim(int device, std::size_t size_bytes) {
   return this->device(device)->reclaim(size_bytes);
 }
 
+Manager::ExternalShard& Manager::external_shard(DeviceAddress ptr) {
+  std::uint64_t h = ptr;
+  h ^= h >> 33;
+  h *= 0xff51afd7ed558ccdULL;
+  h ^= h >> 33;
+  return external_owners_[static_cast<std::size_t>(h % external_owners_.size())];
+}
+
 DeviceAddress Manager::external_alloc(int device, std::size_t size_bytes, StreamHandle stream) {
   {
     std::shared_lock<std::shared_mutex> lock(devices_mutex_);
     check_open();
   }
-  return this->device(device)->external_alloc(size_bytes, stream);
+  auto owner = this->device(device);
+  const DeviceAddress ptr = owner->external_alloc(size_bytes, stream);
+  try {
+    ExternalShard& shard = external_shard(ptr);
+    std::lock_guard<std::mutex> lock(shard.mutex);
+    shard.owner[ptr] = device;
+  } catch (...) {
+    owner->external_free(ptr, stream);
+    throw;
+  }
+  return ptr;
 }
 
 void Manager::external_free(DeviceAddress ptr, StreamHandle stream) {
-  std::vector<std::shared_ptr<Device>> devices;
+  int device = -1;
   {
-    std::shared_lock<std::shared_mutex> lock(devices_mutex_);
-    for (const auto& entry : devices_) devices.push_back(entry.second);
+    ExternalShard& shard = external_shard(ptr);
+    std::lock_guard<std::mutex> lock(shard.mutex);
+    auto found = shard.owner.find(ptr);
+    if (found != shard.owner.end()) device = found->second;
   }
-  // One device's lock at a time.
-  for (const auto& device : devices) {
-    if (device->external_free(ptr, stream)) return;
+  // Only the owning device's lock is taken: a free never waits for another GPU.
+  if (device < 0 || !this->device(device)->external_free(ptr, stream)) {
+    char text[32];
+    std::snprintf(text, sizeof text, "0x%llx", static_cast<unsigned long long>(ptr));
+    throw InvalidArgumentError(std::string("external_free: ") + text +
+                               " is not an allocation made by this Manager's external_alloc");
   }
-  char text[32];
-  std::snprintf(text, sizeof text, "0x%llx", static_cast<unsigned long long>(ptr));
-  throw InvalidArgumentError(std::string("external_free: ") + text +
-                             " is not an allocation made by this Manager's external_alloc");
+  ExternalShard& shard = external_shard(ptr);
+  std::lock_guard<std::mutex> lock(shard.mutex);
+  shard.owner.erase(ptr);
 }
 
 void Manager::reset_floors(std::optional<int> device) {
@@ -164,6 +186,10 @@ void Manager::close() {
     } catch (...) {
       if (!first_failure) first_failure = std::current_exception();
     }
+  }
+  for (auto& shard : external_owners_) {  // the devices freed what they held
+    std::lock_guard<std::mutex> lock(shard.mutex);
+    shard.owner.clear();
   }
   if (first_failure) std::rethrow_exception(first_failure);
 }

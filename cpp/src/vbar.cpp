@@ -195,14 +195,28 @@ bool Vbar::unpin_locked(const Allocation& allocation, bool may_block) {
       }
     }
   }
+  // Every pin goes first, so that a failed release below cannot leave pages pinned.
   --record.pins;
+  for (std::size_t page = first; page <= last; ++page) --pages_[page].pins;
   bool synced = false;
-  for (std::size_t page = first; page <= last; ++page) {
-    Page& state = pages_[page];
-    --state.pins;
-    if (state.pins == 0 && page >= watermark_pages_ && state.handle != 0) {
-      device_->release_page_locked(*this, page, synced);
+  std::size_t page = first;
+  try {
+    for (; page <= last; ++page) {
+      const Page& state = pages_[page];
+      if (state.pins == 0 && page >= watermark_pages_ && state.handle != 0) {
+        device_->release_page_locked(*this, page, synced);
+      }
     }
+  } catch (...) {
+    // The pages not released stay resident and unpinned: put them back below the
+    // watermark, where eviction will find them again.
+    for (std::size_t rest = last + 1; rest-- > page;) {
+      if (pages_[rest].handle != 0 && pages_[rest].pins == 0 && rest >= watermark_pages_) {
+        watermark_pages_ = rest + 1;
+        break;
+      }
+    }
+    throw;
   }
   return true;
 }
@@ -245,7 +259,12 @@ void Vbar::set_watermark(std::size_t bytes) {
   while (watermark_pages_ > wanted) {
     const std::size_t page = --watermark_pages_;
     if (pages_[page].handle != 0 && pages_[page].pins == 0) {
-      device_->release_page_locked(*this, page, synced);
+      try {
+        device_->release_page_locked(*this, page, synced);
+      } catch (...) {
+        if (pages_[page].handle != 0) ++watermark_pages_;  // still resident: keep it findable
+        throw;
+      }
     }
   }
   watermark_pages_ = wanted;

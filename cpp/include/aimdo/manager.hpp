@@ -6,7 +6,10 @@
 // operation); each Device has its own lock for everything else.
 #pragma once
 
+#include <array>
 #include <map>
+#include <mutex>
+#include <unordered_map>
 #include <memory>
 #include <optional>
 #include <shared_mutex>
@@ -55,6 +58,15 @@ class Manager {
 
  private:
   void check_open() const;
+
+  // Which device each external allocation belongs to, so that a free takes only its own
+  // device's lock. Sharded by address; each shard's mutex is held only for the lookup.
+  struct ExternalShard {
+    std::mutex mutex;
+    std::unordered_map<DeviceAddress, int> owner;
+  };
+  ExternalShard& external_shard(DeviceAddress ptr);
+  std::array<ExternalShard, 16> external_owners_;
 
   std::shared_ptr<Driver> driver_;
   mutable std::shared_mutex devices_mutex_;
