@@ -282,3 +282,148 @@ def test_use_allocator_lets_activations_push_weights_out():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+# --- what review found: exceptions, aliased outputs, lifetimes ----------------------------
+
+
+def sim_manager(make_manager, pages):
+    return make_manager(pages=pages, sim=aimdo.SimBackend("2x1GiB", real_bytes=True))
+
+
+def pinned_pages(offloaded) -> int:
+    return sum(1 for _, pinned in offloaded.vbar.residency() if pinned)
+
+
+@pytest.mark.sim_only
+def test_an_interrupted_copy_leaves_no_pin_and_no_trusted_garbage(make_manager, monkeypatch):
+    manager = sim_manager(make_manager, pages=16)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)]).eval()
+    offloaded = atorch.offload(model, 0, manager=manager, prefetch=1)
+    original = atorch.OffloadedModule._copy
+    calls = []
+
+    def interrupted(block, storage):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during a long host-to-device copy
+        original(block, storage)
+
+    monkeypatch.setattr(atorch.OffloadedModule, "_copy", staticmethod(interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        offloaded(torch.zeros(1, 256))
+    monkeypatch.setattr(atorch.OffloadedModule, "_copy", staticmethod(original))
+    assert pinned_pages(offloaded) == 0
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        assert torch.equal(offloaded(x), model(x))
+    assert pinned_pages(offloaded) == 0
+
+
+@pytest.mark.sim_only
+def test_an_exception_inside_a_layer_unpins_every_block(make_manager):
+    manager = sim_manager(make_manager, pages=16)
+
+    class Failing(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            if x.sum() < 0:
+                raise ValueError("boom")
+            return x * self.weight
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), Failing(), torch.nn.Linear(3, 3)).eval()
+    offloaded = atorch.offload(model, 0, manager=manager, prefetch=2)
+    offloaded(torch.ones(1, 3))  # learn the order, so the next forward prefetches
+    with pytest.raises(ValueError, match="boom"):
+        offloaded(-torch.ones(1, 3) * 100)
+    assert pinned_pages(offloaded) == 0
+    with torch.no_grad():
+        assert torch.equal(offloaded(torch.ones(1, 3)), model(torch.ones(1, 3)))
+
+
+@pytest.mark.sim_only
+def test_an_output_that_views_a_layers_own_weights_stays_valid(make_manager):
+    manager = sim_manager(make_manager, pages=4)  # one big layer fills it
+
+    class Rotary(torch.nn.Module):  # returns a slice of its own buffer, like rotary caches
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("cos", torch.arange(1024.0).reshape(4, 256))
+
+        def forward(self, x):
+            return self.cos[: x.shape[0]]
+
+    class Big(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(PAGE))  # the whole budget (4 pages)
+
+        def forward(self, x):
+            return x * self.weight[0]
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rotary = Rotary()
+            self.bigs = torch.nn.ModuleList([Big() for _ in range(4)])
+
+        def forward(self, x):
+            angles = self.rotary(x)
+            for big in self.bigs:
+                x = big(x)  # evicts the rotary block's page
+            return x + angles
+
+    model = Net().eval()
+    offloaded = atorch.offload(model, 0, manager=manager, prefetch=0)
+    x = torch.zeros(2, 256)
+    with torch.no_grad():
+        assert torch.equal(offloaded(x), model(x))
+    assert manager.backend.violations() == []
+
+
+@pytest.mark.sim_only
+def test_as_tensor_finds_the_simulator_after_the_vbar_wrapper_is_gone(make_manager):
+    import gc
+
+    manager = sim_manager(make_manager, pages=8)
+    allocation = manager.create_vbar(4 * PAGE, 0).alloc(PAGE)  # only the allocation keeps it
+    gc.collect()
+    assert allocation.vbar.fault(allocation) is not None
+    tensor = atorch.as_tensor(allocation, torch.float32, (4,))
+    assert tensor.device.type == "cpu"
+    tensor.fill_(1.5)
+    assert torch.equal(atorch.as_tensor(allocation, torch.float32, (4,)), torch.full((4,), 1.5))
+    del tensor
+    allocation.vbar.unpin(allocation)
+
+
+@pytest.mark.sim_only
+def test_a_manager_serving_the_allocator_cannot_be_closed_under_pytorch(make_manager):
+    manager = make_manager(pages=8)
+    _core.set_allocator_manager(manager._core)
+    try:
+        with pytest.raises(aimdo.InvalidStateError, match="PyTorch's CUDA allocator"):
+            manager.close()
+        assert not manager.closed
+    finally:
+        _core.set_allocator_manager(None)
+    manager.close()
+    assert manager.closed
+
+
+@pytest.mark.sim_only
+def test_changed_weights_are_read_again_by_a_new_offload(make_manager):
+    manager = sim_manager(make_manager, pages=8)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval()
+    x = torch.randn(1, 8)
+    first = atorch.offload(model, 0, manager=manager)
+    before = first(x)
+    with torch.no_grad():
+        model[0].weight.mul_(2)
+    second = atorch.offload(model, 0, manager=manager)
+    with torch.no_grad():
+        assert torch.equal(second(x), model(x))
+    assert not torch.equal(second(x), before)

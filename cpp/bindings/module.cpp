@@ -272,6 +272,10 @@ NB_MODULE(_core, m) {
       },
       "manager"_a.none(),
       "Route aimdo_torch_alloc/aimdo_torch_free (PyTorch's pluggable allocator) to a Manager.");
+  m.def(
+      "serves_allocator",
+      [](const Manager& manager) { return allocator_manager().get() == &manager; },
+      "manager"_a, "Whether PyTorch's allocator currently allocates through `manager`.");
   m.def("load_cuda_driver", &load_cuda, release_gil(),
         "Load libcuda.so.1 and return the CUDA backend. Raises DriverError when it cannot.");
 
@@ -479,9 +483,9 @@ NB_MODULE(_core, m) {
                std::to_string(a.size_bytes) + ")";
       });
 
-  nb::class_<Vbar>(m, "Vbar", "One model's reserved address range on one device (DESIGN §1).",
-                   nb::dynamic_attr())
+  nb::class_<Vbar>(m, "Vbar", "One model's reserved address range on one device (DESIGN §1).")
       .def_prop_ro("device", &Vbar::device)
+      .def_prop_ro("driver", &Vbar::driver, "The backend its memory belongs to.")
       .def_prop_ro("size", &Vbar::size_bytes, "Bytes asked for at creation.")
       .def_prop_ro("page_size", &Vbar::page_size_bytes)
       .def_prop_ro("page_count", &Vbar::page_count)

@@ -43,6 +43,8 @@ Vbar::~Vbar() {
 
 int Vbar::device() const noexcept { return device_->ordinal(); }
 
+std::shared_ptr<Driver> Vbar::driver() const noexcept { return device_->driver_ptr(); }
+
 void Vbar::check_open_locked() const {
   if (closed_) {
     throw InvalidStateError("this VBAR (device " + std::to_string(device()) +

@@ -237,9 +237,7 @@ class Manager:
     def create_vbar(self, size: int, device: int) -> _core.Vbar:
         """A new VBAR of ``size`` bytes on ``device``, at the top of its priority list.
         Costs no memory; pages are mapped as allocations under them are faulted."""
-        vbar = self._core.create_vbar(device, size)
-        vbar.backend = self._backend  # what aimdo.torch.as_tensor views its memory through
-        return vbar
+        return self._core.create_vbar(device, size)
 
     # -- per-device figures -----------------------------------------------------------
     def resident_bytes(self, device: int) -> int:
@@ -310,7 +308,14 @@ class Manager:
 
     # -- lifetime ---------------------------------------------------------------------
     def close(self) -> None:
-        """Close every VBAR on every device. Idempotent."""
+        """Close every VBAR on every device and free what ``external_alloc`` handed out.
+        Idempotent. InvalidStateError while PyTorch's allocator allocates through this
+        Manager (``aimdo.torch.use_allocator``): PyTorch's tensors live in its memory, so
+        it stays open for the life of the process (aimdo closes it at exit)."""
+        if _core.serves_allocator(self._core):
+            raise _core.InvalidStateError(
+                "this Manager serves PyTorch's CUDA allocator (aimdo.torch.use_allocator): "
+                "PyTorch's tensors live in its memory, so it stays open until the process exits")
         self._core.close()
 
     @property
@@ -370,12 +375,14 @@ def get_manager() -> Manager:
 
 
 def shutdown() -> None:
-    """Close the default Manager, if any. ``aimdo.init`` may be called again afterwards."""
+    """Close the default Manager, if any. ``aimdo.init`` may be called again afterwards.
+    InvalidStateError (and nothing changes) while it serves PyTorch's allocator."""
     global _default
     with _default_lock:
-        manager, _default = _default, None
-    if manager is not None:
-        manager.close()
+        manager = _default
+        if manager is not None:
+            manager.close()
+        _default = None
 
 
 def _at_exit() -> None:

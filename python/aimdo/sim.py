@@ -108,6 +108,20 @@ class _HostView:
         return found
 
 
+def host_view(driver, address: int, nbytes: int) -> memoryview:
+    """What SimBackend.view does, for a simulator's native driver object."""
+    if not driver.real_bytes:
+        raise _core.InvalidStateError("view needs SimBackend(real_bytes=True)")
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
+        raise ValueError(f"nbytes must be a positive int, got {nbytes!r}")
+    if not driver.is_accessible(address, nbytes):
+        raise _core.InvalidStateError(
+            f"[{address:#x}, +{nbytes}) is not mapped with access set: fault the allocation first")
+    array = _HostView.of_size(nbytes).from_address(address)
+    array.owner = driver  # the memory lives as long as the simulator
+    return memoryview(array).cast("B")
+
+
 class SimHold:
     """A driver call held open by ``SimBackend.hold``. ``wait_arrived`` waits (at most
     ``timeout`` seconds of real time) for the call to arrive; ``release`` lets it go on.
@@ -226,16 +240,7 @@ class SimBackend:
         hold a poison pattern (0xA5), as real GPU memory holds whatever was there."""
         if nbytes is None:
             address, nbytes = address.address, address.size
-        if not self.real_bytes:
-            raise _core.InvalidStateError("view needs SimBackend(real_bytes=True)")
-        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
-            raise ValueError(f"nbytes must be a positive int, got {nbytes!r}")
-        if not self._driver.is_accessible(address, nbytes):
-            raise _core.InvalidStateError(
-                f"[{address:#x}, +{nbytes}) is not mapped with access set: fault the allocation first")
-        array = _HostView.of_size(nbytes).from_address(address)
-        array.owner = self  # the memory lives as long as the simulator
-        return memoryview(array).cast("B")
+        return host_view(self._driver, address, nbytes)
 
     def violations(self) -> list[str]:
         """Writes made through views after their pages were unmapped (real-bytes mode)."""

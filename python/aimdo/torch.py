@@ -25,7 +25,7 @@ import torch
 
 from . import _core
 from ._manager import Manager, get_manager
-from .sim import SimBackend
+from .sim import SimBackend, host_view
 
 __all__ = ["as_tensor", "use_allocator", "offload", "OffloadedModule", "ForwardStats"]
 
@@ -45,14 +45,13 @@ class _CudaBytes:
         }
 
 
-def as_tensor(allocation, dtype: torch.dtype, shape, *, backend=None) -> torch.Tensor:
+def as_tensor(allocation, dtype: torch.dtype, shape) -> torch.Tensor:
     """A tensor of ``dtype`` and ``shape`` viewing ``allocation``'s memory in place.
 
     Valid only between a successful ``Vbar.fault`` of the allocation and the matching
     ``unpin``. On the cuda backend it is a CUDA tensor on the allocation's device; on a
-    simulator with ``real_bytes=True`` a CPU tensor. ``backend`` defaults to the one of
-    the Manager that created the VBAR. ValueError when the shape does not fit the
-    allocation; aimdo.InvalidStateError when its pages are not mapped."""
+    simulator with ``real_bytes=True`` a CPU tensor. ValueError when the shape does not
+    fit the allocation; aimdo.InvalidStateError when its pages are not mapped."""
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, not {type(dtype).__name__}")
     shape = tuple(shape) if not isinstance(shape, int) else (shape,)
@@ -64,11 +63,11 @@ def as_tensor(allocation, dtype: torch.dtype, shape, *, backend=None) -> torch.T
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     if nbytes > allocation.size:
         raise ValueError(f"{shape} of {dtype} is {nbytes} bytes; the allocation has {allocation.size}")
-    backend = backend if backend is not None else getattr(allocation.vbar, "backend", None)
-    if isinstance(backend, SimBackend):
+    driver = allocation.vbar.driver
+    if isinstance(driver, _core.SimDriver):
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        raw = torch.frombuffer(backend.view(allocation.address, nbytes), dtype=torch.uint8)
+        raw = torch.frombuffer(host_view(driver, allocation.address, nbytes), dtype=torch.uint8)
     else:
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype, device=f"cuda:{allocation.device}")
@@ -84,30 +83,43 @@ def as_tensor(allocation, dtype: torch.dtype, shape, *, backend=None) -> torch.T
     return raw.view(dtype).view(shape)
 
 
+_allocator_lock = threading.Lock()
+_allocator_installed = False  # aimdo's allocator is PyTorch's current one
+
+
 def use_allocator(manager: Manager | None = None) -> None:
     """Route PyTorch's CUDA allocations through ``manager`` (default: aimdo's default
     Manager): before each allocation, VBAR pages on that device are evicted as the
     budget needs (DESIGN §3.6); frees are found by pointer from any thread.
 
     PyTorch can only swap its allocator before it has allocated CUDA memory: call this
-    first thing. Errors: aimdo.AimdoError when called too late or without CUDA."""
+    first thing. Calling it again switches the Manager behind the allocator (allocations
+    made so far are freed through the Manager that made them only if it is the same one).
+    While a Manager serves the allocator it cannot be closed; aimdo closes it at exit.
+    Errors: aimdo.AimdoError when called too late or without CUDA."""
+    global _allocator_installed
     manager = manager if manager is not None else get_manager()
     if manager.backend_name != "cuda":
         raise _core.AimdoError("use_allocator routes PyTorch's CUDA memory: it needs a Manager "
                                "on the cuda backend (on the simulator use Manager.external_alloc)")
     if not torch.cuda.is_available():
         raise _core.AimdoError("use_allocator: this PyTorch has no CUDA")
-    allocator = torch.cuda.memory.CUDAPluggableAllocator(
-        _core.__file__, "aimdo_torch_alloc", "aimdo_torch_free")
-    _core.set_allocator_manager(manager._core)
-    try:
-        torch.cuda.memory.change_current_allocator(allocator)
-    except RuntimeError as error:
-        _core.set_allocator_manager(None)
-        raise _core.AimdoError(
-            "PyTorch already allocated CUDA memory with its own allocator, which it cannot swap "
-            "afterwards: call aimdo.torch.use_allocator() before creating any CUDA tensor "
-            f"(PyTorch said: {error})") from error
+    with _allocator_lock:
+        if _allocator_installed:
+            _core.set_allocator_manager(manager._core)
+            return
+        allocator = torch.cuda.memory.CUDAPluggableAllocator(
+            _core.__file__, "aimdo_torch_alloc", "aimdo_torch_free")
+        _core.set_allocator_manager(manager._core)
+        try:
+            torch.cuda.memory.change_current_allocator(allocator)
+        except RuntimeError as error:
+            _core.set_allocator_manager(None)
+            raise _core.AimdoError(
+                "PyTorch already allocated CUDA memory with its own allocator, which it cannot "
+                "swap afterwards: call aimdo.torch.use_allocator() before creating any CUDA "
+                f"tensor (PyTorch said: {error})") from error
+        _allocator_installed = True
 
 
 @dataclass
@@ -148,17 +160,21 @@ _host_lock = threading.Lock()
 
 def _host_store(module: torch.nn.Module, pin: bool) -> dict:
     """The module's weights on the host, by id of the original tensor; shared by every
-    offload of the same module (pinned once when CUDA copies will read them)."""
+    offload of the same module (pinned once when CUDA copies will read them), and made
+    again when a weight has changed since (PyTorch's version counter moved)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    versions = tuple(t._version for t in tensors)
     with _host_lock:
-        store = _host_stores.get(module)
-        if store is None:
-            store = {}
-            for tensor in list(module.parameters()) + list(module.buffers()):
-                host = tensor.detach().to("cpu")
-                if pin and not host.is_pinned():
-                    host = host.pin_memory()
-                store[id(tensor)] = host
-            _host_stores[module] = store
+        cached = _host_stores.get(module)
+        if cached is not None and cached[0] == versions and (cached[2] or not pin):
+            return cached[1]
+        store = {}
+        for tensor in tensors:
+            host = tensor.detach().to("cpu", copy=True)
+            if pin:
+                host = host.pin_memory()
+            store[id(tensor)] = host
+        _host_stores[module] = (versions, store, pin)
         return store
 
 
@@ -175,8 +191,10 @@ class OffloadedModule(torch.nn.Module):
 
     The wrapped module is not changed: this runs a replica of it whose weights are bound
     to those views only while each module runs. Outputs equal the module's own, bit for
-    bit. Inference only. ``last_stats`` tells what the last forward did. One forward at a
-    time per OffloadedModule; offload the same module to two devices to run two at once.
+    bit. Inference only: the weights are read when ``offload`` is called; to use changed
+    weights, offload the module again. ``last_stats`` tells what the last forward did. One
+    forward at a time per OffloadedModule; offload the same module to two devices to run
+    two at once.
     """
 
     def __init__(self, module: torch.nn.Module, device: int, manager: Manager, prefetch: int,
@@ -217,7 +235,7 @@ class OffloadedModule(torch.nn.Module):
             # keeps that from being a cycle only the garbage collector could free.
             owner = weakref.ref(self)
             replica.register_forward_pre_hook(lambda m, args, b=block: owner()._before(b))
-            replica.register_forward_hook(lambda m, args, out, b=block: owner()._after(b))
+            replica.register_forward_hook(lambda m, args, out, b=block: owner()._after(b, out))
         total = sum((b.nbytes + _ALIGNMENT - 1) // _ALIGNMENT * _ALIGNMENT for b in self._blocks)
         self.vbar = manager.create_vbar(max(total, 1), device)
         self.prefetch = prefetch
@@ -253,12 +271,20 @@ class OffloadedModule(torch.nn.Module):
                         return self._replica(*args, **kwargs)
                 return self._replica(*args, **kwargs)
         finally:
-            for block in self._blocks:  # prefetched but never run: let them go
-                if block.storage is not None:
-                    self._release(block)
+            # Blocks prefetched but never run, or left loaded by an exception: let each go,
+            # whatever the others do, and report the first failure.
+            failure = None
+            for block in self._blocks:
+                if block.storage is not None or block.pinned:
+                    try:
+                        self._release(block)
+                    except BaseException as error:  # reported after the others are released
+                        failure = failure or error
             if self._learning and self._order:
                 self._learning = False
             self.last_stats = self._stats
+            if failure is not None:
+                raise failure
 
     def _before(self, block: _Block) -> None:
         if block not in self._position:
@@ -266,8 +292,9 @@ class OffloadedModule(torch.nn.Module):
             self._order.append(block)
         self._load(block, self._copy_stream if not self._learning else None)
         if block.event is not None:
+            # The copy ran on the copy stream; the buffer was allocated on this stream
+            # (see _load), so waiting here is all the ordering it needs.
             torch.cuda.current_stream(self._torch_device).wait_event(block.event)
-            block.storage.record_stream(torch.cuda.current_stream(self._torch_device))
             block.event = None
         if not self._learning and self.prefetch:
             start = self._position[block] + 1
@@ -287,12 +314,34 @@ class OffloadedModule(torch.nn.Module):
                   if b.allocation is not None]
         return sorted(placed, key=lambda entry: entry[1])
 
-    def _after(self, block: _Block) -> None:
+    def _after(self, block: _Block, output):
+        """Unpin the block; an output that is a view of its weights (a module returning a
+        slice of its own buffer) is copied first, since the pages may go at the unpin."""
+        start = block.storage.data_ptr()
+        end = start + block.storage.numel()
+
+        def own(value):
+            if isinstance(value, torch.Tensor):
+                pointer = value.untyped_storage().data_ptr()
+                return value.clone() if start <= pointer < end else value
+            if isinstance(value, tuple):
+                return type(value)(own(v) for v in value) if not hasattr(value, "_fields") \
+                    else type(value)(*(own(v) for v in value))
+            if isinstance(value, list):
+                return [own(v) for v in value]
+            if isinstance(value, dict):
+                return {k: own(v) for k, v in value.items()}
+            return value
+
+        output = own(output)
         self._release(block)
+        return output
 
     def _load(self, block: _Block, stream) -> None:
         """Fault the block and make its weights current in block.storage (copying on
-        `stream` when given, CUDA only). Idempotent within a forward."""
+        `stream` when given, CUDA only). Idempotent within a forward. If anything fails,
+        the block is let go (unpinned) and its signature forgotten, so that the next
+        forward copies again instead of trusting pages that were never written."""
         if block.storage is not None:
             return
         if block.allocation is None:
@@ -304,35 +353,39 @@ class OffloadedModule(torch.nn.Module):
         stats = self._stats
         stats.layers += 1
         signature = self.vbar.fault(block.allocation)
-        copy_in = True
-        if signature is None:
-            stats.offloaded_layers += 1
-            if stream is not None:
-                with torch.cuda.stream(stream):
-                    storage = torch.empty(block.nbytes, dtype=torch.uint8, device=self._torch_device)
-            else:
+        block.pinned = signature is not None
+        try:
+            if signature is None:
+                stats.offloaded_layers += 1
+                # Allocated on the compute stream, where it is used and freed: the copy
+                # stream waits for that stream before writing into it.
                 storage = torch.empty(block.nbytes, dtype=torch.uint8, device=self._torch_device)
-            block.pinned = False
-            block.signature = None
-        else:
-            block.pinned = True
-            storage = as_tensor(block.allocation, torch.uint8, (block.nbytes,), backend=self._manager.backend)
-            if signature == block.signature:
-                stats.hits += 1
-                copy_in = False
+                block.signature = None
+                copy_in = True
             else:
-                stats.copied_layers += 1
-                block.signature = signature
-        if copy_in:
-            stats.bytes_copied += block.nbytes
-            if stream is not None:
-                with torch.cuda.stream(stream):
+                storage = as_tensor(block.allocation, torch.uint8, (block.nbytes,))
+                copy_in = signature != block.signature
+                block.signature = None  # until the copy is queued
+                if copy_in:
+                    stats.copied_layers += 1
+                else:
+                    stats.hits += 1
+            block.storage = storage
+            if copy_in:
+                stats.bytes_copied += block.nbytes
+                if stream is not None:
+                    stream.wait_stream(torch.cuda.current_stream(self._torch_device))
+                    with torch.cuda.stream(stream):
+                        self._copy(block, storage)
+                        block.event = torch.cuda.Event()
+                        block.event.record(stream)
+                else:
                     self._copy(block, storage)
-                    block.event = torch.cuda.Event()
-                    block.event.record(stream)
-            else:
-                self._copy(block, storage)
-        block.storage = storage
+            block.signature = signature
+        except BaseException:
+            block.signature = None
+            self._release(block)
+            raise
 
     @staticmethod
     def _copy(block: _Block, storage: torch.Tensor) -> None:
@@ -342,6 +395,7 @@ class OffloadedModule(torch.nn.Module):
             destination.copy_(tensor, non_blocking=True)
 
     def _release(self, block: _Block) -> None:
+        """Unbind the block's weights and drop its pin (if it holds one)."""
         for kind, name, tensor, _ in block.entries:
             empty = torch.empty(0, dtype=tensor.dtype)
             if kind == "p":
@@ -351,10 +405,9 @@ class OffloadedModule(torch.nn.Module):
         if block.event is not None:  # prefetched, never used: the copy must finish first
             block.event.synchronize()
             block.event = None
-        if block.pinned:
+        pinned, block.pinned, block.storage = block.pinned, False, None
+        if pinned:
             self.vbar.unpin(block.allocation)
-        block.pinned = False
-        block.storage = None
 
 
 def offload(module: torch.nn.Module, device: int, *, manager: Manager | None = None,

@@ -56,6 +56,8 @@ class Vbar : public std::enable_shared_from_this<Vbar> {
   Vbar& operator=(const Vbar&) = delete;
 
   int device() const noexcept;
+  // The backend this VBAR's memory belongs to.
+  std::shared_ptr<Driver> driver() const noexcept;
   DeviceAddress base_address() const noexcept { return base_; }
   std::size_t size_bytes() const noexcept { return size_bytes_; }
   std::size_t page_size_bytes() const noexcept { return page_size_bytes_; }
