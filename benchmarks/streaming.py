@@ -64,6 +64,19 @@ def to_host(model: torch.nn.Module, pin: bool) -> torch.nn.Module:
     return model
 
 
+def dispatch_with_accelerate(model: torch.nn.Module, max_memory: dict):
+    """What a user would pick instead of aimdo: accelerate's placement of whole blocks on
+    the GPUs (within `max_memory`), the rest streamed from the host every step. Returns
+    the dispatched copy of `model` and its device map."""
+    import copy
+
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    replica = copy.deepcopy(model)
+    device_map = infer_auto_device_map(replica, max_memory=max_memory, no_split_module_classes=["Block"])
+    return dispatch_model(replica, device_map=device_map), device_map
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -165,14 +178,7 @@ def main() -> int:
         print(f"accelerate cpu_offload: {min(times) * 1000:.1f} ms per step")
         del replica
     if "accelerate-dispatch" in baselines:
-        import copy
-
-        from accelerate import dispatch_model, infer_auto_device_map
-
-        replica = copy.deepcopy(model)
-        device_map = infer_auto_device_map(replica, max_memory={0: args.vram_limit, "cpu": 1 << 40},
-                                           no_split_module_classes=["Block"])
-        replica = dispatch_model(replica, device_map=device_map)
+        replica, device_map = dispatch_with_accelerate(model, {0: args.vram_limit, "cpu": 1 << 40})
         times, _ = time_steps(replica, x, args.baseline_steps, device)
         on_gpu = sum(1 for v in device_map.values() if v == 0)
         result["runs"]["accelerate dispatch_model"] = {"step_seconds": times, "modules_on_gpu": on_gpu}

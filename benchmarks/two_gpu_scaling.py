@@ -26,7 +26,7 @@ import aimdo
 import aimdo.torch as atorch
 
 from ._common import environment, save
-from .streaming import build, pinned_bandwidth, sync, to_host
+from .streaming import build, dispatch_with_accelerate, pinned_bandwidth, sync, to_host
 
 
 def main() -> int:
@@ -129,15 +129,8 @@ def main() -> int:
                   + ", ".join(f"GPU {d} {entry['per_gpu'][d]['residency_of_budget']:.0%}" for d in (0, 1))
                   + f"; identical: {identical}")
     if args.accelerate and not args.tiny:
-        import copy
-
-        from accelerate import dispatch_model, infer_auto_device_map
-
-        replica = copy.deepcopy(model)
-        device_map = infer_auto_device_map(replica, max_memory={0: args.vram_limit, 1: args.vram_limit,
-                                                                "cpu": 1 << 40},
-                                           no_split_module_classes=["Block"])
-        replica = dispatch_model(replica, device_map=device_map)
+        replica, device_map = dispatch_with_accelerate(
+            model, {0: args.vram_limit, 1: args.vram_limit, "cpu": 1 << 40})
         times = []
         with torch.no_grad():
             for _ in range(3):

@@ -39,14 +39,19 @@ def test_a_failed_release_during_unpin_leaves_no_page_pinned():
         assert manager.resident_bytes(0) == 0 == sim.physical_bytes(0)
 
 
+def four_resident_pages_that_will_not_unmap(manager, sim):
+    vbar = manager.create_vbar(4 * PAGE, 0)
+    allocation = vbar.alloc(4 * PAGE)
+    vbar.fault(allocation)
+    vbar.unpin(allocation)
+    sim.fail("cuMemUnmap", error="error", count=10)
+    return vbar
+
+
 def test_a_failed_release_while_lowering_the_watermark_strands_nothing():
     sim = aimdo.SimBackend("1x1GiB")
     with manager_on(sim) as manager:
-        vbar = manager.create_vbar(4 * PAGE, 0)
-        allocation = vbar.alloc(4 * PAGE)
-        vbar.fault(allocation)
-        vbar.unpin(allocation)
-        sim.fail("cuMemUnmap", error="error", count=10)
+        vbar = four_resident_pages_that_will_not_unmap(manager, sim)
         with pytest.raises(aimdo.DriverError):
             vbar.set_watermark(0)
         sim.clear_failures()
@@ -59,11 +64,7 @@ def test_a_failed_release_while_lowering_the_watermark_strands_nothing():
 def test_a_failed_release_during_eviction_strands_nothing():
     sim = aimdo.SimBackend("1x1GiB")
     with manager_on(sim) as manager:
-        vbar = manager.create_vbar(4 * PAGE, 0)
-        allocation = vbar.alloc(4 * PAGE)
-        vbar.fault(allocation)
-        vbar.unpin(allocation)
-        sim.fail("cuMemUnmap", error="error", count=10)
+        vbar = four_resident_pages_that_will_not_unmap(manager, sim)
         with pytest.raises(aimdo.DriverError):
             vbar.free_memory(PAGE)
         sim.clear_failures()
