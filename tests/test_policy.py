@@ -464,3 +464,31 @@ def test_headroom_is_kept_free(make_manager):
     assert residency(vbar) == "RRRRRRRR"
     assert manager.sim.used_bytes(0) == 8 * PAGE
     assert manager.limit_bytes(0) - manager.sim.used_bytes(0) == 2 * PAGE
+
+
+# --- recycling: a fault that evicts for itself maps the evicted memory again -------------
+
+
+@pytest.mark.parametrize("recycle", [True, False])
+def test_a_fault_maps_the_memory_it_evicted_again_when_recycling(make_manager, recycle):
+    manager = make_manager(pages=8)
+    manager.add_devices([0], recycle_pages=recycle)
+    older = manager.create_vbar(8 * PAGE, device=0)
+    newer = manager.create_vbar(8 * PAGE, device=0)
+    load(older, paged(older, 8))
+    sim = manager.sim
+    if sim is not None:
+        creates, releases = sim.call_count("cuMemCreate"), sim.call_count("cuMemRelease")
+    three = newer.alloc(3 * PAGE)
+    first = fault_unpin(newer, three)
+    # The same residency either way, and the same accounting.
+    assert (residency(older), residency(newer)) == ("RRRRR...", "RRR.....")
+    assert manager.resident_bytes(0) == manager.usage_bytes(0) == 8 * PAGE
+    assert manager.stats(0)["pages_recycled"] == (3 if recycle else 0)
+    assert manager.stats(0)["evicted_bytes"] == 3 * PAGE
+    if sim is not None:
+        assert sim.physical_bytes(0) == 8 * PAGE
+        made = 0 if recycle else 3  # create and release calls the churn made
+        assert sim.call_count("cuMemCreate") - creates == made
+        assert sim.call_count("cuMemRelease") - releases == made
+    assert fault_unpin(newer, three) == first  # resident now: a hit

@@ -323,6 +323,7 @@ def test_an_interrupted_copy_leaves_no_pin_and_no_trusted_garbage(make_manager, 
 @pytest.mark.sim_only
 def test_an_exception_inside_a_layer_unpins_every_block(make_manager):
     manager = sim_manager(make_manager, pages=16)
+    trigger = {"fail": False}  # read through the closure: the offloaded replica shares it
 
     class Failing(torch.nn.Module):
         def __init__(self):
@@ -330,15 +331,17 @@ def test_an_exception_inside_a_layer_unpins_every_block(make_manager):
             self.weight = torch.nn.Parameter(torch.ones(3))
 
         def forward(self, x):
-            if x.sum() < 0:
+            if trigger["fail"]:
                 raise ValueError("boom")
             return x * self.weight
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), Failing(), torch.nn.Linear(3, 3)).eval()
     offloaded = atorch.offload(model, 0, manager=manager, prefetch=2)
     offloaded(torch.ones(1, 3))  # learn the order, so the next forward prefetches
+    trigger["fail"] = True
     with pytest.raises(ValueError, match="boom"):
-        offloaded(-torch.ones(1, 3) * 100)
+        offloaded(torch.ones(1, 3))
+    trigger["fail"] = False
     assert pinned_pages(offloaded) == 0
     with torch.no_grad():
         assert torch.equal(offloaded(torch.ones(1, 3)), model(torch.ones(1, 3)))

@@ -156,6 +156,7 @@ nb::dict stats_dict(const DeviceStatsSnapshot& s) {
   d["polls"] = s.polls;
   d["transient_retries"] = s.transient_retries;
   d["oom_retries"] = s.oom_retries;
+  d["pages_recycled"] = s.pages_recycled;
   return d;
 }
 
@@ -574,13 +575,14 @@ NB_MODULE(_core, m) {
       .def(
           "add_devices",
           [](Manager& mgr, const std::vector<std::tuple<IntArg, std::optional<IntArg>, IntArg,
-                                                        IntArg, IntArg, IntArg, int, IntArg>>&
-                                 entries) {
+                                                        IntArg, IntArg, IntArg, int, IntArg,
+                                                        bool>>& entries) {
             // (device, vram_limit or None, headroom, extra_headroom, page_size,
-            //  poll_interval_ns, transient_retries, allocator_headroom), all or nothing.
+            //  poll_interval_ns, transient_retries, allocator_headroom, recycle_pages), all or
+            //  nothing.
             std::vector<std::pair<int, DeviceOptions>> wanted;
-            for (const auto& [device, limit, headroom, extra, page, poll, retries, allocator] :
-                 entries) {
+            for (const auto& [device, limit, headroom, extra, page, poll, retries, allocator,
+                              recycle] : entries) {
               DeviceOptions options;
               if (limit) options.vram_limit_bytes = to_size(*limit, "vram_limit");
               options.headroom_bytes = to_size(headroom, "headroom");
@@ -589,6 +591,7 @@ NB_MODULE(_core, m) {
               options.poll_interval_ns = static_cast<std::int64_t>(to_size(poll, "poll_interval"));
               options.transient_retries = retries;
               options.allocator_headroom_bytes = to_size(allocator, "allocator_headroom");
+              options.recycle_pages = recycle;
               wanted.emplace_back(to_device(device), options);
             }
             nb::gil_scoped_release release;
@@ -693,6 +696,7 @@ NB_MODULE(_core, m) {
              out["page_size"] = options.page_size_bytes;
              out["poll_interval"] = static_cast<double>(options.poll_interval_ns) / 1e9;
              out["allocator_headroom"] = options.allocator_headroom_bytes;
+             out["recycle_pages"] = options.recycle_pages;
              return out;
            },
            "device"_a)

@@ -322,7 +322,7 @@ void Device::reset_floors() {
   for (Vbar* vbar : priority_) vbar->floor_pages_ = 0;
 }
 
-std::size_t Device::evict_locked(std::size_t bytes, Vbar* only) {
+std::size_t Device::evict_locked(std::size_t bytes, Vbar* only, Recycled* recycle) {
   if (bytes == 0) return 0;
   std::size_t freed = 0;
   bool synced = false;
@@ -333,7 +333,7 @@ std::size_t Device::evict_locked(std::size_t bytes, Vbar* only) {
       // A pinned page stays until its unpin, which releases it (it is above the watermark).
       if (state.handle != 0 && state.pins == 0) {
         try {
-          release_page_locked(vbar, page, synced);
+          release_page_locked(vbar, page, synced, recycle);
         } catch (...) {
           // Still resident after a failed release: back below the watermark, where a
           // later eviction finds it again (an unpinned page above it would be stranded).
@@ -364,7 +364,7 @@ void Device::synchronize_locked() {
   stats_.add(&DeviceStats::synchronizes);
 }
 
-void Device::release_page_locked(Vbar& vbar, std::size_t page, bool& synced) {
+void Device::release_page_locked(Vbar& vbar, std::size_t page, bool& synced, Recycled* recycle) {
   // Kernels queued before this point may still read the page.
   if (!synced) {
     synchronize_locked();
@@ -382,13 +382,35 @@ void Device::release_page_locked(Vbar& vbar, std::size_t page, bool& synced) {
   const PhysicalHandle handle = state.handle;
   state.handle = 0;
   --vbar.resident_pages_;
-  resident_bytes_ -= page_size;
   stats_.add(&DeviceStats::pages_released);
+  if (recycle != nullptr && options_.recycle_pages && recycle->page_bytes == page_size) {
+    recycle->handles.push_back(handle);  // still usage: the fault maps it again at once
+    return;
+  }
+  resident_bytes_ -= page_size;
   status = retrying_twice([&] { return driver_->release_physical(handle); });
   if (!status.ok()) raise(status, "cuMemRelease", page_size);
 }
 
-void Device::map_page_locked(Vbar& vbar, std::size_t page) {
+void Device::release_recycled_locked(Recycled& recycle) {
+  std::exception_ptr first_failure;
+  while (!recycle.handles.empty()) {
+    const PhysicalHandle handle = recycle.handles.back();
+    recycle.handles.pop_back();
+    resident_bytes_ -= recycle.page_bytes;
+    const DriverStatus status = retrying_twice([&] { return driver_->release_physical(handle); });
+    if (!status.ok() && !first_failure) {
+      try {
+        raise(status, "cuMemRelease", recycle.page_bytes);
+      } catch (...) {
+        first_failure = std::current_exception();
+      }
+    }
+  }
+  if (first_failure) std::rethrow_exception(first_failure);
+}
+
+void Device::map_page_locked(Vbar& vbar, std::size_t page, Recycled* recycle) {
   const std::size_t page_size = vbar.page_size_bytes_;
   const DeviceAddress va = vbar.base_ + page * page_size;
   std::optional<ScopedDevice> guard;
@@ -396,8 +418,17 @@ void Device::map_page_locked(Vbar& vbar, std::size_t page) {
   for (int attempt = 0;; ++attempt) {
     PhysicalHandle handle = 0;
     const char* operation = "cuMemCreate";
-    DriverStatus status =
-        retrying([&] { return driver_->create_physical(ordinal_, page_size, &handle); });
+    // Recycled memory is already counted in resident_bytes_ (see release_page_locked).
+    const bool recycled = recycle != nullptr && !recycle->handles.empty();
+    DriverStatus status = DriverStatus::success();
+    if (recycled) {
+      handle = recycle->handles.back();
+      recycle->handles.pop_back();
+      resident_bytes_ -= page_size;
+      stats_.add(&DeviceStats::pages_recycled);
+    } else {
+      status = retrying([&] { return driver_->create_physical(ordinal_, page_size, &handle); });
+    }
     if (status.ok()) {
       operation = "cuMemMap";
       status = retrying([&] { return driver_->map(va, page_size, handle); });

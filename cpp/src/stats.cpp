@@ -18,6 +18,7 @@ DeviceStatsSnapshot DeviceStats::snapshot() const noexcept {
   out.polls = r(polls);
   out.transient_retries = r(transient_retries);
   out.oom_retries = r(oom_retries);
+  out.pages_recycled = r(pages_recycled);
   return out;
 }
 

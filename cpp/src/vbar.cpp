@@ -131,12 +131,47 @@ bool Vbar::fault_locked(const Allocation& allocation, bool may_block,
   if (missing == 0) {
     device.stats_.add(&DeviceStats::hits);
   } else {
-    // Room for every missing page at once, each counted once.
+    // Room for every missing page at once, each counted once. Pages this eviction
+    // unmaps may give their memory to the missing ones (Device::Recycled).
     const std::size_t missing_bytes = missing * page_size_bytes_;
     const std::int64_t need = device.deficit_locked(missing_bytes);
+    Device::Recycled recycled;
+    recycled.page_bytes = page_size_bytes_;
+    try {
+      const bool mapped = map_missing_locked(first, last, need, missing_bytes, recycled);
+      device.release_recycled_locked(recycled);
+      if (!mapped) return offloaded();
+    } catch (...) {
+      try {
+        device.release_recycled_locked(recycled);
+      } catch (...) {
+        // The first failure is the one to report.
+      }
+      throw;
+    }
+  }
+
+  device.stats_.add(&DeviceStats::faults);
+  Signature signature;
+  signature.serials.reserve(last - first + 1);
+  for (std::size_t page = first; page <= last; ++page) {
+    ++pages_[page].pins;
+    signature.serials.push_back(pages_[page].serial);
+  }
+  ++record.pins;
+  *out = std::move(signature);
+  return true;
+}
+
+bool Vbar::map_missing_locked(std::size_t first, std::size_t last, std::int64_t need,
+                              std::size_t missing_bytes, Device::Recycled& recycled) {
+  Device& device = *device_;
+  {
     std::size_t freed = 0;
-    if (need > 0) freed = device.evict_locked(static_cast<std::size_t>(need), nullptr);
-    if (last >= watermark_pages_) return offloaded();
+    if (need > 0) {
+      freed = device.evict_locked(static_cast<std::size_t>(need), nullptr, &recycled);
+    }
+    if (last >= watermark_pages_) return false;
     if (need > 0 && freed < static_cast<std::size_t>(need)) {
       device.stats_.add(&DeviceStats::faults);
       throw OutOfMemoryError(
@@ -151,20 +186,10 @@ bool Vbar::fault_locked(const Allocation& allocation, bool may_block,
     }
     for (std::size_t page = first; page <= last; ++page) {
       if (pages_[page].handle != 0) continue;
-      device.map_page_locked(*this, page);
-      if (last >= watermark_pages_) return offloaded();
+      device.map_page_locked(*this, page, &recycled);
+      if (last >= watermark_pages_) return false;
     }
   }
-
-  device.stats_.add(&DeviceStats::faults);
-  Signature signature;
-  signature.serials.reserve(last - first + 1);
-  for (std::size_t page = first; page <= last; ++page) {
-    ++pages_[page].pins;
-    signature.serials.push_back(pages_[page].serial);
-  }
-  ++record.pins;
-  *out = std::move(signature);
   return true;
 }
 

@@ -24,6 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "page_size": 32 * MiB,
     "poll_interval": 2.0,
     "allocator_headroom": 0,
+    "recycle_pages": True,
 }
 TRANSIENT_RETRIES = 3
 
@@ -80,6 +81,12 @@ def _check_size(name: str, value: Any, device: int, allow_none: bool = False) ->
         raise TypeError(f"{name} for device {device} must be an int number of bytes, got {value!r}")
     if value < 0:
         raise ValueError(f"{name} for device {device} must not be negative, got {value}")
+    return value
+
+
+def _check_bool(name: str, value: Any, device: int) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} for device {device} must be True or False, got {value!r}")
     return value
 
 
@@ -143,6 +150,9 @@ class Manager:
       most this often per device (0: on every evaluation).
     - ``allocator_headroom`` (bytes, default 0): extra room made before each
       ``external_alloc`` (the PyTorch allocator's path).
+    - ``recycle_pages`` (default True): when a fault evicts pages to make room for its
+      own, map their physical memory again instead of releasing it and creating new
+      memory (about half the driver cost of a churned page on an H100).
 
     Thread-safe. One lock per device; threads driving different devices never wait on
     each other. Use as a context manager, or call ``close()``.
@@ -159,6 +169,7 @@ class Manager:
         page_size: PerDevice = None,
         poll_interval: PerDevice = None,
         allocator_headroom: PerDevice = None,
+        recycle_pages: PerDevice = None,
     ):
         self._backend = resolve_backend(backend)
         self._core = _core.Manager(self._backend.driver)
@@ -170,6 +181,7 @@ class Manager:
             page_size=page_size,
             poll_interval=poll_interval,
             allocator_headroom=allocator_headroom,
+            recycle_pages=recycle_pages,
         )
 
     # -- devices ----------------------------------------------------------------------
@@ -183,6 +195,7 @@ class Manager:
         page_size: PerDevice = None,
         poll_interval: PerDevice = None,
         allocator_headroom: PerDevice = None,
+        recycle_pages: PerDevice = None,
     ) -> None:
         """Initialize ``devices`` (options as in the constructor). For a device already
         initialized, the options given replace its current ones and the options left out
@@ -196,6 +209,7 @@ class Manager:
             "page_size": page_size,
             "poll_interval": poll_interval,
             "allocator_headroom": allocator_headroom,
+            "recycle_pages": recycle_pages,
         }
         current = {d: self._core.device_info(d) for d in self._core.devices if d in devices}
         per_device = {name: _per_device(name, value, devices, current) for name, value in given.items()}
@@ -211,6 +225,7 @@ class Manager:
                     round(_check_seconds("poll_interval", per_device["poll_interval"][device], device) * 1e9),
                     TRANSIENT_RETRIES,
                     _check_size("allocator_headroom", per_device["allocator_headroom"][device], device),
+                    _check_bool("recycle_pages", per_device["recycle_pages"][device], device),
                 )
             )
         self._core.add_devices(entries)
@@ -303,7 +318,8 @@ class Manager:
 
     def stats(self, device: int) -> dict[str, int]:
         """Counters of ``device``: faults, hits, offloaded, pages_mapped, pages_released,
-        evictions, evicted_bytes, synchronizes, polls, transient_retries, oom_retries."""
+        evictions, evicted_bytes, synchronizes, polls, transient_retries, oom_retries,
+        pages_recycled."""
         return dict(self._core.stats(device))
 
     # -- lifetime ---------------------------------------------------------------------

@@ -99,14 +99,27 @@ class Device : public std::enable_shared_from_this<Device> {
   bool poll_due_locked() const;
   // The driver's (free, total) now, under this device's context.
   std::pair<std::size_t, std::size_t> query_memory_locked();
+  // Physical memory unmapped by the eviction a fault makes for its own missing pages,
+  // kept (still counted as usage) to be mapped again by those pages. Lives for one fault;
+  // what is left is released by release_recycled_locked.
+  struct Recycled {
+    std::size_t page_bytes = 0;
+    std::vector<PhysicalHandle> handles;
+  };
   // Evict, lowest priority first (or from `only`), until `bytes` are freed or nothing
-  // more may be lowered. Returns bytes freed.
-  std::size_t evict_locked(std::size_t bytes, Vbar* only);
-  // Map one page of `vbar` (create + map + set access, unwound on failure); on an
-  // out-of-memory answer evicts one page and retries once.
-  void map_page_locked(Vbar& vbar, std::size_t page);
-  // Release one resident page (synchronizing the device first, once per `synced` flag).
-  void release_page_locked(Vbar& vbar, std::size_t page, bool& synced);
+  // more may be lowered. Returns bytes freed (unmapped pages kept in `recycle` count: the
+  // fault that passed it maps them again at once).
+  std::size_t evict_locked(std::size_t bytes, Vbar* only, Recycled* recycle = nullptr);
+  // Map one page of `vbar` (recycled memory if there is any, else create; then map + set
+  // access, unwound on failure); on an out-of-memory answer evicts one page and retries
+  // once.
+  void map_page_locked(Vbar& vbar, std::size_t page, Recycled* recycle = nullptr);
+  // Release one resident page (synchronizing the device first, once per `synced` flag),
+  // or keep its memory in `recycle` when the sizes match and recycling is on.
+  void release_page_locked(Vbar& vbar, std::size_t page, bool& synced,
+                           Recycled* recycle = nullptr);
+  // Release what a fault did not map again. Throws the first failure after trying all.
+  void release_recycled_locked(Recycled& recycle);
   void synchronize_locked();
   void close_vbar_locked(Vbar& vbar);
   std::size_t usage_locked() const { return resident_bytes_ + external_bytes_; }

@@ -26,6 +26,10 @@ struct DeviceOptions {
   std::int64_t poll_interval_ns = 2'000'000'000;
   // Extra room made before each allocation through Manager::external_alloc (DESIGN §3.6).
   std::size_t allocator_headroom_bytes = 0;
+  // When a fault evicts to make room for its own missing pages, hand the evicted pages'
+  // physical memory to those pages instead of releasing it and creating new memory
+  // (saves cuMemRelease + cuMemCreate per page; benchmarks/page_churn.py measures it).
+  bool recycle_pages = true;
   // How often a transient driver error ("not ready") is retried before it is reported.
   int transient_retries = 3;
 };

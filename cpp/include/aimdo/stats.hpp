@@ -19,6 +19,7 @@ struct DeviceStatsSnapshot {
   std::uint64_t polls = 0;             // free-memory queries
   std::uint64_t transient_retries = 0; // driver calls retried after "not ready"
   std::uint64_t oom_retries = 0;       // driver out-of-memory answers retried after eviction
+  std::uint64_t pages_recycled = 0;    // evicted pages whose memory a fault mapped again
 };
 
 class DeviceStats {
@@ -39,6 +40,7 @@ class DeviceStats {
   std::atomic<std::uint64_t> polls{0};
   std::atomic<std::uint64_t> transient_retries{0};
   std::atomic<std::uint64_t> oom_retries{0};
+  std::atomic<std::uint64_t> pages_recycled{0};
 };
 
 }  // namespace aimdo

@@ -14,6 +14,7 @@
 #include <optional>
 #include <vector>
 
+#include "aimdo/device.hpp"
 #include "aimdo/driver.hpp"
 
 namespace aimdo {
@@ -126,6 +127,10 @@ class Vbar : public std::enable_shared_from_this<Vbar> {
   // driver would be needed; otherwise always true.
   bool fault_locked(const Allocation& allocation, bool may_block, std::optional<Signature>* out);
   bool unpin_locked(const Allocation& allocation, bool may_block);
+  // The missing pages of a fault in [first, last]: evict `need` (recycling what it unmaps),
+  // then map them. False when the allocation ended above the watermark (offloaded).
+  bool map_missing_locked(std::size_t first, std::size_t last, std::int64_t need,
+                          std::size_t missing_bytes, Device::Recycled& recycled);
   void check_owned(const Allocation& allocation) const;
   // InvalidArgumentError when `bytes` is beyond the VBAR's pages.
   void check_within(std::size_t bytes, const char* what) const;
