@@ -170,8 +170,12 @@ def _host_store(module: torch.nn.Module, pin: bool) -> dict:
             return cached[1]
         store = {}
         for tensor in tensors:
-            host = tensor.detach().to("cpu", copy=True)
-            if pin:
+            # Weights already on the host (and pinned, where that is wanted) are used as
+            # they are: a model larger than the GPU is often larger than half the RAM.
+            host = tensor.detach()
+            if host.device.type != "cpu":
+                host = host.to("cpu")
+            if pin and not host.is_pinned():
                 host = host.pin_memory()
             store[id(tensor)] = host
         _host_stores[module] = (versions, store, pin)
@@ -191,8 +195,9 @@ class OffloadedModule(torch.nn.Module):
 
     The wrapped module is not changed: this runs a replica of it whose weights are bound
     to those views only while each module runs. Outputs equal the module's own, bit for
-    bit. Inference only: the weights are read when ``offload`` is called; to use changed
-    weights, offload the module again. ``last_stats`` tells what the last forward did. One
+    bit. Inference only. Weights already in (pinned, on CUDA) host memory are used in
+    place, others are copied when ``offload`` is called; after changing weights, offload
+    the module again (layers found resident would otherwise keep the old values). ``last_stats`` tells what the last forward did. One
     forward at a time per OffloadedModule; offload the same module to two devices to run
     two at once.
     """
