@@ -48,5 +48,14 @@ def build_native(target: str) -> Path:
 def save(name: str, result: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     return path
+
+
+def write(name: str, result: dict, out: str | None, keep: bool = True) -> None:
+    """Write `result` as JSON to `out` when given, else (when `keep`) to results/NAME.json."""
+    if out:
+        with open(out, "w") as f:
+            f.write(json.dumps(result, indent=2, default=str) + "\n")
+    elif keep:
+        save(name, result)

@@ -22,7 +22,7 @@ import time
 
 import aimdo
 
-from ._common import environment, save
+from ._common import environment, write
 
 
 class _DeviceView:
@@ -227,13 +227,8 @@ def main() -> int:
         "outside": outside,
         "devices": summary,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    else:
-        save("gpu_soak", result)
+    print(json.dumps(result, indent=2))
+    write("gpu_soak", result, args.out)
     ok = (not failures and all(v["all_identical"] and v["steps"] > 0 for v in summary.values())
           and all(v["free_bytes_end"] == v["free_bytes_start"] for v in summary.values()))
     print("gpu_soak:", "ok" if ok else "FAILED")

@@ -17,7 +17,6 @@ memory (initializing ~38 GB of random numbers on the CPU would take minutes).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -25,7 +24,7 @@ import torch
 import aimdo
 import aimdo.torch as atorch
 
-from ._common import environment, save
+from ._common import environment, write
 
 
 class Block(torch.nn.Module):
@@ -186,12 +185,7 @@ def main() -> int:
               f"{min(times) * 1000:.1f} ms per step")
         del replica
 
-    text = json.dumps(result, indent=2, default=str)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    elif not args.tiny:
-        save("streaming", result)
+    write("streaming", result, args.out, keep=not args.tiny)
     return 0 if result["runs"]["aimdo"]["identical_to_resident"] else 1
 
 

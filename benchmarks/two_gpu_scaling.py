@@ -16,7 +16,6 @@ compute-bound) follows from which term of its floor is larger.
 from __future__ import annotations
 
 import argparse
-import json
 import threading
 import time
 
@@ -25,7 +24,7 @@ import torch
 import aimdo
 import aimdo.torch as atorch
 
-from ._common import environment, save
+from ._common import environment, write
 from .streaming import build, dispatch_with_accelerate, pinned_bandwidth, sync, to_host
 
 
@@ -142,12 +141,7 @@ def main() -> int:
         result["accelerate_layer_split"] = {"step_seconds": times, "device_map_counts": {
             str(k): sum(1 for v in device_map.values() if v == k) for k in set(device_map.values())}}
         print(f"accelerate across both GPUs: {min(times) * 1000:.1f} ms per step")
-    text = json.dumps(result, indent=2, default=str)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    elif not args.tiny:
-        save("two_gpu_scaling", result)
+    write("two_gpu_scaling", result, args.out, keep=not args.tiny)
     ok = all(r["identical_to_first_repeat"] and r["two_gpu_halves_equal_one_gpu_batch"] for r in result["repeats"])
     return 0 if ok else 1
 
