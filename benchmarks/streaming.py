@@ -4,6 +4,7 @@ the baselines a user would pick instead.
 
     python -m benchmarks.streaming [--blocks 60] [--hidden 5120] [--tokens 2048] [--batch 2]
                                    [--vram-limit 24GiB] [--steps 20] [--prefetch 2]
+                                   [--variants spread:2,in-order:2]
                                    [--baselines resident,accelerate-offload,accelerate-dispatch]
     python -m benchmarks.streaming --tiny     # a small model on the CPU simulator, to check the script
 
@@ -115,6 +116,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--baseline-steps", type=int, default=3, help="steps for the slow baselines")
     parser.add_argument("--prefetch", type=int, default=2)
+    parser.add_argument("--variants", default=None,
+                        help="aimdo configurations to run, PLACEMENT:PREFETCH with PLACEMENT spread "
+                             "or in-order, comma-separated (default: spread:PREFETCH); the first "
+                             "is the headline")
     parser.add_argument("--baselines", default="resident,accelerate-offload,accelerate-dispatch")
     parser.add_argument("--tiny", action="store_true", help="a small model on the CPU simulator")
     parser.add_argument("--out", default=None)
@@ -146,25 +151,41 @@ def main() -> int:
     bandwidth = 50e9 if args.tiny else pinned_bandwidth(device)
     result["pinned_h2d_bytes_per_s"] = bandwidth
 
-    # aimdo
+    # aimdo, in each configuration asked for
+    variants = []
+    for text in (args.variants or f"spread:{args.prefetch}").split(","):
+        placement, _, prefetch = text.partition(":")
+        if placement not in ("spread", "in-order") or not prefetch.isdigit():
+            parser.error(f"--variants: {text!r} is not PLACEMENT:PREFETCH (spread:2, in-order:2)")
+        variants.append((placement, int(prefetch)))
     backend = aimdo.SimBackend("1x1GiB", real_bytes=True) if args.tiny else "cuda"
-    with aimdo.Manager(backend, [0], vram_limit=args.vram_limit, page_size=(2 << 20) if args.tiny else None,
-                       headroom=0 if args.tiny else None) as manager:
-        offloaded = atorch.offload(model, 0, manager=manager, prefetch=args.prefetch)
-        times, out = time_steps(offloaded, x, args.steps, device)
-        stats = offloaded.last_stats
-        floor = max(compute, stats.bytes_copied / bandwidth)
-        step = sorted(times[1:] or times)[len(times[1:] or times) // 2]
-        identical = torch.equal(out.float().cpu(), reference)
-        result["runs"]["aimdo"] = {"step_seconds": times, "median_step_seconds": step,
-                                   "bytes_copied_per_step": stats.bytes_copied, "hits": stats.hits,
-                                   "offloaded_layers": stats.offloaded_layers, "floor_seconds": floor,
-                                   "efficiency": floor / step, "identical_to_resident": identical,
-                                   "resident_bytes": manager.resident_bytes(0)}
-        print(f"aimdo: {step * 1000:.1f} ms per step (median of steps 2..), floor {floor * 1000:.1f} ms "
-              f"= max(compute {compute * 1000:.1f} ms, {stats.bytes_copied / 2**30:.2f} GiB / "
-              f"{bandwidth / 1e9:.1f} GB/s): {floor / step:.0%} of the floor; identical output: {identical}")
-        del offloaded
+    for placement, prefetch in variants:
+        name = f"aimdo {placement} prefetch {prefetch}"
+        with aimdo.Manager(backend, [0], vram_limit=args.vram_limit,
+                           page_size=(2 << 20) if args.tiny else None,
+                           headroom=0 if args.tiny else None) as manager:
+            offloaded = atorch.offload(model, 0, manager=manager, prefetch=prefetch,
+                                       spread=placement == "spread")
+            times, out = time_steps(offloaded, x, args.steps, device)
+            stats = offloaded.last_stats
+            floor = max(compute, stats.bytes_copied / bandwidth)
+            step = sorted(times[1:] or times)[len(times[1:] or times) // 2]
+            identical = torch.equal(out.float().cpu(), reference)
+            result["runs"][name] = {
+                "step_seconds": times, "median_step_seconds": step,
+                "bytes_copied_per_step": stats.bytes_copied, "hits": stats.hits,
+                "offloaded_layers": stats.offloaded_layers, "floor_seconds": floor,
+                "efficiency": floor / step, "identical_to_resident": identical,
+                "resident_bytes": manager.resident_bytes(0)}
+            print(f"{name}: {step * 1000:.1f} ms per step (median of steps 2..), floor "
+                  f"{floor * 1000:.1f} ms = max(compute {compute * 1000:.1f} ms, "
+                  f"{stats.bytes_copied / 2**30:.2f} GiB / {bandwidth / 1e9:.1f} GB/s): "
+                  f"{floor / step:.0%} of the floor; {stats.hits} hits, {stats.offloaded_layers} "
+                  f"offloaded; identical output: {identical}")
+            del offloaded
+        if not args.tiny:
+            torch.cuda.empty_cache()
+    result["headline"] = f"aimdo {variants[0][0]} prefetch {variants[0][1]}"
 
     if "accelerate-offload" in baselines:
         import copy
@@ -186,7 +207,8 @@ def main() -> int:
         del replica
 
     write("streaming", result, args.out, keep=not args.tiny)
-    return 0 if result["runs"]["aimdo"]["identical_to_resident"] else 1
+    aimdo_runs = [run for key, run in result["runs"].items() if key.startswith("aimdo")]
+    return 0 if all(run["identical_to_resident"] for run in aimdo_runs) else 1
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ accelerate's placement of the layers across both GPUs with the same per-GPU budg
 Reported: speedup, per-GPU residency against its budget (no device evicts for the other's
 sake), per-GPU floor efficiency (floor = max(compute, bytes copied / bandwidth)), and
 whether every repeat gave identical outputs. Which regime each run is in (copy-bound or
-compute-bound) follows from which term of its floor is larger.
+compute-bound) follows from which term of its floor is larger. The layers split across
+the GPUs through aimdo (half the blocks offloaded to each, batch 2 through both in turn)
+is measured too.
 """
 
 from __future__ import annotations
@@ -73,7 +75,9 @@ def main() -> int:
     with aimdo.Manager(backend, [0, 1], vram_limit=args.vram_limit, page_size=page,
                        headroom=0 if args.tiny else None) as manager:
         one = atorch.offload(model, 0, manager=manager, prefetch=args.prefetch)
-        two = {d: atorch.offload(model, d, manager=manager, prefetch=args.prefetch) for d in (0, 1)}
+        # GPU 0's replica serves both configurations: one VBAR per GPU, so neither
+        # configuration evicts the other's weights.
+        two = {0: one, 1: atorch.offload(model, 1, manager=manager, prefetch=args.prefetch)}
         first_outputs = None
         for repeat in range(args.repeats):
             # One GPU, batch 2.
@@ -127,6 +131,31 @@ def main() -> int:
                   f"({step1 / step2:.2f}x); residency of budget "
                   + ", ".join(f"GPU {d} {entry['per_gpu'][d]['residency_of_budget']:.0%}" for d in (0, 1))
                   + f"; identical: {identical}")
+        # The layers split instead: the first half of the blocks on GPU 0, the rest on GPU 1,
+        # batch 2 through both in turn (what accelerate's placement does, through aimdo).
+        half = args.blocks // 2
+        for replica in (one, two[1]):  # their weights would compete with the halves'
+            replica.vbar.close()
+        del one, two
+        first = atorch.offload(model[:half], 0, manager=manager, prefetch=args.prefetch)
+        second = atorch.offload(model[half:], 1, manager=manager, prefetch=args.prefetch)
+        times = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            out = second(first(both.to(devices[0])).to(devices[1]))
+            sync(devices[1])
+            times.append(time.perf_counter() - start)
+        split_step = sorted(times[1:] or times)[len(times[1:] or times) // 2]
+        copied = first.last_stats.bytes_copied + second.last_stats.bytes_copied
+        result["aimdo_layer_split"] = {
+            "step_seconds": times, "median_step_seconds": split_step, "bytes_copied_per_step": copied,
+            "floor_seconds": max(compute_b2, copied / bandwidth),
+            "identical_to_one_gpu": torch.equal(out.float().cpu(), first_outputs[0]),
+            "resident_bytes": {d: manager.resident_bytes(d) for d in (0, 1)}}
+        print(f"aimdo, layers split across both GPUs (batch 2): {split_step * 1000:.1f} ms per step, "
+              f"{copied / 2**30:.2f} GiB copied per step; identical: "
+              f"{result['aimdo_layer_split']['identical_to_one_gpu']}")
+        del first, second
     if args.accelerate and not args.tiny:
         replica, device_map = dispatch_with_accelerate(
             model, {0: args.vram_limit, 1: args.vram_limit, "cpu": 1 << 40})
@@ -143,6 +172,7 @@ def main() -> int:
         print(f"accelerate across both GPUs: {min(times) * 1000:.1f} ms per step")
     write("two_gpu_scaling", result, args.out, keep=not args.tiny)
     ok = all(r["identical_to_first_repeat"] and r["two_gpu_halves_equal_one_gpu_batch"] for r in result["repeats"])
+    ok = ok and result["aimdo_layer_split"]["identical_to_one_gpu"]
     return 0 if ok else 1
 
 

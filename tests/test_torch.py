@@ -129,26 +129,98 @@ def test_prefetch_changes_no_output_and_no_byte_count(make_manager):
         assert plain.last_stats.bytes_copied == ahead.last_stats.bytes_copied
 
 
-def test_weights_are_placed_in_first_use_order_or_as_declared(make_manager):
+def test_spread_order_keeps_the_first_and_spreads_every_prefix():
+    assert atorch.spread_order([]) == []
+    assert atorch.spread_order(list("abc")) == list("acb")
+    # i sorted by frac(i * 0.618...): 0 .000, 5 .090, 2 .236, 7 .326, 4 .472, 1 .618, ...
+    assert atorch.spread_order(list(range(9))) == [0, 5, 2, 7, 4, 1, 6, 3, 8]
+    order = atorch.spread_order(list(range(60)))
+    assert sorted(order) == list(range(60))
+    for size in range(2, 60):  # no prefix leaves a gap much longer than 60 / its size
+        kept = sorted(order[:size])
+        assert max(b - a for a, b in zip(kept, kept[1:])) <= max(3, 2 * 60 // size)
+
+
+def test_weights_are_placed_spread_or_in_order_and_as_declared(make_manager):
     model = stack(blocks=3)
     manager = new_manager(make_manager, pages=64)
     x = torch.randn(2, 256).to(where(0))
-    learned = atorch.offload(model, 0, manager=manager)
-    assert learned.placement() == []
-    learned(x)
-    used = ["0.norm", "0.up", "0.down", "1.norm", "1.up", "1.down", "2.norm", "2.up", "2.down"]
-    assert [name for name, _, _ in learned.placement()] == used
+    registered = ["0.norm", "0.up", "0.down", "1.norm", "1.up", "1.down", "2.norm", "2.up", "2.down"]
+    spread = atorch.offload(model, 0, manager=manager)
+    # Placed when offloaded, before any forward: registration order, spread.
+    assert [name for name, _, _ in spread.placement()] == [
+        "0.norm", "1.down", "0.down", "2.up", "1.up", "0.up", "2.norm", "1.norm", "2.down"]
+    in_order = atorch.offload(model, 0, manager=manager, spread=False)
+    assert [name for name, _, _ in in_order.placement()] == registered
+    expected = in_order(x)
+    assert torch.equal(spread(x), expected)
     declared_order = [model[2].up, model[2].down, model[0].up]
-    declared = atorch.offload(model, 0, manager=manager, order=declared_order)
-    out = declared(x)
-    assert torch.equal(out, learned(x))
+    declared = atorch.offload(model, 0, manager=manager, order=declared_order, spread=False)
+    assert torch.equal(declared(x), expected)
     names = [name for name, _, _ in declared.placement()]
-    assert names[:3] == ["2.up", "2.down", "0.up"]
-    assert sorted(names[3:]) == sorted(set(used) - {"2.up", "2.down", "0.up"})
+    assert names == ["2.up", "2.down", "0.up"] + [n for n in registered if n not in ("2.up", "2.down", "0.up")]
     with pytest.raises(ValueError, match="twice"):
         atorch.offload(model, 0, manager=manager, order=[model[0].up, model[0].up])
     with pytest.raises(ValueError, match="not part"):
         atorch.offload(model, 0, manager=manager, order=[torch.nn.Linear(2, 2)])
+    with pytest.raises(TypeError, match="spread"):
+        atorch.offload(model, 0, manager=manager, spread=1)
+
+
+def one_page_layers(count: int, log: list) -> torch.nn.Module:
+    """`count` bias-free float32 Linear layers of exactly one page each, logging "runN"."""
+
+    class Layer(torch.nn.Linear):
+        def __init__(self, index):
+            fan_in, fan_out = (PAGE // 4 // 1024, 1024) if index % 2 == 0 else (1024, PAGE // 4 // 1024)
+            super().__init__(fan_in, fan_out, bias=False)
+            self.index = index
+
+        def forward(self, x):
+            log.append(f"run{self.index}")
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[Layer(i) for i in range(count)]).eval()
+
+
+@pytest.mark.sim_only  # on CUDA the staging buffers are other usage and move the budget
+@pytest.mark.parametrize("spread, resident, schedule", [
+    # Placed 0 5 2 7 4 1 6 3: the first forward fills the four pages in use order.
+    (True, [0, 2, 5, 7],
+     "copy1 run0 copy3 run1 run2 copy4 run3 copy6 run4 run5 run6 run7"),
+    # Placed in order: layer 4's fault finds the budget full and evicts the VBAR's own
+    # top page (layer 3's), which lowers the watermark below layer 4 (DESIGN 3.2).
+    (False, [0, 1, 2],
+     "copy3 run0 run1 run2 copy4 run3 copy5 run4 copy6 run5 copy7 run6 run7"),
+])
+def test_residency_and_prefetch_schedule_of_a_stack_twice_the_budget(
+        make_manager, monkeypatch, spread, resident, schedule):
+    log = []
+    model = one_page_layers(8, log)
+    manager = new_manager(make_manager, pages=4)
+    offloaded = atorch.offload(model, 0, manager=manager, prefetch=1, spread=spread)
+    x = torch.randn(1, PAGE // 4 // 1024)
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.equal(offloaded(x), expected)  # learns the order
+    original = atorch.OffloadedModule._copy
+
+    def logged(block, storage):
+        log.append(f"copy{block.module.index}")
+        original(block, storage)
+
+    monkeypatch.setattr(atorch.OffloadedModule, "_copy", staticmethod(logged))
+    for _ in range(2):
+        log.clear()
+        assert torch.equal(offloaded(x), expected)
+        assert " ".join(log) == schedule
+        stats = offloaded.last_stats
+        assert (stats.hits, stats.offloaded_layers, stats.copied_layers) == (len(resident), 8 - len(resident), 0)
+    pages = {name: offset // PAGE for name, offset, _ in offloaded.placement()}
+    residency = offloaded.vbar.residency()
+    assert sorted(int(name) for name, page in pages.items() if residency[page][0]) == resident
+    assert manager.resident_bytes(0) == len(resident) * PAGE
 
 
 def test_offload_leaves_the_module_untouched(make_manager):

@@ -27,7 +27,7 @@ from . import _core
 from ._manager import Manager, get_manager
 from .sim import SimBackend, host_view
 
-__all__ = ["as_tensor", "use_allocator", "offload", "OffloadedModule", "ForwardStats"]
+__all__ = ["as_tensor", "use_allocator", "offload", "OffloadedModule", "ForwardStats", "spread_order"]
 
 _ALIGNMENT = 512  # every tensor of a block starts 512-byte aligned, as PyTorch's do
 
@@ -152,6 +152,29 @@ class _Block:
         self.storage = None   # uint8 tensor this forward's weights live in
         self.pinned = False
         self.event = None     # copy-stream event to wait for (CUDA prefetch)
+        self.slot = None      # the staging buffer holding an offloaded block's weights
+        self.queued = False   # loaded ahead with a copy queued, not used yet
+
+
+class _Slot:
+    """A staging buffer for offloaded weights, reused within a forward. `free` is the
+    compute-stream event after which its last user is done with it."""
+
+    def __init__(self, tensor: torch.Tensor, free):
+        self.tensor = tensor
+        self.free = free
+
+
+_GOLDEN = 0.6180339887498949
+
+
+def spread_order(items: list) -> list:
+    """`items` reordered so that every prefix of the result is spread evenly over the
+    original order: item i sorts by the fractional part of i times the golden ratio. The
+    first item stays first. OffloadedModule places blocks in this order, so that whatever
+    prefix of the VBAR stays resident, the offloaded blocks lie between resident ones and
+    their copies overlap the compute of the blocks before them."""
+    return [items[i] for i in sorted(range(len(items)), key=lambda i: (i * _GOLDEN) % 1.0)]
 
 
 _host_stores: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -185,28 +208,41 @@ def _host_store(module: torch.nn.Module, pin: bool) -> dict:
 class OffloadedModule(torch.nn.Module):
     """A module whose weights stay on the host and reach ``device`` through one VBAR.
 
-    Each module with weights of its own is a block: one allocation, placed in the VBAR in
-    the order the first forward uses them. Before a block's module runs, its allocation
-    is faulted: a signature equal to the last one means the weights are still there (no
-    copy); a new one means they are copied in from the host; None means offloaded, and
-    they go through a temporary buffer. After the module runs, the allocation is
-    unpinned. With ``prefetch=k`` (k > 0), the next k blocks are faulted and copied while
-    the current one computes (on CUDA, on a copy stream ordered by events).
+    Each module with weights of its own is a block: one allocation in the VBAR. Before a
+    block's module runs, its allocation is faulted: a signature equal to the last one
+    means the weights are still there (no copy); a new one means they are copied in from
+    the host; None means offloaded, and they go through a staging buffer. After the
+    module runs, the allocation is unpinned.
+
+    Placement: every block is placed when the module is offloaded, in ``order`` (the
+    modules' registration order when not declared, with undeclared ones after the
+    declared), spread (see ``spread_order``) unless ``spread=False``: the lowest offsets stay
+    resident longest, and spreading them puts the offloaded blocks between resident
+    ones, where their copies can overlap the compute of the blocks before them.
+
+    Prefetch (``prefetch=k``, k > 0): from the second forward on (the first learns the
+    order the blocks run in; a declared ``order`` is used from the first), while a block
+    computes, the blocks after it are faulted and their copies queued until k copies are
+    in flight ahead of it, looking at most 8k blocks ahead. On CUDA the copies run on a
+    copy stream, ordered by events; offloaded weights are staged in k + 1 buffers reused
+    within the forward, each reused only after the compute that read it.
 
     The wrapped module is not changed: this runs a replica of it whose weights are bound
     to those views only while each module runs. Outputs equal the module's own, bit for
     bit. Inference only. Weights already in (pinned, on CUDA) host memory are used in
     place, others are copied when ``offload`` is called; after changing weights, offload
-    the module again (layers found resident would otherwise keep the old values). ``last_stats`` tells what the last forward did. One
-    forward at a time per OffloadedModule; offload the same module to two devices to run
-    two at once.
+    the module again (layers found resident would otherwise keep the old values).
+    ``last_stats`` tells what the last forward did. One forward at a time per
+    OffloadedModule; offload the same module to two devices to run two at once.
     """
 
     def __init__(self, module: torch.nn.Module, device: int, manager: Manager, prefetch: int,
-                 order=None):
+                 order=None, spread: bool = True):
         super().__init__()
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
             raise ValueError(f"prefetch must be a non-negative int, got {prefetch!r}")
+        if not isinstance(spread, bool):
+            raise TypeError(f"spread must be a bool, got {spread!r}")
         backend = manager.backend
         self._manager = manager
         self._device_index = device
@@ -241,15 +277,13 @@ class OffloadedModule(torch.nn.Module):
             owner = weakref.ref(self)
             replica.register_forward_pre_hook(lambda m, args, b=block: owner()._before(b))
             replica.register_forward_hook(lambda m, args, out, b=block: owner()._after(b, out))
-        total = sum((b.nbytes + _ALIGNMENT - 1) // _ALIGNMENT * _ALIGNMENT for b in self._blocks)
-        self.vbar = manager.create_vbar(max(total, 1), device)
         self.prefetch = prefetch
-        self._order = []          # blocks in first-use order, learned on the first forward
+        self._order = []          # blocks in the order they run: declared, else learned
         self._position = {}
         self._learning = True
         if order is not None:
-            # Declared: place these modules' weights first, in this order; prefetch from the
-            # first forward on. Modules left out are placed where they are first used.
+            # Declared: prefetch follows it from the first forward on. Modules left out are
+            # appended where they are first used.
             for declared in order:
                 block = by_original.get(id(declared))
                 if block is None:
@@ -260,15 +294,31 @@ class OffloadedModule(torch.nn.Module):
                 self._position[block] = len(self._order)
                 self._order.append(block)
             self._learning = False
+        placed = self._order + [b for b in self._blocks if b not in self._position]
+        if spread:
+            placed = spread_order(placed)
+        total = sum((b.nbytes + _ALIGNMENT - 1) // _ALIGNMENT * _ALIGNMENT for b in self._blocks)
+        self.vbar = manager.create_vbar(max(total, 1), device)
+        try:
+            for block in placed:
+                block.allocation = self.vbar.alloc(block.nbytes)
+        except BaseException:
+            self.vbar.close()
+            raise
         self._copy_stream = None
         if self._sim is None and prefetch:
             self._copy_stream = torch.cuda.Stream(device=self._torch_device)
+        self._slot_bytes = max((b.nbytes for b in self._blocks), default=1)
+        self._slots = []          # staging buffers of this forward (CUDA prefetch)
+        self._free_slots = []
+        self._horizon = 0         # position of the first block not loaded ahead yet
         self.last_stats = ForwardStats()
         self._stats = ForwardStats()
 
     # -- one forward ---------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         self._stats = ForwardStats()
+        self._horizon = 0
         try:
             with torch.no_grad():
                 if self._sim is None:
@@ -285,6 +335,9 @@ class OffloadedModule(torch.nn.Module):
                         self._release(block)
                     except BaseException as error:  # reported after the others are released
                         failure = failure or error
+            # Every copy into a staging buffer was waited for by the compute stream or
+            # synchronized by _release: freeing them on the compute stream is ordered.
+            self._slots, self._free_slots = [], []
             if self._learning and self._order:
                 self._learning = False
             self.last_stats = self._stats
@@ -295,16 +348,13 @@ class OffloadedModule(torch.nn.Module):
         if block not in self._position:
             self._position[block] = len(self._order)
             self._order.append(block)
-        self._load(block, self._copy_stream if not self._learning else None)
+        self._load(block, self._copy_stream if not self._learning else None, ahead=False)
+        block.queued = False
         if block.event is not None:
-            # The copy ran on the copy stream; the buffer was allocated on this stream
-            # (see _load), so waiting here is all the ordering it needs.
             torch.cuda.current_stream(self._torch_device).wait_event(block.event)
             block.event = None
         if not self._learning and self.prefetch:
-            start = self._position[block] + 1
-            for ahead in self._order[start:start + self.prefetch]:
-                self._load(ahead, self._copy_stream)
+            self._prefetch_after(block)
         for kind, name, tensor, offset in block.entries:
             nbytes = tensor.numel() * tensor.element_size()
             view = block.storage[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
@@ -313,10 +363,24 @@ class OffloadedModule(torch.nn.Module):
             else:
                 block.module._buffers[name] = view
 
+    def _prefetch_after(self, block: _Block) -> None:
+        """Load the blocks after `block` until `prefetch` copies are queued ahead of it."""
+        position = self._position[block]
+        index = max(position + 1, self._horizon)
+        limit = min(len(self._order), position + 1 + 8 * self.prefetch)
+        queued = sum(1 for b in self._order[position + 1:index] if b.queued)
+        while index < limit and queued < self.prefetch:
+            ahead = self._order[index]
+            if ahead.storage is None:
+                if not self._load(ahead, self._copy_stream, ahead=True):
+                    break  # no free staging buffer: try again at the next block
+                queued += ahead.queued
+            index += 1
+        self._horizon = index
+
     def placement(self) -> list[tuple[str, int, int]]:
-        """(module name, offset in the VBAR, bytes) of every block placed so far, by offset."""
-        placed = [(b.name, b.allocation.offset, b.allocation.size) for b in self._blocks
-                  if b.allocation is not None]
+        """(module name, offset in the VBAR, bytes) of every block, by offset."""
+        placed = [(b.name, b.allocation.offset, b.allocation.size) for b in self._blocks]
         return sorted(placed, key=lambda entry: entry[1])
 
     def _after(self, block: _Block, output):
@@ -342,29 +406,49 @@ class OffloadedModule(torch.nn.Module):
         self._release(block)
         return output
 
-    def _load(self, block: _Block, stream) -> None:
+    def _take_slot(self):
+        """A free staging buffer, made when fewer than prefetch + 1 exist; None if all
+        are in use."""
+        if self._free_slots:
+            return self._free_slots.pop()
+        if len(self._slots) > self.prefetch:
+            return None
+        # Made on the compute stream: the event covers the allocator's reuse of memory
+        # that compute work queued before this point may still use.
+        tensor = torch.empty(self._slot_bytes, dtype=torch.uint8, device=self._torch_device)
+        made = torch.cuda.Event()
+        made.record(torch.cuda.current_stream(self._torch_device))
+        slot = _Slot(tensor, made)
+        self._slots.append(slot)
+        return slot
+
+    def _load(self, block: _Block, stream, ahead: bool) -> bool:
         """Fault the block and make its weights current in block.storage (copying on
-        `stream` when given, CUDA only). Idempotent within a forward. If anything fails,
-        the block is let go (unpinned) and its signature forgotten, so that the next
-        forward copies again instead of trusting pages that were never written."""
+        `stream` when given, CUDA only). Idempotent within a forward. Returns False, with
+        nothing changed, when `ahead` and an offloaded block finds no free staging buffer.
+        If anything fails, the block is let go (unpinned) and its signature forgotten, so
+        that the next forward copies again instead of trusting pages that were never
+        written."""
         if block.storage is not None:
-            return
-        if block.allocation is None:
-            # First-use order; declared blocks come first, placed together at once.
-            for earlier in self._order[:self._position.get(block, len(self._order))]:
-                if earlier.allocation is None:
-                    earlier.allocation = self.vbar.alloc(earlier.nbytes)
-            block.allocation = self.vbar.alloc(block.nbytes)
-        stats = self._stats
-        stats.layers += 1
+            return True
         signature = self.vbar.fault(block.allocation)
         block.pinned = signature is not None
+        stats = self._stats
         try:
+            slot = None
             if signature is None:
+                if stream is not None:
+                    slot = self._take_slot()
+                    if slot is None and ahead:
+                        return False
+                    block.slot = slot
                 stats.offloaded_layers += 1
-                # Allocated on the compute stream, where it is used and freed: the copy
-                # stream waits for that stream before writing into it.
-                storage = torch.empty(block.nbytes, dtype=torch.uint8, device=self._torch_device)
+                if slot is not None:
+                    storage = slot.tensor[:block.nbytes]
+                else:
+                    # Allocated on the compute stream, where it is used and freed: a copy
+                    # on the copy stream waits for that stream before writing into it.
+                    storage = torch.empty(block.nbytes, dtype=torch.uint8, device=self._torch_device)
                 block.signature = None
                 copy_in = True
             else:
@@ -375,18 +459,27 @@ class OffloadedModule(torch.nn.Module):
                     stats.copied_layers += 1
                 else:
                     stats.hits += 1
+            stats.layers += 1
             block.storage = storage
             if copy_in:
                 stats.bytes_copied += block.nbytes
                 if stream is not None:
-                    stream.wait_stream(torch.cuda.current_stream(self._torch_device))
+                    compute = torch.cuda.current_stream(self._torch_device)
                     with torch.cuda.stream(stream):
+                        if slot is not None:
+                            stream.wait_event(slot.free)
+                        elif signature is None:
+                            stream.wait_stream(compute)
+                        # Pages just mapped need no wait: an eviction synchronizes the
+                        # device before it unmaps, so nothing queued reads them.
                         self._copy(block, storage)
                         block.event = torch.cuda.Event()
                         block.event.record(stream)
                 else:
                     self._copy(block, storage)
+                block.queued = ahead
             block.signature = signature
+            return True
         except BaseException:
             block.signature = None
             self._release(block)
@@ -400,7 +493,8 @@ class OffloadedModule(torch.nn.Module):
             destination.copy_(tensor, non_blocking=True)
 
     def _release(self, block: _Block) -> None:
-        """Unbind the block's weights and drop its pin (if it holds one)."""
+        """Unbind the block's weights, give back its staging buffer and drop its pin (if
+        it holds one)."""
         for kind, name, tensor, _ in block.entries:
             empty = torch.empty(0, dtype=tensor.dtype)
             if kind == "p":
@@ -410,19 +504,27 @@ class OffloadedModule(torch.nn.Module):
         if block.event is not None:  # prefetched, never used: the copy must finish first
             block.event.synchronize()
             block.event = None
+        block.queued = False
+        slot, block.slot = block.slot, None
+        if slot is not None:
+            slot.free = torch.cuda.Event()
+            slot.free.record(torch.cuda.current_stream(self._torch_device))
+            self._free_slots.append(slot)
         pinned, block.pinned, block.storage = block.pinned, False, None
         if pinned:
             self.vbar.unpin(block.allocation)
 
 
 def offload(module: torch.nn.Module, device: int, *, manager: Manager | None = None,
-            prefetch: int = 1, order=None) -> OffloadedModule:
+            prefetch: int = 1, order=None, spread: bool = True) -> OffloadedModule:
     """Run ``module`` on ``device`` with its weights streamed through aimdo (see
     OffloadedModule). ``manager`` defaults to aimdo's default Manager. ``order``, a
-    sequence of ``module``'s submodules, declares the order their weights are used (and
-    placed in the VBAR: the lowest offsets stay resident longest); by default it is
-    learned on the first forward."""
+    sequence of ``module``'s submodules, declares the order their weights are used (by
+    default it is learned on the first forward, and blocks are placed in registration
+    order). ``spread`` (default True) interleaves the placement so the blocks that stay
+    resident are spread over the forward; False places them in order, the first ones
+    resident longest."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"offload takes a torch.nn.Module, not {type(module).__name__}")
     manager = manager if manager is not None else get_manager()
-    return OffloadedModule(module, device, manager, prefetch, order)
+    return OffloadedModule(module, device, manager, prefetch, order, spread)
