@@ -171,7 +171,11 @@ def main() -> int:
             floor = max(compute, stats.bytes_copied / bandwidth)
             step = sorted(times[1:] or times)[len(times[1:] or times) // 2]
             identical = torch.equal(out.float().cpu(), reference)
+            free, total = manager.memory_info(0)
             result["runs"][name] = {
+                "total_bytes": total, "budget_bytes": manager.budget_bytes(0),
+                # PyTorch's cache (activations, staging buffers) and the CUDA context
+                "others_bytes": total - free - manager.usage_bytes(0),
                 "step_seconds": times, "median_step_seconds": step,
                 "bytes_copied_per_step": stats.bytes_copied, "hits": stats.hits,
                 "offloaded_layers": stats.offloaded_layers, "floor_seconds": floor,

@@ -30,6 +30,28 @@ from ._common import environment, write
 from .streaming import build, dispatch_with_accelerate, pinned_bandwidth, sync, to_host
 
 
+def available(manager, device: int) -> int:
+    """The part of the device's budget that others' memory (PyTorch's cache, the CUDA
+    context) leaves to aimdo now."""
+    free, total = manager.memory_info(device)
+    return manager.budget_bytes(device) - (total - free - manager.usage_bytes(device))
+
+
+def concurrent_bandwidth(devices, nbytes: int = 1 << 30) -> float:
+    """The lower of the devices' pinned host-to-device bandwidths while all copy at once."""
+    results = {}
+
+    def copy(device):
+        results[device] = pinned_bandwidth(device, nbytes)
+
+    threads = [threading.Thread(target=copy, args=(d,)) for d in devices]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return min(results.values())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=60)
@@ -67,10 +89,14 @@ def main() -> int:
     if not args.tiny:
         torch.cuda.empty_cache()
     bandwidth = 50e9 if args.tiny else min(pinned_bandwidth(d) for d in devices)
+    # Both GPUs copying from the host at once share its memory bandwidth: the two-GPU
+    # floors use what each reached then.
+    together = 50e9 if args.tiny else concurrent_bandwidth(devices)
     backend = aimdo.SimBackend("2x1GiB", real_bytes=True) if args.tiny else "cuda"
     result = {"benchmark": "two_gpu_scaling", "environment": environment(), "args": vars(args),
               "compute_seconds": {"batch 2": compute_b2, "batch 1": compute_b1},
-              "pinned_h2d_bytes_per_s": bandwidth, "repeats": []}
+              "pinned_h2d_bytes_per_s": bandwidth, "pinned_h2d_bytes_per_s_both_at_once": together,
+              "repeats": []}
     page = (2 << 20) if args.tiny else None
     with aimdo.Manager(backend, [0, 1], vram_limit=args.vram_limit, page_size=page,
                        headroom=0 if args.tiny else None) as manager:
@@ -99,6 +125,7 @@ def main() -> int:
                     times2[d].append(time.perf_counter() - start)
                 copied2[d] = two[d].last_stats.bytes_copied
 
+            evicted = {d: manager.stats(d)["evicted_bytes"] for d in (0, 1)}
             threads = [threading.Thread(target=run, args=(0, cond)), threading.Thread(target=run, args=(1, uncond))]
             for t in threads:
                 t.start()
@@ -107,21 +134,31 @@ def main() -> int:
             median = lambda v: sorted(v[1:] or v)[len(v[1:] or v) // 2]  # noqa: E731
             step1 = median(times1)
             step2 = max(median(times2[0]), median(times2[1]))
+            # Evictions during the two-GPU run (in repeat 1 that includes GPU 1's first
+            # forward, which maps its weights): none means no device evicted for the other.
+            evicted = {d: manager.stats(d)["evicted_bytes"] - evicted[d] for d in (0, 1)}
             outputs = (out1.float().cpu(), outs[0].float().cpu(), outs[1].float().cpu())
             if first_outputs is None:
                 first_outputs = outputs
             identical = all(torch.equal(a, b) for a, b in zip(outputs, first_outputs))
             split_equal = torch.equal(outputs[0][:1], outputs[1]) and torch.equal(outputs[0][1:], outputs[2])
             floor1 = max(compute_b2, copied1 / bandwidth)
-            floors2 = {d: max(compute_b1, copied2[d] / bandwidth) for d in (0, 1)}
+            floors2 = {d: max(compute_b1, copied2[d] / together) for d in (0, 1)}
             entry = {
                 "one_gpu_batch2_step_seconds": step1, "two_gpus_step_seconds": step2,
                 "speedup": step1 / step2,
                 "one_gpu_floor_efficiency": floor1 / step1,
                 "one_gpu_regime": "copy-bound" if copied1 / bandwidth > compute_b2 else "compute-bound",
                 "per_gpu": {d: {"residency_of_budget": manager.resident_bytes(d) / manager.budget_bytes(d),
+                                "residency_of_available": manager.resident_bytes(d) / available(manager, d),
+                                "resident_bytes": manager.resident_bytes(d),
+                                "budget_bytes": manager.budget_bytes(d),
+                                "others_bytes": manager.budget_bytes(d) - available(manager, d),
+                                "total_bytes": manager.memory_info(d)[1],
+                                "evicted_bytes_during_two_gpu_run": evicted[d],
+                                "step_seconds": median(times2[d]),
                                 "floor_efficiency": floors2[d] / median(times2[d]),
-                                "regime": "copy-bound" if copied2[d] / bandwidth > compute_b1 else "compute-bound",
+                                "regime": "copy-bound" if copied2[d] / together > compute_b1 else "compute-bound",
                                 "bytes_copied_per_step": copied2[d]} for d in (0, 1)},
                 "identical_to_first_repeat": identical,
                 "two_gpu_halves_equal_one_gpu_batch": split_equal,
@@ -129,7 +166,13 @@ def main() -> int:
             result["repeats"].append(entry)
             print(f"repeat {repeat + 1}: 1 GPU batch 2 {step1 * 1000:.1f} ms, 2 GPUs {step2 * 1000:.1f} ms "
                   f"({step1 / step2:.2f}x); residency of budget "
-                  + ", ".join(f"GPU {d} {entry['per_gpu'][d]['residency_of_budget']:.0%}" for d in (0, 1))
+                  + ", ".join(f"GPU {d} {entry['per_gpu'][d]['residency_of_budget']:.0%} "
+                              f"({entry['per_gpu'][d]['residency_of_available']:.0%} of what others leave)"
+                              for d in (0, 1))
+                  + f"; floor efficiency 1 GPU {floor1 / step1:.0%}, 2 GPUs "
+                  + ", ".join(f"{entry['per_gpu'][d]['floor_efficiency']:.0%}" for d in (0, 1))
+                  + "; evicted during the 2-GPU run " + ", ".join(
+                      f"{evicted[d] / 2**20:.0f} MiB" for d in (0, 1))
                   + f"; identical: {identical}")
         # The layers split instead: the first half of the blocks on GPU 0, the rest on GPU 1,
         # batch 2 through both in turn (what accelerate's placement does, through aimdo).

@@ -97,7 +97,9 @@ def make_manager(backend_name):
             backend = sim if sim is not None else SimBackend(f"{max(2, max(devices) + 1)}x1GiB")
         elif backend_name == "cuda":
             assert sim is None, "a test passing its own simulator must be marked sim_only"
-            backend = "cuda"
+            backend = aimdo.CudaBackend()
+            if max(devices) >= backend.device_count:
+                pytest.skip(f"needs {max(devices) + 1} GPUs; this machine has {backend.device_count}")
         else:
             raise pytest.UsageError(f"AIMDO_BACKEND={backend_name!r}: expected sim or cuda")
         manager = aimdo.Manager(backend, devices, poll_interval=poll_interval, page_size=page_size)

@@ -121,6 +121,60 @@ def test_declared_copies_and_compute_move_the_device_clock_and_synchronize_the_h
         assert sim.now() == pytest.approx(sim.now(0) - (27 + 44) * US)
 
 
+def test_driver_costs_can_be_calibrated_by_name():
+    sim = aimdo.SimBackend(["1GiB"], costs={"cuMemCreate": 14.4 * US, "cuMemSetAccess": 32.8 * US})
+    with aimdo.Manager(sim, [0], headroom=0, page_size=PAGE, poll_interval=1e9) as manager:
+        vbar = manager.create_vbar(4 * PAGE, 0)
+        first, second = vbar.alloc(PAGE), vbar.alloc(PAGE)
+        assert vbar.fault(first) is not None
+        before = sim.now(0)
+        assert vbar.fault(second) is not None
+        # 14.4 us + the default cuMemMap 4 us + 32.8 us
+        assert sim.now(0) - before == pytest.approx(51.2 * US, abs=1e-12)
+        vbar.unpin(first)
+        vbar.unpin(second)
+    with pytest.raises(ValueError, match="cuMemCreat"):
+        aimdo.SimBackend(["1GiB"], costs={"cuMemCreat": US})
+    with pytest.raises(ValueError, match="negative"):
+        aimdo.SimBackend(["1GiB"], costs={"cuMemMap": -US})
+    with pytest.raises(TypeError):
+        aimdo.SimBackend(["1GiB"], costs=[("cuMemMap", US)])
+
+
+def test_the_copy_engine_overlaps_compute_and_waits_only_for_what_it_is_given():
+    sim = aimdo.SimBackend([{"capacity": "1GiB", "bandwidth": 25e9}, "1GiB"], record=True)
+    ms = 0.001
+    first = sim.copy_async(0, 50 * 10**6)  # 2 ms at 25 GB/s, from 0
+    assert first == pytest.approx(2 * ms)
+    assert sim.compute_async(0, 3 * ms) == pytest.approx(3 * ms)  # beside the copy
+    second = sim.copy_async(0, 25 * 10**6)  # after the first copy: 2..3 ms
+    assert second == pytest.approx(3 * ms)
+    third = sim.copy_async(0, 25 * 10**6, after=5 * ms)  # waits for an event at 5 ms
+    assert third == pytest.approx(6 * ms)
+    # Compute waits for the copy it reads, after the compute queued before it.
+    assert sim.compute_async(0, 1 * ms, after=second) == pytest.approx(4 * ms)
+    assert sim.compute_async(0, 1 * ms, after=third) == pytest.approx(7 * ms)
+    assert sim.now(0) == pytest.approx(7 * ms)
+    assert sim.copy_engine_now(0) == pytest.approx(6 * ms)
+    assert (sim.now(1), sim.copy_engine_now(1)) == (0.0, 0.0)  # the other device is idle
+    sim.copy_async(0, 100 * 10**6)  # 6..10 ms: the host's synchronize waits for it too
+    with aimdo.Manager(sim, [0], headroom=0, page_size=PAGE, poll_interval=1e9) as manager:
+        vbar = manager.create_vbar(PAGE, 0)
+        allocation = vbar.alloc(PAGE)
+        assert vbar.fault(allocation) is not None
+        vbar.unpin(allocation)
+        vbar.set_watermark(0)  # releases the page: synchronizes device 0 first
+        assert sim.now() >= 10 * ms
+        assert sim.now(0) >= 10 * ms  # nothing runs on the device before the synchronize
+    assert sim.replay(sim.log()) == []
+    with pytest.raises(ValueError):
+        sim.compute_async(0, -1.0)
+    with pytest.raises(ValueError):
+        sim.copy_async(0, 1, after=float("nan"))
+    with pytest.raises(TypeError):
+        sim.copy_async(0, True)
+
+
 def test_a_lagging_free_is_not_counted_as_free_until_the_driver_has_it_back():
     """aimdo's accounting says the freed bytes are free at once; the driver gets them back
     only after the delay. aimdo must not map into them (no out-of-memory, no retry)."""

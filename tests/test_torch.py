@@ -185,21 +185,24 @@ def one_page_layers(count: int, log: list) -> torch.nn.Module:
 
 
 @pytest.mark.sim_only  # on CUDA the staging buffers are other usage and move the budget
-@pytest.mark.parametrize("spread, resident, schedule", [
+@pytest.mark.parametrize("spread, prefetch, resident, schedule", [
     # Placed 0 5 2 7 4 1 6 3: the first forward fills the four pages in use order.
-    (True, [0, 2, 5, 7],
+    (True, 1, [0, 2, 5, 7],
      "copy1 run0 copy3 run1 run2 copy4 run3 copy6 run4 run5 run6 run7"),
+    # Two copies ahead: before 0, blocks 1 and 3; before 1, block 4; before 3, block 6.
+    (True, 2, [0, 2, 5, 7],
+     "copy1 copy3 run0 copy4 run1 run2 copy6 run3 run4 run5 run6 run7"),
     # Placed in order: layer 4's fault finds the budget full and evicts the VBAR's own
     # top page (layer 3's), which lowers the watermark below layer 4 (DESIGN 3.2).
-    (False, [0, 1, 2],
+    (False, 1, [0, 1, 2],
      "copy3 run0 run1 run2 copy4 run3 copy5 run4 copy6 run5 copy7 run6 run7"),
 ])
 def test_residency_and_prefetch_schedule_of_a_stack_twice_the_budget(
-        make_manager, monkeypatch, spread, resident, schedule):
+        make_manager, monkeypatch, spread, prefetch, resident, schedule):
     log = []
     model = one_page_layers(8, log)
     manager = new_manager(make_manager, pages=4)
-    offloaded = atorch.offload(model, 0, manager=manager, prefetch=1, spread=spread)
+    offloaded = atorch.offload(model, 0, manager=manager, prefetch=prefetch, spread=spread)
     x = torch.randn(1, PAGE // 4 // 1024)
     with torch.no_grad():
         expected = model(x)
@@ -221,6 +224,13 @@ def test_residency_and_prefetch_schedule_of_a_stack_twice_the_budget(
     residency = offloaded.vbar.residency()
     assert sorted(int(name) for name, page in pages.items() if residency[page][0]) == resident
     assert manager.resident_bytes(0) == len(resident) * PAGE
+    # aimdo.predict follows the same schedule without running anything.
+    from aimdo.predict import predict_offload
+
+    predicted = predict_offload(new_manager(make_manager, pages=4), 0, [PAGE] * 8, [0.001] * 8,
+                                steps=3, prefetch=prefetch, spread=spread)
+    assert [" ".join(step.schedule) for step in predicted[1:]] == [schedule, schedule]
+    assert (predicted[2].hits, predicted[2].offloaded_layers) == (len(resident), 8 - len(resident))
 
 
 def test_offload_leaves_the_module_untouched(make_manager):

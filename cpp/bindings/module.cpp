@@ -7,11 +7,13 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/shared_ptr.h>
+#include <nanobind/stl/map.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
 #include <cstdint>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -373,7 +375,8 @@ NB_MODULE(_core, m) {
   nb::class_<sim::SimDriver, Driver>(m, "SimDriver", "The simulator backend (see aimdo.sim).")
       .def("__init__",
            [](sim::SimDriver* self, const std::vector<SpecTuple>& specs, std::uint64_t seed,
-              std::int64_t free_delay_ns, bool record, bool real_bytes) {
+              std::int64_t free_delay_ns, bool record, bool real_bytes,
+              const std::map<std::string, std::int64_t>& costs_ns) {
              std::vector<sim::SimDeviceSpec> devices;
              for (const auto& [name, total, granularity, integrated, bandwidth] : specs) {
                sim::SimDeviceSpec spec;
@@ -388,9 +391,23 @@ NB_MODULE(_core, m) {
              options.free_delay_ns = free_delay_ns;
              options.record = record;
              options.real_bytes = real_bytes;
+             sim::SimCosts& c = options.costs;
+             const std::map<std::string, std::int64_t*> fields = {
+                 {"cuMemCreate", &c.create_physical_ns}, {"cuMemMap", &c.map_ns},
+                 {"cuMemSetAccess", &c.set_access_ns},   {"cuMemUnmap", &c.unmap_ns},
+                 {"cuMemRelease", &c.release_physical_ns}, {"cuMemGetInfo", &c.memory_info_ns},
+                 {"cuCtxSynchronize", &c.synchronize_ns}, {"cuMemAddressReserve", &c.reserve_ns},
+                 {"cuMemAddressFree", &c.free_range_ns},  {"cuMemAllocAsync", &c.stream_alloc_ns},
+                 {"cuMemFreeAsync", &c.stream_free_ns}};
+             for (const auto& [name, ns] : costs_ns) {
+               const auto field = fields.find(name);
+               if (field == fields.end()) throw InvalidArgumentError("no simulated cost named " + name);
+               if (ns < 0) throw InvalidArgumentError("the cost of " + name + " must not be negative");
+               *field->second = ns;
+             }
              new (self) sim::SimDriver(std::move(devices), seed, options);
            },
-           "devices"_a, "seed"_a, "free_delay_ns"_a, "record"_a, "real_bytes"_a)
+           "devices"_a, "seed"_a, "free_delay_ns"_a, "record"_a, "real_bytes"_a, "costs_ns"_a)
       .def_prop_ro("real_bytes", &sim::SimDriver::real_bytes)
       .def("violations", &sim::SimDriver::violations, release_gil())
       .def_prop_ro("seed", &sim::SimDriver::seed)
@@ -431,6 +448,21 @@ NB_MODULE(_core, m) {
              s.compute(to_device(device), static_cast<std::int64_t>(to_size(ns, "ns")));
            },
            "device"_a, "ns"_a, release_gil())
+      .def("copy_async",
+           [](sim::SimDriver& s, IntArg device, IntArg n, IntArg after) {
+             return s.copy_async(to_device(device), to_size(n, "nbytes"),
+                                 static_cast<std::int64_t>(to_size(after, "after_ns")));
+           },
+           "device"_a, "nbytes"_a, "after_ns"_a, release_gil())
+      .def("compute_async",
+           [](sim::SimDriver& s, IntArg device, IntArg ns, IntArg after) {
+             return s.compute_async(to_device(device), static_cast<std::int64_t>(to_size(ns, "ns")),
+                                    static_cast<std::int64_t>(to_size(after, "after_ns")));
+           },
+           "device"_a, "ns"_a, "after_ns"_a, release_gil())
+      .def("copy_engine_now_ns",
+           [](sim::SimDriver& s, IntArg device) { return s.copy_engine_now_ns(to_device(device)); },
+           "device"_a, release_gil())
       .def("host_now_ns", &sim::SimDriver::host_now_ns)
       .def("pending_free_bytes", &sim::SimDriver::pending_free_bytes, "device"_a, release_gil())
       .def("set_recording", &sim::SimDriver::set_recording, "on"_a, release_gil())

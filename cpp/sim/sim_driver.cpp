@@ -136,7 +136,8 @@ struct DeviceState {
   std::size_t physical_bytes = 0;
   std::size_t stream_bytes = 0;
   std::size_t external_bytes = 0;
-  std::int64_t clock_ns = 0;
+  std::int64_t clock_ns = 0;        // the compute engine (and driver calls): done at
+  std::int64_t copy_engine_ns = 0;  // the host-to-device copy engine: done at
   std::map<DeviceAddress, Reservation> reservations;
   std::map<PhysicalHandle, Physical> physical;
   std::map<DeviceAddress, std::size_t> streams;
@@ -782,8 +783,9 @@ DriverStatus SimDriver::synchronize(int device) {
     if (entered == nullptr) return status;
     DeviceState& d = *entered;
     if (state_->current_device() != device) return failure(driver_code::invalid_context);
-    d.clock_ns += costs_.synchronize_ns;
-    state_->host_at_least(d.clock_ns);  // the host waited for the device
+    // The host waits for both engines; the device's clock moves past both.
+    d.clock_ns = std::max(d.clock_ns, d.copy_engine_ns) + costs_.synchronize_ns;
+    state_->host_at_least(d.clock_ns);
     return DriverStatus::success();
   }();
   if (state_->recording.load(std::memory_order_relaxed)) {
@@ -1103,6 +1105,42 @@ void SimDriver::compute(int device, std::int64_t ns) {
   d.clock_ns += ns;
 }
 
+std::int64_t SimDriver::copy_async(int device, std::size_t bytes, std::int64_t after_ns) {
+  check_device(device, device_total());
+  if (after_ns < 0) throw InvalidArgumentError("a copy cannot wait for a time before 0");
+  const double seconds =
+      static_cast<double>(bytes) / devices_[static_cast<std::size_t>(device)].host_to_device_bytes_per_s;
+  if (state_->recording.load(std::memory_order_relaxed)) {
+    state_->record("@copy_async dev=" + std::to_string(device) + " bytes=" + std::to_string(bytes) +
+                   " after=" + std::to_string(after_ns));
+  }
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  d.copy_engine_ns = std::max(d.copy_engine_ns, after_ns) + static_cast<std::int64_t>(std::llround(seconds * 1e9));
+  return d.copy_engine_ns;
+}
+
+std::int64_t SimDriver::compute_async(int device, std::int64_t ns, std::int64_t after_ns) {
+  if (ns < 0) throw InvalidArgumentError("compute time must not be negative");
+  if (after_ns < 0) throw InvalidArgumentError("compute cannot wait for a time before 0");
+  check_device(device, device_total());
+  if (state_->recording.load(std::memory_order_relaxed)) {
+    state_->record("@compute_async dev=" + std::to_string(device) + " ns=" + std::to_string(ns) +
+                   " after=" + std::to_string(after_ns));
+  }
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  d.clock_ns = std::max(d.clock_ns, after_ns) + ns;
+  return d.clock_ns;
+}
+
+std::int64_t SimDriver::copy_engine_now_ns(int device) const {
+  check_device(device, device_total());
+  const DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  return d.copy_engine_ns;
+}
+
 std::int64_t SimDriver::host_now_ns() const noexcept {
   return state_->host_clock.load(std::memory_order_relaxed);
 }
@@ -1215,6 +1253,10 @@ std::vector<std::string> SimDriver::replay(const std::string& log_text) const {
       fresh.copy_to_device(device(), static_cast<std::size_t>(number(l, "bytes")));
     } else if (l.name == "@compute") {
       fresh.compute(device(), signed_number(l, "ns"));
+    } else if (l.name == "@copy_async") {
+      fresh.copy_async(device(), static_cast<std::size_t>(number(l, "bytes")), signed_number(l, "after"));
+    } else if (l.name == "@compute_async") {
+      fresh.compute_async(device(), signed_number(l, "ns"), signed_number(l, "after"));
     } else {
       throw InvalidArgumentError("cannot replay log line: " + line);
     }

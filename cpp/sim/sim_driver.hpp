@@ -17,8 +17,14 @@
 // interval runs on the device clocks. Nothing here reads the wall clock, but wait_held,
 // which bounds a test's wait for a held call.
 //
-// What it does not model: kernels and their data, copy/compute overlap on separate
-// engines, peer access between devices, partial unmaps.
+// A device has two engines: compute (its clock, which driver calls advance too) and
+// host-to-device copies; copy_async/compute_async queue work on them with a dependency
+// on an earlier completion time, so copies overlap compute as they do on a GPU with a
+// copy stream. copy_to_device/compute queue serially on the clock.
+//
+// What it does not model: kernels and their data, the host's own time between calls
+// (driver calls cost time on the device's clock, not the host's), peer access between
+// devices, partial unmaps.
 //
 // Operation names used by fault injection and call counts are the CUDA driver functions
 // the real backend calls: cuMemGetInfo, cuMemAddressReserve, cuMemAddressFree,
@@ -146,6 +152,14 @@ class SimDriver final : public Driver {
   // bandwidth) or `ns` of compute. Both move the device's clock.
   void copy_to_device(int device, std::size_t bytes);
   void compute(int device, std::int64_t ns);
+  // The same on the device's two engines, which overlap: a copy runs on the copy engine
+  // after the copies queued before it and not before `after_ns` (an event it waits
+  // for); compute runs on the compute engine (the device's clock) likewise. Each returns
+  // the moment the work is done, to pass as another's `after_ns`. synchronize waits for
+  // both engines.
+  std::int64_t copy_async(int device, std::size_t bytes, std::int64_t after_ns);
+  std::int64_t compute_async(int device, std::int64_t ns, std::int64_t after_ns);
+  std::int64_t copy_engine_now_ns(int device) const;
   // The host's clock (see "Time" above).
   std::int64_t host_now_ns() const noexcept;
   // Stream-ordered frees not reusable yet on `device`.

@@ -23,7 +23,7 @@ from typing import Union
 from . import _core
 from ._sizes import parse_size
 
-__all__ = ["SimBackend", "SimHold", "DeviceSpec", "live_backends"]
+__all__ = ["SimBackend", "SimHold", "DeviceSpec", "COST_NAMES", "live_backends"]
 
 DEFAULT_DEVICES = "2x24GiB"
 DEFAULT_GRANULARITY = 2 << 20
@@ -35,6 +35,11 @@ DEFAULT_BANDWIDTH = 50e9
 #: (required), ``name``, ``granularity`` (bytes or a size string), ``integrated`` and
 #: ``bandwidth`` (host-to-device bytes per second).
 DeviceSpec = Union[str, int, Mapping]
+
+#: Driver functions whose simulated cost ``SimBackend(costs=...)`` can set.
+COST_NAMES = ("cuMemCreate", "cuMemMap", "cuMemSetAccess", "cuMemUnmap", "cuMemRelease",
+              "cuMemGetInfo", "cuCtxSynchronize", "cuMemAddressReserve", "cuMemAddressFree",
+              "cuMemAllocAsync", "cuMemFreeAsync")
 
 _ERROR_CODES = {
     "out_of_memory": 2,
@@ -152,7 +157,9 @@ class SimBackend:
     specs (see ``DeviceSpec``); ``seed`` makes runs with fault rates reproducible;
     ``free_delay`` (seconds of virtual time) delays the reuse of stream-ordered frees;
     ``record`` keeps the event log from the start (see ``log``); ``real_bytes`` backs
-    mapped pages with host memory really mapped at the VBAR's addresses (see ``view``).
+    mapped pages with host memory really mapped at the VBAR's addresses (see ``view``);
+    ``costs`` sets the virtual time driver functions take, in seconds, by name (see
+    ``COST_NAMES``; the defaults are from shared/h100-measurements.md).
 
     Thread-safe: every method may be called from any thread.
     """
@@ -165,6 +172,7 @@ class SimBackend:
         free_delay: float = 0.0,
         record: bool = False,
         real_bytes: bool = False,
+        costs: Mapping[str, float] | None = None,
     ):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
@@ -175,8 +183,16 @@ class SimBackend:
         if not math.isfinite(free_delay) or free_delay < 0:
             raise ValueError(f"free_delay must be finite and not negative, got {free_delay}")
         self._specs = _parse_devices(devices)
+        if costs is None:
+            costs = {}
+        if not isinstance(costs, Mapping):
+            raise TypeError("costs must map driver function names to seconds")
+        unknown = sorted(set(costs) - set(COST_NAMES))
+        if unknown:
+            raise ValueError(f"costs: no simulated cost named {unknown}; known: {list(COST_NAMES)}")
+        costs_ns = {name: _nanoseconds(seconds) for name, seconds in costs.items()}
         self._driver = _core.SimDriver(self._specs, seed, round(free_delay * 1e9), bool(record),
-                                       bool(real_bytes))
+                                       bool(real_bytes), costs_ns)
         _live.add(self)
 
     # -- what it is -------------------------------------------------------------------
@@ -305,7 +321,8 @@ class SimBackend:
 
     # -- virtual time -----------------------------------------------------------------
     def now(self, device: int | None = None) -> float:
-        """Seconds on ``device``'s virtual clock (the moment its queued work is done), or
+        """Seconds on ``device``'s virtual clock (the moment its queued compute and driver
+        calls are done; ``copy_engine_now`` tells its copies), or
         on the host's clock when ``device`` is None (it moves when the host waits for a
         device, and with ``advance``)."""
         if device is None:
@@ -325,6 +342,21 @@ class SimBackend:
     def compute(self, device: int, seconds: float) -> None:
         """Declare ``seconds`` of compute queued on ``device``."""
         self._driver.compute(device, _nanoseconds(seconds))
+
+    def copy_async(self, device: int, nbytes: int, after: float = 0.0) -> float:
+        """Queue a host-to-device copy on ``device``'s copy engine, which runs beside its
+        compute: it starts when the copies queued before it are done and not before
+        ``after`` (seconds of virtual time: an event it waits for). Returns when it is done."""
+        return self._driver.copy_async(device, nbytes, _nanoseconds(after)) / 1e9
+
+    def compute_async(self, device: int, seconds: float, after: float = 0.0) -> float:
+        """Queue ``seconds`` of compute on ``device``'s compute engine, starting after the
+        work queued before it and not before ``after``. Returns when it is done."""
+        return self._driver.compute_async(device, _nanoseconds(seconds), _nanoseconds(after)) / 1e9
+
+    def copy_engine_now(self, device: int) -> float:
+        """Seconds of virtual time when ``device``'s queued copies are done."""
+        return self._driver.copy_engine_now_ns(device) / 1e9
 
     def pending_free_bytes(self, device: int) -> int:
         """Stream-ordered frees on ``device`` that are not reusable yet (see free_delay)."""

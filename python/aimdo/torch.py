@@ -25,6 +25,7 @@ import torch
 
 from . import _core
 from ._manager import Manager, get_manager
+from ._placement import spread_order
 from .sim import SimBackend, host_view
 
 __all__ = ["as_tensor", "use_allocator", "offload", "OffloadedModule", "ForwardStats", "spread_order"]
@@ -164,17 +165,6 @@ class _Slot:
         self.tensor = tensor
         self.free = free
 
-
-_GOLDEN = 0.6180339887498949
-
-
-def spread_order(items: list) -> list:
-    """`items` reordered so that every prefix of the result is spread evenly over the
-    original order: item i sorts by the fractional part of i times the golden ratio. The
-    first item stays first. OffloadedModule places blocks in this order, so that whatever
-    prefix of the VBAR stays resident, the offloaded blocks lie between resident ones and
-    their copies overlap the compute of the blocks before them."""
-    return [items[i] for i in sorted(range(len(items)), key=lambda i: (i * _GOLDEN) % 1.0)]
 
 
 _host_stores: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()

@@ -1,0 +1,94 @@
+"""aimdo.predict: OffloadedModule's schedule on the simulator's two engines, with exact
+virtual times worked out by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+import aimdo
+from aimdo.predict import predict_offload
+from conftest import PAGE
+
+pytestmark = pytest.mark.sim_only  # it runs on the simulator by definition
+
+MS = 1e-3
+
+
+def page_copy_manager(make_manager, copy_ms: float, pages: int = 2):
+    """A budget of `pages` pages on a device that copies one page in `copy_ms`."""
+    sim = aimdo.SimBackend([{"capacity": "1GiB", "bandwidth": PAGE / (copy_ms * MS)}, "1GiB"])
+    return make_manager(pages=pages, sim=sim)
+
+
+@pytest.mark.parametrize("copy_ms, spread, step_ms, hits, schedule", [
+    # Four one-page blocks of 1 ms compute, two pages of budget. Spread placement 0 2 1 3
+    # keeps blocks 0 and 2; copies of 1 and 3 overlap the compute before them.
+    (1, True, 4.0, 2, "copy1 run0 copy3 run1 run2 run3"),
+    # 2 ms a copy: copy1 0-2, run0 0-1, copy3 2-4, run1 2-3, run2 3-4, run3 4-5.
+    (2, True, 5.0, 2, "copy1 run0 copy3 run1 run2 run3"),
+    # In order, only block 0 stays (block 2's first fault evicted block 1's page and the
+    # watermark with it). copy1 0-2, run0 0-1, copy2 2-4, run1 2-3, copy3 into block 1's
+    # buffer, free at 3: 4-6, run2 4-5, run3 6-7.
+    (2, False, 7.0, 1, "copy1 run0 copy2 run1 copy3 run2 run3"),
+])
+def test_predicted_steps_are_the_stream_schedule_worked_by_hand(
+        make_manager, copy_ms, spread, step_ms, hits, schedule):
+    manager = page_copy_manager(make_manager, copy_ms)
+    steps = predict_offload(manager, 0, [PAGE] * 4, [1 * MS] * 4, steps=3, prefetch=1, spread=spread)
+    first = steps[0]
+    # The first forward learns the order: every copy in line with the compute.
+    assert first.schedule == ("copy0", "run0", "copy1", "run1", "copy2", "run2", "copy3", "run3")
+    assert first.bytes_copied == 4 * PAGE
+    for step in steps[1:]:
+        assert step.seconds == pytest.approx(step_ms * MS, abs=1e-9)
+        assert " ".join(step.schedule) == schedule
+        assert (step.hits, step.offloaded_layers, step.copied_layers) == (hits, 4 - hits, 0)
+        assert step.bytes_copied == (4 - hits) * PAGE
+    assert manager.vbar_count(0) == 0  # the prediction's VBAR is closed
+    assert manager.resident_bytes(0) == 0
+
+
+def test_a_staging_buffer_is_reused_only_after_the_compute_that_read_it(make_manager):
+    # A budget of one page: block 1's first fault evicts block 0's page and the watermark
+    # with it, so all four blocks are offloaded. prefetch 1 makes two buffers, A and B.
+    manager = page_copy_manager(make_manager, copy_ms=1, pages=1)
+    steps = predict_offload(manager, 0, [PAGE] * 4, [1 * MS, 10 * MS, 1 * MS, 1 * MS], steps=2,
+                            prefetch=1, spread=False)
+    # copy0 to A 0-1, copy1 to B 1-2, run0 1-2 (A free at 2), copy2 to A 2-3, run1 2-12
+    # (B free at 12), copy3 to B waits for 12: 12-13, run2 12-13, run3 13-14.
+    assert " ".join(steps[1].schedule) == "copy0 copy1 run0 copy2 run1 copy3 run2 run3"
+    assert steps[1].seconds == pytest.approx(14 * MS, abs=1e-9)
+    assert steps[1].offloaded_layers == 4
+
+
+def test_two_devices_predict_independently(make_manager):
+    sim = aimdo.SimBackend([{"capacity": "1GiB", "bandwidth": PAGE / MS}] * 2)
+    manager = make_manager(pages=2, devices=(0, 1), sim=sim)
+    one = predict_offload(manager, 0, [PAGE] * 4, [1 * MS] * 4, steps=2, prefetch=1)
+    two = predict_offload(manager, 1, [PAGE] * 4, [0.5 * MS] * 4, steps=2, prefetch=1)
+    assert one[1].seconds == pytest.approx(4 * MS, abs=1e-9)
+    # 0.5 ms blocks: copy1 0-1, run0 0-0.5, copy3 1-2, run1 1-1.5, run2 1.5-2, run3 2-2.5
+    assert two[1].seconds == pytest.approx(2.5 * MS, abs=1e-9)
+
+
+def test_bad_arguments_are_refused_and_leave_no_vbar(make_manager):
+    manager = page_copy_manager(make_manager, copy_ms=1)
+    with pytest.raises(ValueError, match="one entry per block"):
+        predict_offload(manager, 0, [PAGE] * 2, [MS], steps=1)
+    with pytest.raises(ValueError, match="positive ints"):
+        predict_offload(manager, 0, [0], [MS], steps=1)
+    with pytest.raises(ValueError, match="non-negative"):
+        predict_offload(manager, 0, [PAGE], [float("nan")], steps=1)
+    with pytest.raises(ValueError, match="prefetch"):
+        predict_offload(manager, 0, [PAGE], [MS], steps=1, prefetch=True)
+    with pytest.raises(ValueError, match="steps"):
+        predict_offload(manager, 0, [PAGE], [MS], steps=0)
+    assert manager.vbar_count(0) == 0
+
+
+def test_a_manager_on_real_gpus_is_refused():
+    class NotSim:  # stands for a Manager whose backend is the cuda one
+        backend = object()
+
+    with pytest.raises(TypeError, match="SimBackend"):
+        predict_offload(NotSim(), 0, [PAGE], [MS], steps=1)
