@@ -26,7 +26,9 @@ def environment() -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         # AIMDO_COMMIT names the commit where the tree travelled without its .git.
         "commit": os.environ.get("AIMDO_COMMIT") or git("rev-parse", "--short", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        # None where there is no git checkout (the tree travelled without its .git).
+        "dirty": None if (status := git("status", "--porcelain", "--untracked-files=no")) == "unknown"
+        else bool(status),
         "machine": platform.node(),
         "cpu": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),

@@ -159,7 +159,7 @@ def main() -> int:
                     "evicted_bytes": manager.stats(device)["evicted_bytes"] - evicted_before,
                     "resident_bytes": manager.resident_bytes(device),
                 })
-            del views, temporary
+            views = temporary = None  # drop the tensors before the VBAR closes
             torch.cuda.synchronize(device)
             vbar.close()
             # cuBLAS workspaces belong to this thread's handles: give them back here.

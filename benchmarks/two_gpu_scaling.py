@@ -148,6 +148,7 @@ def main() -> int:
                 "one_gpu_batch2_step_seconds": step1, "two_gpus_step_seconds": step2,
                 "speedup": step1 / step2,
                 "one_gpu_floor_efficiency": floor1 / step1,
+                "one_gpu_bytes_copied_per_step": copied1,
                 "one_gpu_regime": "copy-bound" if copied1 / bandwidth > compute_b2 else "compute-bound",
                 "per_gpu": {d: {"residency_of_budget": manager.resident_bytes(d) / manager.budget_bytes(d),
                                 "residency_of_available": manager.resident_bytes(d) / available(manager, d),
@@ -179,7 +180,7 @@ def main() -> int:
         half = args.blocks // 2
         for replica in (one, two[1]):  # their weights would compete with the halves'
             replica.vbar.close()
-        del one, two
+        one = two = None  # their replicas are closed
         first = atorch.offload(model[:half], 0, manager=manager, prefetch=args.prefetch)
         second = atorch.offload(model[half:], 1, manager=manager, prefetch=args.prefetch)
         times = []

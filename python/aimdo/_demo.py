@@ -8,9 +8,10 @@ faults each layer in turn: a matching signature means the weights are still resi
 (no copy); a new one means they are copied in; None means the layer is offloaded and
 streams through a temporary buffer. On the simulator the copies and the compute are
 declared (``SimBackend.copy_to_device`` / ``compute``) and step times are virtual, shown
-next to the physical floor max(compute, bytes copied / bandwidth). The simulator keeps
-one timeline per device (a copy and a kernel never overlap there), so the floor is what
-overlapping them, as prefetching does, could reach. On real GPUs nothing is copied or
+next to the physical floor max(compute, bytes copied / bandwidth). The demo queues each
+layer's copy and compute in line, with no overlap, so the floor is what overlapping them,
+as aimdo.torch's prefetch does, could reach (aimdo.predict models that overlap on the
+simulator's copy engine). On real GPUs nothing is copied or
 computed: the figures are the offloader's decisions and its own wall-clock cost.
 """
 
@@ -138,5 +139,5 @@ def run_demo(args: argparse.Namespace) -> int:
         two_floor = max(run["floor"] for run in two)
         print(f"physical floor: 1 device {one[0]['floor'] * 1000:.1f} ms, 2 devices "
               f"{two_floor * 1000:.1f} ms ({one[0]['floor'] / two_floor:.2f}x); "
-              "copies and compute do not overlap in the simulator")
+              "the demo does not overlap copies with compute")
     return 0
