@@ -1,4 +1,5 @@
-"""Placement of a model's blocks in a VBAR (shared by aimdo.torch and aimdo.predict)."""
+"""Where a model's blocks go in a VBAR and which are loaded ahead: shared by aimdo.torch
+and aimdo.predict, so that the prediction follows the module's schedule."""
 
 from __future__ import annotations
 
@@ -12,3 +13,27 @@ def spread_order(items: list) -> list:
     VBAR stays resident, the offloaded blocks between resident ones, so that their copies
     overlap the compute of the blocks before them."""
     return [items[i] for i in sorted(range(len(items)), key=lambda i: (i * _GOLDEN) % 1.0)]
+
+
+#: How far the prefetch window looks, in blocks per copy in flight.
+LOOKAHEAD_PER_COPY = 8
+
+
+def fill_window(order: list, position: int, horizon: int, prefetch: int, load) -> int:
+    """Load the blocks after ``order[position]`` until ``prefetch`` copies are queued ahead
+    of it, looking at most LOOKAHEAD_PER_COPY x prefetch blocks ahead. A block has
+    ``loaded`` (it holds its weights for this forward) and ``queued`` (loaded ahead with a
+    copy in flight, not used yet); ``load(block)`` loads one and returns False when it
+    cannot yet (no free staging buffer), which ends the walk. Blocks before ``horizon``
+    were walked by an earlier call. Returns the new horizon."""
+    index = max(position + 1, horizon)
+    limit = min(len(order), position + 1 + LOOKAHEAD_PER_COPY * prefetch)
+    queued = sum(1 for block in order[position + 1:index] if block.queued)
+    while index < limit and queued < prefetch:
+        ahead = order[index]
+        if not ahead.loaded:
+            if not load(ahead):
+                break
+            queued += ahead.queued
+        index += 1
+    return index

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._manager import Manager
-from ._placement import spread_order
+from ._placement import fill_window, spread_order
 from .sim import SimBackend
 
 __all__ = ["PredictedStep", "predict_offload"]
@@ -146,17 +146,8 @@ class _Run:
                 self.load(block, ahead=False)
                 block.queued = False
                 if self.stream:
-                    index = max(position + 1, horizon)
-                    limit = min(len(order), position + 1 + 8 * prefetch)
-                    queued = sum(1 for b in order[position + 1:index] if b.queued)
-                    while index < limit and queued < prefetch:
-                        ahead = order[index]
-                        if not ahead.loaded:
-                            if not self.load(ahead, ahead=True):
-                                break
-                            queued += ahead.queued
-                        index += 1
-                    horizon = index
+                    horizon = fill_window(order, position, horizon, prefetch,
+                                          lambda ahead: self.load(ahead, ahead=True))
                 self.log.append(f"run{block.index}")
                 done = sim.compute_async(device, block.seconds, block.ready)
                 self.release(block, done)

@@ -25,7 +25,7 @@ import torch
 
 from . import _core
 from ._manager import Manager, get_manager
-from ._placement import spread_order
+from ._placement import fill_window, spread_order
 from .sim import SimBackend, host_view
 
 __all__ = ["as_tensor", "use_allocator", "offload", "OffloadedModule", "ForwardStats", "spread_order"]
@@ -155,6 +155,10 @@ class _Block:
         self.event = None     # copy-stream event to wait for (CUDA prefetch)
         self.slot = None      # the staging buffer holding an offloaded block's weights
         self.queued = False   # loaded ahead with a copy queued, not used yet
+
+    @property
+    def loaded(self) -> bool:
+        return self.storage is not None
 
 
 class _Slot:
@@ -355,18 +359,8 @@ class OffloadedModule(torch.nn.Module):
 
     def _prefetch_after(self, block: _Block) -> None:
         """Load the blocks after `block` until `prefetch` copies are queued ahead of it."""
-        position = self._position[block]
-        index = max(position + 1, self._horizon)
-        limit = min(len(self._order), position + 1 + 8 * self.prefetch)
-        queued = sum(1 for b in self._order[position + 1:index] if b.queued)
-        while index < limit and queued < self.prefetch:
-            ahead = self._order[index]
-            if ahead.storage is None:
-                if not self._load(ahead, self._copy_stream, ahead=True):
-                    break  # no free staging buffer: try again at the next block
-                queued += ahead.queued
-            index += 1
-        self._horizon = index
+        self._horizon = fill_window(self._order, self._position[block], self._horizon, self.prefetch,
+                                    lambda ahead: self._load(ahead, self._copy_stream, ahead=True))
 
     def placement(self) -> list[tuple[str, int, int]]:
         """(module name, offset in the VBAR, bytes) of every block, by offset."""
