@@ -6,13 +6,14 @@ simulator, calibrated with what the H100 runs measured, next to the measured ste
                                         [--page-churn results/page_churn-h100.json]
 
 Calibration, all from the measured result files: each device's memory and the memory
-others used on it (PyTorch's cache and the CUDA context, as the run recorded), the pinned
-host-to-device bandwidth (both GPUs copying at once for the two-GPU run), the driver
-operations' costs (page churn), and the all-resident compute time of a step, shared out
-among the layers by their weights (each layer is a matrix product over the same tokens).
-Nothing measured from aimdo's own runs goes in. The prediction is aimdo.predict: the
-real core's faults, evictions and watermark on the simulator, in OffloadedModule's
-schedule on the simulator's copy and compute engines.
+others used on it (PyTorch's cache, which holds the activations and aimdo.torch's
+staging buffers, and the CUDA context, as recorded at the end of each aimdo run), the
+pinned host-to-device bandwidth (both GPUs copying at once for the two-GPU run), the
+driver operations' costs (page churn), and the all-resident compute time of a step,
+shared out among the layers by their weights (each layer is a matrix product over the
+same tokens). No aimdo step time, residency or byte count goes in. The prediction is
+aimdo.predict: the real core's faults, evictions and watermark on the simulator, in
+OffloadedModule's schedule on the simulator's copy and compute engines.
 """
 
 from __future__ import annotations

@@ -233,6 +233,39 @@ def test_residency_and_prefetch_schedule_of_a_stack_twice_the_budget(
     assert (predicted[2].hits, predicted[2].offloaded_layers) == (len(resident), 8 - len(resident))
 
 
+@pytest.mark.sim_only  # the staging buffers' bookkeeping, on the CPU
+def test_staging_buffers_are_at_most_prefetch_plus_one_and_grow_to_fit(make_manager, monkeypatch):
+    torch.manual_seed(0)
+    width = PAGE // 4 // 256  # a Linear(256, width) without bias is one page
+    model = torch.nn.Sequential(torch.nn.Linear(256, width, bias=False),
+                                torch.nn.Linear(width, 256, bias=False),
+                                torch.nn.Linear(256, 3 * width, bias=False),
+                                torch.nn.Linear(3 * width, 256, bias=False)).eval()
+    manager = new_manager(make_manager, pages=1)  # one page: everything is offloaded
+    offloaded = atorch.offload(model, 0, manager=manager, prefetch=1)
+    taken = []
+    original = atorch.OffloadedModule._take_slot
+
+    def recording(self, nbytes):
+        slot = original(self, nbytes)
+        taken.append((nbytes, None if slot is None else slot.tensor.numel(), len(self._slots)))
+        return slot
+
+    monkeypatch.setattr(atorch.OffloadedModule, "_take_slot", recording)
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        expected = model(x)
+    for _ in range(3):
+        assert torch.equal(offloaded(x), expected)
+    assert offloaded.last_stats.offloaded_layers == 4
+    # The first forward learns the order without staging; the next two stage all four.
+    assert [nbytes for nbytes, _, _ in taken] == [PAGE, PAGE, 3 * PAGE, 3 * PAGE] * 2
+    assert all(size >= nbytes for nbytes, size, _ in taken)
+    assert max(count for _, _, count in taken) == 2
+    # Both buffers grew to the largest block: three pages each.
+    assert taken[-2:] == [(3 * PAGE, 3 * PAGE, 2), (3 * PAGE, 3 * PAGE, 2)]
+
+
 def test_offload_leaves_the_module_untouched(make_manager):
     model = stack(blocks=2)
     before = {name: (t, t.clone()) for name, t in model.state_dict(keep_vars=True).items()}

@@ -2,16 +2,23 @@
 
 ``predict_offload`` runs a model's blocks (their sizes and compute times, no data)
 through aimdo's real core on a ``SimBackend``, in the schedule ``OffloadedModule`` uses
-on CUDA: the same placement (``spread_order`` or in order), the same faults and unpins,
-the same prefetch window (copies queued ahead until ``prefetch`` are in flight, at most
-8 x prefetch blocks ahead), staging buffers reused the same way, and the same stream
-order: copies into mapped pages start at once on the copy engine, a copy into a staging
-buffer waits for the compute that last read it, and each block's compute waits for its
-copy. The first step learns the order and copies on the compute stream, as
-``OffloadedModule``'s first forward does. Calibrate the simulator with measured numbers
-(the device's bandwidth, driver costs, the memory others use) and the blocks' compute
-times; the prediction leaves out the host's own time (Python, kernel launches), which
-overlaps the GPU's as long as the host runs ahead.
+on CUDA:
+- the same placement (``spread_order`` or in order), faults and unpins;
+- the same prefetch window (``fill_window``);
+- staging buffers taken and reused the same way;
+- the same stream order: copies into mapped pages start on the copy engine without
+  waiting for compute, a copy into a staging buffer waits for the compute that last
+  read it, and each block's compute waits for its copy.
+The first step learns the order and copies on the compute stream, as the module's first
+forward does. The blocks are given in the order they run, and placed spread in that
+order; the module spreads its blocks in registration order (or a declared ``order``),
+which is the same for models built as a sequence of layers.
+
+Calibrate the simulator with measured numbers: the device's bandwidth, driver costs, and
+the memory others use on it. On CUDA that includes the staging buffers, which live in
+PyTorch's cache: the prediction does not allocate them. What the prediction leaves out
+is the host's own time (Python, kernel launches), which overlaps the GPU's as long as
+the host runs ahead.
 
     sim = aimdo.SimBackend([{"capacity": "80GB", "bandwidth": 53e9}])
     with aimdo.Manager(sim, [0], vram_limit="24GiB") as manager:
@@ -56,10 +63,12 @@ class _Block:
         self.ready = 0.0     # when its weights are in place (virtual seconds)
         self.slot = None
         self.queued = False
+        self.offloaded = False
 
 
 class _Slot:
-    def __init__(self, free: float):
+    def __init__(self, nbytes: int, free: float):
+        self.nbytes = nbytes
         self.free = free     # when the compute that last read it is done
 
 
@@ -74,27 +83,37 @@ class _Run:
         self.step = PredictedStep(seconds=0.0)
         self.log = []
         self.slots = []
-        self.free_slots = []
+        self.free_slots = []  # oldest released first
+        self.start = 0.0
 
-    def take_slot(self):
+    def slot_obtainable(self) -> bool:
+        return bool(self.free_slots) or len(self.slots) <= self.model.prefetch
+
+    def take_slot(self, nbytes: int):
         if self.free_slots:
-            return self.free_slots.pop()
-        if len(self.slots) > self.model.prefetch:
+            slot = self.free_slots.pop(0)
+            if slot.nbytes >= nbytes:
+                return slot
+            self.slots.remove(slot)  # too small: replaced by a bigger one
+        elif len(self.slots) > self.model.prefetch:
             return None
-        slot = _Slot(self.sim.now(self.device))  # made on the compute stream
+        slot = _Slot(nbytes, self.sim.now(self.device))  # made on the compute stream
         self.slots.append(slot)
         return slot
 
     def load(self, block: _Block, ahead: bool) -> bool:
         if block.loaded:
             return True
+        if ahead and self.stream and block.offloaded and not self.slot_obtainable():
+            return False
         signature = self.model.vbar.fault(block.allocation)
         block.pinned = signature is not None
+        block.offloaded = signature is None
         step = self.step
         slot = None
         if signature is None:
             if self.stream:
-                slot = self.take_slot()
+                slot = self.take_slot(block.nbytes)
                 if slot is None and ahead:
                     return False
                 block.slot = slot
@@ -117,7 +136,7 @@ class _Run:
                 elif signature is None:
                     after = self.sim.now(self.device)  # waits for the compute stream
                 else:
-                    after = 0.0  # pages just mapped: nothing queued reads them
+                    after = self.start  # pages just mapped: nothing queued reads them
             else:
                 after = self.sim.now(self.device)  # in order on the compute stream
             block.ready = self.sim.copy_async(self.device, block.nbytes, after)
@@ -138,7 +157,7 @@ class _Run:
 
     def forward(self) -> PredictedStep:
         sim, device, order = self.sim, self.device, self.model.blocks
-        start = max(sim.now(device), sim.copy_engine_now(device))
+        start = self.start = max(sim.now(device), sim.copy_engine_now(device))
         horizon = 0
         prefetch = self.model.prefetch
         try:

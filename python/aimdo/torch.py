@@ -155,6 +155,7 @@ class _Block:
         self.event = None     # copy-stream event to wait for (CUDA prefetch)
         self.slot = None      # the staging buffer holding an offloaded block's weights
         self.queued = False   # loaded ahead with a copy queued, not used yet
+        self.offloaded = False  # its last fault said offloaded
 
     @property
     def loaded(self) -> bool:
@@ -219,7 +220,8 @@ class OffloadedModule(torch.nn.Module):
     computes, the blocks after it are faulted and their copies queued until k copies are
     in flight ahead of it, looking at most 8k blocks ahead. On CUDA the copies run on a
     copy stream, ordered by events; offloaded weights are staged in k + 1 buffers reused
-    within the forward, each reused only after the compute that read it.
+    within the forward (each as large as the largest block it has staged), each reused only
+    after the compute that read it.
 
     The wrapped module is not changed: this runs a replica of it whose weights are bound
     to those views only while each module runs. Outputs equal the module's own, bit for
@@ -302,9 +304,8 @@ class OffloadedModule(torch.nn.Module):
         self._copy_stream = None
         if self._sim is None and prefetch:
             self._copy_stream = torch.cuda.Stream(device=self._torch_device)
-        self._slot_bytes = max((b.nbytes for b in self._blocks), default=1)
-        self._slots = []          # staging buffers of this forward (CUDA prefetch)
-        self._free_slots = []
+        self._slots = []          # staging buffers of this forward (prefetch)
+        self._free_slots = []     # oldest released first
         self._horizon = 0         # position of the first block not loaded ahead yet
         self.last_stats = ForwardStats()
         self._stats = ForwardStats()
@@ -342,7 +343,7 @@ class OffloadedModule(torch.nn.Module):
         if block not in self._position:
             self._position[block] = len(self._order)
             self._order.append(block)
-        self._load(block, self._copy_stream if not self._learning else None, ahead=False)
+        self._load(block, ahead=False)
         block.queued = False
         if block.event is not None:
             torch.cuda.current_stream(self._torch_device).wait_event(block.event)
@@ -360,7 +361,7 @@ class OffloadedModule(torch.nn.Module):
     def _prefetch_after(self, block: _Block) -> None:
         """Load the blocks after `block` until `prefetch` copies are queued ahead of it."""
         self._horizon = fill_window(self._order, self._position[block], self._horizon, self.prefetch,
-                                    lambda ahead: self._load(ahead, self._copy_stream, ahead=True))
+                                    lambda ahead: self._load(ahead, ahead=True))
 
     def placement(self) -> list[tuple[str, int, int]]:
         """(module name, offset in the VBAR, bytes) of every block, by offset."""
@@ -390,39 +391,54 @@ class OffloadedModule(torch.nn.Module):
         self._release(block)
         return output
 
-    def _take_slot(self):
-        """A free staging buffer, made when fewer than prefetch + 1 exist; None if all
-        are in use."""
+    def _slot_obtainable(self) -> bool:
+        return bool(self._free_slots) or len(self._slots) <= self.prefetch
+
+    def _take_slot(self, nbytes: int):
+        """A staging buffer of at least `nbytes`: the one released first (its compute is
+        the earliest done), grown if too small; a new one while fewer than prefetch + 1
+        exist; None if all are in use."""
         if self._free_slots:
-            return self._free_slots.pop()
-        if len(self._slots) > self.prefetch:
+            slot = self._free_slots.pop(0)
+            if slot.tensor.numel() >= nbytes:
+                return slot
+            self._slots.remove(slot)  # too small: replaced by a bigger one below
+        elif len(self._slots) > self.prefetch:
             return None
         # Made on the compute stream: the event covers the allocator's reuse of memory
         # that compute work queued before this point may still use.
-        tensor = torch.empty(self._slot_bytes, dtype=torch.uint8, device=self._torch_device)
-        made = torch.cuda.Event()
-        made.record(torch.cuda.current_stream(self._torch_device))
+        tensor = torch.empty(nbytes, dtype=torch.uint8, device=self._torch_device)
+        made = None
+        if self._sim is None:
+            made = torch.cuda.Event()
+            made.record(torch.cuda.current_stream(self._torch_device))
         slot = _Slot(tensor, made)
         self._slots.append(slot)
         return slot
 
-    def _load(self, block: _Block, stream, ahead: bool) -> bool:
-        """Fault the block and make its weights current in block.storage (copying on
-        `stream` when given, CUDA only). Idempotent within a forward. Returns False, with
-        nothing changed, when `ahead` and an offloaded block finds no free staging buffer.
-        If anything fails, the block is let go (unpinned) and its signature forgotten, so
-        that the next forward copies again instead of trusting pages that were never
-        written."""
+    def _load(self, block: _Block, ahead: bool) -> bool:
+        """Fault the block and make its weights current in block.storage. Once the order
+        is known (prefetch > 0), offloaded weights go to staging buffers and, on CUDA,
+        copies run on the copy stream. Idempotent within a forward. Returns False, with
+        nothing changed, when `ahead` and an offloaded block finds no free staging buffer
+        (a block offloaded at its last fault is not even faulted then). If anything
+        fails, the block is let go (unpinned) and its signature forgotten, so that the
+        next forward copies again instead of trusting pages that were never written."""
         if block.storage is not None:
             return True
+        staging = self.prefetch > 0 and not self._learning
+        stream = self._copy_stream if staging else None
+        if ahead and staging and block.offloaded and not self._slot_obtainable():
+            return False
         signature = self.vbar.fault(block.allocation)
         block.pinned = signature is not None
+        block.offloaded = signature is None
         stats = self._stats
         try:
             slot = None
             if signature is None:
-                if stream is not None:
-                    slot = self._take_slot()
+                if staging:
+                    slot = self._take_slot(block.nbytes)
                     if slot is None and ahead:
                         return False
                     block.slot = slot
@@ -466,6 +482,10 @@ class OffloadedModule(torch.nn.Module):
             return True
         except BaseException:
             block.signature = None
+            if stream is not None:
+                # Part of the copy may be queued with no event yet: let it finish before
+                # its buffer can be reused.
+                stream.synchronize()
             self._release(block)
             raise
 
@@ -491,8 +511,9 @@ class OffloadedModule(torch.nn.Module):
         block.queued = False
         slot, block.slot = block.slot, None
         if slot is not None:
-            slot.free = torch.cuda.Event()
-            slot.free.record(torch.cuda.current_stream(self._torch_device))
+            if self._sim is None:
+                slot.free = torch.cuda.Event()
+                slot.free.record(torch.cuda.current_stream(self._torch_device))
             self._free_slots.append(slot)
         pinned, block.pinned, block.storage = block.pinned, False, None
         if pinned:
