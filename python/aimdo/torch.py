@@ -171,7 +171,6 @@ class _Slot:
         self.free = free
 
 
-
 _host_stores: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 _host_lock = threading.Lock()
 
