@@ -233,6 +233,25 @@ def test_residency_and_prefetch_schedule_of_a_stack_twice_the_budget(
     assert (predicted[2].hits, predicted[2].offloaded_layers) == (len(resident), 8 - len(resident))
 
 
+@pytest.mark.sim_only  # the staging buffers are other usage on CUDA and move the budget
+def test_prefetch_does_not_pin_resident_blocks_ahead_of_their_turn(make_manager):
+    log = []
+    model = one_page_layers(8, log)
+    manager = new_manager(make_manager, pages=4)
+    offloaded = atorch.offload(model, 0, manager=manager, prefetch=1)  # resident: 0 2 5 7
+    pinned_at_run = {}
+    for index, layer in enumerate(offloaded._replica):
+        layer.register_forward_pre_hook(
+            lambda m, args, i=index: pinned_at_run.__setitem__(i, pinned_pages(offloaded)))
+    x = torch.randn(1, PAGE // 4 // 1024)
+    offloaded(x)  # learns the order
+    offloaded(x)  # finds 0 2 5 7 resident
+    offloaded(x)
+    # Block 1 runs while block 3 is copied ahead; block 2, resident, between them, is left
+    # unpinned until its turn. A block's own page is pinned while it runs.
+    assert pinned_at_run == {0: 1, 1: 0, 2: 1, 3: 0, 4: 0, 5: 1, 6: 0, 7: 1}
+
+
 @pytest.mark.sim_only  # the staging buffers' bookkeeping, on the CPU
 def test_staging_buffers_are_at_most_prefetch_plus_one_and_grow_to_fit(make_manager, monkeypatch):
     torch.manual_seed(0)

@@ -64,6 +64,7 @@ class _Block:
         self.slot = None
         self.queued = False
         self.offloaded = False
+        self.resident = False
 
 
 class _Slot:
@@ -109,6 +110,7 @@ class _Run:
         signature = self.model.vbar.fault(block.allocation)
         block.pinned = signature is not None
         block.offloaded = signature is None
+        block.resident = False
         step = self.step
         slot = None
         if signature is None:
@@ -126,6 +128,7 @@ class _Run:
             else:
                 step.hits += 1
         block.loaded = True
+        block.resident = not copy_in
         block.ready = 0.0
         if copy_in:
             step.bytes_copied += block.nbytes

@@ -156,6 +156,7 @@ class _Block:
         self.slot = None      # the staging buffer holding an offloaded block's weights
         self.queued = False   # loaded ahead with a copy queued, not used yet
         self.offloaded = False  # its last fault said offloaded
+        self.resident = False   # its last fault found its weights in place
 
     @property
     def loaded(self) -> bool:
@@ -217,7 +218,8 @@ class OffloadedModule(torch.nn.Module):
     Prefetch (``prefetch=k``, k > 0): from the second forward on (the first learns the
     order the blocks run in; a declared ``order`` is used from the first), while a block
     computes, the blocks after it are faulted and their copies queued until k copies are
-    in flight ahead of it, looking at most 8k blocks ahead. On CUDA the copies run on a
+    in flight ahead of it, looking at most 8k blocks ahead (blocks found resident at
+    their last fault are left to their turn). On CUDA the copies run on a
     copy stream, ordered by events; offloaded weights are staged in k + 1 buffers reused
     within the forward (each as large as the largest block it has staged), each reused only
     after the compute that read it.
@@ -432,6 +434,7 @@ class OffloadedModule(torch.nn.Module):
         signature = self.vbar.fault(block.allocation)
         block.pinned = signature is not None
         block.offloaded = signature is None
+        block.resident = False  # until it is known to be
         stats = self._stats
         try:
             slot = None
@@ -459,6 +462,7 @@ class OffloadedModule(torch.nn.Module):
                 else:
                     stats.hits += 1
             stats.layers += 1
+            block.resident = not copy_in
             block.storage = storage
             if copy_in:
                 stats.bytes_copied += block.nbytes
