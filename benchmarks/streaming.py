@@ -94,11 +94,16 @@ def time_steps(run, x, steps: int, device) -> tuple[list[float], torch.Tensor]:
     return times, out
 
 
-def pinned_bandwidth(device, nbytes: int = 1 << 30) -> float:
+def pinned_bandwidth(device, nbytes: int = 1 << 30, ready=None) -> float:
+    """Pinned host-to-device bytes per second over five copies of `nbytes`. `ready` (a
+    threading.Barrier) starts the timing only once every copier has its buffers: pinning
+    host memory in one thread would otherwise slow the copies timed in another."""
     host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
     dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dev.copy_(host, non_blocking=True)
     sync(device)
+    if ready is not None:
+        ready.wait()
     start = time.perf_counter()
     for _ in range(5):
         dev.copy_(host, non_blocking=True)

@@ -39,16 +39,23 @@ def available(manager, device: int) -> int:
 
 def concurrent_bandwidth(devices, nbytes: int = 1 << 30) -> float:
     """The lower of the devices' pinned host-to-device bandwidths while all copy at once."""
-    results = {}
+    results, errors = {}, []
+    ready = threading.Barrier(len(devices))
 
     def copy(device):
-        results[device] = pinned_bandwidth(device, nbytes)
+        try:
+            results[device] = pinned_bandwidth(device, nbytes, ready)
+        except BaseException as error:  # re-raised below; the others must not wait for it
+            errors.append(error)
+            ready.abort()
 
     threads = [threading.Thread(target=copy, args=(d,)) for d in devices]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    if errors:
+        raise errors[0]
     return min(results.values())
 
 
