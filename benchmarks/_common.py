@@ -36,6 +36,17 @@ def environment() -> dict:
     }
 
 
+def median(values) -> float:
+    """The middle value (the upper one of an even count), as every benchmark reports it."""
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def steady_median(step_seconds: list) -> float:
+    """The median step after the first (which maps, learns the order or warms up)."""
+    return median(step_seconds[1:] or step_seconds)
+
+
 def build_native(target: str) -> Path:
     """Configure and build a native benchmark program; returns its path."""
     build = ROOT / "build" / "benchmarks"

@@ -22,7 +22,7 @@ import time
 
 import aimdo
 
-from ._common import environment, write
+from ._common import environment, median, write
 
 
 class _DeviceView:
@@ -207,10 +207,10 @@ def main() -> int:
         summary[d] = {
             "steps": len(s),
             "all_identical": all(x["identical"] for x in s),
-            "median_step_seconds": sorted(x["seconds"] for x in s)[len(s) // 2] if s else None,
+            "median_step_seconds": median(x["seconds"] for x in s) if s else None,
             "steps_with_eviction": sum(1 for x in s if x["evicted_bytes"] > 0),
-            "copied_layers_median": sorted(x["copied_layers"] for x in s)[len(s) // 2] if s else None,
-            "offloaded_layers_median": sorted(x["offloaded_layers"] for x in s)[len(s) // 2] if s else None,
+            "copied_layers_median": median(x["copied_layers"] for x in s) if s else None,
+            "offloaded_layers_median": median(x["offloaded_layers"] for x in s) if s else None,
             "max_resident_bytes": max((x["resident_bytes"] for x in s), default=0),
             "aimdo_usage_bytes_after_close": aimdo_after[d]["usage_bytes"],
             "aimdo_pages_mapped": aimdo_after[d]["pages_mapped"],

@@ -24,7 +24,7 @@ import json
 import aimdo
 from aimdo.predict import predict_offload
 
-from ._common import RESULTS, environment, write
+from ._common import RESULTS, environment, median, write
 
 
 def layer_bytes(blocks: int, hidden: int, element: int = 2) -> list[int]:
@@ -96,7 +96,6 @@ def main() -> int:
     a = two_gpu["args"]
     sizes = layer_bytes(a["blocks"], a["hidden"])
     repeats = two_gpu["repeats"]
-    median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
     gpu = {d: repeats[-1]["per_gpu"][d] for d in ("0", "1")}
     prediction = predict(sizes, two_gpu["compute_seconds"]["batch 2"], capacity=gpu["0"]["total_bytes"],
                          others=gpu["0"]["others_bytes"], bandwidth=two_gpu["pinned_h2d_bytes_per_s"],

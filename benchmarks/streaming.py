@@ -25,7 +25,7 @@ import torch
 import aimdo
 import aimdo.torch as atorch
 
-from ._common import environment, write
+from ._common import environment, steady_median, write
 
 
 class Block(torch.nn.Module):
@@ -174,7 +174,7 @@ def main() -> int:
             times, out = time_steps(offloaded, x, args.steps, device)
             stats = offloaded.last_stats
             floor = max(compute, stats.bytes_copied / bandwidth)
-            step = sorted(times[1:] or times)[len(times[1:] or times) // 2]
+            step = steady_median(times)
             identical = torch.equal(out.float().cpu(), reference)
             free, total = manager.memory_info(0)
             result["runs"][name] = {

@@ -26,7 +26,7 @@ import torch
 import aimdo
 import aimdo.torch as atorch
 
-from ._common import environment, write
+from ._common import environment, steady_median, write
 from .streaming import build, dispatch_with_accelerate, pinned_bandwidth, sync, to_host
 
 
@@ -138,9 +138,8 @@ def main() -> int:
                 t.start()
             for t in threads:
                 t.join()
-            median = lambda v: sorted(v[1:] or v)[len(v[1:] or v) // 2]  # noqa: E731
-            step1 = median(times1)
-            step2 = max(median(times2[0]), median(times2[1]))
+            step1 = steady_median(times1)
+            step2 = max(steady_median(times2[0]), steady_median(times2[1]))
             # Evictions during the two-GPU run (in repeat 1 that includes GPU 1's first
             # forward, which maps its weights): none means no device evicted for the other.
             evicted = {d: manager.stats(d)["evicted_bytes"] - evicted[d] for d in (0, 1)}
@@ -164,8 +163,8 @@ def main() -> int:
                                 "others_bytes": manager.budget_bytes(d) - available(manager, d),
                                 "total_bytes": manager.memory_info(d)[1],
                                 "evicted_bytes_during_two_gpu_run": evicted[d],
-                                "step_seconds": median(times2[d]),
-                                "floor_efficiency": floors2[d] / median(times2[d]),
+                                "step_seconds": steady_median(times2[d]),
+                                "floor_efficiency": floors2[d] / steady_median(times2[d]),
                                 "regime": "copy-bound" if copied2[d] / together > compute_b1 else "compute-bound",
                                 "bytes_copied_per_step": copied2[d]} for d in (0, 1)},
                 "identical_to_first_repeat": identical,
@@ -196,7 +195,7 @@ def main() -> int:
             out = second(first(both.to(devices[0])).to(devices[1]))
             sync(devices[1])
             times.append(time.perf_counter() - start)
-        split_step = sorted(times[1:] or times)[len(times[1:] or times) // 2]
+        split_step = steady_median(times)
         copied = first.last_stats.bytes_copied + second.last_stats.bytes_copied
         result["aimdo_layer_split"] = {
             "step_seconds": times, "median_step_seconds": split_step, "bytes_copied_per_step": copied,
