@@ -142,12 +142,17 @@ def test_faults_on_one_device_complete_while_another_is_held_inside_an_eviction(
     with aimdo.Manager(sim, [0, 1], vram_limit=4 * PAGE, headroom=0, page_size=PAGE,
                        poll_interval=1e9) as manager:
         zero = manager.create_vbar(8 * PAGE, device=0)
-        one = manager.create_vbar(8 * PAGE, device=1)
         zero_pages = [zero.alloc(PAGE) for _ in range(8)]
-        one_pages = [one.alloc(PAGE) for _ in range(8)]
         for allocation in zero_pages[:4]:
             zero.fault(allocation)
             zero.unpin(allocation)
+        # Device 1: a full budget of a lower-priority VBAR, which a newer one evicts.
+        older = manager.create_vbar(8 * PAGE, device=1)
+        for allocation in [older.alloc(PAGE) for _ in range(4)]:
+            older.fault(allocation)
+            older.unpin(allocation)
+        one = manager.create_vbar(8 * PAGE, device=1)
+        one_pages = [one.alloc(PAGE) for _ in range(8)]
         with sim.hold("cuCtxSynchronize", device=0) as held:
             evicting = threading.Thread(target=lambda: zero.free_memory(2 * PAGE), daemon=True)
             evicting.start()
@@ -155,19 +160,19 @@ def test_faults_on_one_device_complete_while_another_is_held_inside_an_eviction(
             done = []
 
             def drive_device_one():
-                for allocation in one_pages:  # needs eviction on device 1 from page 5 on
+                for allocation in one_pages:  # each of the first 4 evicts a page of `older`
                     if one.fault(allocation) is not None:
                         one.unpin(allocation)
-                done.append(manager.resident_bytes(1))
+                done.append((manager.resident_bytes(1), manager.stats(1)["evicted_bytes"]))
 
             failures = run_threads([drive_device_one], timeout=60)
             assert failures == []
-            assert done == [3 * PAGE]
+            assert done == [(4 * PAGE, 4 * PAGE)]
             assert evicting.is_alive()  # device 0 is still held
         evicting.join(60)
         assert not evicting.is_alive()
         assert residency(zero) == "RR......"
-        assert residency(one) == "RRR....."
+        assert (residency(older), residency(one)) == ("........", "RRRR....")
 
 
 @pytest.mark.sim_only
@@ -232,4 +237,4 @@ def test_two_python_threads_drive_two_devices_at_once(make_manager):
                     vbar.unpin(allocation)
 
     assert run_threads([lambda v=v: drive(v) for v in vbars]) == []
-    assert [residency(v) for v in vbars] == ["RRRRRRR........."] * 2
+    assert [residency(v) for v in vbars] == ["RRRRRRRR........"] * 2

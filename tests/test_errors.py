@@ -643,23 +643,36 @@ def test_injected_out_of_memory_once_is_retried_and_the_fault_succeeds(make_mana
 
 
 @pytest.mark.sim_only
-def test_injected_out_of_memory_with_nothing_to_evict_offloads_the_faulting_vbar(make_manager):
-    """The walk for "one page more" finds nothing resident: it lowers the lone VBAR's
-    watermark to its floor (0), below the allocation, so the fault answers offloaded, as
-    any eviction that lowers a VBAR's own watermark past the allocation does. Nothing is
-    mapped, and prioritize() makes the VBAR loadable again."""
+def test_injected_out_of_memory_with_nothing_to_evict_retries_once_and_maps(make_manager):
+    """The walk for "one page more" may take only pages of lower priority than the
+    fault's own (DESIGN §3.2): a lone VBAR with nothing above the allocation gives
+    nothing, and its watermark stays. The one retry then succeeds."""
     manager = make_manager(pages=8)
     vbar = manager.create_vbar(4 * PAGE, device=0)
     weight = vbar.alloc(PAGE)
     manager.sim.fail("cuMemCreate", device=0, error="out_of_memory", count=1)
-    assert vbar.fault(weight) is None
-    assert vbar.watermark_bytes == 0
-    assert residency(vbar) == "...."
-    assert manager.stats(0)["oom_retries"] == 1
-    assert manager.sim.physical_bytes(0) == 0
-    vbar.prioritize()
     assert vbar.fault(weight) is not None
     assert residency(vbar) == "P..."
+    assert vbar.watermark_bytes == 4 * PAGE
+    assert manager.stats(0)["oom_retries"] == 1
+    assert manager.stats(0)["evicted_bytes"] == 0
+    assert manager.sim.physical_bytes(0) == PAGE
+    vbar.unpin(weight)
+
+
+@pytest.mark.sim_only
+def test_injected_out_of_memory_twice_with_nothing_to_evict_raises_and_changes_nothing(
+        make_manager):
+    manager = make_manager(pages=8)
+    vbar = manager.create_vbar(4 * PAGE, device=0)
+    weight = vbar.alloc(PAGE)
+    before = state(manager, vbar)
+    manager.sim.fail("cuMemCreate", device=0, error="out_of_memory", count=2)
+    with pytest.raises(aimdo.OutOfMemoryError) as raised:
+        vbar.fault(weight)
+    assert raised.value.injected is True
+    assert state(manager, vbar) == before
+    assert residency(vbar) == "...."
 
 
 @pytest.mark.sim_only

@@ -55,10 +55,13 @@ def test_each_device_has_its_own_budget(make_manager):
     one = manager.create_vbar(8 * PAGE, device=1)
     fill(zero, 8)
     fill(one, 8)
-    assert residency(zero) == "R......."  # 2 pages of budget, see the lone-VBAR rule
-    assert residency(one) == "RRRRR..."
-    assert manager.deficit_bytes(0, 0) == -1 * PAGE
-    assert manager.deficit_bytes(1, 0) == -1 * PAGE
+    # Each lone VBAR fills its own device's budget exactly, whatever the other holds.
+    assert residency(zero) == "RR......"
+    assert residency(one) == "RRRRRR.."
+    assert manager.deficit_bytes(0, 0) == 0
+    assert manager.deficit_bytes(1, 0) == 0
+    assert manager.resident_bytes(0) == 2 * PAGE
+    assert manager.resident_bytes(1) == 6 * PAGE
 
 
 @pytest.mark.sim_only
@@ -115,8 +118,10 @@ def test_two_threads_on_two_devices_end_in_the_same_state(make_manager):
     for thread in threads:
         thread.join()
     assert failures == []
-    # Each pass: pages 0..3 resident, page 4 evicts page 3 and is offloaded, and so on.
+    # Each pass: pages 0..3 resident (the budget), pages 4..7 offloaded without evicting.
     for device in (0, 1):
-        assert residency(vbars[device]) == "RRR.....", device
-        assert manager.resident_bytes(device) == 3 * PAGE
+        assert residency(vbars[device]) == "RRRR....", device
+        assert manager.resident_bytes(device) == 4 * PAGE
+        assert manager.stats(device)["evicted_bytes"] == 0, device
+    assert offloaded[0] == 200 * 4
     assert offloaded[0] == offloaded[1]

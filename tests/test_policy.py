@@ -129,19 +129,224 @@ def test_a_lone_vbar_larger_than_the_budget_keeps_its_lowest_pages(make_manager)
     assert vbar.page_count == 12  # never clamped to the budget
     pages = paged(vbar, 12)
     load(vbar, pages[:8])
-    # Page 8 needs room: the VBAR evicts from its own top (pages 11..8 are absent, page
-    # 7 is released) and its watermark falls to 7, below page 8: offloaded.
+    # Page 8 needs room, and only pages of lower priority than its own may give it: the
+    # VBAR's pages above it, all absent. Nothing is evicted; the watermark falls to page 8.
     assert vbar.fault(pages[8]) is None
-    assert residency(vbar) == "RRRRRRR....."
-    assert watermark_pages(vbar) == 7
-    # Steady state: the resident prefix keeps hitting, the rest is offloaded.
+    assert residency(vbar) == "RRRRRRRR...."
+    assert watermark_pages(vbar) == 8
+    assert manager.stats(0)["evicted_bytes"] == 0
+    # Steady state: the whole budget keeps hitting, the rest is offloaded.
     hits_before = manager.stats(0)["hits"]
-    for allocation in pages[:7]:
+    for allocation in pages[:8]:
         fault_unpin(vbar, allocation)
-    for allocation in pages[7:]:
+    for allocation in pages[8:]:
         assert vbar.fault(allocation) is None
-    assert manager.stats(0)["hits"] == hits_before + 7
-    assert residency(vbar) == "RRRRRRR....."
+    assert manager.stats(0)["hits"] == hits_before + 8
+    assert residency(vbar) == "RRRRRRRR...."
+    assert manager.resident_bytes(0) == 8 * PAGE
+
+
+# --- rule 2: a fault evicts only what is less important than its own pages ---------------
+
+
+def test_a_full_budget_stays_full_pass_after_pass(make_manager):
+    """8 one-page allocations, a budget of 4, three passes in order: the 5th fault finds
+    nothing of lower priority than itself and is offloaded without evicting anything, so
+    4 pages stay resident and 4 allocations hit every pass."""
+    manager = make_manager(pages=4)
+    vbar = manager.create_vbar(8 * PAGE, device=0)
+    pages = paged(vbar, 8)
+    for pass_ in range(3):
+        hits, offloaded = manager.stats(0)["hits"], manager.stats(0)["offloaded"]
+        answers = []
+        for allocation in pages:
+            signature = vbar.fault(allocation)
+            answers.append(signature is not None)
+            if signature is not None:
+                vbar.unpin(allocation)
+        assert answers == [True] * 4 + [False] * 4, pass_
+        assert residency(vbar) == "RRRR....", pass_
+        assert manager.stats(0)["hits"] - hits == (0 if pass_ == 0 else 4)
+        assert manager.stats(0)["offloaded"] - offloaded == 4
+    assert watermark_pages(vbar) == 4
+    assert manager.resident_bytes(0) == 4 * PAGE
+    assert manager.stats(0)["evicted_bytes"] == 0
+    assert manager.stats(0)["pages_mapped"] == 4
+
+
+def test_multi_page_layers_fill_the_budget_and_leave_no_dead_page(make_manager):
+    """3-page layers, a budget of 10 pages: 3 layers (9 pages) stay resident; the 4th
+    layer maps none of its pages, since all 3 cannot fit."""
+    manager = make_manager(pages=10)
+    vbar = manager.create_vbar(18 * PAGE, device=0)
+    layers = [vbar.alloc(3 * PAGE) for _ in range(6)]
+    for _ in range(3):
+        answers = []
+        for layer in layers:
+            signature = vbar.fault(layer)
+            answers.append(signature is not None)
+            if signature is not None:
+                vbar.unpin(layer)
+        assert answers == [True] * 3 + [False] * 3
+        assert residency(vbar) == "R" * 9 + "." * 9
+    assert watermark_pages(vbar) == 9
+    assert manager.resident_bytes(0) == 9 * PAGE
+    assert manager.stats(0)["evicted_bytes"] == 0
+    assert manager.stats(0)["hits"] == 6
+
+
+def test_a_first_page_shared_with_a_more_important_allocation_is_kept(make_manager):
+    """Allocations of 1.5 pages: the second shares page 1 with the first. With a budget of
+    2 pages the second cannot have page 2; offloading it lowers the watermark to page 2,
+    not 1, so the first allocation keeps its page 1 and still hits."""
+    manager = make_manager(pages=2)
+    vbar = manager.create_vbar(8 * PAGE, device=0)
+    first, second = vbar.alloc(3 * PAGE // 2), vbar.alloc(3 * PAGE // 2)
+    signature = fault_unpin(vbar, first)
+    assert vbar.fault(second) is None
+    assert residency(vbar) == "RR......"
+    assert watermark_pages(vbar) == 2
+    assert fault_unpin(vbar, first) == signature
+    assert manager.stats(0)["evicted_bytes"] == 0
+
+
+def test_a_fault_takes_its_own_vbars_pages_above_the_allocation(make_manager):
+    """Pages above the allocation's end are of lower priority than it: a fault low in the
+    VBAR evicts them, from the top down, and the watermark follows."""
+    manager = make_manager(pages=4)
+    vbar = manager.create_vbar(8 * PAGE, device=0)
+    pages = paged(vbar, 8)
+    load(vbar, pages[4:])
+    assert residency(vbar) == "....RRRR"
+    load(vbar, pages[:2])
+    assert residency(vbar) == "RR..RR.."
+    assert watermark_pages(vbar) == 6
+    assert manager.stats(0)["evicted_bytes"] == 2 * PAGE
+
+
+def test_a_lower_priority_vbar_cannot_evict_a_higher_one(make_manager):
+    manager = make_manager(pages=8)
+    older = manager.create_vbar(8 * PAGE, device=0)
+    newer = manager.create_vbar(8 * PAGE, device=0)  # the top of the priority list
+    old_pages, new_pages = paged(older, 8), paged(newer, 8)
+    load(older, old_pages[:4])
+    load(newer, new_pages[:4])
+    # The budget is full. `older`'s next page may take only `older`'s pages above it
+    # (none resident): offloaded, and `newer` keeps all of its pages.
+    assert older.fault(old_pages[4]) is None
+    assert (residency(older), residency(newer)) == ("RRRR....", "RRRR....")
+    assert watermark_pages(older) == 4
+    assert manager.stats(0)["evicted_bytes"] == 0
+    # `newer`'s next pages evict `older`'s, lowest priority first: its top pages.
+    load(newer, new_pages[4:6])
+    assert (residency(older), residency(newer)) == ("RR......", "RRRRRR..")
+    assert manager.stats(0)["evicted_bytes"] == 2 * PAGE
+
+
+def test_a_deprioritized_vbar_faulting_under_a_full_budget_evicts_nothing_of_another(
+        make_manager):
+    manager = make_manager(pages=8)
+    important = manager.create_vbar(8 * PAGE, device=0)
+    load(important, paged(important, 8))
+    background = manager.create_vbar(8 * PAGE, device=0)
+    background.deprioritize()
+    weights = paged(background, 4)
+    for weight in weights:
+        assert background.fault(weight) is None
+    assert (residency(important), residency(background)) == ("RRRRRRRR", "........")
+    assert watermark_pages(important) == 8
+    assert watermark_pages(background) == 0
+    assert manager.stats(0)["evicted_bytes"] == 0
+    assert manager.resident_bytes(0) == 8 * PAGE
+
+
+def test_pinned_pages_of_a_lower_vbar_cannot_make_room(make_manager):
+    """The room a fault may take is counted before anything is evicted: one unpinned page
+    below it cannot hold two missing pages, so nothing is evicted and it is offloaded."""
+    manager = make_manager(pages=8)
+    lower = manager.create_vbar(8 * PAGE, device=0)
+    lower_pages = paged(lower, 8)
+    for allocation in lower_pages[:7]:
+        assert lower.fault(allocation) is not None  # stays pinned
+    fault_unpin(lower, lower_pages[7])
+    upper = manager.create_vbar(8 * PAGE, device=0)
+    two = upper.alloc(2 * PAGE)
+    assert upper.fault(two) is None
+    assert (residency(lower), residency(upper)) == ("PPPPPPPR", "........")
+    assert (watermark_pages(lower), watermark_pages(upper)) == (8, 0)
+    upper.prioritize()  # the watermark back up: page 2 may be faulted again
+    one = upper.alloc(PAGE)  # page 2: one page fits in what `lower` may give
+    fault_unpin(upper, one)
+    assert (residency(lower), residency(upper)) == ("PPPPPPP.", "..R.....")
+    for allocation in lower_pages[:7]:
+        lower.unpin(allocation)
+
+
+def test_an_allocation_under_its_own_floor_with_no_room_raises_and_changes_nothing(make_manager):
+    manager = make_manager(pages=4)
+    important = manager.create_vbar(8 * PAGE, device=0)
+    load(important, paged(important, 4))
+    floored = manager.create_vbar(8 * PAGE, device=0)
+    floored.deprioritize()
+    floored.floor_bytes = 2 * PAGE
+    weight = floored.alloc(PAGE)
+    with pytest.raises(aimdo.OutOfMemoryError, match="floor"):
+        floored.fault(weight)
+    assert (residency(important), residency(floored)) == ("RRRR....", "........")
+    assert (watermark_pages(important), watermark_pages(floored)) == (8, 8)
+    assert manager.resident_bytes(0) == 4 * PAGE
+
+
+def test_outside_pressure_still_evicts_lowest_priority_first_from_any_vbar(make_manager):
+    """Eviction for a deficit (rule 3) is not the fault's rule: it takes the lower VBAR's
+    pages first and then the higher one's."""
+    manager = make_manager(pages=8)
+    lower = manager.create_vbar(8 * PAGE, device=0)
+    upper = manager.create_vbar(8 * PAGE, device=0)
+    load(lower, paged(lower, 2))
+    load(upper, paged(upper, 6))
+    assert manager.reclaim(0, 4 * PAGE) == 4 * PAGE
+    assert (residency(lower), residency(upper)) == ("........", "RRRR....")
+    assert (watermark_pages(lower), watermark_pages(upper)) == (0, 4)
+
+
+@pytest.mark.sim_only
+def test_external_usage_evicts_a_higher_vbar_at_the_next_fault(make_manager):
+    manager = make_manager(pages=8, poll_interval=0)
+    lower = manager.create_vbar(8 * PAGE, device=0)
+    upper = manager.create_vbar(8 * PAGE, device=0)
+    lower_pages = paged(lower, 8)
+    load(lower, lower_pages[:2])
+    load(upper, paged(upper, 6))
+    manager.sim.add_external_usage(0, 3 * PAGE)
+    # The standing deficit of 3 pages is evicted first, by rule 3 (lower's 2, then one of
+    # upper's); then lower's own fault finds no room it may take: offloaded.
+    assert lower.fault(lower_pages[0]) is None
+    assert (residency(lower), residency(upper)) == ("........", "RRRRR...")
+    assert manager.usage_bytes(0) == 5 * PAGE
+    manager.sim.remove_external_usage(0, 3 * PAGE)
+
+
+@pytest.mark.sim_only
+def test_the_readme_scale_keeps_forty_of_sixty_four_layers(make_manager):
+    """The README's example: 64 layers of 600 MiB, a 24 GiB limit, 32 MiB pages and the
+    default 256 MiB headroom: a budget of 760 pages holds 40 layers (750 pages), and the
+    41st layer maps nothing."""
+    MiB, GiB = 1 << 20, 1 << 30
+    sim = aimdo.SimBackend([80 * GiB])
+    with aimdo.Manager(sim, [0], vram_limit=24 * GiB, poll_interval=0) as manager:
+        vbar = manager.create_vbar(64 * 600 * MiB, device=0)
+        layers = [vbar.alloc(600 * MiB) for _ in range(64)]
+        for _ in range(3):
+            resident = []
+            for index, layer in enumerate(layers):
+                if vbar.fault(layer) is not None:
+                    resident.append(index)
+                    vbar.unpin(layer)
+            assert resident == list(range(40))
+        assert manager.resident_bytes(0) == vbar.loaded_bytes == 24000 * MiB
+        assert manager.stats(0)["evicted_bytes"] == 0
+        assert manager.stats(0)["hits"] == 80
 
 
 def test_signature_is_equal_exactly_while_the_pages_stay_mapped(make_manager):
@@ -277,11 +482,12 @@ def test_the_floor_stops_eviction_and_reset_floors_lifts_it(make_manager):
     older.floor_bytes = 6 * PAGE
     assert older.floor_bytes == 6 * PAGE
     four = newer.alloc(4 * PAGE)
-    # `older` gives 2 pages down to its floor; the walk then lowers `newer` itself, whose
-    # pages are all absent, so the allocation ends above its watermark: offloaded.
+    # `older` could give only 2 pages (down to its floor) of the 4 needed: nothing of it
+    # is evicted, and `newer` lowers its own watermark to the allocation: offloaded.
     assert newer.fault(four) is None
-    assert (residency(older), watermark_pages(older)) == ("RRRRRR..", 6)
+    assert (residency(older), watermark_pages(older)) == ("RRRRRRRR", 8)
     assert (residency(newer), watermark_pages(newer)) == ("........", 0)
+    assert manager.stats(0)["evicted_bytes"] == 0
     manager.reset_floors(0)
     assert older.floor_bytes == 0
     newer.prioritize()

@@ -26,10 +26,10 @@ def page_copy_manager(make_manager, copy_ms: float, pages: int = 2):
     (1, True, 4.0, 2, "copy1 run0 copy3 run1 run2 run3"),
     # 2 ms a copy: copy1 0-2, run0 0-1, copy3 2-4, run1 2-3, run2 3-4, run3 4-5.
     (2, True, 5.0, 2, "copy1 run0 copy3 run1 run2 run3"),
-    # In order, only block 0 stays (block 2's first fault evicted block 1's page and the
-    # watermark with it). copy1 0-2, run0 0-1, copy2 2-4, run1 2-3, copy3 into block 1's
-    # buffer, free at 3: 4-6, run2 4-5, run3 6-7.
-    (2, False, 7.0, 1, "copy1 run0 copy2 run1 copy3 run2 run3"),
+    # In order, blocks 0 and 1 fill the budget (block 2's first fault evicts nothing of
+    # higher priority, so it is offloaded). copy2 0-2, run0 0-1, run1 1-2, copy3 2-4,
+    # run2 2-3, run3 4-5.
+    (2, False, 5.0, 2, "copy2 run0 run1 copy3 run2 run3"),
 ])
 def test_predicted_steps_are_the_stream_schedule_worked_by_hand(
         make_manager, copy_ms, spread, step_ms, hits, schedule):
@@ -49,16 +49,17 @@ def test_predicted_steps_are_the_stream_schedule_worked_by_hand(
 
 
 def test_a_staging_buffer_is_reused_only_after_the_compute_that_read_it(make_manager):
-    # A budget of one page: block 1's first fault evicts block 0's page and the watermark
-    # with it, so all four blocks are offloaded. prefetch 1 makes two buffers, A and B.
-    manager = page_copy_manager(make_manager, copy_ms=1, pages=1)
+    # A budget of one page: block 0 stays resident, blocks 1-3 are offloaded. prefetch 1
+    # makes two buffers, A and B; a copy takes 2 ms.
+    manager = page_copy_manager(make_manager, copy_ms=2, pages=1)
     steps = predict_offload(manager, 0, [PAGE] * 4, [1 * MS, 10 * MS, 1 * MS, 1 * MS], steps=2,
                             prefetch=1, spread=False)
-    # copy0 to A 0-1, copy1 to B 1-2, run0 1-2 (A free at 2), copy2 to A 2-3, run1 2-12
-    # (B free at 12), copy3 to B waits for 12: 12-13, run2 12-13, run3 13-14.
-    assert " ".join(steps[1].schedule) == "copy0 copy1 run0 copy2 run1 copy3 run2 run3"
-    assert steps[1].seconds == pytest.approx(14 * MS, abs=1e-9)
-    assert steps[1].offloaded_layers == 4
+    # copy1 to A 0-2, run0 0-1, copy2 to B 2-4, run1 2-12 (A free at 12), copy3 to A waits
+    # for 12: 12-14, run2 12-13, run3 14-15. Without the wait, copy3 would run 4-6 and the
+    # step would end at 14.
+    assert " ".join(steps[1].schedule) == "copy1 run0 copy2 run1 copy3 run2 run3"
+    assert steps[1].seconds == pytest.approx(15 * MS, abs=1e-9)
+    assert (steps[1].hits, steps[1].offloaded_layers) == (1, 3)
 
 
 def test_two_devices_predict_independently(make_manager):

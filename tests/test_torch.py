@@ -21,11 +21,11 @@ from aimdo import _core  # noqa: E402
 from conftest import BACKEND, PAGE  # noqa: E402
 
 
-def new_manager(make_manager, pages, devices=(0,)):
+def new_manager(make_manager, pages, devices=(0,), **options):
     if BACKEND == "sim":
         return make_manager(pages=pages, devices=devices,
-                            sim=aimdo.SimBackend("2x1GiB", real_bytes=True))
-    return make_manager(pages=pages, devices=devices)
+                            sim=aimdo.SimBackend("2x1GiB", real_bytes=True), **options)
+    return make_manager(pages=pages, devices=devices, **options)
 
 
 def where(device: int) -> torch.device:
@@ -192,10 +192,11 @@ def one_page_layers(count: int, log: list) -> torch.nn.Module:
     # Two copies ahead: before 0, blocks 1 and 3; before 1, block 4; before 3, block 6.
     (True, 2, [0, 2, 5, 7],
      "copy1 copy3 run0 copy4 run1 run2 copy6 run3 run4 run5 run6 run7"),
-    # Placed in order: layer 4's fault finds the budget full and evicts the VBAR's own
-    # top page (layer 3's), which lowers the watermark below layer 4 (DESIGN 3.2).
-    (False, 1, [0, 1, 2],
-     "copy3 run0 run1 run2 copy4 run3 copy5 run4 copy6 run5 copy7 run6 run7"),
+    # Placed in order: layers 0-3 fill the budget; layer 4's fault finds nothing of lower
+    # priority to evict, so it is offloaded and the watermark stops at it (DESIGN 3.2).
+    # Its copy overlaps the four resident layers' compute.
+    (False, 1, [0, 1, 2, 3],
+     "copy4 run0 run1 run2 run3 copy5 run4 copy6 run5 copy7 run6 run7"),
 ])
 def test_residency_and_prefetch_schedule_of_a_stack_twice_the_budget(
         make_manager, monkeypatch, spread, prefetch, resident, schedule):
@@ -260,7 +261,8 @@ def test_staging_buffers_are_at_most_prefetch_plus_one_and_grow_to_fit(make_mana
                                 torch.nn.Linear(width, 256, bias=False),
                                 torch.nn.Linear(256, 3 * width, bias=False),
                                 torch.nn.Linear(3 * width, 256, bias=False)).eval()
-    manager = new_manager(make_manager, pages=1)  # one page: everything is offloaded
+    # A budget of no page (the limit is all headroom): everything is offloaded.
+    manager = new_manager(make_manager, pages=0, headroom=PAGE)
     offloaded = atorch.offload(model, 0, manager=manager, prefetch=1)
     taken = []
     original = atorch.OffloadedModule._take_slot

@@ -9,6 +9,7 @@
 #include "aimdo/process.hpp"
 #include "aimdo/vbar.hpp"
 #include "driver_errors.hpp"
+#include "check.hpp"
 #include "format.hpp"
 #include "limits.hpp"
 
@@ -322,33 +323,76 @@ void Device::reset_floors() {
   for (Vbar* vbar : priority_) vbar->floor_pages_ = 0;
 }
 
-std::size_t Device::evict_locked(std::size_t bytes, Vbar* only, Recycled* recycle) {
+void Device::lower_watermark_locked(Vbar& vbar, std::size_t lowest_page, std::size_t bytes,
+                                    std::size_t& freed, bool& synced, Recycled* recycle) {
+  const std::size_t stop = std::max(vbar.floor_pages_, lowest_page);
+  while (freed < bytes && vbar.watermark_pages_ > stop) {
+    const std::size_t page = --vbar.watermark_pages_;
+    const Vbar::Page& state = vbar.pages_[page];
+    // A pinned page stays until its unpin, which releases it (it is above the watermark).
+    if (state.handle == 0 || state.pins != 0) continue;
+    try {
+      release_page_locked(vbar, page, synced, recycle);
+    } catch (...) {
+      // Still resident after a failed release: back below the watermark, where a later
+      // eviction finds it again (an unpinned page above it would be stranded).
+      if (state.handle != 0) ++vbar.watermark_pages_;
+      throw;
+    }
+    freed += vbar.page_size_bytes_;
+  }
+}
+
+std::size_t Device::evict_locked(std::size_t bytes, Vbar* only) {
   if (bytes == 0) return 0;
   std::size_t freed = 0;
   bool synced = false;
-  const auto lower = [&](Vbar& vbar) {
-    while (freed < bytes && vbar.watermark_pages_ > vbar.floor_pages_) {
-      const std::size_t page = --vbar.watermark_pages_;
-      const Vbar::Page& state = vbar.pages_[page];
-      // A pinned page stays until its unpin, which releases it (it is above the watermark).
-      if (state.handle != 0 && state.pins == 0) {
-        try {
-          release_page_locked(vbar, page, synced, recycle);
-        } catch (...) {
-          // Still resident after a failed release: back below the watermark, where a
-          // later eviction finds it again (an unpinned page above it would be stranded).
-          if (state.handle != 0) ++vbar.watermark_pages_;
-          throw;
-        }
-        freed += vbar.page_size_bytes_;
-      }
+  if (only != nullptr) {
+    lower_watermark_locked(*only, 0, bytes, freed, synced, nullptr);
+  } else {
+    for (auto it = priority_.rbegin(); it != priority_.rend() && freed < bytes; ++it) {
+      lower_watermark_locked(**it, 0, bytes, freed, synced, nullptr);
+    }
+  }
+  if (freed != 0) {
+    stats_.add(&DeviceStats::evictions);
+    stats_.add(&DeviceStats::evicted_bytes, freed);
+  }
+  return freed;
+}
+
+std::size_t Device::evictable_bytes_locked(const Vbar& vbar, std::size_t from_page) {
+  std::size_t count = 0;
+  for (std::size_t page = std::max(vbar.floor_pages_, from_page); page < vbar.watermark_pages_;
+       ++page) {
+    count += vbar.pages_[page].handle != 0 && vbar.pages_[page].pins == 0;
+  }
+  return count * vbar.page_size_bytes_;
+}
+
+std::size_t Device::evictable_for_fault_locked(const Vbar& vbar, std::size_t last_page) const {
+  std::size_t bytes = 0;
+  for (auto it = priority_.rbegin(); it != priority_.rend() && *it != &vbar; ++it) {
+    bytes += evictable_bytes_locked(**it, 0);
+  }
+  return bytes + evictable_bytes_locked(vbar, last_page + 1);
+}
+
+std::size_t Device::evict_for_fault_locked(std::size_t bytes, Vbar& vbar, std::size_t last_page,
+                                           Recycled* recycle) {
+  if (bytes == 0) return 0;
+  std::size_t freed = 0;
+  bool synced = false;
+  // The VBARs below `vbar` hold lower-priority pages than all of `vbar`'s; `vbar`'s own
+  // pages above the allocation come last. A VBAR with nothing to give keeps its watermark:
+  // lowering it would offload its pages and free nothing.
+  const auto take = [&](Vbar& from, std::size_t lowest_page) {
+    if (freed < bytes && evictable_bytes_locked(from, lowest_page) != 0) {
+      lower_watermark_locked(from, lowest_page, bytes, freed, synced, recycle);
     }
   };
-  if (only != nullptr) {
-    lower(*only);
-  } else {
-    for (auto it = priority_.rbegin(); it != priority_.rend() && freed < bytes; ++it) lower(**it);
-  }
+  for (auto it = priority_.rbegin(); it != priority_.rend() && *it != &vbar; ++it) take(**it, 0);
+  take(vbar, last_page + 1);
   if (freed != 0) {
     stats_.add(&DeviceStats::evictions);
     stats_.add(&DeviceStats::evicted_bytes, freed);
@@ -410,7 +454,8 @@ void Device::release_recycled_locked(Recycled& recycle) {
   if (first_failure) std::rethrow_exception(first_failure);
 }
 
-void Device::map_page_locked(Vbar& vbar, std::size_t page, Recycled* recycle) {
+void Device::map_page_locked(Vbar& vbar, std::size_t page, std::size_t last_page,
+                             Recycled* recycle) {
   const std::size_t page_size = vbar.page_size_bytes_;
   const DeviceAddress va = vbar.base_ + page * page_size;
   std::optional<ScopedDevice> guard;
@@ -449,12 +494,10 @@ void Device::map_page_locked(Vbar& vbar, std::size_t page, Recycled* recycle) {
       return;
     }
     if (status.kind() == DriverErrorKind::out_of_memory && attempt == 0) {
-      // The driver knows better than our figures: make one more page of room and retry.
+      // The driver knows better than our figures: make one more page of room, under the
+      // fault's rule (nothing more important than the fault's own pages), and retry once.
       stats_.add(&DeviceStats::oom_retries);
-      evict_locked(page_size, nullptr);
-      // The eviction may have lowered this VBAR's watermark past the page: the caller
-      // sees that and answers offloaded.
-      if (page >= vbar.watermark_pages_) return;
+      evict_for_fault_locked(page_size, vbar, last_page, nullptr);
       continue;
     }
     raise(status, operation, page_size);

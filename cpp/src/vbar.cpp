@@ -1,11 +1,14 @@
 #include "aimdo/vbar.hpp"
 
+#include <algorithm>
+#include <cstdint>
 #include <mutex>
 #include <utility>
 
 #include "aimdo/device.hpp"
 #include "aimdo/errors.hpp"
 #include "aimdo/process.hpp"
+#include "check.hpp"
 #include "format.hpp"
 #include "limits.hpp"
 
@@ -138,9 +141,12 @@ bool Vbar::fault_locked(const Allocation& allocation, bool may_block,
     Device::Recycled recycled;
     recycled.page_bytes = page_size_bytes_;
     try {
-      const bool mapped = map_missing_locked(first, last, need, missing_bytes, recycled);
+      const bool mapped = map_missing_locked(first, last, need, recycled);
       device.release_recycled_locked(recycled);
-      if (!mapped) return offloaded();
+      if (!mapped) {
+        offload_from_locked(record.offset_bytes, first, last, missing_bytes, need);
+        return offloaded();
+      }
     } catch (...) {
       try {
         device.release_recycled_locked(recycled);
@@ -164,33 +170,49 @@ bool Vbar::fault_locked(const Allocation& allocation, bool may_block,
 }
 
 bool Vbar::map_missing_locked(std::size_t first, std::size_t last, std::int64_t need,
-                              std::size_t missing_bytes, Device::Recycled& recycled) {
+                              Device::Recycled& recycled) {
   Device& device = *device_;
-  {
-    std::size_t freed = 0;
-    if (need > 0) {
-      freed = device.evict_locked(static_cast<std::size_t>(need), nullptr, &recycled);
-    }
-    if (last >= watermark_pages_) return false;
-    if (need > 0 && freed < static_cast<std::size_t>(need)) {
-      device.stats_.add(&DeviceStats::faults);
-      throw OutOfMemoryError(
-          "device " + std::to_string(device.ordinal()) + ": cannot fault " +
-              detail::format_bytes(missing_bytes) + " of VBAR pages: eviction freed only " +
-              detail::format_bytes(freed) + " of the " +
-              detail::format_signed_bytes(need) + " needed (budget " +
-              detail::format_bytes(aimdo::budget_bytes(device.budget_inputs_locked(0))) +
-              ", aimdo usage " + detail::format_bytes(device.usage_locked()) +
-              "); the rest is pinned, protected by floors, or used outside aimdo",
-          device.ordinal(), missing_bytes, false);
-    }
-    for (std::size_t page = first; page <= last; ++page) {
-      if (pages_[page].handle != 0) continue;
-      device.map_page_locked(*this, page, &recycled);
-      if (last >= watermark_pages_) return false;
-    }
+  if (need > 0) {
+    // Check before evicting anything: a fault that evicts and then offloads anyway has
+    // thrown pages away for nothing.
+    const auto need_bytes = static_cast<std::size_t>(need);
+    if (device.evictable_for_fault_locked(*this, last) < need_bytes) return false;
+    const std::size_t freed = device.evict_for_fault_locked(need_bytes, *this, last, &recycled);
+    AIMDO_ASSERT(freed >= need_bytes);
+  }
+  for (std::size_t page = first; page <= last; ++page) {
+    if (pages_[page].handle != 0) continue;
+    device.map_page_locked(*this, page, last, &recycled);
   }
   return true;
+}
+
+void Vbar::offload_from_locked(std::size_t offset_bytes, std::size_t first, std::size_t last,
+                               std::size_t missing_bytes, std::int64_t need) {
+  Device& device = *device_;
+  const bool shares_first = offset_bytes % page_size_bytes_ != 0 && first < last;
+  const std::size_t lowest = std::max(shares_first ? first + 1 : first, floor_pages_);
+  if (lowest > last) {
+    device.stats_.add(&DeviceStats::faults);
+    throw OutOfMemoryError(
+        "device " + std::to_string(device.ordinal()) + ": cannot fault " +
+            detail::format_bytes(missing_bytes) + " of VBAR pages below this VBAR's floor (" +
+            detail::format_bytes(floor_pages_ * page_size_bytes_) + "): pages of lower "
+            "priority hold only " +
+            detail::format_bytes(device.evictable_for_fault_locked(*this, last)) + " of the " +
+            detail::format_signed_bytes(need) + " needed (budget " +
+            detail::format_bytes(aimdo::budget_bytes(device.budget_inputs_locked(0))) +
+            ", aimdo usage " + detail::format_bytes(device.usage_locked()) +
+            "); the rest is more important, pinned, protected by floors, or used outside aimdo",
+        device.ordinal(), missing_bytes, false);
+  }
+  std::size_t freed = 0;
+  bool synced = false;
+  device.lower_watermark_locked(*this, lowest, SIZE_MAX, freed, synced, nullptr);
+  if (freed != 0) {
+    device.stats_.add(&DeviceStats::evictions);
+    device.stats_.add(&DeviceStats::evicted_bytes, freed);
+  }
 }
 
 void Vbar::unpin(const Allocation& allocation) {

@@ -106,14 +106,31 @@ class Device : public std::enable_shared_from_this<Device> {
     std::size_t page_bytes = 0;
     std::vector<PhysicalHandle> handles;
   };
-  // Evict, lowest priority first (or from `only`), until `bytes` are freed or nothing
-  // more may be lowered. Returns bytes freed (unmapped pages kept in `recycle` count: the
-  // fault that passed it maps them again at once).
-  std::size_t evict_locked(std::size_t bytes, Vbar* only, Recycled* recycle = nullptr);
+  // DESIGN §3.3, eviction for a deficit: walk every VBAR from lowest priority up (or only
+  // `only`) until `bytes` are freed or nothing more may be lowered. Returns bytes freed.
+  std::size_t evict_locked(std::size_t bytes, Vbar* only);
+  // DESIGN §3.2, eviction for a fault of `vbar`'s pages up to `last_page`: only pages of
+  // lower priority than those, i.e. of the VBARs below `vbar` (lowest first), then `vbar`'s
+  // own pages above `last_page`. Returns bytes freed (unmapped pages kept in `recycle`
+  // count: the fault maps them again at once).
+  std::size_t evict_for_fault_locked(std::size_t bytes, Vbar& vbar, std::size_t last_page,
+                                     Recycled* recycle);
+  // What evict_for_fault_locked could free now: the resident, unpinned pages it may take.
+  std::size_t evictable_for_fault_locked(const Vbar& vbar, std::size_t last_page) const;
+  // Bytes of `vbar`'s resident, unpinned pages from max(its floor, from_page) up to its
+  // watermark: what lowering its watermark that far would free.
+  static std::size_t evictable_bytes_locked(const Vbar& vbar, std::size_t from_page);
+  // Lower `vbar`'s watermark one page at a time from the top, never below its floor nor
+  // below `lowest_page`, releasing each resident unpinned page passed, until `freed`
+  // reaches `bytes`. A pinned page keeps its memory until its unpin (it is above the
+  // watermark then). `synced` says whether the device was synchronized already.
+  void lower_watermark_locked(Vbar& vbar, std::size_t lowest_page, std::size_t bytes,
+                              std::size_t& freed, bool& synced, Recycled* recycle);
   // Map one page of `vbar` (recycled memory if there is any, else create; then map + set
-  // access, unwound on failure); on an out-of-memory answer evicts one page and retries
-  // once.
-  void map_page_locked(Vbar& vbar, std::size_t page, Recycled* recycle = nullptr);
+  // access, unwound on failure). On an out-of-memory answer, evicts one page under the
+  // fault's rule (pages of lower priority than `vbar`'s pages up to `last_page`) and
+  // retries once; a second failure is thrown.
+  void map_page_locked(Vbar& vbar, std::size_t page, std::size_t last_page, Recycled* recycle);
   // Release one resident page (synchronizing the device first, once per `synced` flag),
   // or keep its memory in `recycle` when the sizes match and recycling is on.
   void release_page_locked(Vbar& vbar, std::size_t page, bool& synced,

@@ -127,10 +127,19 @@ class Vbar : public std::enable_shared_from_this<Vbar> {
   // driver would be needed; otherwise always true.
   bool fault_locked(const Allocation& allocation, bool may_block, std::optional<Signature>* out);
   bool unpin_locked(const Allocation& allocation, bool may_block);
-  // The missing pages of a fault in [first, last]: evict `need` (recycling what it unmaps),
-  // then map them. False when the allocation ended above the watermark (offloaded).
+  // The missing pages of a fault of pages [first, last]: when `need` > 0, evict that much
+  // of lower priority (recycling what it unmaps), then map them. False, having evicted
+  // nothing of other VBARs, when the pages of lower priority and the free budget cannot
+  // hold them all (DESIGN §3.2): the caller then offloads the allocation.
   bool map_missing_locked(std::size_t first, std::size_t last, std::int64_t need,
-                          std::size_t missing_bytes, Device::Recycled& recycled);
+                          Device::Recycled& recycled);
+  // The allocation at `offset_bytes` (pages [first, last]) cannot be made resident: lower
+  // the watermark to its start, releasing this VBAR's unpinned pages from there up, so no
+  // page of it stays mapped for nothing. A first page shared with an earlier allocation
+  // and resident is kept (it serves that allocation, which is more important). Never
+  // below the floor: OutOfMemoryError when the floor covers the whole allocation.
+  void offload_from_locked(std::size_t offset_bytes, std::size_t first, std::size_t last,
+                           std::size_t missing_bytes, std::int64_t need);
   void check_owned(const Allocation& allocation) const;
   // InvalidArgumentError when `bytes` is beyond the VBAR's pages.
   void check_within(std::size_t bytes, const char* what) const;
