@@ -471,6 +471,100 @@ def test_bad_option_to_manager_raises(options, error):
         aimdo.Manager(BACKEND, [0], **options)
 
 
+# --- every size and limit option at its extremes ---------------------------------------
+
+SIZE_OPTIONS = ["vram_limit", "headroom", "extra_headroom", "page_size", "allocator_headroom"]
+BEYOND = {"2^60+1": 2**60 + 1, "2^62": 2**62, "2^63-1": 2**63 - 1, "2^64-1": 2**64 - 1,
+          "2^64": 2**64, "2^100": 2**100}
+
+
+@pytest.mark.parametrize("value", BEYOND.values(), ids=BEYOND.keys())
+@pytest.mark.parametrize("name", SIZE_OPTIONS)
+def test_a_size_option_beyond_2_60_is_refused_and_changes_nothing(loaded, name, value):
+    manager = loaded.manager
+    info = manager.device_info(0)
+    before = state(manager, loaded.vbar)
+    with pytest.raises(ValueError, match=name):
+        manager.add_devices([0], **{name: value})
+    assert manager.device_info(0) == info
+    assert state(manager, loaded.vbar) == before
+
+
+def test_a_page_larger_than_the_device_is_refused(loaded):
+    manager = loaded.manager
+    total = manager.memory_info(0)[1]
+    info = manager.device_info(0)
+    with pytest.raises(ValueError, match="page_size"):
+        manager.add_devices([0], page_size=(total // PAGE + 1) * PAGE)
+    assert manager.device_info(0) == info
+
+
+@pytest.mark.parametrize("name", ["headroom", "extra_headroom"])
+def test_a_headroom_of_2_60_leaves_a_budget_of_zero_and_exact_figures(make_manager, name):
+    manager = make_manager(pages=4)
+    vbar = manager.create_vbar(4 * PAGE, device=0)
+    weight = vbar.alloc(PAGE)
+    manager.add_devices([0], **{name: 2**60})
+    limit = manager.limit_bytes(0)
+    assert manager.budget_bytes(0) == 0
+    # simple = usage + size + headroom - limit (the larger part here), + extra_headroom
+    assert manager.deficit_bytes(0, PAGE) == PAGE + 2**60 - limit
+    assert vbar.fault(weight) is None
+    with pytest.raises(aimdo.OutOfMemoryError):
+        manager.external_alloc(0, PAGE)
+    assert (manager.usage_bytes(0), manager.external_bytes(0)) == (0, 0)
+
+
+def test_an_allocator_headroom_of_2_60_refuses_every_external_allocation(make_manager):
+    """allocator_headroom=2**63-1 once overflowed the deficit and let external_alloc
+    succeed with a budget of 0; now 2**60 is the most, and the arithmetic is exact."""
+    manager = make_manager(pages=4)
+    manager.add_devices([0], allocator_headroom=2**60)
+    for size in (1, PAGE, 2**60):
+        with pytest.raises(aimdo.OutOfMemoryError, match="no room"):
+            manager.external_alloc(0, size)
+    assert (manager.usage_bytes(0), manager.external_bytes(0)) == (0, 0)
+    manager.add_devices([0], allocator_headroom=0)
+    ptr = manager.external_alloc(0, PAGE)
+    assert manager.external_bytes(0) == PAGE
+    manager.external_free(ptr)
+
+
+def test_a_budget_of_zero_refuses_an_external_allocation_whatever_its_headroom(make_manager):
+    manager = make_manager(pages=0, headroom=PAGE)
+    assert manager.budget_bytes(0) == 0
+    for allocator_headroom in (0, 1, 2**59, 2**60):
+        manager.add_devices([0], allocator_headroom=allocator_headroom)
+        with pytest.raises(aimdo.OutOfMemoryError):
+            manager.external_alloc(0, PAGE)
+    assert manager.external_bytes(0) == 0
+
+
+def test_vram_limit_at_2_60_is_the_whole_device(make_manager):
+    manager = make_manager(pages=4)
+    total = manager.memory_info(0)[1]
+    manager.add_devices([0], vram_limit=2**60, headroom=0, extra_headroom=0)
+    assert manager.limit_bytes(0) == total
+    assert manager.budget_bytes(0) == total
+
+
+@pytest.mark.parametrize("seconds, accepted", [
+    (0, True), (1e-12, True), (2**62 / 1e9, True), (2**62 / 1e9 * 1.000001, False),
+    (1e10, False), (1e300, False), (1.7976931348623157e308, False),
+])
+def test_poll_interval_at_its_extremes(loaded, seconds, accepted):
+    manager = loaded.manager
+    if accepted:
+        manager.add_devices([0], poll_interval=seconds)
+        assert manager.device_info(0)["poll_interval"] == pytest.approx(seconds, rel=1e-9)
+        manager.deficit_bytes(0, 0)  # a poll due check on the clock: no overflow
+        return
+    info = manager.device_info(0)
+    with pytest.raises(ValueError, match="poll_interval"):
+        manager.add_devices([0], poll_interval=seconds)
+    assert manager.device_info(0) == info
+
+
 @pytest.mark.parametrize(
     "devices, error",
     [([], ValueError), (True, TypeError), (["0"], TypeError), ([0.0], TypeError)],

@@ -21,24 +21,42 @@ using detail::format_bytes;
 void validate_options(int ordinal, const DeviceProperties& properties,
                       const DeviceOptions& options) {
   const std::string where = "device " + std::to_string(ordinal) + ": ";
+  const std::string max = format_bytes(detail::kMaxSizeBytes);
+  // The budget arithmetic is exact only for figures up to kMaxSizeBytes (limits.hpp); a
+  // backend reporting more is refused rather than trusted.
+  if (properties.total_bytes == 0 || properties.total_bytes > detail::kMaxSizeBytes) {
+    throw InvalidArgumentError(where + "the backend reports " +
+                               format_bytes(properties.total_bytes) +
+                               " of memory; aimdo supports devices of 1 byte to " + max);
+  }
   const std::size_t granularity = properties.granularity_bytes;
-  if (options.page_size_bytes == 0 || options.page_size_bytes > detail::kMaxSizeBytes ||
-      granularity == 0 || options.page_size_bytes % granularity != 0) {
+  if (options.page_size_bytes == 0 || granularity == 0 ||
+      options.page_size_bytes % granularity != 0 ||
+      options.page_size_bytes > properties.total_bytes) {
     throw InvalidArgumentError(where + "page_size must be a positive multiple of the allocation "
-                               "granularity (" + format_bytes(granularity) + "), got " +
-                               format_bytes(options.page_size_bytes));
+                               "granularity (" + format_bytes(granularity) + ") no larger than "
+                               "the device's memory (" + format_bytes(properties.total_bytes) +
+                               "), got " + format_bytes(options.page_size_bytes));
   }
   if (options.vram_limit_bytes &&
       (*options.vram_limit_bytes == 0 || *options.vram_limit_bytes > detail::kMaxSizeBytes)) {
-    throw InvalidArgumentError(where + "vram_limit must be positive, got " +
+    throw InvalidArgumentError(where + "vram_limit must be in [1 byte, " + max + "], got " +
                                format_bytes(*options.vram_limit_bytes));
   }
-  if (options.headroom_bytes > detail::kMaxSizeBytes ||
-      options.extra_headroom_bytes > detail::kMaxSizeBytes) {
-    throw InvalidArgumentError(where + "headroom is out of range");
+  const std::pair<const char*, std::size_t> sizes[] = {
+      {"headroom", options.headroom_bytes},
+      {"extra_headroom", options.extra_headroom_bytes},
+      {"allocator_headroom", options.allocator_headroom_bytes},
+  };
+  for (const auto& [name, bytes] : sizes) {
+    if (bytes > detail::kMaxSizeBytes) {
+      throw InvalidArgumentError(where + name + " must be at most " + max + ", got " +
+                                 format_bytes(bytes));
+    }
   }
-  if (options.poll_interval_ns < 0) {
-    throw InvalidArgumentError(where + "poll_interval must not be negative");
+  if (options.poll_interval_ns < 0 || options.poll_interval_ns > detail::kMaxPollIntervalNs) {
+    throw InvalidArgumentError(where + "poll_interval must be in [0, 2^62 ns] (about 146 "
+                               "years), got " + std::to_string(options.poll_interval_ns) + " ns");
   }
   if (options.transient_retries < 0 || options.transient_retries > 1000) {
     throw InvalidArgumentError(where + "transient_retries must be in [0, 1000]");

@@ -90,11 +90,18 @@ def _check_bool(name: str, value: Any, device: int) -> bool:
     return value
 
 
+#: The longest poll_interval the core accepts: 2^62 ns, about 146 years.
+MAX_POLL_INTERVAL_S = 2**62 / 1e9
+
+
 def _check_seconds(name: str, value: Any, device: int) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} for device {device} must be a number of seconds, got {value!r}")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} for device {device} must be finite and not negative, got {value}")
+    if value > MAX_POLL_INTERVAL_S:
+        raise ValueError(f"{name} for device {device} must be at most {MAX_POLL_INTERVAL_S:.4g} s "
+                         f"(2^62 ns, about 146 years), got {value}")
     return float(value)
 
 
@@ -222,7 +229,8 @@ class Manager:
                     _check_size("headroom", per_device["headroom"][device], device),
                     _check_size("extra_headroom", per_device["extra_headroom"][device], device),
                     _check_size("page_size", per_device["page_size"][device], device),
-                    round(_check_seconds("poll_interval", per_device["poll_interval"][device], device) * 1e9),
+                    min(round(_check_seconds("poll_interval", per_device["poll_interval"][device],
+                                             device) * 1e9), 2**62),
                     TRANSIENT_RETRIES,
                     _check_size("allocator_headroom", per_device["allocator_headroom"][device], device),
                     _check_bool("recycle_pages", per_device["recycle_pages"][device], device),
