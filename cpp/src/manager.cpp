@@ -173,8 +173,8 @@ void Manager::reset_floors(std::optional<int> device) {
 void Manager::close() {
   std::vector<std::shared_ptr<Device>> to_close;
   {
+    // A second close retries what a failed one could not give back (Device::close).
     std::unique_lock<std::shared_mutex> lock(devices_mutex_);
-    if (closed_) return;
     closed_ = true;
     for (const auto& entry : devices_) to_close.push_back(entry.second);
   }

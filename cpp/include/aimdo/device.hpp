@@ -85,7 +85,8 @@ class Device : public std::enable_shared_from_this<Device> {
   DeviceStatsSnapshot stats() const noexcept { return stats_.snapshot(); }
 
   // Close every VBAR of this device, free its external allocations and refuse new ones.
-  // Idempotent.
+  // Throws the first driver failure after trying everything; calling it again retries
+  // what is left (of VBARs alive or gone), and does nothing once all is given back.
   void close();
   bool closed() const;
 
@@ -138,7 +139,15 @@ class Device : public std::enable_shared_from_this<Device> {
   // Release what a fault did not map again. Throws the first failure after trying all.
   void release_recycled_locked(Recycled& recycle);
   void synchronize_locked();
+  // DESIGN §3.7. The first call takes the VBAR out of service and hands every page and its
+  // range to the leftovers; every call then releases what is left of it. Throws the first
+  // failure after trying everything; a later call retries.
   void close_vbar_locked(Vbar& vbar);
+  // Give back the leftovers of the VBAR whose range starts at `base` (0: of every VBAR):
+  // synchronize once, unmap mapped pages, release physical memory, then free each range
+  // none of whose pages is still mapped. What fails stays for the next call. Throws the
+  // first failure after trying everything.
+  void release_leftovers_locked(DeviceAddress base);
   std::size_t usage_locked() const { return resident_bytes_ + external_bytes_; }
 
   // Throws the error a failed driver status stands for.
@@ -171,6 +180,18 @@ class Device : public std::enable_shared_from_this<Device> {
   std::size_t usage_at_poll_bytes_ = 0;
   std::size_t stream_freed_since_poll_bytes_ = 0;
   std::map<DeviceAddress, std::size_t> external_;  // external allocations by address
+  // What closes could not give back to the driver yet, owned here rather than by the VBAR
+  // (which may be gone by the next attempt); still counted in resident_bytes_ until its
+  // physical memory is released. Retried by Vbar::close and Device::close.
+  struct Leftover {
+    DeviceAddress vbar_base = 0;  // which VBAR it came from
+    DeviceAddress address = 0;    // the page (or, for the range, its start)
+    std::size_t bytes = 0;
+    PhysicalHandle handle = 0;    // physical memory still to release (0: none)
+    bool mapped = false;          // the page is still mapped at `address`
+    bool range = false;           // the VBAR's reserved range, still to free
+  };
+  std::vector<Leftover> leftovers_;
   std::uint64_t next_serial_ = 1;
   bool closed_ = false;
 

@@ -52,7 +52,9 @@ class Manager {
   // All devices when `device` is empty.
   void reset_floors(std::optional<int> device);
 
-  // Close every VBAR on every device. Idempotent; later calls raise InvalidStateError.
+  // Close every VBAR on every device and free the external allocations; other calls raise
+  // InvalidStateError afterwards. Throws the first driver failure after trying everything;
+  // calling it again retries what is left, and does nothing once all is given back.
   void close();
   bool closed() const;
 

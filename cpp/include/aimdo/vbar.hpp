@@ -104,7 +104,9 @@ class Vbar : public std::enable_shared_from_this<Vbar> {
   std::vector<PageResidency> residency() const;
   std::size_t allocated_bytes() const;  // end of the last allocation
 
-  // DESIGN §3.7: release every page (pinned ones too) and the address range. Idempotent.
+  // DESIGN §3.7: release every page (pinned ones too) and the address range. Throws the
+  // first driver failure after trying everything (the VBAR is closed all the same); calling
+  // it again retries what is left, and does nothing once all is given back.
   void close();
   bool closed() const;
 
