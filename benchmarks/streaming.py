@@ -177,10 +177,19 @@ def main() -> int:
             step = steady_median(times)
             identical = torch.equal(out.float().cpu(), reference)
             free, total = manager.memory_info(0)
+            # PyTorch's cache (activations, staging buffers) and the CUDA context
+            others = total - free - manager.usage_bytes(0)
+            # DESIGN 3.2: a full budget stays full. What the others leave of the budget is
+            # filled with resident pages, short of it by less than the one block whose
+            # missing pages did not fit (and the page it shares with the block below).
+            left = manager.budget_bytes(0) - others
+            largest = max(size for _, _, size in offloaded.placement())
+            page = manager.device_info(0)["page_size"]
             result["runs"][name] = {
                 "total_bytes": total, "budget_bytes": manager.budget_bytes(0),
-                # PyTorch's cache (activations, staging buffers) and the CUDA context
-                "others_bytes": total - free - manager.usage_bytes(0),
+                "others_bytes": others, "left_by_others_bytes": left,
+                "unfilled_bytes": left - manager.resident_bytes(0),
+                "largest_block_bytes": largest, "page_bytes": page,
                 "step_seconds": times, "median_step_seconds": step,
                 "bytes_copied_per_step": stats.bytes_copied, "hits": stats.hits,
                 "offloaded_layers": stats.offloaded_layers, "floor_seconds": floor,
@@ -191,6 +200,10 @@ def main() -> int:
                   f"{stats.bytes_copied / 2**30:.2f} GiB / {bandwidth / 1e9:.1f} GB/s): "
                   f"{floor / step:.0%} of the floor; {stats.hits} hits, {stats.offloaded_layers} "
                   f"offloaded; identical output: {identical}")
+            print(f"  resident {manager.resident_bytes(0) / 2**30:.3f} GiB of the "
+                  f"{left / 2**30:.3f} GiB the others leave of the {manager.budget_bytes(0) / 2**30:.2f}"
+                  f" GiB budget: {(left - manager.resident_bytes(0)) / 2**20:.0f} MiB unfilled "
+                  f"(largest block {largest / 2**20:.0f} MiB, page {page / 2**20:.0f} MiB)")
             del offloaded
         if not args.tiny:
             torch.cuda.empty_cache()
