@@ -506,13 +506,15 @@ bool covered(Reservation& r, std::size_t offset, std::size_t size_bytes, bool ne
 // --- aimdo::Driver ---------------------------------------------------------------------
 
 DriverStatus SimDriver::device_count(int* count) {
-  // Not an operation with a name (no enter()), but CUDA refuses it in a forked child too.
-  if (!state_->in_creating_process()) return failure(driver_code::not_initialized);
+  // Answered in a forked child too, as the CUDA backend answers it from the devices it
+  // found at initialization without calling the driver.
   *count = static_cast<int>(devices_.size());
   return DriverStatus::success();
 }
 
 DriverStatus SimDriver::device_properties(int device, DeviceProperties* out) {
+  // Not a named operation (no enter()), but the CUDA backend asks the driver for these,
+  // which refuses a forked child.
   if (!state_->in_creating_process()) return failure(driver_code::not_initialized);
   if (device < 0 || device >= device_total()) return failure(driver_code::invalid_device);
   const SimDeviceSpec& spec = devices_[static_cast<std::size_t>(device)];

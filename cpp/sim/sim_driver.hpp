@@ -34,7 +34,8 @@
 // fork(). A simulator belongs to the process that created it, as a CUDA context does: in
 // any other process (a child made by fork()) every Driver operation answers
 // CUDA_ERROR_NOT_INITIALIZED, as the CUDA driver answers a forked child, and no context
-// is current. The answer comes before any lock is taken or any host memory is touched,
+// is current (device_count still answers: the CUDA backend answers it from a list made
+// at initialization). The answer comes before any lock is taken or any host memory is touched,
 // so a child can neither deadlock on a lock another of the parent's threads held at the
 // fork nor change the pages and files it shares with the parent (see host_memory.hpp).
 // In real-bytes mode, detach_from_parent() then makes the child's inherited pointers
