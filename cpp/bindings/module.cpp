@@ -410,6 +410,10 @@ NB_MODULE(_core, m) {
            "devices"_a, "seed"_a, "free_delay_ns"_a, "record"_a, "real_bytes"_a, "costs_ns"_a)
       .def_prop_ro("real_bytes", &sim::SimDriver::real_bytes)
       .def("violations", &sim::SimDriver::violations, release_gil())
+      .def_prop_ro("in_creating_process", &sim::SimDriver::in_creating_process)
+      .def("require_creating_process", &sim::SimDriver::require_creating_process,
+           "operation"_a)
+      .def("detach_from_parent", &sim::SimDriver::detach_from_parent)
       .def_prop_ro("seed", &sim::SimDriver::seed)
       .def("add_external_usage",
            [](sim::SimDriver& s, IntArg device, IntArg n) {

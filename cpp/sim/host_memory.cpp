@@ -165,6 +165,9 @@ HostMemory::HostMemory()
       }()) {}
 
 HostMemory::~HostMemory() {
+  // Safe in a forked child too (see "fork()" in the header): munmap and close act on this
+  // process's address space and descriptor table only; nothing here resizes or writes a
+  // file the parent shares.
   for (auto& [base, reservation] : reservations_) {
     // A broken reservation may have someone else's mapping in its hole: leave it be.
     if (!reservation->broken) ::munmap(address(base), reservation->size_bytes);
@@ -479,6 +482,31 @@ void HostMemory::record_violation(std::string message) {
   } else {
     ++unlisted_violations_;
   }
+}
+
+void HostMemory::detach(std::uintptr_t va, std::size_t size_bytes) {
+  const long page = ::sysconf(_SC_PAGESIZE);
+  const std::size_t page_bytes = page > 0 ? static_cast<std::size_t>(page) : 4096;
+  if (size_bytes == 0 || va % page_bytes != 0 || size_bytes % page_bytes != 0 ||
+      va > std::numeric_limits<std::uintptr_t>::max() - size_bytes) {
+    throw InvalidArgumentError("HostMemory::detach of " + range_text(va, size_bytes) +
+                               ": the address and size must be non-zero multiples of the " +
+                               std::to_string(page_bytes) + "-byte host page");
+  }
+  // One MAP_FIXED replaces every inherited mapping in the range at once. Private
+  // anonymous memory: nothing of the parent's is reachable through it any more.
+  // MAP_NORESERVE: a 1 TiB range commits nothing until the child writes into it.
+  const int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED;
+  if (::mmap(address(va), size_bytes, PROT_READ | PROT_WRITE, flags, -1, 0) != MAP_FAILED) {
+    return;
+  }
+  const int error = errno;
+  // Strict overcommit (vm.overcommit_memory=2) charges writable private memory even with
+  // MAP_NORESERVE; PROT_NONE is never charged. Stale pointers then fault in the child,
+  // but still reach nothing of the parent's.
+  if (::mmap(address(va), size_bytes, PROT_NONE, flags, -1, 0) != MAP_FAILED) return;
+  throw_system_error(error, "HostMemory::detach of " + range_text(va, size_bytes) +
+                                ": mmap of private memory over it failed");
 }
 
 std::vector<std::string> HostMemory::violations() const {

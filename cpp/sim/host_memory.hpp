@@ -57,6 +57,16 @@
 // is to the host page size (page_size_bytes()); the simulator's own granularity rules
 // are checked by SimDriver before it calls here.
 //
+// fork(). A child made by fork() inherits every mapping and every descriptor: the memfd
+// mappings are MAP_SHARED (the child's writes through them land in the parent's pages),
+// and the memfds and the trap file are the parent's files (an ftruncate in the child cuts
+// the file under the parent's traps, whose next read raises SIGBUS in the parent). So
+// only the process that created a HostMemory may call its methods; SimDriver refuses
+// every operation in any other process before it gets here. In a child, detach() makes
+// pointers inherited into a range harmless, and the destructor is safe: munmap and close
+// change only the child's own address space and descriptor table, never a file's size or
+// contents, so dropping the object in a child cannot hurt the parent.
+//
 // Thread-safety: every method may be called from any thread. One mutex guards the tables
 // (reservations, allocations, violations) and is held only to look up or update them,
 // never across a system call that touches page contents. Each reservation has its own
@@ -169,6 +179,18 @@ class HostMemory {
   // holding no trap, even one outside every reservation, is no error: nothing happens.
   // InvalidArgumentError: unaligned, zero or overflowing range.
   void forget_trap(std::uintptr_t va, std::size_t size_bytes);
+
+  // For a child made by fork(): replaces [va, va + size_bytes) of the calling process
+  // with private, zero-filled, read-write memory (PROT_NONE if the kernel refuses that)
+  // that commits nothing until written, so that pointers into it kept across fork() no
+  // longer reach pages shared with the parent: the child reads zeros and its writes stay
+  // its own. Pass whole ranges returned by reserve(); the object's tables are neither
+  // read nor changed and no lock is taken (the child of a multithreaded parent may hold
+  // copies of mutexes locked for good), so afterwards the object is fit only for
+  // destruction. Static for that reason: the caller names the ranges it reserved.
+  // InvalidArgumentError: unaligned, zero or overflowing range. std::system_error: both
+  // mmaps failed (the range then still shares the parent's pages).
+  static void detach(std::uintptr_t va, std::size_t size_bytes);
 
   // One line per detected write through a stale pointer, oldest first, e.g.
   // "write to 0x7f3a40201000 after it was unmapped: 16 bytes changed in

@@ -15,6 +15,8 @@
 #include <thread>
 #include <unordered_map>
 
+#include <unistd.h>
+
 #include "aimdo/errors.hpp"
 #include "host_memory.hpp"
 
@@ -202,6 +204,12 @@ struct SimDriver::State {
   std::vector<DeviceAddress> stream_base;
   std::unique_ptr<HostMemory> host;
 
+  // The process that created the simulator, the only one it answers (see "fork()" in
+  // sim_driver.hpp). getpid() is asked on every check, not cached: a child made by a raw
+  // fork() that runs no at-fork handler is recognised as well.
+  const pid_t creator_pid = ::getpid();
+  bool in_creating_process() const noexcept { return ::getpid() == creator_pid; }
+
   // Which device an address belongs to, and whether it is a stream-ordered one; -1 if none.
   int device_of(DeviceAddress va, bool* stream) const {
     for (std::size_t d = 0; d < device_count; ++d) {
@@ -266,6 +274,7 @@ struct SimDriver::State {
   }
 
   int current_device() {
+    if (!in_creating_process()) return -1;  // a forked child has no context
     ContextShard& s = shard();
     std::lock_guard<std::mutex> lock(s.mutex);
     auto found = s.current.find(std::this_thread::get_id());
@@ -328,12 +337,17 @@ struct SimDriver::State {
     return check_any_rules(op, -1);
   }
 
-  // The start of every operation: wait if it is held, find its device (or answer
-  // `unrouted_code`, or the failure injected for "any device"), take the device's lock
-  // into `lock` and apply injected failures. Returns the device, or null with `status`
-  // set to the answer.
+  // The start of every operation: refuse a process other than the creator, wait if it is
+  // held, find its device (or answer `unrouted_code`, or the failure injected for "any
+  // device"), take the device's lock into `lock` and apply injected failures. Returns the
+  // device, or null with `status` set to the answer.
   DeviceState* enter(int op, int device, int unrouted_code, std::unique_lock<std::mutex>& lock,
                      DriverStatus* status) {
+    // First, before any lock or count: what CUDA answers a child made by fork().
+    if (!in_creating_process()) {
+      *status = failure(driver_code::not_initialized);
+      return nullptr;
+    }
     wait_if_held(op, device);
     if (device < 0 || static_cast<std::size_t>(device) >= device_count) {
       const DriverStatus injected = intercept_unrouted(op);
@@ -423,6 +437,26 @@ SimDriver::~SimDriver() = default;
 
 bool SimDriver::real_bytes() const noexcept { return state_->host != nullptr; }
 
+bool SimDriver::in_creating_process() const noexcept { return state_->in_creating_process(); }
+
+void SimDriver::require_creating_process(const std::string& operation) const {
+  if (state_->in_creating_process()) return;
+  throw DriverError(operation + " in process " + std::to_string(::getpid()) +
+                        " failed with CUDA_ERROR_NOT_INITIALIZED (3): this simulator belongs "
+                        "to process " + std::to_string(state_->creator_pid) +
+                        ", and a child made by fork() cannot use it, as it cannot use the "
+                        "parent's CUDA driver state",
+                    -1, operation, failure(driver_code::not_initialized));
+}
+
+void SimDriver::detach_from_parent() {
+  if (state_->in_creating_process() || !state_->host) return;
+  // The regions' bases are fixed at construction: read without a lock.
+  for (const DeviceAddress base : state_->reservation_base) {
+    HostMemory::detach(static_cast<std::uintptr_t>(base), static_cast<std::size_t>(kRegionBytes));
+  }
+}
+
 std::vector<std::string> SimDriver::violations() const {
   return state_->host ? state_->host->violations() : std::vector<std::string>{};
 }
@@ -472,11 +506,16 @@ bool covered(Reservation& r, std::size_t offset, std::size_t size_bytes, bool ne
 // --- aimdo::Driver ---------------------------------------------------------------------
 
 DriverStatus SimDriver::device_count(int* count) {
+  // Answered in a forked child too, as the CUDA backend answers it from the devices it
+  // found at initialization without calling the driver.
   *count = static_cast<int>(devices_.size());
   return DriverStatus::success();
 }
 
 DriverStatus SimDriver::device_properties(int device, DeviceProperties* out) {
+  // Not a named operation (no enter()), but the CUDA backend asks the driver for these,
+  // which refuses a forked child.
+  if (!state_->in_creating_process()) return failure(driver_code::not_initialized);
   if (device < 0 || device >= device_total()) return failure(driver_code::invalid_device);
   const SimDeviceSpec& spec = devices_[static_cast<std::size_t>(device)];
   out->name = spec.name;

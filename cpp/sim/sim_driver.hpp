@@ -31,6 +31,17 @@
 // cuMemCreate, cuMemRelease, cuMemMap, cuMemUnmap, cuMemSetAccess, cuCtxSynchronize,
 // cuMemAllocAsync, cuMemFreeAsync, cuCtxSetCurrent.
 //
+// fork(). A simulator belongs to the process that created it, as a CUDA context does: in
+// any other process (a child made by fork()) every Driver operation answers
+// CUDA_ERROR_NOT_INITIALIZED, as the CUDA driver answers a forked child, and no context
+// is current (device_count still answers: the CUDA backend answers it from a list made
+// at initialization). The answer comes before any lock is taken or any host memory is touched,
+// so a child can neither deadlock on a lock another of the parent's threads held at the
+// fork nor change the pages and files it shares with the parent (see host_memory.hpp).
+// In real-bytes mode, detach_from_parent() then makes the child's inherited pointers
+// into simulated device memory harmless. The simulator powers below are not checked:
+// they read or change only the child's copy of the simulator's bookkeeping.
+//
 // Thread-safety: every method may be called from any thread. Each device's state
 // (its reservations, physical allocations, mappings, clock, counters and injected
 // failures) has its own mutex, held only for the bookkeeping of one call; addresses and
@@ -135,6 +146,20 @@ class SimDriver final : public Driver {
   bool real_bytes() const noexcept;
   // Writes seen through pointers to memory after it was unmapped (real-bytes mode).
   std::vector<std::string> violations() const;
+  // True in the process that constructed the simulator (see "fork()" above).
+  bool in_creating_process() const noexcept;
+  // Throws DriverError (CUDA_ERROR_NOT_INITIALIZED, device -1, naming `operation`) in any
+  // other process: for code that reaches simulated device memory without a Driver
+  // operation (a host view of a mapping), which must be refused in a forked child too.
+  void require_creating_process(const std::string& operation) const;
+  // In a forked child, real-bytes mode: replaces the child's copy of every device's host
+  // region with private zero-filled memory (HostMemory::detach), so that views and
+  // pointers the child inherited read zeros and write only its own pages, never the
+  // parent's. Call it in the child right after fork() (aimdo.sim does, through
+  // os.register_at_fork); until then such pointers still reach the parent's pages. Does
+  // nothing in the creating process or without real bytes. Takes no lock.
+  // std::system_error if a region could not be replaced.
+  void detach_from_parent();
   // Fail `count` calls of `operation` on `device` (-1: any) after letting `skip` matching
   // calls through, answering `code` (a CUresult, e.g. 2 out of memory, 600 not ready).
   void fail(const std::string& operation, int device, int code, std::uint64_t skip,

@@ -180,6 +180,9 @@ class Manager:
     ):
         self._backend = resolve_backend(backend)
         self._core = _core.Manager(self._backend.driver)
+        # The process whose driver state this Manager holds: a child made by fork() shares
+        # the object but not the driver (CUDA answers it CUDA_ERROR_NOT_INITIALIZED).
+        self._pid = os.getpid()
         self.add_devices(
             _device_list(devices, self._backend),
             vram_limit=vram_limit,
@@ -335,7 +338,10 @@ class Manager:
         """Close every VBAR on every device and free what ``external_alloc`` handed out.
         Idempotent. InvalidStateError while PyTorch's allocator allocates through this
         Manager (``aimdo.torch.use_allocator``): PyTorch's tensors live in its memory, so
-        it stays open for the life of the process (aimdo closes it at exit)."""
+        it stays open for the life of the process (aimdo closes it at exit). DriverError
+        (CUDA_ERROR_NOT_INITIALIZED) in a child made by fork(): the driver resources are
+        the parent's, and the child's driver is not initialized (at exit, aimdo leaves
+        them to the parent without trying)."""
         if _core.serves_allocator(self._core):
             raise _core.InvalidStateError(
                 "this Manager serves PyTorch's CUDA allocator (aimdo.torch.use_allocator): "
@@ -412,6 +418,13 @@ def shutdown() -> None:
 def _at_exit() -> None:
     try:
         _core.set_allocator_manager(None)  # PyTorch's allocator: nothing to reach any more
+        manager = _default
+        if manager is not None and manager._pid != os.getpid():
+            # A child made by fork() inherited the parent's default Manager: its VBARs and
+            # allocations are the parent's, and the child's driver is not initialized.
+            # Closing them here would only fail (and print a traceback at every exit of,
+            # say, a DataLoader worker); the parent closes them.
+            return
         shutdown()
     finally:
         # Whatever is destroyed after this point must not call a driver that may be gone.

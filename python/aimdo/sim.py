@@ -10,12 +10,18 @@ of everything still allocated (``leaks``).
 
 Pass one to ``aimdo.Manager(backend=...)``; ``backend="sim"`` makes a default one
 (two devices of 24 GiB).
+
+A simulator belongs to the process that created it. In a child made by ``os.fork()`` it
+answers every driver call with CUDA_ERROR_NOT_INITIALIZED, as the CUDA driver does
+(aimdo raises ``aimdo.DriverError``), views of its memory are refused the same way, and
+views the child inherited no longer reach the parent's pages (they read zeros).
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
+import os
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Union
@@ -54,6 +60,17 @@ _live: "weakref.WeakSet[SimBackend]" = weakref.WeakSet()
 def live_backends() -> list["SimBackend"]:
     """Simulators alive in this process (the test suite checks each for leaks)."""
     return list(_live)
+
+
+def _detach_from_parent() -> None:
+    """Runs in every child made by os.fork() (multiprocessing's fork start method too):
+    the child's views and tensors of real-bytes simulator memory stop sharing pages with
+    the parent, so nothing the child writes through them reaches the parent's data."""
+    for backend in list(_live):
+        backend._driver.detach_from_parent()
+
+
+os.register_at_fork(after_in_child=_detach_from_parent)
 
 
 def _parse_devices(devices: str | Iterable[DeviceSpec]) -> list[tuple[str, int, int, bool, float]]:
@@ -113,8 +130,10 @@ class _HostView:
         return found
 
 
-def host_view(driver, address: int, nbytes: int) -> memoryview:
-    """What SimBackend.view does, for a simulator's native driver object."""
+def host_view(driver, address: int, nbytes: int, operation: str = "SimBackend.view") -> memoryview:
+    """What SimBackend.view does, for a simulator's native driver object. ``operation``
+    names the caller in the DriverError a forked child gets."""
+    driver.require_creating_process(operation)
     if not driver.real_bytes:
         raise _core.InvalidStateError("view needs SimBackend(real_bytes=True)")
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
@@ -253,7 +272,8 @@ class SimBackend:
         its unpin, for a VBAR's allocation): otherwise aimdo.InvalidStateError. A view
         kept after its pages are unmapped never crashes: it reads a trap pattern (0x5A),
         not the data, and writes through it are reported by ``violations()``. New pages
-        hold a poison pattern (0xA5), as real GPU memory holds whatever was there."""
+        hold a poison pattern (0xA5), as real GPU memory holds whatever was there.
+        aimdo.DriverError (CUDA_ERROR_NOT_INITIALIZED) in a child made by fork()."""
         if nbytes is None:
             address, nbytes = address.address, address.size
         return host_view(self._driver, address, nbytes)

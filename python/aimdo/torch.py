@@ -52,7 +52,9 @@ def as_tensor(allocation, dtype: torch.dtype, shape) -> torch.Tensor:
     Valid only between a successful ``Vbar.fault`` of the allocation and the matching
     ``unpin``. On the cuda backend it is a CUDA tensor on the allocation's device; on a
     simulator with ``real_bytes=True`` a CPU tensor. ValueError when the shape does not
-    fit the allocation; aimdo.InvalidStateError when its pages are not mapped."""
+    fit the allocation; aimdo.InvalidStateError when its pages are not mapped;
+    aimdo.DriverError on a simulator in a child made by fork(), whose driver is not
+    initialized (a CUDA tensor cannot be used there either)."""
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, not {type(dtype).__name__}")
     shape = tuple(shape) if not isinstance(shape, int) else (shape,)
@@ -68,7 +70,8 @@ def as_tensor(allocation, dtype: torch.dtype, shape) -> torch.Tensor:
     if isinstance(driver, _core.SimDriver):
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        raw = torch.frombuffer(host_view(driver, allocation.address, nbytes), dtype=torch.uint8)
+        view = host_view(driver, allocation.address, nbytes, "aimdo.torch.as_tensor")
+        raw = torch.frombuffer(view, dtype=torch.uint8)
     else:
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype, device=f"cuda:{allocation.device}")
