@@ -287,3 +287,98 @@ def test_accounting_mode_simulates_eight_80_gb_devices_in_a_few_megabytes():
         grown = rss_bytes() - before
     assert total_pages > 8 * 2000
     assert grown < 16 * MiB, f"{grown / MiB:.1f} MiB for {total_pages} resident pages"
+
+
+# The simulator's clocks count int64 nanoseconds from 0: they end after about 292 years.
+END_NS = (1 << 63) - 1
+
+
+def test_advancing_a_clock_past_the_end_of_virtual_time_is_refused_and_moves_nothing():
+    sim = aimdo.SimBackend("2x1GiB", record=True)
+    sim.advance(9e9, device=0)  # 9e18 ns: about 285 years, 2.2e17 ns before the end
+    logged = sim.log()
+    refused = r"device 0.*9000000000000000000 ns.*300000000000000000 ns"  # where, now, amount
+    with pytest.raises(ValueError, match=refused):
+        sim.advance(3e8, device=0)
+    assert (sim.now(0), sim.now(1), sim.now()) == (9e9, 0.0, 0.0)
+    # Every clock moves or none does: device 1 and the host could take it, device 0 cannot.
+    with pytest.raises(ValueError, match="device 0"):
+        sim.advance(3e8)
+    assert (sim.now(0), sim.now(1), sim.now()) == (9e9, 0.0, 0.0)
+    assert sim.log() == logged  # a refused call is not in the log: its replay stays exact
+    sim.advance(2e8, device=0)  # up to the end is fine
+    assert sim.now(0) == pytest.approx(9.2e9)
+    assert sim.replay(sim.log()) == []
+
+
+def test_declared_compute_and_copies_past_the_end_of_virtual_time_are_refused():
+    sim = aimdo.SimBackend([{"capacity": "1GiB", "bandwidth": 1.0}] * 2)  # 1 byte/s
+    sim.compute(0, 9e9)
+    sim.copy_async(0, 9 * 10**9)  # 9e9 s on the copy engine
+    clocks = (sim.now(0), sim.copy_engine_now(0))
+    with pytest.raises(ValueError, match="device 0"):
+        sim.compute(0, 3e8)
+    with pytest.raises(ValueError, match="device 0"):
+        sim.compute_async(0, 3e8)
+    with pytest.raises(ValueError, match="device 1"):
+        sim.compute_async(1, 3e8, after=9e9)  # an idle engine, but it waits until 9e9 s
+    with pytest.raises(ValueError, match="device 0"):
+        sim.copy_to_device(0, 3 * 10**8)  # 3e8 s at 1 byte/s
+    with pytest.raises(ValueError, match="device 0"):
+        sim.copy_async(0, 3 * 10**8)
+    with pytest.raises(ValueError, match="device 1"):
+        sim.copy_async(1, 1 << 62)  # the copy alone takes longer than virtual time lasts
+    assert (sim.now(0), sim.copy_engine_now(0)) == clocks
+    assert (sim.now(1), sim.copy_engine_now(1)) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "seconds", [1e300, float("inf"), float("nan"), -1e-9, 1e10, 10**400],
+    ids=["1e300", "inf", "nan", "negative", "past-the-end", "int-beyond-float"])
+def test_seconds_out_of_the_clocks_range_are_a_value_error(seconds):
+    sim = aimdo.SimBackend("2x1GiB")
+
+    def wait_arrived():
+        with sim.hold("cuMemMap", 0) as held:
+            held.wait_arrived(timeout=seconds)
+
+    calls = {
+        "advance": lambda: sim.advance(seconds),
+        "compute": lambda: sim.compute(0, seconds),
+        "compute_async": lambda: sim.compute_async(0, seconds),
+        "compute_async after": lambda: sim.compute_async(0, 0.0, after=seconds),
+        "copy_async after": lambda: sim.copy_async(0, 1, after=seconds),
+        "free_delay": lambda: aimdo.SimBackend("1GiB", free_delay=seconds),
+        "costs": lambda: aimdo.SimBackend("1GiB", costs={"cuMemMap": seconds}),
+        "wait_arrived": wait_arrived,
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError):
+            call()
+            pytest.fail(f"{name}({seconds!r}) was accepted")
+    assert (sim.now(0), sim.copy_engine_now(0), sim.now()) == (0.0, 0.0, 0.0)
+
+
+def test_driver_call_costs_stop_at_the_end_of_virtual_time_instead_of_wrapping():
+    """A driver call cannot refuse to cost time (the real driver would not fail), so its
+    cost takes the clock to the end of virtual time and no further."""
+    sim = aimdo.SimBackend(["1GiB"], costs={"cuMemGetInfo": 5e9})
+    driver = sim.driver
+    assert driver.raw_make_current(0)[0] == 0
+    assert driver.raw_memory_info(0)[0] == 0
+    assert driver.raw_memory_info(0)[0] == 0  # 1e19 ns: past the end
+    assert driver.now_ns(0) == END_NS
+    assert driver.raw_synchronize(0)[0] == 0
+    assert driver.now_ns(0) == END_NS
+    assert driver.host_now_ns() == END_NS
+    with pytest.raises(ValueError, match="device 0"):
+        sim.advance(1e-9, device=0)
+
+
+def test_a_free_delay_past_the_end_of_virtual_time_never_gives_the_memory_back():
+    sim = aimdo.SimBackend([16 * PAGE], free_delay=9e9)
+    sim.advance(9e9, device=0)
+    with aimdo.Manager(sim, [0], headroom=0, page_size=PAGE, poll_interval=1e9) as manager:
+        manager.external_free(manager.external_alloc(0, PAGE))
+        # Due after the end of virtual time: still pending, not wrapped round to the past.
+        assert sim.pending_free_bytes(0) == PAGE

@@ -473,7 +473,11 @@ NB_MODULE(_core, m) {
       .def("wait_held", &sim::SimDriver::wait_held, "hold_id"_a, "timeout_ns"_a, release_gil())
       .def("release_hold", &sim::SimDriver::release_hold, "hold_id"_a, release_gil())
       .def("now_ns", &sim::SimDriver::now_ns, "device"_a, release_gil())
-      .def("advance", &sim::SimDriver::advance, "device"_a, "ns"_a, release_gil())
+      .def("advance",
+           [](sim::SimDriver& s, IntArg device, IntArg ns) {
+             s.advance(to_device(device), static_cast<std::int64_t>(to_size(ns, "ns")));
+           },
+           "device"_a, "ns"_a, release_gil())
       .def("leaks", &sim::SimDriver::leaks, release_gil())
       .def_static("operation_names", &sim::SimDriver::operation_names);
 

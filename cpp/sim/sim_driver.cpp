@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <functional>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <sstream>
@@ -113,6 +114,66 @@ double next_unit(std::uint64_t& state) {
   return static_cast<double>(z >> 11) * (1.0 / 9007199254740992.0);
 }
 
+// Virtual time is int64 nanoseconds from 0, so it ends about 292 years in. The powers
+// that move a clock by an amount the caller chose (advance, compute, copies) refuse one
+// that would pass the end, with InvalidArgumentError; a driver call cannot refuse to cost
+// time (the real driver would not fail), so its cost stops the clock at the end instead.
+constexpr std::int64_t kEndOfTimeNs = std::numeric_limits<std::int64_t>::max();
+
+// `start_ns + amount_ns`, or kEndOfTimeNs where the sum would pass it. Both must be
+// non-negative (clocks start at 0 and only move forward; costs and delays are checked at
+// construction).
+constexpr std::int64_t saturating_sum_ns(std::int64_t start_ns, std::int64_t amount_ns) noexcept {
+  return amount_ns > kEndOfTimeNs - start_ns ? kEndOfTimeNs : start_ns + amount_ns;
+}
+
+// InvalidArgumentError naming the clock (`where`, e.g. "device 0's clock"), the time
+// the work starts at and its amount, unless `amount_ns` from `start_ns` fits in time.
+void check_fits_in_time(const std::string& where, std::int64_t start_ns, const std::string& what,
+                        std::int64_t amount_ns) {
+  if (amount_ns <= kEndOfTimeNs - start_ns) return;
+  throw InvalidArgumentError(where + " at " + std::to_string(start_ns) + " ns: " + what +
+                             " " + std::to_string(amount_ns) +
+                             " ns would pass the end of virtual time (" +
+                             std::to_string(kEndOfTimeNs) + " ns, about 292 years)");
+}
+
+// Nanoseconds a host-to-device copy of `bytes` takes on `device` at `bytes_per_s`;
+// InvalidArgumentError when that is longer than virtual time lasts.
+std::int64_t copy_duration_ns(int device, std::size_t bytes, double bytes_per_s) {
+  const double ns = static_cast<double>(bytes) / bytes_per_s * 1e9;
+  // 2^63 exactly: every double below it converts to an int64.
+  if (!(ns < 9223372036854775808.0)) {
+    throw InvalidArgumentError("device " + std::to_string(device) + ": a copy of " +
+                               std::to_string(bytes) + " bytes at " + std::to_string(bytes_per_s) +
+                               " bytes/s takes longer than virtual time lasts (" +
+                               std::to_string(kEndOfTimeNs) + " ns, about 292 years)");
+  }
+  return static_cast<std::int64_t>(std::llround(ns));
+}
+
+// An engine's time: the moment its queued work is done, in nanoseconds. Adding to it
+// stops at kEndOfTimeNs instead of wrapping negative, so every `clock += cost` a driver
+// call makes is safe as written; the powers check with check_fits_in_time first.
+class ClockNs {
+ public:
+  operator std::int64_t() const noexcept { return ns_; }
+  ClockNs& operator=(std::int64_t ns) noexcept {
+    ns_ = ns;
+    return *this;
+  }
+  ClockNs& operator+=(std::int64_t amount_ns) noexcept {
+    ns_ = saturating_sum_ns(ns_, amount_ns);
+    return *this;
+  }
+  friend ClockNs operator+(ClockNs clock, std::int64_t amount_ns) noexcept {
+    return clock += amount_ns;
+  }
+
+ private:
+  std::int64_t ns_ = 0;
+};
+
 struct Mapping {
   std::size_t size_bytes;
   PhysicalHandle handle;
@@ -136,8 +197,8 @@ struct DeviceState {
   std::size_t physical_bytes = 0;
   std::size_t stream_bytes = 0;
   std::size_t external_bytes = 0;
-  std::int64_t clock_ns = 0;        // the compute engine (and driver calls): done at
-  std::int64_t copy_engine_ns = 0;  // the host-to-device copy engine: done at
+  ClockNs clock_ns;        // the compute engine (and driver calls): done at
+  ClockNs copy_engine_ns;  // the host-to-device copy engine: done at
   std::map<DeviceAddress, Reservation> reservations;
   std::map<PhysicalHandle, Physical> physical;
   std::map<DeviceAddress, std::size_t> streams;
@@ -246,6 +307,13 @@ struct SimDriver::State {
   void host_at_least(std::int64_t ns) {
     std::int64_t seen = host_clock.load(std::memory_order_relaxed);
     while (seen < ns && !host_clock.compare_exchange_weak(seen, ns, std::memory_order_relaxed)) {
+    }
+  }
+  // Move the host clock forward by `ns` (not negative), stopping at the end of time.
+  void host_advance(std::int64_t ns) {
+    std::int64_t seen = host_clock.load(std::memory_order_relaxed);
+    while (!host_clock.compare_exchange_weak(seen, saturating_sum_ns(seen, ns),
+                                             std::memory_order_relaxed)) {
     }
   }
 
@@ -379,6 +447,14 @@ SimDriver::SimDriver(std::vector<SimDeviceSpec> devices, std::uint64_t seed, Sim
       devices_(std::move(devices)),
       state_(std::make_unique<State>()) {
   if (options_.free_delay_ns < 0) throw InvalidArgumentError("free_delay must not be negative");
+  // Clocks only move forward: a negative cost would move one back (and break the
+  // end-of-time arithmetic, which assumes amounts are not negative).
+  for (const std::int64_t cost_ns :
+       {costs_.create_physical_ns, costs_.map_ns, costs_.set_access_ns, costs_.unmap_ns,
+        costs_.release_physical_ns, costs_.memory_info_ns, costs_.synchronize_ns,
+        costs_.reserve_ns, costs_.free_range_ns, costs_.stream_alloc_ns, costs_.stream_free_ns}) {
+    if (cost_ns < 0) throw InvalidArgumentError("a simulated cost must not be negative");
+  }
   if (devices_.empty() || devices_.size() > 64) {
     throw InvalidArgumentError("a simulator needs between 1 and 64 devices, got " +
                                std::to_string(devices_.size()));
@@ -1069,8 +1145,19 @@ std::uint64_t SimDriver::call_count(const std::string& operation, int device) co
 void SimDriver::advance(int device, std::int64_t ns) {
   if (ns < 0) throw InvalidArgumentError("time only moves forward");
   if (device != -1) check_device(device, device_total());
-  if (state_->recording.load(std::memory_order_relaxed)) {
-    state_->record("@advance dev=" + std::to_string(device) + " ns=" + std::to_string(ns));
+  // Every clock moves or none does: all are checked before any moves. A driver call on
+  // another thread may move a clock between the check and the move (no call takes two
+  // devices' locks); that clock then stops at the end of time rather than wrapping.
+  for (int i = 0; i < device_total(); ++i) {
+    if (device != -1 && i != device) continue;
+    DeviceState& d = *state_->devices[static_cast<std::size_t>(i)];
+    std::lock_guard<std::mutex> lock(d.mutex);
+    check_fits_in_time("device " + std::to_string(i) + "'s clock", d.clock_ns, "advancing it by",
+                       ns);
+  }
+  if (device == -1) {
+    check_fits_in_time("the host's clock", state_->host_clock.load(std::memory_order_relaxed),
+                       "advancing it by", ns);
   }
   for (int i = 0; i < device_total(); ++i) {
     if (device != -1 && i != device) continue;
@@ -1078,45 +1165,57 @@ void SimDriver::advance(int device, std::int64_t ns) {
     std::lock_guard<std::mutex> lock(d.mutex);
     d.clock_ns += ns;
   }
-  if (device == -1) state_->host_clock.fetch_add(ns, std::memory_order_relaxed);
+  if (device == -1) state_->host_advance(ns);
+  if (state_->recording.load(std::memory_order_relaxed)) {
+    state_->record("@advance dev=" + std::to_string(device) + " ns=" + std::to_string(ns));
+  }
 }
 
+// Each of these checks that the work fits before virtual time ends, then moves the clock
+// and records the call under the device's lock, so a refused call leaves the clocks and
+// the log as they were.
 void SimDriver::copy_to_device(int device, std::size_t bytes) {
   check_device(device, device_total());
-  const double seconds =
-      static_cast<double>(bytes) / devices_[static_cast<std::size_t>(device)].host_to_device_bytes_per_s;
+  const std::int64_t ns = copy_duration_ns(
+      device, bytes, devices_[static_cast<std::size_t>(device)].host_to_device_bytes_per_s);
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  check_fits_in_time("device " + std::to_string(device) + "'s clock", d.clock_ns,
+                     "a copy of " + std::to_string(bytes) + " bytes taking", ns);
+  d.clock_ns += ns;
   if (state_->recording.load(std::memory_order_relaxed)) {
     state_->record("@copy_to_device dev=" + std::to_string(device) + " bytes=" +
                    std::to_string(bytes));
   }
-  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-  std::lock_guard<std::mutex> lock(d.mutex);
-  d.clock_ns += static_cast<std::int64_t>(std::llround(seconds * 1e9));
 }
 
 void SimDriver::compute(int device, std::int64_t ns) {
   if (ns < 0) throw InvalidArgumentError("compute time must not be negative");
   check_device(device, device_total());
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  check_fits_in_time("device " + std::to_string(device) + "'s clock", d.clock_ns, "compute of", ns);
+  d.clock_ns += ns;
   if (state_->recording.load(std::memory_order_relaxed)) {
     state_->record("@compute dev=" + std::to_string(device) + " ns=" + std::to_string(ns));
   }
-  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-  std::lock_guard<std::mutex> lock(d.mutex);
-  d.clock_ns += ns;
 }
 
 std::int64_t SimDriver::copy_async(int device, std::size_t bytes, std::int64_t after_ns) {
   check_device(device, device_total());
   if (after_ns < 0) throw InvalidArgumentError("a copy cannot wait for a time before 0");
-  const double seconds =
-      static_cast<double>(bytes) / devices_[static_cast<std::size_t>(device)].host_to_device_bytes_per_s;
+  const std::int64_t ns = copy_duration_ns(
+      device, bytes, devices_[static_cast<std::size_t>(device)].host_to_device_bytes_per_s);
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  const std::int64_t start_ns = std::max<std::int64_t>(d.copy_engine_ns, after_ns);
+  check_fits_in_time("device " + std::to_string(device) + "'s copy engine, starting the copy",
+                     start_ns, "a copy of " + std::to_string(bytes) + " bytes taking", ns);
+  d.copy_engine_ns = start_ns + ns;
   if (state_->recording.load(std::memory_order_relaxed)) {
     state_->record("@copy_async dev=" + std::to_string(device) + " bytes=" + std::to_string(bytes) +
                    " after=" + std::to_string(after_ns));
   }
-  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-  std::lock_guard<std::mutex> lock(d.mutex);
-  d.copy_engine_ns = std::max(d.copy_engine_ns, after_ns) + static_cast<std::int64_t>(std::llround(seconds * 1e9));
   return d.copy_engine_ns;
 }
 
@@ -1124,13 +1223,16 @@ std::int64_t SimDriver::compute_async(int device, std::int64_t ns, std::int64_t 
   if (ns < 0) throw InvalidArgumentError("compute time must not be negative");
   if (after_ns < 0) throw InvalidArgumentError("compute cannot wait for a time before 0");
   check_device(device, device_total());
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  const std::int64_t start_ns = std::max<std::int64_t>(d.clock_ns, after_ns);
+  check_fits_in_time("device " + std::to_string(device) + "'s compute engine, starting the work",
+                     start_ns, "compute of", ns);
+  d.clock_ns = start_ns + ns;
   if (state_->recording.load(std::memory_order_relaxed)) {
     state_->record("@compute_async dev=" + std::to_string(device) + " ns=" + std::to_string(ns) +
                    " after=" + std::to_string(after_ns));
   }
-  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-  std::lock_guard<std::mutex> lock(d.mutex);
-  d.clock_ns = std::max(d.clock_ns, after_ns) + ns;
   return d.clock_ns;
 }
 
@@ -1313,8 +1415,16 @@ std::uint64_t SimDriver::hold(const std::string& operation, int device) {
 }
 
 bool SimDriver::wait_held(std::uint64_t hold_id, std::int64_t timeout_ns) {
+  if (timeout_ns < 0) throw InvalidArgumentError("a timeout must not be negative");
+  // A deadline past the steady clock's range waits as long as it can instead of wrapping
+  // round to the past (wait_for would add the timeout to now() unchecked).
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point now = Clock::now();
+  const auto timeout = std::chrono::duration_cast<Clock::duration>(std::chrono::nanoseconds(timeout_ns));
+  const Clock::time_point deadline =
+      timeout > Clock::time_point::max() - now ? Clock::time_point::max() : now + timeout;
   std::unique_lock<std::mutex> lock(state_->holds_mutex);
-  return state_->holds_changed.wait_for(lock, std::chrono::nanoseconds(timeout_ns), [&] {
+  return state_->holds_changed.wait_until(lock, deadline, [&] {
     auto h = std::find_if(state_->holds.begin(), state_->holds.end(),
                           [&](const Hold& x) { return x.id == hold_id; });
     return h != state_->holds.end() && h->arrived;
