@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <charconv>
 #include <chrono>
 #include <cinttypes>
 #include <cmath>
@@ -12,7 +13,9 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <set>
 #include <sstream>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 
@@ -85,6 +88,44 @@ std::string hex(DeviceAddress va) {
   char buffer[32];
   std::snprintf(buffer, sizeof buffer, "0x%" PRIx64, static_cast<std::uint64_t>(va));
   return buffer;
+}
+
+// Reading numbers back from the event log (replay). The log writes each in one form:
+// decimal (sizes, counts, devices, codes, times), 0x-hex (handles, addresses) and %.17g
+// (probabilities); these read exactly that form, the whole text, in range for the type,
+// and throw InvalidArgumentError naming `key` otherwise (no sign on an unsigned value,
+// no spaces, no octal, no wrap-around).
+template <class Number>
+Number parse_number(const char* key, const std::string& text, int base) {
+  const char* first = text.data();
+  const char* last = text.data() + text.size();
+  if (base == 16) {
+    if (text.size() < 3 || text[0] != '0' || text[1] != 'x') {
+      throw InvalidArgumentError(std::string(key) + "=" + text + " is not a 0x-hex number");
+    }
+    first += 2;
+  }
+  Number value{};
+  const auto [end, error] = std::from_chars(first, last, value, base);
+  if (error == std::errc::result_out_of_range) {
+    throw InvalidArgumentError(std::string(key) + "=" + text + " is out of range for its type");
+  }
+  if (error != std::errc() || end != last) {
+    throw InvalidArgumentError(std::string(key) + "=" + text + " is not a number");
+  }
+  return value;
+}
+
+double parse_probability(const char* key, const std::string& text) {
+  double value = 0;
+  const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (error == std::errc::result_out_of_range) {
+    throw InvalidArgumentError(std::string(key) + "=" + text + " is out of range for a double");
+  }
+  if (error != std::errc() || end != text.data() + text.size()) {
+    throw InvalidArgumentError(std::string(key) + "=" + text + " is not a number");
+  }
+  return value;
 }
 
 int op_index(const std::string& operation) {
@@ -293,15 +334,29 @@ struct SimDriver::State {
     const DeviceAddress base = stream ? stream_base[d] : reservation_base[d];
     return std::string(stream ? "s" : "r") + std::to_string(device) + "+" + hex(va - base);
   }
-  DeviceAddress parse_address(const std::string& text) const {
+  // What address() wrote: "r<device>+0x<offset>" with a device this simulator has and
+  // an offset inside its region, or "0x<address>". InvalidArgumentError otherwise.
+  DeviceAddress parse_address(const char* key, const std::string& text) const {
     if (!text.empty() && (text[0] == 'r' || text[0] == 's')) {
       const std::size_t plus = text.find('+');
-      const auto device = static_cast<std::size_t>(std::stoi(text.substr(1, plus - 1)));
-      if (device >= device_count) throw InvalidArgumentError("log names a device it lacks: " + text);
-      const DeviceAddress base = text[0] == 's' ? stream_base[device] : reservation_base[device];
-      return base + std::stoull(text.substr(plus + 1), nullptr, 16);
+      if (plus == std::string::npos) {
+        throw InvalidArgumentError(std::string(key) + "=" + text + " is not an address");
+      }
+      const int device = parse_number<int>(key, text.substr(1, plus - 1), 10);
+      if (device < 0 || static_cast<std::size_t>(device) >= device_count) {
+        throw InvalidArgumentError(std::string(key) + "=" + text + " names device " +
+                                   std::to_string(device) + "; the simulator has " +
+                                   std::to_string(device_count));
+      }
+      const DeviceAddress offset = parse_number<DeviceAddress>(key, text.substr(plus + 1), 16);
+      if (offset >= kRegionBytes) {
+        throw InvalidArgumentError(std::string(key) + "=" + text +
+                                   " lies past the end of the device's region");
+      }
+      const auto d = static_cast<std::size_t>(device);
+      return (text[0] == 's' ? stream_base[d] : reservation_base[d]) + offset;
     }
-    return std::stoull(text, nullptr, 16);
+    return parse_number<DeviceAddress>(key, text, 16);
   }
   // Advance the host clock to at least `ns`.
   void host_at_least(std::int64_t ns) {
@@ -1261,10 +1316,14 @@ std::string SimDriver::log() const {
 
 namespace {
 
-// One log line: its name, its key=value arguments, and what follows "->".
+// One log line: its name, its key=value arguments, and whether "->" and a result follow
+// them (a driver call's line has one, a simulator power's has none). The result is not
+// read: replay compares it as text.
 struct LogLine {
   std::string name;
   std::map<std::string, std::string> args;
+  bool has_result = false;
+  std::set<std::string> read;  // the arguments replay used: any other is one too many
 };
 
 LogLine parse_line(const std::string& line) {
@@ -1272,12 +1331,40 @@ LogLine parse_line(const std::string& line) {
   LogLine out;
   in >> out.name;
   std::string token;
-  while (in >> token && token != "->") {
+  while (in >> token) {
+    if (token == "->") {
+      out.has_result = true;
+      break;
+    }
     const std::size_t eq = token.find('=');
-    if (eq == std::string::npos) throw InvalidArgumentError("cannot read log line: " + line);
-    out.args[token.substr(0, eq)] = token.substr(eq + 1);
+    if (eq == std::string::npos || eq == 0) {
+      throw InvalidArgumentError("'" + token + "' is not key=value");
+    }
+    if (!out.args.emplace(token.substr(0, eq), token.substr(eq + 1)).second) {
+      throw InvalidArgumentError(token.substr(0, eq) + "= appears twice");
+    }
+  }
+  if (out.has_result != (out.name[0] != '@')) {
+    throw InvalidArgumentError(out.has_result ? "a simulator power's line has no '->'"
+                                              : "it lacks '-> result'");
   }
   return out;
+}
+
+const std::string& field(LogLine& l, const char* key) {
+  auto found = l.args.find(key);
+  if (found == l.args.end()) throw InvalidArgumentError(std::string("it lacks ") + key + "=");
+  l.read.insert(key);
+  return found->second;
+}
+
+// Log text as an error message quotes it: at most `max_bytes`, cut between two UTF-8
+// characters (Python decodes the message), "..." marking the cut.
+std::string clipped(const std::string& text, std::size_t max_bytes) {
+  if (text.size() <= max_bytes) return text;
+  std::size_t cut = max_bytes;
+  while (cut > 0 && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) --cut;
+  return text.substr(0, cut) + "...";
 }
 
 }  // namespace
@@ -1288,79 +1375,111 @@ std::vector<std::string> SimDriver::replay(const std::string& log_text) const {
   SimDriver fresh(devices_, seed_, options);
   State& st = *fresh.state_;
   std::vector<std::string> expected;
+  std::vector<std::size_t> expected_line_numbers;  // in log_text, blank lines counted
   std::istringstream lines(log_text);
   std::string line;
-  const auto number = [](const LogLine& l, const char* key) -> std::uint64_t {
-    auto found = l.args.find(key);
-    if (found == l.args.end()) throw InvalidArgumentError(std::string("log line lacks ") + key);
-    return std::stoull(found->second, nullptr, 0);
-  };
-  const auto signed_number = [](const LogLine& l, const char* key) -> std::int64_t {
-    auto found = l.args.find(key);
-    if (found == l.args.end()) throw InvalidArgumentError(std::string("log line lacks ") + key);
-    return std::stoll(found->second, nullptr, 0);
-  };
+  std::size_t line_number = 0;
   while (std::getline(lines, line)) {
-    if (line.empty()) continue;
+    ++line_number;
+    if (!line.empty() && line.back() == '\r') line.pop_back();  // a log saved with CRLF
+    if (line.find_first_not_of(" \t\r\v\f") == std::string::npos) continue;  // blank
     expected.push_back(line);
-    const LogLine l = parse_line(line);
-    const auto device = [&] { return static_cast<int>(signed_number(l, "dev")); };
-    const auto size = [&] { return static_cast<std::size_t>(number(l, "size")); };
-    const auto va = [&] { return st.parse_address(l.args.at("va")); };
-    if (l.args.count("cur")) st.set_current(static_cast<int>(signed_number(l, "cur")));
-    std::size_t a = 0;
-    std::size_t b = 0;
-    DeviceAddress out = 0;
-    PhysicalHandle handle = 0;
-    if (l.name == "cuMemGetInfo") {
-      fresh.memory_info(device(), &a, &b);
-    } else if (l.name == "cuMemAddressReserve") {
-      fresh.reserve_address_range(device(), size(), static_cast<std::size_t>(number(l, "align")), &out);
-    } else if (l.name == "cuMemAddressFree") {
-      fresh.free_address_range(va(), size());
-    } else if (l.name == "cuMemCreate") {
-      fresh.create_physical(device(), size(), &handle);
-    } else if (l.name == "cuMemRelease") {
-      fresh.release_physical(number(l, "handle"));
-    } else if (l.name == "cuMemMap") {
-      fresh.map(va(), size(), number(l, "handle"));
-    } else if (l.name == "cuMemUnmap") {
-      fresh.unmap(va(), size());
-    } else if (l.name == "cuMemSetAccess") {
-      fresh.set_access(va(), size(), device());
-    } else if (l.name == "cuCtxSynchronize") {
-      fresh.synchronize(device());
-    } else if (l.name == "cuMemAllocAsync") {
-      fresh.stream_alloc(device(), size(), 0, &out);
-    } else if (l.name == "cuMemFreeAsync") {
-      fresh.stream_free(device(), st.parse_address(l.args.at("ptr")), 0);
-    } else if (l.name == "cuCtxSetCurrent") {
-      ContextToken token;
-      fresh.make_current(device(), &token);
-    } else if (l.name == "@add_external_usage") {
-      fresh.add_external_usage(device(), static_cast<std::size_t>(number(l, "bytes")));
-    } else if (l.name == "@remove_external_usage") {
-      fresh.remove_external_usage(device(), static_cast<std::size_t>(number(l, "bytes")));
-    } else if (l.name == "@fail") {
-      fresh.fail(l.args.at("op"), device(), static_cast<int>(signed_number(l, "code")),
-                 number(l, "skip"), number(l, "count"));
-    } else if (l.name == "@fail_rate") {
-      fresh.fail_rate(l.args.at("op"), device(), static_cast<int>(signed_number(l, "code")),
-                      std::stod(l.args.at("p")));
-    } else if (l.name == "@clear_failures") {
-      fresh.clear_failures();
-    } else if (l.name == "@advance") {
-      fresh.advance(device(), signed_number(l, "ns"));
-    } else if (l.name == "@copy_to_device") {
-      fresh.copy_to_device(device(), static_cast<std::size_t>(number(l, "bytes")));
-    } else if (l.name == "@compute") {
-      fresh.compute(device(), signed_number(l, "ns"));
-    } else if (l.name == "@copy_async") {
-      fresh.copy_async(device(), static_cast<std::size_t>(number(l, "bytes")), signed_number(l, "after"));
-    } else if (l.name == "@compute_async") {
-      fresh.compute_async(device(), signed_number(l, "ns"), signed_number(l, "after"));
-    } else {
-      throw InvalidArgumentError("cannot replay log line: " + line);
+    expected_line_numbers.push_back(line_number);
+    try {
+      LogLine l = parse_line(line);
+      const auto number = [&](const char* key) {
+        return parse_number<std::uint64_t>(key, field(l, key), 10);
+      };
+      const auto handle_of = [&](const char* key) {
+        return parse_number<PhysicalHandle>(key, field(l, key), 16);
+      };
+      const auto signed_number = [&](const char* key) {
+        return parse_number<std::int64_t>(key, field(l, key), 10);
+      };
+      const auto int_number = [&](const char* key) {
+        return parse_number<int>(key, field(l, key), 10);
+      };
+      const auto device = [&] { return int_number("dev"); };
+      const auto size = [&] { return static_cast<std::size_t>(number("size")); };
+      const auto va = [&] { return st.parse_address("va", field(l, "va")); };
+      // The calls that need a current context log it (cur=, -1 for none) before their
+      // result; replay makes it current again first.
+      const auto current = [&] {
+        const int cur = int_number("cur");
+        if (cur < -1 || cur >= fresh.device_total()) {
+          throw InvalidArgumentError("cur=" + std::to_string(cur) + " is not -1 or a device of " +
+                                     "this simulator");
+        }
+        st.set_current(cur);
+      };
+      std::size_t a = 0;
+      std::size_t b = 0;
+      DeviceAddress out = 0;
+      PhysicalHandle handle = 0;
+      if (l.name == "cuMemGetInfo") {
+        current();
+        fresh.memory_info(device(), &a, &b);
+      } else if (l.name == "cuMemAddressReserve") {
+        fresh.reserve_address_range(device(), size(), static_cast<std::size_t>(number("align")), &out);
+      } else if (l.name == "cuMemAddressFree") {
+        fresh.free_address_range(va(), size());
+      } else if (l.name == "cuMemCreate") {
+        fresh.create_physical(device(), size(), &handle);
+      } else if (l.name == "cuMemRelease") {
+        fresh.release_physical(handle_of("handle"));
+      } else if (l.name == "cuMemMap") {
+        fresh.map(va(), size(), handle_of("handle"));
+      } else if (l.name == "cuMemUnmap") {
+        fresh.unmap(va(), size());
+      } else if (l.name == "cuMemSetAccess") {
+        fresh.set_access(va(), size(), device());
+      } else if (l.name == "cuCtxSynchronize") {
+        current();
+        fresh.synchronize(device());
+      } else if (l.name == "cuMemAllocAsync") {
+        current();
+        fresh.stream_alloc(device(), size(), 0, &out);
+      } else if (l.name == "cuMemFreeAsync") {
+        current();
+        fresh.stream_free(device(), st.parse_address("ptr", field(l, "ptr")), 0);
+      } else if (l.name == "cuCtxSetCurrent") {
+        ContextToken token;
+        fresh.make_current(device(), &token);
+      } else if (l.name == "@add_external_usage") {
+        fresh.add_external_usage(device(), static_cast<std::size_t>(number("bytes")));
+      } else if (l.name == "@remove_external_usage") {
+        fresh.remove_external_usage(device(), static_cast<std::size_t>(number("bytes")));
+      } else if (l.name == "@fail") {
+        fresh.fail(field(l, "op"), device(), int_number("code"), number("skip"), number("count"));
+      } else if (l.name == "@fail_rate") {
+        fresh.fail_rate(field(l, "op"), device(), int_number("code"),
+                        parse_probability("p", field(l, "p")));
+      } else if (l.name == "@clear_failures") {
+        fresh.clear_failures();
+      } else if (l.name == "@advance") {
+        fresh.advance(device(), signed_number("ns"));
+      } else if (l.name == "@copy_to_device") {
+        fresh.copy_to_device(device(), static_cast<std::size_t>(number("bytes")));
+      } else if (l.name == "@compute") {
+        fresh.compute(device(), signed_number("ns"));
+      } else if (l.name == "@copy_async") {
+        fresh.copy_async(device(), static_cast<std::size_t>(number("bytes")), signed_number("after"));
+      } else if (l.name == "@compute_async") {
+        fresh.compute_async(device(), signed_number("ns"), signed_number("after"));
+      } else {
+        throw InvalidArgumentError("'" + l.name + "' is neither a driver call nor a simulator power");
+      }
+      // Checked after the call: it only ran on `fresh`, which the throw discards.
+      for (const auto& arg : l.args) {
+        if (l.read.count(arg.first) == 0) {
+          throw InvalidArgumentError(l.name + " has no argument " + arg.first + "=");
+        }
+      }
+    } catch (const InvalidArgumentError& error) {
+      // A line that does not read, or a power that refuses it (which a recorded call
+      // never was): the documented error, naming the line.
+      throw InvalidArgumentError("cannot replay log line " + std::to_string(line_number) + " ('" +
+                                 clipped(line, 200) + "'): " + clipped(error.what(), 300));
     }
   }
   std::vector<std::string> differences;
@@ -1370,7 +1489,11 @@ std::vector<std::string> SimDriver::replay(const std::string& log_text) const {
     const std::string want = i < expected.size() ? expected[i] : "(nothing)";
     const std::string got = i < st.log_lines.size() ? st.log_lines[i] : "(nothing)";
     if (want != got) {
-      differences.push_back("line " + std::to_string(i + 1) + ": logged '" + want +
+      // Lines are replayed one for one, so a line of its own past the log's end would be
+      // a bug of replay's; it is still reported, numbered after the log's last line.
+      const std::size_t number =
+          i < expected.size() ? expected_line_numbers[i] : line_number + 1 + (i - expected.size());
+      differences.push_back("line " + std::to_string(number) + ": logged '" + want +
                             "', replayed '" + got + "'");
     }
   }

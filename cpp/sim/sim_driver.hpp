@@ -180,7 +180,11 @@ class SimDriver final : public Driver {
   std::string log() const;
   // Re-issue every call of `log` on a fresh simulator with this one's devices, seed and
   // options, and compare each result line. Returns the lines that differ (empty: the
-  // replay reproduced the log). InvalidArgumentError for a line it cannot read.
+  // replay reproduced the log), numbered as in `log`; blank lines are skipped.
+  // InvalidArgumentError naming the line (number and text) for one that is not as the
+  // log writes it (a field missing, extra or repeated; a number that does not read or
+  // does not fit its type; an address outside the devices' regions; an unknown name),
+  // or that a simulator power refuses. Never any other exception for bad text.
   std::vector<std::string> replay(const std::string& log) const;
   // One readable line per live reservation, physical allocation, mapping and
   // stream-ordered allocation; empty when nothing leaks.

@@ -379,7 +379,22 @@ class SimBackend:
 
     def replay(self, log: str) -> list[str]:
         """Re-issue every call of ``log`` on a fresh simulator with this one's devices,
-        seed and options; return the lines whose result differs (empty: reproduced)."""
+        seed and options; return the lines whose result differs (empty: reproduced),
+        each as ``"line N: logged '...', replayed '...'"``. Blank lines are skipped.
+
+        A line that is not as the simulator writes it (a missing, extra or repeated
+        field, a number that does not read or is out of range for its type, an unknown
+        name) or that a simulator power refuses is a ValueError naming the line, by
+        number and text; TypeError when ``log`` is not a str."""
+        if not isinstance(log, str):
+            raise TypeError(f"log must be a str, not {type(log).__name__}")
+        try:
+            log.encode("utf-8")
+        except UnicodeEncodeError as error:
+            number = log.count("\n", 0, error.start) + 1
+            text = log.split("\n")[number - 1]
+            raise ValueError(f"cannot replay log line {number} ({text[:200]!r}): "
+                             "it is not valid text (it holds a lone surrogate)") from None
         return list(self._driver.replay(log))
 
 
