@@ -258,6 +258,9 @@ NB_MODULE(_core, m) {
   m.attr("DeviceNotInitializedError") = nb::borrow(types->device_not_initialized);
   m.attr("InvalidStateError") = nb::borrow(types->invalid_state);
   nb::register_exception_translator(&translate, types);
+  // Where Vbar.alloc starts each allocation: its offset is a multiple of this many bytes,
+  // so n allocations of s bytes need (n - 1) * round_up(s, this) + s bytes of a VBAR.
+  m.attr("ALLOCATION_ALIGNMENT_BYTES") = Vbar::kAllocationAlignment;
 
   m.def("noop", [](const Allocation&) {},
         "Does nothing with an Allocation: the baseline of benchmarks.fault_path.");
