@@ -543,7 +543,8 @@ def test_sim_backend_operations_are_the_cuda_names():
 
 def test_package_exports():
     assert sorted(aimdo.__all__) == sorted([
-        "AimdoError", "Allocation", "CudaBackend", "DeviceNotInitializedError", "DriverError",
+        "ALLOCATION_ALIGNMENT_BYTES", "AimdoError", "Allocation", "CudaBackend",
+        "DeviceNotInitializedError", "DriverError",
         "InvalidStateError", "Manager", "OutOfMemoryError", "Signature", "SimBackend", "Vbar",
         "format_size", "get_manager", "init", "parse_size", "shutdown",
     ])

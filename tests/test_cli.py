@@ -40,3 +40,56 @@ def test_demo_reports_a_clean_error_for_a_device_it_does_not_have():
     assert result.returncode == 1
     assert "aimdo: " in result.stderr or "ValueError" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def assert_reported(result):
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "1 device at batch 2 (device 0)" in out
+    assert "2 devices at batch 1 each (devices 0, 1)" in out
+    report = "last step (virtual): 1 device" if BACKEND == "sim" else "last step: aimdo's own cost"
+    assert report in out
+
+
+@pytest.mark.parametrize("layer_size", [1000, (1 << 20) + 1])
+def test_demo_runs_with_a_layer_size_that_is_not_a_multiple_of_the_allocation_alignment(layer_size):
+    if BACKEND == "cuda" and aimdo.CudaBackend().device_count < 2:
+        pytest.skip("the demo's second configuration needs two GPUs")
+    assert layer_size % aimdo.ALLOCATION_ALIGNMENT_BYTES != 0
+    result = run_demo("--layer-size", str(layer_size))
+    assert_reported(result)
+    assert f"(8 layers of {aimdo.format_size(layer_size)})" in result.stdout
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--layers", "0"), ("--layers", "-1"), ("--layers", "1000000000"), ("--layers", "2.5"),
+    ("--steps", "0"), ("--steps", "-3"), ("--steps", "100000000000"),
+    ("--layer-size", "0"), ("--layer-size", "-5"), ("--layer-size", "0.1"),
+    ("--vram-limit", "0"), ("--page-size", "0"),
+    ("--layer-compute-ms", "-1"), ("--layer-compute-ms", "nan"), ("--layer-compute-ms", "inf"),
+    ("--layer-compute-ms", "1e300"),
+    ("--devices", ","), ("--devices", "0,0"), ("--devices", "-1"),
+])
+def test_demo_rejects_an_option_out_of_range_before_it_runs(option, value, monkeypatch, capsys):
+    from aimdo import __main__, _demo
+
+    def must_not_run(args):
+        pytest.fail(f"the demo ran with {option} {value}")
+
+    monkeypatch.setattr(_demo, "run_demo", must_not_run)
+    with pytest.raises(SystemExit) as exited:
+        __main__.main(["demo", "--backend", BACKEND, option, value])
+    assert exited.value.code == 2  # argparse's usage error
+    err = capsys.readouterr().err
+    assert f"error: argument {option}: " in err, err
+    assert "Traceback" not in err
+
+
+def test_demo_reports_a_model_too_large_for_the_backend_in_one_line(capsys):
+    from aimdo import __main__
+
+    code = __main__.main(["demo", "--backend", BACKEND, "--layers", "4", "--steps", "1",
+                          "--layer-size", "100000000TiB"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err.startswith("aimdo: ") and err.count("\n") == 1, err

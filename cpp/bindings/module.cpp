@@ -258,6 +258,9 @@ NB_MODULE(_core, m) {
   m.attr("DeviceNotInitializedError") = nb::borrow(types->device_not_initialized);
   m.attr("InvalidStateError") = nb::borrow(types->invalid_state);
   nb::register_exception_translator(&translate, types);
+  // Where Vbar.alloc starts each allocation: its offset is a multiple of this many bytes,
+  // so n allocations of s bytes need (n - 1) * round_up(s, this) + s bytes of a VBAR.
+  m.attr("ALLOCATION_ALIGNMENT_BYTES") = Vbar::kAllocationAlignment;
 
   m.def("noop", [](const Allocation&) {},
         "Does nothing with an Allocation: the baseline of benchmarks.fault_path.");
@@ -477,7 +480,11 @@ NB_MODULE(_core, m) {
       .def("wait_held", &sim::SimDriver::wait_held, "hold_id"_a, "timeout_ns"_a, release_gil())
       .def("release_hold", &sim::SimDriver::release_hold, "hold_id"_a, release_gil())
       .def("now_ns", &sim::SimDriver::now_ns, "device"_a, release_gil())
-      .def("advance", &sim::SimDriver::advance, "device"_a, "ns"_a, release_gil())
+      .def("advance",
+           [](sim::SimDriver& s, IntArg device, IntArg ns) {
+             s.advance(to_device(device), static_cast<std::int64_t>(to_size(ns, "ns")));
+           },
+           "device"_a, "ns"_a, release_gil())
       .def("leaks", &sim::SimDriver::leaks, release_gil())
       .def_static("operation_names", &sim::SimDriver::operation_names);
 

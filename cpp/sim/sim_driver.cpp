@@ -3,15 +3,19 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <charconv>
 #include <chrono>
 #include <cinttypes>
 #include <cmath>
 #include <condition_variable>
 #include <cstdio>
 #include <functional>
+#include <limits>
 #include <map>
 #include <mutex>
+#include <set>
 #include <sstream>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 
@@ -88,6 +92,44 @@ std::string hex(DeviceAddress va) {
   return buffer;
 }
 
+// Reading numbers back from the event log (replay). The log writes each in one form:
+// decimal (sizes, counts, devices, codes, times), 0x-hex (handles, addresses) and %.17g
+// (probabilities); these read exactly that form, the whole text, in range for the type,
+// and throw InvalidArgumentError naming `key` otherwise (no sign on an unsigned value,
+// no spaces, no octal, no wrap-around).
+template <class Number>
+Number parse_number(const char* key, const std::string& text, int base) {
+  const char* first = text.data();
+  const char* last = text.data() + text.size();
+  if (base == 16) {
+    if (text.size() < 3 || text[0] != '0' || text[1] != 'x') {
+      throw InvalidArgumentError(std::string(key) + "=" + text + " is not a 0x-hex number");
+    }
+    first += 2;
+  }
+  Number value{};
+  const auto [end, error] = std::from_chars(first, last, value, base);
+  if (error == std::errc::result_out_of_range) {
+    throw InvalidArgumentError(std::string(key) + "=" + text + " is out of range for its type");
+  }
+  if (error != std::errc() || end != last) {
+    throw InvalidArgumentError(std::string(key) + "=" + text + " is not a number");
+  }
+  return value;
+}
+
+double parse_probability(const char* key, const std::string& text) {
+  double value = 0;
+  const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (error == std::errc::result_out_of_range) {
+    throw InvalidArgumentError(std::string(key) + "=" + text + " is out of range for a double");
+  }
+  if (error != std::errc() || end != text.data() + text.size()) {
+    throw InvalidArgumentError(std::string(key) + "=" + text + " is not a number");
+  }
+  return value;
+}
+
 int op_index(const std::string& operation) {
   for (int i = 0; i < kOpCount; ++i) {
     if (operation == kOpNames[i]) return i;
@@ -115,6 +157,66 @@ double next_unit(std::uint64_t& state) {
   return static_cast<double>(z >> 11) * (1.0 / 9007199254740992.0);
 }
 
+// Virtual time is int64 nanoseconds from 0, so it ends about 292 years in. The powers
+// that move a clock by an amount the caller chose (advance, compute, copies) refuse one
+// that would pass the end, with InvalidArgumentError; a driver call cannot refuse to cost
+// time (the real driver would not fail), so its cost stops the clock at the end instead.
+constexpr std::int64_t kEndOfTimeNs = std::numeric_limits<std::int64_t>::max();
+
+// `start_ns + amount_ns`, or kEndOfTimeNs where the sum would pass it. Both must be
+// non-negative (clocks start at 0 and only move forward; costs and delays are checked at
+// construction).
+constexpr std::int64_t saturating_sum_ns(std::int64_t start_ns, std::int64_t amount_ns) noexcept {
+  return amount_ns > kEndOfTimeNs - start_ns ? kEndOfTimeNs : start_ns + amount_ns;
+}
+
+// InvalidArgumentError naming the clock (`where`, e.g. "device 0's clock"), the time
+// the work starts at and its amount, unless `amount_ns` from `start_ns` fits in time.
+void check_fits_in_time(const std::string& where, std::int64_t start_ns, const std::string& what,
+                        std::int64_t amount_ns) {
+  if (amount_ns <= kEndOfTimeNs - start_ns) return;
+  throw InvalidArgumentError(where + " at " + std::to_string(start_ns) + " ns: " + what +
+                             " " + std::to_string(amount_ns) +
+                             " ns would pass the end of virtual time (" +
+                             std::to_string(kEndOfTimeNs) + " ns, about 292 years)");
+}
+
+// Nanoseconds a host-to-device copy of `bytes` takes on `device` at `bytes_per_s`;
+// InvalidArgumentError when that is longer than virtual time lasts.
+std::int64_t copy_duration_ns(int device, std::size_t bytes, double bytes_per_s) {
+  const double ns = static_cast<double>(bytes) / bytes_per_s * 1e9;
+  // 2^63 exactly: every double below it converts to an int64.
+  if (!(ns < 9223372036854775808.0)) {
+    throw InvalidArgumentError("device " + std::to_string(device) + ": a copy of " +
+                               std::to_string(bytes) + " bytes at " + std::to_string(bytes_per_s) +
+                               " bytes/s takes longer than virtual time lasts (" +
+                               std::to_string(kEndOfTimeNs) + " ns, about 292 years)");
+  }
+  return static_cast<std::int64_t>(std::llround(ns));
+}
+
+// An engine's time: the moment its queued work is done, in nanoseconds. Adding to it
+// stops at kEndOfTimeNs instead of wrapping negative, so every `clock += cost` a driver
+// call makes is safe as written; the powers check with check_fits_in_time first.
+class ClockNs {
+ public:
+  operator std::int64_t() const noexcept { return ns_; }
+  ClockNs& operator=(std::int64_t ns) noexcept {
+    ns_ = ns;
+    return *this;
+  }
+  ClockNs& operator+=(std::int64_t amount_ns) noexcept {
+    ns_ = saturating_sum_ns(ns_, amount_ns);
+    return *this;
+  }
+  friend ClockNs operator+(ClockNs clock, std::int64_t amount_ns) noexcept {
+    return clock += amount_ns;
+  }
+
+ private:
+  std::int64_t ns_ = 0;
+};
+
 struct Mapping {
   std::size_t size_bytes;
   PhysicalHandle handle;
@@ -138,8 +240,8 @@ struct DeviceState {
   std::size_t physical_bytes = 0;
   std::size_t stream_bytes = 0;
   std::size_t external_bytes = 0;
-  std::int64_t clock_ns = 0;        // the compute engine (and driver calls): done at
-  std::int64_t copy_engine_ns = 0;  // the host-to-device copy engine: done at
+  ClockNs clock_ns;        // the compute engine (and driver calls): done at
+  ClockNs copy_engine_ns;  // the host-to-device copy engine: done at
   std::map<DeviceAddress, Reservation> reservations;
   std::map<PhysicalHandle, Physical> physical;
   std::map<DeviceAddress, std::size_t> streams;
@@ -240,20 +342,41 @@ struct SimDriver::State {
     const DeviceAddress base = stream ? stream_base[d] : reservation_base[d];
     return std::string(stream ? "s" : "r") + std::to_string(device) + "+" + hex(va - base);
   }
-  DeviceAddress parse_address(const std::string& text) const {
+  // What address() wrote: "r<device>+0x<offset>" with a device this simulator has and
+  // an offset inside its region, or "0x<address>". InvalidArgumentError otherwise.
+  DeviceAddress parse_address(const char* key, const std::string& text) const {
     if (!text.empty() && (text[0] == 'r' || text[0] == 's')) {
       const std::size_t plus = text.find('+');
-      const auto device = static_cast<std::size_t>(std::stoi(text.substr(1, plus - 1)));
-      if (device >= device_count) throw InvalidArgumentError("log names a device it lacks: " + text);
-      const DeviceAddress base = text[0] == 's' ? stream_base[device] : reservation_base[device];
-      return base + std::stoull(text.substr(plus + 1), nullptr, 16);
+      if (plus == std::string::npos) {
+        throw InvalidArgumentError(std::string(key) + "=" + text + " is not an address");
+      }
+      const int device = parse_number<int>(key, text.substr(1, plus - 1), 10);
+      if (device < 0 || static_cast<std::size_t>(device) >= device_count) {
+        throw InvalidArgumentError(std::string(key) + "=" + text + " names device " +
+                                   std::to_string(device) + "; the simulator has " +
+                                   std::to_string(device_count));
+      }
+      const DeviceAddress offset = parse_number<DeviceAddress>(key, text.substr(plus + 1), 16);
+      if (offset >= kRegionBytes) {
+        throw InvalidArgumentError(std::string(key) + "=" + text +
+                                   " lies past the end of the device's region");
+      }
+      const auto d = static_cast<std::size_t>(device);
+      return (text[0] == 's' ? stream_base[d] : reservation_base[d]) + offset;
     }
-    return std::stoull(text, nullptr, 16);
+    return parse_number<DeviceAddress>(key, text, 16);
   }
   // Advance the host clock to at least `ns`.
   void host_at_least(std::int64_t ns) {
     std::int64_t seen = host_clock.load(std::memory_order_relaxed);
     while (seen < ns && !host_clock.compare_exchange_weak(seen, ns, std::memory_order_relaxed)) {
+    }
+  }
+  // Move the host clock forward by `ns` (not negative), stopping at the end of time.
+  void host_advance(std::int64_t ns) {
+    std::int64_t seen = host_clock.load(std::memory_order_relaxed);
+    while (!host_clock.compare_exchange_weak(seen, saturating_sum_ns(seen, ns),
+                                             std::memory_order_relaxed)) {
     }
   }
 
@@ -393,6 +516,14 @@ SimDriver::SimDriver(std::vector<SimDeviceSpec> devices, std::uint64_t seed, Sim
       devices_(std::move(devices)),
       state_(std::make_unique<State>()) {
   if (options_.free_delay_ns < 0) throw InvalidArgumentError("free_delay must not be negative");
+  // Clocks only move forward: a negative cost would move one back (and break the
+  // end-of-time arithmetic, which assumes amounts are not negative).
+  for (const std::int64_t cost_ns :
+       {costs_.create_physical_ns, costs_.map_ns, costs_.set_access_ns, costs_.unmap_ns,
+        costs_.release_physical_ns, costs_.memory_info_ns, costs_.synchronize_ns,
+        costs_.reserve_ns, costs_.free_range_ns, costs_.stream_alloc_ns, costs_.stream_free_ns}) {
+    if (cost_ns < 0) throw InvalidArgumentError("a simulated cost must not be negative");
+  }
   if (devices_.empty() || devices_.size() > 64) {
     throw InvalidArgumentError("a simulator needs between 1 and 64 devices, got " +
                                std::to_string(devices_.size()));
@@ -1108,8 +1239,19 @@ std::uint64_t SimDriver::call_count(const std::string& operation, int device) co
 void SimDriver::advance(int device, std::int64_t ns) {
   if (ns < 0) throw InvalidArgumentError("time only moves forward");
   if (device != -1) check_device(device, device_total());
-  if (state_->recording.load(std::memory_order_relaxed)) {
-    state_->record("@advance dev=" + std::to_string(device) + " ns=" + std::to_string(ns));
+  // Every clock moves or none does: all are checked before any moves. A driver call on
+  // another thread may move a clock between the check and the move (no call takes two
+  // devices' locks); that clock then stops at the end of time rather than wrapping.
+  for (int i = 0; i < device_total(); ++i) {
+    if (device != -1 && i != device) continue;
+    DeviceState& d = *state_->devices[static_cast<std::size_t>(i)];
+    std::lock_guard<std::mutex> lock(d.mutex);
+    check_fits_in_time("device " + std::to_string(i) + "'s clock", d.clock_ns, "advancing it by",
+                       ns);
+  }
+  if (device == -1) {
+    check_fits_in_time("the host's clock", state_->host_clock.load(std::memory_order_relaxed),
+                       "advancing it by", ns);
   }
   for (int i = 0; i < device_total(); ++i) {
     if (device != -1 && i != device) continue;
@@ -1117,45 +1259,57 @@ void SimDriver::advance(int device, std::int64_t ns) {
     std::lock_guard<std::mutex> lock(d.mutex);
     d.clock_ns += ns;
   }
-  if (device == -1) state_->host_clock.fetch_add(ns, std::memory_order_relaxed);
+  if (device == -1) state_->host_advance(ns);
+  if (state_->recording.load(std::memory_order_relaxed)) {
+    state_->record("@advance dev=" + std::to_string(device) + " ns=" + std::to_string(ns));
+  }
 }
 
+// Each of these checks that the work fits before virtual time ends, then moves the clock
+// and records the call under the device's lock, so a refused call leaves the clocks and
+// the log as they were.
 void SimDriver::copy_to_device(int device, std::size_t bytes) {
   check_device(device, device_total());
-  const double seconds =
-      static_cast<double>(bytes) / devices_[static_cast<std::size_t>(device)].host_to_device_bytes_per_s;
+  const std::int64_t ns = copy_duration_ns(
+      device, bytes, devices_[static_cast<std::size_t>(device)].host_to_device_bytes_per_s);
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  check_fits_in_time("device " + std::to_string(device) + "'s clock", d.clock_ns,
+                     "a copy of " + std::to_string(bytes) + " bytes taking", ns);
+  d.clock_ns += ns;
   if (state_->recording.load(std::memory_order_relaxed)) {
     state_->record("@copy_to_device dev=" + std::to_string(device) + " bytes=" +
                    std::to_string(bytes));
   }
-  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-  std::lock_guard<std::mutex> lock(d.mutex);
-  d.clock_ns += static_cast<std::int64_t>(std::llround(seconds * 1e9));
 }
 
 void SimDriver::compute(int device, std::int64_t ns) {
   if (ns < 0) throw InvalidArgumentError("compute time must not be negative");
   check_device(device, device_total());
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  check_fits_in_time("device " + std::to_string(device) + "'s clock", d.clock_ns, "compute of", ns);
+  d.clock_ns += ns;
   if (state_->recording.load(std::memory_order_relaxed)) {
     state_->record("@compute dev=" + std::to_string(device) + " ns=" + std::to_string(ns));
   }
-  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-  std::lock_guard<std::mutex> lock(d.mutex);
-  d.clock_ns += ns;
 }
 
 std::int64_t SimDriver::copy_async(int device, std::size_t bytes, std::int64_t after_ns) {
   check_device(device, device_total());
   if (after_ns < 0) throw InvalidArgumentError("a copy cannot wait for a time before 0");
-  const double seconds =
-      static_cast<double>(bytes) / devices_[static_cast<std::size_t>(device)].host_to_device_bytes_per_s;
+  const std::int64_t ns = copy_duration_ns(
+      device, bytes, devices_[static_cast<std::size_t>(device)].host_to_device_bytes_per_s);
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  const std::int64_t start_ns = std::max<std::int64_t>(d.copy_engine_ns, after_ns);
+  check_fits_in_time("device " + std::to_string(device) + "'s copy engine, starting the copy",
+                     start_ns, "a copy of " + std::to_string(bytes) + " bytes taking", ns);
+  d.copy_engine_ns = start_ns + ns;
   if (state_->recording.load(std::memory_order_relaxed)) {
     state_->record("@copy_async dev=" + std::to_string(device) + " bytes=" + std::to_string(bytes) +
                    " after=" + std::to_string(after_ns));
   }
-  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-  std::lock_guard<std::mutex> lock(d.mutex);
-  d.copy_engine_ns = std::max(d.copy_engine_ns, after_ns) + static_cast<std::int64_t>(std::llround(seconds * 1e9));
   return d.copy_engine_ns;
 }
 
@@ -1163,13 +1317,16 @@ std::int64_t SimDriver::compute_async(int device, std::int64_t ns, std::int64_t 
   if (ns < 0) throw InvalidArgumentError("compute time must not be negative");
   if (after_ns < 0) throw InvalidArgumentError("compute cannot wait for a time before 0");
   check_device(device, device_total());
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  const std::int64_t start_ns = std::max<std::int64_t>(d.clock_ns, after_ns);
+  check_fits_in_time("device " + std::to_string(device) + "'s compute engine, starting the work",
+                     start_ns, "compute of", ns);
+  d.clock_ns = start_ns + ns;
   if (state_->recording.load(std::memory_order_relaxed)) {
     state_->record("@compute_async dev=" + std::to_string(device) + " ns=" + std::to_string(ns) +
                    " after=" + std::to_string(after_ns));
   }
-  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
-  std::lock_guard<std::mutex> lock(d.mutex);
-  d.clock_ns = std::max(d.clock_ns, after_ns) + ns;
   return d.clock_ns;
 }
 
@@ -1198,10 +1355,14 @@ std::string SimDriver::log() const {
 
 namespace {
 
-// One log line: its name, its key=value arguments, and what follows "->".
+// One log line: its name, its key=value arguments, and whether "->" and a result follow
+// them (a driver call's line has one, a simulator power's has none). The result is not
+// read: replay compares it as text.
 struct LogLine {
   std::string name;
   std::map<std::string, std::string> args;
+  bool has_result = false;
+  std::set<std::string> read;  // the arguments replay used: any other is one too many
 };
 
 LogLine parse_line(const std::string& line) {
@@ -1209,12 +1370,40 @@ LogLine parse_line(const std::string& line) {
   LogLine out;
   in >> out.name;
   std::string token;
-  while (in >> token && token != "->") {
+  while (in >> token) {
+    if (token == "->") {
+      out.has_result = true;
+      break;
+    }
     const std::size_t eq = token.find('=');
-    if (eq == std::string::npos) throw InvalidArgumentError("cannot read log line: " + line);
-    out.args[token.substr(0, eq)] = token.substr(eq + 1);
+    if (eq == std::string::npos || eq == 0) {
+      throw InvalidArgumentError("'" + token + "' is not key=value");
+    }
+    if (!out.args.emplace(token.substr(0, eq), token.substr(eq + 1)).second) {
+      throw InvalidArgumentError(token.substr(0, eq) + "= appears twice");
+    }
+  }
+  if (out.has_result != (out.name[0] != '@')) {
+    throw InvalidArgumentError(out.has_result ? "a simulator power's line has no '->'"
+                                              : "it lacks '-> result'");
   }
   return out;
+}
+
+const std::string& field(LogLine& l, const char* key) {
+  auto found = l.args.find(key);
+  if (found == l.args.end()) throw InvalidArgumentError(std::string("it lacks ") + key + "=");
+  l.read.insert(key);
+  return found->second;
+}
+
+// Log text as an error message quotes it: at most `max_bytes`, cut between two UTF-8
+// characters (Python decodes the message), "..." marking the cut.
+std::string clipped(const std::string& text, std::size_t max_bytes) {
+  if (text.size() <= max_bytes) return text;
+  std::size_t cut = max_bytes;
+  while (cut > 0 && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) --cut;
+  return text.substr(0, cut) + "...";
 }
 
 }  // namespace
@@ -1225,79 +1414,111 @@ std::vector<std::string> SimDriver::replay(const std::string& log_text) const {
   SimDriver fresh(devices_, seed_, options);
   State& st = *fresh.state_;
   std::vector<std::string> expected;
+  std::vector<std::size_t> expected_line_numbers;  // in log_text, blank lines counted
   std::istringstream lines(log_text);
   std::string line;
-  const auto number = [](const LogLine& l, const char* key) -> std::uint64_t {
-    auto found = l.args.find(key);
-    if (found == l.args.end()) throw InvalidArgumentError(std::string("log line lacks ") + key);
-    return std::stoull(found->second, nullptr, 0);
-  };
-  const auto signed_number = [](const LogLine& l, const char* key) -> std::int64_t {
-    auto found = l.args.find(key);
-    if (found == l.args.end()) throw InvalidArgumentError(std::string("log line lacks ") + key);
-    return std::stoll(found->second, nullptr, 0);
-  };
+  std::size_t line_number = 0;
   while (std::getline(lines, line)) {
-    if (line.empty()) continue;
+    ++line_number;
+    if (!line.empty() && line.back() == '\r') line.pop_back();  // a log saved with CRLF
+    if (line.find_first_not_of(" \t\r\v\f") == std::string::npos) continue;  // blank
     expected.push_back(line);
-    const LogLine l = parse_line(line);
-    const auto device = [&] { return static_cast<int>(signed_number(l, "dev")); };
-    const auto size = [&] { return static_cast<std::size_t>(number(l, "size")); };
-    const auto va = [&] { return st.parse_address(l.args.at("va")); };
-    if (l.args.count("cur")) st.set_current(static_cast<int>(signed_number(l, "cur")));
-    std::size_t a = 0;
-    std::size_t b = 0;
-    DeviceAddress out = 0;
-    PhysicalHandle handle = 0;
-    if (l.name == "cuMemGetInfo") {
-      fresh.memory_info(device(), &a, &b);
-    } else if (l.name == "cuMemAddressReserve") {
-      fresh.reserve_address_range(device(), size(), static_cast<std::size_t>(number(l, "align")), &out);
-    } else if (l.name == "cuMemAddressFree") {
-      fresh.free_address_range(va(), size());
-    } else if (l.name == "cuMemCreate") {
-      fresh.create_physical(device(), size(), &handle);
-    } else if (l.name == "cuMemRelease") {
-      fresh.release_physical(number(l, "handle"));
-    } else if (l.name == "cuMemMap") {
-      fresh.map(va(), size(), number(l, "handle"));
-    } else if (l.name == "cuMemUnmap") {
-      fresh.unmap(va(), size());
-    } else if (l.name == "cuMemSetAccess") {
-      fresh.set_access(va(), size(), device());
-    } else if (l.name == "cuCtxSynchronize") {
-      fresh.synchronize(device());
-    } else if (l.name == "cuMemAllocAsync") {
-      fresh.stream_alloc(device(), size(), 0, &out);
-    } else if (l.name == "cuMemFreeAsync") {
-      fresh.stream_free(device(), st.parse_address(l.args.at("ptr")), 0);
-    } else if (l.name == "cuCtxSetCurrent") {
-      ContextToken token;
-      fresh.make_current(device(), &token);
-    } else if (l.name == "@add_external_usage") {
-      fresh.add_external_usage(device(), static_cast<std::size_t>(number(l, "bytes")));
-    } else if (l.name == "@remove_external_usage") {
-      fresh.remove_external_usage(device(), static_cast<std::size_t>(number(l, "bytes")));
-    } else if (l.name == "@fail") {
-      fresh.fail(l.args.at("op"), device(), static_cast<int>(signed_number(l, "code")),
-                 number(l, "skip"), number(l, "count"));
-    } else if (l.name == "@fail_rate") {
-      fresh.fail_rate(l.args.at("op"), device(), static_cast<int>(signed_number(l, "code")),
-                      std::stod(l.args.at("p")));
-    } else if (l.name == "@clear_failures") {
-      fresh.clear_failures();
-    } else if (l.name == "@advance") {
-      fresh.advance(device(), signed_number(l, "ns"));
-    } else if (l.name == "@copy_to_device") {
-      fresh.copy_to_device(device(), static_cast<std::size_t>(number(l, "bytes")));
-    } else if (l.name == "@compute") {
-      fresh.compute(device(), signed_number(l, "ns"));
-    } else if (l.name == "@copy_async") {
-      fresh.copy_async(device(), static_cast<std::size_t>(number(l, "bytes")), signed_number(l, "after"));
-    } else if (l.name == "@compute_async") {
-      fresh.compute_async(device(), signed_number(l, "ns"), signed_number(l, "after"));
-    } else {
-      throw InvalidArgumentError("cannot replay log line: " + line);
+    expected_line_numbers.push_back(line_number);
+    try {
+      LogLine l = parse_line(line);
+      const auto number = [&](const char* key) {
+        return parse_number<std::uint64_t>(key, field(l, key), 10);
+      };
+      const auto handle_of = [&](const char* key) {
+        return parse_number<PhysicalHandle>(key, field(l, key), 16);
+      };
+      const auto signed_number = [&](const char* key) {
+        return parse_number<std::int64_t>(key, field(l, key), 10);
+      };
+      const auto int_number = [&](const char* key) {
+        return parse_number<int>(key, field(l, key), 10);
+      };
+      const auto device = [&] { return int_number("dev"); };
+      const auto size = [&] { return static_cast<std::size_t>(number("size")); };
+      const auto va = [&] { return st.parse_address("va", field(l, "va")); };
+      // The calls that need a current context log it (cur=, -1 for none) before their
+      // result; replay makes it current again first.
+      const auto current = [&] {
+        const int cur = int_number("cur");
+        if (cur < -1 || cur >= fresh.device_total()) {
+          throw InvalidArgumentError("cur=" + std::to_string(cur) + " is not -1 or a device of " +
+                                     "this simulator");
+        }
+        st.set_current(cur);
+      };
+      std::size_t a = 0;
+      std::size_t b = 0;
+      DeviceAddress out = 0;
+      PhysicalHandle handle = 0;
+      if (l.name == "cuMemGetInfo") {
+        current();
+        fresh.memory_info(device(), &a, &b);
+      } else if (l.name == "cuMemAddressReserve") {
+        fresh.reserve_address_range(device(), size(), static_cast<std::size_t>(number("align")), &out);
+      } else if (l.name == "cuMemAddressFree") {
+        fresh.free_address_range(va(), size());
+      } else if (l.name == "cuMemCreate") {
+        fresh.create_physical(device(), size(), &handle);
+      } else if (l.name == "cuMemRelease") {
+        fresh.release_physical(handle_of("handle"));
+      } else if (l.name == "cuMemMap") {
+        fresh.map(va(), size(), handle_of("handle"));
+      } else if (l.name == "cuMemUnmap") {
+        fresh.unmap(va(), size());
+      } else if (l.name == "cuMemSetAccess") {
+        fresh.set_access(va(), size(), device());
+      } else if (l.name == "cuCtxSynchronize") {
+        current();
+        fresh.synchronize(device());
+      } else if (l.name == "cuMemAllocAsync") {
+        current();
+        fresh.stream_alloc(device(), size(), 0, &out);
+      } else if (l.name == "cuMemFreeAsync") {
+        current();
+        fresh.stream_free(device(), st.parse_address("ptr", field(l, "ptr")), 0);
+      } else if (l.name == "cuCtxSetCurrent") {
+        ContextToken token;
+        fresh.make_current(device(), &token);
+      } else if (l.name == "@add_external_usage") {
+        fresh.add_external_usage(device(), static_cast<std::size_t>(number("bytes")));
+      } else if (l.name == "@remove_external_usage") {
+        fresh.remove_external_usage(device(), static_cast<std::size_t>(number("bytes")));
+      } else if (l.name == "@fail") {
+        fresh.fail(field(l, "op"), device(), int_number("code"), number("skip"), number("count"));
+      } else if (l.name == "@fail_rate") {
+        fresh.fail_rate(field(l, "op"), device(), int_number("code"),
+                        parse_probability("p", field(l, "p")));
+      } else if (l.name == "@clear_failures") {
+        fresh.clear_failures();
+      } else if (l.name == "@advance") {
+        fresh.advance(device(), signed_number("ns"));
+      } else if (l.name == "@copy_to_device") {
+        fresh.copy_to_device(device(), static_cast<std::size_t>(number("bytes")));
+      } else if (l.name == "@compute") {
+        fresh.compute(device(), signed_number("ns"));
+      } else if (l.name == "@copy_async") {
+        fresh.copy_async(device(), static_cast<std::size_t>(number("bytes")), signed_number("after"));
+      } else if (l.name == "@compute_async") {
+        fresh.compute_async(device(), signed_number("ns"), signed_number("after"));
+      } else {
+        throw InvalidArgumentError("'" + l.name + "' is neither a driver call nor a simulator power");
+      }
+      // Checked after the call: it only ran on `fresh`, which the throw discards.
+      for (const auto& arg : l.args) {
+        if (l.read.count(arg.first) == 0) {
+          throw InvalidArgumentError(l.name + " has no argument " + arg.first + "=");
+        }
+      }
+    } catch (const InvalidArgumentError& error) {
+      // A line that does not read, or a power that refuses it (which a recorded call
+      // never was): the documented error, naming the line.
+      throw InvalidArgumentError("cannot replay log line " + std::to_string(line_number) + " ('" +
+                                 clipped(line, 200) + "'): " + clipped(error.what(), 300));
     }
   }
   std::vector<std::string> differences;
@@ -1307,7 +1528,11 @@ std::vector<std::string> SimDriver::replay(const std::string& log_text) const {
     const std::string want = i < expected.size() ? expected[i] : "(nothing)";
     const std::string got = i < st.log_lines.size() ? st.log_lines[i] : "(nothing)";
     if (want != got) {
-      differences.push_back("line " + std::to_string(i + 1) + ": logged '" + want +
+      // Lines are replayed one for one, so a line of its own past the log's end would be
+      // a bug of replay's; it is still reported, numbered after the log's last line.
+      const std::size_t number =
+          i < expected.size() ? expected_line_numbers[i] : line_number + 1 + (i - expected.size());
+      differences.push_back("line " + std::to_string(number) + ": logged '" + want +
                             "', replayed '" + got + "'");
     }
   }
@@ -1352,8 +1577,16 @@ std::uint64_t SimDriver::hold(const std::string& operation, int device) {
 }
 
 bool SimDriver::wait_held(std::uint64_t hold_id, std::int64_t timeout_ns) {
+  if (timeout_ns < 0) throw InvalidArgumentError("a timeout must not be negative");
+  // A deadline past the steady clock's range waits as long as it can instead of wrapping
+  // round to the past (wait_for would add the timeout to now() unchecked).
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point now = Clock::now();
+  const auto timeout = std::chrono::duration_cast<Clock::duration>(std::chrono::nanoseconds(timeout_ns));
+  const Clock::time_point deadline =
+      timeout > Clock::time_point::max() - now ? Clock::time_point::max() : now + timeout;
   std::unique_lock<std::mutex> lock(state_->holds_mutex);
-  return state_->holds_changed.wait_for(lock, std::chrono::nanoseconds(timeout_ns), [&] {
+  return state_->holds_changed.wait_until(lock, deadline, [&] {
     auto h = std::find_if(state_->holds.begin(), state_->holds.end(),
                           [&](const Hold& x) { return x.id == hold_id; });
     return h != state_->holds.end() && h->arrived;

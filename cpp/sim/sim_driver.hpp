@@ -17,6 +17,12 @@
 // interval runs on the device clocks. Nothing here reads the wall clock, but wait_held,
 // which bounds a test's wait for a held call.
 //
+// Virtual time is int64 nanoseconds from 0 and ends about 292 years in (INT64_MAX ns).
+// advance, compute, copy_to_device and the async ones refuse work that would take a
+// clock past the end (InvalidArgumentError naming the device, where its clock stands and
+// the amount) and leave every clock as it was; a driver call's cost, which the real
+// driver could not refuse, takes its clock to the end and no further. No clock wraps.
+//
 // A device has two engines: compute (its clock, which driver calls advance too) and
 // host-to-device copies; copy_async/compute_async queue work on them with a dependency
 // on an earlier completion time, so copies overlap compute as they do on a GPU with a
@@ -71,6 +77,7 @@ struct SimDeviceSpec {
 };
 
 // Virtual time each operation costs on its device's clock, in nanoseconds.
+// None may be negative (InvalidArgumentError at construction).
 struct SimCosts {
   std::int64_t create_physical_ns = 20'000;
   std::int64_t map_ns = 4'000;
@@ -171,10 +178,12 @@ class SimDriver final : public Driver {
   void clear_failures();
   // Calls seen of `operation` on `device` (-1: all devices), injected failures included.
   std::uint64_t call_count(const std::string& operation, int device) const;
-  // Move a device's clock (or every clock and the host's, device -1) forward.
+  // Move a device's clock (or every clock and the host's, device -1) forward. Refused
+  // when `ns` would take any of them past the end of virtual time: then none moves.
   void advance(int device, std::int64_t ns);
   // Declare work queued on a device: a host-to-device copy of `bytes` (costs bytes /
-  // bandwidth) or `ns` of compute. Both move the device's clock.
+  // bandwidth) or `ns` of compute. Both move the device's clock; refused when the work
+  // would end past the end of virtual time.
   void copy_to_device(int device, std::size_t bytes);
   void compute(int device, std::int64_t ns);
   // The same on the device's two engines, which overlap: a copy runs on the copy engine
@@ -196,7 +205,11 @@ class SimDriver final : public Driver {
   std::string log() const;
   // Re-issue every call of `log` on a fresh simulator with this one's devices, seed and
   // options, and compare each result line. Returns the lines that differ (empty: the
-  // replay reproduced the log). InvalidArgumentError for a line it cannot read.
+  // replay reproduced the log), numbered as in `log`; blank lines are skipped.
+  // InvalidArgumentError naming the line (number and text) for one that is not as the
+  // log writes it (a field missing, extra or repeated; a number that does not read or
+  // does not fit its type; an address outside the devices' regions; an unknown name),
+  // or that a simulator power refuses. Never any other exception for bad text.
   std::vector<std::string> replay(const std::string& log) const;
   // One readable line per live reservation, physical allocation, mapping and
   // stream-ordered allocation; empty when nothing leaks.
@@ -208,6 +221,7 @@ class SimDriver final : public Driver {
   std::uint64_t hold(const std::string& operation, int device);
   // Wait until the held call has arrived; false after `timeout_ns` of real time (the
   // only wall-clock wait in the simulator: a bound for a test that would otherwise hang).
+  // InvalidArgumentError for a negative timeout.
   bool wait_held(std::uint64_t hold_id, std::int64_t timeout_ns);
   // Let the held call (or a future one) go on. Unknown ids are ignored.
   void release_hold(std::uint64_t hold_id);

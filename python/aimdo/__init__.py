@@ -18,6 +18,7 @@ the first time it is used.
 """
 
 from ._core import (
+    ALLOCATION_ALIGNMENT_BYTES,
     AimdoError,
     Allocation,
     DeviceNotInitializedError,
@@ -34,6 +35,7 @@ from .sim import SimBackend
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALLOCATION_ALIGNMENT_BYTES",
     "AimdoError",
     "Allocation",
     "CudaBackend",

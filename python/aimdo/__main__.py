@@ -9,13 +9,25 @@ from . import _core
 from ._sizes import format_size, parse_size
 
 
-def _devices(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
+# Bounds on the demo's counts: far above any real model, low enough that a typo does not
+# build a billion allocations or loop for days.
+MAX_LAYERS = 100_000
+MAX_STEPS = 10_000
+MAX_LAYER_COMPUTE_MS = 3_600_000.0  # an hour per layer per batch item
+
+
+def _devices(text: str) -> list[int]:
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        ordinals = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--devices takes ordinals such as 0,1; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"takes ordinals such as 0,1; got {text!r}") from None
+    if not ordinals:
+        raise argparse.ArgumentTypeError(f"takes at least one ordinal, such as 0,1; got {text!r}")
+    if min(ordinals) < 0:
+        raise argparse.ArgumentTypeError(f"device ordinals are not negative; got {text!r}")
+    if len(set(ordinals)) != len(ordinals):
+        raise argparse.ArgumentTypeError(f"names a device twice: {text!r}")
+    return ordinals
 
 
 def _size(text: str) -> int:
@@ -23,6 +35,40 @@ def _size(text: str) -> int:
         return parse_size(text)
     except (TypeError, ValueError) as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _positive_size(text: str) -> int:
+    size = _size(text)
+    if size == 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return size
+
+
+def _count(high: int):
+    """An argparse type: a whole number from 1 to ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not 1 <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from 1 to {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _milliseconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of milliseconds, got {text!r}") from None
+    if not 0 <= value <= MAX_LAYER_COMPUTE_MS:  # NaN fails the comparison too
+        raise argparse.ArgumentTypeError(
+            f"must be from 0 to {MAX_LAYER_COMPUTE_MS:.0f} ms, got {text!r}")
+    return value
 
 
 def _add_backend_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,16 +106,19 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser(
         "demo", help="run a model larger than the GPUs' budgets layer by layer on each device")
     _add_backend_arguments(demo)
-    demo.add_argument("--layers", type=int, default=48, help="layers in the model (default 48)")
-    demo.add_argument("--layer-size", type=_size, default=parse_size("256MiB"),
+    demo.add_argument("--layers", type=_count(MAX_LAYERS), default=48,
+                      help=f"layers in the model, 1 to {MAX_LAYERS} (default 48)")
+    demo.add_argument("--layer-size", type=_positive_size, default=parse_size("256MiB"),
                       help="bytes of weights per layer (default 256MiB)")
-    demo.add_argument("--vram-limit", type=_size, default=parse_size("8GiB"),
+    demo.add_argument("--vram-limit", type=_positive_size, default=parse_size("8GiB"),
                       help="memory aimdo treats each device as having (default 8GiB)")
-    demo.add_argument("--steps", type=int, default=4, help="forward passes (default 4)")
-    demo.add_argument("--page-size", type=_size, default=parse_size("32MiB"),
+    demo.add_argument("--steps", type=_count(MAX_STEPS), default=4,
+                      help=f"forward passes, 1 to {MAX_STEPS} (default 4)")
+    demo.add_argument("--page-size", type=_positive_size, default=parse_size("32MiB"),
                       help="VBAR page size (default 32MiB)")
-    demo.add_argument("--layer-compute-ms", type=float, default=1.5,
-                      help="declared compute per layer per batch item, simulator only (default 1.5)")
+    demo.add_argument("--layer-compute-ms", type=_milliseconds, default=1.5,
+                      help="declared compute per layer per batch item, simulator only, "
+                           f"0 to {MAX_LAYER_COMPUTE_MS:.0f} (default 1.5)")
 
     args = parser.parse_args(argv)
     try:

@@ -21,9 +21,18 @@ import argparse
 import threading
 import time
 
+from ._core import ALLOCATION_ALIGNMENT_BYTES
 from ._manager import Manager, resolve_backend
 from ._sizes import format_size
 from .sim import SimBackend
+
+
+def vbar_bytes(layers: int, layer_size: int) -> int:
+    """Bytes of a VBAR that holds ``layers`` allocations of ``layer_size`` bytes: each
+    starts on the next multiple of ALLOCATION_ALIGNMENT_BYTES, so every one but the last
+    takes its size rounded up to that."""
+    stride = -(-layer_size // ALLOCATION_ALIGNMENT_BYTES) * ALLOCATION_ALIGNMENT_BYTES
+    return (layers - 1) * stride + layer_size
 
 
 class _DeviceRun:
@@ -33,7 +42,7 @@ class _DeviceRun:
         self.batch = batch
         self.args = args
         self.sim = manager.backend if isinstance(manager.backend, SimBackend) else None
-        self.vbar = manager.create_vbar(args.layers * args.layer_size, device=device)
+        self.vbar = manager.create_vbar(vbar_bytes(args.layers, args.layer_size), device=device)
         self.layers = [self.vbar.alloc(args.layer_size) for _ in range(args.layers)]
         self.signatures = [None] * args.layers
         self.error: BaseException | None = None
@@ -113,8 +122,7 @@ def _run_config(args, label: str, devices: list[int], batch: int) -> list[dict]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    if args.layers < 1 or args.steps < 1:
-        raise SystemExit("--layers and --steps must be positive")
+    """The demo for arguments that ``python -m aimdo demo``'s parser checked."""
     backend = resolve_backend(args.backend)
     count = backend.device_count
     devices = args.devices if args.devices is not None else list(range(min(count, 2)))

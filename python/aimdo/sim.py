@@ -29,13 +29,16 @@ from typing import Union
 from . import _core
 from ._sizes import parse_size
 
-__all__ = ["SimBackend", "SimHold", "DeviceSpec", "COST_NAMES", "live_backends"]
+__all__ = ["SimBackend", "SimHold", "DeviceSpec", "COST_NAMES", "END_OF_TIME_NS", "live_backends"]
 
 DEFAULT_DEVICES = "2x24GiB"
 DEFAULT_GRANULARITY = 2 << 20
 #: Host-to-device bandwidth of a simulated device: about what one H100 of a pair reached
 #: from pinned host memory with both copying at once (shared/h100-measurements.md).
 DEFAULT_BANDWIDTH = 50e9
+#: The simulator's clocks count int64 nanoseconds from 0: virtual time ends here, about
+#: 292 years in. Work or waits that would pass it are refused with ValueError.
+END_OF_TIME_NS = (1 << 63) - 1
 
 #: A device spec: a capacity (``"24GiB"`` or bytes) or a mapping with keys ``capacity``
 #: (required), ``name``, ``granularity`` (bytes or a size string), ``integrated`` and
@@ -159,7 +162,7 @@ class SimHold:
         self.device = device
 
     def wait_arrived(self, timeout: float = 30.0) -> bool:
-        return self._driver.wait_held(self._id, round(timeout * 1e9))
+        return self._driver.wait_held(self._id, _nanoseconds(timeout, "timeout"))
 
     def release(self) -> None:
         self._driver.release_hold(self._id)
@@ -197,10 +200,7 @@ class SimBackend:
             raise TypeError(f"seed must be an int, got {seed!r}")
         if not 0 <= seed < 1 << 64:
             raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-        if isinstance(free_delay, bool) or not isinstance(free_delay, (int, float)):
-            raise TypeError("free_delay must be a number of seconds")
-        if not math.isfinite(free_delay) or free_delay < 0:
-            raise ValueError(f"free_delay must be finite and not negative, got {free_delay}")
+        free_delay_ns = _nanoseconds(free_delay, "free_delay")
         self._specs = _parse_devices(devices)
         if costs is None:
             costs = {}
@@ -209,8 +209,9 @@ class SimBackend:
         unknown = sorted(set(costs) - set(COST_NAMES))
         if unknown:
             raise ValueError(f"costs: no simulated cost named {unknown}; known: {list(COST_NAMES)}")
-        costs_ns = {name: _nanoseconds(seconds) for name, seconds in costs.items()}
-        self._driver = _core.SimDriver(self._specs, seed, round(free_delay * 1e9), bool(record),
+        costs_ns = {name: _nanoseconds(seconds, f"costs[{name!r}]")
+                    for name, seconds in costs.items()}
+        self._driver = _core.SimDriver(self._specs, seed, free_delay_ns, bool(record),
                                        bool(real_bytes), costs_ns)
         _live.add(self)
 
@@ -352,7 +353,10 @@ class SimBackend:
         return self._driver.now_ns(device) / 1e9
 
     def advance(self, seconds: float, device: int | None = None) -> None:
-        """Move ``device``'s clock (every clock, the host's too, when None) forward."""
+        """Move ``device``'s clock (every clock, the host's too, when None) forward.
+        ValueError when that would take any of them past the end of virtual time (about
+        292 years, ``END_OF_TIME_NS``); then no clock moves. ``compute``,
+        ``copy_to_device`` and the async ones refuse work that would end past it alike."""
         self._driver.advance(-1 if device is None else device, _nanoseconds(seconds))
 
     def copy_to_device(self, device: int, nbytes: int) -> None:
@@ -395,7 +399,22 @@ class SimBackend:
 
     def replay(self, log: str) -> list[str]:
         """Re-issue every call of ``log`` on a fresh simulator with this one's devices,
-        seed and options; return the lines whose result differs (empty: reproduced)."""
+        seed and options; return the lines whose result differs (empty: reproduced),
+        each as ``"line N: logged '...', replayed '...'"``. Blank lines are skipped.
+
+        A line that is not as the simulator writes it (a missing, extra or repeated
+        field, a number that does not read or is out of range for its type, an unknown
+        name) or that a simulator power refuses is a ValueError naming the line, by
+        number and text; TypeError when ``log`` is not a str."""
+        if not isinstance(log, str):
+            raise TypeError(f"log must be a str, not {type(log).__name__}")
+        try:
+            log.encode("utf-8")
+        except UnicodeEncodeError as error:
+            number = log.count("\n", 0, error.start) + 1
+            text = log.split("\n")[number - 1]
+            raise ValueError(f"cannot replay log line {number} ({text[:200]!r}): "
+                             "it is not valid text (it holds a lone surrogate)") from None
         return list(self._driver.replay(log))
 
 
@@ -409,9 +428,17 @@ def _error_code(error: str | int) -> int:
     raise TypeError(f"error must be a name or an int code, not {type(error).__name__}")
 
 
-def _nanoseconds(seconds: float) -> int:
+def _nanoseconds(seconds: float, what: str = "seconds") -> int:
+    """``seconds`` as int nanoseconds of virtual time. TypeError for what is not a number;
+    ValueError for a NaN, a negative value or one past END_OF_TIME_NS."""
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        raise TypeError("seconds must be a number")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"seconds must be finite and not negative, got {seconds}")
-    return round(seconds * 1e9)
+        raise TypeError(f"{what} must be a number of seconds")
+    if (isinstance(seconds, float) and not math.isfinite(seconds)) or seconds < 0:
+        raise ValueError(f"{what} must be finite and not negative, got {seconds}")
+    # An int is scaled exactly (it may be too large for a float); a float's product is
+    # inf past about 1.8e299 s, which the range check below refuses like any other.
+    ns = seconds * 1_000_000_000 if isinstance(seconds, int) else seconds * 1e9
+    if ns > END_OF_TIME_NS:
+        raise ValueError(f"{what} of {seconds} s is past the end of the simulator's virtual time "
+                         f"({END_OF_TIME_NS} ns, about 292 years)")
+    return round(ns)
