@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a lent GPU machine (no network): install the build tools carried as wheels in .whl/
 # if the image lacks them, build aimdo there (never carry an extension built elsewhere),
-# then run what is asked, writing logs under $OUT.
+# then run what is asked, writing logs under $OUT. Set AIMDO_COMMIT to the commit sent.
 #
 #   bash benchmarks/gpu_machine.sh suite              # the whole suite on the cuda backend
 #   bash benchmarks/gpu_machine.sh streaming [ARGS]   # python -m benchmarks.streaming ARGS
@@ -17,7 +17,9 @@ fi
 python3 -m pip install -q --no-build-isolation --no-deps . >"$out/build.log" 2>&1 ||
   { tail -40 "$out/build.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-git rev-parse --short HEAD 2>/dev/null || true
+# The .git that travels with the tree may be older than the tree: name the commit with
+# AIMDO_COMMIT (benchmarks/_common.py records it).
+echo "commit: ${AIMDO_COMMIT:-unknown (set AIMDO_COMMIT)}"
 what="${1:-suite}"
 shift || true
 case "$what" in
