@@ -14,19 +14,23 @@ from .sim import SimBackend
 
 __all__ = ["Manager", "init", "get_manager", "shutdown", "resolve_backend"]
 
-MiB = 1 << 20
+
+def _defaults() -> dict[str, Any]:
+    """The core's defaults (cpp/include/aimdo/options.hpp), under the Python names."""
+    core = _core.DeviceOptions()
+    return {
+        "vram_limit": core.vram_limit_bytes,
+        "headroom": core.headroom_bytes,
+        "extra_headroom": core.extra_headroom_bytes,
+        "page_size": core.page_size_bytes,
+        "poll_interval": core.poll_interval_ns / 1e9,
+        "allocator_headroom": core.allocator_headroom_bytes,
+        "recycle_pages": core.recycle_pages,
+    }
+
 
 #: Defaults of the per-device options (sizes in bytes, poll_interval in seconds).
-DEFAULTS: dict[str, Any] = {
-    "vram_limit": None,
-    "headroom": 256 * MiB,
-    "extra_headroom": 0,
-    "page_size": 32 * MiB,
-    "poll_interval": 2.0,
-    "allocator_headroom": 0,
-    "recycle_pages": True,
-}
-TRANSIENT_RETRIES = 3
+DEFAULTS: dict[str, Any] = _defaults()
 
 BackendArg = Union[str, SimBackend, None]
 PerDevice = Union[Any, Mapping[int, Any]]
@@ -225,20 +229,20 @@ class Manager:
         per_device = {name: _per_device(name, value, devices, current) for name, value in given.items()}
         entries = []
         for device in devices:
-            entries.append(
-                (
-                    device,
-                    _check_size("vram_limit", per_device["vram_limit"][device], device, allow_none=True),
-                    _check_size("headroom", per_device["headroom"][device], device),
-                    _check_size("extra_headroom", per_device["extra_headroom"][device], device),
-                    _check_size("page_size", per_device["page_size"][device], device),
-                    min(round(_check_seconds("poll_interval", per_device["poll_interval"][device],
-                                             device) * 1e9), 2**62),
-                    TRANSIENT_RETRIES,
-                    _check_size("allocator_headroom", per_device["allocator_headroom"][device], device),
-                    _check_bool("recycle_pages", per_device["recycle_pages"][device], device),
-                )
-            )
+            value = {name: per_device[name][device] for name in given}
+            options = _core.DeviceOptions()
+            options.vram_limit_bytes = _check_size("vram_limit", value["vram_limit"], device,
+                                                   allow_none=True)
+            options.headroom_bytes = _check_size("headroom", value["headroom"], device)
+            options.extra_headroom_bytes = _check_size("extra_headroom", value["extra_headroom"],
+                                                       device)
+            options.page_size_bytes = _check_size("page_size", value["page_size"], device)
+            seconds = _check_seconds("poll_interval", value["poll_interval"], device)
+            options.poll_interval_ns = min(round(seconds * 1e9), 2**62)
+            options.allocator_headroom_bytes = _check_size(
+                "allocator_headroom", value["allocator_headroom"], device)
+            options.recycle_pages = _check_bool("recycle_pages", value["recycle_pages"], device)
+            entries.append((device, options))
         self._core.add_devices(entries)
 
     @property
