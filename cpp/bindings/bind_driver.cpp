@@ -9,7 +9,7 @@
 #include <string>
 #include <tuple>
 
-#include "aimdo/cuda_driver.hpp"
+#include "cuda_driver.hpp"
 #include "aimdo/driver.hpp"
 #include "aimdo/errors.hpp"
 #include "common.hpp"

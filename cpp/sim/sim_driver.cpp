@@ -58,29 +58,7 @@ DeviceAddress synthetic_region(int device) {
   return kAddressBase + static_cast<DeviceAddress>(device) * 2 * kRegionBytes;
 }
 
-const char* error_name(int code) noexcept {
-  switch (code) {
-    case driver_code::success: return "CUDA_SUCCESS";
-    case driver_code::invalid_value: return "CUDA_ERROR_INVALID_VALUE";
-    case driver_code::out_of_memory: return "CUDA_ERROR_OUT_OF_MEMORY";
-    case driver_code::not_initialized: return "CUDA_ERROR_NOT_INITIALIZED";
-    case driver_code::deinitialized: return "CUDA_ERROR_DEINITIALIZED";
-    case driver_code::no_device: return "CUDA_ERROR_NO_DEVICE";
-    case driver_code::invalid_device: return "CUDA_ERROR_INVALID_DEVICE";
-    case driver_code::invalid_context: return "CUDA_ERROR_INVALID_CONTEXT";
-    case driver_code::already_mapped: return "CUDA_ERROR_ALREADY_MAPPED";
-    case driver_code::not_mapped: return "CUDA_ERROR_NOT_MAPPED";
-    case driver_code::invalid_handle: return "CUDA_ERROR_INVALID_HANDLE";
-    case driver_code::not_found: return "CUDA_ERROR_NOT_FOUND";
-    case driver_code::not_ready: return "CUDA_ERROR_NOT_READY";
-    case driver_code::illegal_address: return "CUDA_ERROR_ILLEGAL_ADDRESS";
-    case driver_code::not_permitted: return "CUDA_ERROR_NOT_PERMITTED";
-    case driver_code::not_supported: return "CUDA_ERROR_NOT_SUPPORTED";
-    default: return "CUDA_ERROR_UNKNOWN";
-  }
-}
-
-DriverStatus failure(int code) noexcept { return DriverStatus{code, error_name(code), false}; }
+DriverStatus failure(int code) noexcept { return DriverStatus{code, driver_code::name(code), false}; }
 
 bool aligned(std::size_t value, std::size_t alignment) noexcept {
   return alignment != 0 && value % alignment == 0;

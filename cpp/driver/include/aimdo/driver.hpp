@@ -46,6 +46,11 @@ constexpr int illegal_address = 700;
 constexpr int not_permitted = 800;
 constexpr int not_supported = 801;
 constexpr int unknown = 999;
+
+// The CUDA name of every code above ("CUDA_ERROR_OUT_OF_MEMORY"), "CUDA_ERROR_UNKNOWN" for
+// any other: a string literal. The simulator names its answers with it; the CUDA backend
+// falls back on it when the driver cannot name a code.
+const char* name(int code) noexcept;
 }  // namespace driver_code
 
 // What the core does with a failure.

@@ -14,7 +14,7 @@
 // State: each CudaDriver owns its resolved entry points (immutable once loaded), its list of
 // devices (immutable) and one slot per device for the retained primary context (atomic).
 // There is no global state in this file.
-#include "aimdo/cuda_driver.hpp"
+#include "cuda_driver.hpp"
 
 #include <dlfcn.h>
 
@@ -182,19 +182,6 @@ struct EntryPoints {
 #undef AIMDO_DECLARE_ENTRY_POINT
 };
 
-// Names for the codes aimdo itself reports before the driver can name them (or when it
-// cannot). String literals, as DriverStatus requires.
-const char* fallback_name(int code) noexcept {
-  switch (code) {
-    case driver_code::success: return "CUDA_SUCCESS";
-    case driver_code::invalid_value: return "CUDA_ERROR_INVALID_VALUE";
-    case driver_code::invalid_device: return "CUDA_ERROR_INVALID_DEVICE";
-    case driver_code::not_found: return "CUDA_ERROR_NOT_FOUND";
-    case driver_code::not_supported: return "CUDA_ERROR_NOT_SUPPORTED";
-    default: return "CUDA_ERROR_UNKNOWN";
-  }
-}
-
 // The driver's name for `code` (static storage inside libcuda), or a fallback literal when
 // the driver does not know the code or cuGetErrorName is not resolved yet.
 DriverStatus status_from(const EntryPoints& api, CUresult code) noexcept {
@@ -202,7 +189,7 @@ DriverStatus status_from(const EntryPoints& api, CUresult code) noexcept {
   const char* name = nullptr;
   if (api.cuGetErrorName == nullptr || api.cuGetErrorName(code, &name) != 0 ||
       name == nullptr) {
-    name = fallback_name(code);
+    name = driver_code::name(code);
   }
   return DriverStatus{code, name, false};
 }
@@ -500,7 +487,7 @@ CudaDriverLoad load_failure(DriverStatus status, std::string message) {
 }
 
 DriverStatus not_found_status() noexcept {
-  return DriverStatus{driver_code::not_found, fallback_name(driver_code::not_found), false};
+  return DriverStatus{driver_code::not_found, driver_code::name(driver_code::not_found), false};
 }
 
 }  // namespace
