@@ -171,25 +171,34 @@ void Manager::reset_floors(std::optional<int> device) {
 }
 
 void Manager::close() {
-  std::vector<std::shared_ptr<Device>> to_close;
+  std::map<int, std::shared_ptr<Device>> to_close;
   {
     // A second close retries what a failed one could not give back (Device::close).
     std::unique_lock<std::shared_mutex> lock(devices_mutex_);
     closed_ = true;
-    for (const auto& entry : devices_) to_close.push_back(entry.second);
+    to_close = devices_;
   }
   // Devices are closed one at a time, never holding two device locks.
   std::exception_ptr first_failure;
-  for (const auto& device : to_close) {
+  for (const auto& [ordinal, device] : to_close) {
     try {
       device->close();
     } catch (...) {
       if (!first_failure) first_failure = std::current_exception();
     }
   }
-  for (auto& shard : external_owners_) {  // the devices freed what they held
+  // Forget the pointers the devices freed; one whose free failed stays findable, so that
+  // external_free (or the next close) can still give it back.
+  for (auto& shard : external_owners_) {
     std::lock_guard<std::mutex> lock(shard.mutex);
-    shard.owner.clear();
+    for (auto it = shard.owner.begin(); it != shard.owner.end();) {
+      const auto owner = to_close.find(it->second);
+      if (owner == to_close.end() || !owner->second->holds_external(it->first)) {
+        it = shard.owner.erase(it);
+      } else {
+        ++it;
+      }
+    }
   }
   if (first_failure) std::rethrow_exception(first_failure);
 }

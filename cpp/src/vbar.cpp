@@ -35,12 +35,18 @@ Vbar::Vbar(std::shared_ptr<Device> device, DeviceAddress base, std::size_t size_
       watermark_pages_(pages_.size()) {}
 
 Vbar::~Vbar() {
-  if (process_exiting()) return;  // the driver may be gone; the OS reclaims everything
   try {
     std::lock_guard<std::mutex> lock(device_->mutex());
+    if (process_exiting()) {
+      // The driver may be gone (the OS reclaims everything), but the device's priority
+      // list must not keep a pointer to this object: a thread still running may walk it.
+      device_->forget_vbar_locked(*this);
+      return;
+    }
     device_->close_vbar_locked(*this);
   } catch (...) {
-    // A destructor cannot report; the simulator's leak report shows what was lost.
+    // A destructor cannot report. What the driver kept stays in the device's leftovers,
+    // retried by the next close of the device (or Manager).
   }
 }
 
@@ -94,13 +100,16 @@ std::optional<Signature> Vbar::fault(const Allocation& allocation) {
   std::unique_lock<std::mutex> lock(device_->mutex());
   std::optional<Signature> out;
   fault_locked(allocation, true, &out);
+  device_->check_invariants_locked();
   return out;
 }
 
 bool Vbar::try_fault(const Allocation& allocation, std::optional<Signature>* out) {
   check_owned(allocation);
   std::unique_lock<std::mutex> lock(device_->mutex(), std::try_to_lock);
-  return lock.owns_lock() && fault_locked(allocation, false, out);
+  if (!lock.owns_lock() || !fault_locked(allocation, false, out)) return false;
+  device_->check_invariants_locked();
+  return true;
 }
 
 bool Vbar::fault_locked(const Allocation& allocation, bool may_block,
@@ -219,12 +228,15 @@ void Vbar::unpin(const Allocation& allocation) {
   check_owned(allocation);
   std::unique_lock<std::mutex> lock(device_->mutex());
   unpin_locked(allocation, true);
+  device_->check_invariants_locked();
 }
 
 bool Vbar::try_unpin(const Allocation& allocation) {
   check_owned(allocation);
   std::unique_lock<std::mutex> lock(device_->mutex(), std::try_to_lock);
-  return lock.owns_lock() && unpin_locked(allocation, false);
+  if (!lock.owns_lock() || !unpin_locked(allocation, false)) return false;
+  device_->check_invariants_locked();
+  return true;
 }
 
 bool Vbar::unpin_locked(const Allocation& allocation, bool may_block) {
@@ -246,7 +258,10 @@ bool Vbar::unpin_locked(const Allocation& allocation, bool may_block) {
   }
   // Every pin goes first, so that a failed release below cannot leave pages pinned.
   --record.pins;
-  for (std::size_t page = first; page <= last; ++page) --pages_[page].pins;
+  for (std::size_t page = first; page <= last; ++page) {
+    AIMDO_ASSERT(pages_[page].pins > 0);
+    --pages_[page].pins;
+  }
   bool synced = false;
   std::size_t page = first;
   try {
@@ -276,6 +291,7 @@ void Vbar::prioritize() {
   auto& list = device_->priority_;
   list.splice(list.begin(), list, priority_position_);
   watermark_pages_ = pages_.size();
+  device_->check_invariants_locked();
 }
 
 void Vbar::deprioritize() {
@@ -317,6 +333,7 @@ void Vbar::set_watermark(std::size_t bytes) {
     }
   }
   watermark_pages_ = wanted;
+  device_->check_invariants_locked();
 }
 
 std::size_t Vbar::floor_bytes() const {
@@ -330,6 +347,7 @@ void Vbar::set_floor(std::size_t bytes) {
   check_open_locked();
   floor_pages_ = pages_for(bytes, page_size_bytes_);
   if (watermark_pages_ < floor_pages_) watermark_pages_ = floor_pages_;
+  device_->check_invariants_locked();
 }
 
 std::size_t Vbar::free_memory(std::size_t bytes) {
@@ -338,7 +356,9 @@ std::size_t Vbar::free_memory(std::size_t bytes) {
   }
   std::lock_guard<std::mutex> lock(device_->mutex());
   check_open_locked();
-  return device_->evict_locked(bytes, this);
+  const std::size_t freed = device_->evict_locked(bytes, this);
+  device_->check_invariants_locked();
+  return freed;
 }
 
 std::size_t Vbar::loaded_bytes() const {
@@ -364,6 +384,7 @@ std::size_t Vbar::allocated_bytes() const {
 void Vbar::close() {
   std::lock_guard<std::mutex> lock(device_->mutex());
   device_->close_vbar_locked(*this);
+  device_->check_invariants_locked();
 }
 
 bool Vbar::closed() const {

@@ -66,6 +66,8 @@ class Device : public std::enable_shared_from_this<Device> {
   // Free `ptr` if it is one of this device's external allocations; false if it is not.
   bool external_free(DeviceAddress ptr, StreamHandle stream);
   std::size_t external_bytes() const;
+  // Whether `ptr` is one of this device's external allocations (not freed yet).
+  bool holds_external(DeviceAddress ptr) const;
   struct PollRecord {
     bool polled = false;
     std::int64_t time_ns = 0;       // on the driver's clock for this device
@@ -132,6 +134,11 @@ class Device : public std::enable_shared_from_this<Device> {
   // fault's rule (pages of lower priority than `vbar`'s pages up to `last_page`) and
   // retries once; a second failure is thrown.
   void map_page_locked(Vbar& vbar, std::size_t page, std::size_t last_page, Recycled* recycle);
+  // One attempt of map_page_locked: the failed status (and in `operation` the call that
+  // failed), everything made so far given back; throws only when giving back fails too.
+  DriverStatus make_page_locked(Vbar& vbar, std::size_t page, Recycled* recycle,
+                                const char** operation);
+  class PageInProgress;  // pages.cpp
   // Release one resident page (synchronizing the device first, once per `synced` flag),
   // or keep its memory in `recycle` when the sizes match and recycling is on.
   void release_page_locked(Vbar& vbar, std::size_t page, bool& synced,
@@ -139,20 +146,29 @@ class Device : public std::enable_shared_from_this<Device> {
   // Release what a fault did not map again. Throws the first failure after trying all.
   void release_recycled_locked(Recycled& recycle);
   void synchronize_locked();
+  // Debug and sanitizer builds (AIMDO_CHECK_INVARIANTS): abort unless the accounting
+  // holds: resident_bytes_ equals the resident pages of every VBAR (times their page size)
+  // plus the leftovers' memory; each VBAR's resident_pages_ counts its mapped pages; no
+  // unpinned resident page sits above a watermark; no page pin is missing its fault.
+  // Other builds: nothing. Call where no fault is half-way (no recycled memory in hand).
+  void check_invariants_locked() const;
   // DESIGN §3.7. The first call takes the VBAR out of service and hands every page and its
   // range to the leftovers; every call then releases what is left of it. Throws the first
   // failure after trying everything; a later call retries.
   void close_vbar_locked(Vbar& vbar);
-  // Give back the leftovers of the VBAR whose range starts at `base` (0: of every VBAR):
+  // Take `vbar` out of service without any driver call (at process exit).
+  void forget_vbar_locked(Vbar& vbar) noexcept;
+  // Give back the leftovers of the VBAR whose range starts at `base` (0: of every VBAR;
+  // `only_address`, when not 0: only what lies there):
   // synchronize once, unmap mapped pages, release physical memory, then free each range
   // none of whose pages is still mapped. What fails stays for the next call. Throws the
   // first failure after trying everything.
-  void release_leftovers_locked(DeviceAddress base);
+  void release_leftovers_locked(DeviceAddress base, DeviceAddress only_address = 0);
   std::size_t usage_locked() const { return resident_bytes_ + external_bytes_; }
 
-  // Throws the error a failed driver status stands for.
+  // Throws the error a failed driver status stands for; `more` is appended to its message.
   [[noreturn]] void raise(const DriverStatus& status, const char* operation,
-                          std::size_t requested_bytes) const;
+                          std::size_t requested_bytes, const std::string& more = {}) const;
   // Runs a driver call, retrying transient failures up to options_.transient_retries.
   template <class Call>
   DriverStatus retrying(Call&& call);
@@ -180,9 +196,10 @@ class Device : public std::enable_shared_from_this<Device> {
   std::size_t usage_at_poll_bytes_ = 0;
   std::size_t stream_freed_since_poll_bytes_ = 0;
   std::map<DeviceAddress, std::size_t> external_;  // external allocations by address
-  // What closes could not give back to the driver yet, owned here rather than by the VBAR
-  // (which may be gone by the next attempt); still counted in resident_bytes_ until its
-  // physical memory is released. Retried by Vbar::close and Device::close.
+  // What could not be given back to the driver yet (a close, or a release or unwind that
+  // failed), owned here rather than by a VBAR (which may be gone by the next attempt);
+  // still counted in resident_bytes_ until its physical memory is released. Retried by
+  // Vbar::close, Device::close, an eviction for a deficit, and a new mapping at its address.
   struct Leftover {
     DeviceAddress vbar_base = 0;  // which VBAR it came from
     DeviceAddress address = 0;    // the page (or, for the range, its start)
@@ -192,6 +209,8 @@ class Device : public std::enable_shared_from_this<Device> {
     bool range = false;           // the VBAR's reserved range, still to free
   };
   std::vector<Leftover> leftovers_;
+  // Adds `item` to the leftovers, counting its physical memory (if any) as usage.
+  void keep_leftover_locked(const Leftover& item);
   std::uint64_t next_serial_ = 1;
   bool closed_ = false;
 

@@ -1,0 +1,181 @@
+// Closing VBARs and devices, and the leftovers a failed release keeps for a retry.
+#include "aimdo/device.hpp"
+
+#include <algorithm>
+#include <exception>
+#include <optional>
+#include <utility>
+
+#include "aimdo/errors.hpp"
+#include "aimdo/process.hpp"
+#include "aimdo/vbar.hpp"
+#include "check.hpp"
+#include "device_internal.hpp"
+
+namespace aimdo {
+
+void Device::close_vbar_locked(Vbar& vbar) {
+  if (!vbar.closed_) {
+    // Out of service first: from here on, nothing but this release path touches its pages.
+    vbar.closed_ = true;
+    priority_.erase(vbar.priority_position_);
+    for (std::size_t page = 0; page < vbar.pages_.size(); ++page) {
+      Vbar::Page& state = vbar.pages_[page];
+      state.pins = 0;
+      if (state.handle == 0) continue;
+      leftovers_.push_back(Leftover{vbar.base_, vbar.base_ + page * vbar.page_size_bytes_,
+                                    vbar.page_size_bytes_, state.handle, true, false});
+      state.handle = 0;
+    }
+    vbar.resident_pages_ = 0;
+    for (auto& record : vbar.allocations_) record.pins = 0;
+    vbar.watermark_pages_ = 0;
+    leftovers_.push_back(Leftover{vbar.base_, vbar.base_,
+                                  vbar.pages_.size() * vbar.page_size_bytes_, 0, false, true});
+  }
+  release_leftovers_locked(vbar.base_);
+}
+
+void Device::forget_vbar_locked(Vbar& vbar) noexcept {
+  if (vbar.closed_) return;
+  vbar.closed_ = true;
+  priority_.erase(vbar.priority_position_);
+}
+
+void Device::release_leftovers_locked(DeviceAddress base, DeviceAddress only_address) {
+  const auto ours = [base, only_address](const Leftover& item) {
+    return (base == 0 || item.vbar_base == base) &&
+           (only_address == 0 || item.address == only_address);
+  };
+  // Nothing to give back: no driver call at all (a closed VBAR's second close is free).
+  if (std::none_of(leftovers_.begin(), leftovers_.end(), ours)) return;
+  std::exception_ptr first_failure;
+  const auto report = [&](const DriverStatus& status, const char* operation, std::size_t bytes) {
+    if (first_failure) return;
+    try {
+      raise(status, operation, bytes);
+    } catch (...) {
+      first_failure = std::current_exception();
+    }
+  };
+  std::optional<ScopedDevice> guard;
+  try {
+    activate(guard);
+  } catch (...) {
+    // cuMemUnmap, cuMemRelease and cuMemAddressFree do not need the context: try them.
+    first_failure = std::current_exception();
+  }
+  // Kernels queued before the close may still read the pages: one synchronize before the
+  // first unmap. A failed one is reported, but the releases still run: a close must not
+  // leave mappings behind.
+  const bool any_mapped = std::any_of(leftovers_.begin(), leftovers_.end(),
+                                      [&](const Leftover& item) { return ours(item) && item.mapped; });
+  if (any_mapped) {
+    const DriverStatus status = retrying([&] { return driver_->synchronize(ordinal_); });
+    if (status.ok()) {
+      stats_.add(&DeviceStats::synchronizes);
+    } else {
+      report(status, "cuCtxSynchronize", 0);
+    }
+  }
+  for (Leftover& item : leftovers_) {
+    if (!ours(item) || item.range) continue;
+    if (item.mapped) {
+      // Releasing is retried even after a hard error: a page left mapped is lost for the
+      // life of the process.
+      const DriverStatus status =
+          retrying_twice([&] { return driver_->unmap(item.address, item.bytes); });
+      if (!status.ok()) {
+        report(status, "cuMemUnmap", item.bytes);
+        continue;
+      }
+      item.mapped = false;
+      stats_.add(&DeviceStats::pages_released);
+    }
+    const DriverStatus status = retrying_twice([&] { return driver_->release_physical(item.handle); });
+    if (!status.ok()) {
+      report(status, "cuMemRelease", item.bytes);
+      continue;
+    }
+    item.handle = 0;
+    AIMDO_ASSERT(resident_bytes_ >= item.bytes);
+    resident_bytes_ -= item.bytes;
+  }
+  const auto done = [](const Leftover& item) { return !item.range && item.handle == 0 && !item.mapped; };
+  leftovers_.erase(std::remove_if(leftovers_.begin(), leftovers_.end(), done), leftovers_.end());
+  for (Leftover& item : leftovers_) {
+    if (!ours(item) || !item.range) continue;
+    // A range is freed only once none of its pages is mapped (the driver refuses otherwise).
+    const bool pages_mapped = std::any_of(leftovers_.begin(), leftovers_.end(), [&](const Leftover& page) {
+      return !page.range && page.mapped && page.vbar_base == item.vbar_base;
+    });
+    if (pages_mapped) continue;
+    const DriverStatus status =
+        retrying_twice([&] { return driver_->free_address_range(item.address, item.bytes); });
+    if (!status.ok()) {
+      report(status, "cuMemAddressFree", item.bytes);
+      continue;
+    }
+    item.range = false;  // nothing left of it: `done` now
+  }
+  leftovers_.erase(std::remove_if(leftovers_.begin(), leftovers_.end(), done), leftovers_.end());
+  if (first_failure) std::rethrow_exception(first_failure);
+}
+
+void Device::close() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  closed_ = true;
+  if (process_exiting()) return;  // the driver may be gone; the OS reclaims everything
+  std::exception_ptr first_failure;
+  const auto keep_first = [&] {
+    if (!first_failure) first_failure = std::current_exception();
+  };
+  while (!priority_.empty()) {
+    try {
+      close_vbar_locked(*priority_.front());
+    } catch (...) {
+      keep_first();
+    }
+  }
+  // What earlier closes left, of VBARs alive or gone.
+  if (!leftovers_.empty()) {
+    try {
+      release_leftovers_locked(0);
+    } catch (...) {
+      keep_first();
+    }
+  }
+  if (!external_.empty()) {
+    std::optional<ScopedDevice> guard;
+    for (int attempt = 0; attempt < 2 && !guard; ++attempt) {
+      try {
+        activate(guard);
+      } catch (...) {
+        if (attempt == 1) keep_first();
+      }
+    }
+    // A free that fails stays listed (and counted), so a later close retries it.
+    for (auto it = external_.begin(); it != external_.end();) {
+      const DeviceAddress ptr = it->first;
+      const std::size_t size = it->second;
+      const DriverStatus status =
+          retrying_twice([&] { return driver_->stream_free(ordinal_, ptr, 0); });
+      if (!status.ok()) {
+        try {
+          raise(status, "cuMemFreeAsync", size);
+        } catch (...) {
+          keep_first();
+        }
+        ++it;
+        continue;
+      }
+      AIMDO_ASSERT(external_bytes_ >= size);
+      external_bytes_ -= size;
+      it = external_.erase(it);
+    }
+  }
+  check_invariants_locked();
+  if (first_failure) std::rethrow_exception(first_failure);
+}
+
+}  // namespace aimdo
