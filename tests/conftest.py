@@ -59,16 +59,6 @@ def backend_name() -> str:
     return BACKEND
 
 
-class Budgeted:
-    """What make_manager built: the Manager, its simulator (None on cuda) and the memory
-    others used on each device when it started."""
-
-    def __init__(self, manager: aimdo.Manager, sim: SimBackend | None, baseline: dict[int, int]):
-        self.manager = manager
-        self.sim = sim
-        self.baseline = baseline
-
-
 @pytest.fixture
 def make_manager(backend_name):
     """make_manager(pages=8, devices=(0,), ...) -> Manager whose aimdo budget on each

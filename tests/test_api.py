@@ -315,8 +315,8 @@ def test_vbar_properties(make_manager):
     manager = make_manager(pages=8)
     vbar = manager.create_vbar(3 * PAGE + 1, device=0)
     assert vbar.device == 0
-    assert vbar.size == 3 * PAGE + 1
-    assert vbar.page_size == PAGE
+    assert vbar.size_bytes == vbar.size == 3 * PAGE + 1  # the old name is an alias
+    assert vbar.page_size_bytes == vbar.page_size == PAGE
     assert vbar.page_count == 4
     assert vbar.watermark_bytes == 4 * PAGE
     assert vbar.floor_bytes == 0
@@ -327,6 +327,9 @@ def test_vbar_properties(make_manager):
     assert vbar.address != 0
     assert vbar.address % manager.device_info(0)["granularity_bytes"] == 0
     assert manager.vbar_count(0) == 1
+    vbar.alloc(3)
+    second = vbar.alloc(5)
+    assert (second.offset_bytes, second.size_bytes) == (second.offset, second.size) == (512, 5)
 
 
 @pytest.mark.parametrize(

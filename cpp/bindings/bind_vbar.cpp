@@ -44,9 +44,14 @@ void bind_vbar(nb::module_& m) {
       });
 
   nb::class_<Allocation>(m, "Allocation", "A byte range of a VBAR handed to one tensor.")
+      .def_prop_ro("offset_bytes", [](const Allocation& a) { return a.offset_bytes; },
+                   "Bytes from the VBAR's base (a multiple of ALLOCATION_ALIGNMENT_BYTES).")
+      .def_prop_ro("size_bytes", [](const Allocation& a) { return a.size_bytes; }, "Bytes.")
+      // The names before the convention (sizes end in _bytes), kept for existing code.
       .def_prop_ro("offset", [](const Allocation& a) { return a.offset_bytes; },
-                   "Bytes from the VBAR's base (512-byte aligned).")
-      .def_prop_ro("size", [](const Allocation& a) { return a.size_bytes; }, "Bytes.")
+                   "Alias of offset_bytes.")
+      .def_prop_ro("size", [](const Allocation& a) { return a.size_bytes; },
+                   "Alias of size_bytes.")
       .def_prop_ro("address", &Allocation::address, "Device virtual address of the first byte.")
       .def_prop_ro("vbar", [](const Allocation& a) { return a.vbar; })
       .def_prop_ro("device", [](const Allocation& a) { return a.vbar->device(); })
@@ -59,8 +64,11 @@ void bind_vbar(nb::module_& m) {
   nb::class_<Vbar>(m, "Vbar", "One model's reserved address range on one device (DESIGN §1).")
       .def_prop_ro("device", &Vbar::device)
       .def_prop_ro("driver", &Vbar::driver, "The backend its memory belongs to.")
-      .def_prop_ro("size", &Vbar::size_bytes, "Bytes asked for at creation.")
-      .def_prop_ro("page_size", &Vbar::page_size_bytes)
+      .def_prop_ro("size_bytes", &Vbar::size_bytes, "Bytes asked for at creation.")
+      .def_prop_ro("page_size_bytes", &Vbar::page_size_bytes)
+      // The names before the convention (sizes end in _bytes), kept for existing code.
+      .def_prop_ro("size", &Vbar::size_bytes, "Alias of size_bytes.")
+      .def_prop_ro("page_size", &Vbar::page_size_bytes, "Alias of page_size_bytes.")
       .def_prop_ro("page_count", &Vbar::page_count)
       .def_prop_ro("address", &Vbar::base_address, "Device virtual address of the range.")
       .def("alloc", [](Vbar& v, IntArg n) { return v.alloc(to_size(n, "nbytes")); },

@@ -38,7 +38,6 @@ class Device : public std::enable_shared_from_this<Device> {
 
   int ordinal() const noexcept { return ordinal_; }
   const DeviceProperties& properties() const noexcept { return properties_; }
-  Driver& driver() const noexcept { return *driver_; }
   const std::shared_ptr<Driver>& driver_ptr() const noexcept { return driver_; }
   std::mutex& mutex() const noexcept { return mutex_; }
 

@@ -30,7 +30,6 @@ class Manager {
   Manager(const Manager&) = delete;
   Manager& operator=(const Manager&) = delete;
 
-  Driver& driver() const noexcept { return *driver_; }
   const std::shared_ptr<Driver>& driver_ptr() const noexcept { return driver_; }
 
   // Initialize each listed device with its options; a device already initialized gets
