@@ -179,7 +179,7 @@ def main() -> int:
             free, total = manager.memory_info(0)
             # PyTorch's cache (activations, staging buffers) and the CUDA context
             others = total - free - manager.usage_bytes(0)
-            # DESIGN 3.2: a full budget stays full. What the others leave of the budget is
+            # design.md §3.2: a full budget stays full. What the others leave of the budget is
             # filled with resident pages, short of it by less than the one block whose
             # missing pages did not fit (and the page it shares with the block below).
             left = manager.budget_bytes(0) - others

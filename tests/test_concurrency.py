@@ -1,4 +1,4 @@
-"""DESIGN §4 under concurrency: one lock per device, no global lock, the right context.
+"""design.md §4 under concurrency: one lock per device, no global lock, the right context.
 
 The stress test's seed is printed on failure; rerun it with AIMDO_STRESS_SEED=<seed>.
 """

@@ -696,7 +696,7 @@ def test_adding_more_external_usage_than_free_is_a_value_error(loaded):
 
 @pytest.mark.sim_only
 def test_injected_out_of_memory_twice_evicts_one_page_more_then_raises_a_flagged_error(make_manager):
-    """DESIGN §3.2: on the driver's out-of-memory, evict one page more and retry once; a
+    """design.md §3.2: on the driver's out-of-memory, evict one page more and retry once; a
     second failure is an error. The page evicted for the retry stays evicted."""
     manager = make_manager(pages=8)
     older = manager.create_vbar(2 * PAGE, device=0)
@@ -742,7 +742,7 @@ def test_injected_out_of_memory_once_is_retried_and_the_fault_succeeds(make_mana
 @pytest.mark.sim_only
 def test_injected_out_of_memory_with_nothing_to_evict_retries_once_and_maps(make_manager):
     """The walk for "one page more" may take only pages of lower priority than the
-    fault's own (DESIGN §3.2): a lone VBAR with nothing above the allocation gives
+    fault's own (design.md §3.2): a lone VBAR with nothing above the allocation gives
     nothing, and its watermark stays. The one retry then succeeds."""
     manager = make_manager(pages=8)
     vbar = manager.create_vbar(4 * PAGE, device=0)

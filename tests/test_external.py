@@ -1,4 +1,4 @@
-"""DESIGN §3.6: allocations made through aimdo for someone else (PyTorch's allocator)."""
+"""design.md §3.7: allocations made through aimdo for someone else (PyTorch's allocator)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DESIGN §4: every counter, budget and list is per device."""
+"""design.md §4: every counter, budget and list is per device."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DESIGN §3, rule by rule, with the exact residency each scripted sequence must leave.
+"""design.md §3, rule by rule, with the exact residency each scripted sequence must leave.
 
 Budgets are in pages of PAGE bytes (see make_manager); residency strings read '.'
 absent, 'R' resident, 'P' resident and pinned, one character per page.

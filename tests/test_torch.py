@@ -193,7 +193,7 @@ def one_page_layers(count: int, log: list) -> torch.nn.Module:
     (True, 2, [0, 2, 5, 7],
      "copy1 copy3 run0 copy4 run1 run2 copy6 run3 run4 run5 run6 run7"),
     # Placed in order: layers 0-3 fill the budget; layer 4's fault finds nothing of lower
-    # priority to evict, so it is offloaded and the watermark stops at it (DESIGN 3.2).
+    # priority to evict, so it is offloaded and the watermark stops at it (design.md §3.2).
     # Its copy overlaps the four resident layers' compute.
     (False, 1, [0, 1, 2, 3],
      "copy4 run0 run1 run2 run3 copy5 run4 copy6 run5 copy7 run6 run7"),

@@ -61,7 +61,7 @@ void bind_vbar(nb::module_& m) {
                std::to_string(a.size_bytes) + ")";
       });
 
-  nb::class_<Vbar>(m, "Vbar", "One model's reserved address range on one device (DESIGN §1).")
+  nb::class_<Vbar>(m, "Vbar", "One model's reserved address range on one device (design.md §1).")
       .def_prop_ro("device", &Vbar::device)
       .def_prop_ro("driver", &Vbar::driver, "The backend its memory belongs to.")
       .def_prop_ro("size_bytes", &Vbar::size_bytes, "Bytes asked for at creation.")

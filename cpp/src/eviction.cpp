@@ -1,4 +1,4 @@
-// Eviction: lowering watermarks for a deficit (DESIGN 3.3) and for a fault (3.2).
+// Eviction: lowering watermarks for a deficit (design.md §3.3) and for a fault (3.2).
 #include "aimdo/device.hpp"
 
 #include <algorithm>

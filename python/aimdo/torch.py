@@ -94,7 +94,7 @@ _allocator_installed = False  # aimdo's allocator is PyTorch's current one
 def use_allocator(manager: Manager | None = None) -> None:
     """Route PyTorch's CUDA allocations through ``manager`` (default: aimdo's default
     Manager): before each allocation, VBAR pages on that device are evicted as the
-    budget needs (DESIGN §3.6); frees are found by pointer from any thread.
+    budget needs (design.md §3.7); frees are found by pointer from any thread.
 
     PyTorch can only swap its allocator before it has allocated CUDA memory: call this
     first thing. Calling it again switches the Manager behind the allocator (allocations

@@ -1,4 +1,4 @@
-// The budget arithmetic of DESIGN §3.1, as a pure function so it can be read and
+// The budget arithmetic of design.md §3.1, as a pure function so it can be read and
 // tested on its own. All figures are bytes of one device.
 #pragma once
 

@@ -1,4 +1,4 @@
-// Per-device state and policy: budget, priority list, eviction (DESIGN §3, §4).
+// Per-device state and policy: budget, priority list, eviction (design.md §3, §4).
 //
 // Thread-safety: one mutex per device (mutex()) guards the options, the priority list,
 // every page table of this device's VBARs and the usage counters. No operation holds
@@ -57,7 +57,7 @@ class Device : public std::enable_shared_from_this<Device> {
   std::size_t reclaim(std::size_t size_bytes);
   std::int64_t deficit_bytes(std::size_t size_bytes);
 
-  // DESIGN §3.6: an allocation made for someone else (PyTorch's allocator): make room
+  // design.md §3.7: an allocation made for someone else (PyTorch's allocator): make room
   // for size + allocator headroom, allocate stream-ordered memory, on out-of-memory evict
   // that much more and retry once. OutOfMemoryError when the budget cannot be met or the
   // driver refuses twice. The bytes count as this device's usage until freed.
@@ -108,10 +108,10 @@ class Device : public std::enable_shared_from_this<Device> {
     std::size_t page_bytes = 0;
     std::vector<PhysicalHandle> handles;
   };
-  // DESIGN §3.3, eviction for a deficit: walk every VBAR from lowest priority up (or only
+  // design.md §3.3, eviction for a deficit: walk every VBAR from lowest priority up (or only
   // `only`) until `bytes` are freed or nothing more may be lowered. Returns bytes freed.
   std::size_t evict_locked(std::size_t bytes, Vbar* only);
-  // DESIGN §3.2, eviction for a fault of `vbar`'s pages up to `last_page`: only pages of
+  // design.md §3.2, eviction for a fault of `vbar`'s pages up to `last_page`: only pages of
   // lower priority than those, i.e. of the VBARs below `vbar` (lowest first), then `vbar`'s
   // own pages above `last_page`. Returns bytes freed (unmapped pages kept in `recycle`
   // count: the fault maps them again at once).
@@ -151,7 +151,7 @@ class Device : public std::enable_shared_from_this<Device> {
   // unpinned resident page sits above a watermark; no page pin is missing its fault.
   // Other builds: nothing. Call where no fault is half-way (no recycled memory in hand).
   void check_invariants_locked() const;
-  // DESIGN §3.7. The first call takes the VBAR out of service and hands every page and its
+  // design.md §3.9. The first call takes the VBAR out of service and hands every page and its
   // range to the leftovers; every call then releases what is left of it. Throws the first
   // failure after trying everything; a later call retries.
   void close_vbar_locked(Vbar& vbar);

@@ -43,7 +43,7 @@ class Manager {
 
   std::shared_ptr<Vbar> create_vbar(int device, std::size_t size_bytes);
   std::size_t reclaim(int device, std::size_t size_bytes);
-  // DESIGN §3.6 (see Device::external_alloc).
+  // design.md §3.7 (see Device::external_alloc).
   DeviceAddress external_alloc(int device, std::size_t size_bytes, StreamHandle stream);
   // Free an external allocation, found by pointer whatever thread calls: the owning
   // device is looked up, never guessed. InvalidArgumentError for an unknown pointer.

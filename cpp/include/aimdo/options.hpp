@@ -13,7 +13,7 @@ constexpr std::size_t kGiB = std::size_t{1} << 30;
 
 struct DeviceOptions {
   // Cap on the memory aimdo treats the device as having; none = the device's total.
-  // A limit behaves like a smaller card (DESIGN §3.1).
+  // A limit behaves like a smaller card (design.md §3.1).
   std::optional<std::size_t> vram_limit_bytes;
   // What the device must keep free; used by both parts of the deficit.
   std::size_t headroom_bytes = 256 * kMiB;
@@ -24,7 +24,7 @@ struct DeviceOptions {
   std::size_t page_size_bytes = 32 * kMiB;
   // The driver's free-memory query runs at most once per interval; 0 = every evaluation.
   std::int64_t poll_interval_ns = 2'000'000'000;
-  // Extra room made before each allocation through Manager::external_alloc (DESIGN §3.6).
+  // Extra room made before each allocation through Manager::external_alloc (design.md §3.7).
   std::size_t allocator_headroom_bytes = 0;
   // When a fault evicts to make room for its own missing pages, hand the evicted pages'
   // physical memory to those pages instead of releasing it and creating new memory

@@ -1,6 +1,6 @@
 // A VBAR: one model's reserved virtual address range on one device, divided into pages
 // that are mapped (made resident) when an allocation under them is faulted and released,
-// lowest priority first, when the device runs short. See DESIGN §1 and §3.
+// lowest priority first, when the device runs short. See design.md §1 and §3.
 //
 // Thread-safety: every method may be called from any thread. Page table, watermark,
 // floor, allocation records and the closed flag are guarded by the owning Device's
@@ -68,14 +68,14 @@ class Vbar : public std::enable_shared_from_this<Vbar> {
   // InvalidArgumentError when it does not fit; InvalidStateError when closed.
   Allocation alloc(std::size_t size_bytes);
 
-  // DESIGN §3.2: make every page under `allocation` resident and pin it, returning its
+  // design.md §3.2: make every page under `allocation` resident and pin it, returning its
   // signature; std::nullopt means offloaded (the allocation reaches above the watermark).
   // Errors: InvalidStateError (closed), InvalidArgumentError (foreign allocation),
   // OutOfMemoryError (the budget cannot be met, or the driver refused twice),
   // DriverError.
   std::optional<Signature> fault(const Allocation& allocation);
 
-  // DESIGN §3.4: drop the pin of one earlier successful fault of `allocation`.
+  // design.md §3.5: drop the pin of one earlier successful fault of `allocation`.
   // InvalidStateError when it holds no pin.
   void unpin(const Allocation& allocation);
 
@@ -87,7 +87,7 @@ class Vbar : public std::enable_shared_from_this<Vbar> {
   bool try_fault(const Allocation& allocation, std::optional<Signature>* out);
   bool try_unpin(const Allocation& allocation);
 
-  // DESIGN §3.5.
+  // design.md §3.6.
   void prioritize();
   void deprioritize();
   std::size_t watermark_bytes() const;
@@ -104,7 +104,7 @@ class Vbar : public std::enable_shared_from_this<Vbar> {
   std::vector<PageResidency> residency() const;
   std::size_t allocated_bytes() const;  // end of the last allocation
 
-  // DESIGN §3.7: release every page (pinned ones too) and the address range. Throws the
+  // design.md §3.9: release every page (pinned ones too) and the address range. Throws the
   // first driver failure after trying everything (the VBAR is closed all the same); calling
   // it again retries what is left, and does nothing once all is given back.
   void close();
@@ -132,7 +132,7 @@ class Vbar : public std::enable_shared_from_this<Vbar> {
   // The missing pages of a fault of pages [first, last]: when `need` > 0, evict that much
   // of lower priority (recycling what it unmaps), then map them. False, having evicted
   // nothing of other VBARs, when the pages of lower priority and the free budget cannot
-  // hold them all (DESIGN §3.2): the caller then offloads the allocation.
+  // hold them all (design.md §3.2): the caller then offloads the allocation.
   bool map_missing_locked(std::size_t first, std::size_t last, std::int64_t need,
                           Device::Recycled& recycled);
   // The allocation at `offset_bytes` (pages [first, last]) cannot be made resident: lower
