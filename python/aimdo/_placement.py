@@ -30,7 +30,7 @@ def fill_window(order: list, position: int, horizon: int, prefetch: int, load) -
     call. Returns the new horizon."""
     index = max(position + 1, horizon)
     limit = min(len(order), position + 1 + LOOKAHEAD_PER_COPY * prefetch)
-    queued = sum(1 for block in order[position + 1:index] if block.queued)
+    queued = sum(1 for block in order[position + 1 : index] if block.queued)
     while index < limit and queued < prefetch:
         ahead = order[index]
         if not ahead.loaded and not ahead.resident:

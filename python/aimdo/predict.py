@@ -60,7 +60,7 @@ class _Block:
         self.signature = None
         self.loaded = False
         self.pinned = False
-        self.ready = 0.0     # when its weights are in place (virtual seconds)
+        self.ready = 0.0  # when its weights are in place (virtual seconds)
         self.slot = None
         self.queued = False
         self.offloaded = False
@@ -70,7 +70,7 @@ class _Block:
 class _Slot:
     def __init__(self, nbytes: int, free: float):
         self.nbytes = nbytes
-        self.free = free     # when the compute that last read it is done
+        self.free = free  # when the compute that last read it is done
 
 
 class _Run:
@@ -168,8 +168,13 @@ class _Run:
                 self.load(block, ahead=False)
                 block.queued = False
                 if self.stream:
-                    horizon = fill_window(order, position, horizon, prefetch,
-                                          lambda ahead: self.load(ahead, ahead=True))
+                    horizon = fill_window(
+                        order,
+                        position,
+                        horizon,
+                        prefetch,
+                        lambda ahead: self.load(ahead, ahead=True),
+                    )
                 self.log.append(f"run{block.index}")
                 done = sim.compute_async(device, block.seconds, block.ready)
                 self.release(block, done)
@@ -183,8 +188,9 @@ class _Run:
 
 
 class _Model:
-    def __init__(self, manager: Manager, device: int, block_bytes, block_seconds, prefetch: int,
-                 spread: bool):
+    def __init__(
+        self, manager: Manager, device: int, block_bytes, block_seconds, prefetch: int, spread: bool
+    ):
         self.sim = manager.backend
         self.device = device
         self.prefetch = prefetch
@@ -196,8 +202,16 @@ class _Model:
             block.allocation = self.vbar.alloc(block.nbytes)
 
 
-def predict_offload(manager: Manager, device: int, block_bytes, block_seconds, *, steps: int,
-                    prefetch: int = 1, spread: bool = True) -> list[PredictedStep]:
+def predict_offload(
+    manager: Manager,
+    device: int,
+    block_bytes,
+    block_seconds,
+    *,
+    steps: int,
+    prefetch: int = 1,
+    spread: bool = True,
+) -> list[PredictedStep]:
     """Predict ``steps`` forwards of a model whose blocks (modules with weights, in the
     order they run) have ``block_bytes`` of weights and take ``block_seconds`` of compute
     each, offloaded to ``device`` with ``prefetch`` and ``spread`` as in
@@ -210,7 +224,9 @@ def predict_offload(manager: Manager, device: int, block_bytes, block_seconds, *
         raise ValueError("block_bytes and block_seconds need one entry per block, at least one")
     if any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in block_bytes):
         raise ValueError("block_bytes must be positive ints")
-    if any(isinstance(s, bool) or not isinstance(s, (int, float)) or not s >= 0 for s in block_seconds):
+    if any(
+        isinstance(s, bool) or not isinstance(s, (int, float)) or not s >= 0 for s in block_seconds
+    ):
         raise ValueError("block_seconds must be non-negative numbers")
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
         raise ValueError(f"prefetch must be a non-negative int, got {prefetch!r}")

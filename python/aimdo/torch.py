@@ -28,7 +28,14 @@ from ._manager import Manager, get_manager
 from ._placement import fill_window, spread_order
 from .sim import SimBackend, host_view
 
-__all__ = ["as_tensor", "use_allocator", "offload", "OffloadedModule", "ForwardStats", "spread_order"]
+__all__ = [
+    "as_tensor",
+    "use_allocator",
+    "offload",
+    "OffloadedModule",
+    "ForwardStats",
+    "spread_order",
+]
 
 _ALIGNMENT = 512  # every tensor of a block starts 512-byte aligned, as PyTorch's do
 
@@ -65,7 +72,9 @@ def as_tensor(allocation, dtype: torch.dtype, shape) -> torch.Tensor:
         numel *= n
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     if nbytes > allocation.size:
-        raise ValueError(f"{shape} of {dtype} is {nbytes} bytes; the allocation has {allocation.size}")
+        raise ValueError(
+            f"{shape} of {dtype} is {nbytes} bytes; the allocation has {allocation.size}"
+        )
     driver = allocation.vbar.driver
     if isinstance(driver, _core.SimDriver):
         if nbytes == 0:
@@ -83,7 +92,8 @@ def as_tensor(allocation, dtype: torch.dtype, shape) -> torch.Tensor:
             ) from error
         if raw.device.type != "cuda" or raw.device.index != allocation.device:
             raise _core.InvalidStateError(
-                f"allocation at {allocation.address:#x} did not resolve to cuda:{allocation.device}")
+                f"allocation at {allocation.address:#x} did not resolve to cuda:{allocation.device}"
+            )
     return raw.view(dtype).view(shape)
 
 
@@ -104,8 +114,10 @@ def use_allocator(manager: Manager | None = None) -> None:
     global _allocator_installed
     manager = manager if manager is not None else get_manager()
     if manager.backend_name != "cuda":
-        raise _core.AimdoError("use_allocator routes PyTorch's CUDA memory: it needs a Manager "
-                               "on the cuda backend (on the simulator use Manager.external_alloc)")
+        raise _core.AimdoError(
+            "use_allocator routes PyTorch's CUDA memory: it needs a Manager "
+            "on the cuda backend (on the simulator use Manager.external_alloc)"
+        )
     if not torch.cuda.is_available():
         raise _core.AimdoError("use_allocator: this PyTorch has no CUDA")
     with _allocator_lock:
@@ -113,7 +125,8 @@ def use_allocator(manager: Manager | None = None) -> None:
             _core.set_allocator_manager(manager._core)
             return
         allocator = torch.cuda.memory.CUDAPluggableAllocator(
-            _core.__file__, "aimdo_torch_alloc", "aimdo_torch_free")
+            _core.__file__, "aimdo_torch_alloc", "aimdo_torch_free"
+        )
         _core.set_allocator_manager(manager._core)
         try:
             torch.cuda.memory.change_current_allocator(allocator)
@@ -122,7 +135,8 @@ def use_allocator(manager: Manager | None = None) -> None:
             raise _core.AimdoError(
                 "PyTorch already allocated CUDA memory with its own allocator, which it cannot "
                 "swap afterwards: call aimdo.torch.use_allocator() before creating any CUDA "
-                f"tensor (PyTorch said: {error})") from error
+                f"tensor (PyTorch said: {error})"
+            ) from error
         _allocator_installed = True
 
 
@@ -130,9 +144,9 @@ def use_allocator(manager: Manager | None = None) -> None:
 class ForwardStats:
     """What one forward of an OffloadedModule did."""
 
-    layers: int = 0          # blocks of weights faulted (modules with their own weights)
-    hits: int = 0            # found resident and intact: no copy
-    copied_layers: int = 0   # (re)mapped pages: weights copied in from the host
+    layers: int = 0  # blocks of weights faulted (modules with their own weights)
+    hits: int = 0  # found resident and intact: no copy
+    copied_layers: int = 0  # (re)mapped pages: weights copied in from the host
     offloaded_layers: int = 0  # above the watermark: streamed through a temporary buffer
     bytes_copied: int = 0
 
@@ -153,13 +167,13 @@ class _Block:
         self.nbytes = max(offset, 1)
         self.allocation = None
         self.signature = None
-        self.storage = None   # uint8 tensor this forward's weights live in
+        self.storage = None  # uint8 tensor this forward's weights live in
         self.pinned = False
-        self.event = None     # copy-stream event to wait for (CUDA prefetch)
-        self.slot = None      # the staging buffer holding an offloaded block's weights
-        self.queued = False   # loaded ahead with a copy queued, not used yet
+        self.event = None  # copy-stream event to wait for (CUDA prefetch)
+        self.slot = None  # the staging buffer holding an offloaded block's weights
+        self.queued = False  # loaded ahead with a copy queued, not used yet
         self.offloaded = False  # its last fault said offloaded
-        self.resident = False   # its last fault found its weights in place
+        self.resident = False  # its last fault found its weights in place
 
     @property
     def loaded(self) -> bool:
@@ -236,8 +250,15 @@ class OffloadedModule(torch.nn.Module):
     OffloadedModule; offload the same module to two devices to run two at once.
     """
 
-    def __init__(self, module: torch.nn.Module, device: int, manager: Manager, prefetch: int,
-                 order=None, spread: bool = True):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        device: int,
+        manager: Manager,
+        prefetch: int,
+        order=None,
+        spread: bool = True,
+    ):
         super().__init__()
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
             raise ValueError(f"prefetch must be a non-negative int, got {prefetch!r}")
@@ -248,15 +269,20 @@ class OffloadedModule(torch.nn.Module):
         self._device_index = device
         self._sim = backend if isinstance(backend, SimBackend) else None
         if self._sim is not None and not self._sim.real_bytes:
-            raise _core.InvalidStateError("offload on a simulator needs SimBackend(real_bytes=True)")
+            raise _core.InvalidStateError(
+                "offload on a simulator needs SimBackend(real_bytes=True)"
+            )
         self._torch_device = torch.device("cpu") if self._sim else torch.device("cuda", device)
         host = _host_store(module, pin=self._sim is None)
         tensors = list(module.parameters()) + list(module.buffers())
         placeholders = {}
         for tensor in tensors:
             empty = torch.empty(0, dtype=tensor.dtype)
-            placeholders[id(tensor)] = (torch.nn.Parameter(empty, requires_grad=False)
-                                        if isinstance(tensor, torch.nn.Parameter) else empty)
+            placeholders[id(tensor)] = (
+                torch.nn.Parameter(empty, requires_grad=False)
+                if isinstance(tensor, torch.nn.Parameter)
+                else empty
+            )
         # A replica whose weights are placeholders: deepcopy maps each weight to its one.
         memo = {key: value for key, value in placeholders.items()}
         self._replica = copy.deepcopy(module, memo)
@@ -264,8 +290,12 @@ class OffloadedModule(torch.nn.Module):
         by_original = {}
         names = {id(m): name for name, m in module.named_modules()}
         for original, replica in zip(module.modules(), self._replica.modules()):
-            entries = [("p", name, id(t)) for name, t in original._parameters.items() if t is not None]
-            entries += [("b", name, id(t)) for name, t in original._buffers.items() if t is not None]
+            entries = [
+                ("p", name, id(t)) for name, t in original._parameters.items() if t is not None
+            ]
+            entries += [
+                ("b", name, id(t)) for name, t in original._buffers.items() if t is not None
+            ]
             if not entries:
                 continue
             block = _Block(replica, entries, host)
@@ -278,7 +308,7 @@ class OffloadedModule(torch.nn.Module):
             replica.register_forward_pre_hook(lambda m, args, b=block: owner()._before(b))
             replica.register_forward_hook(lambda m, args, out, b=block: owner()._after(b, out))
         self.prefetch = prefetch
-        self._order = []          # blocks in the order they run: declared, else learned
+        self._order = []  # blocks in the order they run: declared, else learned
         self._position = {}
         self._learning = True
         if order is not None:
@@ -287,8 +317,10 @@ class OffloadedModule(torch.nn.Module):
             for declared in order:
                 block = by_original.get(id(declared))
                 if block is None:
-                    raise ValueError("order lists a module that is not part of the offloaded "
-                                     "module, or that has no weights of its own")
+                    raise ValueError(
+                        "order lists a module that is not part of the offloaded "
+                        "module, or that has no weights of its own"
+                    )
                 if block in self._position:
                     raise ValueError(f"order lists {block.name or 'a module'} twice")
                 self._position[block] = len(self._order)
@@ -308,9 +340,9 @@ class OffloadedModule(torch.nn.Module):
         self._copy_stream = None
         if self._sim is None and prefetch:
             self._copy_stream = torch.cuda.Stream(device=self._torch_device)
-        self._slots = []          # staging buffers of this forward (prefetch)
-        self._free_slots = []     # oldest released first
-        self._horizon = 0         # position of the first block not loaded ahead yet
+        self._slots = []  # staging buffers of this forward (prefetch)
+        self._free_slots = []  # oldest released first
+        self._horizon = 0  # position of the first block not loaded ahead yet
         self.last_stats = ForwardStats()
         self._stats = ForwardStats()
 
@@ -356,7 +388,7 @@ class OffloadedModule(torch.nn.Module):
             self._prefetch_after(block)
         for kind, name, tensor, offset in block.entries:
             nbytes = tensor.numel() * tensor.element_size()
-            view = block.storage[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
+            view = block.storage[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape)
             if kind == "p":
                 block.module._parameters[name] = view
             else:
@@ -364,8 +396,13 @@ class OffloadedModule(torch.nn.Module):
 
     def _prefetch_after(self, block: _Block) -> None:
         """Load the blocks after `block` until `prefetch` copies are queued ahead of it."""
-        self._horizon = fill_window(self._order, self._position[block], self._horizon, self.prefetch,
-                                    lambda ahead: self._load(ahead, ahead=True))
+        self._horizon = fill_window(
+            self._order,
+            self._position[block],
+            self._horizon,
+            self.prefetch,
+            lambda ahead: self._load(ahead, ahead=True),
+        )
 
     def placement(self) -> list[tuple[str, int, int]]:
         """(module name, offset in the VBAR, bytes) of every block, by offset."""
@@ -383,8 +420,11 @@ class OffloadedModule(torch.nn.Module):
                 pointer = value.untyped_storage().data_ptr()
                 return value.clone() if start <= pointer < end else value
             if isinstance(value, tuple):
-                return type(value)(own(v) for v in value) if not hasattr(value, "_fields") \
+                return (
+                    type(value)(own(v) for v in value)
+                    if not hasattr(value, "_fields")
                     else type(value)(*(own(v) for v in value))
+                )
             if isinstance(value, list):
                 return [own(v) for v in value]
             if isinstance(value, dict):
@@ -449,11 +489,13 @@ class OffloadedModule(torch.nn.Module):
                     block.slot = slot
                 stats.offloaded_layers += 1
                 if slot is not None:
-                    storage = slot.tensor[:block.nbytes]
+                    storage = slot.tensor[: block.nbytes]
                 else:
                     # Allocated on the compute stream, where it is used and freed: a copy
                     # on the copy stream waits for that stream before writing into it.
-                    storage = torch.empty(block.nbytes, dtype=torch.uint8, device=self._torch_device)
+                    storage = torch.empty(
+                        block.nbytes, dtype=torch.uint8, device=self._torch_device
+                    )
                 block.signature = None
                 copy_in = True
             else:
@@ -499,7 +541,7 @@ class OffloadedModule(torch.nn.Module):
     def _copy(block: _Block, storage: torch.Tensor) -> None:
         for _, _, tensor, offset in block.entries:
             nbytes = tensor.numel() * tensor.element_size()
-            destination = storage[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
+            destination = storage[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape)
             destination.copy_(tensor, non_blocking=True)
 
     def _release(self, block: _Block) -> None:
@@ -526,8 +568,15 @@ class OffloadedModule(torch.nn.Module):
             self.vbar.unpin(block.allocation)
 
 
-def offload(module: torch.nn.Module, device: int, *, manager: Manager | None = None,
-            prefetch: int = 1, order=None, spread: bool = True) -> OffloadedModule:
+def offload(
+    module: torch.nn.Module,
+    device: int,
+    *,
+    manager: Manager | None = None,
+    prefetch: int = 1,
+    order=None,
+    spread: bool = True,
+) -> OffloadedModule:
     """Run ``module`` on ``device`` with its weights streamed through aimdo (see
     OffloadedModule). ``manager`` defaults to aimdo's default Manager. ``order``, a
     sequence of ``module``'s submodules, declares the order their weights are used (by
