@@ -29,13 +29,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ._core import ALLOCATION_ALIGNMENT_BYTES
 from ._manager import Manager
 from ._placement import fill_window, spread_order
 from .sim import SimBackend
 
 __all__ = ["PredictedStep", "predict_offload"]
-
-_ALIGNMENT = 512
 
 
 @dataclass
@@ -195,7 +194,8 @@ class _Model:
         self.device = device
         self.prefetch = prefetch
         self.blocks = [_Block(i, n, s) for i, (n, s) in enumerate(zip(block_bytes, block_seconds))]
-        total = sum((b.nbytes + _ALIGNMENT - 1) // _ALIGNMENT * _ALIGNMENT for b in self.blocks)
+        align = ALLOCATION_ALIGNMENT_BYTES  # each allocation starts aligned
+        total = sum((b.nbytes + align - 1) // align * align for b in self.blocks)
         self.vbar = manager.create_vbar(total, device)
         placed = spread_order(self.blocks) if spread else self.blocks
         for block in placed:

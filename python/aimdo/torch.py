@@ -37,7 +37,13 @@ __all__ = [
     "spread_order",
 ]
 
-_ALIGNMENT = 512  # every tensor of a block starts 512-byte aligned, as PyTorch's do
+# Every tensor of a block starts at a multiple of this offset inside the block's allocation,
+# as PyTorch's caching allocator aligns the tensors it hands out, so that kernels see the
+# alignment they would see on the plain module. It is PyTorch's alignment, not the VBAR's
+# (which places whole allocations): the offsets give aligned addresses only because every
+# allocation starts at least as aligned, which the assertion checks.
+_TENSOR_ALIGNMENT_BYTES = 512
+assert _core.ALLOCATION_ALIGNMENT_BYTES % _TENSOR_ALIGNMENT_BYTES == 0
 
 
 class _CudaBytes:
@@ -161,7 +167,8 @@ class _Block:
         offset = 0
         for kind, name, key in entries:
             tensor = host[key]
-            offset = (offset + _ALIGNMENT - 1) // _ALIGNMENT * _ALIGNMENT
+            align = _TENSOR_ALIGNMENT_BYTES
+            offset = (offset + align - 1) // align * align
             self.entries.append((kind, name, tensor, offset))
             offset += tensor.numel() * tensor.element_size()
         self.nbytes = max(offset, 1)
@@ -329,7 +336,8 @@ class OffloadedModule(torch.nn.Module):
         placed = self._order + [b for b in self._blocks if b not in self._position]
         if spread:
             placed = spread_order(placed)
-        total = sum((b.nbytes + _ALIGNMENT - 1) // _ALIGNMENT * _ALIGNMENT for b in self._blocks)
+        align = _core.ALLOCATION_ALIGNMENT_BYTES  # each allocation starts aligned
+        total = sum((b.nbytes + align - 1) // align * align for b in self._blocks)
         self.vbar = manager.create_vbar(max(total, 1), device)
         try:
             for block in placed:
