@@ -208,13 +208,13 @@ def test_residency_and_prefetch_schedule_of_a_stack_twice_the_budget(
     with torch.no_grad():
         expected = model(x)
     assert torch.equal(offloaded(x), expected)  # learns the order
-    original = atorch.OffloadedModule._copy
+    original = atorch._TorchExecutor.copy_weights
 
     def logged(block, storage):
         log.append(f"copy{block.module.index}")
         original(block, storage)
 
-    monkeypatch.setattr(atorch.OffloadedModule, "_copy", staticmethod(logged))
+    monkeypatch.setattr(atorch._TorchExecutor, "copy_weights", staticmethod(logged))
     for _ in range(2):
         log.clear()
         assert torch.equal(offloaded(x), expected)
@@ -265,14 +265,17 @@ def test_staging_buffers_are_at_most_prefetch_plus_one_and_grow_to_fit(make_mana
     manager = new_manager(make_manager, pages=0, headroom=PAGE)
     offloaded = atorch.offload(model, 0, manager=manager, prefetch=1)
     taken = []
-    original = atorch.OffloadedModule._take_slot
+    # The schedule shared with aimdo.predict takes the buffers; the tensors are the module's.
+    from aimdo._schedule import Schedule
+
+    original = Schedule.take_slot
 
     def recording(self, nbytes):
         slot = original(self, nbytes)
-        taken.append((nbytes, None if slot is None else slot.tensor.numel(), len(self._slots)))
+        taken.append((nbytes, None if slot is None else slot.buffer.numel(), len(self.slots)))
         return slot
 
-    monkeypatch.setattr(atorch.OffloadedModule, "_take_slot", recording)
+    monkeypatch.setattr(Schedule, "take_slot", recording)
     x = torch.randn(2, 256)
     with torch.no_grad():
         expected = model(x)
@@ -436,7 +439,7 @@ def test_an_interrupted_copy_leaves_no_pin_and_no_trusted_garbage(make_manager, 
     manager = sim_manager(make_manager, pages=16)
     model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)]).eval()
     offloaded = atorch.offload(model, 0, manager=manager, prefetch=1)
-    original = atorch.OffloadedModule._copy
+    original = atorch._TorchExecutor.copy_weights
     calls = []
 
     def interrupted(block, storage):
@@ -445,10 +448,10 @@ def test_an_interrupted_copy_leaves_no_pin_and_no_trusted_garbage(make_manager, 
             raise KeyboardInterrupt  # Ctrl-C during a long host-to-device copy
         original(block, storage)
 
-    monkeypatch.setattr(atorch.OffloadedModule, "_copy", staticmethod(interrupted))
+    monkeypatch.setattr(atorch._TorchExecutor, "copy_weights", staticmethod(interrupted))
     with pytest.raises(KeyboardInterrupt):
         offloaded(torch.zeros(1, 256))
-    monkeypatch.setattr(atorch.OffloadedModule, "_copy", staticmethod(original))
+    monkeypatch.setattr(atorch._TorchExecutor, "copy_weights", staticmethod(original))
     assert pinned_pages(offloaded) == 0
     x = torch.randn(1, 256)
     with torch.no_grad():

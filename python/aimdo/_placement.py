@@ -3,6 +3,8 @@ and aimdo.predict, so that the prediction follows the module's schedule."""
 
 from __future__ import annotations
 
+from ._core import ALLOCATION_ALIGNMENT_BYTES
+
 _GOLDEN = 0.6180339887498949
 
 
@@ -13,6 +15,24 @@ def spread_order(items: list) -> list:
     VBAR stays resident, the offloaded blocks between resident ones, so that their copies
     overlap the compute of the blocks before them."""
     return [items[i] for i in sorted(range(len(items)), key=lambda i: (i * _GOLDEN) % 1.0)]
+
+
+def place(manager, device: int, blocks: list, spread: bool):
+    """A new VBAR on ``device`` holding one allocation per block (a block has ``nbytes``
+    and gets ``allocation``), placed in ``blocks``' order, spread (see spread_order) when
+    ``spread``. The VBAR is sized for every block with the VBAR's allocation alignment;
+    it is closed again if an allocation fails."""
+    placed = spread_order(blocks) if spread else list(blocks)
+    align = ALLOCATION_ALIGNMENT_BYTES
+    total = sum((block.nbytes + align - 1) // align * align for block in placed)
+    vbar = manager.create_vbar(max(total, 1), device)
+    try:
+        for block in placed:
+            block.allocation = vbar.alloc(block.nbytes)
+    except BaseException:
+        vbar.close()
+        raise
+    return vbar
 
 
 #: How far the prefetch window looks, in blocks per copy in flight.
@@ -30,7 +50,7 @@ def fill_window(order: list, position: int, horizon: int, prefetch: int, load) -
     call. Returns the new horizon."""
     index = max(position + 1, horizon)
     limit = min(len(order), position + 1 + LOOKAHEAD_PER_COPY * prefetch)
-    queued = sum(1 for block in order[position + 1:index] if block.queued)
+    queued = sum(1 for block in order[position + 1 : index] if block.queued)
     while index < limit and queued < prefetch:
         ahead = order[index]
         if not ahead.loaded and not ahead.resident:

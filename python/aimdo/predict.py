@@ -2,7 +2,7 @@
 
 ``predict_offload`` runs a model's blocks (their sizes and compute times, no data)
 through aimdo's real core on a ``SimBackend``, in the schedule ``OffloadedModule`` uses
-on CUDA:
+on CUDA (both run ``aimdo._schedule``; here on the simulator's copy and compute engines):
 - the same placement (``spread_order`` or in order), faults and unpins;
 - the same prefetch window (``fill_window``);
 - staging buffers taken and reused the same way;
@@ -30,12 +30,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._manager import Manager
-from ._placement import fill_window, spread_order
+from ._placement import place
+from ._schedule import IN_LINE, Block, Executor, Schedule
 from .sim import SimBackend
 
 __all__ = ["PredictedStep", "predict_offload"]
-
-_ALIGNMENT = 512
 
 
 @dataclass
@@ -51,153 +50,105 @@ class PredictedStep:
     schedule: tuple = ()
 
 
-class _Block:
+class _Block(Block):
     def __init__(self, index: int, nbytes: int, seconds: float):
+        super().__init__(nbytes)
         self.index = index
-        self.nbytes = nbytes
         self.seconds = seconds
-        self.allocation = None
-        self.signature = None
-        self.loaded = False
-        self.pinned = False
-        self.ready = 0.0     # when its weights are in place (virtual seconds)
-        self.slot = None
-        self.queued = False
-        self.offloaded = False
-        self.resident = False
 
 
-class _Slot:
-    def __init__(self, nbytes: int, free: float):
-        self.nbytes = nbytes
-        self.free = free     # when the compute that last read it is done
+class _Engines(Executor):
+    """The schedule on one simulated device's two engines, in virtual time: tokens are
+    seconds on the device's clock. Its copy engine runs copies one after another, each
+    after the time it waits for; its compute engine runs the blocks in order, each after
+    the copy it waits for. No bytes move: every destination is None. The host's time is
+    not modelled, so waiting on the host is free.
 
+    - a staging buffer costs nothing and is free from the moment it is made;
+    - IN_LINE: a copy starts after the compute queued so far (the block's compute then
+      waits for the copy, as a copy on the compute stream would make it);
+    - no wait (pages just mapped): the copy waits only for the copies before it in this
+      forward, which starts once both engines are idle.
+    """
 
-class _Run:
-    """One step's schedule state (OffloadedModule's forward, on the simulator)."""
-
-    def __init__(self, model: "_Model", learning: bool):
-        self.model = model
-        self.sim = model.sim
-        self.device = model.device
-        self.stream = model.prefetch > 0 and not learning  # the copy stream is used
-        self.step = PredictedStep(seconds=0.0)
-        self.log = []
-        self.slots = []
-        self.free_slots = []  # oldest released first
-        self.start = 0.0
-
-    def slot_obtainable(self) -> bool:
-        return bool(self.free_slots) or len(self.slots) <= self.model.prefetch
-
-    def take_slot(self, nbytes: int):
-        if self.free_slots:
-            slot = self.free_slots.pop(0)
-            if slot.nbytes >= nbytes:
-                return slot
-            self.slots.remove(slot)  # too small: replaced by a bigger one
-        elif len(self.slots) > self.model.prefetch:
-            return None
-        slot = _Slot(nbytes, self.sim.now(self.device))  # made on the compute stream
-        self.slots.append(slot)
-        return slot
-
-    def load(self, block: _Block, ahead: bool) -> bool:
-        if block.loaded:
-            return True
-        if ahead and self.stream and block.offloaded and not self.slot_obtainable():
-            return False
-        signature = self.model.vbar.fault(block.allocation)
-        block.pinned = signature is not None
-        block.offloaded = signature is None
-        block.resident = False
-        step = self.step
-        slot = None
-        if signature is None:
-            if self.stream:
-                slot = self.take_slot(block.nbytes)
-                if slot is None and ahead:
-                    return False
-                block.slot = slot
-            step.offloaded_layers += 1
-            copy_in = True
-        else:
-            copy_in = signature != block.signature
-            if copy_in:
-                step.copied_layers += 1
-            else:
-                step.hits += 1
-        block.loaded = True
-        block.resident = not copy_in
-        block.ready = 0.0
-        if copy_in:
-            step.bytes_copied += block.nbytes
-            self.log.append(f"copy{block.index}")
-            if self.stream:
-                if slot is not None:
-                    after = slot.free
-                elif signature is None:
-                    after = self.sim.now(self.device)  # waits for the compute stream
-                else:
-                    after = self.start  # pages just mapped: nothing queued reads them
-            else:
-                after = self.sim.now(self.device)  # in order on the compute stream
-            block.ready = self.sim.copy_async(self.device, block.nbytes, after)
-            block.queued = ahead
-        block.signature = signature
-        return True
-
-    def release(self, block: _Block, done: float) -> None:
-        block.loaded = False
-        block.queued = False
-        slot, block.slot = block.slot, None
-        if slot is not None:
-            slot.free = done
-            self.free_slots.append(slot)
-        pinned, block.pinned = block.pinned, False
-        if pinned:
-            self.model.vbar.unpin(block.allocation)
-
-    def forward(self) -> PredictedStep:
-        sim, device, order = self.sim, self.device, self.model.blocks
-        start = self.start = max(sim.now(device), sim.copy_engine_now(device))
-        horizon = 0
-        prefetch = self.model.prefetch
-        try:
-            for position, block in enumerate(order):
-                self.load(block, ahead=False)
-                block.queued = False
-                if self.stream:
-                    horizon = fill_window(order, position, horizon, prefetch,
-                                          lambda ahead: self.load(ahead, ahead=True))
-                self.log.append(f"run{block.index}")
-                done = sim.compute_async(device, block.seconds, block.ready)
-                self.release(block, done)
-        finally:
-            for block in order:
-                if block.loaded:
-                    self.release(block, sim.now(device))
-        self.step.seconds = max(sim.now(device), sim.copy_engine_now(device)) - start
-        self.step.schedule = tuple(self.log)
-        return self.step
-
-
-class _Model:
-    def __init__(self, manager: Manager, device: int, block_bytes, block_seconds, prefetch: int,
-                 spread: bool):
-        self.sim = manager.backend
+    def __init__(self, sim: SimBackend, device: int):
+        self.sim = sim
         self.device = device
-        self.prefetch = prefetch
-        self.blocks = [_Block(i, n, s) for i, (n, s) in enumerate(zip(block_bytes, block_seconds))]
-        total = sum((b.nbytes + _ALIGNMENT - 1) // _ALIGNMENT * _ALIGNMENT for b in self.blocks)
-        self.vbar = manager.create_vbar(total, device)
-        placed = spread_order(self.blocks) if spread else self.blocks
-        for block in placed:
-            block.allocation = self.vbar.alloc(block.nbytes)
+        self.start = 0.0
+        self.log = []
+        self._after = 0.0  # what the next compute waits for
+
+    def begin(self) -> float:
+        """Start a forward once both engines are idle; returns that time."""
+        self.start = max(self.sim.now(self.device), self.sim.copy_engine_now(self.device))
+        self.log = []
+        return self.start
+
+    def run(self, block: _Block) -> None:
+        self.log.append(f"run{block.index}")
+        self.sim.compute_async(self.device, block.seconds, self._after)
+        self._after = 0.0
+
+    def new_buffer(self, nbytes: int):
+        return None
+
+    def compute_point(self) -> float:
+        return self.sim.now(self.device)
+
+    def destination(self, block, into):
+        return None
+
+    def copy(self, block, storage, after) -> float:
+        self.log.append(f"copy{block.index}")
+        if after is IN_LINE:
+            after = self.sim.now(self.device)
+        elif after is None:
+            after = self.start
+        return self.sim.copy_async(self.device, block.nbytes, after)
+
+    def wait_for(self, token: float) -> None:
+        self._after = max(self._after, token)
+
+    def host_wait(self, token) -> None:
+        pass
+
+    def drain_copies(self) -> None:
+        pass
 
 
-def predict_offload(manager: Manager, device: int, block_bytes, block_seconds, *, steps: int,
-                    prefetch: int = 1, spread: bool = True) -> list[PredictedStep]:
+def _step(schedule: Schedule, engines: _Engines) -> PredictedStep:
+    """One forward: OffloadedModule's, with the blocks' compute on the compute engine."""
+    start = engines.begin()
+    schedule.begin_forward()
+    try:
+        for block in schedule.order:
+            schedule.before(block)
+            engines.run(block)
+            schedule.release(block)
+    finally:
+        schedule.end_forward()
+    sim, device = engines.sim, engines.device
+    stats = schedule.stats
+    return PredictedStep(
+        seconds=max(sim.now(device), sim.copy_engine_now(device)) - start,
+        hits=stats.hits,
+        copied_layers=stats.copied_layers,
+        offloaded_layers=stats.offloaded_layers,
+        bytes_copied=stats.bytes_copied,
+        schedule=tuple(engines.log),
+    )
+
+
+def predict_offload(
+    manager: Manager,
+    device: int,
+    block_bytes,
+    block_seconds,
+    *,
+    steps: int,
+    prefetch: int = 1,
+    spread: bool = True,
+) -> list[PredictedStep]:
     """Predict ``steps`` forwards of a model whose blocks (modules with weights, in the
     order they run) have ``block_bytes`` of weights and take ``block_seconds`` of compute
     each, offloaded to ``device`` with ``prefetch`` and ``spread`` as in
@@ -210,14 +161,21 @@ def predict_offload(manager: Manager, device: int, block_bytes, block_seconds, *
         raise ValueError("block_bytes and block_seconds need one entry per block, at least one")
     if any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in block_bytes):
         raise ValueError("block_bytes must be positive ints")
-    if any(isinstance(s, bool) or not isinstance(s, (int, float)) or not s >= 0 for s in block_seconds):
+    if any(
+        isinstance(s, bool) or not isinstance(s, (int, float)) or not s >= 0 for s in block_seconds
+    ):
         raise ValueError("block_seconds must be non-negative numbers")
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
         raise ValueError(f"prefetch must be a non-negative int, got {prefetch!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
-    model = _Model(manager, device, block_bytes, block_seconds, prefetch, bool(spread))
+    blocks = [_Block(i, n, s) for i, (n, s) in enumerate(zip(block_bytes, block_seconds))]
+    vbar = place(manager, device, blocks, bool(spread))
     try:
-        return [_Run(model, learning=step == 0).forward() for step in range(steps)]
+        # The blocks run in the order given; the first forward still learns it, as the
+        # module's does when no order is declared.
+        engines = _Engines(manager.backend, device)
+        schedule = Schedule(engines, vbar, blocks, prefetch, order=blocks, learning=True)
+        return [_step(schedule, engines) for _ in range(steps)]
     finally:
-        model.vbar.close()
+        vbar.close()

@@ -19,18 +19,23 @@ from __future__ import annotations
 import copy
 import threading
 import weakref
-from dataclasses import dataclass
 
 import torch
 
 from . import _core
 from ._manager import Manager, get_manager
-from ._placement import fill_window, spread_order
+from ._placement import place, spread_order
+from ._schedule import IN_LINE, PAGES, TEMPORARY, Block, Executor, ForwardStats, Schedule
 from .sim import SimBackend, host_view
 
-__all__ = ["as_tensor", "use_allocator", "offload", "OffloadedModule", "ForwardStats", "spread_order"]
-
-_ALIGNMENT = 512  # every tensor of a block starts 512-byte aligned, as PyTorch's do
+__all__ = [
+    "ForwardStats",
+    "OffloadedModule",
+    "as_tensor",
+    "offload",
+    "spread_order",
+    "use_allocator",
+]
 
 
 class _CudaBytes:
@@ -65,7 +70,9 @@ def as_tensor(allocation, dtype: torch.dtype, shape) -> torch.Tensor:
         numel *= n
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     if nbytes > allocation.size:
-        raise ValueError(f"{shape} of {dtype} is {nbytes} bytes; the allocation has {allocation.size}")
+        raise ValueError(
+            f"{shape} of {dtype} is {nbytes} bytes; the allocation has {allocation.size}"
+        )
     driver = allocation.vbar.driver
     if isinstance(driver, _core.SimDriver):
         if nbytes == 0:
@@ -83,7 +90,8 @@ def as_tensor(allocation, dtype: torch.dtype, shape) -> torch.Tensor:
             ) from error
         if raw.device.type != "cuda" or raw.device.index != allocation.device:
             raise _core.InvalidStateError(
-                f"allocation at {allocation.address:#x} did not resolve to cuda:{allocation.device}")
+                f"allocation at {allocation.address:#x} did not resolve to cuda:{allocation.device}"
+            )
     return raw.view(dtype).view(shape)
 
 
@@ -104,8 +112,10 @@ def use_allocator(manager: Manager | None = None) -> None:
     global _allocator_installed
     manager = manager if manager is not None else get_manager()
     if manager.backend_name != "cuda":
-        raise _core.AimdoError("use_allocator routes PyTorch's CUDA memory: it needs a Manager "
-                               "on the cuda backend (on the simulator use Manager.external_alloc)")
+        raise _core.AimdoError(
+            "use_allocator routes PyTorch's CUDA memory: it needs a Manager "
+            "on the cuda backend (on the simulator use Manager.external_alloc)"
+        )
     if not torch.cuda.is_available():
         raise _core.AimdoError("use_allocator: this PyTorch has no CUDA")
     with _allocator_lock:
@@ -113,7 +123,8 @@ def use_allocator(manager: Manager | None = None) -> None:
             _core.set_allocator_manager(manager._core)
             return
         allocator = torch.cuda.memory.CUDAPluggableAllocator(
-            _core.__file__, "aimdo_torch_alloc", "aimdo_torch_free")
+            _core.__file__, "aimdo_torch_alloc", "aimdo_torch_free"
+        )
         _core.set_allocator_manager(manager._core)
         try:
             torch.cuda.memory.change_current_allocator(allocator)
@@ -122,60 +133,127 @@ def use_allocator(manager: Manager | None = None) -> None:
             raise _core.AimdoError(
                 "PyTorch already allocated CUDA memory with its own allocator, which it cannot "
                 "swap afterwards: call aimdo.torch.use_allocator() before creating any CUDA "
-                f"tensor (PyTorch said: {error})") from error
+                f"tensor (PyTorch said: {error})"
+            ) from error
         _allocator_installed = True
 
 
-@dataclass
-class ForwardStats:
-    """What one forward of an OffloadedModule did."""
-
-    layers: int = 0          # blocks of weights faulted (modules with their own weights)
-    hits: int = 0            # found resident and intact: no copy
-    copied_layers: int = 0   # (re)mapped pages: weights copied in from the host
-    offloaded_layers: int = 0  # above the watermark: streamed through a temporary buffer
-    bytes_copied: int = 0
+# Every tensor of a block starts at a multiple of this offset inside the block's allocation,
+# as PyTorch's caching allocator aligns the tensors it hands out, so that kernels see the
+# alignment they would see on the plain module. It is PyTorch's alignment, not the VBAR's
+# (which places whole allocations): the offsets give aligned addresses only because every
+# allocation starts at least as aligned, which the assertion checks.
+_TENSOR_ALIGNMENT_BYTES = 512
+assert _core.ALLOCATION_ALIGNMENT_BYTES % _TENSOR_ALIGNMENT_BYTES == 0
 
 
-class _Block:
+class _Block(Block):
     """The weights of one module (its own parameters and buffers, not its children's),
-    laid out 512-byte aligned in one allocation."""
+    laid out in one allocation. Its parameters are views of `storage` between bind() and
+    unbind(), placeholders otherwise."""
 
-    def __init__(self, module: torch.nn.Module, entries, host):
+    def __init__(self, module: torch.nn.Module, name: str, entries, host):
         self.module = module
+        self.name = name
         self.entries = []  # (kind, name, host tensor, offset)
         offset = 0
-        for kind, name, key in entries:
+        for kind, entry_name, key in entries:
             tensor = host[key]
-            offset = (offset + _ALIGNMENT - 1) // _ALIGNMENT * _ALIGNMENT
-            self.entries.append((kind, name, tensor, offset))
+            align = _TENSOR_ALIGNMENT_BYTES
+            offset = (offset + align - 1) // align * align
+            self.entries.append((kind, entry_name, tensor, offset))
             offset += tensor.numel() * tensor.element_size()
-        self.nbytes = max(offset, 1)
-        self.allocation = None
-        self.signature = None
-        self.storage = None   # uint8 tensor this forward's weights live in
-        self.pinned = False
-        self.event = None     # copy-stream event to wait for (CUDA prefetch)
-        self.slot = None      # the staging buffer holding an offloaded block's weights
-        self.queued = False   # loaded ahead with a copy queued, not used yet
-        self.offloaded = False  # its last fault said offloaded
-        self.resident = False   # its last fault found its weights in place
+        super().__init__(max(offset, 1))
 
-    @property
-    def loaded(self) -> bool:
-        return self.storage is not None
+    def bind(self) -> None:
+        for kind, name, tensor, offset in self.entries:
+            nbytes = tensor.numel() * tensor.element_size()
+            view = self.storage[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape)
+            if kind == "p":
+                self.module._parameters[name] = view
+            else:
+                self.module._buffers[name] = view
 
-
-class _Slot:
-    """A staging buffer for offloaded weights, reused within a forward. `free` is the
-    compute-stream event after which its last user is done with it."""
-
-    def __init__(self, tensor: torch.Tensor, free):
-        self.tensor = tensor
-        self.free = free
+    def unbind(self) -> None:
+        for kind, name, tensor, _ in self.entries:
+            empty = torch.empty(0, dtype=tensor.dtype)
+            if kind == "p":
+                self.module._parameters[name] = torch.nn.Parameter(empty, requires_grad=False)
+            else:
+                self.module._buffers[name] = empty
 
 
-_host_stores: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+class _TorchExecutor(Executor):
+    """The schedule on PyTorch tensors. On CUDA the compute engine is the current stream,
+    the copy engine a stream of this module's own (made when prefetch > 0), and tokens are
+    CUDA events. On a simulator with real bytes everything is CPU work, done in line when
+    queued: there is no copy stream and no token.
+
+    - a staging buffer is a uint8 tensor; a block's weights are a uint8 tensor (a view of
+      its pages, of a staging buffer, or a temporary one), holding each of its tensors at
+      its offset;
+    - IN_LINE: the copy runs on the compute stream, so the compute needs no event.
+    """
+
+    def __init__(self, device: torch.device, copy_stream):
+        self._device = device
+        self._copy_stream = copy_stream
+
+    def new_buffer(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, device=self._device)
+
+    def compute_point(self):
+        # After a new buffer, this event also covers the allocator's reuse of memory that
+        # compute work queued before it may still read.
+        if self._device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self._device))
+        return event
+
+    def destination(self, block: _Block, into) -> torch.Tensor:
+        if into is PAGES:
+            return as_tensor(block.allocation, torch.uint8, (block.nbytes,))
+        if into is TEMPORARY:
+            # Allocated on the compute stream, where it is used and freed: a copy on the copy
+            # stream waits for that stream before writing into it.
+            return torch.empty(block.nbytes, dtype=torch.uint8, device=self._device)
+        return into.buffer[: block.nbytes]
+
+    def copy(self, block: _Block, storage: torch.Tensor, after):
+        stream = self._copy_stream
+        if after is IN_LINE or stream is None:
+            self.copy_weights(block, storage)
+            return None
+        with torch.cuda.stream(stream):
+            if after is not None:
+                stream.wait_event(after)
+            self.copy_weights(block, storage)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return done
+
+    def wait_for(self, token) -> None:
+        torch.cuda.current_stream(self._device).wait_event(token)
+
+    def host_wait(self, token) -> None:
+        token.synchronize()
+
+    def drain_copies(self) -> None:
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()
+
+    @staticmethod
+    def copy_weights(block: _Block, storage: torch.Tensor) -> None:
+        """Queue the copies of the block's host tensors into `storage`, on the current
+        stream (non-blocking from pinned memory on CUDA; at once on the CPU)."""
+        for _, _, tensor, offset in block.entries:
+            nbytes = tensor.numel() * tensor.element_size()
+            destination = storage[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape)
+            destination.copy_(tensor, non_blocking=True)
+
+
+_host_stores: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()
 _host_lock = threading.Lock()
 
 
@@ -203,6 +281,23 @@ def _host_store(module: torch.nn.Module, pin: bool) -> dict:
         return store
 
 
+def _declared_order(order, by_original: dict) -> list:
+    """The blocks of the modules `order` lists, in that order."""
+    declared, seen = [], set()
+    for module in order:
+        block = by_original.get(id(module))
+        if block is None:
+            raise ValueError(
+                "order lists a module that is not part of the offloaded "
+                "module, or that has no weights of its own"
+            )
+        if block in seen:
+            raise ValueError(f"order lists {block.name or 'a module'} twice")
+        declared.append(block)
+        seen.add(block)
+    return declared
+
+
 class OffloadedModule(torch.nn.Module):
     """A module whose weights stay on the host and reach ``device`` through one VBAR.
 
@@ -225,7 +320,8 @@ class OffloadedModule(torch.nn.Module):
     their last fault are left to their turn). On CUDA the copies run on a
     copy stream, ordered by events; offloaded weights are staged in k + 1 buffers reused
     within the forward (each as large as the largest block it has staged), each reused only
-    after the compute that read it.
+    after the compute that read it. ``aimdo.predict`` runs the same schedule
+    (``aimdo._schedule``) on the simulator's engines.
 
     The wrapped module is not changed: this runs a replica of it whose weights are bound
     to those views only while each module runs. Outputs equal the module's own, bit for
@@ -236,144 +332,110 @@ class OffloadedModule(torch.nn.Module):
     OffloadedModule; offload the same module to two devices to run two at once.
     """
 
-    def __init__(self, module: torch.nn.Module, device: int, manager: Manager, prefetch: int,
-                 order=None, spread: bool = True):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        device: int,
+        manager: Manager,
+        prefetch: int,
+        order=None,
+        spread: bool = True,
+    ):
         super().__init__()
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
             raise ValueError(f"prefetch must be a non-negative int, got {prefetch!r}")
         if not isinstance(spread, bool):
             raise TypeError(f"spread must be a bool, got {spread!r}")
         backend = manager.backend
+        sim = backend if isinstance(backend, SimBackend) else None
+        if sim is not None and not sim.real_bytes:
+            raise _core.InvalidStateError(
+                "offload on a simulator needs SimBackend(real_bytes=True)"
+            )
         self._manager = manager
         self._device_index = device
-        self._sim = backend if isinstance(backend, SimBackend) else None
-        if self._sim is not None and not self._sim.real_bytes:
-            raise _core.InvalidStateError("offload on a simulator needs SimBackend(real_bytes=True)")
-        self._torch_device = torch.device("cpu") if self._sim else torch.device("cuda", device)
-        host = _host_store(module, pin=self._sim is None)
-        tensors = list(module.parameters()) + list(module.buffers())
+        self._torch_device = torch.device("cpu") if sim else torch.device("cuda", device)
+        host = _host_store(module, pin=sim is None)
+        by_original = self._replicate(module, host)
+        # Declared: prefetch follows it from the first forward on. Modules left out are
+        # appended where they are first used.
+        declared = _declared_order(order, by_original) if order is not None else []
+        listed = set(declared)
+        placed = declared + [block for block in self._blocks if block not in listed]
+        self.vbar = place(manager, device, placed, spread)
+        copy_stream = None
+        if sim is None and prefetch:
+            copy_stream = torch.cuda.Stream(device=self._torch_device)
+        executor = _TorchExecutor(self._torch_device, copy_stream)
+        self._schedule = Schedule(
+            executor, self.vbar, self._blocks, prefetch, declared, learning=order is None
+        )
+        self.last_stats = ForwardStats()
+
+    def _replicate(self, module: torch.nn.Module, host: dict) -> dict:
+        """Make self._replica, a copy of `module` whose weights are placeholders, and
+        self._blocks, one per module with weights of its own, hooked to this object.
+        Returns the blocks by id of the original module."""
         placeholders = {}
-        for tensor in tensors:
+        for tensor in list(module.parameters()) + list(module.buffers()):
             empty = torch.empty(0, dtype=tensor.dtype)
-            placeholders[id(tensor)] = (torch.nn.Parameter(empty, requires_grad=False)
-                                        if isinstance(tensor, torch.nn.Parameter) else empty)
-        # A replica whose weights are placeholders: deepcopy maps each weight to its one.
-        memo = {key: value for key, value in placeholders.items()}
-        self._replica = copy.deepcopy(module, memo)
+            placeholders[id(tensor)] = (
+                torch.nn.Parameter(empty, requires_grad=False)
+                if isinstance(tensor, torch.nn.Parameter)
+                else empty
+            )
+        # deepcopy maps each weight to its placeholder.
+        self._replica = copy.deepcopy(module, dict(placeholders))
         self._blocks = []
         by_original = {}
         names = {id(m): name for name, m in module.named_modules()}
+        # The hooks live in the replica, which this object owns: a weak reference back keeps
+        # that from being a cycle only the garbage collector could free.
+        owner = weakref.ref(self)
         for original, replica in zip(module.modules(), self._replica.modules()):
-            entries = [("p", name, id(t)) for name, t in original._parameters.items() if t is not None]
-            entries += [("b", name, id(t)) for name, t in original._buffers.items() if t is not None]
+            entries = [("p", n, id(t)) for n, t in original._parameters.items() if t is not None]
+            entries += [("b", n, id(t)) for n, t in original._buffers.items() if t is not None]
             if not entries:
                 continue
-            block = _Block(replica, entries, host)
-            block.name = names.get(id(original), "")
+            block = _Block(replica, names.get(id(original), ""), entries, host)
             self._blocks.append(block)
             by_original[id(original)] = block
-            # The hooks live in the replica, which this object owns: a weak reference back
-            # keeps that from being a cycle only the garbage collector could free.
-            owner = weakref.ref(self)
             replica.register_forward_pre_hook(lambda m, args, b=block: owner()._before(b))
             replica.register_forward_hook(lambda m, args, out, b=block: owner()._after(b, out))
-        self.prefetch = prefetch
-        self._order = []          # blocks in the order they run: declared, else learned
-        self._position = {}
-        self._learning = True
-        if order is not None:
-            # Declared: prefetch follows it from the first forward on. Modules left out are
-            # appended where they are first used.
-            for declared in order:
-                block = by_original.get(id(declared))
-                if block is None:
-                    raise ValueError("order lists a module that is not part of the offloaded "
-                                     "module, or that has no weights of its own")
-                if block in self._position:
-                    raise ValueError(f"order lists {block.name or 'a module'} twice")
-                self._position[block] = len(self._order)
-                self._order.append(block)
-            self._learning = False
-        placed = self._order + [b for b in self._blocks if b not in self._position]
-        if spread:
-            placed = spread_order(placed)
-        total = sum((b.nbytes + _ALIGNMENT - 1) // _ALIGNMENT * _ALIGNMENT for b in self._blocks)
-        self.vbar = manager.create_vbar(max(total, 1), device)
-        try:
-            for block in placed:
-                block.allocation = self.vbar.alloc(block.nbytes)
-        except BaseException:
-            self.vbar.close()
-            raise
-        self._copy_stream = None
-        if self._sim is None and prefetch:
-            self._copy_stream = torch.cuda.Stream(device=self._torch_device)
-        self._slots = []          # staging buffers of this forward (prefetch)
-        self._free_slots = []     # oldest released first
-        self._horizon = 0         # position of the first block not loaded ahead yet
-        self.last_stats = ForwardStats()
-        self._stats = ForwardStats()
+        return by_original
 
-    # -- one forward ---------------------------------------------------------------------
-    def forward(self, *args, **kwargs):
-        self._stats = ForwardStats()
-        self._horizon = 0
-        try:
-            with torch.no_grad():
-                if self._sim is None:
-                    with torch.cuda.device(self._torch_device):
-                        return self._replica(*args, **kwargs)
-                return self._replica(*args, **kwargs)
-        finally:
-            # Blocks prefetched but never run, or left loaded by an exception: let each go,
-            # whatever the others do, and report the first failure.
-            failure = None
-            for block in self._blocks:
-                if block.storage is not None or block.pinned:
-                    try:
-                        self._release(block)
-                    except BaseException as error:  # reported after the others are released
-                        failure = failure or error
-            # Every copy into a staging buffer was waited for by the compute stream or
-            # synchronized by _release: freeing them on the compute stream is ordered.
-            self._slots, self._free_slots = [], []
-            if self._learning and self._order:
-                self._learning = False
-            self.last_stats = self._stats
-            if failure is not None:
-                raise failure
-
-    def _before(self, block: _Block) -> None:
-        if block not in self._position:
-            self._position[block] = len(self._order)
-            self._order.append(block)
-        self._load(block, ahead=False)
-        block.queued = False
-        if block.event is not None:
-            torch.cuda.current_stream(self._torch_device).wait_event(block.event)
-            block.event = None
-        if not self._learning and self.prefetch:
-            self._prefetch_after(block)
-        for kind, name, tensor, offset in block.entries:
-            nbytes = tensor.numel() * tensor.element_size()
-            view = block.storage[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
-            if kind == "p":
-                block.module._parameters[name] = view
-            else:
-                block.module._buffers[name] = view
-
-    def _prefetch_after(self, block: _Block) -> None:
-        """Load the blocks after `block` until `prefetch` copies are queued ahead of it."""
-        self._horizon = fill_window(self._order, self._position[block], self._horizon, self.prefetch,
-                                    lambda ahead: self._load(ahead, ahead=True))
+    @property
+    def prefetch(self) -> int:
+        """Copies kept in flight ahead of the running block (0: none, no staging)."""
+        return self._schedule.prefetch
 
     def placement(self) -> list[tuple[str, int, int]]:
         """(module name, offset in the VBAR, bytes) of every block, by offset."""
         placed = [(b.name, b.allocation.offset, b.allocation.size) for b in self._blocks]
         return sorted(placed, key=lambda entry: entry[1])
 
+    # -- one forward ---------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        schedule = self._schedule
+        schedule.begin_forward()
+        try:
+            with torch.no_grad():
+                if self._torch_device.type == "cuda":
+                    with torch.cuda.device(self._torch_device):
+                        return self._replica(*args, **kwargs)
+                return self._replica(*args, **kwargs)
+        finally:
+            try:
+                schedule.end_forward()
+            finally:
+                self.last_stats = schedule.stats
+
+    def _before(self, block: _Block) -> None:
+        self._schedule.before(block)
+        block.bind()
+
     def _after(self, block: _Block, output):
-        """Unpin the block; an output that is a view of its weights (a module returning a
+        """Release the block; an output that is a view of its weights (a module returning a
         slice of its own buffer) is copied first, since the pages may go at the unpin."""
         start = block.storage.data_ptr()
         end = start + block.storage.numel()
@@ -383,8 +445,9 @@ class OffloadedModule(torch.nn.Module):
                 pointer = value.untyped_storage().data_ptr()
                 return value.clone() if start <= pointer < end else value
             if isinstance(value, tuple):
-                return type(value)(own(v) for v in value) if not hasattr(value, "_fields") \
-                    else type(value)(*(own(v) for v in value))
+                if hasattr(value, "_fields"):
+                    return type(value)(*(own(v) for v in value))
+                return type(value)(own(v) for v in value)
             if isinstance(value, list):
                 return [own(v) for v in value]
             if isinstance(value, dict):
@@ -392,142 +455,19 @@ class OffloadedModule(torch.nn.Module):
             return value
 
         output = own(output)
-        self._release(block)
+        self._schedule.release(block)
         return output
 
-    def _slot_obtainable(self) -> bool:
-        return bool(self._free_slots) or len(self._slots) <= self.prefetch
 
-    def _take_slot(self, nbytes: int):
-        """A staging buffer of at least `nbytes`: the one released first (its compute is
-        the earliest done), grown if too small; a new one while fewer than prefetch + 1
-        exist; None if all are in use."""
-        if self._free_slots:
-            slot = self._free_slots.pop(0)
-            if slot.tensor.numel() >= nbytes:
-                return slot
-            self._slots.remove(slot)  # too small: replaced by a bigger one below
-        elif len(self._slots) > self.prefetch:
-            return None
-        # Made on the compute stream: the event covers the allocator's reuse of memory
-        # that compute work queued before this point may still use.
-        tensor = torch.empty(nbytes, dtype=torch.uint8, device=self._torch_device)
-        made = None
-        if self._sim is None:
-            made = torch.cuda.Event()
-            made.record(torch.cuda.current_stream(self._torch_device))
-        slot = _Slot(tensor, made)
-        self._slots.append(slot)
-        return slot
-
-    def _load(self, block: _Block, ahead: bool) -> bool:
-        """Fault the block and make its weights current in block.storage. Once the order
-        is known (prefetch > 0), offloaded weights go to staging buffers and, on CUDA,
-        copies run on the copy stream. Idempotent within a forward. Returns False, with
-        nothing changed, when `ahead` and an offloaded block finds no free staging buffer
-        (a block offloaded at its last fault is not even faulted then). If anything
-        fails, the block is let go (unpinned) and its signature forgotten, so that the
-        next forward copies again instead of trusting pages that were never written."""
-        if block.storage is not None:
-            return True
-        staging = self.prefetch > 0 and not self._learning
-        stream = self._copy_stream if staging else None
-        if ahead and staging and block.offloaded and not self._slot_obtainable():
-            return False
-        signature = self.vbar.fault(block.allocation)
-        block.pinned = signature is not None
-        block.offloaded = signature is None
-        block.resident = False  # until it is known to be
-        stats = self._stats
-        try:
-            slot = None
-            if signature is None:
-                if staging:
-                    slot = self._take_slot(block.nbytes)
-                    if slot is None and ahead:
-                        return False
-                    block.slot = slot
-                stats.offloaded_layers += 1
-                if slot is not None:
-                    storage = slot.tensor[:block.nbytes]
-                else:
-                    # Allocated on the compute stream, where it is used and freed: a copy
-                    # on the copy stream waits for that stream before writing into it.
-                    storage = torch.empty(block.nbytes, dtype=torch.uint8, device=self._torch_device)
-                block.signature = None
-                copy_in = True
-            else:
-                storage = as_tensor(block.allocation, torch.uint8, (block.nbytes,))
-                copy_in = signature != block.signature
-                block.signature = None  # until the copy is queued
-                if copy_in:
-                    stats.copied_layers += 1
-                else:
-                    stats.hits += 1
-            stats.layers += 1
-            block.resident = not copy_in
-            block.storage = storage
-            if copy_in:
-                stats.bytes_copied += block.nbytes
-                if stream is not None:
-                    compute = torch.cuda.current_stream(self._torch_device)
-                    with torch.cuda.stream(stream):
-                        if slot is not None:
-                            stream.wait_event(slot.free)
-                        elif signature is None:
-                            stream.wait_stream(compute)
-                        # Pages just mapped need no wait: an eviction synchronizes the
-                        # device before it unmaps, so nothing queued reads them.
-                        self._copy(block, storage)
-                        block.event = torch.cuda.Event()
-                        block.event.record(stream)
-                else:
-                    self._copy(block, storage)
-                block.queued = ahead
-            block.signature = signature
-            return True
-        except BaseException:
-            block.signature = None
-            if stream is not None:
-                # Part of the copy may be queued with no event yet: let it finish before
-                # its buffer can be reused.
-                stream.synchronize()
-            self._release(block)
-            raise
-
-    @staticmethod
-    def _copy(block: _Block, storage: torch.Tensor) -> None:
-        for _, _, tensor, offset in block.entries:
-            nbytes = tensor.numel() * tensor.element_size()
-            destination = storage[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
-            destination.copy_(tensor, non_blocking=True)
-
-    def _release(self, block: _Block) -> None:
-        """Unbind the block's weights, give back its staging buffer and drop its pin (if
-        it holds one)."""
-        for kind, name, tensor, _ in block.entries:
-            empty = torch.empty(0, dtype=tensor.dtype)
-            if kind == "p":
-                block.module._parameters[name] = torch.nn.Parameter(empty, requires_grad=False)
-            else:
-                block.module._buffers[name] = empty
-        if block.event is not None:  # prefetched, never used: the copy must finish first
-            block.event.synchronize()
-            block.event = None
-        block.queued = False
-        slot, block.slot = block.slot, None
-        if slot is not None:
-            if self._sim is None:
-                slot.free = torch.cuda.Event()
-                slot.free.record(torch.cuda.current_stream(self._torch_device))
-            self._free_slots.append(slot)
-        pinned, block.pinned, block.storage = block.pinned, False, None
-        if pinned:
-            self.vbar.unpin(block.allocation)
-
-
-def offload(module: torch.nn.Module, device: int, *, manager: Manager | None = None,
-            prefetch: int = 1, order=None, spread: bool = True) -> OffloadedModule:
+def offload(
+    module: torch.nn.Module,
+    device: int,
+    *,
+    manager: Manager | None = None,
+    prefetch: int = 1,
+    order=None,
+    spread: bool = True,
+) -> OffloadedModule:
     """Run ``module`` on ``device`` with its weights streamed through aimdo (see
     OffloadedModule). ``manager`` defaults to aimdo's default Manager. ``order``, a
     sequence of ``module``'s submodules, declares the order their weights are used (by
