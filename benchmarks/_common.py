@@ -17,8 +17,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 def environment() -> dict:
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                                  check=True).stdout.strip()
+            return subprocess.run(
+                ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return "unknown"
 
@@ -27,7 +28,8 @@ def environment() -> dict:
         # AIMDO_COMMIT names the commit where the tree travelled without its .git.
         "commit": os.environ.get("AIMDO_COMMIT") or git("rev-parse", "--short", "HEAD"),
         # None where there is no git checkout (the tree travelled without its .git).
-        "dirty": None if (status := git("status", "--porcelain", "--untracked-files=no")) == "unknown"
+        "dirty": None
+        if (status := git("status", "--porcelain", "--untracked-files=no")) == "unknown"
         else bool(status),
         "machine": platform.node(),
         "cpu": platform.processor() or platform.machine(),
@@ -50,11 +52,25 @@ def steady_median(step_seconds: list) -> float:
 def build_native(target: str) -> Path:
     """Configure and build a native benchmark program; returns its path."""
     build = ROOT / "build" / "benchmarks"
-    subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), "-DAIMDO_BUILD_PYTHON=OFF",
-                    "-DAIMDO_BUILD_BENCHMARKS=ON", "-DCMAKE_BUILD_TYPE=Release"],
-                   check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(build), "--target", target, "--parallel"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "cmake",
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build),
+            "-DAIMDO_BUILD_PYTHON=OFF",
+            "-DAIMDO_BUILD_BENCHMARKS=ON",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        ["cmake", "--build", str(build), "--target", target, "--parallel"],
+        check=True,
+        capture_output=True,
+    )
     return build / target
 
 

@@ -56,13 +56,13 @@ def main() -> None:
         assert vbar.fault(allocation) is not None
         vbar.unpin(allocation)
         sim = manager.backend if args.backend == "sim" else None
-        calls_before = (sum(sim.call_count(op) for op in sim.operations()) if sim else None)
+        calls_before = sum(sim.call_count(op) for op in sim.operations()) if sim else None
         clock_floor = timed(lambda a: None, allocation, args.pairs)
         # A call into the bindings with the same argument that does nothing the core
         # decides: reading the allocation's size through its nanobind property.
         noop = timed(_core.Allocation.size.fget, allocation, args.pairs)
         pair = timed(vbar.fault, allocation, args.pairs, repeat_unpin=vbar.unpin)
-        calls_after = (sum(sim.call_count(op) for op in sim.operations()) if sim else None)
+        calls_after = sum(sim.call_count(op) for op in sim.operations()) if sim else None
         stats = manager.stats(0)
     rows = {
         "empty Python call (timer floor)": clock_floor,
@@ -71,8 +71,12 @@ def main() -> None:
     }
     print(f"backend {args.backend}, {args.pairs} samples each (nanoseconds, timer included)")
     print(f"{'measurement':<34} {'median':>8} {'p99':>8}")
-    result = {"benchmark": "fault_path", "backend": args.backend, "environment": environment(),
-              "results": {}}
+    result = {
+        "benchmark": "fault_path",
+        "backend": args.backend,
+        "environment": environment(),
+        "results": {},
+    }
     for name, samples in rows.items():
         median, p99 = statistics.median(samples), percentile(samples, 99)
         print(f"{name:<34} {median:>8.0f} {p99:>8.0f}")

@@ -29,8 +29,9 @@ def python_threads(devices: list[int], seconds: float) -> float:
     import aimdo
 
     sim = aimdo.SimBackend("2x1GiB")
-    with aimdo.Manager(sim, [0, 1], vram_limit=64 * PAGE, headroom=0, page_size=PAGE,
-                       poll_interval=1e9) as manager:
+    with aimdo.Manager(
+        sim, [0, 1], vram_limit=64 * PAGE, headroom=0, page_size=PAGE, poll_interval=1e9
+    ) as manager:
         vbars = {d: manager.create_vbar(16 * PAGE, d) for d in devices}
         allocations = {d: [vbars[d].alloc(PAGE) for _ in range(16)] for d in devices}
         for d in devices:
@@ -72,29 +73,49 @@ def main() -> None:
     program = build_native("aimdo_bench_fault_scaling")
     rows = {}
     for workload in ("hit", "churn"):
-        runs = [json.loads(subprocess.run([str(program), str(args.seconds), workload], check=True,
-                                          capture_output=True, text=True).stdout)
-                for _ in range(args.repeats)]
+        runs = [
+            json.loads(
+                subprocess.run(
+                    [str(program), str(args.seconds), workload],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
+            )
+            for _ in range(args.repeats)
+        ]
         rows[f"native {workload}"] = runs
     python_runs = []
     for _ in range(args.repeats):
         one = python_threads([0], args.seconds)
         two = python_threads([0, 1], args.seconds)
-        python_runs.append({"one_device_ops_per_s": one, "two_devices_ops_per_s": two,
-                            "ratio": two / one})
+        python_runs.append(
+            {"one_device_ops_per_s": one, "two_devices_ops_per_s": two, "ratio": two / one}
+        )
     rows["python hit"] = python_runs
 
-    print(f"{'measurement':<14} {'1 device ops/s':>16} {'2 devices ops/s':>16} {'ratio (median)':>15}")
+    print(
+        f"{'measurement':<14} {'1 device ops/s':>16} {'2 devices ops/s':>16} {'ratio (median)':>15}"
+    )
     summary = {}
     for name, runs in rows.items():
         ratio = statistics.median(r["ratio"] for r in runs)
         one = statistics.median(r["one_device_ops_per_s"] for r in runs)
         two = statistics.median(r["two_devices_ops_per_s"] for r in runs)
-        summary[name] = {"one_device_ops_per_s": one, "two_devices_ops_per_s": two,
-                         "ratio_median": ratio, "runs": runs}
+        summary[name] = {
+            "one_device_ops_per_s": one,
+            "two_devices_ops_per_s": two,
+            "ratio_median": ratio,
+            "runs": runs,
+        }
         print(f"{name:<14} {one:>16,.0f} {two:>16,.0f} {ratio:>15.2f}")
-    result = {"benchmark": "fault_scaling", "seconds": args.seconds, "repeats": args.repeats,
-              "environment": environment(), "results": summary}
+    result = {
+        "benchmark": "fault_scaling",
+        "seconds": args.seconds,
+        "repeats": args.repeats,
+        "environment": environment(),
+        "results": summary,
+    }
     print(f"written to {save('fault_scaling', result)}")
 
 

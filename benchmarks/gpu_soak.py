@@ -86,6 +86,7 @@ def main() -> int:
             reference[d] = forward(weights).cpu()
             del weights
             torch.cuda.synchronize(d)
+
     # The first cuBLAS call on a new thread keeps ~66 MiB of the driver's memory for the
     # rest of the process (measured on H100, PyTorch 2.11; it does not grow after). Pay
     # that once on a throwaway thread per device before taking the starting figure, so
@@ -151,14 +152,16 @@ def main() -> int:
                     x = torch.tanh(x @ view(i) / 64)
                     vbar.unpin(allocation)
                 out = x.cpu()
-                steps[device].append({
-                    "seconds": time.perf_counter() - began,
-                    "identical": bool(torch.equal(out, reference[device])),
-                    "copied_layers": copied,
-                    "offloaded_layers": offloaded,
-                    "evicted_bytes": manager.stats(device)["evicted_bytes"] - evicted_before,
-                    "resident_bytes": manager.resident_bytes(device),
-                })
+                steps[device].append(
+                    {
+                        "seconds": time.perf_counter() - began,
+                        "identical": bool(torch.equal(out, reference[device])),
+                        "copied_layers": copied,
+                        "offloaded_layers": offloaded,
+                        "evicted_bytes": manager.stats(device)["evicted_bytes"] - evicted_before,
+                        "resident_bytes": manager.resident_bytes(device),
+                    }
+                )
             views = temporary = None  # drop the tensors before the VBAR closes
             torch.cuda.synchronize(device)
             vbar.close()
@@ -229,8 +232,11 @@ def main() -> int:
     }
     print(json.dumps(result, indent=2))
     write("gpu_soak", result, args.out)
-    ok = (not failures and all(v["all_identical"] and v["steps"] > 0 for v in summary.values())
-          and all(v["free_bytes_end"] == v["free_bytes_start"] for v in summary.values()))
+    ok = (
+        not failures
+        and all(v["all_identical"] and v["steps"] > 0 for v in summary.values())
+        and all(v["free_bytes_end"] == v["free_bytes_start"] for v in summary.values())
+    )
     print("gpu_soak:", "ok" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -6,7 +6,7 @@ the baselines a user would pick instead.
                                    [--vram-limit 24GiB] [--steps 20] [--prefetch 2]
                                    [--variants spread:2,in-order:2]
                                    [--baselines resident,accelerate-offload,accelerate-dispatch]
-    python -m benchmarks.streaming --tiny     # a small model on the CPU simulator, to check the script
+    python -m benchmarks.streaming --tiny   # a small model on the CPU simulator: checks the script
 
 Floor: max(compute time per step with everything resident, bytes aimdo copied per step /
 measured pinned host-to-device bandwidth). Each block is attention-shaped projections and
@@ -20,10 +20,9 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 import aimdo
 import aimdo.torch as atorch
+import torch
 
 from ._common import environment, steady_median, write
 
@@ -59,8 +58,9 @@ def to_host(model: torch.nn.Module, pin: bool) -> torch.nn.Module:
         for name, p in list(module._parameters.items()):
             if p is not None:
                 host = p.detach().cpu()
-                module._parameters[name] = torch.nn.Parameter(host.pin_memory() if pin else host,
-                                                               requires_grad=False)
+                module._parameters[name] = torch.nn.Parameter(
+                    host.pin_memory() if pin else host, requires_grad=False
+                )
     return model
 
 
@@ -73,7 +73,9 @@ def dispatch_with_accelerate(model: torch.nn.Module, max_memory: dict):
     from accelerate import dispatch_model, infer_auto_device_map
 
     replica = copy.deepcopy(model)
-    device_map = infer_auto_device_map(replica, max_memory=max_memory, no_split_module_classes=["Block"])
+    device_map = infer_auto_device_map(
+        replica, max_memory=max_memory, no_split_module_classes=["Block"]
+    )
     return dispatch_model(replica, device_map=device_map), device_map
 
 
@@ -119,12 +121,17 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--vram-limit", type=aimdo.parse_size, default=aimdo.parse_size("24GiB"))
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--baseline-steps", type=int, default=3, help="steps for the slow baselines")
+    parser.add_argument(
+        "--baseline-steps", type=int, default=3, help="steps for the slow baselines"
+    )
     parser.add_argument("--prefetch", type=int, default=2)
-    parser.add_argument("--variants", default=None,
-                        help="aimdo configurations to run, PLACEMENT:PREFETCH with PLACEMENT spread "
-                             "or in-order, comma-separated (default: spread:PREFETCH); the first "
-                             "is the headline")
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help="aimdo configurations to run, PLACEMENT:PREFETCH with PLACEMENT spread "
+        "or in-order, comma-separated (default: spread:PREFETCH); the first "
+        "is the headline",
+    )
     parser.add_argument("--baselines", default="resident,accelerate-offload,accelerate-dispatch")
     parser.add_argument("--tiny", action="store_true", help="a small model on the CPU simulator")
     parser.add_argument("--out", default=None)
@@ -138,12 +145,25 @@ def main() -> int:
 
     made = build(args.blocks, args.hidden, dtype, "cpu" if args.tiny else "cuda:0")
     weight_bytes = sum(p.numel() * p.element_size() for p in made.parameters())
-    x = torch.randn(args.batch, args.tokens, args.hidden, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(
+        args.batch,
+        args.tokens,
+        args.hidden,
+        dtype=dtype,
+        generator=torch.Generator().manual_seed(1),
+    )
     x = x.to(device)
-    result = {"benchmark": "streaming", "environment": environment(), "args": vars(args),
-              "weight_bytes": weight_bytes, "runs": {}}
-    print(f"model {weight_bytes / 2**30:.2f} GiB ({args.blocks} blocks, hidden {args.hidden}), "
-          f"batch {args.batch} x {args.tokens} tokens, vram_limit {args.vram_limit / 2**30:.2f} GiB")
+    result = {
+        "benchmark": "streaming",
+        "environment": environment(),
+        "args": vars(args),
+        "weight_bytes": weight_bytes,
+        "runs": {},
+    }
+    print(
+        f"model {weight_bytes / 2**30:.2f} GiB ({args.blocks} blocks, hidden {args.hidden}), "
+        f"batch {args.batch} x {args.tokens} tokens, vram_limit {args.vram_limit / 2**30:.2f} GiB"
+    )
 
     # Everything resident: the compute floor (and the reference output).
     resident_times, reference = time_steps(made, x, max(3, min(args.steps, 10)), device)
@@ -166,11 +186,16 @@ def main() -> int:
     backend = aimdo.SimBackend("1x1GiB", real_bytes=True) if args.tiny else "cuda"
     for placement, prefetch in variants:
         name = f"aimdo {placement} prefetch {prefetch}"
-        with aimdo.Manager(backend, [0], vram_limit=args.vram_limit,
-                           page_size=(2 << 20) if args.tiny else None,
-                           headroom=0 if args.tiny else None) as manager:
-            offloaded = atorch.offload(model, 0, manager=manager, prefetch=prefetch,
-                                       spread=placement == "spread")
+        with aimdo.Manager(
+            backend,
+            [0],
+            vram_limit=args.vram_limit,
+            page_size=(2 << 20) if args.tiny else None,
+            headroom=0 if args.tiny else None,
+        ) as manager:
+            offloaded = atorch.offload(
+                model, 0, manager=manager, prefetch=prefetch, spread=placement == "spread"
+            )
             times, out = time_steps(offloaded, x, args.steps, device)
             stats = offloaded.last_stats
             floor = max(compute, stats.bytes_copied / bandwidth)
@@ -186,24 +211,37 @@ def main() -> int:
             largest = max(size for _, _, size in offloaded.placement())
             page = manager.device_info(0)["page_size"]
             result["runs"][name] = {
-                "total_bytes": total, "budget_bytes": manager.budget_bytes(0),
-                "others_bytes": others, "left_by_others_bytes": left,
+                "total_bytes": total,
+                "budget_bytes": manager.budget_bytes(0),
+                "others_bytes": others,
+                "left_by_others_bytes": left,
                 "unfilled_bytes": left - manager.resident_bytes(0),
-                "largest_block_bytes": largest, "page_bytes": page,
-                "step_seconds": times, "median_step_seconds": step,
-                "bytes_copied_per_step": stats.bytes_copied, "hits": stats.hits,
-                "offloaded_layers": stats.offloaded_layers, "floor_seconds": floor,
-                "efficiency": floor / step, "identical_to_resident": identical,
-                "resident_bytes": manager.resident_bytes(0)}
-            print(f"{name}: {step * 1000:.1f} ms per step (median of steps 2..), floor "
-                  f"{floor * 1000:.1f} ms = max(compute {compute * 1000:.1f} ms, "
-                  f"{stats.bytes_copied / 2**30:.2f} GiB / {bandwidth / 1e9:.1f} GB/s): "
-                  f"{floor / step:.0%} of the floor; {stats.hits} hits, {stats.offloaded_layers} "
-                  f"offloaded; identical output: {identical}")
-            print(f"  resident {manager.resident_bytes(0) / 2**30:.3f} GiB of the "
-                  f"{left / 2**30:.3f} GiB the others leave of the {manager.budget_bytes(0) / 2**30:.2f}"
-                  f" GiB budget: {(left - manager.resident_bytes(0)) / 2**20:.0f} MiB unfilled "
-                  f"(largest block {largest / 2**20:.0f} MiB, page {page / 2**20:.0f} MiB)")
+                "largest_block_bytes": largest,
+                "page_bytes": page,
+                "step_seconds": times,
+                "median_step_seconds": step,
+                "bytes_copied_per_step": stats.bytes_copied,
+                "hits": stats.hits,
+                "offloaded_layers": stats.offloaded_layers,
+                "floor_seconds": floor,
+                "efficiency": floor / step,
+                "identical_to_resident": identical,
+                "resident_bytes": manager.resident_bytes(0),
+            }
+            print(
+                f"{name}: {step * 1000:.1f} ms per step (median of steps 2..), floor "
+                f"{floor * 1000:.1f} ms = max(compute {compute * 1000:.1f} ms, "
+                f"{stats.bytes_copied / 2**30:.2f} GiB / {bandwidth / 1e9:.1f} GB/s): "
+                f"{floor / step:.0%} of the floor; {stats.hits} hits, {stats.offloaded_layers} "
+                f"offloaded; identical output: {identical}"
+            )
+            print(
+                f"  resident {manager.resident_bytes(0) / 2**30:.3f} GiB of the "
+                f"{left / 2**30:.3f} GiB the others leave of the "
+                f"{manager.budget_bytes(0) / 2**30:.2f}"
+                f" GiB budget: {(left - manager.resident_bytes(0)) / 2**20:.0f} MiB unfilled "
+                f"(largest block {largest / 2**20:.0f} MiB, page {page / 2**20:.0f} MiB)"
+            )
             del offloaded
         if not args.tiny:
             torch.cuda.empty_cache()
@@ -223,9 +261,14 @@ def main() -> int:
         replica, device_map = dispatch_with_accelerate(model, {0: args.vram_limit, "cpu": 1 << 40})
         times, _ = time_steps(replica, x, args.baseline_steps, device)
         on_gpu = sum(1 for v in device_map.values() if v == 0)
-        result["runs"]["accelerate dispatch_model"] = {"step_seconds": times, "modules_on_gpu": on_gpu}
-        print(f"accelerate dispatch_model ({on_gpu} of {len(device_map)} entries on the GPU): "
-              f"{min(times) * 1000:.1f} ms per step")
+        result["runs"]["accelerate dispatch_model"] = {
+            "step_seconds": times,
+            "modules_on_gpu": on_gpu,
+        }
+        print(
+            f"accelerate dispatch_model ({on_gpu} of {len(device_map)} entries on the GPU): "
+            f"{min(times) * 1000:.1f} ms per step"
+        )
         del replica
 
     write("streaming", result, args.out, keep=not args.tiny)

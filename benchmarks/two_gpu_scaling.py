@@ -21,10 +21,9 @@ import argparse
 import threading
 import time
 
-import torch
-
 import aimdo
 import aimdo.torch as atorch
+import torch
 
 from ._common import environment, steady_median, write
 from .streaming import build, dispatch_with_accelerate, pinned_bandwidth, sync, to_host
@@ -90,8 +89,14 @@ def main() -> int:
         for _ in range(2):
             made(x2)
         sync(devices[0])
-        start = time.perf_counter(); made(x2); sync(devices[0]); compute_b2 = time.perf_counter() - start
-        start = time.perf_counter(); made(x1); sync(devices[0]); compute_b1 = time.perf_counter() - start
+        start = time.perf_counter()
+        made(x2)
+        sync(devices[0])
+        compute_b2 = time.perf_counter() - start
+        start = time.perf_counter()
+        made(x1)
+        sync(devices[0])
+        compute_b1 = time.perf_counter() - start
     model = to_host(made, pin=not args.tiny)
     if not args.tiny:
         torch.cuda.empty_cache()
@@ -100,13 +105,23 @@ def main() -> int:
     # floors use what each reached then.
     together = 50e9 if args.tiny else concurrent_bandwidth(devices)
     backend = aimdo.SimBackend("2x1GiB", real_bytes=True) if args.tiny else "cuda"
-    result = {"benchmark": "two_gpu_scaling", "environment": environment(), "args": vars(args),
-              "compute_seconds": {"batch 2": compute_b2, "batch 1": compute_b1},
-              "pinned_h2d_bytes_per_s": bandwidth, "pinned_h2d_bytes_per_s_both_at_once": together,
-              "repeats": []}
+    result = {
+        "benchmark": "two_gpu_scaling",
+        "environment": environment(),
+        "args": vars(args),
+        "compute_seconds": {"batch 2": compute_b2, "batch 1": compute_b1},
+        "pinned_h2d_bytes_per_s": bandwidth,
+        "pinned_h2d_bytes_per_s_both_at_once": together,
+        "repeats": [],
+    }
     page = (2 << 20) if args.tiny else None
-    with aimdo.Manager(backend, [0, 1], vram_limit=args.vram_limit, page_size=page,
-                       headroom=0 if args.tiny else None) as manager:
+    with aimdo.Manager(
+        backend,
+        [0, 1],
+        vram_limit=args.vram_limit,
+        page_size=page,
+        headroom=0 if args.tiny else None,
+    ) as manager:
         one = atorch.offload(model, 0, manager=manager, prefetch=args.prefetch)
         # GPU 0's replica serves both configurations: one VBAR per GPU, so neither
         # configuration evicts the other's weights.
@@ -124,16 +139,20 @@ def main() -> int:
             # Two GPUs, batch 1 each, one thread each.
             outs, times2, copied2 = {}, {0: [], 1: []}, {}
 
+            # The threads are joined within this repeat: the loop's variables are current.
             def run(d, x):
                 for _ in range(args.steps):
                     start = time.perf_counter()
-                    outs[d] = two[d](x.to(devices[d]))
+                    outs[d] = two[d](x.to(devices[d]))  # noqa: B023
                     sync(devices[d])
-                    times2[d].append(time.perf_counter() - start)
-                copied2[d] = two[d].last_stats.bytes_copied
+                    times2[d].append(time.perf_counter() - start)  # noqa: B023
+                copied2[d] = two[d].last_stats.bytes_copied  # noqa: B023
 
             evicted = {d: manager.stats(d)["evicted_bytes"] for d in (0, 1)}
-            threads = [threading.Thread(target=run, args=(0, cond)), threading.Thread(target=run, args=(1, uncond))]
+            threads = [
+                threading.Thread(target=run, args=(0, cond)),
+                threading.Thread(target=run, args=(1, uncond)),
+            ]
             for t in threads:
                 t.start()
             for t in threads:
@@ -146,41 +165,58 @@ def main() -> int:
             outputs = (out1.float().cpu(), outs[0].float().cpu(), outs[1].float().cpu())
             if first_outputs is None:
                 first_outputs = outputs
-            identical = all(torch.equal(a, b) for a, b in zip(outputs, first_outputs))
-            split_equal = torch.equal(outputs[0][:1], outputs[1]) and torch.equal(outputs[0][1:], outputs[2])
+            identical = all(torch.equal(a, b) for a, b in zip(outputs, first_outputs, strict=True))
+            split_equal = torch.equal(outputs[0][:1], outputs[1]) and torch.equal(
+                outputs[0][1:], outputs[2]
+            )
             floor1 = max(compute_b2, copied1 / bandwidth)
             floors2 = {d: max(compute_b1, copied2[d] / together) for d in (0, 1)}
             entry = {
-                "one_gpu_batch2_step_seconds": step1, "two_gpus_step_seconds": step2,
+                "one_gpu_batch2_step_seconds": step1,
+                "two_gpus_step_seconds": step2,
                 "speedup": step1 / step2,
                 "one_gpu_floor_efficiency": floor1 / step1,
                 "one_gpu_bytes_copied_per_step": copied1,
-                "one_gpu_regime": "copy-bound" if copied1 / bandwidth > compute_b2 else "compute-bound",
-                "per_gpu": {d: {"residency_of_budget": manager.resident_bytes(d) / manager.budget_bytes(d),
-                                "residency_of_available": manager.resident_bytes(d) / available(manager, d),
-                                "resident_bytes": manager.resident_bytes(d),
-                                "budget_bytes": manager.budget_bytes(d),
-                                "others_bytes": manager.budget_bytes(d) - available(manager, d),
-                                "total_bytes": manager.memory_info(d)[1],
-                                "evicted_bytes_during_two_gpu_run": evicted[d],
-                                "step_seconds": steady_median(times2[d]),
-                                "floor_efficiency": floors2[d] / steady_median(times2[d]),
-                                "regime": "copy-bound" if copied2[d] / together > compute_b1 else "compute-bound",
-                                "bytes_copied_per_step": copied2[d]} for d in (0, 1)},
+                "one_gpu_regime": "copy-bound"
+                if copied1 / bandwidth > compute_b2
+                else "compute-bound",
+                "per_gpu": {
+                    d: {
+                        "residency_of_budget": manager.resident_bytes(d) / manager.budget_bytes(d),
+                        "residency_of_available": manager.resident_bytes(d) / available(manager, d),
+                        "resident_bytes": manager.resident_bytes(d),
+                        "budget_bytes": manager.budget_bytes(d),
+                        "others_bytes": manager.budget_bytes(d) - available(manager, d),
+                        "total_bytes": manager.memory_info(d)[1],
+                        "evicted_bytes_during_two_gpu_run": evicted[d],
+                        "step_seconds": steady_median(times2[d]),
+                        "floor_efficiency": floors2[d] / steady_median(times2[d]),
+                        "regime": "copy-bound"
+                        if copied2[d] / together > compute_b1
+                        else "compute-bound",
+                        "bytes_copied_per_step": copied2[d],
+                    }
+                    for d in (0, 1)
+                },
                 "identical_to_first_repeat": identical,
                 "two_gpu_halves_equal_one_gpu_batch": split_equal,
             }
             result["repeats"].append(entry)
-            print(f"repeat {repeat + 1}: 1 GPU batch 2 {step1 * 1000:.1f} ms, 2 GPUs {step2 * 1000:.1f} ms "
-                  f"({step1 / step2:.2f}x); residency of budget "
-                  + ", ".join(f"GPU {d} {entry['per_gpu'][d]['residency_of_budget']:.0%} "
-                              f"({entry['per_gpu'][d]['residency_of_available']:.0%} of what others leave)"
-                              for d in (0, 1))
-                  + f"; floor efficiency 1 GPU {floor1 / step1:.0%}, 2 GPUs "
-                  + ", ".join(f"{entry['per_gpu'][d]['floor_efficiency']:.0%}" for d in (0, 1))
-                  + "; evicted during the 2-GPU run " + ", ".join(
-                      f"{evicted[d] / 2**20:.0f} MiB" for d in (0, 1))
-                  + f"; identical: {identical}")
+            print(
+                f"repeat {repeat + 1}: 1 GPU batch 2 {step1 * 1000:.1f} ms, "
+                f"2 GPUs {step2 * 1000:.1f} ms "
+                f"({step1 / step2:.2f}x); residency of budget "
+                + ", ".join(
+                    f"GPU {d} {entry['per_gpu'][d]['residency_of_budget']:.0%} "
+                    f"({entry['per_gpu'][d]['residency_of_available']:.0%} of what others leave)"
+                    for d in (0, 1)
+                )
+                + f"; floor efficiency 1 GPU {floor1 / step1:.0%}, 2 GPUs "
+                + ", ".join(f"{entry['per_gpu'][d]['floor_efficiency']:.0%}" for d in (0, 1))
+                + "; evicted during the 2-GPU run "
+                + ", ".join(f"{evicted[d] / 2**20:.0f} MiB" for d in (0, 1))
+                + f"; identical: {identical}"
+            )
         # The layers split instead: the first half of the blocks on GPU 0, the rest on GPU 1,
         # batch 2 through both in turn (what accelerate's placement does, through aimdo).
         half = args.blocks // 2
@@ -198,17 +234,23 @@ def main() -> int:
         split_step = steady_median(times)
         copied = first.last_stats.bytes_copied + second.last_stats.bytes_copied
         result["aimdo_layer_split"] = {
-            "step_seconds": times, "median_step_seconds": split_step, "bytes_copied_per_step": copied,
+            "step_seconds": times,
+            "median_step_seconds": split_step,
+            "bytes_copied_per_step": copied,
             "floor_seconds": max(compute_b2, copied / bandwidth),
             "identical_to_one_gpu": torch.equal(out.float().cpu(), first_outputs[0]),
-            "resident_bytes": {d: manager.resident_bytes(d) for d in (0, 1)}}
-        print(f"aimdo, layers split across both GPUs (batch 2): {split_step * 1000:.1f} ms per step, "
-              f"{copied / 2**30:.2f} GiB copied per step; identical: "
-              f"{result['aimdo_layer_split']['identical_to_one_gpu']}")
+            "resident_bytes": {d: manager.resident_bytes(d) for d in (0, 1)},
+        }
+        print(
+            f"aimdo, layers split across both GPUs (batch 2): {split_step * 1000:.1f} ms per step, "
+            f"{copied / 2**30:.2f} GiB copied per step; identical: "
+            f"{result['aimdo_layer_split']['identical_to_one_gpu']}"
+        )
         del first, second
     if args.accelerate and not args.tiny:
         replica, device_map = dispatch_with_accelerate(
-            model, {0: args.vram_limit, 1: args.vram_limit, "cpu": 1 << 40})
+            model, {0: args.vram_limit, 1: args.vram_limit, "cpu": 1 << 40}
+        )
         times = []
         with torch.no_grad():
             for _ in range(3):
@@ -217,11 +259,19 @@ def main() -> int:
                 for d in devices:
                     sync(d)
                 times.append(time.perf_counter() - start)
-        result["accelerate_layer_split"] = {"step_seconds": times, "device_map_counts": {
-            str(k): sum(1 for v in device_map.values() if v == k) for k in set(device_map.values())}}
+        result["accelerate_layer_split"] = {
+            "step_seconds": times,
+            "device_map_counts": {
+                str(k): sum(1 for v in device_map.values() if v == k)
+                for k in set(device_map.values())
+            },
+        }
         print(f"accelerate across both GPUs: {min(times) * 1000:.1f} ms per step")
     write("two_gpu_scaling", result, args.out, keep=not args.tiny)
-    ok = all(r["identical_to_first_repeat"] and r["two_gpu_halves_equal_one_gpu_batch"] for r in result["repeats"])
+    ok = all(
+        r["identical_to_first_repeat"] and r["two_gpu_halves_equal_one_gpu_batch"]
+        for r in result["repeats"]
+    )
     ok = ok and result["aimdo_layer_split"]["identical_to_one_gpu"]
     return 0 if ok else 1
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 import gc
 import os
 
-import pytest
-
 import aimdo
+import pytest
 from aimdo.sim import SimBackend
 
 BACKEND = os.environ.get("AIMDO_BACKEND", "sim").strip().lower() or "sim"
@@ -89,7 +88,9 @@ def make_manager(backend_name):
             assert sim is None, "a test passing its own simulator must be marked sim_only"
             backend = aimdo.CudaBackend()
             if max(devices) >= backend.device_count:
-                pytest.skip(f"needs {max(devices) + 1} GPUs; this machine has {backend.device_count}")
+                pytest.skip(
+                    f"needs {max(devices) + 1} GPUs; this machine has {backend.device_count}"
+                )
         else:
             raise pytest.UsageError(f"AIMDO_BACKEND={backend_name!r}: expected sim or cuda")
         manager = aimdo.Manager(backend, devices, poll_interval=poll_interval, page_size=page_size)
@@ -126,7 +127,9 @@ def make_manager(backend_name):
 
 def residency(vbar) -> str:
     """A VBAR's pages as a string: '.' absent, 'R' resident, 'P' resident and pinned."""
-    return "".join("P" if pinned else "R" if resident else "." for resident, pinned in vbar.residency())
+    return "".join(
+        "P" if pinned else "R" if resident else "." for resident, pinned in vbar.residency()
+    )
 
 
 def watermark_pages(vbar) -> int:

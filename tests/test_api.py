@@ -12,9 +12,8 @@ import re
 import subprocess
 import sys
 
-import pytest
-
 import aimdo
+import pytest
 from conftest import BACKEND, PAGE, residency
 
 MiB = 1 << 20
@@ -60,8 +59,9 @@ def test_manager_default_options():
 
 
 def test_device_info_reflects_options(make_manager):
-    manager = make_manager(pages=8, headroom=3 * PAGE, extra_headroom=PAGE, page_size=2 * PAGE,
-                           poll_interval=5.0)
+    manager = make_manager(
+        pages=8, headroom=3 * PAGE, extra_headroom=PAGE, page_size=2 * PAGE, poll_interval=5.0
+    )
     info = manager.device_info(0)
     assert info["device"] == 0
     assert info["vram_limit"] == 8 * 2 * PAGE + 3 * PAGE + manager.baseline[0]
@@ -76,8 +76,14 @@ def test_device_info_reflects_options(make_manager):
 
 def test_add_devices_updates_options_of_an_initialized_device(make_manager):
     manager = make_manager(pages=8)
-    manager.add_devices(0, vram_limit=64 * PAGE, headroom=PAGE, extra_headroom=2 * PAGE,
-                        page_size=4 * PAGE, poll_interval=0)
+    manager.add_devices(
+        0,
+        vram_limit=64 * PAGE,
+        headroom=PAGE,
+        extra_headroom=2 * PAGE,
+        page_size=4 * PAGE,
+        poll_interval=0,
+    )
     info = manager.device_info(0)
     expected = (64 * PAGE, PAGE, 2 * PAGE, 4 * PAGE, 0.0)
     names = ("vram_limit", "headroom", "extra_headroom", "page_size", "poll_interval")
@@ -88,8 +94,9 @@ def test_add_devices_updates_options_of_an_initialized_device(make_manager):
 def test_vbars_keep_their_page_size_when_the_option_changes(make_manager):
     manager = make_manager(pages=8)
     before = manager.create_vbar(4 * PAGE, device=0)
-    manager.add_devices([0], vram_limit=manager.limit_bytes(0), headroom=0, page_size=2 * PAGE,
-                        poll_interval=1e9)
+    manager.add_devices(
+        [0], vram_limit=manager.limit_bytes(0), headroom=0, page_size=2 * PAGE, poll_interval=1e9
+    )
     after = manager.create_vbar(4 * PAGE, device=0)
     assert (before.page_size, before.page_count) == (PAGE, 4)
     assert (after.page_size, after.page_count) == (2 * PAGE, 2)
@@ -98,24 +105,47 @@ def test_vbars_keep_their_page_size_when_the_option_changes(make_manager):
 @pytest.mark.sim_only
 def test_per_device_options_as_a_dict():
     sim = aimdo.SimBackend("2x1GiB")
-    with aimdo.Manager(sim, [0, 1], vram_limit={0: 512 * MiB}, headroom={0: 0, 1: 64 * MiB},
-                       page_size={1: 4 * MiB}, poll_interval={0: 0.5}) as manager:
+    with aimdo.Manager(
+        sim,
+        [0, 1],
+        vram_limit={0: 512 * MiB},
+        headroom={0: 0, 1: 64 * MiB},
+        page_size={1: 4 * MiB},
+        poll_interval={0: 0.5},
+    ) as manager:
         zero, one = manager.device_info(0), manager.device_info(1)
         assert (zero["vram_limit"], zero["headroom"], zero["page_size"], zero["poll_interval"]) == (
-            512 * MiB, 0, 32 * MiB, 0.5)
+            512 * MiB,
+            0,
+            32 * MiB,
+            0.5,
+        )
         # A device the dict leaves out gets the default.
         assert (one["vram_limit"], one["headroom"], one["page_size"], one["poll_interval"]) == (
-            None, 64 * MiB, 4 * MiB, 2.0)
+            None,
+            64 * MiB,
+            4 * MiB,
+            2.0,
+        )
         assert manager.create_vbar(8 * MiB, device=1).page_size == 4 * MiB
 
 
 def test_per_device_options_as_a_dict_on_one_device(make_manager):
     manager = make_manager(pages=8)
-    manager.add_devices([0], vram_limit={0: 32 * PAGE}, headroom={0: PAGE}, poll_interval={0: 0},
-                        page_size={0: 2 * PAGE})
+    manager.add_devices(
+        [0],
+        vram_limit={0: 32 * PAGE},
+        headroom={0: PAGE},
+        poll_interval={0: 0},
+        page_size={0: 2 * PAGE},
+    )
     info = manager.device_info(0)
     assert (info["vram_limit"], info["headroom"], info["page_size"], info["poll_interval"]) == (
-        32 * PAGE, PAGE, 2 * PAGE, 0.0)
+        32 * PAGE,
+        PAGE,
+        2 * PAGE,
+        0.0,
+    )
 
 
 def test_budget_is_limit_minus_headroom_minus_extra_headroom(make_manager):
@@ -131,8 +161,11 @@ def test_budget_is_limit_minus_headroom_minus_extra_headroom(make_manager):
     [
         ({}, 1 * GiB, 1 * GiB - 256 * MiB),  # no limit: the capacity, minus default headroom
         ({"vram_limit": 2 * GiB, "headroom": 0}, 1 * GiB, 1 * GiB),  # a limit above capacity
-        ({"vram_limit": 512 * MiB, "headroom": 64 * MiB, "extra_headroom": 32 * MiB},
-         512 * MiB, 512 * MiB - 96 * MiB),
+        (
+            {"vram_limit": 512 * MiB, "headroom": 64 * MiB, "extra_headroom": 32 * MiB},
+            512 * MiB,
+            512 * MiB - 96 * MiB,
+        ),
         ({"headroom": 1 * GiB, "extra_headroom": 1}, 1 * GiB, 0),  # never negative
     ],
     ids=["defaults", "limit-above-capacity", "limit-and-headrooms", "headrooms-exceed-limit"],
@@ -450,9 +483,17 @@ def test_parse_size(text, nbytes):
 
 @pytest.mark.parametrize(
     "text, error",
-    [("", ValueError), ("lots", ValueError), ("1 GiBs", ValueError), ("-1GiB", ValueError),
-     (-1, ValueError), ("1e9", ValueError), (True, TypeError), (1.5, TypeError),
-     (None, TypeError)],
+    [
+        ("", ValueError),
+        ("lots", ValueError),
+        ("1 GiBs", ValueError),
+        ("-1GiB", ValueError),
+        (-1, ValueError),
+        ("1e9", ValueError),
+        (True, TypeError),
+        (1.5, TypeError),
+        (None, TypeError),
+    ],
 )
 def test_parse_size_rejects(text, error):
     with pytest.raises(error):
@@ -494,7 +535,11 @@ def test_sim_backend_count_times_capacity():
         for device in (0, 1):
             info = manager.device_info(device)
             assert tuple(info[k] for k in keys) == (
-                f"aimdo simulated GPU {device}", 24 * GiB, 2 * MiB, False)
+                f"aimdo simulated GPU {device}",
+                24 * GiB,
+                2 * MiB,
+                False,
+            )
             assert manager.memory_info(device) == (24 * GiB, 24 * GiB)
 
 
@@ -517,11 +562,13 @@ def test_sim_backend_comma_separated_capacities():
 
 @pytest.mark.sim_only
 def test_sim_backend_list_of_dict_specs():
-    sim = aimdo.SimBackend([
-        {"capacity": "8GiB", "name": "big", "granularity": "4MiB", "integrated": True},
-        {"capacity": 1 * GiB},
-        "2GiB",
-    ])
+    sim = aimdo.SimBackend(
+        [
+            {"capacity": "8GiB", "name": "big", "granularity": "4MiB", "integrated": True},
+            {"capacity": 1 * GiB},
+            "2GiB",
+        ]
+    )
     assert sim.device_count == 3
     with aimdo.Manager(sim) as manager:
         keys = ("name", "total_bytes", "granularity_bytes", "integrated")
@@ -536,8 +583,17 @@ def test_sim_backend_list_of_dict_specs():
 @pytest.mark.sim_only
 def test_sim_backend_operations_are_the_cuda_names():
     operations = aimdo.SimBackend.operations()
-    for name in ("cuMemCreate", "cuMemMap", "cuMemSetAccess", "cuMemUnmap", "cuMemRelease",
-                 "cuMemAddressReserve", "cuMemAddressFree", "cuMemGetInfo", "cuCtxSynchronize"):
+    for name in (
+        "cuMemCreate",
+        "cuMemMap",
+        "cuMemSetAccess",
+        "cuMemUnmap",
+        "cuMemRelease",
+        "cuMemAddressReserve",
+        "cuMemAddressFree",
+        "cuMemGetInfo",
+        "cuCtxSynchronize",
+    ):
         assert name in operations
 
 
@@ -545,12 +601,27 @@ def test_sim_backend_operations_are_the_cuda_names():
 
 
 def test_package_exports():
-    assert sorted(aimdo.__all__) == sorted([
-        "ALLOCATION_ALIGNMENT_BYTES", "AimdoError", "Allocation", "CudaBackend",
-        "DeviceNotInitializedError", "DriverError",
-        "InvalidStateError", "Manager", "OutOfMemoryError", "Signature", "SimBackend", "Vbar",
-        "format_size", "get_manager", "init", "parse_size", "shutdown",
-    ])
+    assert sorted(aimdo.__all__) == sorted(
+        [
+            "ALLOCATION_ALIGNMENT_BYTES",
+            "AimdoError",
+            "Allocation",
+            "CudaBackend",
+            "DeviceNotInitializedError",
+            "DriverError",
+            "InvalidStateError",
+            "Manager",
+            "OutOfMemoryError",
+            "Signature",
+            "SimBackend",
+            "Vbar",
+            "format_size",
+            "get_manager",
+            "init",
+            "parse_size",
+            "shutdown",
+        ]
+    )
     for name in aimdo.__all__:
         assert hasattr(aimdo, name), name
 
@@ -561,7 +632,10 @@ def test_package_exports():
 def test_cli_info_prints_the_backend_and_every_device(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "aimdo", "info", "--backend", BACKEND],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()

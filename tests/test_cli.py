@@ -5,18 +5,35 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 import aimdo
+import pytest
 from conftest import BACKEND
 
 
 def run_demo(*extra):
     return subprocess.run(
-        [sys.executable, "-m", "aimdo", "demo", "--backend", BACKEND, "--steps", "2",
-         "--layers", "8", "--layer-size", "64MiB", "--vram-limit", "384MiB", "--page-size", "32MiB",
-         *extra],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "aimdo",
+            "demo",
+            "--backend",
+            BACKEND,
+            "--steps",
+            "2",
+            "--layers",
+            "8",
+            "--layer-size",
+            "64MiB",
+            "--vram-limit",
+            "384MiB",
+            "--page-size",
+            "32MiB",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -61,15 +78,30 @@ def test_demo_runs_with_a_layer_size_that_is_not_a_multiple_of_the_allocation_al
     assert f"(8 layers of {aimdo.format_size(layer_size)})" in result.stdout
 
 
-@pytest.mark.parametrize("option, value", [
-    ("--layers", "0"), ("--layers", "-1"), ("--layers", "1000000000"), ("--layers", "2.5"),
-    ("--steps", "0"), ("--steps", "-3"), ("--steps", "100000000000"),
-    ("--layer-size", "0"), ("--layer-size", "-5"), ("--layer-size", "0.1"),
-    ("--vram-limit", "0"), ("--page-size", "0"),
-    ("--layer-compute-ms", "-1"), ("--layer-compute-ms", "nan"), ("--layer-compute-ms", "inf"),
-    ("--layer-compute-ms", "1e300"),
-    ("--devices", ","), ("--devices", "0,0"), ("--devices", "-1"),
-])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--layers", "0"),
+        ("--layers", "-1"),
+        ("--layers", "1000000000"),
+        ("--layers", "2.5"),
+        ("--steps", "0"),
+        ("--steps", "-3"),
+        ("--steps", "100000000000"),
+        ("--layer-size", "0"),
+        ("--layer-size", "-5"),
+        ("--layer-size", "0.1"),
+        ("--vram-limit", "0"),
+        ("--page-size", "0"),
+        ("--layer-compute-ms", "-1"),
+        ("--layer-compute-ms", "nan"),
+        ("--layer-compute-ms", "inf"),
+        ("--layer-compute-ms", "1e300"),
+        ("--devices", ","),
+        ("--devices", "0,0"),
+        ("--devices", "-1"),
+    ],
+)
 def test_demo_rejects_an_option_out_of_range_before_it_runs(option, value, monkeypatch, capsys):
     from aimdo import __main__, _demo
 
@@ -88,8 +120,19 @@ def test_demo_rejects_an_option_out_of_range_before_it_runs(option, value, monke
 def test_demo_reports_a_model_too_large_for_the_backend_in_one_line(capsys):
     from aimdo import __main__
 
-    code = __main__.main(["demo", "--backend", BACKEND, "--layers", "4", "--steps", "1",
-                          "--layer-size", "100000000TiB"])
+    code = __main__.main(
+        [
+            "demo",
+            "--backend",
+            BACKEND,
+            "--layers",
+            "4",
+            "--steps",
+            "1",
+            "--layer-size",
+            "100000000TiB",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1, err
     assert err.startswith("aimdo: ") and err.count("\n") == 1, err

@@ -9,9 +9,8 @@ import os
 import random
 import threading
 
-import pytest
-
 import aimdo
+import pytest
 from conftest import PAGE, residency
 
 MiB = 1 << 20
@@ -44,8 +43,9 @@ def test_stress_eight_devices_sixteen_threads_keep_per_device_invariants():
     seed = int(os.environ.get("AIMDO_STRESS_SEED", random.randrange(1 << 30)))
     sim = aimdo.SimBackend("8x256MiB", seed=seed)
     limits = {d: (24 + d) * PAGE for d in range(8)}
-    manager = aimdo.Manager(sim, list(range(8)), vram_limit=limits, headroom=PAGE,
-                            page_size=PAGE, poll_interval=0)
+    manager = aimdo.Manager(
+        sim, list(range(8)), vram_limit=limits, headroom=PAGE, page_size=PAGE, poll_interval=0
+    )
     kept = []
     external = [[0] * 8 for _ in range(16)]
     counts = {"ops": 0, "offloaded": 0, "oom": 0}
@@ -61,7 +61,9 @@ def test_stress_eight_devices_sixteen_threads_keep_per_device_invariants():
                 counts["ops"] += 1
             try:
                 if not vbars or choice < 5:
-                    vbar = manager.create_vbar(rng.randrange(4, 24) * PAGE + rng.randrange(PAGE), device)
+                    vbar = manager.create_vbar(
+                        rng.randrange(4, 24) * PAGE + rng.randrange(PAGE), device
+                    )
                     allocations = []
                     for _ in range(rng.randrange(1, 10)):
                         try:
@@ -139,8 +141,9 @@ def test_faults_on_one_device_complete_while_another_is_held_inside_an_eviction(
     """No global lock: device 0 is stopped inside an eviction (its synchronize is held
     open, with device 0's lock taken), and device 1 still faults, evicts and unpins."""
     sim = aimdo.SimBackend("2x1GiB")
-    with aimdo.Manager(sim, [0, 1], vram_limit=4 * PAGE, headroom=0, page_size=PAGE,
-                       poll_interval=1e9) as manager:
+    with aimdo.Manager(
+        sim, [0, 1], vram_limit=4 * PAGE, headroom=0, page_size=PAGE, poll_interval=1e9
+    ) as manager:
         zero = manager.create_vbar(8 * PAGE, device=0)
         zero_pages = [zero.alloc(PAGE) for _ in range(8)]
         for allocation in zero_pages[:4]:
@@ -178,8 +181,9 @@ def test_faults_on_one_device_complete_while_another_is_held_inside_an_eviction(
 @pytest.mark.sim_only
 def test_an_eviction_from_a_thread_without_context_targets_the_owning_device():
     sim = aimdo.SimBackend("2x1GiB")
-    with aimdo.Manager(sim, [0, 1], vram_limit=8 * PAGE, headroom=0, page_size=PAGE,
-                       poll_interval=1e9) as manager:
+    with aimdo.Manager(
+        sim, [0, 1], vram_limit=8 * PAGE, headroom=0, page_size=PAGE, poll_interval=1e9
+    ) as manager:
         one = manager.create_vbar(8 * PAGE, device=1)
         pages = [one.alloc(PAGE) for _ in range(4)]
         for allocation in pages:

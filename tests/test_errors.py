@@ -16,9 +16,8 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
-import pytest
-
 import aimdo
+import pytest
 from conftest import BACKEND, PAGE, residency
 
 MiB = 1 << 20
@@ -382,8 +381,11 @@ def test_add_devices_with_a_missing_device_changes_no_options(loaded):
     missing = manager.backend.device_count
     with pytest.raises(ValueError, match="does not exist"):
         manager.add_devices(
-            [0, missing], vram_limit=info["vram_limit"], headroom=info["headroom"] + PAGE,
-            page_size=PAGE, poll_interval=info["poll_interval"],
+            [0, missing],
+            vram_limit=info["vram_limit"],
+            headroom=info["headroom"] + PAGE,
+            page_size=PAGE,
+            poll_interval=info["poll_interval"],
         )
     assert manager.device_info(0) == info
     assert manager.devices == [0]
@@ -395,8 +397,11 @@ def test_add_devices_with_a_bad_page_size_for_one_device_changes_no_options(make
     infos = [manager.device_info(0), manager.device_info(1)]
     with pytest.raises(ValueError, match="page_size"):
         manager.add_devices(
-            [0, 1], vram_limit=infos[0]["vram_limit"], headroom=PAGE,
-            page_size={0: PAGE, 1: 3 * MiB}, poll_interval=infos[0]["poll_interval"],
+            [0, 1],
+            vram_limit=infos[0]["vram_limit"],
+            headroom=PAGE,
+            page_size={0: PAGE, 1: 3 * MiB},
+            poll_interval=infos[0]["poll_interval"],
         )
     assert [manager.device_info(0), manager.device_info(1)] == infos
 
@@ -474,8 +479,14 @@ def test_bad_option_to_manager_raises(options, error):
 # --- every size and limit option at its extremes ---------------------------------------
 
 SIZE_OPTIONS = ["vram_limit", "headroom", "extra_headroom", "page_size", "allocator_headroom"]
-BEYOND = {"2^60+1": 2**60 + 1, "2^62": 2**62, "2^63-1": 2**63 - 1, "2^64-1": 2**64 - 1,
-          "2^64": 2**64, "2^100": 2**100}
+BEYOND = {
+    "2^60+1": 2**60 + 1,
+    "2^62": 2**62,
+    "2^63-1": 2**63 - 1,
+    "2^64-1": 2**64 - 1,
+    "2^64": 2**64,
+    "2^100": 2**100,
+}
 
 
 @pytest.mark.parametrize("value", BEYOND.values(), ids=BEYOND.keys())
@@ -551,10 +562,18 @@ def test_vram_limit_at_2_60_is_the_whole_device(make_manager):
     assert manager.budget_bytes(0) == total
 
 
-@pytest.mark.parametrize("seconds, accepted", [
-    (0, True), (1e-12, True), (2**62 / 1e9, True), (2**62 / 1e9 * 1.000001, False),
-    (1e10, False), (1e300, False), (1.7976931348623157e308, False),
-])
+@pytest.mark.parametrize(
+    "seconds, accepted",
+    [
+        (0, True),
+        (1e-12, True),
+        (2**62 / 1e9, True),
+        (2**62 / 1e9 * 1.000001, False),
+        (1e10, False),
+        (1e300, False),
+        (1.7976931348623157e308, False),
+    ],
+)
 def test_poll_interval_at_its_extremes(loaded, seconds, accepted):
     manager = loaded.manager
     if accepted:
@@ -633,7 +652,9 @@ def test_negative_simulator_seed_is_a_value_error():
 
 BAD_FAIL_CALLS = {
     "unknown operation": (
-        lambda s: s.fail("cuMemAllocate", device=0), ValueError, "unknown driver operation"
+        lambda s: s.fail("cuMemAllocate", device=0),
+        ValueError,
+        "unknown driver operation",
     ),
     "unknown error name": (lambda s: s.fail("cuMemMap", error="boom"), ValueError, "error must be"),
     "float error": (lambda s: s.fail("cuMemMap", error=2.0), TypeError, "error must be"),
@@ -695,7 +716,9 @@ def test_adding_more_external_usage_than_free_is_a_value_error(loaded):
 
 
 @pytest.mark.sim_only
-def test_injected_out_of_memory_twice_evicts_one_page_more_then_raises_a_flagged_error(make_manager):
+def test_injected_out_of_memory_twice_evicts_one_page_more_then_raises_a_flagged_error(
+    make_manager,
+):
     """design.md §3.2: on the driver's out-of-memory, evict one page more and retry once; a
     second failure is an error. The page evicted for the retry stays evicted."""
     manager = make_manager(pages=8)
@@ -759,7 +782,8 @@ def test_injected_out_of_memory_with_nothing_to_evict_retries_once_and_maps(make
 
 @pytest.mark.sim_only
 def test_injected_out_of_memory_twice_with_nothing_to_evict_raises_and_changes_nothing(
-        make_manager):
+    make_manager,
+):
     manager = make_manager(pages=8)
     vbar = manager.create_vbar(4 * PAGE, device=0)
     weight = vbar.alloc(PAGE)
@@ -830,7 +854,9 @@ def test_injected_not_ready_beyond_the_retries_raises_a_driver_error(loaded):
         vbar.fault(weight)
     error = raised.value
     assert (error.error_name, error.code, error.operation) == (
-        "CUDA_ERROR_NOT_READY", 600, "cuMemSetAccess"
+        "CUDA_ERROR_NOT_READY",
+        600,
+        "cuMemSetAccess",
     )
     assert error.injected is True
     assert manager.stats(0)["transient_retries"] == 3

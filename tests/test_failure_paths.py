@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import threading
 
-import pytest
-
 import aimdo
+import pytest
 from conftest import PAGE, residency
 
 pytestmark = pytest.mark.sim_only
 
 
 def manager_on(sim, **options):
-    return aimdo.Manager(sim, [0, 1][: sim.device_count], page_size=PAGE, headroom=0,
-                         poll_interval=0, **options)
+    return aimdo.Manager(
+        sim, [0, 1][: sim.device_count], page_size=PAGE, headroom=0, poll_interval=0, **options
+    )
 
 
 def test_a_failed_release_during_unpin_leaves_no_page_pinned():
@@ -241,8 +241,9 @@ for weight in weights:
 assert manager.reclaim(0, 8 << 20) == 8 << 20
 print("ok")
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "ok", done.stdout
 
@@ -260,7 +261,9 @@ def test_a_free_on_one_device_does_not_wait_for_another_device():
             busy.start()
             assert held.wait_arrived(60)
             done = threading.Event()
-            freeing = threading.Thread(target=lambda: (manager.external_free(ptr), done.set()), daemon=True)
+            freeing = threading.Thread(
+                target=lambda: (manager.external_free(ptr), done.set()), daemon=True
+            )
             freeing.start()
             assert done.wait(60), "the free on device 1 waited for device 0"
             assert busy.is_alive()

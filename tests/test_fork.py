@@ -24,9 +24,8 @@ import time
 import weakref
 from dataclasses import dataclass
 
-import pytest
-
 import aimdo
+import pytest
 from conftest import BACKEND
 
 MiB = 1 << 20
@@ -77,7 +76,7 @@ class Forked:
                     code = 71
                 data = json.dumps(message).encode()
                 while data:
-                    data = data[os.write(write_fd, data):]
+                    data = data[os.write(write_fd, data) :]
             finally:
                 os._exit(code)
         os.close(write_fd)
@@ -210,8 +209,9 @@ def test_a_forked_child_exits_without_closing_the_parents_manager():
     closing would raise DriverError and Python would print "Exception ignored in atexit
     callback" with a traceback: the child must leave them alone and exit quietly. Runs on
     the suite's backend (CUDA too, where the driver refuses the child by itself)."""
-    result = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, BACKEND],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, BACKEND], capture_output=True, text=True, timeout=300
+    )
     if result.returncode == 77:
         pytest.skip(result.stdout.strip())
     assert result.returncode == 0, result.stdout + result.stderr
@@ -328,7 +328,8 @@ def run_scenario(child_body, prepare=None) -> tuple[dict, Ended]:
 
     ended = Forked(parent_process).wait()
     assert ended.signal_number is None and ended.exit_code == 0, (
-        f"the parent did not survive its child: {ended.describe()}")
+        f"the parent did not survive its child: {ended.describe()}"
+    )
     return ended.report["parent"], Ended(**ended.report["child"])
 
 
@@ -357,8 +358,12 @@ def test_a_child_using_aimdo_gets_driver_errors_and_leaves_the_parent_intact():
     found, child = run_scenario(child_body)
     assert child.exit_code == 0, child.describe()
     # Every step that needs the driver was refused the way CUDA refuses a forked child.
-    for step in ("fault a page of a parent's VBAR", "create a VBAR of 4 MiB pages",
-                 "close a parent's VBAR", "close the Manager"):
+    for step in (
+        "fault a page of a parent's VBAR",
+        "create a VBAR of 4 MiB pages",
+        "close a parent's VBAR",
+        "close the Manager",
+    ):
         assert child.report[step].startswith(f"DriverError {NOT_INITIALIZED} in "), child.report
     check_parent(found)
 
@@ -440,4 +445,5 @@ def test_a_child_writing_through_tensors_cannot_reach_the_parents_pages():
     assert child.exit_code == 0, child.describe()
     assert child.report["write through the inherited tensor"] == "ok", child.report
     assert child.report["write through a new tensor"].startswith(
-        f"DriverError {NOT_INITIALIZED} in "), child.report
+        f"DriverError {NOT_INITIALIZED} in "
+    ), child.report

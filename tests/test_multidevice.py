@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import threading
 
-import pytest
-
 import aimdo
+import pytest
 from conftest import PAGE, residency
 
 

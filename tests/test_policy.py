@@ -6,9 +6,8 @@ absent, 'R' resident, 'P' resident and pinned, one character per page.
 
 from __future__ import annotations
 
-import pytest
-
 import aimdo
+import pytest
 from conftest import PAGE, residency, watermark_pages
 
 
@@ -243,8 +242,7 @@ def test_a_lower_priority_vbar_cannot_evict_a_higher_one(make_manager):
     assert manager.stats(0)["evicted_bytes"] == 2 * PAGE
 
 
-def test_a_deprioritized_vbar_faulting_under_a_full_budget_evicts_nothing_of_another(
-        make_manager):
+def test_a_deprioritized_vbar_faulting_under_a_full_budget_evicts_nothing_of_another(make_manager):
     manager = make_manager(pages=8)
     important = manager.create_vbar(8 * PAGE, device=0)
     load(important, paged(important, 8))
@@ -416,7 +414,11 @@ def test_deprioritize_moves_a_vbar_to_the_bottom(make_manager):
     newer.deprioritize()
     third = manager.create_vbar(8 * PAGE, device=0)
     fault_unpin(third, third.alloc(2 * PAGE))
-    assert (residency(older), residency(newer), residency(third)) == ("RRRR....", "RR......", "RR......")
+    assert (residency(older), residency(newer), residency(third)) == (
+        "RRRR....",
+        "RR......",
+        "RR......",
+    )
 
 
 def test_prioritize_moves_to_the_top_and_resets_the_watermark(make_manager):
@@ -602,8 +604,15 @@ def test_deficit_combines_accounting_and_the_polled_figure():
     total = 1024 * MiB
     sim = aimdo.SimBackend([total])
     limit, head, extra = 64 * MiB, 8 * MiB, 2 * MiB
-    with aimdo.Manager(sim, [0], vram_limit=limit, headroom=head, extra_headroom=extra,
-                       page_size=2 * MiB, poll_interval=2.0) as manager:
+    with aimdo.Manager(
+        sim,
+        [0],
+        vram_limit=limit,
+        headroom=head,
+        extra_headroom=extra,
+        page_size=2 * MiB,
+        poll_interval=2.0,
+    ) as manager:
 
         def expected(usage, usage_at_poll, free_at_poll, size):
             simple = usage + size + head - limit

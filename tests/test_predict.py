@@ -3,9 +3,8 @@ virtual times worked out by hand."""
 
 from __future__ import annotations
 
-import pytest
-
 import aimdo
+import pytest
 from aimdo.predict import predict_offload
 from conftest import PAGE
 
@@ -20,21 +19,27 @@ def page_copy_manager(make_manager, copy_ms: float, pages: int = 2):
     return make_manager(pages=pages, sim=sim)
 
 
-@pytest.mark.parametrize("copy_ms, spread, step_ms, hits, schedule", [
-    # Four one-page blocks of 1 ms compute, two pages of budget. Spread placement 0 2 1 3
-    # keeps blocks 0 and 2; copies of 1 and 3 overlap the compute before them.
-    (1, True, 4.0, 2, "copy1 run0 copy3 run1 run2 run3"),
-    # 2 ms a copy: copy1 0-2, run0 0-1, copy3 2-4, run1 2-3, run2 3-4, run3 4-5.
-    (2, True, 5.0, 2, "copy1 run0 copy3 run1 run2 run3"),
-    # In order, blocks 0 and 1 fill the budget (block 2's first fault evicts nothing of
-    # higher priority, so it is offloaded). copy2 0-2, run0 0-1, run1 1-2, copy3 2-4,
-    # run2 2-3, run3 4-5.
-    (2, False, 5.0, 2, "copy2 run0 run1 copy3 run2 run3"),
-])
+@pytest.mark.parametrize(
+    "copy_ms, spread, step_ms, hits, schedule",
+    [
+        # Four one-page blocks of 1 ms compute, two pages of budget. Spread placement 0 2 1 3
+        # keeps blocks 0 and 2; copies of 1 and 3 overlap the compute before them.
+        (1, True, 4.0, 2, "copy1 run0 copy3 run1 run2 run3"),
+        # 2 ms a copy: copy1 0-2, run0 0-1, copy3 2-4, run1 2-3, run2 3-4, run3 4-5.
+        (2, True, 5.0, 2, "copy1 run0 copy3 run1 run2 run3"),
+        # In order, blocks 0 and 1 fill the budget (block 2's first fault evicts nothing of
+        # higher priority, so it is offloaded). copy2 0-2, run0 0-1, run1 1-2, copy3 2-4,
+        # run2 2-3, run3 4-5.
+        (2, False, 5.0, 2, "copy2 run0 run1 copy3 run2 run3"),
+    ],
+)
 def test_predicted_steps_are_the_stream_schedule_worked_by_hand(
-        make_manager, copy_ms, spread, step_ms, hits, schedule):
+    make_manager, copy_ms, spread, step_ms, hits, schedule
+):
     manager = page_copy_manager(make_manager, copy_ms)
-    steps = predict_offload(manager, 0, [PAGE] * 4, [1 * MS] * 4, steps=3, prefetch=1, spread=spread)
+    steps = predict_offload(
+        manager, 0, [PAGE] * 4, [1 * MS] * 4, steps=3, prefetch=1, spread=spread
+    )
     first = steps[0]
     # The first forward learns the order: every copy in line with the compute.
     assert first.schedule == ("copy0", "run0", "copy1", "run1", "copy2", "run2", "copy3", "run3")
@@ -52,8 +57,9 @@ def test_a_staging_buffer_is_reused_only_after_the_compute_that_read_it(make_man
     # A budget of one page: block 0 stays resident, blocks 1-3 are offloaded. prefetch 1
     # makes two buffers, A and B; a copy takes 2 ms.
     manager = page_copy_manager(make_manager, copy_ms=2, pages=1)
-    steps = predict_offload(manager, 0, [PAGE] * 4, [1 * MS, 10 * MS, 1 * MS, 1 * MS], steps=2,
-                            prefetch=1, spread=False)
+    steps = predict_offload(
+        manager, 0, [PAGE] * 4, [1 * MS, 10 * MS, 1 * MS, 1 * MS], steps=2, prefetch=1, spread=False
+    )
     # copy1 to A 0-2, run0 0-1, copy2 to B 2-4, run1 2-12 (A free at 12), copy3 to A waits
     # for 12: 12-14, run2 12-13, run3 14-15. Without the wait, copy3 would run 4-6 and the
     # step would end at 14.

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import ctypes
 
-import pytest
-
 import aimdo
+import pytest
 from conftest import BACKEND, PAGE
 
 
@@ -53,14 +52,20 @@ class CudaBytes:
     def write(self, allocation, data: bytes) -> None:
         self.current(allocation.device)
         host = ctypes.create_string_buffer(data, len(data))
-        self.check(self.cu.cuMemcpyHtoD(self.cu.CUdeviceptr(allocation.address),
-                                        ctypes.addressof(host), len(data)))
+        self.check(
+            self.cu.cuMemcpyHtoD(
+                self.cu.CUdeviceptr(allocation.address), ctypes.addressof(host), len(data)
+            )
+        )
 
     def read(self, allocation) -> bytes:
         self.current(allocation.device)
         host = ctypes.create_string_buffer(allocation.size)
-        self.check(self.cu.cuMemcpyDtoH(ctypes.addressof(host),
-                                        self.cu.CUdeviceptr(allocation.address), allocation.size))
+        self.check(
+            self.cu.cuMemcpyDtoH(
+                ctypes.addressof(host), self.cu.CUdeviceptr(allocation.address), allocation.size
+            )
+        )
         return host.raw
 
 
@@ -92,7 +97,7 @@ def test_bytes_read_back_exactly_when_the_signature_matched(make_manager):
             vbar.free_memory((round_ % 3) * PAGE)
             vbar.prioritize()  # pages evicted earlier are mapped again this round
             order = list(range(len(sizes)))
-            order = order[round_ % len(order):] + order[:round_ % len(order)]
+            order = order[round_ % len(order) :] + order[: round_ % len(order)]
             for i in order:
                 allocation = allocations[d][i]
                 signature = vbar.fault(allocation)

@@ -23,8 +23,9 @@ from conftest import BACKEND, PAGE  # noqa: E402
 
 def new_manager(make_manager, pages, devices=(0,), **options):
     if BACKEND == "sim":
-        return make_manager(pages=pages, devices=devices,
-                            sim=aimdo.SimBackend("2x1GiB", real_bytes=True), **options)
+        return make_manager(
+            pages=pages, devices=devices, sim=aimdo.SimBackend("2x1GiB", real_bytes=True), **options
+        )
     return make_manager(pages=pages, devices=devices, **options)
 
 
@@ -57,7 +58,9 @@ def reference(model, x, device):
 
 
 def weight_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    return sum(
+        t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
+    )
 
 
 def test_as_tensor_views_the_allocation_in_place(make_manager):
@@ -138,18 +141,37 @@ def test_spread_order_keeps_the_first_and_spreads_every_prefix():
     assert sorted(order) == list(range(60))
     for size in range(2, 60):  # no prefix leaves a gap much longer than 60 / its size
         kept = sorted(order[:size])
-        assert max(b - a for a, b in zip(kept, kept[1:])) <= max(3, 2 * 60 // size)
+        assert max(b - a for a, b in zip(kept, kept[1:], strict=False)) <= max(3, 2 * 60 // size)
 
 
 def test_weights_are_placed_spread_or_in_order_and_as_declared(make_manager):
     model = stack(blocks=3)
     manager = new_manager(make_manager, pages=64)
     x = torch.randn(2, 256).to(where(0))
-    registered = ["0.norm", "0.up", "0.down", "1.norm", "1.up", "1.down", "2.norm", "2.up", "2.down"]
+    registered = [
+        "0.norm",
+        "0.up",
+        "0.down",
+        "1.norm",
+        "1.up",
+        "1.down",
+        "2.norm",
+        "2.up",
+        "2.down",
+    ]
     spread = atorch.offload(model, 0, manager=manager)
     # Placed when offloaded, before any forward: registration order, spread.
     assert [name for name, _, _ in spread.placement()] == [
-        "0.norm", "1.down", "0.down", "2.up", "1.up", "0.up", "2.norm", "1.norm", "2.down"]
+        "0.norm",
+        "1.down",
+        "0.down",
+        "2.up",
+        "1.up",
+        "0.up",
+        "2.norm",
+        "1.norm",
+        "2.down",
+    ]
     in_order = atorch.offload(model, 0, manager=manager, spread=False)
     assert [name for name, _, _ in in_order.placement()] == registered
     expected = in_order(x)
@@ -158,7 +180,9 @@ def test_weights_are_placed_spread_or_in_order_and_as_declared(make_manager):
     declared = atorch.offload(model, 0, manager=manager, order=declared_order, spread=False)
     assert torch.equal(declared(x), expected)
     names = [name for name, _, _ in declared.placement()]
-    assert names == ["2.up", "2.down", "0.up"] + [n for n in registered if n not in ("2.up", "2.down", "0.up")]
+    assert names == ["2.up", "2.down", "0.up"] + [
+        n for n in registered if n not in ("2.up", "2.down", "0.up")
+    ]
     with pytest.raises(ValueError, match="twice"):
         atorch.offload(model, 0, manager=manager, order=[model[0].up, model[0].up])
     with pytest.raises(ValueError, match="not part"):
@@ -172,7 +196,9 @@ def one_page_layers(count: int, log: list) -> torch.nn.Module:
 
     class Layer(torch.nn.Linear):
         def __init__(self, index):
-            fan_in, fan_out = (PAGE // 4 // 1024, 1024) if index % 2 == 0 else (1024, PAGE // 4 // 1024)
+            fan_in, fan_out = (
+                (PAGE // 4 // 1024, 1024) if index % 2 == 0 else (1024, PAGE // 4 // 1024)
+            )
             super().__init__(fan_in, fan_out, bias=False)
             self.index = index
 
@@ -185,21 +211,22 @@ def one_page_layers(count: int, log: list) -> torch.nn.Module:
 
 
 @pytest.mark.sim_only  # on CUDA the staging buffers are other usage and move the budget
-@pytest.mark.parametrize("spread, prefetch, resident, schedule", [
-    # Placed 0 5 2 7 4 1 6 3: the first forward fills the four pages in use order.
-    (True, 1, [0, 2, 5, 7],
-     "copy1 run0 copy3 run1 run2 copy4 run3 copy6 run4 run5 run6 run7"),
-    # Two copies ahead: before 0, blocks 1 and 3; before 1, block 4; before 3, block 6.
-    (True, 2, [0, 2, 5, 7],
-     "copy1 copy3 run0 copy4 run1 run2 copy6 run3 run4 run5 run6 run7"),
-    # Placed in order: layers 0-3 fill the budget; layer 4's fault finds nothing of lower
-    # priority to evict, so it is offloaded and the watermark stops at it (design.md §3.2).
-    # Its copy overlaps the four resident layers' compute.
-    (False, 1, [0, 1, 2, 3],
-     "copy4 run0 run1 run2 run3 copy5 run4 copy6 run5 copy7 run6 run7"),
-])
+@pytest.mark.parametrize(
+    "spread, prefetch, resident, schedule",
+    [
+        # Placed 0 5 2 7 4 1 6 3: the first forward fills the four pages in use order.
+        (True, 1, [0, 2, 5, 7], "copy1 run0 copy3 run1 run2 copy4 run3 copy6 run4 run5 run6 run7"),
+        # Two copies ahead: before 0, blocks 1 and 3; before 1, block 4; before 3, block 6.
+        (True, 2, [0, 2, 5, 7], "copy1 copy3 run0 copy4 run1 run2 copy6 run3 run4 run5 run6 run7"),
+        # Placed in order: layers 0-3 fill the budget; layer 4's fault finds nothing of lower
+        # priority to evict, so it is offloaded and the watermark stops at it (design.md §3.2).
+        # Its copy overlaps the four resident layers' compute.
+        (False, 1, [0, 1, 2, 3], "copy4 run0 run1 run2 run3 copy5 run4 copy6 run5 copy7 run6 run7"),
+    ],
+)
 def test_residency_and_prefetch_schedule_of_a_stack_twice_the_budget(
-        make_manager, monkeypatch, spread, prefetch, resident, schedule):
+    make_manager, monkeypatch, spread, prefetch, resident, schedule
+):
     log = []
     model = one_page_layers(8, log)
     manager = new_manager(make_manager, pages=4)
@@ -220,7 +247,11 @@ def test_residency_and_prefetch_schedule_of_a_stack_twice_the_budget(
         assert torch.equal(offloaded(x), expected)
         assert " ".join(log) == schedule
         stats = offloaded.last_stats
-        assert (stats.hits, stats.offloaded_layers, stats.copied_layers) == (len(resident), 8 - len(resident), 0)
+        assert (stats.hits, stats.offloaded_layers, stats.copied_layers) == (
+            len(resident),
+            8 - len(resident),
+            0,
+        )
     pages = {name: offset // PAGE for name, offset, _ in offloaded.placement()}
     residency = offloaded.vbar.residency()
     assert sorted(int(name) for name, page in pages.items() if residency[page][0]) == resident
@@ -228,8 +259,15 @@ def test_residency_and_prefetch_schedule_of_a_stack_twice_the_budget(
     # aimdo.predict follows the same schedule without running anything.
     from aimdo.predict import predict_offload
 
-    predicted = predict_offload(new_manager(make_manager, pages=4), 0, [PAGE] * 8, [0.001] * 8,
-                                steps=3, prefetch=prefetch, spread=spread)
+    predicted = predict_offload(
+        new_manager(make_manager, pages=4),
+        0,
+        [PAGE] * 8,
+        [0.001] * 8,
+        steps=3,
+        prefetch=prefetch,
+        spread=spread,
+    )
     assert [" ".join(step.schedule) for step in predicted[1:]] == [schedule, schedule]
     assert (predicted[2].hits, predicted[2].offloaded_layers) == (len(resident), 8 - len(resident))
 
@@ -243,7 +281,8 @@ def test_prefetch_does_not_pin_resident_blocks_ahead_of_their_turn(make_manager)
     pinned_at_run = {}
     for index, layer in enumerate(offloaded._replica):
         layer.register_forward_pre_hook(
-            lambda m, args, i=index: pinned_at_run.__setitem__(i, pinned_pages(offloaded)))
+            lambda m, args, i=index: pinned_at_run.__setitem__(i, pinned_pages(offloaded))
+        )
     x = torch.randn(1, PAGE // 4 // 1024)
     offloaded(x)  # learns the order
     offloaded(x)  # finds 0 2 5 7 resident
@@ -257,10 +296,12 @@ def test_prefetch_does_not_pin_resident_blocks_ahead_of_their_turn(make_manager)
 def test_staging_buffers_are_at_most_prefetch_plus_one_and_grow_to_fit(make_manager, monkeypatch):
     torch.manual_seed(0)
     width = PAGE // 4 // 256  # a Linear(256, width) without bias is one page
-    model = torch.nn.Sequential(torch.nn.Linear(256, width, bias=False),
-                                torch.nn.Linear(width, 256, bias=False),
-                                torch.nn.Linear(256, 3 * width, bias=False),
-                                torch.nn.Linear(3 * width, 256, bias=False)).eval()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(256, width, bias=False),
+        torch.nn.Linear(width, 256, bias=False),
+        torch.nn.Linear(256, 3 * width, bias=False),
+        torch.nn.Linear(3 * width, 256, bias=False),
+    ).eval()
     # A budget of no page (the limit is all headroom): everything is offloaded.
     manager = new_manager(make_manager, pages=0, headroom=PAGE)
     offloaded = atorch.offload(model, 0, manager=manager, prefetch=1)
@@ -316,7 +357,9 @@ def test_the_same_model_on_two_devices_runs_from_two_threads(make_manager):
     def run(device):
         try:
             for _ in range(5):
-                results[device].append(torch.equal(replicas[device](x.to(where(device))), expected[device]))
+                results[device].append(
+                    torch.equal(replicas[device](x.to(where(device))), expected[device])
+                )
         except BaseException as error:  # reported below
             errors.append(error)
 
@@ -351,7 +394,12 @@ def test_the_allocator_entry_points_evict_on_their_device_and_free_by_pointer(ma
     library = ctypes.CDLL(_core.__file__)
     library.aimdo_torch_alloc.restype = ctypes.c_void_p
     library.aimdo_torch_alloc.argtypes = [ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-    library.aimdo_torch_free.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    library.aimdo_torch_free.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_void_p,
+    ]
     # (A failing allocation throws a C++ exception for PyTorch's C++ to raise; ctypes
     # cannot catch that, so only the succeeding paths are called from here.)
     assert library.aimdo_torch_alloc(0, 1, None) is None  # zero bytes: null, as PyTorch expects
@@ -363,7 +411,9 @@ def test_the_allocator_entry_points_evict_on_their_device_and_free_by_pointer(ma
         assert manager.resident_bytes(1) == 5 * PAGE  # room made by eviction on device 1
         assert manager.external_bytes(0) == 0
         freed = []
-        thread = threading.Thread(target=lambda: freed.append(library.aimdo_torch_free(ptr, 3 * PAGE, 1, None)))
+        thread = threading.Thread(
+            target=lambda: freed.append(library.aimdo_torch_free(ptr, 3 * PAGE, 1, None))
+        )
         thread.start()
         thread.join()
         assert manager.external_bytes(1) == 0
@@ -418,7 +468,9 @@ def test_use_allocator_lets_activations_push_weights_out():
     if BACKEND == "sim":
         pytest.skip("needs real CUDA memory (a fresh process on the cuda backend)")
     script = USE_ALLOCATOR_SCRIPT.replace("VRAM_LIMIT", str(2 << 30))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("ok")
 

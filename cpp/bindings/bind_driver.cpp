@@ -9,10 +9,10 @@
 #include <string>
 #include <tuple>
 
-#include "cuda_driver.hpp"
 #include "aimdo/driver.hpp"
 #include "aimdo/errors.hpp"
 #include "common.hpp"
+#include "cuda_driver.hpp"
 
 namespace aimdo::bindings {
 namespace {
@@ -38,93 +38,103 @@ void bind_driver(nb::module_& m) {
 
   nb::class_<Driver>(m, "Driver", "A GPU backend (the CUDA driver or the simulator).")
       .def_prop_ro("backend_name", [](const Driver& d) { return std::string(d.backend_name()); })
-      .def("device_count", [](Driver& d) {
-        int count = 0;
-        DriverStatus status;
-        {
-          nb::gil_scoped_release release;
-          status = d.device_count(&count);
-        }
-        if (!status.ok()) {
-          throw DriverError(std::string("cuDeviceGetCount failed with ") + status.name, -1,
-                            "cuDeviceGetCount", status);
-        }
-        return count;
-      })
+      .def("device_count",
+           [](Driver& d) {
+             int count = 0;
+             DriverStatus status;
+             {
+               nb::gil_scoped_release release;
+               status = d.device_count(&count);
+             }
+             if (!status.ok()) {
+               throw DriverError(std::string("cuDeviceGetCount failed with ") + status.name, -1,
+                                 "cuDeviceGetCount", status);
+             }
+             return count;
+           })
       .def("current_device", &Driver::current_device, release_gil(),
            "The device whose context is current on the calling thread, or -1.")
       // Raw driver operations, for the driver-contract tests that hold both backends to
       // the same rules. Each returns (code, error name[, value]); 0 is success. They
       // bypass aimdo's accounting: not for use next to a Manager's VBARs.
-      .def("raw_make_current",
-           [](Driver& d, int device) {
-             // Leaves `device` current on this thread (no restore): for contract tests.
-             ContextToken previous;
-             return status_tuple(d.make_current(device, &previous));
-           },
-           release_gil())
-      .def("raw_reserve",
-           [](Driver& d, int device, std::int64_t size, std::int64_t alignment) {
-             DeviceAddress va = 0;
-             const DriverStatus s = d.reserve_address_range(device, to_size(size, "size"),
-                                                            to_size(alignment, "alignment"), &va);
-             return std::make_tuple(s.code, std::string(s.name), va);
-           },
-           release_gil())
-      .def("raw_free_range",
-           [](Driver& d, std::uint64_t va, std::int64_t size) {
-             return status_tuple(d.free_address_range(va, to_size(size, "size")));
-           },
-           release_gil())
-      .def("raw_create",
-           [](Driver& d, int device, std::int64_t size) {
-             PhysicalHandle handle = 0;
-             const DriverStatus s = d.create_physical(device, to_size(size, "size"), &handle);
-             return std::make_tuple(s.code, std::string(s.name), handle);
-           },
-           release_gil())
-      .def("raw_release",
-           [](Driver& d, std::uint64_t handle) { return status_tuple(d.release_physical(handle)); },
-           release_gil())
-      .def("raw_map",
-           [](Driver& d, std::uint64_t va, std::int64_t size, std::uint64_t handle) {
-             return status_tuple(d.map(va, to_size(size, "size"), handle));
-           },
-           release_gil())
-      .def("raw_unmap",
-           [](Driver& d, std::uint64_t va, std::int64_t size) {
-             return status_tuple(d.unmap(va, to_size(size, "size")));
-           },
-           release_gil())
-      .def("raw_set_access",
-           [](Driver& d, std::uint64_t va, std::int64_t size, int device) {
-             return status_tuple(d.set_access(va, to_size(size, "size"), device));
-           },
-           release_gil())
-      .def("raw_memory_info",
-           [](Driver& d, int device) {
-             std::size_t free_bytes = 0, total_bytes = 0;
-             const DriverStatus s = d.memory_info(device, &free_bytes, &total_bytes);
-             return std::make_tuple(s.code, std::string(s.name), free_bytes, total_bytes);
-           },
-           release_gil())
-      .def("raw_synchronize",
-           [](Driver& d, int device) { return status_tuple(d.synchronize(device)); },
-           release_gil())
-      .def("raw_memory_info_on",
-           [](Driver& d, int device) {
-             // The same query under a guard that makes `device` current, then restores.
-             ScopedDevice guard(d, device);
-             if (!guard.status().ok()) {
-               return std::make_tuple(guard.status().code, std::string(guard.status().name),
-                                      std::size_t{0}, std::size_t{0});
-             }
-             std::size_t free_bytes = 0, total_bytes = 0;
-             const DriverStatus s = d.memory_info(device, &free_bytes, &total_bytes);
-             return std::make_tuple(s.code, std::string(s.name), free_bytes, total_bytes);
-           },
-           release_gil());
-
+      .def(
+          "raw_make_current",
+          [](Driver& d, int device) {
+            // Leaves `device` current on this thread (no restore): for contract tests.
+            ContextToken previous;
+            return status_tuple(d.make_current(device, &previous));
+          },
+          release_gil())
+      .def(
+          "raw_reserve",
+          [](Driver& d, int device, std::int64_t size, std::int64_t alignment) {
+            DeviceAddress va = 0;
+            const DriverStatus s = d.reserve_address_range(device, to_size(size, "size"),
+                                                           to_size(alignment, "alignment"), &va);
+            return std::make_tuple(s.code, std::string(s.name), va);
+          },
+          release_gil())
+      .def(
+          "raw_free_range",
+          [](Driver& d, std::uint64_t va, std::int64_t size) {
+            return status_tuple(d.free_address_range(va, to_size(size, "size")));
+          },
+          release_gil())
+      .def(
+          "raw_create",
+          [](Driver& d, int device, std::int64_t size) {
+            PhysicalHandle handle = 0;
+            const DriverStatus s = d.create_physical(device, to_size(size, "size"), &handle);
+            return std::make_tuple(s.code, std::string(s.name), handle);
+          },
+          release_gil())
+      .def(
+          "raw_release",
+          [](Driver& d, std::uint64_t handle) { return status_tuple(d.release_physical(handle)); },
+          release_gil())
+      .def(
+          "raw_map",
+          [](Driver& d, std::uint64_t va, std::int64_t size, std::uint64_t handle) {
+            return status_tuple(d.map(va, to_size(size, "size"), handle));
+          },
+          release_gil())
+      .def(
+          "raw_unmap",
+          [](Driver& d, std::uint64_t va, std::int64_t size) {
+            return status_tuple(d.unmap(va, to_size(size, "size")));
+          },
+          release_gil())
+      .def(
+          "raw_set_access",
+          [](Driver& d, std::uint64_t va, std::int64_t size, int device) {
+            return status_tuple(d.set_access(va, to_size(size, "size"), device));
+          },
+          release_gil())
+      .def(
+          "raw_memory_info",
+          [](Driver& d, int device) {
+            std::size_t free_bytes = 0, total_bytes = 0;
+            const DriverStatus s = d.memory_info(device, &free_bytes, &total_bytes);
+            return std::make_tuple(s.code, std::string(s.name), free_bytes, total_bytes);
+          },
+          release_gil())
+      .def(
+          "raw_synchronize",
+          [](Driver& d, int device) { return status_tuple(d.synchronize(device)); }, release_gil())
+      .def(
+          "raw_memory_info_on",
+          [](Driver& d, int device) {
+            // The same query under a guard that makes `device` current, then restores.
+            ScopedDevice guard(d, device);
+            if (!guard.status().ok()) {
+              return std::make_tuple(guard.status().code, std::string(guard.status().name),
+                                     std::size_t{0}, std::size_t{0});
+            }
+            std::size_t free_bytes = 0, total_bytes = 0;
+            const DriverStatus s = d.memory_info(device, &free_bytes, &total_bytes);
+            return std::make_tuple(s.code, std::string(s.name), free_bytes, total_bytes);
+          },
+          release_gil());
 }
 
 }  // namespace aimdo::bindings

@@ -43,8 +43,7 @@ void translate(const std::exception_ptr& failure, void* payload) {
   try {
     std::rethrow_exception(failure);
   } catch (const OutOfMemoryError& e) {
-    raise_python(types->out_of_memory, e.what(),
-                 std::make_pair("device", nb::cast(e.device())),
+    raise_python(types->out_of_memory, e.what(), std::make_pair("device", nb::cast(e.device())),
                  std::make_pair("requested_bytes", nb::cast(e.requested_bytes())),
                  std::make_pair("injected", nb::cast(e.injected())));
   } catch (const DriverError& e) {
@@ -78,18 +77,18 @@ void bind_errors(nb::module_& m) {
         oom_bases.ptr());
     nb::object runtime_bases =
         nb::make_tuple(nb::handle(types->base), nb::handle(PyExc_RuntimeError));
-    types->driver = new_exception(
-        "aimdo.DriverError", "The GPU driver answered an error aimdo cannot handle.",
-        runtime_bases.ptr());
+    types->driver =
+        new_exception("aimdo.DriverError", "The GPU driver answered an error aimdo cannot handle.",
+                      runtime_bases.ptr());
     nb::object lookup_bases =
         nb::make_tuple(nb::handle(types->base), nb::handle(PyExc_LookupError));
     types->device_not_initialized = new_exception(
         "aimdo.DeviceNotInitializedError",
         "A device was used that the Manager was not told to initialize.", lookup_bases.ptr());
-    types->invalid_state = new_exception(
-        "aimdo.InvalidStateError",
-        "The object's state forbids the call (closed, or unpin without a fault).",
-        runtime_bases.ptr());
+    types->invalid_state =
+        new_exception("aimdo.InvalidStateError",
+                      "The object's state forbids the call (closed, or unpin without a fault).",
+                      runtime_bases.ptr());
   }
   m.attr("AimdoError") = nb::borrow(types->base);
   m.attr("OutOfMemoryError") = nb::borrow(types->out_of_memory);

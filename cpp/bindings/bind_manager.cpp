@@ -88,108 +88,130 @@ void bind_manager(nb::module_& m) {
             mgr.add_devices(wanted);
           },
           "entries"_a, "Initialize devices, or update their options: (device, DeviceOptions).")
-      .def_prop_ro("devices", [](const Manager& mgr) {
-        nb::gil_scoped_release release;
-        return mgr.devices();
-      })
-      .def("create_vbar",
-           [](Manager& mgr, IntArg device, IntArg size) {
-             return mgr.create_vbar(to_device(device), to_size(size, "size"));
-           },
-           "device"_a, "size"_a, release_gil())
-      .def("reclaim",
-           [](Manager& mgr, IntArg device, IntArg n) {
-             return mgr.reclaim(to_device(device), to_size(n, "nbytes"));
-           },
-           "device"_a, "nbytes"_a, release_gil())
-      .def("reset_floors",
-           [](Manager& mgr, std::optional<IntArg> device) {
-             std::optional<int> ordinal;
-             if (device) ordinal = to_device(*device);
-             nb::gil_scoped_release release;
-             mgr.reset_floors(ordinal);
-           },
-           "device"_a.none())
-      .def("resident_bytes", [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->resident_bytes(); },
-           "device"_a, release_gil())
-      .def("usage_bytes", [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->usage_bytes(); },
-           "device"_a, release_gil())
-      .def("budget_bytes", [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->budget_bytes(); },
-           "device"_a, release_gil())
-      .def("limit_bytes", [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->limit_bytes(); },
-           "device"_a, release_gil())
-      .def("deficit_bytes",
-           [](Manager& mgr, IntArg d, IntArg n) {
-             return mgr.device(to_device(d))->deficit_bytes(to_size(n, "nbytes"));
-           },
-           "device"_a, "nbytes"_a, release_gil())
-      .def("poll",
-           [](Manager& mgr, IntArg d) {
-             Device::PollRecord record;
-             {
-               nb::gil_scoped_release release;
-               record = mgr.device(to_device(d))->poll();
-             }
-             nb::dict out;
-             out["time"] = static_cast<double>(record.time_ns) / 1e9;
-             out["free_bytes"] = record.free_bytes;
-             out["usage_bytes"] = record.usage_bytes;
-             return out;
-           },
-           "device"_a)
-      .def("memory_info",
-           [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->memory_info(); }, "device"_a,
-           release_gil())
-      .def("external_alloc",
-           [](Manager& mgr, IntArg d, IntArg n, std::uintptr_t stream) {
-             const int device = to_device(d);
-             const std::size_t bytes = to_size(n, "nbytes");
-             nb::gil_scoped_release release;
-             return mgr.external_alloc(device, bytes, stream);
-           },
-           "device"_a, "nbytes"_a, "stream"_a)
+      .def_prop_ro("devices",
+                   [](const Manager& mgr) {
+                     nb::gil_scoped_release release;
+                     return mgr.devices();
+                   })
+      .def(
+          "create_vbar",
+          [](Manager& mgr, IntArg device, IntArg size) {
+            return mgr.create_vbar(to_device(device), to_size(size, "size"));
+          },
+          "device"_a, "size"_a, release_gil())
+      .def(
+          "reclaim",
+          [](Manager& mgr, IntArg device, IntArg n) {
+            return mgr.reclaim(to_device(device), to_size(n, "nbytes"));
+          },
+          "device"_a, "nbytes"_a, release_gil())
+      .def(
+          "reset_floors",
+          [](Manager& mgr, std::optional<IntArg> device) {
+            std::optional<int> ordinal;
+            if (device) ordinal = to_device(*device);
+            nb::gil_scoped_release release;
+            mgr.reset_floors(ordinal);
+          },
+          "device"_a.none())
+      .def(
+          "resident_bytes",
+          [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->resident_bytes(); },
+          "device"_a, release_gil())
+      .def(
+          "usage_bytes",
+          [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->usage_bytes(); },
+          "device"_a, release_gil())
+      .def(
+          "budget_bytes",
+          [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->budget_bytes(); },
+          "device"_a, release_gil())
+      .def(
+          "limit_bytes",
+          [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->limit_bytes(); },
+          "device"_a, release_gil())
+      .def(
+          "deficit_bytes",
+          [](Manager& mgr, IntArg d, IntArg n) {
+            return mgr.device(to_device(d))->deficit_bytes(to_size(n, "nbytes"));
+          },
+          "device"_a, "nbytes"_a, release_gil())
+      .def(
+          "poll",
+          [](Manager& mgr, IntArg d) {
+            Device::PollRecord record;
+            {
+              nb::gil_scoped_release release;
+              record = mgr.device(to_device(d))->poll();
+            }
+            nb::dict out;
+            out["time"] = static_cast<double>(record.time_ns) / 1e9;
+            out["free_bytes"] = record.free_bytes;
+            out["usage_bytes"] = record.usage_bytes;
+            return out;
+          },
+          "device"_a)
+      .def(
+          "memory_info",
+          [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->memory_info(); },
+          "device"_a, release_gil())
+      .def(
+          "external_alloc",
+          [](Manager& mgr, IntArg d, IntArg n, std::uintptr_t stream) {
+            const int device = to_device(d);
+            const std::size_t bytes = to_size(n, "nbytes");
+            nb::gil_scoped_release release;
+            return mgr.external_alloc(device, bytes, stream);
+          },
+          "device"_a, "nbytes"_a, "stream"_a)
       .def("external_free", &Manager::external_free, "ptr"_a, "stream"_a, release_gil())
-      .def("external_bytes", [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->external_bytes(); },
-           "device"_a, release_gil())
-      .def("vbar_count", [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->vbar_count(); },
-           "device"_a, release_gil())
-      .def("stats",
-           [](Manager& mgr, IntArg d) {
-             DeviceStatsSnapshot snapshot;
-             {
-               nb::gil_scoped_release release;
-               snapshot = mgr.device(to_device(d))->stats();
-             }
-             return stats_dict(snapshot);
-           },
-           "device"_a)
-      .def("device_info",
-           [](Manager& mgr, IntArg d) {
-             std::shared_ptr<Device> device;
-             DeviceOptions options;
-             {
-               nb::gil_scoped_release release;
-               device = mgr.device(to_device(d));
-               options = device->options();
-             }
-             const DeviceProperties& p = device->properties();
-             nb::dict out;
-             out["device"] = to_device(d);
-             out["name"] = p.name;
-             out["total_bytes"] = p.total_bytes;
-             out["granularity_bytes"] = p.granularity_bytes;
-             out["integrated"] = p.integrated;
-             out["vram_limit"] = options.vram_limit_bytes ? nb::cast(*options.vram_limit_bytes)
-                                                          : nb::none();
-             out["headroom"] = options.headroom_bytes;
-             out["extra_headroom"] = options.extra_headroom_bytes;
-             out["page_size"] = options.page_size_bytes;
-             out["poll_interval"] = static_cast<double>(options.poll_interval_ns) / 1e9;
-             out["allocator_headroom"] = options.allocator_headroom_bytes;
-             out["recycle_pages"] = options.recycle_pages;
-             return out;
-           },
-           "device"_a)
+      .def(
+          "external_bytes",
+          [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->external_bytes(); },
+          "device"_a, release_gil())
+      .def(
+          "vbar_count",
+          [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->vbar_count(); }, "device"_a,
+          release_gil())
+      .def(
+          "stats",
+          [](Manager& mgr, IntArg d) {
+            DeviceStatsSnapshot snapshot;
+            {
+              nb::gil_scoped_release release;
+              snapshot = mgr.device(to_device(d))->stats();
+            }
+            return stats_dict(snapshot);
+          },
+          "device"_a)
+      .def(
+          "device_info",
+          [](Manager& mgr, IntArg d) {
+            std::shared_ptr<Device> device;
+            DeviceOptions options;
+            {
+              nb::gil_scoped_release release;
+              device = mgr.device(to_device(d));
+              options = device->options();
+            }
+            const DeviceProperties& p = device->properties();
+            nb::dict out;
+            out["device"] = to_device(d);
+            out["name"] = p.name;
+            out["total_bytes"] = p.total_bytes;
+            out["granularity_bytes"] = p.granularity_bytes;
+            out["integrated"] = p.integrated;
+            out["vram_limit"] =
+                options.vram_limit_bytes ? nb::cast(*options.vram_limit_bytes) : nb::none();
+            out["headroom"] = options.headroom_bytes;
+            out["extra_headroom"] = options.extra_headroom_bytes;
+            out["page_size"] = options.page_size_bytes;
+            out["poll_interval"] = static_cast<double>(options.poll_interval_ns) / 1e9;
+            out["allocator_headroom"] = options.allocator_headroom_bytes;
+            out["recycle_pages"] = options.recycle_pages;
+            return out;
+          },
+          "device"_a)
       .def("close", &Manager::close, release_gil())
       .def_prop_ro("closed", [](const Manager& mgr) {
         nb::gil_scoped_release release;

@@ -33,8 +33,9 @@ std::shared_ptr<Manager> allocator_manager() {
 // PyTorch does not check the pointer an allocator returns, so a failure must not be a
 // null pointer: aimdo_torch_alloc throws std::runtime_error with aimdo's message, which
 // PyTorch's C++ passes up to Python as a RuntimeError. A zero-byte request gets null.
-extern "C" __attribute__((visibility("default"))) void* aimdo_torch_alloc(
-    std::size_t size, int device, void* stream) {
+extern "C" __attribute__((visibility("default"))) void* aimdo_torch_alloc(std::size_t size,
+                                                                          int device,
+                                                                          void* stream) {
   if (size == 0) return nullptr;
   auto manager = aimdo::bindings::allocator_manager();
   if (!manager) {
@@ -49,8 +50,8 @@ extern "C" __attribute__((visibility("default"))) void* aimdo_torch_alloc(
   }
 }
 
-extern "C" __attribute__((visibility("default"))) void aimdo_torch_free(
-    void* ptr, std::size_t, int, void* stream) noexcept {
+extern "C" __attribute__((visibility("default"))) void aimdo_torch_free(void* ptr, std::size_t, int,
+                                                                        void* stream) noexcept {
   try {
     auto manager = aimdo::bindings::allocator_manager();
     if (manager && ptr != nullptr) {
@@ -82,8 +83,8 @@ void bind_process(nb::module_& m) {
       "Route aimdo_torch_alloc/aimdo_torch_free (PyTorch's pluggable allocator) to a Manager.");
   m.def(
       "serves_allocator",
-      [](const Manager& manager) { return allocator_manager().get() == &manager; },
-      "manager"_a, "Whether PyTorch's allocator currently allocates through `manager`.");
+      [](const Manager& manager) { return allocator_manager().get() == &manager; }, "manager"_a,
+      "Whether PyTorch's allocator currently allocates through `manager`.");
 }
 
 }  // namespace aimdo::bindings

@@ -20,20 +20,28 @@ void bind_vbar(nb::module_& m) {
   nb::class_<Signature>(m, "Signature",
                         "Per-page serial numbers from a fault. Equal to an earlier signature "
                         "of the same allocation exactly when no page under it was re-mapped.")
-      .def_prop_ro("serials", [](const Signature& s) {
-        nb::list out;
-        for (auto serial : s.serials) out.append(serial);
-        return nb::tuple(out);
-      })
-      .def("__eq__", [](const Signature& a, const Signature& b) { return a == b; }, nb::is_operator())
-      .def("__eq__", [](const Signature&, nb::handle) { return false; }, nb::is_operator())
-      .def("__ne__", [](const Signature& a, const Signature& b) { return a != b; }, nb::is_operator())
-      .def("__ne__", [](const Signature&, nb::handle) { return true; }, nb::is_operator())
-      .def("__hash__", [](const Signature& s) {
-        std::uint64_t h = 1469598103934665603ULL;
-        for (auto serial : s.serials) h = (h ^ serial) * 1099511628211ULL;
-        return static_cast<Py_hash_t>(h >> 1);
-      })
+      .def_prop_ro("serials",
+                   [](const Signature& s) {
+                     nb::list out;
+                     for (auto serial : s.serials) out.append(serial);
+                     return nb::tuple(out);
+                   })
+      .def(
+          "__eq__", [](const Signature& a, const Signature& b) { return a == b; },
+          nb::is_operator())
+      .def(
+          "__eq__", [](const Signature&, nb::handle) { return false; }, nb::is_operator())
+      .def(
+          "__ne__", [](const Signature& a, const Signature& b) { return a != b; },
+          nb::is_operator())
+      .def(
+          "__ne__", [](const Signature&, nb::handle) { return true; }, nb::is_operator())
+      .def("__hash__",
+           [](const Signature& s) {
+             std::uint64_t h = 1469598103934665603ULL;
+             for (auto serial : s.serials) h = (h ^ serial) * 1099511628211ULL;
+             return static_cast<Py_hash_t>(h >> 1);
+           })
       .def("__len__", [](const Signature& s) { return s.serials.size(); })
       .def("__repr__", [](const Signature& s) {
         std::string out = "Signature(";
@@ -44,21 +52,23 @@ void bind_vbar(nb::module_& m) {
       });
 
   nb::class_<Allocation>(m, "Allocation", "A byte range of a VBAR handed to one tensor.")
-      .def_prop_ro("offset_bytes", [](const Allocation& a) { return a.offset_bytes; },
-                   "Bytes from the VBAR's base (a multiple of ALLOCATION_ALIGNMENT_BYTES).")
-      .def_prop_ro("size_bytes", [](const Allocation& a) { return a.size_bytes; }, "Bytes.")
+      .def_prop_ro(
+          "offset_bytes", [](const Allocation& a) { return a.offset_bytes; },
+          "Bytes from the VBAR's base (a multiple of ALLOCATION_ALIGNMENT_BYTES).")
+      .def_prop_ro(
+          "size_bytes", [](const Allocation& a) { return a.size_bytes; }, "Bytes.")
       // The names before the convention (sizes end in _bytes), kept for existing code.
-      .def_prop_ro("offset", [](const Allocation& a) { return a.offset_bytes; },
-                   "Alias of offset_bytes.")
-      .def_prop_ro("size", [](const Allocation& a) { return a.size_bytes; },
-                   "Alias of size_bytes.")
+      .def_prop_ro(
+          "offset", [](const Allocation& a) { return a.offset_bytes; }, "Alias of offset_bytes.")
+      .def_prop_ro(
+          "size", [](const Allocation& a) { return a.size_bytes; }, "Alias of size_bytes.")
       .def_prop_ro("address", &Allocation::address, "Device virtual address of the first byte.")
       .def_prop_ro("vbar", [](const Allocation& a) { return a.vbar; })
       .def_prop_ro("device", [](const Allocation& a) { return a.vbar->device(); })
       .def("__repr__", [](const Allocation& a) {
         return "Allocation(device=" + std::to_string(a.vbar->device()) +
-               ", offset=" + std::to_string(a.offset_bytes) + ", size=" +
-               std::to_string(a.size_bytes) + ")";
+               ", offset=" + std::to_string(a.offset_bytes) +
+               ", size=" + std::to_string(a.size_bytes) + ")";
       });
 
   nb::class_<Vbar>(m, "Vbar", "One model's reserved address range on one device (design.md §1).")
@@ -71,9 +81,10 @@ void bind_vbar(nb::module_& m) {
       .def_prop_ro("page_size", &Vbar::page_size_bytes, "Alias of page_size_bytes.")
       .def_prop_ro("page_count", &Vbar::page_count)
       .def_prop_ro("address", &Vbar::base_address, "Device virtual address of the range.")
-      .def("alloc", [](Vbar& v, IntArg n) { return v.alloc(to_size(n, "nbytes")); },
-           "nbytes"_a, release_gil(),
-           "Hand out the next `nbytes` of the range (512-byte aligned, in call order).")
+      .def(
+          "alloc", [](Vbar& v, IntArg n) { return v.alloc(to_size(n, "nbytes")); }, "nbytes"_a,
+          release_gil(),
+          "Hand out the next `nbytes` of the range (512-byte aligned, in call order).")
       .def(
           "fault",
           [](Vbar& v, const Allocation& a) {
@@ -98,15 +109,16 @@ void bind_vbar(nb::module_& m) {
            "Move to the top of the device's priority list; reset the watermark to all pages.")
       .def("deprioritize", &Vbar::deprioritize, release_gil(),
            "Move to the bottom of the device's priority list.")
-      .def_prop_ro("watermark_bytes", [](const Vbar& v) {
-        nb::gil_scoped_release release;
-        return v.watermark_bytes();
-      })
-      .def("set_watermark",
-           [](Vbar& v, IntArg n) { v.set_watermark(to_size(n, "nbytes")); }, "nbytes"_a,
-           release_gil(),
-           "Offload pages starting at or above `nbytes` (rounded up to a page), releasing "
-           "unpinned ones; may also raise the watermark.")
+      .def_prop_ro("watermark_bytes",
+                   [](const Vbar& v) {
+                     nb::gil_scoped_release release;
+                     return v.watermark_bytes();
+                   })
+      .def(
+          "set_watermark", [](Vbar& v, IntArg n) { v.set_watermark(to_size(n, "nbytes")); },
+          "nbytes"_a, release_gil(),
+          "Offload pages starting at or above `nbytes` (rounded up to a page), releasing "
+          "unpinned ones; may also raise the watermark.")
       .def_prop_rw(
           "floor_bytes",
           [](const Vbar& v) {
@@ -119,36 +131,38 @@ void bind_vbar(nb::module_& m) {
             v.set_floor(bytes);
           },
           "Eviction never lowers the watermark below this (rounded up to a page).")
-      .def("free_memory",
-           [](Vbar& v, IntArg n) { return v.free_memory(to_size(n, "nbytes")); },
-           "nbytes"_a, release_gil(), "Evict from this VBAR alone; returns bytes freed.")
-      .def_prop_ro("loaded_bytes", [](const Vbar& v) {
-        nb::gil_scoped_release release;
-        return v.loaded_bytes();
-      })
-      .def_prop_ro("allocated_bytes", [](const Vbar& v) {
-        nb::gil_scoped_release release;
-        return v.allocated_bytes();
-      })
-      .def("residency",
-           [](const Vbar& v) {
-             std::vector<PageResidency> pages;
-             {
-               nb::gil_scoped_release release;
-               pages = v.residency();
-             }
-             nb::list out;
-             for (const auto& p : pages) out.append(nb::make_tuple(p.resident, p.pinned));
-             return out;
-           },
-           "Per page: (resident, pinned).")
+      .def(
+          "free_memory", [](Vbar& v, IntArg n) { return v.free_memory(to_size(n, "nbytes")); },
+          "nbytes"_a, release_gil(), "Evict from this VBAR alone; returns bytes freed.")
+      .def_prop_ro("loaded_bytes",
+                   [](const Vbar& v) {
+                     nb::gil_scoped_release release;
+                     return v.loaded_bytes();
+                   })
+      .def_prop_ro("allocated_bytes",
+                   [](const Vbar& v) {
+                     nb::gil_scoped_release release;
+                     return v.allocated_bytes();
+                   })
+      .def(
+          "residency",
+          [](const Vbar& v) {
+            std::vector<PageResidency> pages;
+            {
+              nb::gil_scoped_release release;
+              pages = v.residency();
+            }
+            nb::list out;
+            for (const auto& p : pages) out.append(nb::make_tuple(p.resident, p.pinned));
+            return out;
+          },
+          "Per page: (resident, pinned).")
       .def("close", &Vbar::close, release_gil(),
            "Release every page (pinned ones too) and the address range. Idempotent.")
       .def_prop_ro("closed", [](const Vbar& v) {
         nb::gil_scoped_release release;
         return v.closed();
       });
-
 }
 
 }  // namespace aimdo::bindings

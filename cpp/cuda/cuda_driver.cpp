@@ -137,38 +137,38 @@ constexpr int kOldestProcAddressVersion = 11030;
 // ---------------------------------------------------------------------------------------
 // The entry-point table: name, required or optional, signature at kEntryPointVersion.
 // cuGetErrorName comes first so that later failures can be named by the driver itself.
-#define AIMDO_CUDA_ENTRY_POINTS(X)                                                            \
-  X(cuGetErrorName, required, CUresult(CUresult, const char**))                               \
-  X(cuDriverGetVersion, required, CUresult(int*))                                             \
-  X(cuInit, required, CUresult(unsigned int))                                                 \
-  X(cuDeviceGetCount, required, CUresult(int*))                                               \
-  X(cuDeviceGet, required, CUresult(CUdevice*, int))                                          \
-  X(cuDeviceGetName, required, CUresult(char*, int, CUdevice))                                \
-  X(cuDeviceTotalMem, required, CUresult(std::size_t*, CUdevice))                             \
-  X(cuDeviceGetAttribute, required, CUresult(int*, CUdevice_attribute, CUdevice))             \
-  X(cuDevicePrimaryCtxRetain, required, CUresult(CUcontext*, CUdevice))                       \
-  X(cuDevicePrimaryCtxRelease, required, CUresult(CUdevice))                                  \
-  X(cuCtxGetCurrent, required, CUresult(CUcontext*))                                          \
-  X(cuCtxSetCurrent, required, CUresult(CUcontext))                                           \
-  X(cuCtxGetDevice, required, CUresult(CUdevice*))                                            \
-  X(cuCtxSynchronize, required, CUresult())                                                   \
-  X(cuMemGetInfo, required, CUresult(std::size_t*, std::size_t*))                             \
-  X(cuMemAddressReserve, required,                                                            \
-    CUresult(CUdeviceptr*, std::size_t, std::size_t, CUdeviceptr, unsigned long long))        \
-  X(cuMemAddressFree, required, CUresult(CUdeviceptr, std::size_t))                           \
-  X(cuMemCreate, required,                                                                    \
-    CUresult(CUmemGenericAllocationHandle*, std::size_t, const CUmemAllocationProp*,          \
-             unsigned long long))                                                             \
-  X(cuMemRelease, required, CUresult(CUmemGenericAllocationHandle))                           \
-  X(cuMemMap, required,                                                                       \
-    CUresult(CUdeviceptr, std::size_t, std::size_t, CUmemGenericAllocationHandle,             \
-             unsigned long long))                                                             \
-  X(cuMemUnmap, required, CUresult(CUdeviceptr, std::size_t))                                 \
-  X(cuMemSetAccess, required,                                                                 \
-    CUresult(CUdeviceptr, std::size_t, const CUmemAccessDesc*, std::size_t))                  \
-  X(cuMemGetAllocationGranularity, required,                                                  \
-    CUresult(std::size_t*, const CUmemAllocationProp*, CUmemAllocationGranularity_flags))     \
-  X(cuMemAllocAsync, optional, CUresult(CUdeviceptr*, std::size_t, CUstream))                 \
+#define AIMDO_CUDA_ENTRY_POINTS(X)                                                        \
+  X(cuGetErrorName, required, CUresult(CUresult, const char**))                           \
+  X(cuDriverGetVersion, required, CUresult(int*))                                         \
+  X(cuInit, required, CUresult(unsigned int))                                             \
+  X(cuDeviceGetCount, required, CUresult(int*))                                           \
+  X(cuDeviceGet, required, CUresult(CUdevice*, int))                                      \
+  X(cuDeviceGetName, required, CUresult(char*, int, CUdevice))                            \
+  X(cuDeviceTotalMem, required, CUresult(std::size_t*, CUdevice))                         \
+  X(cuDeviceGetAttribute, required, CUresult(int*, CUdevice_attribute, CUdevice))         \
+  X(cuDevicePrimaryCtxRetain, required, CUresult(CUcontext*, CUdevice))                   \
+  X(cuDevicePrimaryCtxRelease, required, CUresult(CUdevice))                              \
+  X(cuCtxGetCurrent, required, CUresult(CUcontext*))                                      \
+  X(cuCtxSetCurrent, required, CUresult(CUcontext))                                       \
+  X(cuCtxGetDevice, required, CUresult(CUdevice*))                                        \
+  X(cuCtxSynchronize, required, CUresult())                                               \
+  X(cuMemGetInfo, required, CUresult(std::size_t*, std::size_t*))                         \
+  X(cuMemAddressReserve, required,                                                        \
+    CUresult(CUdeviceptr*, std::size_t, std::size_t, CUdeviceptr, unsigned long long))    \
+  X(cuMemAddressFree, required, CUresult(CUdeviceptr, std::size_t))                       \
+  X(cuMemCreate, required,                                                                \
+    CUresult(CUmemGenericAllocationHandle*, std::size_t, const CUmemAllocationProp*,      \
+             unsigned long long))                                                         \
+  X(cuMemRelease, required, CUresult(CUmemGenericAllocationHandle))                       \
+  X(cuMemMap, required,                                                                   \
+    CUresult(CUdeviceptr, std::size_t, std::size_t, CUmemGenericAllocationHandle,         \
+             unsigned long long))                                                         \
+  X(cuMemUnmap, required, CUresult(CUdeviceptr, std::size_t))                             \
+  X(cuMemSetAccess, required,                                                             \
+    CUresult(CUdeviceptr, std::size_t, const CUmemAccessDesc*, std::size_t))              \
+  X(cuMemGetAllocationGranularity, required,                                              \
+    CUresult(std::size_t*, const CUmemAllocationProp*, CUmemAllocationGranularity_flags)) \
+  X(cuMemAllocAsync, optional, CUresult(CUdeviceptr*, std::size_t, CUstream))             \
   X(cuMemFreeAsync, optional, CUresult(CUdeviceptr, CUstream))
 
 enum class Need : std::uint8_t { required, optional };
@@ -187,8 +187,7 @@ struct EntryPoints {
 DriverStatus status_from(const EntryPoints& api, CUresult code) noexcept {
   if (code == driver_code::success) return DriverStatus::success();
   const char* name = nullptr;
-  if (api.cuGetErrorName == nullptr || api.cuGetErrorName(code, &name) != 0 ||
-      name == nullptr) {
+  if (api.cuGetErrorName == nullptr || api.cuGetErrorName(code, &name) != 0 || name == nullptr) {
     name = driver_code::name(code);
   }
   return DriverStatus{code, name, false};
@@ -255,8 +254,8 @@ class CudaDriver final : public Driver {
       return s;
 
     int integrated = 0;
-    if (auto s = check(api_.cuDeviceGetAttribute(&integrated, CU_DEVICE_ATTRIBUTE_INTEGRATED,
-                                                 handle));
+    if (auto s =
+            check(api_.cuDeviceGetAttribute(&integrated, CU_DEVICE_ATTRIBUTE_INTEGRATED, handle));
         !s.ok())
       return s;
 
@@ -267,8 +266,7 @@ class CudaDriver final : public Driver {
     return DriverStatus::success();
   }
 
-  DriverStatus memory_info(int device, std::size_t* free_bytes,
-                           std::size_t* total_bytes) override {
+  DriverStatus memory_info(int device, std::size_t* free_bytes, std::size_t* total_bytes) override {
     if (free_bytes == nullptr || total_bytes == nullptr)
       return code_status(driver_code::invalid_value);
     if (!valid(device)) return code_status(driver_code::invalid_device);
@@ -292,8 +290,7 @@ class CudaDriver final : public Driver {
     return check(api_.cuMemAddressFree(va, size_bytes));
   }
 
-  DriverStatus create_physical(int device, std::size_t size_bytes,
-                               PhysicalHandle* out) override {
+  DriverStatus create_physical(int device, std::size_t size_bytes, PhysicalHandle* out) override {
     if (out == nullptr) return code_status(driver_code::invalid_value);
     if (!valid(device)) return code_status(driver_code::invalid_device);
     const CUmemAllocationProp prop = device_allocation(device);
@@ -498,10 +495,9 @@ CudaDriverLoad load_cuda_driver() {
   void* library = dlopen(kLibraryName, RTLD_NOW | RTLD_LOCAL);
   if (library == nullptr) {
     const char* reason = dlerror();
-    return load_failure(not_found_status(),
-                        std::string(kLibraryName) + " could not be loaded (" +
-                            (reason != nullptr ? reason : "no reason given") +
-                            "): is an NVIDIA driver installed?");
+    return load_failure(not_found_status(), std::string(kLibraryName) + " could not be loaded (" +
+                                                (reason != nullptr ? reason : "no reason given") +
+                                                "): is an NVIDIA driver installed?");
   }
   // The handle is deliberately never closed: the driver may still call back into its own
   // code (and ours) until the process ends, and a second dlopen only bumps a count.
@@ -542,24 +538,24 @@ CudaDriverLoad load_cuda_driver() {
   // --- Every entry point in the table. ---
   const char* missing = nullptr;
   CUresult missing_error = driver_code::success;
-#define AIMDO_RESOLVE_ENTRY_POINT(name, need, signature)                                    \
-  if (missing == nullptr) {                                                                 \
-    CUresult lookup_error = driver_code::success;                                           \
-    api.name = reinterpret_cast<std::add_pointer_t<signature>>(                             \
-        resolver.find(#name, resolve_version, &lookup_error));                              \
-    if (api.name == nullptr && Need::need == Need::required) {                              \
-      missing = #name;                                                                      \
-      missing_error = lookup_error;                                                         \
-    }                                                                                       \
+#define AIMDO_RESOLVE_ENTRY_POINT(name, need, signature)        \
+  if (missing == nullptr) {                                     \
+    CUresult lookup_error = driver_code::success;               \
+    api.name = reinterpret_cast<std::add_pointer_t<signature>>( \
+        resolver.find(#name, resolve_version, &lookup_error));  \
+    if (api.name == nullptr && Need::need == Need::required) {  \
+      missing = #name;                                          \
+      missing_error = lookup_error;                             \
+    }                                                           \
   }
   AIMDO_CUDA_ENTRY_POINTS(AIMDO_RESOLVE_ENTRY_POINT)
 #undef AIMDO_RESOLVE_ENTRY_POINT
   if (missing != nullptr) {
     const DriverStatus s =
         missing_error != 0 ? status_from(api, missing_error) : not_found_status();
-    return load_failure(s, std::string(kLibraryName) + " (CUDA " +
-                               version_text(driver_version) + ") does not provide " + missing +
-                               " at CUDA " + version_text(resolve_version) + " (" + s.name +
+    return load_failure(s, std::string(kLibraryName) + " (CUDA " + version_text(driver_version) +
+                               ") does not provide " + missing + " at CUDA " +
+                               version_text(resolve_version) + " (" + s.name +
                                "), which aimdo requires: update the NVIDIA driver (CUDA 12 "
                                "or newer recommended).");
   }
@@ -567,11 +563,12 @@ CudaDriverLoad load_cuda_driver() {
   // --- Initialization and the visible devices. ---
   if (const CUresult r = api.cuInit(0); r != 0) {
     const DriverStatus s = status_from(api, r);
-    std::string message = std::string("cuInit failed with ") + s.name + " (" +
-                          std::to_string(r) + ")";
+    std::string message =
+        std::string("cuInit failed with ") + s.name + " (" + std::to_string(r) + ")";
     if (r == driver_code::no_device) {
-      message += ": no NVIDIA GPU is visible to this process (check nvidia-smi and "
-                 "CUDA_VISIBLE_DEVICES).";
+      message +=
+          ": no NVIDIA GPU is visible to this process (check nvidia-smi and "
+          "CUDA_VISIBLE_DEVICES).";
     } else {
       message += ": the NVIDIA driver (CUDA " + version_text(driver_version) +
                  ") could not be initialized; check nvidia-smi.";
@@ -589,8 +586,8 @@ CudaDriverLoad load_cuda_driver() {
     if (const CUresult r = api.cuDeviceGet(&devices[static_cast<std::size_t>(ordinal)], ordinal);
         r != 0) {
       const DriverStatus s = status_from(api, r);
-      return load_failure(s, "cuDeviceGet(" + std::to_string(ordinal) + ") failed with " +
-                                 s.name + " (" + std::to_string(r) + ").");
+      return load_failure(s, "cuDeviceGet(" + std::to_string(ordinal) + ") failed with " + s.name +
+                                 " (" + std::to_string(r) + ").");
     }
   }
 

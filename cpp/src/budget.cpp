@@ -4,7 +4,9 @@
 
 namespace aimdo {
 namespace {
-std::int64_t s(std::size_t v) noexcept { return static_cast<std::int64_t>(v); }
+std::int64_t s(std::size_t v) noexcept {
+  return static_cast<std::int64_t>(v);
+}
 }  // namespace
 
 std::int64_t deficit_bytes(const BudgetInputs& in, std::size_t size_bytes) noexcept {

@@ -6,8 +6,8 @@
 namespace aimdo::detail {
 
 void assertion_failed(const char* expression, const char* file, int line) noexcept {
-  std::fprintf(stderr, "aimdo: internal invariant broken: %s (%s:%d); aborting\n", expression,
-               file, line);
+  std::fprintf(stderr, "aimdo: internal invariant broken: %s (%s:%d); aborting\n", expression, file,
+               line);
   std::fflush(stderr);
   std::abort();
 }

@@ -10,6 +10,6 @@ namespace aimdo::detail {
 
 }  // namespace aimdo::detail
 
-#define AIMDO_ASSERT(expression)                                                      \
-  ((expression) ? static_cast<void>(0)                                                \
+#define AIMDO_ASSERT(expression)       \
+  ((expression) ? static_cast<void>(0) \
                 : ::aimdo::detail::assertion_failed(#expression, __FILE__, __LINE__))

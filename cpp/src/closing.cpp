@@ -68,8 +68,9 @@ void Device::release_leftovers_locked(DeviceAddress base, DeviceAddress only_add
   // Kernels queued before the close may still read the pages: one synchronize before the
   // first unmap. A failed one is reported, but the releases still run: a close must not
   // leave mappings behind.
-  const bool any_mapped = std::any_of(leftovers_.begin(), leftovers_.end(),
-                                      [&](const Leftover& item) { return ours(item) && item.mapped; });
+  const bool any_mapped =
+      std::any_of(leftovers_.begin(), leftovers_.end(),
+                  [&](const Leftover& item) { return ours(item) && item.mapped; });
   if (any_mapped) {
     const DriverStatus status = retrying([&] { return driver_->synchronize(ordinal_); });
     if (status.ok()) {
@@ -92,7 +93,8 @@ void Device::release_leftovers_locked(DeviceAddress base, DeviceAddress only_add
       item.mapped = false;
       stats_.add(&DeviceStats::pages_released);
     }
-    const DriverStatus status = retrying_twice([&] { return driver_->release_physical(item.handle); });
+    const DriverStatus status =
+        retrying_twice([&] { return driver_->release_physical(item.handle); });
     if (!status.ok()) {
       report(status, "cuMemRelease", item.bytes);
       continue;
@@ -101,14 +103,17 @@ void Device::release_leftovers_locked(DeviceAddress base, DeviceAddress only_add
     AIMDO_ASSERT(resident_bytes_ >= item.bytes);
     resident_bytes_ -= item.bytes;
   }
-  const auto done = [](const Leftover& item) { return !item.range && item.handle == 0 && !item.mapped; };
+  const auto done = [](const Leftover& item) {
+    return !item.range && item.handle == 0 && !item.mapped;
+  };
   leftovers_.erase(std::remove_if(leftovers_.begin(), leftovers_.end(), done), leftovers_.end());
   for (Leftover& item : leftovers_) {
     if (!ours(item) || !item.range) continue;
     // A range is freed only once none of its pages is mapped (the driver refuses otherwise).
-    const bool pages_mapped = std::any_of(leftovers_.begin(), leftovers_.end(), [&](const Leftover& page) {
-      return !page.range && page.mapped && page.vbar_base == item.vbar_base;
-    });
+    const bool pages_mapped =
+        std::any_of(leftovers_.begin(), leftovers_.end(), [&](const Leftover& page) {
+          return !page.range && page.mapped && page.vbar_base == item.vbar_base;
+        });
     if (pages_mapped) continue;
     const DriverStatus status =
         retrying_twice([&] { return driver_->free_address_range(item.address, item.bytes); });

@@ -9,8 +9,8 @@
 #include "aimdo/errors.hpp"
 #include "aimdo/process.hpp"
 #include "aimdo/vbar.hpp"
-#include "driver_errors.hpp"
 #include "check.hpp"
+#include "driver_errors.hpp"
 #include "format.hpp"
 #include "limits.hpp"
 
@@ -34,10 +34,14 @@ void validate_options(int ordinal, const DeviceProperties& properties,
   if (options.page_size_bytes == 0 || granularity == 0 ||
       options.page_size_bytes % granularity != 0 ||
       options.page_size_bytes > properties.total_bytes) {
-    throw InvalidArgumentError(where + "page_size must be a positive multiple of the allocation "
-                               "granularity (" + format_bytes(granularity) + ") no larger than "
-                               "the device's memory (" + format_bytes(properties.total_bytes) +
-                               "), got " + format_bytes(options.page_size_bytes));
+    throw InvalidArgumentError(where +
+                               "page_size must be a positive multiple of the allocation "
+                               "granularity (" +
+                               format_bytes(granularity) +
+                               ") no larger than "
+                               "the device's memory (" +
+                               format_bytes(properties.total_bytes) + "), got " +
+                               format_bytes(options.page_size_bytes));
   }
   if (options.vram_limit_bytes &&
       (*options.vram_limit_bytes == 0 || *options.vram_limit_bytes > detail::kMaxSizeBytes)) {
@@ -56,8 +60,10 @@ void validate_options(int ordinal, const DeviceProperties& properties,
     }
   }
   if (options.poll_interval_ns < 0 || options.poll_interval_ns > detail::kMaxPollIntervalNs) {
-    throw InvalidArgumentError(where + "poll_interval must be in [0, 2^62 ns] (about 146 "
-                               "years), got " + std::to_string(options.poll_interval_ns) + " ns");
+    throw InvalidArgumentError(where +
+                               "poll_interval must be in [0, 2^62 ns] (about 146 "
+                               "years), got " +
+                               std::to_string(options.poll_interval_ns) + " ns");
   }
   if (options.transient_retries < 0 || options.transient_retries > 1000) {
     throw InvalidArgumentError(where + "transient_retries must be in [0, 1000]");
@@ -106,8 +112,8 @@ void Device::activate(std::optional<ScopedDevice>& guard) {
   }
 }
 
-void Device::raise(const DriverStatus& status, const char* operation,
-                   std::size_t requested_bytes, const std::string& more) const {
+void Device::raise(const DriverStatus& status, const char* operation, std::size_t requested_bytes,
+                   const std::string& more) const {
   // Called with mutex_ held: the figures are consistent.
   const std::size_t usage = usage_locked();
   std::string detail = "aimdo uses " + format_bytes(usage) + " on this device" + more;
@@ -235,8 +241,9 @@ std::size_t Device::reclaim(std::size_t size_bytes) {
 
 DeviceAddress Device::external_alloc(std::size_t size_bytes, StreamHandle stream) {
   if (size_bytes == 0 || size_bytes > detail::kMaxSizeBytes) {
-    throw InvalidArgumentError("an external allocation must be positive and below 2^60 bytes, got " +
-                               std::to_string(size_bytes));
+    throw InvalidArgumentError(
+        "an external allocation must be positive and below 2^60 bytes, got " +
+        std::to_string(size_bytes));
   }
   std::lock_guard<std::mutex> lock(mutex_);
   if (closed_) throw InvalidStateError("device " + std::to_string(ordinal_) + " is closed");
@@ -245,13 +252,13 @@ DeviceAddress Device::external_alloc(std::size_t size_bytes, StreamHandle stream
   if (deficit > 0) {
     const std::size_t freed = evict_locked(static_cast<std::size_t>(deficit), nullptr);
     if (freed < static_cast<std::size_t>(deficit)) {
-      throw OutOfMemoryError(
-          "device " + std::to_string(ordinal_) + ": no room for an allocation of " +
-              format_bytes(size_bytes) + ": eviction freed " + format_bytes(freed) + " of the " +
-              detail::format_signed_bytes(deficit) + " needed (budget " +
-              format_bytes(aimdo::budget_bytes(budget_inputs_locked(0))) + ", aimdo usage " +
-              format_bytes(usage_locked()) + ")",
-          ordinal_, size_bytes, false);
+      throw OutOfMemoryError("device " + std::to_string(ordinal_) +
+                                 ": no room for an allocation of " + format_bytes(size_bytes) +
+                                 ": eviction freed " + format_bytes(freed) + " of the " +
+                                 detail::format_signed_bytes(deficit) + " needed (budget " +
+                                 format_bytes(aimdo::budget_bytes(budget_inputs_locked(0))) +
+                                 ", aimdo usage " + format_bytes(usage_locked()) + ")",
+                             ordinal_, size_bytes, false);
     }
   }
   std::optional<ScopedDevice> guard;
@@ -295,7 +302,8 @@ void Device::check_invariants_locked() const {
     for (const auto& record : vbar->allocations_) {
       if (record.pins == 0) continue;
       const std::size_t first = record.offset_bytes / vbar->page_size_bytes_;
-      const std::size_t last = (record.offset_bytes + record.size_bytes - 1) / vbar->page_size_bytes_;
+      const std::size_t last =
+          (record.offset_bytes + record.size_bytes - 1) / vbar->page_size_bytes_;
       for (std::size_t page = first; page <= last; ++page) pins[page] += record.pins;
     }
     for (std::size_t page = 0; page < vbar->pages_.size(); ++page) {

@@ -51,8 +51,8 @@ void Manager::add_devices(const std::vector<std::pair<int, DeviceOptions>>& want
     const int device = wanted[i].first;
     if (device < 0 || device >= count) {
       throw InvalidArgumentError("device " + std::to_string(device) + " does not exist: the " +
-                                 driver_->backend_name() + " backend has " +
-                                 std::to_string(count) + " device(s), numbered from 0");
+                                 driver_->backend_name() + " backend has " + std::to_string(count) +
+                                 " device(s), numbered from 0");
     }
     auto found = devices_.find(device);
     if (found != devices_.end()) {
@@ -71,8 +71,8 @@ void Manager::add_devices(const std::vector<std::pair<int, DeviceOptions>>& want
     if (found != devices_.end()) {
       found->second->set_options(options);
     } else {
-      devices_.emplace(device, std::make_shared<Device>(driver_, device, std::move(properties[i]),
-                                                        options));
+      devices_.emplace(
+          device, std::make_shared<Device>(driver_, device, std::move(properties[i]), options));
     }
   }
 }
@@ -90,10 +90,12 @@ std::shared_ptr<Device> Manager::device(int device) const {
   auto found = devices_.find(device);
   if (found == devices_.end()) {
     throw DeviceNotInitializedError(
-        "device " + std::to_string(device) + " is not initialized in this Manager (initialized: " +
-            list_devices(devices_) + "); list it when you create the Manager or call init, e.g. "
-            "aimdo.init(devices=[..., " + std::to_string(device) +
-            "]), or add it with Manager.add_devices([" + std::to_string(device) + "])",
+        "device " + std::to_string(device) +
+            " is not initialized in this Manager (initialized: " + list_devices(devices_) +
+            "); list it when you create the Manager or call init, e.g. "
+            "aimdo.init(devices=[..., " +
+            std::to_string(device) + "]), or add it with Manager.add_devices([" +
+            std::to_string(device) + "])",
         device);
   }
   return found->second;

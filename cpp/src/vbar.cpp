@@ -50,9 +50,13 @@ Vbar::~Vbar() {
   }
 }
 
-int Vbar::device() const noexcept { return device_->ordinal(); }
+int Vbar::device() const noexcept {
+  return device_->ordinal();
+}
 
-std::shared_ptr<Driver> Vbar::driver() const noexcept { return device_->driver_ptr(); }
+std::shared_ptr<Driver> Vbar::driver() const noexcept {
+  return device_->driver_ptr();
+}
 
 void Vbar::check_open_locked() const {
   if (closed_) {
@@ -63,10 +67,10 @@ void Vbar::check_open_locked() const {
 
 void Vbar::check_owned(const Allocation& allocation) const {
   if (allocation.vbar.get() != this) {
-    throw InvalidArgumentError("the allocation belongs to another VBAR (device " +
-                               (allocation.vbar ? std::to_string(allocation.vbar->device())
-                                                : std::string("none")) +
-                               "), not to this one (device " + std::to_string(device()) + ")");
+    throw InvalidArgumentError(
+        "the allocation belongs to another VBAR (device " +
+        (allocation.vbar ? std::to_string(allocation.vbar->device()) : std::string("none")) +
+        "), not to this one (device " + std::to_string(device()) + ")");
   }
 }
 
@@ -78,9 +82,11 @@ Allocation Vbar::alloc(std::size_t size_bytes) {
   if (size_bytes == 0 || size_bytes > detail::kMaxSizeBytes || offset > size_bytes_ ||
       size_bytes > size_bytes_ - offset) {
     throw InvalidArgumentError(
-        "cannot allocate " + detail::format_bytes(size_bytes) + " in this VBAR: size must be "
-        "positive and fit in the " + detail::format_bytes(offset <= size_bytes_ ? size_bytes_ - offset : 0) +
-        " left of its " + detail::format_bytes(size_bytes_));
+        "cannot allocate " + detail::format_bytes(size_bytes) +
+        " in this VBAR: size must be "
+        "positive and fit in the " +
+        detail::format_bytes(offset <= size_bytes_ ? size_bytes_ - offset : 0) + " left of its " +
+        detail::format_bytes(size_bytes_));
   }
   if (allocations_.size() >= UINT32_MAX) {
     throw InvalidArgumentError("this VBAR already holds the maximum number of allocations");
@@ -206,7 +212,8 @@ void Vbar::offload_from_locked(std::size_t offset_bytes, std::size_t first, std:
     throw OutOfMemoryError(
         "device " + std::to_string(device.ordinal()) + ": cannot fault " +
             detail::format_bytes(missing_bytes) + " of VBAR pages below this VBAR's floor (" +
-            detail::format_bytes(floor_pages_ * page_size_bytes_) + "): pages of lower "
+            detail::format_bytes(floor_pages_ * page_size_bytes_) +
+            "): pages of lower "
             "priority hold only " +
             detail::format_bytes(device.evictable_for_fault_locked(*this, last)) + " of the " +
             detail::format_signed_bytes(need) + " needed (budget " +

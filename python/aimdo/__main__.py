@@ -8,7 +8,6 @@ import sys
 from . import _core
 from ._sizes import format_size, parse_size
 
-
 # Bounds on the demo's counts: far above any real model, low enough that a typo does not
 # build a billion allocations or loop for days.
 MAX_LAYERS = 100_000
@@ -64,18 +63,28 @@ def _milliseconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected a number of milliseconds, got {text!r}") from None
+            f"expected a number of milliseconds, got {text!r}"
+        ) from None
     if not 0 <= value <= MAX_LAYER_COMPUTE_MS:  # NaN fails the comparison too
         raise argparse.ArgumentTypeError(
-            f"must be from 0 to {MAX_LAYER_COMPUTE_MS:.0f} ms, got {text!r}")
+            f"must be from 0 to {MAX_LAYER_COMPUTE_MS:.0f} ms, got {text!r}"
+        )
     return value
 
 
 def _add_backend_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", choices=["sim", "cuda"], default=None,
-                        help="sim (default, or what AIMDO_BACKEND says) or cuda")
-    parser.add_argument("--devices", type=_devices, default=None,
-                        help="comma-separated device ordinals (default: every device)")
+    parser.add_argument(
+        "--backend",
+        choices=["sim", "cuda"],
+        default=None,
+        help="sim (default, or what AIMDO_BACKEND says) or cuda",
+    )
+    parser.add_argument(
+        "--devices",
+        type=_devices,
+        default=None,
+        help="comma-separated device ordinals (default: every device)",
+    )
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -104,21 +113,46 @@ def main(argv: list[str] | None = None) -> int:
     _add_backend_arguments(info)
 
     demo = commands.add_parser(
-        "demo", help="run a model larger than the GPUs' budgets layer by layer on each device")
+        "demo", help="run a model larger than the GPUs' budgets layer by layer on each device"
+    )
     _add_backend_arguments(demo)
-    demo.add_argument("--layers", type=_count(MAX_LAYERS), default=48,
-                      help=f"layers in the model, 1 to {MAX_LAYERS} (default 48)")
-    demo.add_argument("--layer-size", type=_positive_size, default=parse_size("256MiB"),
-                      help="bytes of weights per layer (default 256MiB)")
-    demo.add_argument("--vram-limit", type=_positive_size, default=parse_size("8GiB"),
-                      help="memory aimdo treats each device as having (default 8GiB)")
-    demo.add_argument("--steps", type=_count(MAX_STEPS), default=4,
-                      help=f"forward passes, 1 to {MAX_STEPS} (default 4)")
-    demo.add_argument("--page-size", type=_positive_size, default=parse_size("32MiB"),
-                      help="VBAR page size (default 32MiB)")
-    demo.add_argument("--layer-compute-ms", type=_milliseconds, default=1.5,
-                      help="declared compute per layer per batch item, simulator only, "
-                           f"0 to {MAX_LAYER_COMPUTE_MS:.0f} (default 1.5)")
+    demo.add_argument(
+        "--layers",
+        type=_count(MAX_LAYERS),
+        default=48,
+        help=f"layers in the model, 1 to {MAX_LAYERS} (default 48)",
+    )
+    demo.add_argument(
+        "--layer-size",
+        type=_positive_size,
+        default=parse_size("256MiB"),
+        help="bytes of weights per layer (default 256MiB)",
+    )
+    demo.add_argument(
+        "--vram-limit",
+        type=_positive_size,
+        default=parse_size("8GiB"),
+        help="memory aimdo treats each device as having (default 8GiB)",
+    )
+    demo.add_argument(
+        "--steps",
+        type=_count(MAX_STEPS),
+        default=4,
+        help=f"forward passes, 1 to {MAX_STEPS} (default 4)",
+    )
+    demo.add_argument(
+        "--page-size",
+        type=_positive_size,
+        default=parse_size("32MiB"),
+        help="VBAR page size (default 32MiB)",
+    )
+    demo.add_argument(
+        "--layer-compute-ms",
+        type=_milliseconds,
+        default=1.5,
+        help="declared compute per layer per batch item, simulator only, "
+        f"0 to {MAX_LAYER_COMPUTE_MS:.0f} (default 1.5)",
+    )
 
     args = parser.parse_args(argv)
     try:

@@ -93,12 +93,17 @@ def _run_config(args, label: str, devices: list[int], batch: int) -> list[dict]:
     with Manager(backend, devices, vram_limit=args.vram_limit, page_size=args.page_size) as manager:
         sim = backend if isinstance(backend, SimBackend) else None
         runs = [_DeviceRun(manager, d, args, batch) for d in devices]
-        print(f"\n{label} ({manager.backend_name}, budget "
-              + ", ".join(f"device {d}: {format_size(manager.budget_bytes(d))}" for d in devices) + ")")
+        print(
+            f"\n{label} ({manager.backend_name}, budget "
+            + ", ".join(f"device {d}: {format_size(manager.budget_bytes(d))}" for d in devices)
+            + ")"
+        )
         clock = "virtual" if sim else "wall"
-        print(f"{'step':>4} {'device':>6} {'resident':>11} {'hits':>5} {'offloaded':>9} "
-              f"{'copied':>11} {'evicted':>11} {'step (' + clock + ')':>15}"
-              + (f" {'floor':>9} {'of floor':>8}" if sim else ""))
+        print(
+            f"{'step':>4} {'device':>6} {'resident':>11} {'hits':>5} {'offloaded':>9} "
+            f"{'copied':>11} {'evicted':>11} {'step (' + clock + ')':>15}"
+            + (f" {'floor':>9} {'of floor':>8}" if sim else "")
+        )
         for step in range(1, args.steps + 1):
             threads = [threading.Thread(target=run.forward) for run in runs]
             for thread in threads:
@@ -109,9 +114,12 @@ def _run_config(args, label: str, devices: list[int], batch: int) -> list[dict]:
                 if run.error is not None:
                     raise run.error
                 st = run.step
-                line = (f"{step:>4} {run.device:>6} {format_size(manager.resident_bytes(run.device)):>11} "
-                        f"{st['hits']:>5} {st['offloaded']:>9} {format_size(st['copied']):>11} "
-                        f"{format_size(st['evicted']):>11} {st['seconds'] * 1000:>12.1f} ms")
+                line = (
+                    f"{step:>4} {run.device:>6} "
+                    f"{format_size(manager.resident_bytes(run.device)):>11} "
+                    f"{st['hits']:>5} {st['offloaded']:>9} {format_size(st['copied']):>11} "
+                    f"{format_size(st['evicted']):>11} {st['seconds'] * 1000:>12.1f} ms"
+                )
                 if sim:
                     bandwidth = sim._specs[run.device][4]
                     floor = max(st["compute"], st["copied"] / bandwidth)
@@ -126,26 +134,36 @@ def run_demo(args: argparse.Namespace) -> int:
     backend = resolve_backend(args.backend)
     count = backend.device_count
     devices = args.devices if args.devices is not None else list(range(min(count, 2)))
-    print(f"aimdo demo: a {format_size(args.layers * args.layer_size)} model ({args.layers} layers of "
-          f"{format_size(args.layer_size)}), each device limited to {format_size(args.vram_limit)}, "
-          f"{args.layer_compute_ms:g} ms of compute per layer per batch item")
+    print(
+        f"aimdo demo: a {format_size(args.layers * args.layer_size)} model "
+        f"({args.layers} layers of "
+        f"{format_size(args.layer_size)}), each device limited to {format_size(args.vram_limit)}, "
+        f"{args.layer_compute_ms:g} ms of compute per layer per batch item"
+    )
     one = _run_config(args, f"1 device at batch 2 (device {devices[0]})", devices[:1], 2)
     if len(devices) < 2:
         print("\n(one device only: the two-device run needs --devices with two ordinals)")
         return 0
-    two = _run_config(args, f"2 devices at batch 1 each (devices {devices[0]}, {devices[1]})",
-                      devices[:2], 1)
+    two = _run_config(
+        args, f"2 devices at batch 1 each (devices {devices[0]}, {devices[1]})", devices[:2], 1
+    )
     one_step = one[0]["seconds"]
     two_step = max(run["seconds"] for run in two)
     if "floor" not in one[0]:
-        print(f"\nlast step: aimdo's own cost (nothing was copied or computed): "
-              f"{one_step * 1000:.2f} ms on 1 device, {two_step * 1000:.2f} ms on 2 devices")
+        print(
+            f"\nlast step: aimdo's own cost (nothing was copied or computed): "
+            f"{one_step * 1000:.2f} ms on 1 device, {two_step * 1000:.2f} ms on 2 devices"
+        )
         return 0
-    print(f"\nlast step (virtual): 1 device {one_step * 1000:.1f} ms, 2 devices "
-          f"{two_step * 1000:.1f} ms: {one_step / two_step:.2f}x")
+    print(
+        f"\nlast step (virtual): 1 device {one_step * 1000:.1f} ms, 2 devices "
+        f"{two_step * 1000:.1f} ms: {one_step / two_step:.2f}x"
+    )
     if "floor" in one[0]:
         two_floor = max(run["floor"] for run in two)
-        print(f"physical floor: 1 device {one[0]['floor'] * 1000:.1f} ms, 2 devices "
-              f"{two_floor * 1000:.1f} ms ({one[0]['floor'] / two_floor:.2f}x); "
-              "the demo does not overlap copies with compute")
+        print(
+            f"physical floor: 1 device {one[0]['floor'] * 1000:.1f} ms, 2 devices "
+            f"{two_floor * 1000:.1f} ms ({one[0]['floor'] / two_floor:.2f}x); "
+            "the demo does not overlap copies with compute"
+        )
     return 0

@@ -7,7 +7,7 @@ import math
 import os
 import threading
 from collections.abc import Iterable, Mapping
-from typing import Any, Union
+from typing import Any
 
 from . import _core
 from .sim import SimBackend
@@ -32,8 +32,8 @@ def _defaults() -> dict[str, Any]:
 #: Defaults of the per-device options (sizes in bytes, poll_interval in seconds).
 DEFAULTS: dict[str, Any] = _defaults()
 
-BackendArg = Union[str, SimBackend, None]
-PerDevice = Union[Any, Mapping[int, Any]]
+BackendArg = str | SimBackend | None
+PerDevice = Any | Mapping[int, Any]
 
 
 class CudaBackend:
@@ -69,7 +69,9 @@ def resolve_backend(backend: BackendArg) -> SimBackend | CudaBackend:
     else:
         source = "backend"
     if not isinstance(backend, str):
-        raise TypeError(f"backend must be 'sim', 'cuda' or a SimBackend, not {type(backend).__name__}")
+        raise TypeError(
+            f"backend must be 'sim', 'cuda' or a SimBackend, not {type(backend).__name__}"
+        )
     name = backend.strip().lower()
     if name == "sim":
         return SimBackend()
@@ -104,12 +106,16 @@ def _check_seconds(name: str, value: Any, device: int) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} for device {device} must be finite and not negative, got {value}")
     if value > MAX_POLL_INTERVAL_S:
-        raise ValueError(f"{name} for device {device} must be at most {MAX_POLL_INTERVAL_S:.4g} s "
-                         f"(2^62 ns, about 146 years), got {value}")
+        raise ValueError(
+            f"{name} for device {device} must be at most {MAX_POLL_INTERVAL_S:.4g} s "
+            f"(2^62 ns, about 146 years), got {value}"
+        )
     return float(value)
 
 
-def _per_device(name: str, value: PerDevice, devices: list[int], current: dict[int, dict]) -> dict[int, Any]:
+def _per_device(
+    name: str, value: PerDevice, devices: list[int], current: dict[int, dict]
+) -> dict[int, Any]:
     """One value per device from a single value or a dict keyed by device. Where none is
     given, a device keeps its current value (``current``) or gets the default."""
 
@@ -119,8 +125,12 @@ def _per_device(name: str, value: PerDevice, devices: list[int], current: dict[i
     if isinstance(value, Mapping):
         unknown = [key for key in value if key not in devices]
         if unknown:
-            raise ValueError(f"{name} names device(s) {unknown} that are not among devices={devices}")
-        return {device: value[device] if device in value else fallback(device) for device in devices}
+            raise ValueError(
+                f"{name} names device(s) {unknown} that are not among devices={devices}"
+            )
+        return {
+            device: value[device] if device in value else fallback(device) for device in devices
+        }
     return {device: fallback(device) if value is None else value for device in devices}
 
 
@@ -226,21 +236,26 @@ class Manager:
             "recycle_pages": recycle_pages,
         }
         current = {d: self._core.device_info(d) for d in self._core.devices if d in devices}
-        per_device = {name: _per_device(name, value, devices, current) for name, value in given.items()}
+        per_device = {
+            name: _per_device(name, value, devices, current) for name, value in given.items()
+        }
         entries = []
         for device in devices:
             value = {name: per_device[name][device] for name in given}
             options = _core.DeviceOptions()
-            options.vram_limit_bytes = _check_size("vram_limit", value["vram_limit"], device,
-                                                   allow_none=True)
+            options.vram_limit_bytes = _check_size(
+                "vram_limit", value["vram_limit"], device, allow_none=True
+            )
             options.headroom_bytes = _check_size("headroom", value["headroom"], device)
-            options.extra_headroom_bytes = _check_size("extra_headroom", value["extra_headroom"],
-                                                       device)
+            options.extra_headroom_bytes = _check_size(
+                "extra_headroom", value["extra_headroom"], device
+            )
             options.page_size_bytes = _check_size("page_size", value["page_size"], device)
             seconds = _check_seconds("poll_interval", value["poll_interval"], device)
             options.poll_interval_ns = min(round(seconds * 1e9), 2**62)
             options.allocator_headroom_bytes = _check_size(
-                "allocator_headroom", value["allocator_headroom"], device)
+                "allocator_headroom", value["allocator_headroom"], device
+            )
             options.recycle_pages = _check_bool("recycle_pages", value["recycle_pages"], device)
             entries.append((device, options))
         self._core.add_devices(entries)
@@ -349,14 +364,15 @@ class Manager:
         if _core.serves_allocator(self._core):
             raise _core.InvalidStateError(
                 "this Manager serves PyTorch's CUDA allocator (aimdo.torch.use_allocator): "
-                "PyTorch's tensors live in its memory, so it stays open until the process exits")
+                "PyTorch's tensors live in its memory, so it stays open until the process exits"
+            )
         self._core.close()
 
     @property
     def closed(self) -> bool:
         return self._core.closed
 
-    def __enter__(self) -> "Manager":
+    def __enter__(self) -> Manager:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -387,13 +403,17 @@ def init(
             wanted = None
             if isinstance(backend, (SimBackend, CudaBackend)):
                 if backend is not _default.backend:
-                    raise ValueError("aimdo is already initialized with another backend; "
-                                     "call aimdo.shutdown() first")
+                    raise ValueError(
+                        "aimdo is already initialized with another backend; "
+                        "call aimdo.shutdown() first"
+                    )
             elif backend is not None:
                 wanted = str(backend).strip().lower()
             if wanted is not None and wanted != _default.backend_name:
-                raise ValueError(f"aimdo is already initialized with backend "
-                                 f"{_default.backend_name!r}, not {wanted!r}; call aimdo.shutdown() first")
+                raise ValueError(
+                    f"aimdo is already initialized with backend "
+                    f"{_default.backend_name!r}, not {wanted!r}; call aimdo.shutdown() first"
+                )
             _default.add_devices(_device_list(devices, _default.backend), **options)
             return _default
         _default = Manager(backend, devices, **options)

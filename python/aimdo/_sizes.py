@@ -29,7 +29,9 @@ def parse_size(text: str | int) -> int:
             raise ValueError(f"a size must not be negative, got {text}")
         return text
     if not isinstance(text, str):
-        raise TypeError(f"a size must be an int or a string such as '24GiB', not {type(text).__name__}")
+        raise TypeError(
+            f"a size must be an int or a string such as '24GiB', not {type(text).__name__}"
+        )
     match = _PATTERN.match(text)
     if not match or match.group(2).lower() not in _UNITS:
         raise ValueError(f"cannot read {text!r} as a size; write e.g. '24GiB', '512MiB' or '80GB'")

@@ -169,7 +169,9 @@ def predict_offload(
         raise ValueError(f"prefetch must be a non-negative int, got {prefetch!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
-    blocks = [_Block(i, n, s) for i, (n, s) in enumerate(zip(block_bytes, block_seconds))]
+    blocks = [
+        _Block(i, n, s) for i, (n, s) in enumerate(zip(block_bytes, block_seconds, strict=True))
+    ]
     vbar = place(manager, device, blocks, bool(spread))
     try:
         # The blocks run in the order given; the first forward still learns it, as the

@@ -392,7 +392,7 @@ class OffloadedModule(torch.nn.Module):
         # The hooks live in the replica, which this object owns: a weak reference back keeps
         # that from being a cycle only the garbage collector could free.
         owner = weakref.ref(self)
-        for original, replica in zip(module.modules(), self._replica.modules()):
+        for original, replica in zip(module.modules(), self._replica.modules(), strict=True):
             entries = [("p", n, id(t)) for n, t in original._parameters.items() if t is not None]
             entries += [("b", n, id(t)) for n, t in original._buffers.items() if t is not None]
             if not entries:

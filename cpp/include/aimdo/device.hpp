@@ -69,9 +69,9 @@ class Device : public std::enable_shared_from_this<Device> {
   bool holds_external(DeviceAddress ptr) const;
   struct PollRecord {
     bool polled = false;
-    std::int64_t time_ns = 0;       // on the driver's clock for this device
-    std::size_t free_bytes = 0;     // what the driver reported free
-    std::size_t usage_bytes = 0;    // what aimdo had in use then
+    std::int64_t time_ns = 0;     // on the driver's clock for this device
+    std::size_t free_bytes = 0;   // what the driver reported free
+    std::size_t usage_bytes = 0;  // what aimdo had in use then
   };
   // Poll now if the interval has passed (or never polled), and return the figures in use.
   PollRecord poll();
@@ -79,8 +79,8 @@ class Device : public std::enable_shared_from_this<Device> {
   std::pair<std::size_t, std::size_t> memory_info();
   std::size_t limit_bytes() const;
   std::size_t budget_bytes() const;
-  std::size_t usage_bytes() const;          // resident VBAR bytes + external bytes
-  std::size_t resident_bytes() const;       // resident VBAR bytes on this device
+  std::size_t usage_bytes() const;     // resident VBAR bytes + external bytes
+  std::size_t resident_bytes() const;  // resident VBAR bytes on this device
   void reset_floors();
   std::size_t vbar_count() const;
   DeviceStatsSnapshot stats() const noexcept { return stats_.snapshot(); }
@@ -140,8 +140,7 @@ class Device : public std::enable_shared_from_this<Device> {
   class PageInProgress;  // pages.cpp
   // Release one resident page (synchronizing the device first, once per `synced` flag),
   // or keep its memory in `recycle` when the sizes match and recycling is on.
-  void release_page_locked(Vbar& vbar, std::size_t page, bool& synced,
-                           Recycled* recycle = nullptr);
+  void release_page_locked(Vbar& vbar, std::size_t page, bool& synced, Recycled* recycle = nullptr);
   // Release what a fault did not map again. Throws the first failure after trying all.
   void release_recycled_locked(Recycled& recycle);
   void synchronize_locked();
@@ -203,9 +202,9 @@ class Device : public std::enable_shared_from_this<Device> {
     DeviceAddress vbar_base = 0;  // which VBAR it came from
     DeviceAddress address = 0;    // the page (or, for the range, its start)
     std::size_t bytes = 0;
-    PhysicalHandle handle = 0;    // physical memory still to release (0: none)
-    bool mapped = false;          // the page is still mapped at `address`
-    bool range = false;           // the VBAR's reserved range, still to free
+    PhysicalHandle handle = 0;  // physical memory still to release (0: none)
+    bool mapped = false;        // the page is still mapped at `address`
+    bool range = false;         // the VBAR's reserved range, still to free
   };
   std::vector<Leftover> leftovers_;
   // Adds `item` to the leftovers, counting its physical memory (if any) as usage.

@@ -8,11 +8,11 @@
 
 #include <array>
 #include <map>
-#include <mutex>
-#include <unordered_map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <shared_mutex>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -72,7 +72,7 @@ class Manager {
   std::shared_ptr<Driver> driver_;
   mutable std::shared_mutex devices_mutex_;
   std::map<int, std::shared_ptr<Device>> devices_;  // guarded by devices_mutex_
-  bool closed_ = false;                              // guarded by devices_mutex_
+  bool closed_ = false;                             // guarded by devices_mutex_
 };
 
 }  // namespace aimdo

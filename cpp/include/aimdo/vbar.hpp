@@ -34,8 +34,8 @@ struct Signature {
 // A byte range inside a VBAR handed to one tensor. Holds its VBAR alive.
 struct Allocation {
   std::shared_ptr<Vbar> vbar;
-  std::uint32_t index = 0;      // position in the VBAR's allocation records
-  std::size_t offset_bytes = 0; // from the VBAR's base, 512-byte aligned
+  std::uint32_t index = 0;       // position in the VBAR's allocation records
+  std::size_t offset_bytes = 0;  // from the VBAR's base, 512-byte aligned
   std::size_t size_bytes = 0;
   DeviceAddress address() const noexcept;
 };
@@ -116,7 +116,7 @@ class Vbar : public std::enable_shared_from_this<Vbar> {
   struct Page {
     PhysicalHandle handle = 0;  // 0: not resident
     std::uint32_t pins = 0;
-    std::uint64_t serial = 0;   // of the mapping that made it resident
+    std::uint64_t serial = 0;  // of the mapping that made it resident
   };
   struct AllocationRecord {
     std::size_t offset_bytes;

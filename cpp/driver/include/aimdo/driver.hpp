@@ -117,15 +117,13 @@ class Driver {
   // Reserve `size_bytes` of virtual address space usable for `device`'s memory;
   // `size_bytes` and `alignment_bytes` are multiples of the granularity. Costs no memory.
   virtual DriverStatus reserve_address_range(int device, std::size_t size_bytes,
-                                             std::size_t alignment_bytes,
-                                             DeviceAddress* out) = 0;
+                                             std::size_t alignment_bytes, DeviceAddress* out) = 0;
   // Give back a range returned by reserve_address_range; nothing may be mapped in it.
   virtual DriverStatus free_address_range(DeviceAddress va, std::size_t size_bytes) = 0;
 
   // Create `size_bytes` (a multiple of the granularity) of physical memory on `device`.
   // OUT_OF_MEMORY when the device has no room.
-  virtual DriverStatus create_physical(int device, std::size_t size_bytes,
-                                       PhysicalHandle* out) = 0;
+  virtual DriverStatus create_physical(int device, std::size_t size_bytes, PhysicalHandle* out) = 0;
   // Release a physical allocation. It must not be mapped anywhere any more.
   virtual DriverStatus release_physical(PhysicalHandle handle) = 0;
 
