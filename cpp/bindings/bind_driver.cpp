@@ -29,34 +29,13 @@ std::shared_ptr<Driver> load_cuda() {
   return load.driver;
 }
 
-}  // namespace
+// Raw driver operations, for the driver-contract tests that hold both backends to the same
+// rules. Each returns (code, error name[, value]); 0 is success. They bypass aimdo's
+// accounting: not for use next to a Manager's VBARs.
 
-void bind_driver(nb::module_& m) {
-  using namespace nb::literals;
-  m.def("load_cuda_driver", &load_cuda, release_gil(),
-        "Load libcuda.so.1 and return the CUDA backend. Raises DriverError when it cannot.");
-
-  nb::class_<Driver>(m, "Driver", "A GPU backend (the CUDA driver or the simulator).")
-      .def_prop_ro("backend_name", [](const Driver& d) { return std::string(d.backend_name()); })
-      .def("device_count",
-           [](Driver& d) {
-             int count = 0;
-             DriverStatus status;
-             {
-               nb::gil_scoped_release release;
-               status = d.device_count(&count);
-             }
-             if (!status.ok()) {
-               throw DriverError(std::string("cuDeviceGetCount failed with ") + status.name, -1,
-                                 "cuDeviceGetCount", status);
-             }
-             return count;
-           })
-      .def("current_device", &Driver::current_device, release_gil(),
-           "The device whose context is current on the calling thread, or -1.")
-      // Raw driver operations, for the driver-contract tests that hold both backends to
-      // the same rules. Each returns (code, error name[, value]); 0 is success. They
-      // bypass aimdo's accounting: not for use next to a Manager's VBARs.
+// Address ranges, physical memory and mappings (and making a device current).
+void add_raw_memory_operations(nb::class_<Driver>& driver) {
+  driver
       .def(
           "raw_make_current",
           [](Driver& d, int device) {
@@ -109,7 +88,12 @@ void bind_driver(nb::module_& m) {
           [](Driver& d, std::uint64_t va, std::int64_t size, int device) {
             return status_tuple(d.set_access(va, to_size(size, "size"), device));
           },
-          release_gil())
+          release_gil());
+}
+
+// Contexts and queries.
+void add_raw_context_operations(nb::class_<Driver>& driver) {
+  driver
       .def(
           "raw_memory_info",
           [](Driver& d, int device) {
@@ -135,6 +119,33 @@ void bind_driver(nb::module_& m) {
             return std::make_tuple(s.code, std::string(s.name), free_bytes, total_bytes);
           },
           release_gil());
+}
+
+}  // namespace
+
+void bind_driver(nb::module_& m) {
+  m.def("load_cuda_driver", &load_cuda, release_gil(),
+        "Load libcuda.so.1 and return the CUDA backend. Raises DriverError when it cannot.");
+  nb::class_<Driver> driver(m, "Driver", "A GPU backend (the CUDA driver or the simulator).");
+  driver.def_prop_ro("backend_name", [](const Driver& d) { return std::string(d.backend_name()); })
+      .def("device_count",
+           [](Driver& d) {
+             int count = 0;
+             DriverStatus status;
+             {
+               nb::gil_scoped_release release;
+               status = d.device_count(&count);
+             }
+             if (!status.ok()) {
+               throw DriverError(std::string("cuDeviceGetCount failed with ") + status.name, -1,
+                                 "cuDeviceGetCount", status);
+             }
+             return count;
+           })
+      .def("current_device", &Driver::current_device, release_gil(),
+           "The device whose context is current on the calling thread, or -1.");
+  add_raw_memory_operations(driver);
+  add_raw_context_operations(driver);
 }
 
 }  // namespace aimdo::bindings

@@ -36,10 +36,7 @@ nb::dict stats_dict(const DeviceStatsSnapshot& s) {
   return d;
 }
 
-}  // namespace
-
-void bind_manager(nb::module_& m) {
-  using namespace nb::literals;
+void bind_device_options(nb::module_& m) {
   // The options struct of the core, field by field (units in the names); each setter
   // converts and range-checks like every other argument. Its defaults are the library's:
   // aimdo.Manager reads them from a new DeviceOptions() instead of writing them again.
@@ -72,9 +69,11 @@ void bind_manager(nb::module_& m) {
           })
       .def_rw("recycle_pages", &DeviceOptions::recycle_pages)
       .def_rw("transient_retries", &DeviceOptions::transient_retries);
+}
 
-  nb::class_<Manager>(m, "Manager", "Owns a backend and per-device state. Use aimdo.Manager.")
-      .def(nb::init<std::shared_ptr<Driver>>(), "driver"_a)
+// Construction, devices, VBARs, reclaim, floors and close.
+void add_manager_lifecycle(nb::class_<Manager>& manager) {
+  manager.def(nb::init<std::shared_ptr<Driver>>(), "driver"_a)
       .def_prop_ro("driver", [](const Manager& mgr) { return mgr.driver_ptr(); })
       .def(
           "add_devices",
@@ -114,6 +113,16 @@ void bind_manager(nb::module_& m) {
             mgr.reset_floors(ordinal);
           },
           "device"_a.none())
+      .def("close", &Manager::close, release_gil())
+      .def_prop_ro("closed", [](const Manager& mgr) {
+        nb::gil_scoped_release release;
+        return mgr.closed();
+      });
+}
+
+// Per-device figures, external allocations, statistics and options.
+void add_manager_figures(nb::class_<Manager>& manager) {
+  manager
       .def(
           "resident_bytes",
           [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->resident_bytes(); },
@@ -154,7 +163,12 @@ void bind_manager(nb::module_& m) {
       .def(
           "memory_info",
           [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->memory_info(); },
-          "device"_a, release_gil())
+          "device"_a, release_gil());
+}
+
+// External allocations, statistics and the options in use.
+void add_manager_external(nb::class_<Manager>& manager) {
+  manager
       .def(
           "external_alloc",
           [](Manager& mgr, IntArg d, IntArg n, std::uintptr_t stream) {
@@ -211,12 +225,18 @@ void bind_manager(nb::module_& m) {
             out["recycle_pages"] = options.recycle_pages;
             return out;
           },
-          "device"_a)
-      .def("close", &Manager::close, release_gil())
-      .def_prop_ro("closed", [](const Manager& mgr) {
-        nb::gil_scoped_release release;
-        return mgr.closed();
-      });
+          "device"_a);
+}
+
+}  // namespace
+
+void bind_manager(nb::module_& m) {
+  bind_device_options(m);
+  nb::class_<Manager> manager(m, "Manager",
+                              "Owns a backend and per-device state. Use aimdo.Manager.");
+  add_manager_lifecycle(manager);
+  add_manager_figures(manager);
+  add_manager_external(manager);
 }
 
 }  // namespace aimdo::bindings

@@ -66,7 +66,6 @@ extern "C" __attribute__((visibility("default"))) void aimdo_torch_free(void* pt
 namespace aimdo::bindings {
 
 void bind_process(nb::module_& m) {
-  using namespace nb::literals;
   m.def("set_process_exiting", &set_process_exiting,
         "Tell the core the interpreter is exiting: destructors stop calling the driver.");
   m.def(

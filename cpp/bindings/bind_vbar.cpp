@@ -15,8 +15,9 @@
 
 namespace aimdo::bindings {
 
-void bind_vbar(nb::module_& m) {
-  using namespace nb::literals;
+namespace {
+
+void bind_signature(nb::module_& m) {
   nb::class_<Signature>(m, "Signature",
                         "Per-page serial numbers from a fault. Equal to an earlier signature "
                         "of the same allocation exactly when no page under it was re-mapped.")
@@ -50,7 +51,9 @@ void bind_vbar(nb::module_& m) {
         }
         return out + ")";
       });
+}
 
+void bind_allocation(nb::module_& m) {
   nb::class_<Allocation>(m, "Allocation", "A byte range of a VBAR handed to one tensor.")
       .def_prop_ro(
           "offset_bytes", [](const Allocation& a) { return a.offset_bytes; },
@@ -70,9 +73,11 @@ void bind_vbar(nb::module_& m) {
                ", offset=" + std::to_string(a.offset_bytes) +
                ", size=" + std::to_string(a.size_bytes) + ")";
       });
+}
 
-  nb::class_<Vbar>(m, "Vbar", "One model's reserved address range on one device (design.md §1).")
-      .def_prop_ro("device", &Vbar::device)
+// What a VBAR is and the calls a forward makes: alloc, fault, unpin.
+void add_vbar_faults(nb::class_<Vbar>& vbar) {
+  vbar.def_prop_ro("device", &Vbar::device)
       .def_prop_ro("driver", &Vbar::driver, "The backend its memory belongs to.")
       .def_prop_ro("size_bytes", &Vbar::size_bytes, "Bytes asked for at creation.")
       .def_prop_ro("page_size_bytes", &Vbar::page_size_bytes)
@@ -104,8 +109,12 @@ void bind_vbar(nb::module_& m) {
             nb::gil_scoped_release release;
             v.unpin(a);
           },
-          "allocation"_a, "Drop the pin taken by one successful fault.")
-      .def("prioritize", &Vbar::prioritize, release_gil(),
+          "allocation"_a, "Drop the pin taken by one successful fault.");
+}
+
+// Priority, watermark, floor, eviction, figures and close.
+void add_vbar_limits(nb::class_<Vbar>& vbar) {
+  vbar.def("prioritize", &Vbar::prioritize, release_gil(),
            "Move to the top of the device's priority list; reset the watermark to all pages.")
       .def("deprioritize", &Vbar::deprioritize, release_gil(),
            "Move to the bottom of the device's priority list.")
@@ -163,6 +172,17 @@ void bind_vbar(nb::module_& m) {
         nb::gil_scoped_release release;
         return v.closed();
       });
+}
+
+}  // namespace
+
+void bind_vbar(nb::module_& m) {
+  bind_signature(m);
+  bind_allocation(m);
+  nb::class_<Vbar> vbar(m, "Vbar",
+                        "One model's reserved address range on one device (design.md §1).");
+  add_vbar_faults(vbar);
+  add_vbar_limits(vbar);
 }
 
 }  // namespace aimdo::bindings

@@ -45,6 +45,7 @@ struct type_caster<aimdo::IntArg> {
 namespace aimdo::bindings {
 
 namespace nb = nanobind;
+using namespace nb::literals;  // "name"_a in every binding file
 using release_gil = nb::call_guard<nb::gil_scoped_release>;
 
 // Sizes arrive as Python ints; a negative or oversized one is a ValueError (the core's

@@ -11,6 +11,7 @@
 #include "aimdo/vbar.hpp"
 #include "check.hpp"
 #include "device_internal.hpp"
+#include "first_failure.hpp"
 
 namespace aimdo {
 
@@ -49,59 +50,20 @@ void Device::release_leftovers_locked(DeviceAddress base, DeviceAddress only_add
   };
   // Nothing to give back: no driver call at all (a closed VBAR's second close is free).
   if (std::none_of(leftovers_.begin(), leftovers_.end(), ours)) return;
-  std::exception_ptr first_failure;
-  const auto report = [&](const DriverStatus& status, const char* operation, std::size_t bytes) {
-    if (first_failure) return;
-    try {
-      raise(status, operation, bytes);
-    } catch (...) {
-      first_failure = std::current_exception();
-    }
-  };
+  detail::FirstFailure failure;
   std::optional<ScopedDevice> guard;
-  try {
-    activate(guard);
-  } catch (...) {
-    // cuMemUnmap, cuMemRelease and cuMemAddressFree do not need the context: try them.
-    first_failure = std::current_exception();
-  }
+  // cuMemUnmap, cuMemRelease and cuMemAddressFree do not need the context: without it,
+  // they are tried all the same.
+  failure.run([&] { activate(guard); });
   // Kernels queued before the close may still read the pages: one synchronize before the
   // first unmap. A failed one is reported, but the releases still run: a close must not
   // leave mappings behind.
-  const bool any_mapped =
-      std::any_of(leftovers_.begin(), leftovers_.end(),
-                  [&](const Leftover& item) { return ours(item) && item.mapped; });
-  if (any_mapped) {
-    const DriverStatus status = retrying([&] { return driver_->synchronize(ordinal_); });
-    if (status.ok()) {
-      stats_.add(&DeviceStats::synchronizes);
-    } else {
-      report(status, "cuCtxSynchronize", 0);
-    }
+  if (std::any_of(leftovers_.begin(), leftovers_.end(),
+                  [&](const Leftover& item) { return ours(item) && item.mapped; })) {
+    failure.run([&] { synchronize_locked(); });
   }
   for (Leftover& item : leftovers_) {
-    if (!ours(item) || item.range) continue;
-    if (item.mapped) {
-      // Releasing is retried even after a hard error: a page left mapped is lost for the
-      // life of the process.
-      const DriverStatus status =
-          retrying_twice([&] { return driver_->unmap(item.address, item.bytes); });
-      if (!status.ok()) {
-        report(status, "cuMemUnmap", item.bytes);
-        continue;
-      }
-      item.mapped = false;
-      stats_.add(&DeviceStats::pages_released);
-    }
-    const DriverStatus status =
-        retrying_twice([&] { return driver_->release_physical(item.handle); });
-    if (!status.ok()) {
-      report(status, "cuMemRelease", item.bytes);
-      continue;
-    }
-    item.handle = 0;
-    AIMDO_ASSERT(resident_bytes_ >= item.bytes);
-    resident_bytes_ -= item.bytes;
+    if (ours(item) && !item.range) failure.run([&] { give_back_page_locked(item); });
   }
   const auto done = [](const Leftover& item) {
     return !item.range && item.handle == 0 && !item.mapped;
@@ -115,72 +77,78 @@ void Device::release_leftovers_locked(DeviceAddress base, DeviceAddress only_add
           return !page.range && page.mapped && page.vbar_base == item.vbar_base;
         });
     if (pages_mapped) continue;
-    const DriverStatus status =
-        retrying_twice([&] { return driver_->free_address_range(item.address, item.bytes); });
-    if (!status.ok()) {
-      report(status, "cuMemAddressFree", item.bytes);
-      continue;
-    }
-    item.range = false;  // nothing left of it: `done` now
+    failure.run([&] {
+      const DriverStatus status =
+          retrying_twice([&] { return driver_->free_address_range(item.address, item.bytes); });
+      if (!status.ok()) raise(status, "cuMemAddressFree", item.bytes);
+      item.range = false;  // nothing left of it: `done` now
+    });
   }
   leftovers_.erase(std::remove_if(leftovers_.begin(), leftovers_.end(), done), leftovers_.end());
-  if (first_failure) std::rethrow_exception(first_failure);
+  failure.rethrow();
+}
+
+void Device::give_back_page_locked(Leftover& item) {
+  if (item.mapped) {
+    // Retried even after a hard error: a page left mapped is lost for the life of the
+    // process.
+    const DriverStatus status =
+        retrying_twice([&] { return driver_->unmap(item.address, item.bytes); });
+    if (!status.ok()) raise(status, "cuMemUnmap", item.bytes);
+    item.mapped = false;
+    stats_.add(&DeviceStats::pages_released);
+  }
+  const DriverStatus status =
+      retrying_twice([&] { return driver_->release_physical(item.handle); });
+  if (!status.ok()) raise(status, "cuMemRelease", item.bytes);
+  item.handle = 0;
+  AIMDO_ASSERT(resident_bytes_ >= item.bytes);
+  resident_bytes_ -= item.bytes;
 }
 
 void Device::close() {
   std::lock_guard<std::mutex> lock(mutex_);
   closed_ = true;
   if (process_exiting()) return;  // the driver may be gone; the OS reclaims everything
-  std::exception_ptr first_failure;
-  const auto keep_first = [&] {
-    if (!first_failure) first_failure = std::current_exception();
-  };
-  while (!priority_.empty()) {
-    try {
-      close_vbar_locked(*priority_.front());
-    } catch (...) {
-      keep_first();
-    }
-  }
+  detail::FirstFailure failure;
+  while (!priority_.empty()) failure.run([&] { close_vbar_locked(*priority_.front()); });
   // What earlier closes left, of VBARs alive or gone.
-  if (!leftovers_.empty()) {
-    try {
-      release_leftovers_locked(0);
-    } catch (...) {
-      keep_first();
-    }
-  }
-  if (!external_.empty()) {
-    std::optional<ScopedDevice> guard;
-    for (int attempt = 0; attempt < 2 && !guard; ++attempt) {
+  if (!leftovers_.empty()) failure.run([&] { release_leftovers_locked(0); });
+  if (!external_.empty()) failure.run([&] { free_externals_locked(); });
+  check_invariants_locked();
+  failure.rethrow();
+}
+
+void Device::free_externals_locked() {
+  detail::FirstFailure failure;
+  std::optional<ScopedDevice> guard;
+  for (int attempt = 0; attempt < 2 && !guard; ++attempt) {
+    if (attempt == 1) {
+      failure.run([&] { activate(guard); });
+    } else {
       try {
         activate(guard);
       } catch (...) {
-        if (attempt == 1) keep_first();
+        // One more attempt (above) before it is reported.
       }
-    }
-    // A free that fails stays listed (and counted), so a later close retries it.
-    for (auto it = external_.begin(); it != external_.end();) {
-      const DeviceAddress ptr = it->first;
-      const std::size_t size = it->second;
-      const DriverStatus status =
-          retrying_twice([&] { return driver_->stream_free(ordinal_, ptr, 0); });
-      if (!status.ok()) {
-        try {
-          raise(status, "cuMemFreeAsync", size);
-        } catch (...) {
-          keep_first();
-        }
-        ++it;
-        continue;
-      }
-      AIMDO_ASSERT(external_bytes_ >= size);
-      external_bytes_ -= size;
-      it = external_.erase(it);
     }
   }
-  check_invariants_locked();
-  if (first_failure) std::rethrow_exception(first_failure);
+  // A free that fails stays listed (and counted), so a later close retries it.
+  for (auto it = external_.begin(); it != external_.end();) {
+    const DeviceAddress ptr = it->first;
+    const std::size_t size = it->second;
+    const DriverStatus status =
+        retrying_twice([&] { return driver_->stream_free(ordinal_, ptr, 0); });
+    if (!status.ok()) {
+      failure.run([&] { raise(status, "cuMemFreeAsync", size); });
+      ++it;
+      continue;
+    }
+    AIMDO_ASSERT(external_bytes_ >= size);
+    external_bytes_ -= size;
+    it = external_.erase(it);
+  }
+  failure.rethrow();
 }
 
 }  // namespace aimdo

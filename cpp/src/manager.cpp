@@ -8,6 +8,7 @@
 #include "aimdo/errors.hpp"
 #include "aimdo/process.hpp"
 #include "driver_errors.hpp"
+#include "first_failure.hpp"
 
 namespace aimdo {
 namespace {
@@ -181,14 +182,8 @@ void Manager::close() {
     to_close = devices_;
   }
   // Devices are closed one at a time, never holding two device locks.
-  std::exception_ptr first_failure;
-  for (const auto& [ordinal, device] : to_close) {
-    try {
-      device->close();
-    } catch (...) {
-      if (!first_failure) first_failure = std::current_exception();
-    }
-  }
+  detail::FirstFailure failure;
+  for (const auto& entry : to_close) failure.run([&] { entry.second->close(); });
   // Forget the pointers the devices freed; one whose free failed stays findable, so that
   // external_free (or the next close) can still give it back.
   for (auto& shard : external_owners_) {
@@ -202,7 +197,7 @@ void Manager::close() {
       }
     }
   }
-  if (first_failure) std::rethrow_exception(first_failure);
+  failure.rethrow();
 }
 
 bool Manager::closed() const {

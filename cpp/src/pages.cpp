@@ -10,6 +10,7 @@
 #include "aimdo/vbar.hpp"
 #include "check.hpp"
 #include "device_internal.hpp"
+#include "first_failure.hpp"
 
 namespace aimdo {
 
@@ -120,7 +121,7 @@ void Device::release_page_locked(Vbar& vbar, std::size_t page, bool& synced, Rec
 }
 
 void Device::release_recycled_locked(Recycled& recycle) {
-  std::exception_ptr first_failure;
+  detail::FirstFailure failure;
   while (!recycle.handles.empty()) {
     const PhysicalHandle handle = recycle.handles.back();
     recycle.handles.pop_back();
@@ -129,15 +130,9 @@ void Device::release_recycled_locked(Recycled& recycle) {
     const DriverStatus status = retrying_twice([&] { return driver_->release_physical(handle); });
     if (status.ok()) continue;
     keep_leftover_locked(Leftover{0, 0, recycle.page_bytes, handle, false, false});
-    if (!first_failure) {
-      try {
-        raise(status, "cuMemRelease", recycle.page_bytes);
-      } catch (...) {
-        first_failure = std::current_exception();
-      }
-    }
+    failure.run([&] { raise(status, "cuMemRelease", recycle.page_bytes); });
   }
-  if (first_failure) std::rethrow_exception(first_failure);
+  failure.rethrow();
 }
 
 DriverStatus Device::make_page_locked(Vbar& vbar, std::size_t page, Recycled* recycle,

@@ -154,6 +154,8 @@ class Device : public std::enable_shared_from_this<Device> {
   // range to the leftovers; every call then releases what is left of it. Throws the first
   // failure after trying everything; a later call retries.
   void close_vbar_locked(Vbar& vbar);
+  // Free every external allocation; one whose free fails stays listed for a later close.
+  void free_externals_locked();
   // Take `vbar` out of service without any driver call (at process exit).
   void forget_vbar_locked(Vbar& vbar) noexcept;
   // Give back the leftovers of the VBAR whose range starts at `base` (0: of every VBAR;
@@ -162,6 +164,10 @@ class Device : public std::enable_shared_from_this<Device> {
   // none of whose pages is still mapped. What fails stays for the next call. Throws the
   // first failure after trying everything.
   void release_leftovers_locked(DeviceAddress base, DeviceAddress only_address = 0);
+  struct Leftover;
+  // Unmap (if mapped) and release one leftover page; throws the driver's refusal, the
+  // item then still lists what is left of it.
+  void give_back_page_locked(Leftover& item);
   std::size_t usage_locked() const { return resident_bytes_ + external_bytes_; }
 
   // Throws the error a failed driver status stands for; `more` is appended to its message.
