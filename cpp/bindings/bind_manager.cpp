@@ -21,18 +21,9 @@ namespace {
 
 nb::dict stats_dict(const DeviceStatsSnapshot& s) {
   nb::dict d;
-  d["faults"] = s.faults;
-  d["hits"] = s.hits;
-  d["offloaded"] = s.offloaded;
-  d["pages_mapped"] = s.pages_mapped;
-  d["pages_released"] = s.pages_released;
-  d["evictions"] = s.evictions;
-  d["evicted_bytes"] = s.evicted_bytes;
-  d["synchronizes"] = s.synchronizes;
-  d["polls"] = s.polls;
-  d["transient_retries"] = s.transient_retries;
-  d["oom_retries"] = s.oom_retries;
-  d["pages_recycled"] = s.pages_recycled;
+#define AIMDO_STATS_ENTRY(name, what) d[#name] = s.name;
+  AIMDO_DEVICE_STATS(AIMDO_STATS_ENTRY)
+#undef AIMDO_STATS_ENTRY
   return d;
 }
 

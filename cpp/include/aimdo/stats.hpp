@@ -7,19 +7,26 @@
 
 namespace aimdo {
 
+// Every counter, once: X(name, what it counts). The snapshot, the live counters and the
+// Python statistics dict are all generated from this list.
+#define AIMDO_DEVICE_STATS(X)                                               \
+  X(faults, "Vbar::fault calls that returned")                              \
+  X(hits, "faults that found every page resident")                          \
+  X(offloaded, "faults answered offloaded")                                 \
+  X(pages_mapped, "pages made resident")                                    \
+  X(pages_released, "pages given back (eviction, unpin, watermark, close)") \
+  X(evictions, "eviction passes that had something to free")                \
+  X(evicted_bytes, "bytes freed by eviction passes")                        \
+  X(synchronizes, "device synchronizations before releases")                \
+  X(polls, "free-memory queries")                                           \
+  X(transient_retries, "driver calls retried after a transient error")      \
+  X(oom_retries, "driver out-of-memory answers retried after eviction")     \
+  X(pages_recycled, "evicted pages whose memory a fault mapped again")
+
 struct DeviceStatsSnapshot {
-  std::uint64_t faults = 0;             // Vbar::fault calls that returned
-  std::uint64_t hits = 0;               // faults that found every page resident
-  std::uint64_t offloaded = 0;          // faults answered "offloaded"
-  std::uint64_t pages_mapped = 0;       // pages made resident
-  std::uint64_t pages_released = 0;     // pages given back (eviction, unpin, watermark, close)
-  std::uint64_t evictions = 0;          // eviction passes that had something to free
-  std::uint64_t evicted_bytes = 0;      // bytes freed by eviction passes
-  std::uint64_t synchronizes = 0;       // device synchronizations before releases
-  std::uint64_t polls = 0;              // free-memory queries
-  std::uint64_t transient_retries = 0;  // driver calls retried after "not ready"
-  std::uint64_t oom_retries = 0;        // driver out-of-memory answers retried after eviction
-  std::uint64_t pages_recycled = 0;     // evicted pages whose memory a fault mapped again
+#define AIMDO_SNAPSHOT_FIELD(name, what) std::uint64_t name = 0;
+  AIMDO_DEVICE_STATS(AIMDO_SNAPSHOT_FIELD)
+#undef AIMDO_SNAPSHOT_FIELD
 };
 
 class DeviceStats {
@@ -27,20 +34,17 @@ class DeviceStats {
   void add(std::atomic<std::uint64_t> DeviceStats::* counter, std::uint64_t n = 1) noexcept {
     (this->*counter).fetch_add(n, std::memory_order_relaxed);
   }
-  DeviceStatsSnapshot snapshot() const noexcept;
+  DeviceStatsSnapshot snapshot() const noexcept {
+    DeviceStatsSnapshot out;
+#define AIMDO_SNAPSHOT_READ(name, what) out.name = name.load(std::memory_order_relaxed);
+    AIMDO_DEVICE_STATS(AIMDO_SNAPSHOT_READ)
+#undef AIMDO_SNAPSHOT_READ
+    return out;
+  }
 
-  std::atomic<std::uint64_t> faults{0};
-  std::atomic<std::uint64_t> hits{0};
-  std::atomic<std::uint64_t> offloaded{0};
-  std::atomic<std::uint64_t> pages_mapped{0};
-  std::atomic<std::uint64_t> pages_released{0};
-  std::atomic<std::uint64_t> evictions{0};
-  std::atomic<std::uint64_t> evicted_bytes{0};
-  std::atomic<std::uint64_t> synchronizes{0};
-  std::atomic<std::uint64_t> polls{0};
-  std::atomic<std::uint64_t> transient_retries{0};
-  std::atomic<std::uint64_t> oom_retries{0};
-  std::atomic<std::uint64_t> pages_recycled{0};
+#define AIMDO_LIVE_COUNTER(name, what) std::atomic<std::uint64_t> name{0};
+  AIMDO_DEVICE_STATS(AIMDO_LIVE_COUNTER)
+#undef AIMDO_LIVE_COUNTER
 };
 
 }  // namespace aimdo
