@@ -7,8 +7,8 @@ cpp/sim/), sharing one event log:
       FailingDriver    counts each call, fails those asked for; logs fail/fail_rate/clear
         SimDriver      the simulated GPUs; logs external usage, advance, compute, copies
 
-The adaptors wrap any Driver: a recorder over the CUDA backend writes a log that
-``SimBackend.replay`` replays on a fresh stack made here.
+The adaptors wrap any Driver: ``aimdo.sim.Recording`` puts a recorder over the CUDA
+backend, and ``SimBackend.replay`` replays what it wrote on a fresh stack made here.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ of everything still allocated (``leaks``).
 Pass one to ``aimdo.Manager(backend=...)``; ``backend="sim"`` makes a default one
 (two devices of 24 GiB). Its driver is the simulator under two adaptors that work on any
 backend (aimdo._sim_stack): one keeps the event log (``log``, ``replay``), one counts
-calls and injects failures.
+calls and injects failures. ``Recording`` puts the first over any backend, so that a run
+on real GPUs replays here (``replay``; see aimdo.recording).
 
 A simulator belongs to the process that created it. In a child made by ``os.fork()`` it
 answers every driver call with CUDA_ERROR_NOT_INITIALIZED, as the CUDA driver does
@@ -38,6 +39,7 @@ from ._sim_config import (
 )
 from ._sim_stack import ReplayReport, SimStack, replay
 from ._sizes import parse_size
+from .recording import Recording
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -47,6 +49,7 @@ __all__ = [
     "DEFAULT_COSTS",
     "END_OF_TIME_NS",
     "DeviceSpec",
+    "Recording",
     "ReplayReport",
     "SimBackend",
     "SimHold",
@@ -349,8 +352,8 @@ class SimBackend:
         ``"line N: logged '...', replayed '...'"``. Blank lines are skipped.
 
         A log this simulator could have written must come out byte for byte. One
-        recorded on another backend (a recording adaptor over the CUDA backend) must come
-        out with the same answer codes, its addresses and handles translated to the
+        recorded on another backend (``Recording`` over the CUDA backend) must come out
+        with the same answer codes, its addresses and handles translated to the
         simulator's (see ``replay_report`` for the free-memory figures that differ).
 
         A line that is not as a recorder writes it (a missing, extra or repeated field, a
