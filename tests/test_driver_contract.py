@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import threading
 
-import pytest
-
 import aimdo
+import pytest
 from conftest import BACKEND
 
 MiB = 1 << 20

@@ -10,9 +10,8 @@ import os
 import random
 import re
 
-import pytest
-
 import aimdo
+import pytest
 
 pytestmark = pytest.mark.sim_only
 
@@ -254,7 +253,7 @@ def test_a_failure_at_every_driver_call_in_turn_leaves_every_invariant(kind):
     calls = _clean_calls(seed)
     assert len(calls) > 150
     for index, (name, device, skip) in enumerate(calls):
-        def arm(sim):
+        def arm(sim, name=name, device=device, skip=skip):
             sim.fail(name, device=device, error=kind, skip=skip, count=1)
 
         sim, error, figures = scenario(seed, fail=arm, record=False)

@@ -24,7 +24,7 @@ constexpr std::size_t kPage = std::size_t{2} << 20;
 double run(const std::vector<int>& devices, double seconds, bool churn) {
   std::vector<aimdo::sim::SimDeviceSpec> specs(2);
   for (auto& spec : specs) spec.total_bytes = std::size_t{1} << 30;
-  auto sim = std::make_shared<aimdo::sim::SimDriver>(specs, 0);
+  auto sim = std::make_shared<aimdo::sim::SimDriver>(specs);
   aimdo::Manager manager(sim);
   const std::size_t pages = 16;
   for (int d = 0; d < 2; ++d) {

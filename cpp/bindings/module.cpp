@@ -20,6 +20,7 @@ NB_MODULE(_core, m) {
   m.attr("ALLOCATION_ALIGNMENT_BYTES") = aimdo::Vbar::kAllocationAlignment;
   bind_process(m);
   bind_driver(m);
+  bind_adaptors(m);
   bind_sim(m);
   bind_vbar(m);
   bind_manager(m);

@@ -6,9 +6,6 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <cinttypes>
-#include <cstdio>
-#include <cstring>
 #include <limits>
 #include <system_error>
 #include <utility>
@@ -18,91 +15,9 @@
 namespace aimdo::sim {
 namespace {
 
-// pwrite() chunk when filling a memfd: bounds the pattern buffer, not the file size.
-constexpr std::size_t kFillChunkBytes = std::size_t{1} << 20;
-// memcmp() chunk when scanning a trap: the expected-bytes block is this long.
-constexpr std::size_t kScanChunkBytes = std::size_t{64} << 10;
-
-std::string hex(std::uintptr_t value) {
-  char buffer[32];
-  std::snprintf(buffer, sizeof buffer, "0x%" PRIxPTR, value);
-  return buffer;
-}
-
-// "[0x7f0000000000, +33554432 bytes)": how every message names a range.
-std::string range_text(std::uintptr_t va, std::size_t size_bytes) {
-  return "[" + hex(va) + ", +" + std::to_string(size_bytes) + " bytes)";
-}
-
-[[noreturn]] void throw_system_error(int error, const std::string& what) {
-  throw std::system_error(error, std::generic_category(), what);
-}
-
 void* address(std::uintptr_t va) { return reinterpret_cast<void*>(va); }
 
 bool is_power_of_two(std::size_t value) { return value != 0 && (value & (value - 1)) == 0; }
-
-// A file descriptor that closes itself: create() and the trap file hand theirs over only
-// once everything that can fail has succeeded.
-class OwnedFd {
- public:
-  explicit OwnedFd(int fd) noexcept : fd_(fd) {}
-  ~OwnedFd() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  OwnedFd(const OwnedFd&) = delete;
-  OwnedFd& operator=(const OwnedFd&) = delete;
-  int get() const noexcept { return fd_; }
-  int release() noexcept { return std::exchange(fd_, -1); }
-
- private:
-  int fd_;
-};
-
-// Writes `byte` over [offset, offset + size_bytes) of `fd`. pwrite(), not a mapping and
-// memset: running out of shmem then answers ENOSPC/ENOMEM instead of raising SIGBUS.
-void fill_file(int fd, std::size_t offset, std::size_t size_bytes, unsigned char byte,
-               const std::string& what) {
-  const std::vector<unsigned char> pattern(std::min(size_bytes, kFillChunkBytes), byte);
-  std::size_t done = 0;
-  while (done < size_bytes) {
-    const std::size_t chunk = std::min(pattern.size(), size_bytes - done);
-    const ssize_t written =
-        ::pwrite(fd, pattern.data(), chunk, static_cast<off_t>(offset + done));
-    if (written < 0) {
-      if (errno == EINTR) continue;
-      throw_system_error(errno, what + ": filling the memfd failed");
-    }
-    if (written == 0) throw_system_error(EIO, what + ": filling the memfd wrote nothing");
-    done += static_cast<std::size_t>(written);
-  }
-}
-
-// The bytes of a trap that are no longer kTrapByte: how many, and the first and last
-// (offsets from the start of the scanned range).
-struct ChangedBytes {
-  std::size_t count = 0;
-  std::size_t first = 0;
-  std::size_t last = 0;
-};
-
-// memcmp() against a block of kTrapByte skips intact chunks at memory speed; only a
-// chunk that differs is walked byte by byte.
-ChangedBytes find_changed(const unsigned char* bytes, std::size_t size_bytes) {
-  static const std::vector<unsigned char> expected(kScanChunkBytes, HostMemory::kTrapByte);
-  ChangedBytes changed;
-  for (std::size_t offset = 0; offset < size_bytes; offset += kScanChunkBytes) {
-    const std::size_t chunk = std::min(kScanChunkBytes, size_bytes - offset);
-    if (std::memcmp(bytes + offset, expected.data(), chunk) == 0) continue;
-    for (std::size_t i = offset; i < offset + chunk; ++i) {
-      if (bytes[i] == HostMemory::kTrapByte) continue;
-      if (changed.count == 0) changed.first = i;
-      changed.last = i;
-      ++changed.count;
-    }
-  }
-  return changed;
-}
 
 }  // namespace
 
@@ -132,13 +47,8 @@ struct HostMemory::Reservation {
   Reservation(std::uintptr_t base_in, std::size_t size_bytes_in) noexcept
       : base(base_in), size_bytes(size_bytes_in) {}
 
-  // The checks every call on the reservation makes once it holds the mutex.
+  // The check every call on the reservation makes once it holds the mutex.
   void require_usable(const char* operation) const {
-    if (closed) {
-      throw InvalidArgumentError(std::string("HostMemory::") + operation + " in " +
-                                 range_text(base, size_bytes) +
-                                 ": the reservation is being freed");
-    }
     if (broken) {
       throw InvalidStateError(std::string("HostMemory::") + operation + " in " +
                               range_text(base, size_bytes) +
@@ -151,7 +61,6 @@ struct HostMemory::Reservation {
   const std::size_t size_bytes;
 
   std::mutex mutex;  // guards everything below and serialises calls on this range
-  bool closed = false;  // unreserve() began: every later call is refused
   bool broken = false;  // a failed MAP_FIXED left a hole we could not fill: never touch it
   std::map<std::uintptr_t, Mapping> mappings;  // by address; disjoint
   std::map<std::uintptr_t, std::size_t> traps;  // address -> size; disjoint
@@ -174,7 +83,6 @@ HostMemory::~HostMemory() {
   }
   reservations_.clear();  // closes the memfds of mappings still waiting for access
   allocations_.clear();   // closes every unreleased memfd
-  if (trap_fd_ >= 0) ::close(trap_fd_);
 }
 
 void HostMemory::check_range(std::uintptr_t va, std::size_t size_bytes,
@@ -247,41 +155,6 @@ std::uintptr_t HostMemory::reserve(std::size_t size_bytes, std::size_t alignment
     throw;
   }
   return base;
-}
-
-void HostMemory::unreserve(std::uintptr_t base, std::size_t size_bytes) {
-  std::shared_ptr<Reservation> reservation;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto it = reservations_.find(base);
-    if (it != reservations_.end() && it->second->size_bytes == size_bytes) {
-      reservation = it->second;
-    }
-  }
-  const auto refuse = [&](const std::string& why) {
-    throw InvalidArgumentError("HostMemory::unreserve of " + range_text(base, size_bytes) +
-                               ": " + why);
-  };
-  if (reservation == nullptr) refuse("no reservation of that size starts there");
-  std::lock_guard<std::mutex> lock(reservation->mutex);
-  // Freed by another thread between the lookup and the lock.
-  if (reservation->closed) refuse("no reservation of that size starts there");
-  if (!reservation->mappings.empty()) {
-    refuse(std::to_string(reservation->mappings.size()) +
-           " mapping(s) still inside it; unmap them first");
-  }
-  reservation->closed = true;
-  {
-    // Out of the table before munmap, so that a reserve() given the same addresses by
-    // the kernel can enter its own.
-    std::lock_guard<std::mutex> table_lock(mutex_);
-    reservations_.erase(base);
-  }
-  drop_traps(*reservation, base, base + size_bytes);
-  if (!reservation->broken && ::munmap(address(base), size_bytes) != 0) {
-    throw_system_error(errno, "HostMemory::unreserve of " + range_text(base, size_bytes) +
-                                  ": munmap failed");
-  }
 }
 
 std::uint64_t HostMemory::create(std::size_t size_bytes) {
@@ -369,7 +242,7 @@ void HostMemory::set_access(std::uintptr_t va, std::size_t size_bytes) {
   }
   if (cursor < end) {
     throw InvalidArgumentError("HostMemory::set_access of " + range_text(va, size_bytes) +
-                               ": " + hex(cursor) + " is not mapped");
+                               ": " + address_text(cursor) + " is not mapped");
   }
   for (auto& [start, touched_mapping] : touched) {
     if (touched_mapping->pending == nullptr) continue;  // accessible already
@@ -402,7 +275,8 @@ void HostMemory::unmap(std::uintptr_t va, std::size_t size_bytes) {
              : "the mapping there spans " + std::to_string(mapping->second.size_bytes) +
                    " bytes; unmap it whole"));
   }
-  const int trap_fd = trap_file(size_bytes);  // may throw: nothing changed yet
+  const std::string what = "HostMemory::unmap of " + std::to_string(size_bytes) + " bytes";
+  const int trap_fd = trap_file_.grown_to(size_bytes, what);  // may throw: nothing changed yet
   // A private (copy-on-write) mapping of the trap file: reads kTrapByte, takes stale
   // writes without faulting, and commits a page only when one is written. MAP_NORESERVE
   // keeps the untouched copy-on-write pages out of the commit charge.
@@ -416,26 +290,6 @@ void HostMemory::unmap(std::uintptr_t va, std::size_t size_bytes) {
   }
   reservation->mappings.erase(mapping);
   reservation->traps.emplace(va, size_bytes);
-}
-
-void HostMemory::forget_trap(std::uintptr_t va, std::size_t size_bytes) {
-  check_range(va, size_bytes, "forget_trap");
-  const std::uintptr_t end = va + size_bytes;
-  std::vector<std::shared_ptr<Reservation>> overlapping;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto it = reservations_.upper_bound(va);
-    if (it != reservations_.begin()) --it;
-    for (; it != reservations_.end() && it->first < end; ++it) {
-      if (it->first + it->second->size_bytes > va) overlapping.push_back(it->second);
-    }
-  }
-  for (const std::shared_ptr<Reservation>& reservation : overlapping) {
-    std::lock_guard<std::mutex> lock(reservation->mutex);
-    if (reservation->closed) continue;  // unreserve() scans its traps itself
-    drop_traps(*reservation, std::max(va, reservation->base),
-               std::min(end, reservation->base + reservation->size_bytes));
-  }
 }
 
 void HostMemory::drop_traps(Reservation& reservation, std::uintptr_t begin,
@@ -469,9 +323,9 @@ void HostMemory::scan_trap(std::uintptr_t begin, std::uintptr_t end, std::uintpt
   if (changed.count == 0) return;
   const std::uintptr_t first = begin + changed.first;
   const std::uintptr_t last = begin + changed.last;
-  record_violation("write to " + hex(first) + " after it was unmapped: " +
-                   std::to_string(changed.count) + " byte(s) changed in [" + hex(first) +
-                   ", " + hex(last) + "], in the unmapped range " +
+  record_violation("write to " + address_text(first) + " after it was unmapped: " +
+                   std::to_string(changed.count) + " byte(s) changed in [" + address_text(first) +
+                   ", " + address_text(last) + "], in the unmapped range " +
                    range_text(trap_begin, trap_size_bytes));
 }
 
@@ -517,40 +371,6 @@ std::vector<std::string> HostMemory::violations() const {
                      " more write(s) after unmap, not listed");
   }
   return listed;
-}
-
-std::size_t HostMemory::live_allocations() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return allocations_.size();
-}
-
-int HostMemory::trap_file(std::size_t size_bytes) {
-  std::lock_guard<std::mutex> lock(trap_mutex_);
-  const std::string what = "HostMemory::unmap of " + std::to_string(size_bytes) + " bytes";
-  if (trap_fd_ < 0) {
-    const int fd = ::memfd_create("aimdo-sim-trap", MFD_CLOEXEC);
-    if (fd < 0) throw_system_error(errno, what + ": memfd_create of the trap file failed");
-    trap_fd_ = fd;
-  }
-  if (trap_file_bytes_ < size_bytes) {
-    // Grown in whole 2 MiB steps; existing bytes are never rewritten, so the private
-    // mappings of it already made are unaffected. Mapped ranges never pass its end
-    // (which would raise SIGBUS): the size only grows.
-    const std::size_t step = kReservationAlignmentBytes;
-    if (size_bytes > std::numeric_limits<std::size_t>::max() - step ||
-        size_bytes > static_cast<std::size_t>(std::numeric_limits<off_t>::max()) - step) {
-      throw InvalidArgumentError(what + ": too large for the trap file");
-    }
-    const std::size_t grown_bytes = (size_bytes + step - 1) / step * step;
-    if (::ftruncate(trap_fd_, static_cast<off_t>(grown_bytes)) != 0) {
-      throw_system_error(errno, what + ": growing the trap file to " +
-                                    std::to_string(grown_bytes) + " bytes failed");
-    }
-    fill_file(trap_fd_, trap_file_bytes_, grown_bytes - trap_file_bytes_, kTrapByte,
-              what + " (trap file)");
-    trap_file_bytes_ = grown_bytes;
-  }
-  return trap_fd_;
 }
 
 void HostMemory::restore_reserved(Reservation& reservation, std::uintptr_t va,

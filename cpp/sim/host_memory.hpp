@@ -24,15 +24,15 @@
 // range stays readable and writable: it is replaced by a private copy-on-write mapping
 // of a shared "trap file" full of kTrapByte. A stale reader sees kTrapByte garbage, never
 // the data (and never the next allocation's data); a stale writer changes only its own
-// private copy of the page. When the range is mapped again, or forgotten, or its
-// reservation is freed, the trap is scanned: any byte that is no longer kTrapByte was
-// written through a stale pointer, and a violation ("write to 0x... after it was
-// unmapped") is recorded for violations(). A trap commits no memory until someone writes
-// into it (one shared trap file backs every trap, sized to the largest unmapped range).
-// Limits: a stale write of the value kTrapByte itself is invisible; a stale write made
-// between map() and set_access() of the same range is not reported (the trap was
-// scanned at map()); a stale pointer into a range whose reservation was unreserved
-// faults like any dangling pointer (the address space is given back to the process).
+// private copy of the page. When the range is mapped again, the trap is scanned: any
+// byte that is no longer kTrapByte was written through a stale pointer, and a violation
+// ("write to 0x... after it was unmapped") is recorded for violations(). A trap commits
+// no memory until someone writes into it (one shared trap file backs every trap, sized to
+// the largest unmapped range: host_files.hpp). Limits: a stale write of the value
+// kTrapByte itself is invisible; a stale write made between map() and set_access() of
+// the same range is not reported (the trap was scanned at map()); traps still in place
+// when the object is destroyed are not scanned. Reservations live as long as the object
+// (the simulator reserves one region per device, once).
 //
 // Costs and system limits:
 // - Each page that was ever mapped costs one kernel mapping (VMA) for as long as its
@@ -47,8 +47,8 @@
 //   the trap file.
 // - Memory: each allocation's bytes are committed (shmem) at create(); traps commit only
 //   the pages written through stale pointers, plus the trap file once.
-// - Time: create() writes the whole allocation; map() and unreserve() read each trap
-//   they drop (a memcmp-speed scan: a few milliseconds for 32 MiB).
+// - Time: create() writes the whole allocation; map() reads each trap it drops (a
+//   memcmp-speed scan: a few milliseconds for 32 MiB).
 //
 // Errors: arguments that are unusable (misaligned, zero or overflowing sizes, a range
 // outside every reservation, an unknown or released id, overlapping or missing mappings)
@@ -85,6 +85,8 @@
 #include <string>
 #include <vector>
 
+#include "host_files.hpp"
+
 namespace aimdo::sim {
 
 class HostMemory {
@@ -92,7 +94,7 @@ class HostMemory {
   // The byte a new physical allocation is filled with ("whatever was there").
   static constexpr unsigned char kFreshByte = 0xA5;
   // The byte an unmapped range reads as.
-  static constexpr unsigned char kTrapByte = 0x5A;
+  static constexpr unsigned char kTrapByte = sim::kTrapByte;
   // Every reservation's base is aligned to at least this (2 MiB, the CUDA granularity).
   static constexpr std::size_t kReservationAlignmentBytes = std::size_t{2} << 20;
   // violations() lists at most this many entries, then one line counting the rest.
@@ -121,14 +123,6 @@ class HostMemory {
   // a power of two multiple of the page size, or size + alignment overflowing.
   // std::system_error: mmap or munmap failed (ENOMEM: no address space).
   std::uintptr_t reserve(std::size_t size_bytes, std::size_t alignment_bytes = 0);
-
-  // Frees the reservation [base, base + size_bytes) made by reserve(): first scans every
-  // trap inside it (recording violations), then unmaps the whole range. Pointers into it
-  // dangle afterwards.
-  // InvalidArgumentError: no reservation starts at `base`, its size differs, or it still
-  // holds mappings (unmap them first, as cuMemAddressFree requires).
-  // std::system_error: munmap failed (the reservation is forgotten all the same).
-  void unreserve(std::uintptr_t base, std::size_t size_bytes);
 
   // Creates a physical allocation of `size_bytes`: a memfd (MFD_CLOEXEC) filled with
   // kFreshByte, committed now. Returns its id (never 0, never reused).
@@ -172,14 +166,6 @@ class HostMemory {
   // all the same and the range is PROT_NONE.
   void unmap(std::uintptr_t va, std::size_t size_bytes);
 
-  // Scans the traps, or parts of traps, inside [va, va + size_bytes) (recording
-  // violations) and stops tracking them. Their bytes stay readable and writable until
-  // the range is mapped again or its reservation freed; later writes are not reported.
-  // For a caller about to free a reservation or giving a range up for good. A range
-  // holding no trap, even one outside every reservation, is no error: nothing happens.
-  // InvalidArgumentError: unaligned, zero or overflowing range.
-  void forget_trap(std::uintptr_t va, std::size_t size_bytes);
-
   // For a child made by fork(): replaces [va, va + size_bytes) of the calling process
   // with private, zero-filled, read-write memory (PROT_NONE if the kernel refuses that)
   // that commits nothing until written, so that pointers into it kept across fork() no
@@ -199,9 +185,6 @@ class HostMemory {
   // Empty when no stale write was seen.
   std::vector<std::string> violations() const;
 
-  // Physical allocations created and not yet released (whether mapped or not).
-  std::size_t live_allocations() const;
-
  private:
   struct Allocation;   // a memfd; closed when the last reference goes
   struct Reservation;  // a reserved range: its mappings and traps, under its own mutex
@@ -215,8 +198,6 @@ class HostMemory {
   void scan_trap(std::uintptr_t begin, std::uintptr_t end, std::uintptr_t trap_begin,
                  std::size_t trap_size_bytes);
   void record_violation(std::string message);
-  // The trap file's descriptor, the file grown to at least `size_bytes` first.
-  int trap_file(std::size_t size_bytes);
   // Puts PROT_NONE back over a range after a failed MAP_FIXED; on failure marks the
   // reservation broken (its range is then never touched again, not even freed).
   static void restore_reserved(Reservation& reservation, std::uintptr_t va,
@@ -224,16 +205,14 @@ class HostMemory {
 
   const std::size_t page_size_bytes_;
 
-  mutable std::mutex mutex_;  // guards the members below, up to trap_mutex_
+  mutable std::mutex mutex_;  // guards the members below, up to trap_file_
   std::map<std::uintptr_t, std::shared_ptr<Reservation>> reservations_;  // by base
   std::map<std::uint64_t, std::shared_ptr<Allocation>> allocations_;     // live ids
   std::uint64_t next_id_ = 1;
   std::vector<std::string> violations_;
   std::size_t unlisted_violations_ = 0;
 
-  std::mutex trap_mutex_;  // guards the trap file: created once, only ever grows
-  int trap_fd_ = -1;
-  std::size_t trap_file_bytes_ = 0;
+  TrapFile trap_file_;  // has its own mutex
 };
 
 }  // namespace aimdo::sim

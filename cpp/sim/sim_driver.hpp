@@ -1,17 +1,20 @@
 // The simulator backend: a deterministic N-device implementation of aimdo::Driver.
 //
-// What it models (DESIGN §5): devices with a name, capacity and allocation granularity;
-// virtual address reservations, physical allocations, mappings and access rights with
-// the real driver's rules (granularity alignment, maps only inside a reservation, no
-// overlapping map, no double unmap or release, access set before use); stream-ordered
-// allocations; a current context per thread, required by the context-dependent calls;
-// memory used by others (external usage); stream-ordered frees that become reusable only
-// after a delay; failures injected on chosen operations, by count or at a seeded rate; an
-// event log of every call that can be replayed.
+// What it models (DESIGN §5): what a GPU and its driver have. Devices with a name,
+// capacity and allocation granularity; virtual address reservations, physical
+// allocations, mappings and access rights with the real driver's rules (granularity
+// alignment, maps only inside a reservation, no overlapping map, no double unmap or
+// release, access set before use); stream-ordered allocations; a current context per
+// thread, required by the context-dependent calls; memory used by others (external
+// usage); stream-ordered frees that become reusable only after a delay; a virtual clock
+// per device; optionally real host memory behind mapped pages (host_memory.hpp).
+// Injected failures, call counts and the event log are not the simulator's: they are
+// adaptors that wrap any Driver (cpp/adaptors/), which aimdo.sim.SimBackend puts over it.
+// A test that needs a call in flight holds it here (hold()), before any lock is taken.
 //
-// Time. Each device has a virtual clock: the moment its queued work is done. Driver
-// operations made for a device cost time on its clock (defaults from
-// shared/h100-measurements.md); a workload declares its copies (bytes / the device's
+// Time. Each device has a virtual clock: the moment its queued work is done. A successful
+// driver operation costs time on its device's clock (SimCosts; defaults in the operations
+// table, operations.hpp); a workload declares its copies (bytes / the device's
 // host-to-device bandwidth) and its compute. The host clock moves to a device's clock
 // when the host waits for that device (synchronize) and with advance(). The budget's poll
 // interval runs on the device clocks. Nothing here reads the wall clock, but wait_held,
@@ -32,37 +35,50 @@
 // (driver calls cost time on the device's clock, not the host's), peer access between
 // devices, partial unmaps.
 //
-// Operation names used by fault injection and call counts are the CUDA driver functions
-// the real backend calls: cuMemGetInfo, cuMemAddressReserve, cuMemAddressFree,
-// cuMemCreate, cuMemRelease, cuMemMap, cuMemUnmap, cuMemSetAccess, cuCtxSynchronize,
-// cuMemAllocAsync, cuMemFreeAsync, cuCtxSetCurrent.
+// Addresses and handles. Each device owns two 1 TiB regions of address space (one for
+// reservations, one for stream-ordered allocations; address_naming() describes them),
+// and a handle carries its device in its top bits, so every address and handle names its
+// device without a global table.
+//
+// Events. Given an event log, each successful use of a power that changes what later
+// calls answer (external usage, advance, compute, copies) is written to it while it
+// records, as "@<power> key=value ...", under the device's lock so it lands in order with
+// that device's calls; replay_event() applies such a line again (sim_events.cpp).
 //
 // fork(). A simulator belongs to the process that created it, as a CUDA context does: in
 // any other process (a child made by fork()) every Driver operation answers
 // CUDA_ERROR_NOT_INITIALIZED, as the CUDA driver answers a forked child, and no context
 // is current (device_count still answers: the CUDA backend answers it from a list made
-// at initialization). The answer comes before any lock is taken or any host memory is touched,
-// so a child can neither deadlock on a lock another of the parent's threads held at the
-// fork nor change the pages and files it shares with the parent (see host_memory.hpp).
-// In real-bytes mode, detach_from_parent() then makes the child's inherited pointers
-// into simulated device memory harmless. The simulator powers below are not checked:
-// they read or change only the child's copy of the simulator's bookkeeping.
+// at initialization). The answer comes before any lock is taken or any host memory is
+// touched, so a child can neither deadlock on a lock another of the parent's threads held
+// at the fork nor change the pages and files it shares with the parent (see
+// host_memory.hpp). In real-bytes mode, detach_from_parent() then makes the child's
+// inherited pointers into simulated device memory harmless. The powers below are not
+// checked: they read or change only the child's copy of the simulator's bookkeeping.
 //
-// Thread-safety: every method may be called from any thread. Each device's state
-// (its reservations, physical allocations, mappings, clock, counters and injected
-// failures) has its own mutex, held only for the bookkeeping of one call; addresses and
-// handles encode their device, so no call takes two devices' locks and calls for
-// different devices never wait on each other. The current context of each thread is kept
-// in sharded tables. A "hold" (see hold()) blocks a call before it takes any lock.
+// Errors: driver operations answer values (DriverStatus), never throw; the powers throw
+// InvalidArgumentError for a bad device, operation or amount and then change nothing.
+//
+// Thread-safety: every method may be called from any thread. Each device's state (its
+// reservations, physical allocations, mappings, clocks and counters) has its own mutex,
+// held only for the bookkeeping of one call; no call takes two devices' locks, so calls
+// for different devices never wait on each other. The current context of each thread is
+// kept in sharded tables (lock order: a device's mutex, then a shard's). A hold blocks a
+// call before it takes any lock (held_calls.hpp).
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "address_naming.hpp"
 #include "aimdo/driver.hpp"
+#include "event_log.hpp"
+#include "log_line.hpp"
+#include "operations.hpp"
 
 namespace aimdo::sim {
 
@@ -76,20 +92,18 @@ struct SimDeviceSpec {
   double host_to_device_bytes_per_s = 50e9;
 };
 
-// Virtual time each operation costs on its device's clock, in nanoseconds.
-// None may be negative (InvalidArgumentError at construction).
+// Virtual time each operation costs on its device's clock when it succeeds, in
+// nanoseconds, by operation: the operations table's defaults unless set. None may be
+// negative (InvalidArgumentError at construction).
 struct SimCosts {
-  std::int64_t create_physical_ns = 20'000;
-  std::int64_t map_ns = 4'000;
-  std::int64_t set_access_ns = 50'000;
-  std::int64_t unmap_ns = 27'000;
-  std::int64_t release_physical_ns = 44'000;
-  std::int64_t memory_info_ns = 8'000;
-  std::int64_t synchronize_ns = 4'000;
-  std::int64_t reserve_ns = 5'000;
-  std::int64_t free_range_ns = 5'000;
-  std::int64_t stream_alloc_ns = 2'000;
-  std::int64_t stream_free_ns = 2'000;
+  std::array<std::int64_t, kOperationCount> ns = defaults();
+
+  std::int64_t of(Operation operation) const noexcept { return ns[index_of(operation)]; }
+  // Sets the cost of the operation whose CUDA function is `cuda_name`. InvalidArgumentError
+  // for a name that is not an operation with a cost, or a negative cost.
+  void set(const std::string& cuda_name, std::int64_t cost_ns);
+  // Each operation's default_cost_ns; 0 for those without a cost.
+  static std::array<std::int64_t, kOperationCount> defaults() noexcept;
 };
 
 struct SimOptions {
@@ -97,8 +111,6 @@ struct SimOptions {
   // Stream-ordered frees become reusable (and show in free memory) this long after the
   // free on the device's clock.
   std::int64_t free_delay_ns = 0;
-  // Keep the event log (log()) from the start.
-  bool record = false;
   // Back mapped pages with host memory really mapped at the reserved addresses (see
   // host_memory.hpp): data written through a mapping reads back while it stays mapped,
   // new pages hold a poison pattern, and an unmapped range reads a trap pattern instead
@@ -108,9 +120,11 @@ struct SimOptions {
 
 class SimDriver final : public Driver {
  public:
-  // InvalidArgumentError for no devices, more than 64, a zero capacity or a granularity
-  // that is not a power of two of at least 4 KiB.
-  SimDriver(std::vector<SimDeviceSpec> devices, std::uint64_t seed, SimOptions options = {});
+  // InvalidArgumentError for no devices, more than 64, a zero capacity, a granularity
+  // that is not a power of two of at least 4 KiB, a bandwidth that is not positive and
+  // finite, a negative cost or free delay. `events` may be null: powers are not logged.
+  explicit SimDriver(std::vector<SimDeviceSpec> devices, SimOptions options = {},
+                     std::shared_ptr<EventLog> events = nullptr);
   ~SimDriver() override;
 
   // aimdo::Driver
@@ -135,9 +149,10 @@ class SimDriver final : public Driver {
   void restore_current(const ContextToken& previous) noexcept override;
   std::int64_t now_ns(int device) noexcept override;
 
-  // --- simulator powers (InvalidArgumentError on a bad device, operation or amount) ---
-  std::uint64_t seed() const noexcept { return seed_; }
+  // --- the devices and their memory -------------------------------------------------
   int device_total() const noexcept { return static_cast<int>(devices_.size()); }
+  // Where each device's regions lie (see "Addresses and handles").
+  const AddressNaming& address_naming() const noexcept;
   // Memory taken or given back by someone else (another process, PyTorch). Adding more
   // than is free, or removing more than was added, is refused.
   void add_external_usage(int device, std::size_t bytes);
@@ -147,12 +162,21 @@ class SimDriver final : public Driver {
   std::size_t physical_bytes(int device) const;
   // Everything the device counts as used: physical + stream-ordered + external.
   std::size_t used_bytes(int device) const;
+  // Stream-ordered frees not reusable yet on `device`.
+  std::size_t pending_free_bytes(int device) const;
   // True when every byte of [va, va + size) is mapped with access set.
   bool is_accessible(DeviceAddress va, std::size_t size_bytes) const;
+  // One readable line per live reservation, physical allocation, mapping and
+  // stream-ordered allocation; empty when nothing leaks.
+  std::vector<std::string> leaks() const;
+
+  // --- real bytes ---------------------------------------------------------------------
   // Whether mapped pages are backed by host memory at their addresses (SimOptions).
   bool real_bytes() const noexcept;
   // Writes seen through pointers to memory after it was unmapped (real-bytes mode).
   std::vector<std::string> violations() const;
+
+  // --- fork() ---------------------------------------------------------------------------
   // True in the process that constructed the simulator (see "fork()" above).
   bool in_creating_process() const noexcept;
   // Throws DriverError (CUDA_ERROR_NOT_INITIALIZED, device -1, naming `operation`) in any
@@ -167,17 +191,8 @@ class SimDriver final : public Driver {
   // nothing in the creating process or without real bytes. Takes no lock.
   // std::system_error if a region could not be replaced.
   void detach_from_parent();
-  // Fail `count` calls of `operation` on `device` (-1: any) after letting `skip` matching
-  // calls through, answering `code` (a CUresult, e.g. 2 out of memory, 600 not ready).
-  void fail(const std::string& operation, int device, int code, std::uint64_t skip,
-            std::uint64_t count);
-  // Fail each matching call with `probability` in (0, 1], drawn from a generator seeded
-  // by the simulator's seed and the order of fail_rate calls: the same calls fail again
-  // for the same seed and the same call sequence. Until clear_failures().
-  void fail_rate(const std::string& operation, int device, int code, double probability);
-  void clear_failures();
-  // Calls seen of `operation` on `device` (-1: all devices), injected failures included.
-  std::uint64_t call_count(const std::string& operation, int device) const;
+
+  // --- time (see "Time" above) ----------------------------------------------------------
   // Move a device's clock (or every clock and the host's, device -1) forward. Refused
   // when `ns` would take any of them past the end of virtual time: then none moves.
   void advance(int device, std::int64_t ns);
@@ -194,47 +209,35 @@ class SimDriver final : public Driver {
   std::int64_t copy_async(int device, std::size_t bytes, std::int64_t after_ns);
   std::int64_t compute_async(int device, std::int64_t ns, std::int64_t after_ns);
   std::int64_t copy_engine_now_ns(int device) const;
-  // The host's clock (see "Time" above).
   std::int64_t host_now_ns() const noexcept;
-  // Stream-ordered frees not reusable yet on `device`.
-  std::size_t pending_free_bytes(int device) const;
-  // The event log: one line per driver call (arguments, result, outputs) and per use of
-  // a simulator power, in call order. Addresses are written relative to their device's
-  // region, so the same calls give the same log, byte for byte, run after run.
-  void set_recording(bool on);
-  std::string log() const;
-  // Re-issue every call of `log` on a fresh simulator with this one's devices, seed and
-  // options, and compare each result line. Returns the lines that differ (empty: the
-  // replay reproduced the log), numbered as in `log`; blank lines are skipped.
-  // InvalidArgumentError naming the line (number and text) for one that is not as the
-  // log writes it (a field missing, extra or repeated; a number that does not read or
-  // does not fit its type; an address outside the devices' regions; an unknown name),
-  // or that a simulator power refuses. Never any other exception for bad text.
-  std::vector<std::string> replay(const std::string& log) const;
-  // One readable line per live reservation, physical allocation, mapping and
-  // stream-ordered allocation; empty when nothing leaks.
-  std::vector<std::string> leaks() const;
 
-  // Hold the next call of `operation` on `device` open: it blocks, before taking any of
-  // the simulator's locks, until release(). Returns the hold's id. For tests that need a
-  // driver call to stay in flight (a slow synchronize, say) without any timing.
+  // --- held calls (held_calls.hpp) -------------------------------------------------------
+  // Hold the next call of `operation` (a CUDA name) on `device` open: it blocks, before
+  // taking any of the simulator's locks, until release_hold(). Returns the hold's id.
   std::uint64_t hold(const std::string& operation, int device);
-  // Wait until the held call has arrived; false after `timeout_ns` of real time (the
-  // only wall-clock wait in the simulator: a bound for a test that would otherwise hang).
+  // Wait until the held call has arrived; false after `timeout_ns` of real time.
   // InvalidArgumentError for a negative timeout.
   bool wait_held(std::uint64_t hold_id, std::int64_t timeout_ns);
   // Let the held call (or a future one) go on. Unknown ids are ignored.
   void release_hold(std::uint64_t hold_id);
 
-  static const std::vector<std::string>& operation_names();
+  // --- events ---------------------------------------------------------------------------
+  // Applies an event line this simulator writes (see "Events"); false for any other name.
+  // InvalidArgumentError for a line that does not read or a power that refuses it.
+  bool replay_event(LogLine& line);
 
  private:
-  struct State;  // everything mutable, one part per device; see sim_driver.cpp
+  struct State;  // everything mutable; see sim_state.hpp
 
-  const std::uint64_t seed_;
+  // The start of every operation (sim_state.hpp).
+  template <class Body>
+  DriverStatus run(Operation operation, int device, int unknown_device_code, Body&& body);
+  bool recording() const noexcept;
+  void note(std::string line) const;  // appends an event line (see "Events")
+
   const SimOptions options_;
-  const SimCosts& costs_;
-  std::vector<SimDeviceSpec> devices_;
+  const std::vector<SimDeviceSpec> devices_;
+  const std::shared_ptr<EventLog> events_;
   std::unique_ptr<State> state_;
 };
 

@@ -1,6 +1,9 @@
 // Native stress program: several threads drive the core on the simulator with a seeded
-// random mix of operations, then the per-device invariants are checked. Built and run
-// under AddressSanitizer + UBSan and under ThreadSanitizer by .ci/run (no Python).
+// random mix of operations, then the per-device invariants are checked. The simulator is
+// wrapped as aimdo.sim wraps it (a recorder, recording, over a failure injector), so the
+// adaptors' locking is stressed too: every call the injector counted is in the log once.
+// Built and run under AddressSanitizer + UBSan and under ThreadSanitizer by .ci/run (no
+// Python).
 //
 //   aimdo_stress [--devices N] [--threads N] [--ops N] [--seed N]
 //
@@ -18,6 +21,8 @@
 
 #include "aimdo/errors.hpp"
 #include "aimdo/manager.hpp"
+#include "failing_driver.hpp"
+#include "recording_driver.hpp"
 #include "sim_driver.hpp"
 
 namespace {
@@ -153,21 +158,88 @@ bool parse(int argc, char** argv, Config* config) {
   return argc % 2 == 1 && config->devices <= 64;
 }
 
+// The simulator under the adaptors aimdo.sim puts over it, recording.
+struct Stack {
+  std::shared_ptr<aimdo::EventLog> events = std::make_shared<aimdo::EventLog>();
+  std::shared_ptr<aimdo::sim::SimDriver> sim;
+  std::shared_ptr<aimdo::adaptors::FailingDriver> failing;
+  std::shared_ptr<aimdo::adaptors::RecordingDriver> recorder;
+
+  explicit Stack(const Config& config) {
+    std::vector<aimdo::sim::SimDeviceSpec> specs(static_cast<std::size_t>(config.devices));
+    for (auto& spec : specs) spec.total_bytes = 256 * kPage;
+    sim = std::make_shared<aimdo::sim::SimDriver>(specs, aimdo::sim::SimOptions{}, events);
+    failing = std::make_shared<aimdo::adaptors::FailingDriver>(sim, config.seed, events);
+    recorder = std::make_shared<aimdo::adaptors::RecordingDriver>(failing, events,
+                                                                  sim->address_naming());
+    recorder->start();
+  }
+
+  // Every call the failure injector counted was written to the log exactly once.
+  bool log_is_whole() const {
+    std::uint64_t counted = 0;
+    for (const aimdo::OperationInfo& row : aimdo::kOperations) {
+      counted += failing->call_count(row.cuda_name, -1);
+    }
+    std::uint64_t logged = 0;
+    for (const std::string& line : events->lines()) logged += line[0] == '@' ? 0u : 1u;
+    if (counted == logged) return true;
+    std::fprintf(stderr, "the injector counted %llu calls, the log has %llu\n",
+                 static_cast<unsigned long long>(counted),
+                 static_cast<unsigned long long>(logged));
+    return false;
+  }
+};
+
+// Per device: what the VBARs hold is what aimdo accounts, and what the simulator has
+// allocated is exactly that.
+bool check_devices(aimdo::Manager& manager, aimdo::sim::SimDriver& sim, const Config& config,
+                   const std::vector<std::vector<OwnedVbar>>& kept) {
+  bool ok = true;
+  std::vector<std::size_t> loaded(static_cast<std::size_t>(config.devices), 0);
+  for (const auto& list : kept) {
+    for (const auto& owned : list) {
+      if (owned.vbar->closed()) continue;
+      loaded[static_cast<std::size_t>(owned.vbar->device())] += owned.vbar->loaded_bytes();
+      for (const auto& page : owned.vbar->residency()) {
+        if (page.pinned) {
+          std::fprintf(stderr, "a page is still pinned after every pin was dropped\n");
+          ok = false;
+        }
+      }
+    }
+  }
+  for (int d = 0; d < config.devices; ++d) {
+    const auto device = manager.device(d);
+    const std::size_t resident = device->resident_bytes();
+    const std::size_t physical = sim.physical_bytes(d);
+    if (resident != loaded[static_cast<std::size_t>(d)] || physical != resident ||
+        device->usage_bytes() != resident || sim.external_usage(d) != 0) {
+      std::fprintf(stderr,
+                   "device %d: VBARs hold %zu bytes, aimdo accounts %zu (usage %zu), the "
+                   "simulator has %zu physical and %zu external\n",
+                   d, loaded[static_cast<std::size_t>(d)], resident, device->usage_bytes(),
+                   physical, sim.external_usage(d));
+      ok = false;
+    }
+  }
+  return ok;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   Config config;
   if (!parse(argc, argv, &config)) {
-    std::fprintf(stderr, "usage: %s [--devices N<=64] [--threads N] [--ops N] [--seed N]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s [--devices N<=64] [--threads N] [--ops N] [--seed N]\n",
+                 argv[0]);
     return 2;
   }
-  std::vector<aimdo::sim::SimDeviceSpec> specs(static_cast<std::size_t>(config.devices));
-  for (auto& spec : specs) spec.total_bytes = 256 * kPage;
-  auto sim = std::make_shared<aimdo::sim::SimDriver>(specs, config.seed);
+  Stack stack(config);
   bool ok = true;
   Counters counters;
   {
-    aimdo::Manager manager(sim);
+    aimdo::Manager manager(stack.recorder);
     for (int d = 0; d < config.devices; ++d) {
       aimdo::DeviceOptions options;
       options.page_size_bytes = kPage;
@@ -179,46 +251,16 @@ int main(int argc, char** argv) {
     std::vector<std::vector<OwnedVbar>> kept(static_cast<std::size_t>(config.threads));
     std::vector<std::thread> threads;
     for (int t = 0; t < config.threads; ++t) {
-      threads.emplace_back(drive, std::ref(manager), std::ref(*sim), std::cref(config), t,
+      threads.emplace_back(drive, std::ref(manager), std::ref(*stack.sim), std::cref(config), t,
                            std::ref(counters), std::ref(kept[static_cast<std::size_t>(t)]));
     }
     for (auto& thread : threads) thread.join();
-
-    // Invariants, per device: what the VBARs hold is what aimdo accounts, and what the
-    // simulator has allocated is exactly that.
-    std::vector<std::size_t> loaded(static_cast<std::size_t>(config.devices), 0);
-    for (const auto& list : kept) {
-      for (const auto& owned : list) {
-        if (!owned.vbar->closed()) {
-          loaded[static_cast<std::size_t>(owned.vbar->device())] += owned.vbar->loaded_bytes();
-          for (const auto& page : owned.vbar->residency()) {
-            if (page.pinned) {
-              std::fprintf(stderr, "a page is still pinned after every pin was dropped\n");
-              ok = false;
-            }
-          }
-        }
-      }
-    }
-    for (int d = 0; d < config.devices; ++d) {
-      const auto device = manager.device(d);
-      const std::size_t resident = device->resident_bytes();
-      const std::size_t physical = sim->physical_bytes(d);
-      if (resident != loaded[static_cast<std::size_t>(d)] || physical != resident ||
-          device->usage_bytes() != resident || sim->external_usage(d) != 0) {
-        std::fprintf(stderr,
-                     "device %d: VBARs hold %zu bytes, aimdo accounts %zu (usage %zu), the "
-                     "simulator has %zu physical and %zu external\n",
-                     d, loaded[static_cast<std::size_t>(d)], resident, device->usage_bytes(),
-                     physical, sim->external_usage(d));
-        ok = false;
-      }
-    }
+    ok = check_devices(manager, *stack.sim, config, kept);
     manager.close();
   }
-  const auto leaks = sim->leaks();
+  const auto leaks = stack.sim->leaks();
   for (const auto& leak : leaks) std::fprintf(stderr, "leak: %s\n", leak.c_str());
-  ok = ok && leaks.empty() && counters.unexpected.load() == 0;
+  ok = ok && leaks.empty() && counters.unexpected.load() == 0 && stack.log_is_whole();
   std::printf(
       "aimdo_stress seed=%llu devices=%d threads=%d: %llu ops, %llu offloaded, %llu out of "
       "memory, %llu external refused, %llu unexpected: %s\n",

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from . import _core
+from .recording import Recording
 from .sim import SimBackend
 
 __all__ = ["Manager", "init", "get_manager", "shutdown", "resolve_backend"]
@@ -32,7 +33,7 @@ def _defaults() -> dict[str, Any]:
 #: Defaults of the per-device options (sizes in bytes, poll_interval in seconds).
 DEFAULTS: dict[str, Any] = _defaults()
 
-BackendArg = str | SimBackend | None
+BackendArg = str | SimBackend | Recording | None
 PerDevice = Any | Mapping[int, Any]
 
 
@@ -58,10 +59,11 @@ class CudaBackend:
         return "CudaBackend()"
 
 
-def resolve_backend(backend: BackendArg) -> SimBackend | CudaBackend:
-    """``backend`` as a backend object: a SimBackend as it is, ``"sim"`` or ``"cuda"``
-    as a new one, None as what the environment variable AIMDO_BACKEND names (default sim)."""
-    if isinstance(backend, (SimBackend, CudaBackend)):
+def resolve_backend(backend: BackendArg) -> SimBackend | CudaBackend | Recording:
+    """``backend`` as a backend object: a SimBackend, CudaBackend or Recording as it is,
+    ``"sim"`` or ``"cuda"`` as a new one, None as what the environment variable
+    AIMDO_BACKEND names (default sim)."""
+    if isinstance(backend, (SimBackend, CudaBackend, Recording)):
         return backend
     if backend is None:
         backend = os.environ.get("AIMDO_BACKEND", "sim") or "sim"
@@ -401,7 +403,7 @@ def init(
     with _default_lock:
         if _default is not None and not _default.closed:
             wanted = None
-            if isinstance(backend, (SimBackend, CudaBackend)):
+            if isinstance(backend, (SimBackend, CudaBackend, Recording)):
                 if backend is not _default.backend:
                     raise ValueError(
                         "aimdo is already initialized with another backend; "

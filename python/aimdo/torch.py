@@ -74,7 +74,7 @@ def as_tensor(allocation, dtype: torch.dtype, shape) -> torch.Tensor:
             f"{shape} of {dtype} is {nbytes} bytes; the allocation has {allocation.size}"
         )
     driver = allocation.vbar.driver
-    if isinstance(driver, _core.SimDriver):
+    if driver.backend_name == "sim":
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
         view = host_view(driver, allocation.address, nbytes, "aimdo.torch.as_tensor")

@@ -1,0 +1,36 @@
+// Which device a driver call is for, told from the Driver interface alone: the device
+// the call names; else (release_physical, map) the device of the physical allocation it
+// names; else (free_address_range, unmap) the device of the reservation it falls in.
+// Allocations and reservations are learnt from the calls that made them (create_physical,
+// reserve_address_range) and forgotten with the calls that gave them back, so memory
+// made before an adaptor was put in place, or already released, has no device (-1).
+//
+// Thread-safety: every method may be called from any thread. One mutex guards both
+// tables, held for one lookup or update; calls that name their device take no lock.
+#pragma once
+
+#include <cstddef>
+#include <map>
+#include <mutex>
+#include <unordered_map>
+#include <utility>
+
+#include "aimdo/driver.hpp"
+#include "call.hpp"
+
+namespace aimdo::adaptors {
+
+class DeviceRoutes {
+ public:
+  // The device `call` is for, or -1 when it cannot be told.
+  int device_of(const Call& call) const;
+  // Learns from (or forgets with) a call that answered `status`.
+  void learn(const Call& call, const DriverStatus& status);
+
+ private:
+  mutable std::mutex mutex_;  // guards both tables
+  std::map<DeviceAddress, std::pair<std::size_t, int>> reservations_;  // base: size, device
+  std::unordered_map<PhysicalHandle, int> handles_;
+};
+
+}  // namespace aimdo::adaptors
