@@ -30,7 +30,10 @@ from ._common import environment, steady_median, write
 class Block(torch.nn.Module):
     def __init__(self, hidden: int, dtype, device):
         super().__init__()
-        make = lambda i, o: torch.nn.Linear(i, o, bias=False, dtype=dtype, device=device)  # noqa: E731
+
+        def make(i, o):
+            return torch.nn.Linear(i, o, bias=False, dtype=dtype, device=device)
+
         self.qkv = make(hidden, 3 * hidden)
         self.proj = make(hidden, hidden)
         self.up = make(hidden, 4 * hidden)

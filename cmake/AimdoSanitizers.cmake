@@ -5,7 +5,8 @@ set(AIMDO_SANITIZE "" CACHE STRING "Sanitizer build: '', 'address' or 'thread'")
 set_property(CACHE AIMDO_SANITIZE PROPERTY STRINGS "" address thread)
 
 if(AIMDO_SANITIZE STREQUAL "address")
-  add_compile_options(-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all)
+  add_compile_options(-fsanitize=address,undefined -fno-omit-frame-pointer
+                      -fno-sanitize-recover=all)
   add_link_options(-fsanitize=address,undefined)
 elseif(AIMDO_SANITIZE STREQUAL "thread")
   add_compile_options(-fsanitize=thread -fno-omit-frame-pointer)

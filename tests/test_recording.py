@@ -20,8 +20,18 @@ from conftest import BACKEND, PAGE
 from test_simulator import _mutate as mutate
 from test_simulator import assert_names_a_line
 
-CALLS = {"cuCtxSetCurrent", "cuMemGetInfo", "cuMemAddressReserve", "cuMemCreate", "cuMemMap",
-         "cuMemSetAccess", "cuCtxSynchronize", "cuMemUnmap", "cuMemRelease", "cuMemAddressFree"}
+CALLS = {
+    "cuCtxSetCurrent",
+    "cuMemGetInfo",
+    "cuMemAddressReserve",
+    "cuMemCreate",
+    "cuMemMap",
+    "cuMemSetAccess",
+    "cuCtxSynchronize",
+    "cuMemUnmap",
+    "cuMemRelease",
+    "cuMemAddressFree",
+}
 
 
 def backend_under_test():
@@ -41,8 +51,9 @@ def scripted_run(backend) -> int:
     try:
         _, total = manager.memory_info(0)
         others = total - manager.poll(0)["free_bytes"]
-        manager.add_devices([0], vram_limit=4 * PAGE + others, headroom=0, poll_interval=1e9,
-                            page_size=PAGE)
+        manager.add_devices(
+            [0], vram_limit=4 * PAGE + others, headroom=0, poll_interval=1e9, page_size=PAGE
+        )
         vbars = [manager.create_vbar(6 * PAGE, 0) for _ in range(2)]
         for vbar in vbars:
             for allocation in [vbar.alloc(PAGE) for _ in range(3)]:
@@ -78,8 +89,11 @@ def test_a_recorded_run_replays_on_a_fresh_simulator_without_differences(recorde
 
 def test_a_changed_answer_is_reported_as_a_difference(recorded):
     lines = recorded.splitlines()
-    index = next(i for i, line in enumerate(lines)
-                 if line.startswith("cuMemMap ") and line.endswith("-> CUDA_SUCCESS"))
+    index = next(
+        i
+        for i, line in enumerate(lines)
+        if line.startswith("cuMemMap ") and line.endswith("-> CUDA_SUCCESS")
+    )
     lines[index] = lines[index].replace("-> CUDA_SUCCESS", "-> CUDA_ERROR_OUT_OF_MEMORY")
     [difference] = SimBackend().replay("\n".join(lines) + "\n")
     assert difference.startswith(f"line {index + 1}: logged '{lines[index]}'"), difference
@@ -98,8 +112,9 @@ def as_if_recorded_elsewhere(log: str) -> str:
     0x-hex far from the simulator's, other handles, less memory free."""
     log = log.replace("@recording backend=sim", "@recording backend=cuda")
     log = re.sub(r"r0\+0x([0-9a-f]+)", lambda m: hex(0x7F3A00000000 + int(m.group(1), 16)), log)
-    log = re.sub(r"handle=0x([0-9a-f]+)", lambda m: f"handle={int(m.group(1), 16) ^ 0x5A5A:#x}",
-                 log)
+    log = re.sub(
+        r"handle=0x([0-9a-f]+)", lambda m: f"handle={int(m.group(1), 16) ^ 0x5A5A:#x}", log
+    )
     return re.sub(r"free=(\d+)", lambda m: f"free={int(m.group(1)) - 3 * PAGE}", log)
 
 
@@ -113,8 +128,9 @@ def test_another_machines_log_replays_with_its_addresses_and_handles_translated(
     assert report.differences == []
     assert report.notes and all("cuMemGetInfo free=" in note for note in report.notes)
     # Answers still count: one changed code is one difference.
-    changed = re.sub(r"(cuMemSetAccess .*) -> CUDA_SUCCESS", r"\1 -> CUDA_ERROR_INVALID_VALUE",
-                     forged, count=1)
+    changed = re.sub(
+        r"(cuMemSetAccess .*) -> CUDA_SUCCESS", r"\1 -> CUDA_ERROR_INVALID_VALUE", forged, count=1
+    )
     [difference] = SimBackend().replay(changed)
     assert "logged 'cuMemSetAccess" in difference
 

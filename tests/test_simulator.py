@@ -1,4 +1,4 @@
-"""DESIGN §5: the simulator's powers, and aimdo under them.
+"""design.md §5: the simulator's powers, and aimdo under them.
 
 Every test here needs a simulator-only power and is marked sim_only. Seeds are part of
 each test's name or printed in its assertion messages.
@@ -30,8 +30,9 @@ def scenario(seed: int, *, fail=None, record=True):
         fail(sim)
     figures = None
     error = None
-    manager = aimdo.Manager(sim, [0, 1], vram_limit=10 * PAGE, headroom=PAGE, page_size=PAGE,
-                            poll_interval=0)
+    manager = aimdo.Manager(
+        sim, [0, 1], vram_limit=10 * PAGE, headroom=PAGE, page_size=PAGE, poll_interval=0
+    )
     try:
         vbars = [manager.create_vbar(8 * PAGE, d) for d in (0, 1) for _ in range(2)]
         for step in range(3):
@@ -94,7 +95,7 @@ def test_driver_operations_cost_their_calibrated_time_on_their_own_device():
         vbar.unpin(allocation)
         second = vbar.alloc(PAGE)
         assert vbar.fault(second) is not None
-        # cuMemCreate 20 us + cuMemMap 4 us + cuMemSetAccess 50 us (h100-measurements.md)
+        # cuMemCreate 20 us + cuMemMap 4 us + cuMemSetAccess 50 us (docs/measurements.md)
         assert sim.now(0) - before == pytest.approx(74 * US, abs=1e-12)
         assert sim.now(1) == 0.0
         vbar.unpin(second)
@@ -202,8 +203,9 @@ def test_a_lagging_free_is_not_counted_as_free_until_the_driver_has_it_back():
 
 def test_external_usage_between_polls_is_noticed_within_one_interval_on_that_device_only():
     sim = aimdo.SimBackend("2x1GiB")
-    with aimdo.Manager(sim, [0, 1], vram_limit=8 * PAGE, headroom=0, page_size=PAGE,
-                       poll_interval=1.0) as manager:
+    with aimdo.Manager(
+        sim, [0, 1], vram_limit=8 * PAGE, headroom=0, page_size=PAGE, poll_interval=1.0
+    ) as manager:
         vbars = [manager.create_vbar(8 * PAGE, d) for d in (0, 1)]
         for vbar in vbars:
             for allocation in [vbar.alloc(PAGE) for _ in range(8)]:
@@ -253,6 +255,7 @@ def test_a_failure_at_every_driver_call_in_turn_leaves_every_invariant(kind):
     calls = _clean_calls(seed)
     assert len(calls) > 150
     for index, (name, device, skip) in enumerate(calls):
+
         def arm(sim, name=name, device=device, skip=skip):
             sim.fail(name, device=device, error=kind, skip=skip, count=1)
 
@@ -263,7 +266,7 @@ def test_a_failure_at_every_driver_call_in_turn_leaves_every_invariant(kind):
             assert error.injected is True, f"{where}: {error!r}"
         if kind == "not_ready":
             assert error is None, f"{where}: a transient failure must be retried: {error!r}"
-        for d, (resident, physical, usage) in figures.items():
+        for d, (resident, physical, _usage) in figures.items():
             assert resident == physical, f"{where}: device {d} accounts {resident}, has {physical}"
         assert sim.leaks() == [], where
 
@@ -333,8 +336,10 @@ def test_declared_compute_and_copies_past_the_end_of_virtual_time_are_refused():
 
 
 @pytest.mark.parametrize(
-    "seconds", [1e300, float("inf"), float("nan"), -1e-9, 1e10, 10**400],
-    ids=["1e300", "inf", "nan", "negative", "past-the-end", "int-beyond-float"])
+    "seconds",
+    [1e300, float("inf"), float("nan"), -1e-9, 1e10, 10**400],
+    ids=["1e300", "inf", "nan", "negative", "past-the-end", "int-beyond-float"],
+)
 def test_seconds_out_of_the_clocks_range_are_a_value_error(seconds):
     sim = aimdo.SimBackend("2x1GiB")
 
@@ -407,12 +412,30 @@ def _log_of_every_kind(seed: int = 3) -> tuple[aimdo.SimBackend, str]:
 def test_a_log_with_every_kind_of_line_replays_exactly():
     sim, log = _log_of_every_kind()
     kinds = {line.split()[0] for line in log.splitlines()}
-    assert kinds >= {"cuMemAddressReserve", "cuMemCreate", "cuMemMap", "cuMemSetAccess",
-                     "cuMemUnmap", "cuMemRelease", "cuMemAddressFree", "cuMemGetInfo",
-                     "cuCtxSynchronize", "cuMemAllocAsync", "cuMemFreeAsync", "cuCtxSetCurrent",
-                     "@fail", "@fail_rate", "@clear_failures", "@add_external_usage",
-                     "@remove_external_usage", "@advance", "@compute", "@copy_to_device",
-                     "@copy_async", "@compute_async"}, kinds
+    assert kinds >= {
+        "cuMemAddressReserve",
+        "cuMemCreate",
+        "cuMemMap",
+        "cuMemSetAccess",
+        "cuMemUnmap",
+        "cuMemRelease",
+        "cuMemAddressFree",
+        "cuMemGetInfo",
+        "cuCtxSynchronize",
+        "cuMemAllocAsync",
+        "cuMemFreeAsync",
+        "cuCtxSetCurrent",
+        "@fail",
+        "@fail_rate",
+        "@clear_failures",
+        "@add_external_usage",
+        "@remove_external_usage",
+        "@advance",
+        "@compute",
+        "@copy_to_device",
+        "@copy_async",
+        "@compute_async",
+    }, kinds
     assert sim.replay(log) == []
     # Blank lines (whitespace only too) are skipped; differences name the log's own lines.
     assert sim.replay("\n  \n\t\n" + log) == []
@@ -431,90 +454,95 @@ def assert_names_a_line(error: ValueError, log: str, context: str = "") -> None:
     number = int(found.group(1))
     assert 1 <= number <= len(lines), f"{context}: {message!r} names a line the log lacks"
     assert lines[number - 1].strip()[:60] in message, (
-        f"{context}: {message!r} does not quote line {number}: {lines[number - 1]!r}")
+        f"{context}: {message!r} does not quote line {number}: {lines[number - 1]!r}"
+    )
 
 
 START = "cuCtxSetCurrent dev=0 -> CUDA_SUCCESS\n"  # a valid first line: the bad one is line 2
 MAP = "va=r0+0x0 size=2097152 handle=0x1000000000001"
 
 
-@pytest.mark.parametrize("line", [
-    # truncated, missing or extra fields
-    "cuMemGetInfo",
-    "cuMemGetInfo dev=0 cur=0",
-    "cuMemGetInfo dev=0 -> CUDA_SUCCESS free=1 total=1",
-    "cuMemGetInfo cur=0 -> CUDA_SUCCESS",
-    "cuMemGetInfo dev=0 cur=0 extra=1 -> CUDA_SUCCESS",
-    "cuMemGetInfo dev=0 cur=0 dev=0 -> CUDA_SUCCESS",
-    "cuMemGetInfo dev=0 cur=0 junk -> CUDA_SUCCESS",
-    "cuMemMap cur=0 " + MAP + " -> CUDA_SUCCESS",
-    "cuMemFreeAsync dev=0 cur=0 -> CUDA_SUCCESS",
-    "cuMemSetAccess va=r0+0x0 size=2097152 -> CUDA_SUCCESS",
-    "cuCtxSetCurrent -> CUDA_SUCCESS",
-    "cuMemAddressReserve dev=0 size= 2097152 align=0 -> CUDA_SUCCESS",
-    "@advance dev=0",
-    "@advance dev=0 ns=5 -> CUDA_SUCCESS",
-    "@fail op=cuMemMap dev=0 code=1 skip=0",
-    "@compute_async dev=0 ns=1",
-    "@clear_failures now",
-    "@clear_failures x=1",
-    # not numbers, or not in the form the simulator writes them
-    "cuMemGetInfo dev= cur=0 -> CUDA_SUCCESS",
-    "cuMemGetInfo =0 dev=0 cur=0 -> CUDA_SUCCESS",
-    "cuMemGetInfo dev=x cur=0 -> CUDA_SUCCESS",
-    "cuMemGetInfo dev=1.5 cur=0 -> CUDA_SUCCESS",
-    "cuMemGetInfo dev=0 cur=0x -> CUDA_SUCCESS",
-    "cuMemAddressReserve dev=0 size=+2097152 align=0 -> CUDA_SUCCESS",
-    "cuMemAddressReserve dev=0 size=2MiB align=0 -> CUDA_SUCCESS",
-    "cuMemAllocAsync dev=0 cur=0 size=0x -> CUDA_SUCCESS",
-    "cuMemMap va=r0 size=2097152 handle=0x1000000000001 -> CUDA_SUCCESS",
-    "cuMemMap va=q0+0x0 size=2097152 handle=0x1000000000001 -> CUDA_SUCCESS",
-    "cuMemMap va=r0+0x size=2097152 handle=0x1000000000001 -> CUDA_SUCCESS",
-    "cuMemMap va=r+0x0 size=2097152 handle=0x1000000000001 -> CUDA_SUCCESS",
-    "cuMemMap va=r0+0x0 size=2097152 handle= -> CUDA_SUCCESS",
-    "cuMemMap va=r0+0x0 size=2097152 handle=0x -> CUDA_SUCCESS",
-    "cuMemMap va=r0+0x0 size=2097152 handle=0xg -> CUDA_SUCCESS",
-    "@fail_rate op=cuMemMap dev=0 code=1 p=abc",
-    "@fail_rate op=cuMemMap dev=0 code=1 p=",
-    # numbers out of range for their type
-    "cuMemAddressReserve dev=0 size=-1 align=0 -> CUDA_ERROR_INVALID_VALUE",
-    "cuMemAddressReserve dev=0 size=18446744073709551616 align=0 -> CUDA_SUCCESS",
-    "cuMemAddressReserve dev=0 size=99999999999999999999999 align=0 -> CUDA_SUCCESS",
-    "cuMemGetInfo dev=4294967296 cur=0 -> CUDA_ERROR_INVALID_DEVICE",
-    "cuMemGetInfo dev=-2147483649 cur=0 -> CUDA_ERROR_INVALID_DEVICE",
-    "cuMemGetInfo dev=0 cur=7 -> CUDA_SUCCESS",
-    "cuMemGetInfo dev=0 cur=-2 -> CUDA_SUCCESS",
-    "cuMemRelease handle=-1 -> CUDA_ERROR_INVALID_HANDLE",
-    "cuMemRelease handle=0x10000000000000000 -> CUDA_ERROR_INVALID_HANDLE",
-    "cuMemMap va=r9+0x0 size=2097152 handle=0x1000000000001 -> CUDA_SUCCESS",
-    "cuMemMap va=r0+0x10000000000 size=2097152 handle=0x1000000000001 -> CUDA_SUCCESS",
-    "cuMemMap va=r0+0x1000000000000000000 size=2097152 handle=0x1 -> CUDA_SUCCESS",
-    "cuMemUnmap va=-0x10 size=2097152 -> CUDA_ERROR_INVALID_VALUE",
-    "@advance dev=0 ns=99999999999999999999",
-    "@advance dev=0 ns=-5",
-    "@advance dev=7 ns=5",
-    "@advance dev=0 ns=9223372036854775807\n@advance dev=0 ns=1",
-    "@fail op=cuMemMap dev=0 code=99999999999 skip=0 count=1",
-    "@fail op=cuMemMap dev=0 code=1 skip=0 count=18446744073709551616",
-    "@fail op=cuMemMap dev=0 code=1 skip=0 count=0",
-    "@fail op=cuMemMap dev=0 code=0 skip=0 count=1",
-    "@fail_rate op=cuMemMap dev=0 code=1 p=1e999",
-    "@fail_rate op=cuMemMap dev=0 code=1 p=1e-400",
-    "@fail_rate op=cuMemMap dev=0 code=1 p=nan",
-    "@fail_rate op=cuMemMap dev=0 code=1 p=2",
-    "@add_external_usage dev=0 bytes=99999999999999",
-    "@remove_external_usage dev=0 bytes=1",
-    "@copy_to_device dev=0 bytes=-1",
-    "@copy_async dev=0 bytes=1 after=-1",
-    "@compute dev=0 ns=9223372036854775808",
-    # names it does not know
-    "cuMemFrobnicate dev=0 -> CUDA_SUCCESS",
-    "@fail op=cuNothing dev=0 code=1 skip=0 count=1",
-    "@fail op= dev=0 code=1 skip=0 count=1",
-    "@nothing dev=0",
-    "=",
-    "-> CUDA_SUCCESS",
-], ids=lambda line: line.replace("\n", " / ")[:60])
+@pytest.mark.parametrize(
+    "line",
+    [
+        # truncated, missing or extra fields
+        "cuMemGetInfo",
+        "cuMemGetInfo dev=0 cur=0",
+        "cuMemGetInfo dev=0 -> CUDA_SUCCESS free=1 total=1",
+        "cuMemGetInfo cur=0 -> CUDA_SUCCESS",
+        "cuMemGetInfo dev=0 cur=0 extra=1 -> CUDA_SUCCESS",
+        "cuMemGetInfo dev=0 cur=0 dev=0 -> CUDA_SUCCESS",
+        "cuMemGetInfo dev=0 cur=0 junk -> CUDA_SUCCESS",
+        "cuMemMap cur=0 " + MAP + " -> CUDA_SUCCESS",
+        "cuMemFreeAsync dev=0 cur=0 -> CUDA_SUCCESS",
+        "cuMemSetAccess va=r0+0x0 size=2097152 -> CUDA_SUCCESS",
+        "cuCtxSetCurrent -> CUDA_SUCCESS",
+        "cuMemAddressReserve dev=0 size= 2097152 align=0 -> CUDA_SUCCESS",
+        "@advance dev=0",
+        "@advance dev=0 ns=5 -> CUDA_SUCCESS",
+        "@fail op=cuMemMap dev=0 code=1 skip=0",
+        "@compute_async dev=0 ns=1",
+        "@clear_failures now",
+        "@clear_failures x=1",
+        # not numbers, or not in the form the simulator writes them
+        "cuMemGetInfo dev= cur=0 -> CUDA_SUCCESS",
+        "cuMemGetInfo =0 dev=0 cur=0 -> CUDA_SUCCESS",
+        "cuMemGetInfo dev=x cur=0 -> CUDA_SUCCESS",
+        "cuMemGetInfo dev=1.5 cur=0 -> CUDA_SUCCESS",
+        "cuMemGetInfo dev=0 cur=0x -> CUDA_SUCCESS",
+        "cuMemAddressReserve dev=0 size=+2097152 align=0 -> CUDA_SUCCESS",
+        "cuMemAddressReserve dev=0 size=2MiB align=0 -> CUDA_SUCCESS",
+        "cuMemAllocAsync dev=0 cur=0 size=0x -> CUDA_SUCCESS",
+        "cuMemMap va=r0 size=2097152 handle=0x1000000000001 -> CUDA_SUCCESS",
+        "cuMemMap va=q0+0x0 size=2097152 handle=0x1000000000001 -> CUDA_SUCCESS",
+        "cuMemMap va=r0+0x size=2097152 handle=0x1000000000001 -> CUDA_SUCCESS",
+        "cuMemMap va=r+0x0 size=2097152 handle=0x1000000000001 -> CUDA_SUCCESS",
+        "cuMemMap va=r0+0x0 size=2097152 handle= -> CUDA_SUCCESS",
+        "cuMemMap va=r0+0x0 size=2097152 handle=0x -> CUDA_SUCCESS",
+        "cuMemMap va=r0+0x0 size=2097152 handle=0xg -> CUDA_SUCCESS",
+        "@fail_rate op=cuMemMap dev=0 code=1 p=abc",
+        "@fail_rate op=cuMemMap dev=0 code=1 p=",
+        # numbers out of range for their type
+        "cuMemAddressReserve dev=0 size=-1 align=0 -> CUDA_ERROR_INVALID_VALUE",
+        "cuMemAddressReserve dev=0 size=18446744073709551616 align=0 -> CUDA_SUCCESS",
+        "cuMemAddressReserve dev=0 size=99999999999999999999999 align=0 -> CUDA_SUCCESS",
+        "cuMemGetInfo dev=4294967296 cur=0 -> CUDA_ERROR_INVALID_DEVICE",
+        "cuMemGetInfo dev=-2147483649 cur=0 -> CUDA_ERROR_INVALID_DEVICE",
+        "cuMemGetInfo dev=0 cur=7 -> CUDA_SUCCESS",
+        "cuMemGetInfo dev=0 cur=-2 -> CUDA_SUCCESS",
+        "cuMemRelease handle=-1 -> CUDA_ERROR_INVALID_HANDLE",
+        "cuMemRelease handle=0x10000000000000000 -> CUDA_ERROR_INVALID_HANDLE",
+        "cuMemMap va=r9+0x0 size=2097152 handle=0x1000000000001 -> CUDA_SUCCESS",
+        "cuMemMap va=r0+0x10000000000 size=2097152 handle=0x1000000000001 -> CUDA_SUCCESS",
+        "cuMemMap va=r0+0x1000000000000000000 size=2097152 handle=0x1 -> CUDA_SUCCESS",
+        "cuMemUnmap va=-0x10 size=2097152 -> CUDA_ERROR_INVALID_VALUE",
+        "@advance dev=0 ns=99999999999999999999",
+        "@advance dev=0 ns=-5",
+        "@advance dev=7 ns=5",
+        "@advance dev=0 ns=9223372036854775807\n@advance dev=0 ns=1",
+        "@fail op=cuMemMap dev=0 code=99999999999 skip=0 count=1",
+        "@fail op=cuMemMap dev=0 code=1 skip=0 count=18446744073709551616",
+        "@fail op=cuMemMap dev=0 code=1 skip=0 count=0",
+        "@fail op=cuMemMap dev=0 code=0 skip=0 count=1",
+        "@fail_rate op=cuMemMap dev=0 code=1 p=1e999",
+        "@fail_rate op=cuMemMap dev=0 code=1 p=1e-400",
+        "@fail_rate op=cuMemMap dev=0 code=1 p=nan",
+        "@fail_rate op=cuMemMap dev=0 code=1 p=2",
+        "@add_external_usage dev=0 bytes=99999999999999",
+        "@remove_external_usage dev=0 bytes=1",
+        "@copy_to_device dev=0 bytes=-1",
+        "@copy_async dev=0 bytes=1 after=-1",
+        "@compute dev=0 ns=9223372036854775808",
+        # names it does not know
+        "cuMemFrobnicate dev=0 -> CUDA_SUCCESS",
+        "@fail op=cuNothing dev=0 code=1 skip=0 count=1",
+        "@fail op= dev=0 code=1 skip=0 count=1",
+        "@nothing dev=0",
+        "=",
+        "-> CUDA_SUCCESS",
+    ],
+    ids=lambda line: line.replace("\n", " / ")[:60],
+)
 def test_replay_answers_a_malformed_line_with_a_value_error_naming_it(line):
     sim = aimdo.SimBackend("2x256MiB")
     log = START + line + "\n" + START
@@ -533,12 +561,44 @@ def test_replay_takes_text_and_names_a_line_it_cannot_encode():
         sim.replay(log)
 
 
-_NASTY_VALUES = ["", "x", "-1", "-0", "+1", "0x", "0x1g", "1.5", "nan", "inf", "1e999", "r9+0x0",
-                 "s0+0x", "r0+0x10000000000", "18446744073709551615", "18446744073709551616",
-                 "9223372036854775807", "9223372036854775808", "-9223372036854775809",
-                 "2147483648", "99999999999999999999999", "0x1000000000001", "cuMemMap"]
-_NASTY_TOKENS = ["=", "->", "x=1", "dev=0", "cur=-1", "@advance", "cuMemMap", " ", "\t",
-                 "size=0", "ns=1"]
+_NASTY_VALUES = [
+    "",
+    "x",
+    "-1",
+    "-0",
+    "+1",
+    "0x",
+    "0x1g",
+    "1.5",
+    "nan",
+    "inf",
+    "1e999",
+    "r9+0x0",
+    "s0+0x",
+    "r0+0x10000000000",
+    "18446744073709551615",
+    "18446744073709551616",
+    "9223372036854775807",
+    "9223372036854775808",
+    "-9223372036854775809",
+    "2147483648",
+    "99999999999999999999999",
+    "0x1000000000001",
+    "cuMemMap",
+]
+_NASTY_TOKENS = [
+    "=",
+    "->",
+    "x=1",
+    "dev=0",
+    "cur=-1",
+    "@advance",
+    "cuMemMap",
+    " ",
+    "\t",
+    "size=0",
+    "ns=1",
+]
 
 
 def _mutate(rng, lines: list[str]) -> list[str]:

@@ -79,8 +79,9 @@ int main(int argc, char** argv) {
   const bool churn = std::strcmp(argv[2], "churn") == 0;
   const double one = run({0}, seconds, churn);
   const double two = run({0, 1}, seconds, churn);
-  std::printf("{\"workload\": \"%s\", \"one_device_ops_per_s\": %.0f, "
-              "\"two_devices_ops_per_s\": %.0f, \"ratio\": %.3f}\n",
-              argv[2], one, two, two / one);
+  std::printf(
+      "{\"workload\": \"%s\", \"one_device_ops_per_s\": %.0f, "
+      "\"two_devices_ops_per_s\": %.0f, \"ratio\": %.3f}\n",
+      argv[2], one, two, two / one);
   return 0;
 }

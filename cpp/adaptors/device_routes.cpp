@@ -42,8 +42,7 @@ void DeviceRoutes::learn(const Call& call, const DriverStatus& status) {
       handles_.erase(call.handle);
       return;
     }
-    default:
-      return;
+    default: return;
   }
 }
 

@@ -28,7 +28,7 @@ class DeviceRoutes {
   void learn(const Call& call, const DriverStatus& status);
 
  private:
-  mutable std::mutex mutex_;  // guards both tables
+  mutable std::mutex mutex_;                                           // guards both tables
   std::map<DeviceAddress, std::pair<std::size_t, int>> reservations_;  // base: size, device
   std::unordered_map<PhysicalHandle, int> handles_;
 };

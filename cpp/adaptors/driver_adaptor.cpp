@@ -32,8 +32,7 @@ DriverStatus DriverAdaptor::memory_info(int device, std::size_t* free_bytes,
 }
 
 DriverStatus DriverAdaptor::reserve_address_range(int device, std::size_t size_bytes,
-                                                  std::size_t alignment_bytes,
-                                                  DeviceAddress* out) {
+                                                  std::size_t alignment_bytes, DeviceAddress* out) {
   Call call = call_of(Operation::reserve_address_range);
   call.device = device;
   call.size_bytes = size_bytes;

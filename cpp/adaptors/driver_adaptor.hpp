@@ -33,8 +33,7 @@ class DriverAdaptor : public Driver {
   const std::shared_ptr<Driver>& upstream_ptr() const noexcept { return upstream_; }
 
   // aimdo::Driver: the operations become Calls through intercept().
-  DriverStatus memory_info(int device, std::size_t* free_bytes,
-                           std::size_t* total_bytes) final;
+  DriverStatus memory_info(int device, std::size_t* free_bytes, std::size_t* total_bytes) final;
   DriverStatus reserve_address_range(int device, std::size_t size_bytes,
                                      std::size_t alignment_bytes, DeviceAddress* out) final;
   DriverStatus free_address_range(DeviceAddress va, std::size_t size_bytes) final;

@@ -43,8 +43,8 @@ DriverStatus FailingDriver::intercept(Call& call) {
 
 void FailingDriver::check_device(int device) const {
   if (device < -1 || device >= device_count_) {
-    throw InvalidArgumentError("the driver has no device " + std::to_string(device) +
-                               " (it has " + std::to_string(device_count_) + ")");
+    throw InvalidArgumentError("the driver has no device " + std::to_string(device) + " (it has " +
+                               std::to_string(device_count_) + ")");
   }
 }
 
@@ -103,11 +103,10 @@ std::uint64_t FailingDriver::call_count(const std::string& operation, int device
 
 bool FailingDriver::replay_event(LogLine& line) {
   if (line.name() == "@fail") {
-    fail(line.text("op"), line.integer("dev"), line.integer("code"),
-         line.unsigned_decimal("skip"), line.unsigned_decimal("count"));
+    fail(line.text("op"), line.integer("dev"), line.integer("code"), line.unsigned_decimal("skip"),
+         line.unsigned_decimal("count"));
   } else if (line.name() == "@fail_rate") {
-    fail_rate(line.text("op"), line.integer("dev"), line.integer("code"),
-              line.probability("p"));
+    fail_rate(line.text("op"), line.integer("dev"), line.integer("code"), line.probability("p"));
   } else if (line.name() == "@clear_failures") {
     clear_failures();
   } else {

@@ -39,8 +39,7 @@ DriverStatus FailureRules::match(Operation operation, int device) {
   if (armed_.load(std::memory_order_acquire) == 0) return DriverStatus::success();
   std::lock_guard<std::mutex> lock(mutex_);
   int code = driver_code::success;
-  const bool fired = (device >= 0 && fire(operation, device, &code)) ||
-                     fire(operation, -1, &code);
+  const bool fired = (device >= 0 && fire(operation, device, &code)) || fire(operation, -1, &code);
   if (!fired) return DriverStatus::success();
   return DriverStatus{code, driver_code::name(code), true};
 }

@@ -34,10 +34,10 @@ namespace aimdo::adaptors {
 
 // What a log's header says: the backend it was recorded on and its devices.
 struct LogHeader {
-  std::string backend;                  // empty: the log has no header
+  std::string backend;                    // empty: the log has no header
   std::vector<DeviceProperties> devices;  // name unset: the header does not carry it
-  std::size_t line_number = 0;          // of the "@recording" line (1-based), 0 if none
-  std::string line;                     // its text
+  std::size_t line_number = 0;            // of the "@recording" line (1-based), 0 if none
+  std::string line;                       // its text
 };
 
 // The header of `log_text`: its leading "@recording" and "@device" lines (blank lines

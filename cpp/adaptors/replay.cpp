@@ -65,8 +65,7 @@ class Translation {
       case Operation::release_physical:
         if (raw_value(&logged.text("handle"), &raw)) handles_.erase(raw);
         return;
-      default:
-        return;
+      default: return;
     }
   }
 
@@ -91,8 +90,7 @@ class Translation {
 
 class Replayer {
  public:
-  explicit Replayer(ReplayStack& stack)
-      : stack_(stack), translation_(stack.recorder->naming()) {}
+  explicit Replayer(ReplayStack& stack) : stack_(stack), translation_(stack.recorder->naming()) {}
 
   // Replays one line; InvalidArgumentError (without the line's number) when it cannot.
   void line(LogLine& line) {

@@ -56,9 +56,9 @@ std::vector<OperationRow> operation_rows() {
 }
 
 // (backend or None, [(total, granularity, integrated)], line number, line) of a header.
-using HeaderTuple = std::tuple<std::optional<std::string>,
-                               std::vector<std::tuple<std::size_t, std::size_t, bool>>,
-                               std::size_t, std::string>;
+using HeaderTuple =
+    std::tuple<std::optional<std::string>, std::vector<std::tuple<std::size_t, std::size_t, bool>>,
+               std::size_t, std::string>;
 
 HeaderTuple header_of(const std::string& log) {
   const adaptors::LogHeader header = adaptors::read_header(log);
@@ -94,12 +94,13 @@ void bind_adaptors(nb::module_& m) {
                                       "Writes the driver calls it sees to an event log.")
       .def(nb::init<std::shared_ptr<Driver>, std::shared_ptr<EventLog>, AddressNaming>(),
            "upstream"_a, "log"_a, "naming"_a)
-      .def("__init__",
-           [](RecordingDriver* self, std::shared_ptr<Driver> upstream,
-              std::shared_ptr<EventLog> log) {
-             new (self) RecordingDriver(std::move(upstream), std::move(log));
-           },
-           "upstream"_a, "log"_a)
+      .def(
+          "__init__",
+          [](RecordingDriver* self, std::shared_ptr<Driver> upstream,
+             std::shared_ptr<EventLog> log) {
+            new (self) RecordingDriver(std::move(upstream), std::move(log));
+          },
+          "upstream"_a, "log"_a)
       .def("start", &RecordingDriver::start, release_gil())
       .def("stop", &RecordingDriver::stop)
       .def_prop_ro("log", &RecordingDriver::log)
@@ -110,12 +111,13 @@ void bind_adaptors(nb::module_& m) {
                                     "Fails chosen driver calls and counts every call.")
       .def(nb::init<std::shared_ptr<Driver>, std::uint64_t, std::shared_ptr<EventLog>>(),
            "upstream"_a, "seed"_a, "events"_a.none())
-      .def("fail",
-           [](FailingDriver& f, const std::string& op, int device, int code, std::int64_t skip,
-              std::int64_t count) {
-             f.fail(op, device, code, to_size(skip, "skip"), to_size(count, "count"));
-           },
-           "operation"_a, "device"_a, "code"_a, "skip"_a, "count"_a, release_gil())
+      .def(
+          "fail",
+          [](FailingDriver& f, const std::string& op, int device, int code, std::int64_t skip,
+             std::int64_t count) {
+            f.fail(op, device, code, to_size(skip, "skip"), to_size(count, "count"));
+          },
+          "operation"_a, "device"_a, "code"_a, "skip"_a, "count"_a, release_gil())
       .def("fail_rate", &FailingDriver::fail_rate, "operation"_a, "device"_a, "code"_a,
            "probability"_a, release_gil())
       .def("clear_failures", &FailingDriver::clear_failures, release_gil())

@@ -47,8 +47,8 @@ void construct(sim::SimDriver* self, const std::vector<SpecTuple>& specs,
 
 // Replays `log` on the stack aimdo.sim built: `recorder` over `failures` over `sim`.
 std::tuple<std::vector<std::string>, std::vector<std::string>> replay_on(
-    const std::string& log, adaptors::RecordingDriver& recorder,
-    adaptors::FailingDriver& failures, sim::SimDriver& sim) {
+    const std::string& log, adaptors::RecordingDriver& recorder, adaptors::FailingDriver& failures,
+    sim::SimDriver& sim) {
   adaptors::ReplayStack stack;
   stack.recorder = &recorder;
   stack.context = &sim;
@@ -62,37 +62,42 @@ std::tuple<std::vector<std::string>, std::vector<std::string>> replay_on(
 void bind_time(nb::class_<sim::SimDriver, Driver>& cls) {
   using namespace nb::literals;
   using sim::SimDriver;
-  cls.def("copy_to_device",
-           [](SimDriver& s, IntArg device, IntArg n) {
-             s.copy_to_device(to_device(device), to_size(n, "nbytes"));
-           },
-           "device"_a, "nbytes"_a, release_gil())
-      .def("compute",
-           [](SimDriver& s, IntArg device, IntArg ns) {
-             s.compute(to_device(device), to_ns(ns, "ns"));
-           },
-           "device"_a, "ns"_a, release_gil())
-      .def("copy_async",
-           [](SimDriver& s, IntArg device, IntArg n, IntArg after) {
-             return s.copy_async(to_device(device), to_size(n, "nbytes"),
-                                 to_ns(after, "after_ns"));
-           },
-           "device"_a, "nbytes"_a, "after_ns"_a, release_gil())
-      .def("compute_async",
-           [](SimDriver& s, IntArg device, IntArg ns, IntArg after) {
-             return s.compute_async(to_device(device), to_ns(ns, "ns"), to_ns(after, "after_ns"));
-           },
-           "device"_a, "ns"_a, "after_ns"_a, release_gil())
-      .def("copy_engine_now_ns",
-           [](SimDriver& s, IntArg device) { return s.copy_engine_now_ns(to_device(device)); },
-           "device"_a, release_gil())
+  cls.def(
+         "copy_to_device",
+         [](SimDriver& s, IntArg device, IntArg n) {
+           s.copy_to_device(to_device(device), to_size(n, "nbytes"));
+         },
+         "device"_a, "nbytes"_a, release_gil())
+      .def(
+          "compute",
+          [](SimDriver& s, IntArg device, IntArg ns) {
+            s.compute(to_device(device), to_ns(ns, "ns"));
+          },
+          "device"_a, "ns"_a, release_gil())
+      .def(
+          "copy_async",
+          [](SimDriver& s, IntArg device, IntArg n, IntArg after) {
+            return s.copy_async(to_device(device), to_size(n, "nbytes"), to_ns(after, "after_ns"));
+          },
+          "device"_a, "nbytes"_a, "after_ns"_a, release_gil())
+      .def(
+          "compute_async",
+          [](SimDriver& s, IntArg device, IntArg ns, IntArg after) {
+            return s.compute_async(to_device(device), to_ns(ns, "ns"), to_ns(after, "after_ns"));
+          },
+          "device"_a, "ns"_a, "after_ns"_a, release_gil())
+      .def(
+          "copy_engine_now_ns",
+          [](SimDriver& s, IntArg device) { return s.copy_engine_now_ns(to_device(device)); },
+          "device"_a, release_gil())
       .def("host_now_ns", &SimDriver::host_now_ns)
       .def("now_ns", &SimDriver::now_ns, "device"_a, release_gil())
-      .def("advance",
-           [](SimDriver& s, IntArg device, IntArg ns) {
-             s.advance(to_device(device), to_ns(ns, "ns"));
-           },
-           "device"_a, "ns"_a, release_gil());
+      .def(
+          "advance",
+          [](SimDriver& s, IntArg device, IntArg ns) {
+            s.advance(to_device(device), to_ns(ns, "ns"));
+          },
+          "device"_a, "ns"_a, release_gil());
 }
 
 }  // namespace
@@ -107,33 +112,36 @@ void bind_sim(nb::module_& m) {
 
   nb::class_<SimDriver, Driver> cls(m, "SimDriver", "The simulator backend (see aimdo.sim).");
   bind_time(cls);
-  cls.def("__init__", &construct, "devices"_a, "free_delay_ns"_a, "real_bytes"_a,
-           "costs_ns"_a, "events"_a.none())
+  cls.def("__init__", &construct, "devices"_a, "free_delay_ns"_a, "real_bytes"_a, "costs_ns"_a,
+          "events"_a.none())
       .def("address_naming", &SimDriver::address_naming)
       .def_prop_ro("real_bytes", &SimDriver::real_bytes)
       .def("violations", &SimDriver::violations, release_gil())
       .def_prop_ro("in_creating_process", &SimDriver::in_creating_process)
       .def("require_creating_process", &SimDriver::require_creating_process, "operation"_a)
       .def("detach_from_parent", &SimDriver::detach_from_parent)
-      .def("add_external_usage",
-           [](SimDriver& s, IntArg device, IntArg n) {
-             s.add_external_usage(to_device(device), to_size(n, "nbytes"));
-           },
-           "device"_a, "nbytes"_a, release_gil())
-      .def("remove_external_usage",
-           [](SimDriver& s, IntArg device, IntArg n) {
-             s.remove_external_usage(to_device(device), to_size(n, "nbytes"));
-           },
-           "device"_a, "nbytes"_a, release_gil())
+      .def(
+          "add_external_usage",
+          [](SimDriver& s, IntArg device, IntArg n) {
+            s.add_external_usage(to_device(device), to_size(n, "nbytes"));
+          },
+          "device"_a, "nbytes"_a, release_gil())
+      .def(
+          "remove_external_usage",
+          [](SimDriver& s, IntArg device, IntArg n) {
+            s.remove_external_usage(to_device(device), to_size(n, "nbytes"));
+          },
+          "device"_a, "nbytes"_a, release_gil())
       .def("external_usage", &SimDriver::external_usage, "device"_a, release_gil())
       .def("physical_bytes", &SimDriver::physical_bytes, "device"_a, release_gil())
       .def("used_bytes", &SimDriver::used_bytes, "device"_a, release_gil())
       .def("pending_free_bytes", &SimDriver::pending_free_bytes, "device"_a, release_gil())
-      .def("is_accessible",
-           [](const SimDriver& s, std::uint64_t address, std::int64_t n) {
-             return s.is_accessible(address, to_size(n, "nbytes"));
-           },
-           "address"_a, "nbytes"_a, release_gil())
+      .def(
+          "is_accessible",
+          [](const SimDriver& s, std::uint64_t address, std::int64_t n) {
+            return s.is_accessible(address, to_size(n, "nbytes"));
+          },
+          "address"_a, "nbytes"_a, release_gil())
       .def("leaks", &SimDriver::leaks, release_gil())
       .def("hold", &SimDriver::hold, "operation"_a, "device"_a, release_gil())
       .def("wait_held", &SimDriver::wait_held, "hold_id"_a, "timeout_ns"_a, release_gil())

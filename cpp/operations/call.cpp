@@ -14,22 +14,16 @@ DriverStatus invoke(Driver& driver, Call& call) {
       return driver.free_address_range(call.address, call.size_bytes);
     case Operation::create_physical:
       return driver.create_physical(call.device, call.size_bytes, &call.handle);
-    case Operation::release_physical:
-      return driver.release_physical(call.handle);
-    case Operation::map:
-      return driver.map(call.address, call.size_bytes, call.handle);
-    case Operation::unmap:
-      return driver.unmap(call.address, call.size_bytes);
+    case Operation::release_physical: return driver.release_physical(call.handle);
+    case Operation::map: return driver.map(call.address, call.size_bytes, call.handle);
+    case Operation::unmap: return driver.unmap(call.address, call.size_bytes);
     case Operation::set_access:
       return driver.set_access(call.address, call.size_bytes, call.device);
-    case Operation::synchronize:
-      return driver.synchronize(call.device);
+    case Operation::synchronize: return driver.synchronize(call.device);
     case Operation::stream_alloc:
       return driver.stream_alloc(call.device, call.size_bytes, call.stream, &call.pointer);
-    case Operation::stream_free:
-      return driver.stream_free(call.device, call.pointer, call.stream);
-    case Operation::make_current:
-      return driver.make_current(call.device, &call.previous);
+    case Operation::stream_free: return driver.stream_free(call.device, call.pointer, call.stream);
+    case Operation::make_current: return driver.make_current(call.device, &call.previous);
   }
   return DriverStatus{driver_code::invalid_value, driver_code::name(driver_code::invalid_value),
                       false};

@@ -78,8 +78,7 @@ LogLine LogLine::parse(const std::string& text) {
     }
   }
   if (has_answer == line.is_event()) {
-    throw InvalidArgumentError(has_answer ? "an event's line has no '->'"
-                                          : "it lacks '-> result'");
+    throw InvalidArgumentError(has_answer ? "an event's line has no '->'" : "it lacks '-> result'");
   }
   // Outputs are read leniently: replay compares them as text, so damage shows there.
   if (has_answer) in >> line.answer_;
@@ -112,7 +111,9 @@ std::int64_t LogLine::signed_decimal(const char* key) {
   return parse_number<std::int64_t>(key, text(key), 10);
 }
 
-int LogLine::integer(const char* key) { return parse_number<int>(key, text(key), 10); }
+int LogLine::integer(const char* key) {
+  return parse_number<int>(key, text(key), 10);
+}
 
 std::uint64_t LogLine::hexadecimal(const char* key) {
   return parse_number<std::uint64_t>(key, text(key), 16);

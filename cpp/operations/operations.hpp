@@ -10,7 +10,7 @@
 //   Fault injection, call counts, holds and the event log name operations by it.
 // - `default_cost_ns`: the virtual time the simulator charges a successful call by
 //   default, in nanoseconds (measured on 2 x H100 80GB with 32 MiB pages,
-//   shared/h100-measurements.md; the H200 figures in h200-measurements.md agree), or
+//   docs/measurements.md; the H200 figures there agree), or
 //   kNoCost for an operation that costs nothing and whose cost cannot be set.
 // - `arguments`, `outputs`: the fields its event-log line carries before "->" and after
 //   the answer's name, in the order they are written (log_line.hpp says how each reads).

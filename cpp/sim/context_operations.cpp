@@ -55,73 +55,73 @@ DriverStatus SimDriver::device_properties(int device, DeviceProperties* out) {
   return DriverStatus::success();
 }
 
-DriverStatus SimDriver::memory_info(int device, std::size_t* free_bytes,
-                                    std::size_t* total_bytes) {
+DriverStatus SimDriver::memory_info(int device, std::size_t* free_bytes, std::size_t* total_bytes) {
   return run(Operation::memory_info, device, driver_code::invalid_device,
              [&](DeviceState& d, std::int64_t cost_ns) {
-    if (current_device() != device) return failure(driver_code::invalid_context);
-    const std::size_t total = devices_[static_cast<std::size_t>(device)].total_bytes;
-    *total_bytes = total;
-    *free_bytes = d.free_of(total);
-    d.clock_ns += cost_ns;
-    return DriverStatus::success();
-  });
+               if (current_device() != device) return failure(driver_code::invalid_context);
+               const std::size_t total = devices_[static_cast<std::size_t>(device)].total_bytes;
+               *total_bytes = total;
+               *free_bytes = d.free_of(total);
+               d.clock_ns += cost_ns;
+               return DriverStatus::success();
+             });
 }
 
 DriverStatus SimDriver::synchronize(int device) {
   return run(Operation::synchronize, device, driver_code::invalid_device,
              [&](DeviceState& d, std::int64_t cost_ns) {
-    if (current_device() != device) return failure(driver_code::invalid_context);
-    // The host waits for both engines; the device's clock moves past both.
-    d.clock_ns = std::max(d.clock_ns, d.copy_engine_ns) + cost_ns;
-    std::int64_t seen = state_->host_clock_ns.load(std::memory_order_relaxed);
-    while (seen < d.clock_ns && !state_->host_clock_ns.compare_exchange_weak(
-                                    seen, d.clock_ns, std::memory_order_relaxed)) {
-    }
-    return DriverStatus::success();
-  });
+               if (current_device() != device) return failure(driver_code::invalid_context);
+               // The host waits for both engines; the device's clock moves past both.
+               d.clock_ns = std::max(d.clock_ns, d.copy_engine_ns) + cost_ns;
+               std::int64_t seen = state_->host_clock_ns.load(std::memory_order_relaxed);
+               while (seen < d.clock_ns && !state_->host_clock_ns.compare_exchange_weak(
+                                               seen, d.clock_ns, std::memory_order_relaxed)) {
+               }
+               return DriverStatus::success();
+             });
 }
 
 DriverStatus SimDriver::stream_alloc(int device, std::size_t size_bytes, StreamHandle,
                                      DeviceAddress* out) {
   return run(Operation::stream_alloc, device, driver_code::invalid_device,
              [&](DeviceState& d, std::int64_t cost_ns) {
-    if (current_device() != device) return failure(driver_code::invalid_context);
-    const std::size_t total = devices_[static_cast<std::size_t>(device)].total_bytes;
-    if (size_bytes == 0 || size_bytes > kRegionBytes / 4) {
-      return failure(driver_code::invalid_value);
-    }
-    if (size_bytes > d.free_of(total)) return failure(driver_code::out_of_memory);
-    const DeviceAddress region = state_->naming.regions(device).streams;
-    const DeviceAddress padded = (size_bytes + 511) / 512 * 512 + 512;
-    if (d.next_stream_va + padded > region + kRegionBytes) d.next_stream_va = region;  // wrap
-    while (d.streams.count(d.next_stream_va) != 0) d.next_stream_va += 512;
-    const DeviceAddress va = d.next_stream_va;
-    d.next_stream_va += padded;
-    d.stream_bytes += size_bytes;
-    d.streams.emplace(va, size_bytes);
-    *out = va;
-    d.clock_ns += cost_ns;
-    return DriverStatus::success();
-  });
+               if (current_device() != device) return failure(driver_code::invalid_context);
+               const std::size_t total = devices_[static_cast<std::size_t>(device)].total_bytes;
+               if (size_bytes == 0 || size_bytes > kRegionBytes / 4) {
+                 return failure(driver_code::invalid_value);
+               }
+               if (size_bytes > d.free_of(total)) return failure(driver_code::out_of_memory);
+               const DeviceAddress region = state_->naming.regions(device).streams;
+               const DeviceAddress padded = (size_bytes + 511) / 512 * 512 + 512;
+               if (d.next_stream_va + padded > region + kRegionBytes)
+                 d.next_stream_va = region;  // wrap
+               while (d.streams.count(d.next_stream_va) != 0) d.next_stream_va += 512;
+               const DeviceAddress va = d.next_stream_va;
+               d.next_stream_va += padded;
+               d.stream_bytes += size_bytes;
+               d.streams.emplace(va, size_bytes);
+               *out = va;
+               d.clock_ns += cost_ns;
+               return DriverStatus::success();
+             });
 }
 
 DriverStatus SimDriver::stream_free(int device, DeviceAddress ptr, StreamHandle) {
   return run(Operation::stream_free, device, driver_code::invalid_device,
              [&](DeviceState& d, std::int64_t cost_ns) {
-    if (current_device() != device) return failure(driver_code::invalid_context);
-    auto it = d.streams.find(ptr);
-    if (it == d.streams.end()) return failure(driver_code::invalid_value);
-    d.stream_bytes -= it->second;
-    d.clock_ns += cost_ns;
-    if (options_.free_delay_ns > 0) {
-      // Reusable only once the device's clock has passed the delay.
-      d.pending_frees.emplace_back(d.clock_ns + options_.free_delay_ns, it->second);
-      d.pending_bytes += it->second;
-    }
-    d.streams.erase(it);
-    return DriverStatus::success();
-  });
+               if (current_device() != device) return failure(driver_code::invalid_context);
+               auto it = d.streams.find(ptr);
+               if (it == d.streams.end()) return failure(driver_code::invalid_value);
+               d.stream_bytes -= it->second;
+               d.clock_ns += cost_ns;
+               if (options_.free_delay_ns > 0) {
+                 // Reusable only once the device's clock has passed the delay.
+                 d.pending_frees.emplace_back(d.clock_ns + options_.free_delay_ns, it->second);
+                 d.pending_bytes += it->second;
+               }
+               d.streams.erase(it);
+               return DriverStatus::success();
+             });
 }
 
 int SimDriver::current_device() noexcept {
@@ -132,13 +132,13 @@ int SimDriver::current_device() noexcept {
 DriverStatus SimDriver::make_current(int device, ContextToken* previous) {
   return run(Operation::make_current, device, driver_code::invalid_device,
              [&](DeviceState&, std::int64_t) {
-    const int current = state_->contexts.current();
-    previous->device = current;
-    previous->context = nullptr;
-    previous->switched = current != device;
-    if (previous->switched) state_->contexts.set(device);
-    return DriverStatus::success();
-  });
+               const int current = state_->contexts.current();
+               previous->device = current;
+               previous->context = nullptr;
+               previous->switched = current != device;
+               if (previous->switched) state_->contexts.set(device);
+               return DriverStatus::success();
+             });
 }
 
 void SimDriver::restore_current(const ContextToken& previous) noexcept {

@@ -16,8 +16,8 @@ namespace {
 void check_fits_in_time(const std::string& where, std::int64_t start_ns, const std::string& what,
                         std::int64_t amount_ns) {
   if (amount_ns <= kEndOfTimeNs - start_ns) return;
-  throw InvalidArgumentError(where + " at " + std::to_string(start_ns) + " ns: " + what +
-                             " " + std::to_string(amount_ns) +
+  throw InvalidArgumentError(where + " at " + std::to_string(start_ns) + " ns: " + what + " " +
+                             std::to_string(amount_ns) +
                              " ns would pass the end of virtual time (" +
                              std::to_string(kEndOfTimeNs) + " ns, about 292 years)");
 }
@@ -36,7 +36,9 @@ std::int64_t copy_duration_ns(int device, std::size_t bytes, double bytes_per_s)
   return static_cast<std::int64_t>(std::llround(ns));
 }
 
-std::string clock_of(int device) { return "device " + std::to_string(device) + "'s clock"; }
+std::string clock_of(int device) {
+  return "device " + std::to_string(device) + "'s clock";
+}
 
 }  // namespace
 
@@ -105,7 +107,10 @@ std::int64_t SimDriver::copy_async(int device, std::size_t bytes, std::int64_t a
                      start_ns, "a copy of " + std::to_string(bytes) + " bytes taking", ns);
   d.copy_engine_ns = start_ns + ns;
   if (recording()) {
-    note(LineText("@copy_async").add("dev", device).add("bytes", bytes).add("after", after_ns)
+    note(LineText("@copy_async")
+             .add("dev", device)
+             .add("bytes", bytes)
+             .add("after", after_ns)
              .str());
   }
   return d.copy_engine_ns;
@@ -122,8 +127,7 @@ std::int64_t SimDriver::compute_async(int device, std::int64_t ns, std::int64_t 
                      start_ns, "compute of", ns);
   d.clock_ns = start_ns + ns;
   if (recording()) {
-    note(LineText("@compute_async").add("dev", device).add("ns", ns).add("after", after_ns)
-             .str());
+    note(LineText("@compute_async").add("dev", device).add("ns", ns).add("after", after_ns).str());
   }
   return d.clock_ns;
 }

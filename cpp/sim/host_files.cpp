@@ -51,8 +51,7 @@ void fill_file(int fd, std::size_t offset, std::size_t size_bytes, unsigned char
   std::size_t done = 0;
   while (done < size_bytes) {
     const std::size_t chunk = std::min(pattern.size(), size_bytes - done);
-    const ssize_t written =
-        ::pwrite(fd, pattern.data(), chunk, static_cast<off_t>(offset + done));
+    const ssize_t written = ::pwrite(fd, pattern.data(), chunk, static_cast<off_t>(offset + done));
     if (written < 0) {
       if (errno == EINTR) continue;
       throw_system_error(errno, what + ": filling the memfd failed");

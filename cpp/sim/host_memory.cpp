@@ -15,9 +15,13 @@
 namespace aimdo::sim {
 namespace {
 
-void* address(std::uintptr_t va) { return reinterpret_cast<void*>(va); }
+void* address(std::uintptr_t va) {
+  return reinterpret_cast<void*>(va);
+}
 
-bool is_power_of_two(std::size_t value) { return value != 0 && (value & (value - 1)) == 0; }
+bool is_power_of_two(std::size_t value) {
+  return value != 0 && (value & (value - 1)) == 0;
+}
 
 }  // namespace
 
@@ -60,9 +64,9 @@ struct HostMemory::Reservation {
   const std::uintptr_t base;  // immutable: read without the mutex
   const std::size_t size_bytes;
 
-  std::mutex mutex;  // guards everything below and serialises calls on this range
+  std::mutex mutex;     // guards everything below and serialises calls on this range
   bool broken = false;  // a failed MAP_FIXED left a hole we could not fill: never touch it
-  std::map<std::uintptr_t, Mapping> mappings;  // by address; disjoint
+  std::map<std::uintptr_t, Mapping> mappings;   // by address; disjoint
   std::map<std::uintptr_t, std::size_t> traps;  // address -> size; disjoint
 };
 
@@ -128,8 +132,8 @@ std::uintptr_t HostMemory::reserve(std::size_t size_bytes, std::size_t alignment
   }
   // Over-reserve by the largest shift alignment can need, then trim both ends.
   const std::size_t padded_bytes = size_bytes + alignment - page_size_bytes_;
-  void* raw = ::mmap(nullptr, padded_bytes, PROT_NONE,
-                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  void* raw =
+      ::mmap(nullptr, padded_bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (raw == MAP_FAILED) {
     throw_system_error(errno, "HostMemory::reserve of " + std::to_string(size_bytes) +
                                   " bytes: mmap of " + std::to_string(padded_bytes) +
@@ -199,13 +203,12 @@ void HostMemory::map(std::uintptr_t va, std::size_t size_bytes, std::uint64_t id
     if (it != allocations_.end()) allocation = it->second;
   }
   const auto refuse = [&](const std::string& why) {
-    throw InvalidArgumentError("HostMemory::map of allocation " + std::to_string(id) +
-                               " at " + range_text(va, size_bytes) + ": " + why);
+    throw InvalidArgumentError("HostMemory::map of allocation " + std::to_string(id) + " at " +
+                               range_text(va, size_bytes) + ": " + why);
   };
   if (allocation == nullptr) refuse("unknown or released allocation");
   if (size_bytes > allocation->size_bytes) {
-    refuse("larger than the allocation's " + std::to_string(allocation->size_bytes) +
-           " bytes");
+    refuse("larger than the allocation's " + std::to_string(allocation->size_bytes) + " bytes");
   }
   const std::shared_ptr<Reservation> reservation = reservation_holding(va, size_bytes, "map");
   std::lock_guard<std::mutex> lock(reservation->mutex);
@@ -241,8 +244,8 @@ void HostMemory::set_access(std::uintptr_t va, std::size_t size_bytes) {
     }
   }
   if (cursor < end) {
-    throw InvalidArgumentError("HostMemory::set_access of " + range_text(va, size_bytes) +
-                               ": " + address_text(cursor) + " is not mapped");
+    throw InvalidArgumentError("HostMemory::set_access of " + range_text(va, size_bytes) + ": " +
+                               address_text(cursor) + " is not mapped");
   }
   for (auto& [start, touched_mapping] : touched) {
     if (touched_mapping->pending == nullptr) continue;  // accessible already
@@ -268,12 +271,12 @@ void HostMemory::unmap(std::uintptr_t va, std::size_t size_bytes) {
   reservation->require_usable("unmap");
   auto mapping = reservation->mappings.find(va);
   if (mapping == reservation->mappings.end() || mapping->second.size_bytes != size_bytes) {
-    throw InvalidArgumentError(
-        "HostMemory::unmap of " + range_text(va, size_bytes) + ": " +
-        (mapping == reservation->mappings.end()
-             ? std::string("no mapping starts there")
-             : "the mapping there spans " + std::to_string(mapping->second.size_bytes) +
-                   " bytes; unmap it whole"));
+    throw InvalidArgumentError("HostMemory::unmap of " + range_text(va, size_bytes) + ": " +
+                               (mapping == reservation->mappings.end()
+                                    ? std::string("no mapping starts there")
+                                    : "the mapping there spans " +
+                                          std::to_string(mapping->second.size_bytes) +
+                                          " bytes; unmap it whole"));
   }
   const std::string what = "HostMemory::unmap of " + std::to_string(size_bytes) + " bytes";
   const int trap_fd = trap_file_.grown_to(size_bytes, what);  // may throw: nothing changed yet
@@ -292,8 +295,7 @@ void HostMemory::unmap(std::uintptr_t va, std::size_t size_bytes) {
   reservation->traps.emplace(va, size_bytes);
 }
 
-void HostMemory::drop_traps(Reservation& reservation, std::uintptr_t begin,
-                            std::uintptr_t end) {
+void HostMemory::drop_traps(Reservation& reservation, std::uintptr_t begin, std::uintptr_t end) {
   auto trap = reservation.traps.upper_bound(begin);
   if (trap != reservation.traps.begin() &&
       std::prev(trap)->first + std::prev(trap)->second > begin) {
@@ -323,10 +325,10 @@ void HostMemory::scan_trap(std::uintptr_t begin, std::uintptr_t end, std::uintpt
   if (changed.count == 0) return;
   const std::uintptr_t first = begin + changed.first;
   const std::uintptr_t last = begin + changed.last;
-  record_violation("write to " + address_text(first) + " after it was unmapped: " +
-                   std::to_string(changed.count) + " byte(s) changed in [" + address_text(first) +
-                   ", " + address_text(last) + "], in the unmapped range " +
-                   range_text(trap_begin, trap_size_bytes));
+  record_violation("write to " + address_text(first) +
+                   " after it was unmapped: " + std::to_string(changed.count) +
+                   " byte(s) changed in [" + address_text(first) + ", " + address_text(last) +
+                   "], in the unmapped range " + range_text(trap_begin, trap_size_bytes));
 }
 
 void HostMemory::record_violation(std::string message) {
@@ -376,8 +378,7 @@ std::vector<std::string> HostMemory::violations() const {
 void HostMemory::restore_reserved(Reservation& reservation, std::uintptr_t va,
                                   std::size_t size_bytes) noexcept {
   if (::mmap(address(va), size_bytes, PROT_NONE,
-             MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1,
-             0) == MAP_FAILED) {
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) == MAP_FAILED) {
     reservation.broken = true;
   }
 }

@@ -1,6 +1,6 @@
-// Real bytes for the simulator (DESIGN §5, "optionally back mapped pages with real host
-// memory"): host memory that is really mapped and unmapped at the addresses of reserved
-// ranges, the way the CUDA driver maps physical device memory into a VA reservation.
+// Real bytes for the simulator (design.md §5, "real_bytes"): host memory that is really
+// mapped and unmapped at the addresses of reserved ranges, the way the CUDA driver maps
+// physical device memory into a VA reservation.
 // Data written through a mapped range reads back exactly as long as the physical
 // allocation behind it lives, so a test can tell intact data from data that was lost.
 //

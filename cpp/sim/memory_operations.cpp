@@ -59,28 +59,31 @@ DriverStatus SimDriver::reserve_address_range(int device, std::size_t size_bytes
                                               std::size_t alignment_bytes, DeviceAddress* out) {
   return run(Operation::reserve_address_range, device, driver_code::invalid_device,
              [&](DeviceState& d, std::int64_t cost_ns) {
-    const std::size_t granularity = devices_[static_cast<std::size_t>(device)].granularity_bytes;
-    if (size_bytes == 0 || size_bytes > kRegionBytes / 2 || !aligned(size_bytes, granularity) ||
-        (alignment_bytes != 0 && !aligned(alignment_bytes, granularity))) {
-      return failure(driver_code::invalid_value);
-    }
-    const DeviceAddress alignment = std::max(alignment_bytes, granularity);
-    // First fit in the device's region, leaving one unreserved granule after each range so
-    // that an overrun never lands in a neighbour.
-    const DeviceAddress region = state_->naming.regions(device).reservations;
-    DeviceAddress candidate = region;
-    for (const auto& [start, reservation] : d.reservations) {
-      candidate = (candidate + alignment - 1) / alignment * alignment;
-      if (candidate + size_bytes + granularity <= start) break;
-      candidate = start + reservation.size_bytes + granularity;
-    }
-    candidate = (candidate + alignment - 1) / alignment * alignment;
-    if (candidate + size_bytes > region + kRegionBytes) return failure(driver_code::out_of_memory);
-    d.reservations.emplace(candidate, Reservation{size_bytes, {}});
-    *out = candidate;
-    d.clock_ns += cost_ns;
-    return DriverStatus::success();
-  });
+               const std::size_t granularity =
+                   devices_[static_cast<std::size_t>(device)].granularity_bytes;
+               if (size_bytes == 0 || size_bytes > kRegionBytes / 2 ||
+                   !aligned(size_bytes, granularity) ||
+                   (alignment_bytes != 0 && !aligned(alignment_bytes, granularity))) {
+                 return failure(driver_code::invalid_value);
+               }
+               const DeviceAddress alignment = std::max(alignment_bytes, granularity);
+               // First fit in the device's region, leaving one unreserved granule after each range
+               // so that an overrun never lands in a neighbour.
+               const DeviceAddress region = state_->naming.regions(device).reservations;
+               DeviceAddress candidate = region;
+               for (const auto& [start, reservation] : d.reservations) {
+                 candidate = (candidate + alignment - 1) / alignment * alignment;
+                 if (candidate + size_bytes + granularity <= start) break;
+                 candidate = start + reservation.size_bytes + granularity;
+               }
+               candidate = (candidate + alignment - 1) / alignment * alignment;
+               if (candidate + size_bytes > region + kRegionBytes)
+                 return failure(driver_code::out_of_memory);
+               d.reservations.emplace(candidate, Reservation{size_bytes, {}});
+               *out = candidate;
+               d.clock_ns += cost_ns;
+               return DriverStatus::success();
+             });
 }
 
 DriverStatus SimDriver::free_address_range(DeviceAddress va, std::size_t size_bytes) {
@@ -88,102 +91,107 @@ DriverStatus SimDriver::free_address_range(DeviceAddress va, std::size_t size_by
   const int device = state_->naming.device_of(va, &stream);
   return run(Operation::free_address_range, stream ? -1 : device, driver_code::invalid_value,
              [&](DeviceState& d, std::int64_t cost_ns) {
-    auto it = d.reservations.find(va);
-    if (it == d.reservations.end() || it->second.size_bytes != size_bytes ||
-        !it->second.mappings.empty()) {
-      return failure(driver_code::invalid_value);
-    }
-    // In real-bytes mode the range stays in the device's host reservation as it is: its
-    // once-mapped pages read the trap pattern, so a Python view kept past the VBAR's
-    // close reads garbage instead of crashing, and a later map there reports its writes.
-    d.reservations.erase(it);
-    d.clock_ns += cost_ns;
-    return DriverStatus::success();
-  });
+               auto it = d.reservations.find(va);
+               if (it == d.reservations.end() || it->second.size_bytes != size_bytes ||
+                   !it->second.mappings.empty()) {
+                 return failure(driver_code::invalid_value);
+               }
+               // In real-bytes mode the range stays in the device's host reservation as it is: its
+               // once-mapped pages read the trap pattern, so a Python view kept past the VBAR's
+               // close reads garbage instead of crashing, and a later map there reports its writes.
+               d.reservations.erase(it);
+               d.clock_ns += cost_ns;
+               return DriverStatus::success();
+             });
 }
 
 DriverStatus SimDriver::create_physical(int device, std::size_t size_bytes, PhysicalHandle* out) {
   return run(Operation::create_physical, device, driver_code::invalid_device,
              [&](DeviceState& d, std::int64_t cost_ns) {
-    const SimDeviceSpec& spec = devices_[static_cast<std::size_t>(device)];
-    if (size_bytes == 0 || !aligned(size_bytes, spec.granularity_bytes)) {
-      return failure(driver_code::invalid_value);
-    }
-    if (size_bytes > d.free_of(spec.total_bytes)) return failure(driver_code::out_of_memory);
-    std::uint64_t host_id = 0;
-    if (state_->host) {
-      try {
-        host_id = state_->host->create(size_bytes);
-      } catch (const std::exception&) {
-        return failure(driver_code::out_of_memory);  // the host could not back it
-      }
-    }
-    d.physical_bytes += size_bytes;
-    const PhysicalHandle handle =
-        (static_cast<PhysicalHandle>(device + 1) << kHandleDeviceShift) | d.next_handle++;
-    d.physical.emplace(handle, Physical{size_bytes, host_id, 0, false});
-    *out = handle;
-    d.clock_ns += cost_ns;
-    return DriverStatus::success();
-  });
+               const SimDeviceSpec& spec = devices_[static_cast<std::size_t>(device)];
+               if (size_bytes == 0 || !aligned(size_bytes, spec.granularity_bytes)) {
+                 return failure(driver_code::invalid_value);
+               }
+               if (size_bytes > d.free_of(spec.total_bytes))
+                 return failure(driver_code::out_of_memory);
+               std::uint64_t host_id = 0;
+               if (state_->host) {
+                 try {
+                   host_id = state_->host->create(size_bytes);
+                 } catch (const std::exception&) {
+                   return failure(driver_code::out_of_memory);  // the host could not back it
+                 }
+               }
+               d.physical_bytes += size_bytes;
+               const PhysicalHandle handle =
+                   (static_cast<PhysicalHandle>(device + 1) << kHandleDeviceShift) |
+                   d.next_handle++;
+               d.physical.emplace(handle, Physical{size_bytes, host_id, 0, false});
+               *out = handle;
+               d.clock_ns += cost_ns;
+               return DriverStatus::success();
+             });
 }
 
 DriverStatus SimDriver::release_physical(PhysicalHandle handle) {
   const int device = device_of_handle(handle, devices_.size());
   return run(Operation::release_physical, device, driver_code::invalid_handle,
              [&](DeviceState& d, std::int64_t cost_ns) {
-    auto it = d.physical.find(handle);
-    if (it == d.physical.end() || it->second.released) return failure(driver_code::invalid_handle);
-    d.clock_ns += cost_ns;
-    // As on the real driver, memory released while mapped lives until its last unmap
-    // (so does a closed memfd that is still mapped).
-    if (state_->host) state_->host->release(it->second.host_id);
-    if (it->second.map_count > 0) {
-      it->second.released = true;
-    } else {
-      d.physical_bytes -= it->second.size_bytes;
-      d.physical.erase(it);
-    }
-    return DriverStatus::success();
-  });
+               auto it = d.physical.find(handle);
+               if (it == d.physical.end() || it->second.released)
+                 return failure(driver_code::invalid_handle);
+               d.clock_ns += cost_ns;
+               // As on the real driver, memory released while mapped lives until its last unmap
+               // (so does a closed memfd that is still mapped).
+               if (state_->host) state_->host->release(it->second.host_id);
+               if (it->second.map_count > 0) {
+                 it->second.released = true;
+               } else {
+                 d.physical_bytes -= it->second.size_bytes;
+                 d.physical.erase(it);
+               }
+               return DriverStatus::success();
+             });
 }
 
 DriverStatus SimDriver::map(DeviceAddress va, std::size_t size_bytes, PhysicalHandle handle) {
   const int device = device_of_handle(handle, devices_.size());
   return run(Operation::map, device, driver_code::invalid_handle,
              [&](DeviceState& d, std::int64_t cost_ns) {
-    auto physical = d.physical.find(handle);
-    if (physical == d.physical.end() || physical->second.released) {
-      return failure(driver_code::invalid_handle);
-    }
-    // Stricter than the driver: memory of one device is only mapped in a range reserved
-    // for that device (aimdo never does otherwise).
-    bool stream = false;
-    if (state_->naming.device_of(va, &stream) != device || stream) {
-      return failure(driver_code::invalid_value);
-    }
-    const std::size_t granularity = devices_[static_cast<std::size_t>(device)].granularity_bytes;
-    std::size_t offset = 0;
-    Reservation* reservation = find_reservation(d, va, &offset);
-    if (reservation == nullptr || size_bytes == 0 || !aligned(offset, granularity) ||
-        !aligned(static_cast<std::size_t>(va), granularity) ||
-        size_bytes != physical->second.size_bytes ||
-        size_bytes > reservation->size_bytes - offset ||
-        overlaps_a_mapping(*reservation, offset, size_bytes)) {
-      return failure(driver_code::invalid_value);
-    }
-    if (state_->host) {
-      try {
-        state_->host->map(static_cast<std::uintptr_t>(va), size_bytes, physical->second.host_id);
-      } catch (const std::exception&) {
-        return failure(driver_code::out_of_memory);
-      }
-    }
-    reservation->mappings.emplace(offset, Mapping{size_bytes, handle, false});
-    ++physical->second.map_count;
-    d.clock_ns += cost_ns;
-    return DriverStatus::success();
-  });
+               auto physical = d.physical.find(handle);
+               if (physical == d.physical.end() || physical->second.released) {
+                 return failure(driver_code::invalid_handle);
+               }
+               // Stricter than the driver: memory of one device is only mapped in a range reserved
+               // for that device (aimdo never does otherwise).
+               bool stream = false;
+               if (state_->naming.device_of(va, &stream) != device || stream) {
+                 return failure(driver_code::invalid_value);
+               }
+               const std::size_t granularity =
+                   devices_[static_cast<std::size_t>(device)].granularity_bytes;
+               std::size_t offset = 0;
+               Reservation* reservation = find_reservation(d, va, &offset);
+               if (reservation == nullptr || size_bytes == 0 || !aligned(offset, granularity) ||
+                   !aligned(static_cast<std::size_t>(va), granularity) ||
+                   size_bytes != physical->second.size_bytes ||
+                   size_bytes > reservation->size_bytes - offset ||
+                   overlaps_a_mapping(*reservation, offset, size_bytes)) {
+                 return failure(driver_code::invalid_value);
+               }
+               if (state_->host) {
+                 try {
+                   state_->host->map(static_cast<std::uintptr_t>(va), size_bytes,
+                                     physical->second.host_id);
+                 } catch (const std::exception&) {
+                   return failure(driver_code::out_of_memory);
+                 }
+               }
+               reservation->mappings.emplace(offset, Mapping{size_bytes, handle, false});
+               ++physical->second.map_count;
+               d.clock_ns += cost_ns;
+               return DriverStatus::success();
+             });
 }
 
 DriverStatus SimDriver::unmap(DeviceAddress va, std::size_t size_bytes) {
@@ -191,57 +199,59 @@ DriverStatus SimDriver::unmap(DeviceAddress va, std::size_t size_bytes) {
   const int device = state_->naming.device_of(va, &stream);
   return run(Operation::unmap, stream ? -1 : device, driver_code::invalid_value,
              [&](DeviceState& d, std::int64_t cost_ns) {
-    std::size_t offset = 0;
-    Reservation* reservation = find_reservation(d, va, &offset);
-    if (reservation == nullptr) return failure(driver_code::invalid_value);
-    auto mapping = reservation->mappings.find(offset);
-    // Stricter than the driver, which accepts a second unmap: that is always a bug here.
-    if (mapping == reservation->mappings.end()) return failure(driver_code::not_mapped);
-    if (mapping->second.size_bytes != size_bytes) return failure(driver_code::invalid_value);
-    if (state_->host) {
-      try {
-        state_->host->unmap(static_cast<std::uintptr_t>(va), size_bytes);
-      } catch (const std::exception&) {
-        return failure(driver_code::unknown);
-      }
-    }
-    auto physical = d.physical.find(mapping->second.handle);
-    reservation->mappings.erase(mapping);
-    d.clock_ns += cost_ns;
-    if (physical != d.physical.end() && --physical->second.map_count == 0 &&
-        physical->second.released) {
-      d.physical_bytes -= physical->second.size_bytes;
-      d.physical.erase(physical);
-    }
-    return DriverStatus::success();
-  });
+               std::size_t offset = 0;
+               Reservation* reservation = find_reservation(d, va, &offset);
+               if (reservation == nullptr) return failure(driver_code::invalid_value);
+               auto mapping = reservation->mappings.find(offset);
+               // Stricter than the driver, which accepts a second unmap: that is always a bug here.
+               if (mapping == reservation->mappings.end()) return failure(driver_code::not_mapped);
+               if (mapping->second.size_bytes != size_bytes)
+                 return failure(driver_code::invalid_value);
+               if (state_->host) {
+                 try {
+                   state_->host->unmap(static_cast<std::uintptr_t>(va), size_bytes);
+                 } catch (const std::exception&) {
+                   return failure(driver_code::unknown);
+                 }
+               }
+               auto physical = d.physical.find(mapping->second.handle);
+               reservation->mappings.erase(mapping);
+               d.clock_ns += cost_ns;
+               if (physical != d.physical.end() && --physical->second.map_count == 0 &&
+                   physical->second.released) {
+                 d.physical_bytes -= physical->second.size_bytes;
+                 d.physical.erase(physical);
+               }
+               return DriverStatus::success();
+             });
 }
 
 DriverStatus SimDriver::set_access(DeviceAddress va, std::size_t size_bytes, int device) {
   return run(Operation::set_access, device, driver_code::invalid_device,
              [&](DeviceState& d, std::int64_t cost_ns) {
-    bool stream = false;
-    // Peer access is not modelled: a device gets access to its own memory only.
-    if (state_->naming.device_of(va, &stream) != device || stream) {
-      return failure(driver_code::invalid_value);
-    }
-    std::size_t offset = 0;
-    Reservation* reservation = find_reservation(d, va, &offset);
-    std::vector<Mapping*> mappings;
-    if (reservation == nullptr || !covered(*reservation, offset, size_bytes, false, &mappings)) {
-      return failure(driver_code::invalid_value);
-    }
-    if (state_->host) {
-      try {
-        state_->host->set_access(static_cast<std::uintptr_t>(va), size_bytes);
-      } catch (const std::exception&) {
-        return failure(driver_code::out_of_memory);
-      }
-    }
-    for (Mapping* m : mappings) m->access = true;
-    d.clock_ns += cost_ns;
-    return DriverStatus::success();
-  });
+               bool stream = false;
+               // Peer access is not modelled: a device gets access to its own memory only.
+               if (state_->naming.device_of(va, &stream) != device || stream) {
+                 return failure(driver_code::invalid_value);
+               }
+               std::size_t offset = 0;
+               Reservation* reservation = find_reservation(d, va, &offset);
+               std::vector<Mapping*> mappings;
+               if (reservation == nullptr ||
+                   !covered(*reservation, offset, size_bytes, false, &mappings)) {
+                 return failure(driver_code::invalid_value);
+               }
+               if (state_->host) {
+                 try {
+                   state_->host->set_access(static_cast<std::uintptr_t>(va), size_bytes);
+                 } catch (const std::exception&) {
+                   return failure(driver_code::out_of_memory);
+                 }
+               }
+               for (Mapping* m : mappings) m->access = true;
+               d.clock_ns += cost_ns;
+               return DriverStatus::success();
+             });
 }
 
 bool SimDriver::is_accessible(DeviceAddress va, std::size_t size_bytes) const {

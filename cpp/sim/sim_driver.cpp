@@ -37,8 +37,10 @@ void check_specs(const std::vector<SimDeviceSpec>& devices) {
     const std::size_t g = spec.granularity_bytes;
     if (spec.total_bytes == 0) throw InvalidArgumentError(which + " needs a positive capacity");
     if (g < 4096 || (g & (g - 1)) != 0) {
-      throw InvalidArgumentError(which + ": granularity must be a power of two of at least "
-                                         "4 KiB, got " + std::to_string(g));
+      throw InvalidArgumentError(which +
+                                 ": granularity must be a power of two of at least "
+                                 "4 KiB, got " +
+                                 std::to_string(g));
     }
     const double bandwidth = spec.host_to_device_bytes_per_s;
     if (!(bandwidth > 0) || !std::isfinite(bandwidth)) {
@@ -85,10 +87,9 @@ SimDriver::SimDriver(std::vector<SimDeviceSpec> devices, SimOptions options,
   std::vector<AddressRegions> regions;
   for (std::size_t i = 0; i < devices_.size(); ++i) {
     AddressRegions region;
-    region.reservations =
-        state_->host ? static_cast<DeviceAddress>(state_->host->reserve(
-                           kRegionBytes, HostMemory::kReservationAlignmentBytes))
-                     : synthetic_region(i);
+    region.reservations = state_->host ? static_cast<DeviceAddress>(state_->host->reserve(
+                                             kRegionBytes, HostMemory::kReservationAlignmentBytes))
+                                       : synthetic_region(i);
     region.streams = synthetic_region(i) + kRegionBytes;
     regions.push_back(region);
     auto device = std::make_unique<DeviceState>();
@@ -100,7 +101,9 @@ SimDriver::SimDriver(std::vector<SimDeviceSpec> devices, SimOptions options,
 
 SimDriver::~SimDriver() = default;
 
-const AddressNaming& SimDriver::address_naming() const noexcept { return state_->naming; }
+const AddressNaming& SimDriver::address_naming() const noexcept {
+  return state_->naming;
+}
 
 // --- the devices' memory ---------------------------------------------------------------
 
@@ -186,8 +189,8 @@ std::vector<std::string> SimDriver::leaks() const {
                     (physical.released ? " (released but still mapped)" : ""));
     }
     for (const auto& [va, size] : d.streams) {
-      out.push_back(prefix + "stream-ordered allocation of " + std::to_string(size) +
-                    " bytes at " + hex(va));
+      out.push_back(prefix + "stream-ordered allocation of " + std::to_string(size) + " bytes at " +
+                    hex(va));
     }
   }
   return out;
@@ -195,19 +198,24 @@ std::vector<std::string> SimDriver::leaks() const {
 
 // --- real bytes and fork() -----------------------------------------------------------------
 
-bool SimDriver::real_bytes() const noexcept { return state_->host != nullptr; }
+bool SimDriver::real_bytes() const noexcept {
+  return state_->host != nullptr;
+}
 
 std::vector<std::string> SimDriver::violations() const {
   return state_->host ? state_->host->violations() : std::vector<std::string>{};
 }
 
-bool SimDriver::in_creating_process() const noexcept { return state_->process.current(); }
+bool SimDriver::in_creating_process() const noexcept {
+  return state_->process.current();
+}
 
 void SimDriver::require_creating_process(const std::string& operation) const {
   if (state_->process.current()) return;
   throw DriverError(operation + " in process " + std::to_string(::getpid()) +
                         " failed with CUDA_ERROR_NOT_INITIALIZED (3): this simulator belongs "
-                        "to process " + std::to_string(state_->process.pid()) +
+                        "to process " +
+                        std::to_string(state_->process.pid()) +
                         ", and a child made by fork() cannot use it, as it cannot use the "
                         "parent's CUDA driver state",
                     -1, operation, failure(driver_code::not_initialized));
@@ -234,6 +242,8 @@ bool SimDriver::wait_held(std::uint64_t hold_id, std::int64_t timeout_ns) {
   return state_->holds.wait_arrived(hold_id, timeout_ns);
 }
 
-void SimDriver::release_hold(std::uint64_t hold_id) { state_->holds.release(hold_id); }
+void SimDriver::release_hold(std::uint64_t hold_id) {
+  state_->holds.release(hold_id);
+}
 
 }  // namespace aimdo::sim

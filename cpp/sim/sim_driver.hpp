@@ -1,6 +1,6 @@
 // The simulator backend: a deterministic N-device implementation of aimdo::Driver.
 //
-// What it models (DESIGN §5): what a GPU and its driver have. Devices with a name,
+// What it models (design.md §5): what a GPU and its driver have. Devices with a name,
 // capacity and allocation granularity; virtual address reservations, physical
 // allocations, mappings and access rights with the real driver's rules (granularity
 // alignment, maps only inside a reservation, no overlapping map, no double unmap or
@@ -87,7 +87,7 @@ struct SimDeviceSpec {
   std::size_t total_bytes = 0;
   std::size_t granularity_bytes = std::size_t{2} << 20;
   bool integrated = false;
-  // Host-to-device copy bandwidth for copy_to_device (shared/h100-measurements.md: about
+  // Host-to-device copy bandwidth for copy_to_device (docs/measurements.md: about
   // 50 GB/s per GPU with both copying at once from pinned memory).
   double host_to_device_bytes_per_s = 50e9;
 };

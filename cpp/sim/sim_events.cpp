@@ -14,7 +14,9 @@ struct PowerEvent {
   void (*replay)(SimDriver& sim, LogLine& line);
 };
 
-std::size_t bytes(LogLine& line) { return line.unsigned_decimal("bytes"); }
+std::size_t bytes(LogLine& line) {
+  return line.unsigned_decimal("bytes");
+}
 
 constexpr std::array<PowerEvent, 7> kPowerEvents = {{
     {"@add_external_usage",
@@ -48,7 +50,9 @@ constexpr std::array<PowerEvent, 7> kPowerEvents = {{
 
 }  // namespace
 
-bool SimDriver::recording() const noexcept { return events_ != nullptr && events_->recording(); }
+bool SimDriver::recording() const noexcept {
+  return events_ != nullptr && events_->recording();
+}
 
 void SimDriver::note(std::string line) const {
   if (recording()) events_->append(std::move(line));

@@ -172,8 +172,7 @@ void check_device(int device, int total);
 // simulator does not have, then take the device's lock, give back the frees that are due,
 // and run `body(device state, the operation's cost)` under it.
 template <class Body>
-DriverStatus SimDriver::run(Operation operation, int device, int unknown_device_code,
-                            Body&& body) {
+DriverStatus SimDriver::run(Operation operation, int device, int unknown_device_code, Body&& body) {
   if (!state_->process.current()) return failure(driver_code::not_initialized);
   state_->holds.wait_if_held(operation, device);
   if (device < 0 || device >= device_total()) return failure(unknown_device_code);

@@ -149,11 +149,16 @@ bool parse(int argc, char** argv, Config* config) {
     const std::string key = argv[i];
     const long long value = std::strtoll(argv[i + 1], nullptr, 10);
     if (value <= 0) return false;
-    if (key == "--devices") config->devices = static_cast<int>(value);
-    else if (key == "--threads") config->threads = static_cast<int>(value);
-    else if (key == "--ops") config->ops = static_cast<int>(value);
-    else if (key == "--seed") config->seed = static_cast<std::uint64_t>(value);
-    else return false;
+    if (key == "--devices")
+      config->devices = static_cast<int>(value);
+    else if (key == "--threads")
+      config->threads = static_cast<int>(value);
+    else if (key == "--ops")
+      config->ops = static_cast<int>(value);
+    else if (key == "--seed")
+      config->seed = static_cast<std::uint64_t>(value);
+    else
+      return false;
   }
   return argc % 2 == 1 && config->devices <= 64;
 }
@@ -170,8 +175,8 @@ struct Stack {
     for (auto& spec : specs) spec.total_bytes = 256 * kPage;
     sim = std::make_shared<aimdo::sim::SimDriver>(specs, aimdo::sim::SimOptions{}, events);
     failing = std::make_shared<aimdo::adaptors::FailingDriver>(sim, config.seed, events);
-    recorder = std::make_shared<aimdo::adaptors::RecordingDriver>(failing, events,
-                                                                  sim->address_naming());
+    recorder =
+        std::make_shared<aimdo::adaptors::RecordingDriver>(failing, events, sim->address_naming());
     recorder->start();
   }
 
@@ -185,8 +190,7 @@ struct Stack {
     for (const std::string& line : events->lines()) logged += line[0] == '@' ? 0u : 1u;
     if (counted == logged) return true;
     std::fprintf(stderr, "the injector counted %llu calls, the log has %llu\n",
-                 static_cast<unsigned long long>(counted),
-                 static_cast<unsigned long long>(logged));
+                 static_cast<unsigned long long>(counted), static_cast<unsigned long long>(logged));
     return false;
   }
 };

@@ -28,7 +28,8 @@ from ._core import (
     Signature,
     Vbar,
 )
-from ._manager import CudaBackend, Manager, get_manager, init, shutdown
+from ._default import get_manager, init, shutdown
+from ._manager import CudaBackend, Manager
 from ._sizes import format_size, parse_size
 from .sim import SimBackend
 

@@ -35,7 +35,8 @@ def host_view(driver, address: int, nbytes: int, operation: str = "SimBackend.vi
         raise ValueError(f"nbytes must be a positive int, got {nbytes!r}")
     if not driver.is_accessible(address, nbytes):
         raise _core.InvalidStateError(
-            f"[{address:#x}, +{nbytes}) is not mapped with access set: fault the allocation first")
+            f"[{address:#x}, +{nbytes}) is not mapped with access set: fault the allocation first"
+        )
     array = _HostView.of_size(nbytes).from_address(address)
     array.owner = driver  # the memory lives as long as the simulator
     return memoryview(array).cast("B")

@@ -14,7 +14,7 @@ from ._sizes import parse_size
 DEFAULT_DEVICES = "2x24GiB"
 DEFAULT_GRANULARITY = 2 << 20
 #: Host-to-device bandwidth of a simulated device: about what one H100 of a pair reached
-#: from pinned host memory with both copying at once (shared/h100-measurements.md).
+#: from pinned host memory with both copying at once (docs/measurements.md).
 DEFAULT_BANDWIDTH = 50e9
 #: The simulator's clocks count int64 nanoseconds from 0: virtual time ends here, about
 #: 292 years in. Work or waits that would pass it are refused with ValueError.
@@ -37,8 +37,9 @@ _ERROR_CODES = {
 }
 
 
-def default_spec(index: int, capacity: int, granularity: int = DEFAULT_GRANULARITY,
-                 integrated: bool = False) -> NativeSpec:
+def default_spec(
+    index: int, capacity: int, granularity: int = DEFAULT_GRANULARITY, integrated: bool = False
+) -> NativeSpec:
     return (f"aimdo simulated GPU {index}", capacity, granularity, integrated, DEFAULT_BANDWIDTH)
 
 
@@ -86,8 +87,9 @@ def error_code(error: str | int) -> int:
     """An injected failure's CUresult: a name (``"out_of_memory"``...) or a code."""
     if isinstance(error, str):
         if error not in _ERROR_CODES:
-            raise ValueError(f"error must be one of {sorted(_ERROR_CODES)} or a code, "
-                             f"got {error!r}")
+            raise ValueError(
+                f"error must be one of {sorted(_ERROR_CODES)} or a code, got {error!r}"
+            )
         return _ERROR_CODES[error]
     if isinstance(error, int) and not isinstance(error, bool):
         return error
@@ -105,6 +107,8 @@ def nanoseconds(seconds: float, what: str = "seconds") -> int:
     # inf past about 1.8e299 s, which the range check below refuses like any other.
     ns = seconds * 1_000_000_000 if isinstance(seconds, int) else seconds * 1e9
     if ns > END_OF_TIME_NS:
-        raise ValueError(f"{what} of {seconds} s is past the end of the simulator's virtual "
-                         f"time ({END_OF_TIME_NS} ns, about 292 years)")
+        raise ValueError(
+            f"{what} of {seconds} s is past the end of the simulator's virtual "
+            f"time ({END_OF_TIME_NS} ns, about 292 years)"
+        )
     return round(ns)

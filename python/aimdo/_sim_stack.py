@@ -23,8 +23,15 @@ class SimStack:
     """One simulator and its adaptors. ``driver`` (the recorder) is what a Manager runs on;
     ``gpu``, ``failures`` and ``events`` are the layers' own objects, for their powers."""
 
-    def __init__(self, specs: list[NativeSpec], *, seed: int, free_delay_ns: int,
-                 real_bytes: bool, costs_ns: dict[str, int]):
+    def __init__(
+        self,
+        specs: list[NativeSpec],
+        *,
+        seed: int,
+        free_delay_ns: int,
+        real_bytes: bool,
+        costs_ns: dict[str, int],
+    ):
         self.events = _core.EventLog()
         self.gpu = _core.SimDriver(specs, free_delay_ns, real_bytes, costs_ns, self.events)
         self.failures = _core.FailingDriver(self.gpu, seed, self.events)
@@ -49,14 +56,19 @@ def replay(log: str, specs: list[NativeSpec], **options) -> ReplayReport:
     _, logged, line_number, line = _core.read_log_header(log)
     same = len(logged) == len(specs) and all(
         (total, granularity, integrated) == spec[1:4]
-        for (total, granularity, integrated), spec in zip(logged, specs))
+        for (total, granularity, integrated), spec in zip(logged, specs, strict=True)
+    )
     if logged and not same:
-        specs = [default_spec(index, total, granularity, integrated)
-                 for index, (total, granularity, integrated) in enumerate(logged)]
+        specs = [
+            default_spec(index, total, granularity, integrated)
+            for index, (total, granularity, integrated) in enumerate(logged)
+        ]
     try:
         stack = SimStack(specs, **options)
     except ValueError as error:
-        raise ValueError(f"cannot replay log line {line_number} ('{line[:200]}'): the simulator "
-                         f"cannot have the devices its header describes: {error}") from None
+        raise ValueError(
+            f"cannot replay log line {line_number} ('{line[:200]}'): the simulator "
+            f"cannot have the devices its header describes: {error}"
+        ) from None
     differences, notes = _core.replay_on_simulator(log, stack.driver, stack.failures, stack.gpu)
     return ReplayReport(list(differences), list(notes))

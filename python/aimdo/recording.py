@@ -34,8 +34,9 @@ class Recording:
     def __init__(self, backend):
         driver = getattr(backend, "driver", None)
         if not isinstance(driver, _core.Driver):
-            raise TypeError(f"Recording needs a backend (CudaBackend, SimBackend), "
-                            f"not {type(backend).__name__}")
+            raise TypeError(
+                f"Recording needs a backend (CudaBackend, SimBackend), not {type(backend).__name__}"
+            )
         self._backend = backend
         self._events = _core.EventLog()
         naming = getattr(backend, "_address_naming", None)

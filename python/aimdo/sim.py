@@ -60,9 +60,10 @@ __all__ = [
 _OPERATIONS = _core.operations()
 #: Driver functions whose simulated cost ``SimBackend(costs=...)`` can set.
 COST_NAMES = tuple(name for name, _, cost_ns, _, _ in _OPERATIONS if cost_ns is not None)
-#: Their default costs in seconds (measured on H100s: shared/h100-measurements.md).
-DEFAULT_COSTS = {name: cost_ns / 1e9 for name, _, cost_ns, _, _ in _OPERATIONS
-                 if cost_ns is not None}
+#: Their default costs in seconds (measured on H100s: docs/measurements.md).
+DEFAULT_COSTS = {
+    name: cost_ns / 1e9 for name, _, cost_ns, _, _ in _OPERATIONS if cost_ns is not None
+}
 
 #: Simulators alive in this process, for the at-fork handler below.
 _live: weakref.WeakSet[SimBackend] = weakref.WeakSet()
@@ -111,7 +112,7 @@ class SimBackend:
     ``record`` keeps the event log from the start (see ``log``); ``real_bytes`` backs
     mapped pages with host memory really mapped at the VBAR's addresses (see ``view``);
     ``costs`` sets the virtual time driver functions take, in seconds, by name (see
-    ``COST_NAMES``; the defaults, ``DEFAULT_COSTS``, are from shared/h100-measurements.md).
+    ``COST_NAMES``; the defaults, ``DEFAULT_COSTS``, are from docs/measurements.md).
 
     Its driver is the simulator under two adaptors (see aimdo._sim_stack): one records
     the calls (``log``, ``replay``), one counts them and fails chosen ones (``fail``).
@@ -142,10 +143,15 @@ class SimBackend:
         unknown = sorted(set(costs) - set(COST_NAMES))
         if unknown:
             raise ValueError(f"costs: no simulated cost named {unknown}; known: {list(COST_NAMES)}")
-        costs_ns = {name: nanoseconds(seconds, f"costs[{name!r}]")
-                    for name, seconds in costs.items()}
-        self._options = {"seed": seed, "free_delay_ns": free_delay_ns,
-                         "real_bytes": bool(real_bytes), "costs_ns": costs_ns}
+        costs_ns = {
+            name: nanoseconds(seconds, f"costs[{name!r}]") for name, seconds in costs.items()
+        }
+        self._options = {
+            "seed": seed,
+            "free_delay_ns": free_delay_ns,
+            "real_bytes": bool(real_bytes),
+            "costs_ns": costs_ns,
+        }
         self._stack = SimStack(self._specs, **self._options)
         if record:
             self._stack.driver.start()
@@ -263,8 +269,7 @@ class SimBackend:
         """Hold the next call of ``operation`` on ``device`` open until released: it
         blocks before taking any of the simulator's locks. For tests that need a driver
         call in flight (see SimHold)."""
-        return SimHold(self._stack.gpu, self._stack.gpu.hold(operation, device), operation,
-                       device)
+        return SimHold(self._stack.gpu, self._stack.gpu.hold(operation, device), operation, device)
 
     def fail_rate(
         self,
@@ -280,8 +285,9 @@ class SimBackend:
         code = error_code(error)
         if isinstance(probability, bool) or not isinstance(probability, (int, float)):
             raise TypeError("probability must be a number")
-        self._stack.failures.fail_rate(operation, -1 if device is None else device, code,
-                                       float(probability))
+        self._stack.failures.fail_rate(
+            operation, -1 if device is None else device, code, float(probability)
+        )
 
     # -- virtual time -----------------------------------------------------------------
     def now(self, device: int | None = None) -> float:
@@ -372,6 +378,8 @@ class SimBackend:
         except UnicodeEncodeError as error:
             number = log.count("\n", 0, error.start) + 1
             text = log.split("\n")[number - 1]
-            raise ValueError(f"cannot replay log line {number} ({text[:200]!r}): "
-                             "it is not valid text (it holds a lone surrogate)") from None
+            raise ValueError(
+                f"cannot replay log line {number} ({text[:200]!r}): "
+                "it is not valid text (it holds a lone surrogate)"
+            ) from None
         return replay(log, self._specs, **self._options)

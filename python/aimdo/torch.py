@@ -23,7 +23,8 @@ import weakref
 import torch
 
 from . import _core
-from ._manager import Manager, get_manager
+from ._default import get_manager
+from ._manager import Manager
 from ._placement import place, spread_order
 from ._schedule import IN_LINE, PAGES, TEMPORARY, Block, Executor, ForwardStats, Schedule
 from .sim import SimBackend, host_view
