@@ -106,3 +106,35 @@ def test_a_manager_on_real_gpus_is_refused():
 
     with pytest.raises(TypeError, match="SimBackend"):
         predict_offload(NotSim(), 0, [PAGE], [MS], steps=1)
+
+
+MiB = 1 << 20
+
+
+def llama_8b_blocks() -> list[int]:
+    """Llama-3-8B's blocks in the order they run, in bf16 bytes: the embedding, 32 layers
+    (norm, q, k, v, o, norm, gate, up, down) and the final norm and the output head."""
+    hidden, intermediate, kv, vocabulary = 4096, 14336, 1024, 128256
+    layer = [2 * hidden, hidden * hidden * 2, kv * hidden * 2, kv * hidden * 2]
+    layer += [hidden * hidden * 2, 2 * hidden] + [intermediate * hidden * 2] * 3
+    return [vocabulary * hidden * 2, *layer * 32, 2 * hidden, vocabulary * hidden * 2]
+
+
+@pytest.mark.parametrize("spread, hits", [(True, 91), (False, 115)])
+def test_a_llama_8b_at_a_6_gib_budget_stages_through_224_mib(make_manager, spread, hits):
+    # Issue 12: staging buffers grew to the largest block they staged, 1002 MiB each for
+    # the embedding and the head. Now each is at most staging_bytes // (prefetch + 1)
+    # (128 MiB by default): two of 112 MiB (the MLP's matrices); a larger offloaded block
+    # takes a temporary buffer of its own, freed after its compute.
+    blocks = llama_8b_blocks()
+    manager = make_manager(pages=192, sim=aimdo.SimBackend("1x80GiB"), page_size=32 * MiB)
+    steps = predict_offload(
+        manager, 0, blocks, [0.1 * MS] * len(blocks), steps=3, prefetch=1, spread=spread
+    )
+    assert steps[0].staging_bytes == 0  # the first forward learns the order, in line
+    for step in steps[1:]:
+        assert step.staging_bytes == 2 * 112 * MiB
+        assert step.hits == hits and step.offloaded_layers == len(blocks) - hits
+        # Spread, both vocabulary matrices stay resident; in order, the head is offloaded
+        # and goes through a temporary buffer of its 1002 MiB.
+        assert step.peak_temporary_bytes == (0 if spread else blocks[-1])

@@ -112,7 +112,7 @@ class Schedule:
         self.unresident = len(self.blocks)  # blocks whose last fault did not find them in place
         self.standalone = False  # a call outside a forward: no order, no prefetch
         self.temporary_bytes = 0
-        self.held = {}  # blocks loaded or pinned, in load order: what end_forward lets go
+        self.held = {}  # blocks loaded (pinned, if in their pages), in load order
         self.stats = ForwardStats()
         self._update_staging()
 
@@ -142,15 +142,14 @@ class Schedule:
         self._update_staging()
 
     def end_forward(self) -> None:
-        """Let go every block still loaded or pinned (prefetched but never run, or left so
-        by an exception), each whatever the others do; raise the first failure."""
+        """Let go every block still loaded (prefetched but never run, or left so by an
+        exception), each whatever the others do; raise the first failure."""
         failure = None
         for block in list(self.held):
-            if block.loaded or block.pinned:
-                try:
-                    self._let_go(block)
-                except BaseException as error:  # noqa: BLE001 - raised below, after the rest
-                    failure = failure or error
+            try:
+                self._let_go(block)
+            except BaseException as error:  # noqa: BLE001 - raised below, after the rest
+                failure = failure or error
         if self.learning and self.order and not self.standalone:
             self.learning = False
             self._index_uses()
@@ -260,7 +259,6 @@ class Schedule:
         signature = self.vbar.fault(block.allocation)
         block.pinned = signature is not None
         block.offloaded = signature is None
-        self.held[block] = None
         if signature is None or signature != block.signature:
             return self._copy_in(block, signature, ahead, stageable)
         try:  # a hit: the weights are in the block's pages, as the last copy left them
@@ -269,6 +267,7 @@ class Schedule:
             self._forget(block)
             raise
         block.loaded = True
+        self.held[block] = None
         if not block.resident:
             self._set_resident(block, True)
         stats = self.stats
@@ -283,8 +282,10 @@ class Schedule:
             into = PAGES
             if signature is None:
                 into = self.take_slot(block.nbytes) if stageable else TEMPORARY
-                if into is None:  # every buffer in use (only ahead: the check above)
-                    return False
+                if into is None:  # every buffer in use (by blocks ahead, or enclosing ones)
+                    if ahead:
+                        return False
+                    into = TEMPORARY
             self._hold(block, into)
             block.signature = None  # until the copy is queued
             self._set_resident(block, False)
@@ -314,6 +315,7 @@ class Schedule:
             block.slot = into
         block.storage = self.executor.destination(block, into)
         block.loaded = True
+        self.held[block] = None
         if into is TEMPORARY:
             block.temporary = True
             self.temporary_bytes += block.nbytes

@@ -176,9 +176,12 @@ def make_forward(runner: Runner, module: torch.nn.Module, binding: Binding, is_r
 
     def forward(*args, **kwargs):
         if runner.owner != get_ident():
-            if runner.undone:  # a reference kept from before undo: the module as it is now
-                return reference().forward(*args, **kwargs)
-            return runner.call(forward, is_root, args, kwargs)
+            # This function, found through the module: a closure naming itself would be a
+            # cycle only the garbage collector frees (and with it the VBAR).
+            module = reference()
+            if runner.undone:  # called through a reference kept from before undo
+                return module.forward(*args, **kwargs)
+            return runner.call(module.forward, is_root, args, kwargs)
         entered = 0
         try:
             for block in blocks:
