@@ -43,7 +43,12 @@ class Executor(ABC):
     def destination(self, block, into):
         """Where `block`'s weights go and are read from this forward (kept in
         block.storage): into is PAGES (valid from the fault to the unpin), a Slot (its
-        first block.nbytes bytes), or TEMPORARY (a new buffer of block.nbytes)."""
+        first block.nbytes bytes), or TEMPORARY (a new buffer of block.nbytes).
+
+        A VBAR's addresses never move, so the PAGES destination of a block stays what it
+        was while its allocation lives: after the first, the Schedule reuses it on a hit
+        without asking again, unless the block was held elsewhere since (a Slot or a
+        temporary buffer, after which Block.unbind was called)."""
 
     @abstractmethod
     def copy(self, block, storage, after):

@@ -40,7 +40,25 @@ class ForwardStats:
 
 class Block:
     """One block of weights (one allocation in the VBAR) and its state in the schedule.
-    Front ends subclass it with what they need to copy and run it."""
+    Front ends subclass it with what they need to copy and run it (with __slots__ of their
+    own: every module's forward reads these fields, and slots are the fastest to read)."""
+
+    __slots__ = (
+        "nbytes",
+        "allocation",
+        "signature",
+        "loaded",
+        "storage",
+        "pinned",
+        "ready",
+        "slot",
+        "temporary",
+        "queued",
+        "offloaded",
+        "resident",
+        "users",
+        "in_pages",
+    )
 
     def __init__(self, nbytes: int):
         self.nbytes = nbytes
@@ -56,6 +74,7 @@ class Block:
         self.offloaded = False  # its last fault said offloaded
         self.resident = False  # its last fault found its weights in place
         self.users = 0  # uses in progress: before() calls not yet matched by release()
+        self.in_pages = None  # the executor's PAGES destination, while the last one used
 
     def unbind(self) -> None:
         """Called first when the block is let go: `storage` stops being valid, so drop
@@ -261,11 +280,16 @@ class Schedule:
         block.offloaded = signature is None
         if signature is None or signature != block.signature:
             return self._copy_in(block, signature, ahead, stageable)
-        try:  # a hit: the weights are in the block's pages, as the last copy left them
-            block.storage = self.executor.destination(block, PAGES)
-        except BaseException:
-            self._forget(block)
-            raise
+        # A hit: the weights are in the block's pages, as the last copy left them. The
+        # executor is asked for the pages again only if the block was held elsewhere since.
+        storage = block.in_pages
+        if storage is None:
+            try:
+                storage = block.in_pages = self.executor.destination(block, PAGES)
+            except BaseException:
+                self._forget(block)
+                raise
+        block.storage = storage
         block.loaded = True
         self.held[block] = None
         if not block.resident:
@@ -314,6 +338,7 @@ class Schedule:
         if isinstance(into, Slot):
             block.slot = into
         block.storage = self.executor.destination(block, into)
+        block.in_pages = block.storage if into is PAGES else None
         block.loaded = True
         self.held[block] = None
         if into is TEMPORARY:

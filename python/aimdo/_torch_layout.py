@@ -79,6 +79,8 @@ class TorchBlock(Block):
     chose, are in `views` between the load and the let-go; `start`/`end` is that
     destination's address range (an output inside it aliases the weights)."""
 
+    __slots__ = ("name", "weights", "views", "start", "end", "page_storage", "page_views", "runs")
+
     def __init__(self, name: str):
         super().__init__(1)
         self.name = name

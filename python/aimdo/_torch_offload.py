@@ -169,10 +169,20 @@ def make_forward(runner: Runner, module: torch.nn.Module, binding: Binding, is_r
     it to pick the arguments of generate)."""
     reference = weakref.ref(module)
     previous = module.__dict__.get("forward", _ABSENT)
-    original = type(module).forward if previous is _ABSENT else None
-    blocks = tuple(binding.blocks)
+    if previous is _ABSENT:
+        target = type(module).forward
+    else:  # a forward set on the instance before (another library's wrapper): kept as it is
+
+        def target(_module, *args, **kwargs):
+            return previous(*args, **kwargs)
+
+    blocks, count = tuple(binding.blocks), len(binding.blocks)
     assign, restore = tuple(binding.assign), tuple(binding.restore)
-    schedule, get_ident = runner.schedule, threading.get_ident
+    before, release, get_ident = (
+        runner.schedule.before,
+        runner.schedule.release,
+        threading.get_ident,
+    )
 
     def forward(*args, **kwargs):
         if runner.owner != get_ident():
@@ -185,22 +195,19 @@ def make_forward(runner: Runner, module: torch.nn.Module, binding: Binding, is_r
         entered = 0
         try:
             for block in blocks:
-                schedule.before(block)
+                before(block)
                 entered += 1
             for entries, key, block, index in assign:
                 entries[key] = block.views[index]
             try:
-                if original is not None:
-                    output = original(reference(), *args, **kwargs)
-                else:
-                    output = previous(*args, **kwargs)
+                output = target(reference(), *args, **kwargs)
             finally:
                 for entries, key, placeholder in restore:
                     entries[key] = placeholder
             return owned(output, blocks)
         finally:
-            for block in blocks[:entered]:
-                schedule.release(block)
+            for block in blocks if entered == count else blocks[:entered]:
+                release(block)
 
     try:
         forward.__signature__ = inspect.signature(module.forward)

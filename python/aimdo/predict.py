@@ -56,6 +56,8 @@ class PredictedStep:
 
 
 class _Block(Block):
+    __slots__ = ("index", "seconds")
+
     def __init__(self, index: int, nbytes: int, seconds: float):
         super().__init__(nbytes)
         self.index = index

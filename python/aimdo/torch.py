@@ -188,7 +188,7 @@ class Offload:
         if self._runner is not None:
             self._runner.schedule.drop_staging()
         for block in self._blocks:
-            block.page_storage = block.page_views = None
+            block.page_storage = block.page_views = block.in_pages = None
             block.unbind()
         self._host.give_back()
         if self.vbar is not None:
