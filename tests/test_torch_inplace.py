@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")  # the test extra installs it: a skip here 
 
 import aimdo  # noqa: E402
 import aimdo.torch as atorch  # noqa: E402
-from conftest import PAGE  # noqa: E402
+from conftest import BACKEND, PAGE  # noqa: E402
 from torch_support import new_manager, reference, stack, weight_bytes, where  # noqa: E402
 
 
@@ -377,3 +377,22 @@ def test_staging_is_capped_and_larger_blocks_take_temporary_buffers(make_manager
     assert [" ".join(step.schedule) for step in predicted] == schedules
     assert predicted[2].staging_bytes == 2 * PAGE
     assert predicted[2].peak_temporary_bytes == 8 * PAGE
+
+
+def test_weights_already_pinned_are_used_where_they_are(make_manager):
+    if BACKEND == "sim":
+        pytest.skip("pinned host memory needs CUDA")
+    model = stack(blocks=2)
+    pinned = [p for name, p in model.named_parameters() if name.startswith("0.")]
+    for p in pinned:
+        p.data = p.data.pin_memory()
+    addresses = [p.data_ptr() for p in pinned]
+    x = torch.randn(2, 256).to(where(0))
+    expected = reference(model, x, 0)
+    manager = new_manager(make_manager, pages=64)
+    with atorch.offload(model, 0, manager=manager) as offloaded:
+        # Only the other layer's weights are moved into a chunk of their own (registered).
+        assert offloaded.pinned_bytes == weight_bytes(model[1])
+        assert [p.data_ptr() for p in pinned] == addresses
+        assert torch.equal(model(x), expected)
+    assert [p.data_ptr() for p in pinned] == addresses  # left where they were
