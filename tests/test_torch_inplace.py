@@ -396,3 +396,29 @@ def test_weights_already_pinned_are_used_where_they_are(make_manager):
         assert [p.data_ptr() for p in pinned] == addresses
         assert torch.equal(model(x), expected)
     assert [p.data_ptr() for p in pinned] == addresses  # left where they were
+
+
+def test_strided_weights_keep_their_layout_and_broadcast_ones_are_stored_whole(make_manager):
+    class Strided(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(256, 128).t())  # dense, transposed
+            self.register_buffer("offsets", torch.arange(256.0).expand(4, 256))  # stride 0
+
+        def forward(self, x):
+            return x @ self.weight + self.offsets[: x.shape[0]]
+
+    torch.manual_seed(0)
+    model = Strided().eval()
+    x = torch.randn(3, 128).to(where(0))
+    expected = reference(model, x, 0)
+    weight, offsets = model.weight, model.offsets
+    manager = new_manager(make_manager, pages=64)
+    with atorch.offload(model, 0, manager=manager) as offloaded:
+        # The transposed weight keeps its strides (in its block too); the broadcast buffer
+        # takes its 4 x 256 elements, contiguous.
+        assert offloaded.pinned_bytes == 256 * 128 * 4 + 4 * 256 * 4
+        assert weight.stride() == (1, 128) and offsets.stride() == (256, 1)
+        assert torch.equal(model(x), expected)
+    assert model.weight is weight and weight.stride() == (1, 128)
+    assert model.offsets is offsets and torch.equal(offsets, torch.arange(256.0).expand(4, 256))

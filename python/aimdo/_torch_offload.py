@@ -1,6 +1,7 @@
 """A module offloaded in place (aimdo.torch.offload; design.md §7): the schedule's executor
-on PyTorch tensors, the forwards that run each module's blocks, and the handle that undoes
-it all. Needs PyTorch; imported by aimdo.torch only."""
+on PyTorch tensors, the Runner the modules share, and the forward put in each module that
+runs its blocks. aimdo.torch's Offload puts them in place and takes them out. Needs
+PyTorch; imported by aimdo.torch only."""
 
 from __future__ import annotations
 
@@ -137,8 +138,12 @@ class Runner:
         module's (learning the order, prefetching) when `is_root`, else one module's."""
         if not self.lock.acquire(blocking=False):
             raise _core.InvalidStateError(
-                "an offloaded module runs one forward at a time: another thread is in one"
+                "an offloaded module runs one forward at a time: another thread is in one "
+                "(or is undoing the offload)"
             )
+        if self.undone:  # undone since the caller looked: `forward` now finds the original
+            self.lock.release()
+            return forward(*args, **kwargs)
         try:
             self.owner = threading.get_ident()
             schedule = self.schedule

@@ -115,9 +115,10 @@ class Offload:
     through ``prefetch + 1`` staging buffers of at most ``staging_bytes // (prefetch + 1)``
     each (``staging_bytes``: held now). ``last_stats`` tells what the last forward did.
 
-    Inference only (forwards run under torch.no_grad()). One forward at a time: a call
-    from a second thread during one raises aimdo.InvalidStateError; offload a copy of the
-    model to another device to run two at once. A submodule called outside a forward of
+    Inference only (forwards run under torch.no_grad()). Thread-safety: one forward at a
+    time; a call or an undo from a second thread during one raises aimdo.InvalidStateError
+    (the Runner's lock is only tried, never waited for); offload a copy of the model to
+    another device to run two at once. A submodule called outside a forward of
     the whole runs on its own, without prefetch. A module that reads a submodule's
     weights without calling it must be offloaded ``whole``. Change weights only after
     undo.
@@ -127,7 +128,6 @@ class Offload:
         backend = manager.backend
         sim = backend if isinstance(backend, SimBackend) else None
         self.device = torch.device("cpu") if sim else torch.device("cuda", device)
-        self._index = device
         blocks, bindings = lay_out(module, options["whole"], self.device)
         declared = _declared_order(options["order"], bindings)
         self._blocks = blocks
