@@ -17,23 +17,18 @@ import torch
 MAX_DEPTH = 16
 
 
-def _aliases(tensor: torch.Tensor, blocks) -> bool:
-    # A tensor viewing a block starts inside the block's range: views never reach below
-    # their first element (strides are non-negative), and nothing else lives there while
-    # the block is held (VBAR pages are aimdo's; a staging buffer is held by the block).
-    pointer = tensor.data_ptr()
-    for block in blocks:
-        if block.start <= pointer < block.end:
-            return True
-    return False
-
-
 def owned(value, blocks, depth: int = 0):
     """`value`, with every tensor in it that views one of `blocks`' current storage
     replaced by a copy (same strides where the tensor is dense)."""
     if isinstance(value, torch.Tensor):
-        if _aliases(value, blocks):
-            return value.clone(memory_format=torch.preserve_format)
+        # A tensor viewing a block starts inside the block's range: views never reach
+        # below their first element (strides are non-negative), and nothing else lives
+        # there while the block is held (VBAR pages are aimdo's; a staging buffer is held
+        # by the block).
+        pointer = value.data_ptr()
+        for block in blocks:
+            if block.start <= pointer < block.end:
+                return value.clone(memory_format=torch.preserve_format)
         return value
     if depth >= MAX_DEPTH:
         return value
