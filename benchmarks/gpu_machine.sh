@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/gpu_machine.sh suite              # the whole suite on the cuda backend
 #   bash benchmarks/gpu_machine.sh streaming [ARGS]   # python -m benchmarks.streaming ARGS
+#   bash benchmarks/gpu_machine.sh host_overhead [ARGS]  # ... benchmarks.host_overhead ARGS
 #   bash benchmarks/gpu_machine.sh python ARGS        # any other python command
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,10 @@ case "$what" in
   streaming)
     PYTHONUNBUFFERED=1 python3 -m benchmarks.streaming --out "$out/streaming.json" "$@" 2>&1 |
       tee "$out/streaming.log"
+    ;;
+  host_overhead)
+    PYTHONUNBUFFERED=1 python3 -m benchmarks.host_overhead --backend cuda \
+      --out "$out/host_overhead.json" "$@" 2>&1 | tee "$out/host_overhead.log"
     ;;
   python)
     PYTHONUNBUFFERED=1 python3 "$@" 2>&1 | tee "$out/python.log"

@@ -199,7 +199,7 @@ def main() -> int:
             offloaded = atorch.offload(
                 model, 0, manager=manager, prefetch=prefetch, spread=placement == "spread"
             )
-            times, out = time_steps(offloaded, x, args.steps, device)
+            times, out = time_steps(model, x, args.steps, device)
             stats = offloaded.last_stats
             floor = max(compute, stats.bytes_copied / bandwidth)
             step = steady_median(times)
@@ -245,7 +245,7 @@ def main() -> int:
                 f" GiB budget: {(left - manager.resident_bytes(0)) / 2**20:.0f} MiB unfilled "
                 f"(largest block {largest / 2**20:.0f} MiB, page {page / 2**20:.0f} MiB)"
             )
-            del offloaded
+            offloaded.undo()  # the model back on the host, for the next run
         if not args.tiny:
             torch.cuda.empty_cache()
     result["headline"] = f"aimdo {variants[0][0]} prefetch {variants[0][1]}"

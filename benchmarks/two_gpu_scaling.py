@@ -18,6 +18,7 @@ is measured too.
 from __future__ import annotations
 
 import argparse
+import copy
 import threading
 import time
 
@@ -122,17 +123,21 @@ def main() -> int:
         page_size=page,
         headroom=0 if args.tiny else None,
     ) as manager:
+        # A module is offloaded to one device at a time: GPU 1 runs a twin that holds the
+        # same weight tensors (pinned, so neither offload copies them on the host).
+        weights = list(model.parameters()) + list(model.buffers())
+        modules = {0: model, 1: copy.deepcopy(model, {id(t): t for t in weights})}
         one = atorch.offload(model, 0, manager=manager, prefetch=args.prefetch)
-        # GPU 0's replica serves both configurations: one VBAR per GPU, so neither
+        # GPU 0's module serves both configurations: one VBAR per GPU, so neither
         # configuration evicts the other's weights.
-        two = {0: one, 1: atorch.offload(model, 1, manager=manager, prefetch=args.prefetch)}
+        two = {0: one, 1: atorch.offload(modules[1], 1, manager=manager, prefetch=args.prefetch)}
         first_outputs = None
         for repeat in range(args.repeats):
             # One GPU, batch 2.
             times1 = []
             for _ in range(args.steps):
                 start = time.perf_counter()
-                out1 = one(both.to(devices[0]))
+                out1 = model(both.to(devices[0]))
                 sync(devices[0])
                 times1.append(time.perf_counter() - start)
             copied1 = one.last_stats.bytes_copied
@@ -143,7 +148,7 @@ def main() -> int:
             def run(d, x):
                 for _ in range(args.steps):
                     start = time.perf_counter()
-                    outs[d] = two[d](x.to(devices[d]))  # noqa: B023
+                    outs[d] = modules[d](x.to(devices[d]))  # noqa: B023
                     sync(devices[d])
                     times2[d].append(time.perf_counter() - start)  # noqa: B023
                 copied2[d] = two[d].last_stats.bytes_copied  # noqa: B023
@@ -220,15 +225,16 @@ def main() -> int:
         # The layers split instead: the first half of the blocks on GPU 0, the rest on GPU 1,
         # batch 2 through both in turn (what accelerate's placement does, through aimdo).
         half = args.blocks // 2
-        for replica in (one, two[1]):  # their weights would compete with the halves'
-            replica.vbar.close()
-        one = two = None  # their replicas are closed
-        first = atorch.offload(model[:half], 0, manager=manager, prefetch=args.prefetch)
-        second = atorch.offload(model[half:], 1, manager=manager, prefetch=args.prefetch)
+        for offloaded in (one, two[1]):  # their weights would compete with the halves'
+            offloaded.undo()
+        one = two = None
+        head, tail = model[:half], model[half:]
+        first = atorch.offload(head, 0, manager=manager, prefetch=args.prefetch)
+        second = atorch.offload(tail, 1, manager=manager, prefetch=args.prefetch)
         times = []
         for _ in range(args.steps):
             start = time.perf_counter()
-            out = second(first(both.to(devices[0])).to(devices[1]))
+            out = tail(head(both.to(devices[0])).to(devices[1]))
             sync(devices[1])
             times.append(time.perf_counter() - start)
         split_step = steady_median(times)
@@ -246,7 +252,8 @@ def main() -> int:
             f"{copied / 2**30:.2f} GiB copied per step; identical: "
             f"{result['aimdo_layer_split']['identical_to_one_gpu']}"
         )
-        del first, second
+        first.undo()
+        second.undo()
     if args.accelerate and not args.tiny:
         replica, device_map = dispatch_with_accelerate(
             model, {0: args.vram_limit, 1: args.vram_limit, "cpu": 1 << 40}

@@ -20,32 +20,39 @@ def page_copy_manager(make_manager, copy_ms: float, pages: int = 2):
 
 
 @pytest.mark.parametrize(
-    "copy_ms, spread, step_ms, hits, schedule",
+    "copy_ms, spread, step_ms, steady_ms, hits, schedule",
     [
         # Four one-page blocks of 1 ms compute, two pages of budget. Spread placement 0 2 1 3
         # keeps blocks 0 and 2; copies of 1 and 3 overlap the compute before them.
-        (1, True, 4.0, 2, "copy1 run0 copy3 run1 run2 run3"),
-        # 2 ms a copy: copy1 0-2, run0 0-1, copy3 2-4, run1 2-3, run2 3-4, run3 4-5.
-        (2, True, 5.0, 2, "copy1 run0 copy3 run1 run2 run3"),
+        (1, True, 4.0, 4.0, 2, "copy1 run0 copy3 run1 run2 run3"),
+        # 2 ms a copy: copy1 0-2, run0 0-1, copy3 2-4, run1 2-3, run2 3-4, run3 4-5. The
+        # staging buffers stay for the next step, which starts at 5: block 1's buffer is
+        # free since run1 ended at 3, so copy1 runs 4-6, as soon as the copy engine is
+        # idle, before the step starts; run0 5-6, run1 6-7, copy3 6-8 (its buffer is free
+        # since 5), run2 7-8, run3 8-9: 4 ms.
+        (2, True, 5.0, 4.0, 2, "copy1 run0 copy3 run1 run2 run3"),
         # In order, blocks 0 and 1 fill the budget (block 2's first fault evicts nothing of
         # higher priority, so it is offloaded). copy2 0-2, run0 0-1, run1 1-2, copy3 2-4,
-        # run2 2-3, run3 4-5.
-        (2, False, 5.0, 2, "copy2 run0 run1 copy3 run2 run3"),
+        # run2 2-3, run3 4-5. Next step (from 5): copy2 4-6 (its buffer free since 3), run0
+        # 5-6, run1 6-7, copy3 6-8, run2 7-8, run3 8-9: 4 ms.
+        (2, False, 5.0, 4.0, 2, "copy2 run0 run1 copy3 run2 run3"),
     ],
 )
 def test_predicted_steps_are_the_stream_schedule_worked_by_hand(
-    make_manager, copy_ms, spread, step_ms, hits, schedule
+    make_manager, copy_ms, spread, step_ms, steady_ms, hits, schedule
 ):
     manager = page_copy_manager(make_manager, copy_ms)
     steps = predict_offload(
-        manager, 0, [PAGE] * 4, [1 * MS] * 4, steps=3, prefetch=1, spread=spread
+        manager, 0, [PAGE] * 4, [1 * MS] * 4, steps=4, prefetch=1, spread=spread
     )
     first = steps[0]
     # The first forward learns the order: every copy in line with the compute.
     assert first.schedule == ("copy0", "run0", "copy1", "run1", "copy2", "run2", "copy3", "run3")
     assert first.bytes_copied == 4 * PAGE
+    assert steps[1].seconds == pytest.approx(step_ms * MS, abs=1e-9)
+    for step in steps[2:]:
+        assert step.seconds == pytest.approx(steady_ms * MS, abs=1e-9)
     for step in steps[1:]:
-        assert step.seconds == pytest.approx(step_ms * MS, abs=1e-9)
         assert " ".join(step.schedule) == schedule
         assert (step.hits, step.offloaded_layers, step.copied_layers) == (hits, 4 - hits, 0)
         assert step.bytes_copied == (4 - hits) * PAGE
@@ -99,3 +106,35 @@ def test_a_manager_on_real_gpus_is_refused():
 
     with pytest.raises(TypeError, match="SimBackend"):
         predict_offload(NotSim(), 0, [PAGE], [MS], steps=1)
+
+
+MiB = 1 << 20
+
+
+def llama_8b_blocks() -> list[int]:
+    """Llama-3-8B's blocks in the order they run, in bf16 bytes: the embedding, 32 layers
+    (norm, q, k, v, o, norm, gate, up, down) and the final norm and the output head."""
+    hidden, intermediate, kv, vocabulary = 4096, 14336, 1024, 128256
+    layer = [2 * hidden, hidden * hidden * 2, kv * hidden * 2, kv * hidden * 2]
+    layer += [hidden * hidden * 2, 2 * hidden] + [intermediate * hidden * 2] * 3
+    return [vocabulary * hidden * 2, *layer * 32, 2 * hidden, vocabulary * hidden * 2]
+
+
+@pytest.mark.parametrize("spread, hits", [(True, 91), (False, 115)])
+def test_a_llama_8b_at_a_6_gib_budget_stages_through_224_mib(make_manager, spread, hits):
+    # Issue 12: staging buffers grew to the largest block they staged, 1002 MiB each for
+    # the embedding and the head. Now each is at most staging_bytes // (prefetch + 1)
+    # (128 MiB by default): two of 112 MiB (the MLP's matrices); a larger offloaded block
+    # takes a temporary buffer of its own, freed after its compute.
+    blocks = llama_8b_blocks()
+    manager = make_manager(pages=192, sim=aimdo.SimBackend("1x80GiB"), page_size=32 * MiB)
+    steps = predict_offload(
+        manager, 0, blocks, [0.1 * MS] * len(blocks), steps=3, prefetch=1, spread=spread
+    )
+    assert steps[0].staging_bytes == 0  # the first forward learns the order, in line
+    for step in steps[1:]:
+        assert step.staging_bytes == 2 * 112 * MiB
+        assert step.hits == hits and step.offloaded_layers == len(blocks) - hits
+        # Spread, both vocabulary matrices stay resident; in order, the head is offloaded
+        # and goes through a temporary buffer of its 1002 MiB.
+        assert step.peak_temporary_bytes == (0 if spread else blocks[-1])

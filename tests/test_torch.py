@@ -6,6 +6,7 @@ same tests run on the GPUs.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import subprocess
 import sys
@@ -19,48 +20,14 @@ import aimdo  # noqa: E402
 import aimdo.torch as atorch  # noqa: E402
 from aimdo import _core  # noqa: E402
 from conftest import BACKEND, PAGE  # noqa: E402
-
-
-def new_manager(make_manager, pages, devices=(0,), **options):
-    if BACKEND == "sim":
-        return make_manager(
-            pages=pages, devices=devices, sim=aimdo.SimBackend("2x1GiB", real_bytes=True), **options
-        )
-    return make_manager(pages=pages, devices=devices, **options)
-
-
-def where(device: int) -> torch.device:
-    return torch.device("cpu") if BACKEND == "sim" else torch.device("cuda", device)
-
-
-def stack(blocks: int = 12, width: int = 256, seed: int = 0) -> torch.nn.Module:
-    """A small transformer-like stack: per block, LayerNorm -> Linear -> GELU -> Linear."""
-    torch.manual_seed(seed)
-
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm = torch.nn.LayerNorm(width)
-            self.up = torch.nn.Linear(width, 4 * width)
-            self.down = torch.nn.Linear(4 * width, width)
-
-        def forward(self, x):
-            return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
-
-    return torch.nn.Sequential(*[Block() for _ in range(blocks)]).eval()
-
-
-def reference(model, x, device):
-    import copy
-
-    with torch.no_grad():
-        return copy.deepcopy(model).to(where(device))(x.to(where(device)))
-
-
-def weight_bytes(model) -> int:
-    return sum(
-        t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
-    )
+from torch_support import (  # noqa: E402
+    new_manager,
+    one_page_layers,
+    reference,
+    stack,
+    weight_bytes,
+    where,
+)
 
 
 def test_as_tensor_views_the_allocation_in_place(make_manager):
@@ -88,12 +55,12 @@ def test_a_stack_three_times_the_budget_gives_identical_outputs(make_manager):
     model = stack()
     budget_pages = weight_bytes(model) // 3 // PAGE
     manager = new_manager(make_manager, pages=budget_pages)
-    offloaded = atorch.offload(model, 0, manager=manager, prefetch=1)
     x = torch.randn(4, 256)
     expected = reference(model, x, 0)
+    offloaded = atorch.offload(model, 0, manager=manager, prefetch=1)
     copied = []
     for _ in range(4):
-        out = offloaded(x.to(where(0)))
+        out = model(x.to(where(0)))
         assert torch.equal(out, expected)
         stats = offloaded.last_stats
         assert stats.layers == 36
@@ -108,13 +75,13 @@ def test_a_stack_three_times_the_budget_gives_identical_outputs(make_manager):
 def test_a_model_that_fits_copies_nothing_after_the_first_forward(make_manager):
     model = stack(blocks=3)
     manager = new_manager(make_manager, pages=weight_bytes(model) // PAGE + 8)
-    offloaded = atorch.offload(model, 0, manager=manager)
     x = torch.randn(2, 256).to(where(0))
     expected = reference(model, x, 0)
-    assert torch.equal(offloaded(x), expected)
+    offloaded = atorch.offload(model, 0, manager=manager)
+    assert torch.equal(model(x), expected)
     assert offloaded.last_stats.bytes_copied == weight_bytes(model)  # every block once
     for _ in range(3):
-        assert torch.equal(offloaded(x), expected)
+        assert torch.equal(model(x), expected)
         assert offloaded.last_stats.bytes_copied == 0
         assert offloaded.last_stats.hits == 9
 
@@ -123,11 +90,12 @@ def test_prefetch_changes_no_output_and_no_byte_count(make_manager):
     model = stack()
     manager = new_manager(make_manager, pages=weight_bytes(model) // 3 // PAGE, devices=(0, 1))
     x = torch.randn(4, 256)
+    twin = copy.deepcopy(model)  # a module is offloaded to one device at a time
     plain = atorch.offload(model, 0, manager=manager, prefetch=0)
-    ahead = atorch.offload(model, 1, manager=manager, prefetch=3)
+    ahead = atorch.offload(twin, 1, manager=manager, prefetch=3)
     for _ in range(3):
-        a = plain(x.to(where(0)))
-        b = ahead(x.to(where(1)))
+        a = model(x.to(where(0)))
+        b = twin(x.to(where(1)))
         assert torch.equal(a.cpu(), b.cpu())
         assert plain.last_stats.bytes_copied == ahead.last_stats.bytes_copied
 
@@ -159,6 +127,7 @@ def test_weights_are_placed_spread_or_in_order_and_as_declared(make_manager):
         "2.up",
         "2.down",
     ]
+    expected = reference(model, x, 0)
     spread = atorch.offload(model, 0, manager=manager)
     # Placed when offloaded, before any forward: registration order, spread.
     assert [name for name, _, _ in spread.placement()] == [
@@ -172,13 +141,15 @@ def test_weights_are_placed_spread_or_in_order_and_as_declared(make_manager):
         "1.norm",
         "2.down",
     ]
-    in_order = atorch.offload(model, 0, manager=manager, spread=False)
-    assert [name for name, _, _ in in_order.placement()] == registered
-    expected = in_order(x)
-    assert torch.equal(spread(x), expected)
+    assert torch.equal(model(x), expected)
+    spread.undo()
+    with atorch.offload(model, 0, manager=manager, spread=False) as in_order:
+        assert [name for name, _, _ in in_order.placement()] == registered
+        assert torch.equal(model(x), expected)
     declared_order = [model[2].up, model[2].down, model[0].up]
     declared = atorch.offload(model, 0, manager=manager, order=declared_order, spread=False)
-    assert torch.equal(declared(x), expected)
+    assert torch.equal(model(x), expected)
+    declared.undo()
     names = [name for name, _, _ in declared.placement()]
     assert names == ["2.up", "2.down", "0.up"] + [
         n for n in registered if n not in ("2.up", "2.down", "0.up")
@@ -189,25 +160,6 @@ def test_weights_are_placed_spread_or_in_order_and_as_declared(make_manager):
         atorch.offload(model, 0, manager=manager, order=[torch.nn.Linear(2, 2)])
     with pytest.raises(TypeError, match="spread"):
         atorch.offload(model, 0, manager=manager, spread=1)
-
-
-def one_page_layers(count: int, log: list) -> torch.nn.Module:
-    """`count` bias-free float32 Linear layers of exactly one page each, logging "runN"."""
-
-    class Layer(torch.nn.Linear):
-        def __init__(self, index):
-            fan_in, fan_out = (
-                (PAGE // 4 // 1024, 1024) if index % 2 == 0 else (1024, PAGE // 4 // 1024)
-            )
-            super().__init__(fan_in, fan_out, bias=False)
-            self.index = index
-
-        def forward(self, x):
-            log.append(f"run{self.index}")
-            return super().forward(x)
-
-    torch.manual_seed(0)
-    return torch.nn.Sequential(*[Layer(i) for i in range(count)]).eval()
 
 
 @pytest.mark.sim_only  # on CUDA the staging buffers are other usage and move the budget
@@ -230,21 +182,21 @@ def test_residency_and_prefetch_schedule_of_a_stack_twice_the_budget(
     log = []
     model = one_page_layers(8, log)
     manager = new_manager(make_manager, pages=4)
-    offloaded = atorch.offload(model, 0, manager=manager, prefetch=prefetch, spread=spread)
     x = torch.randn(1, PAGE // 4 // 1024)
     with torch.no_grad():
         expected = model(x)
-    assert torch.equal(offloaded(x), expected)  # learns the order
+    offloaded = atorch.offload(model, 0, manager=manager, prefetch=prefetch, spread=spread)
+    assert torch.equal(model(x), expected)  # learns the order
     original = atorch._TorchExecutor.copy_weights
 
     def logged(block, storage):
-        log.append(f"copy{block.module.index}")
+        log.append(f"copy{block.name}")  # the block of layer N is named "N"
         original(block, storage)
 
     monkeypatch.setattr(atorch._TorchExecutor, "copy_weights", staticmethod(logged))
     for _ in range(2):
         log.clear()
-        assert torch.equal(offloaded(x), expected)
+        assert torch.equal(model(x), expected)
         assert " ".join(log) == schedule
         stats = offloaded.last_stats
         assert (stats.hits, stats.offloaded_layers, stats.copied_layers) == (
@@ -274,19 +226,19 @@ def test_residency_and_prefetch_schedule_of_a_stack_twice_the_budget(
 
 @pytest.mark.sim_only  # the staging buffers are other usage on CUDA and move the budget
 def test_prefetch_does_not_pin_resident_blocks_ahead_of_their_turn(make_manager):
-    log = []
-    model = one_page_layers(8, log)
+    pinned_at_run = {}
+
+    class PinnedPagesAtRun(list):  # each layer logs "runN" from inside its forward
+        def append(self, item):
+            pinned_at_run[int(item[3:])] = pinned_pages(offloaded)
+
+    model = one_page_layers(8, PinnedPagesAtRun())
     manager = new_manager(make_manager, pages=4)
     offloaded = atorch.offload(model, 0, manager=manager, prefetch=1)  # resident: 0 2 5 7
-    pinned_at_run = {}
-    for index, layer in enumerate(offloaded._replica):
-        layer.register_forward_pre_hook(
-            lambda m, args, i=index: pinned_at_run.__setitem__(i, pinned_pages(offloaded))
-        )
     x = torch.randn(1, PAGE // 4 // 1024)
-    offloaded(x)  # learns the order
-    offloaded(x)  # finds 0 2 5 7 resident
-    offloaded(x)
+    model(x)  # learns the order
+    model(x)  # finds 0 2 5 7 resident
+    model(x)
     # Block 1 runs while block 3 is copied ahead; block 2, resident, between them, is left
     # unpinned until its turn. A block's own page is pinned while it runs.
     assert pinned_at_run == {0: 1, 1: 0, 2: 1, 3: 0, 4: 0, 5: 1, 6: 0, 7: 1}
@@ -304,6 +256,9 @@ def test_staging_buffers_are_at_most_prefetch_plus_one_and_grow_to_fit(make_mana
     ).eval()
     # A budget of no page (the limit is all headroom): everything is offloaded.
     manager = new_manager(make_manager, pages=0, headroom=PAGE)
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        expected = model(x)
     offloaded = atorch.offload(model, 0, manager=manager, prefetch=1)
     taken = []
     # The schedule shared with aimdo.predict takes the buffers; the tensors are the module's.
@@ -313,35 +268,38 @@ def test_staging_buffers_are_at_most_prefetch_plus_one_and_grow_to_fit(make_mana
 
     def recording(self, nbytes):
         slot = original(self, nbytes)
-        taken.append((nbytes, None if slot is None else slot.buffer.numel(), len(self.slots)))
+        taken.append((nbytes, None if slot is None else slot.nbytes, len(self.slots)))
         return slot
 
     monkeypatch.setattr(Schedule, "take_slot", recording)
-    x = torch.randn(2, 256)
-    with torch.no_grad():
-        expected = model(x)
     for _ in range(3):
-        assert torch.equal(offloaded(x), expected)
+        assert torch.equal(model(x), expected)
     assert offloaded.last_stats.offloaded_layers == 4
     # The first forward learns the order without staging; the next two stage all four.
     assert [nbytes for nbytes, _, _ in taken] == [PAGE, PAGE, 3 * PAGE, 3 * PAGE] * 2
     assert all(size >= nbytes for nbytes, size, _ in taken)
     assert max(count for _, _, count in taken) == 2
-    # Both buffers grew to the largest block: three pages each.
+    # Both buffers grew to the largest block: three pages each, kept for the next forward.
     assert taken[-2:] == [(3 * PAGE, 3 * PAGE, 2), (3 * PAGE, 3 * PAGE, 2)]
+    assert taken[4:6] == [(PAGE, 3 * PAGE, 2), (PAGE, 3 * PAGE, 2)]
+    assert offloaded.staging_bytes == 6 * PAGE
+    assert offloaded.last_stats.peak_temporary_bytes == 0
 
 
-def test_offload_leaves_the_module_untouched(make_manager):
+def test_undo_leaves_the_module_as_it_was(make_manager):
     model = stack(blocks=2)
     before = {name: (t, t.clone()) for name, t in model.state_dict(keep_vars=True).items()}
     manager = new_manager(make_manager, pages=64)
     offloaded = atorch.offload(model, 0, manager=manager)
-    offloaded(torch.randn(1, 256).to(where(0)))
+    model(torch.randn(1, 256).to(where(0)))
+    offloaded.undo()
     after = model.state_dict(keep_vars=True)
     assert set(after) == set(before)
-    for name, (tensor, copy) in before.items():
-        assert after[name] is tensor and torch.equal(tensor, copy), name
+    for name, (tensor, values) in before.items():
+        assert after[name] is tensor and torch.equal(tensor, values), name
     assert all(t.device.type == "cpu" for t in model.parameters())
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert manager.vbar_count(0) == 0
 
 
 def test_the_same_model_on_two_devices_runs_from_two_threads(make_manager):
@@ -350,7 +308,9 @@ def test_the_same_model_on_two_devices_runs_from_two_threads(make_manager):
     manager = new_manager(make_manager, pages=budget_pages, devices=(0, 1))
     x = torch.randn(4, 256)
     expected = {d: reference(model, x, d) for d in (0, 1)}
-    replicas = {d: atorch.offload(model, d, manager=manager) for d in (0, 1)}
+    replicas = {0: model, 1: copy.deepcopy(model)}  # one module per device
+    for device, replica in replicas.items():
+        atorch.offload(replica, device, manager=manager)
     results = {d: [] for d in (0, 1)}
     errors = []
 
@@ -447,10 +407,10 @@ layers = [torch.nn.Linear(4096, 4096).to(torch.bfloat16) for _ in range(32)]  # 
 model = torch.nn.Sequential(*layers).eval()
 offloaded = atorch.offload(model, 0, manager=manager)
 x = torch.randn(8, 4096, dtype=torch.bfloat16, device="cuda:0")
-first = offloaded(x)
+first = model(x)
 resident_before = manager.resident_bytes(0)
 big = [torch.empty(256 << 20, dtype=torch.uint8, device="cuda:0") for _ in range(3)]  # activations
-second = offloaded(x)
+second = model(x)
 print("resident", resident_before, manager.resident_bytes(0), "external", manager.external_bytes(0))
 assert torch.equal(first, second)
 assert manager.resident_bytes(0) < resident_before, "the activations should have pushed weights out"
@@ -490,6 +450,7 @@ def pinned_pages(offloaded) -> int:
 def test_an_interrupted_copy_leaves_no_pin_and_no_trusted_garbage(make_manager, monkeypatch):
     manager = sim_manager(make_manager, pages=16)
     model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)]).eval()
+    plain = copy.deepcopy(model)
     offloaded = atorch.offload(model, 0, manager=manager, prefetch=1)
     original = atorch._TorchExecutor.copy_weights
     calls = []
@@ -502,12 +463,12 @@ def test_an_interrupted_copy_leaves_no_pin_and_no_trusted_garbage(make_manager, 
 
     monkeypatch.setattr(atorch._TorchExecutor, "copy_weights", staticmethod(interrupted))
     with pytest.raises(KeyboardInterrupt):
-        offloaded(torch.zeros(1, 256))
+        model(torch.zeros(1, 256))
     monkeypatch.setattr(atorch._TorchExecutor, "copy_weights", staticmethod(original))
     assert pinned_pages(offloaded) == 0
     x = torch.randn(1, 256)
     with torch.no_grad():
-        assert torch.equal(offloaded(x), model(x))
+        assert torch.equal(model(x), plain(x))
     assert pinned_pages(offloaded) == 0
 
 
@@ -527,15 +488,16 @@ def test_an_exception_inside_a_layer_unpins_every_block(make_manager):
             return x * self.weight
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), Failing(), torch.nn.Linear(3, 3)).eval()
+    plain = copy.deepcopy(model)
     offloaded = atorch.offload(model, 0, manager=manager, prefetch=2)
-    offloaded(torch.ones(1, 3))  # learn the order, so the next forward prefetches
+    model(torch.ones(1, 3))  # learn the order, so the next forward prefetches
     trigger["fail"] = True
     with pytest.raises(ValueError, match="boom"):
-        offloaded(torch.ones(1, 3))
+        model(torch.ones(1, 3))
     trigger["fail"] = False
     assert pinned_pages(offloaded) == 0
     with torch.no_grad():
-        assert torch.equal(offloaded(torch.ones(1, 3)), model(torch.ones(1, 3)))
+        assert torch.equal(model(torch.ones(1, 3)), plain(torch.ones(1, 3)))
 
 
 @pytest.mark.sim_only
@@ -571,10 +533,11 @@ def test_an_output_that_views_a_layers_own_weights_stays_valid(make_manager):
             return x + angles
 
     model = Net().eval()
-    offloaded = atorch.offload(model, 0, manager=manager, prefetch=0)
     x = torch.zeros(2, 256)
     with torch.no_grad():
-        assert torch.equal(offloaded(x), model(x))
+        expected = model(x)
+    atorch.offload(model, 0, manager=manager, prefetch=0)
+    assert torch.equal(model(x), expected)
     assert manager.backend.violations() == []
 
 
@@ -609,15 +572,15 @@ def test_a_manager_serving_the_allocator_cannot_be_closed_under_pytorch(make_man
 
 
 @pytest.mark.sim_only
-def test_changed_weights_are_read_again_by_a_new_offload(make_manager):
+def test_weights_changed_after_undo_are_read_again_by_a_new_offload(make_manager):
     manager = sim_manager(make_manager, pages=8)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval()
     x = torch.randn(1, 8)
-    first = atorch.offload(model, 0, manager=manager)
-    before = first(x)
+    with atorch.offload(model, 0, manager=manager):
+        before = model(x)
     with torch.no_grad():
         model[0].weight.mul_(2)
-    second = atorch.offload(model, 0, manager=manager)
-    with torch.no_grad():
-        assert torch.equal(second(x), model(x))
-    assert not torch.equal(second(x), before)
+        expected = model(x)
+    with atorch.offload(model, 0, manager=manager):
+        assert torch.equal(model(x), expected)
+    assert not torch.equal(expected, before)

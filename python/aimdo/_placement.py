@@ -1,5 +1,5 @@
-"""Where a model's blocks go in a VBAR and which are loaded ahead: shared by aimdo.torch
-and aimdo.predict, so that the prediction follows the module's schedule."""
+"""Where a model's blocks go in a VBAR: shared by aimdo.torch and aimdo.predict, so that
+the prediction follows the module's placement."""
 
 from __future__ import annotations
 
@@ -33,29 +33,3 @@ def place(manager, device: int, blocks: list, spread: bool):
         vbar.close()
         raise
     return vbar
-
-
-#: How far the prefetch window looks, in blocks per copy in flight.
-LOOKAHEAD_PER_COPY = 8
-
-
-def fill_window(order: list, position: int, horizon: int, prefetch: int, load) -> int:
-    """Load the blocks after ``order[position]`` until ``prefetch`` copies are queued ahead
-    of it, looking at most LOOKAHEAD_PER_COPY x prefetch blocks ahead. A block has
-    ``loaded`` (it holds its weights for this forward), ``queued`` (loaded ahead with a
-    copy in flight, not used yet) and ``resident`` (its last fault found its weights in
-    place: nothing to copy ahead, so it is not faulted, nor pinned, before its turn);
-    ``load(block)`` loads one and returns False when it cannot yet (no free staging
-    buffer), which ends the walk. Blocks before ``horizon`` were walked by an earlier
-    call. Returns the new horizon."""
-    index = max(position + 1, horizon)
-    limit = min(len(order), position + 1 + LOOKAHEAD_PER_COPY * prefetch)
-    queued = sum(1 for block in order[position + 1 : index] if block.queued)
-    while index < limit and queued < prefetch:
-        ahead = order[index]
-        if not ahead.loaded and not ahead.resident:
-            if not load(ahead):
-                break
-            queued += ahead.queued
-        index += 1
-    return index

@@ -3,35 +3,62 @@ staging buffer it takes, what its compute waits for, and when it is let go.
 
 ``aimdo.torch`` runs it on CUDA streams (or in line on the CPU, over a simulator with
 ``real_bytes=True``); ``aimdo.predict`` runs it on the simulator's copy and compute engines
-in virtual time. Each supplies an Executor; the decisions here depend on no backend (this
-module imports neither torch nor the simulator), so the prediction follows the module's
-schedule by construction.
+in virtual time. Each supplies an Executor (aimdo._executor); the decisions here depend on
+no backend (this module imports neither torch nor the simulator), so the prediction
+follows the module's schedule by construction.
 
-Not thread-safe: one forward at a time per Schedule, as per OffloadedModule.
+Not thread-safe: one forward at a time per Schedule (the front end enforces it).
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+import bisect
 from dataclasses import dataclass
 
-from ._placement import fill_window
+from ._executor import IN_LINE, PAGES, TEMPORARY, Executor
+
+#: Staging buffers of one offloaded model hold at most this many bytes in all by default
+#: (prefetch + 1 buffers, each at most staging_bytes // (prefetch + 1)); a block larger than
+#: one buffer goes through a temporary buffer of its own, freed after its compute.
+DEFAULT_STAGING_BYTES = 256 << 20
+
+#: How far the prefetch window looks, in uses per copy in flight.
+LOOKAHEAD_PER_COPY = 8
 
 
 @dataclass
 class ForwardStats:
-    """What one forward of an OffloadedModule did."""
+    """What one forward of an offloaded module did."""
 
-    layers: int = 0  # blocks of weights faulted (modules with their own weights)
+    layers: int = 0  # blocks of weights faulted (a block in use already is not faulted again)
     hits: int = 0  # found resident and intact: no copy
     copied_layers: int = 0  # (re)mapped pages: weights copied in from the host
-    offloaded_layers: int = 0  # above the watermark: streamed through a temporary buffer
+    offloaded_layers: int = 0  # above the watermark: through a staging or temporary buffer
     bytes_copied: int = 0
+    peak_temporary_bytes: int = 0  # most bytes of temporary buffers held at one time
 
 
 class Block:
     """One block of weights (one allocation in the VBAR) and its state in the schedule.
-    Front ends subclass it with what they need to copy and run it."""
+    Front ends subclass it with what they need to copy and run it (with __slots__ of their
+    own: every module's forward reads these fields, and slots are the fastest to read)."""
+
+    __slots__ = (
+        "nbytes",
+        "allocation",
+        "signature",
+        "loaded",
+        "storage",
+        "pinned",
+        "ready",
+        "slot",
+        "temporary",
+        "queued",
+        "offloaded",
+        "resident",
+        "users",
+        "in_pages",
+    )
 
     def __init__(self, nbytes: int):
         self.nbytes = nbytes
@@ -41,18 +68,21 @@ class Block:
         self.storage = None  # the executor's destination (see Executor.destination)
         self.pinned = False  # its last fault pinned its pages: unpin at release
         self.ready = None  # the executor's token for its queued copy; None: nothing to wait for
-        self.slot = None  # the staging buffer holding its weights, if offloaded
+        self.slot = None  # the staging buffer holding its weights, if staged
+        self.temporary = False  # its weights are in a temporary buffer of its own
         self.queued = False  # loaded ahead with a copy queued, not used yet
         self.offloaded = False  # its last fault said offloaded
         self.resident = False  # its last fault found its weights in place
+        self.users = 0  # uses in progress: before() calls not yet matched by release()
+        self.in_pages = None  # the executor's PAGES destination, while the last one used
 
     def unbind(self) -> None:
-        """Called first when the block is released: `storage` stops being valid, so drop
+        """Called first when the block is let go: `storage` stops being valid, so drop
         any view of it. Nothing by default."""
 
 
 class Slot:
-    """A staging buffer for offloaded weights, reused within a forward."""
+    """A staging buffer for offloaded weights, kept from one forward to the next."""
 
     def __init__(self, buffer, nbytes: int, free):
         self.buffer = buffer  # the executor's (Executor.new_buffer)
@@ -60,148 +90,167 @@ class Slot:
         self.free = free  # token: the compute that last read it is done
 
 
-#: Destinations for Executor.destination besides a Slot.
-PAGES = "pages"  # the block's allocation in the VBAR (faulted and pinned)
-TEMPORARY = "temporary"  # a buffer for this block alone, in order on the compute engine
-
-#: Executor.copy's `after` for a copy in order with the compute: the first forward (which
-#: learns the order) and prefetch=0 copy this way.
-IN_LINE = "in line"
-
-
-class Executor(ABC):
-    """How a backend carries the schedule out on one device: a compute engine that runs the
-    blocks in order, and (for prefetch) a copy engine beside it.
-
-    A *token* is a point in the device's work, opaque to the Schedule: a CUDA event, or a
-    virtual time on the simulator's engines, or None where the backend has nothing to wait
-    for (the CPU runs everything in line). Errors propagate; the Schedule then releases the
-    block, so every method must leave nothing half done that a release does not undo.
-
-    Running a block is the front end's: between Schedule.before(block), which makes the
-    next compute wait for the block's copy (wait_for), and Schedule.release(block), it
-    queues the block's compute on the compute engine (PyTorch runs the module; the
-    prediction calls SimBackend.compute_async).
-    """
-
-    @abstractmethod
-    def new_buffer(self, nbytes: int):
-        """A new staging buffer of `nbytes`, made in order on the compute engine (the
-        Schedule takes compute_point() right after as the moment it is free)."""
-
-    @abstractmethod
-    def compute_point(self):
-        """A token for the moment the compute queued so far is done. A staging buffer is
-        free at the compute_point() taken when the block that read it is released."""
-
-    @abstractmethod
-    def destination(self, block: Block, into):
-        """Where `block`'s weights go and are read from this forward (kept in
-        block.storage): into is PAGES (valid from the fault to the unpin), a Slot (its
-        first block.nbytes bytes), or TEMPORARY."""
-
-    @abstractmethod
-    def copy(self, block: Block, storage, after):
-        """Queue the copy of `block`'s weights from the host into `storage`, starting after
-        `after`: IN_LINE (in order with the compute queued so far), None (on the copy
-        engine, waiting for no compute: pages just mapped, which nothing queued reads,
-        because an eviction synchronizes the device before it unmaps) or a token (on the
-        copy engine, once that point is passed). Returns a token for the copy's end, which
-        the block's compute waits for, or None if that compute needs no wait."""
-
-    @abstractmethod
-    def wait_for(self, token) -> None:
-        """The compute queued next (the block about to run) starts after `token`."""
-
-    @abstractmethod
-    def host_wait(self, token) -> None:
-        """Return once `token` is passed: a copy queued ahead and never used must be done
-        before its buffer or pages go."""
-
-    @abstractmethod
-    def drain_copies(self) -> None:
-        """Return once every copy queued so far is done: a copy failed part way and may
-        have been queued without a token."""
-
-
 class Schedule:
-    """The offload schedule of one model on one device (OffloadedModule's docstring tells
-    it in words). A forward is begin_forward(), then before(block) / the block's compute /
-    release(block) for each block in the order they run, then end_forward().
+    """The offload schedule of one model on one device (design.md §7 tells it in words).
+    A forward is begin_forward(), then before(block) / the block's compute /
+    release(block) for each use of a block in the order they run, then end_forward().
 
-    `blocks` are every block in the front end's order (the one released in at the end),
-    placed in `vbar`. `order` is the run order known so far; while `learning`, the first
-    forward extends it and nothing is prefetched.
+    `blocks` are every block (end_forward lets go of those still held), placed in `vbar`.
+    `order` is the run order known so far, one entry per use: a block used twice in a
+    forward (tied weights, a module called twice) appears twice. While `learning`, the
+    first forward records it and nothing is prefetched. Staging buffers are at most
+    `staging_bytes // (prefetch + 1)` each; a larger offloaded block takes a temporary
+    buffer of its own.
     """
 
-    def __init__(self, executor: Executor, vbar, blocks, prefetch: int, order, learning: bool):
+    def __init__(
+        self,
+        executor: Executor,
+        vbar,
+        blocks,
+        prefetch: int,
+        order,
+        learning: bool,
+        staging_bytes: int = DEFAULT_STAGING_BYTES,
+    ):
         self.executor = executor
         self.vbar = vbar
         self.blocks = list(blocks)
         self.prefetch = prefetch
         self.order = list(order)
-        self.position = {block: index for index, block in enumerate(self.order)}
+        self.uses = {}  # block -> its positions in order (ascending)
         self.learning = learning
-        self.slots = []  # staging buffers of this forward
+        if not learning:
+            self._index_uses()
+        self.slot_limit_bytes = staging_bytes // (prefetch + 1)
+        self.slots = []  # staging buffers, kept between forwards
         self.free_slots = []  # oldest released first
-        self.horizon = 0  # position of the first block not walked by the prefetch window
+        self.step = 0  # position in order of the next use
+        self.horizon = 0  # position of the first use not walked by the prefetch window
+        self.in_flight = 0  # blocks loaded ahead with their copy queued, not used yet
+        self.unresident = len(self.blocks)  # blocks whose last fault did not find them in place
+        self.standalone = False  # a call outside a forward: no order, no prefetch
+        self.temporary_bytes = 0
+        self.held = {}  # blocks loaded (pinned, if in their pages), in load order
         self.stats = ForwardStats()
+        self._update_staging()
+
+    def _update_staging(self) -> None:
+        # Offloaded weights go through staging buffers and copies run ahead on the copy
+        # engine only once the order is known, and only within a forward. A field, not a
+        # property: every load reads it.
+        self.following = not self.learning and not self.standalone  # the order is known
+        self.staging = self.prefetch > 0 and self.following
 
     @property
-    def staging(self) -> bool:
-        """Offloaded weights go through staging buffers and copies run ahead on the copy
-        engine: only once the order is known."""
-        return self.prefetch > 0 and not self.learning
+    def staging_bytes(self) -> int:
+        """Bytes of the staging buffers held now."""
+        return sum(slot.nbytes for slot in self.slots)
 
-    def begin_forward(self) -> None:
+    def _index_uses(self) -> None:
+        self.uses = {}
+        for position, block in enumerate(self.order):
+            self.uses.setdefault(block, []).append(position)
+
+    def begin_forward(self, standalone: bool = False) -> None:
+        """Start a forward; `standalone`: one module called outside a forward of the
+        whole, which neither learns the order nor prefetches."""
         self.stats = ForwardStats()
-        self.horizon = 0
+        self.step = self.horizon = 0
+        self.standalone = standalone
+        self._update_staging()
 
     def end_forward(self) -> None:
-        """Let go every block still loaded or pinned (prefetched but never run, or left so
-        by an exception), each whatever the others do; raise the first failure."""
+        """Let go every block still loaded (prefetched but never run, or left so by an
+        exception), each whatever the others do; raise the first failure."""
         failure = None
-        for block in self.blocks:
-            if block.loaded or block.pinned:
-                try:
-                    self.release(block)
-                except BaseException as error:  # noqa: BLE001 - raised below, after the rest
-                    failure = failure or error
-        # Every copy into a staging buffer was waited for by the compute or by release:
-        # dropping the buffers now is ordered after their last use.
-        self.slots, self.free_slots = [], []
-        if self.learning and self.order:
+        for block in list(self.held):
+            try:
+                self._let_go(block)
+            except BaseException as error:  # noqa: BLE001 - raised below, after the rest
+                failure = failure or error
+        if self.learning and self.order and not self.standalone:
             self.learning = False
+            self._index_uses()
+        self.standalone = False
+        self._update_staging()
         if failure is not None:
             raise failure
 
+    def drop_staging(self) -> None:
+        """Give the staging buffers back (between forwards only: nothing reads them)."""
+        self.slots, self.free_slots = [], []
+
     def before(self, block: Block) -> None:
         """Make `block`'s weights current in block.storage for the compute queued next, and
-        fill the prefetch window after it."""
-        if block not in self.position:  # learning, or left out of a declared order
-            self.position[block] = len(self.order)
-            self.order.append(block)
-        self.load(block, ahead=False)
-        block.queued = False
-        if block.ready is not None:
-            self.executor.wait_for(block.ready)
-            block.ready = None
-        if self.staging:
-            self.horizon = fill_window(
-                self.order,
-                self.position[block],
-                self.horizon,
-                self.prefetch,
-                lambda ahead: self.load(ahead, ahead=True),
-            )
+        fill the prefetch window after it. A block in use already (by an enclosing module)
+        only counts one more user."""
+        step, order = self.step, self.order
+        if self.following and step < len(order) and order[step] is block:
+            position = step  # the common case, without a call
+            self.step = step + 1
+        else:
+            position = self._advance(block)
+        if not block.users:
+            self.load(block, ahead=False)
+            if block.queued:
+                block.queued = False
+                self.in_flight -= 1
+            if block.ready is not None:
+                self.executor.wait_for(block.ready)
+                block.ready = None
+        block.users += 1
+        if position is not None and self.unresident and self.staging:
+            self._fill_window(position)
+
+    def release(self, block: Block) -> None:
+        """One use of the block is over; the last one lets it go."""
+        block.users -= 1
+        if block.users <= 0:
+            self._let_go(block)
+
+    def _advance(self, block: Block) -> int | None:
+        """The position of this use in the order (recording it while learning), or None
+        when the forward left the order (another path through the model)."""
+        if self.standalone:
+            return None
+        step, order = self.step, self.order
+        if self.learning:
+            order.append(block)
+        elif step >= len(order) or order[step] is not block:
+            uses = self.uses.get(block, ())
+            found = bisect.bisect_left(uses, step)
+            if found == len(uses):
+                return None
+            step = uses[found]
+        self.step = step + 1
+        return step
+
+    def _fill_window(self, position: int) -> None:
+        """Load the blocks used after `position` until `prefetch` copies are queued ahead,
+        looking at most LOOKAHEAD_PER_COPY x prefetch uses ahead. Blocks found resident at
+        their last fault are left to their turn (nothing to copy ahead, so they are not
+        pinned before it); a block that finds no free staging buffer ends the walk."""
+        prefetch = self.prefetch
+        if self.in_flight >= prefetch:
+            return
+        order = self.order
+        index = max(position + 1, self.horizon)
+        limit = min(len(order), position + 1 + LOOKAHEAD_PER_COPY * prefetch)
+        while index < limit and self.in_flight < prefetch:
+            ahead = order[index]
+            if not ahead.loaded and not ahead.resident and not self.load(ahead, ahead=True):
+                break
+            index += 1
+        self.horizon = max(self.horizon, index)
 
     def slot_obtainable(self) -> bool:
         return bool(self.free_slots) or len(self.slots) <= self.prefetch
 
     def take_slot(self, nbytes: int) -> Slot | None:
-        """A staging buffer of at least `nbytes`: the one released first (its compute is
-        the earliest done), replaced by a bigger one if too small; a new one while fewer
-        than prefetch + 1 exist; None if all are in use."""
+        """A staging buffer of at least `nbytes` (at most slot_limit_bytes): the one
+        released first (its compute is the earliest done), replaced by a bigger one if too
+        small; a new one while fewer than prefetch + 1 exist; None if all are in use."""
         if self.free_slots:
             slot = self.free_slots.pop(0)
             if slot.nbytes >= nbytes:
@@ -219,47 +268,89 @@ class Schedule:
         if they are not there. Idempotent within a forward. Returns False, with nothing
         changed, when `ahead` and an offloaded block finds no free staging buffer (a block
         offloaded at its last fault is not even faulted then). If anything fails, the block
-        is released and its signature forgotten, so that the next forward copies again
+        is let go and its signature forgotten, so that the next forward copies again
         instead of trusting pages that were never written."""
         if block.loaded:
             return True
-        staging = self.staging
-        if ahead and staging and block.offloaded and not self.slot_obtainable():
+        stageable = self.staging and block.nbytes <= self.slot_limit_bytes
+        if ahead and stageable and block.offloaded and not self.slot_obtainable():
             return False
         signature = self.vbar.fault(block.allocation)
         block.pinned = signature is not None
         block.offloaded = signature is None
-        block.resident = False  # until it is known to be
+        if signature is None or signature != block.signature:
+            return self._copy_in(block, signature, ahead, stageable)
+        # A hit: the weights are in the block's pages, as the last copy left them. The
+        # executor is asked for the pages again only if the block was held elsewhere since.
+        storage = block.in_pages
+        if storage is None:
+            try:
+                storage = block.in_pages = self.executor.destination(block, PAGES)
+            except BaseException:
+                self._forget(block)
+                raise
+        block.storage = storage
+        block.loaded = True
+        self.held[block] = None
+        if not block.resident:
+            self._set_resident(block, True)
+        stats = self.stats
+        stats.hits += 1
+        stats.layers += 1
+        return True
+
+    def _copy_in(self, block: Block, signature, ahead: bool, stageable: bool) -> bool:
+        """Queue the copy of the block's weights into its pages (`signature`) or, offloaded
+        (None), into a staging buffer or a temporary one."""
         try:
-            slot = None
-            if signature is None and staging:
-                slot = self.take_slot(block.nbytes)
-                if slot is None and ahead:
-                    return False
-                block.slot = slot
-            if signature is not None:
-                into = PAGES
-            else:
-                into = slot if slot is not None else TEMPORARY
-            block.storage = self.executor.destination(block, into)
-            block.loaded = True
-            copy_in = signature is None or signature != block.signature
+            into = PAGES
+            if signature is None:
+                into = self.take_slot(block.nbytes) if stageable else TEMPORARY
+                if into is None:  # every buffer in use (by blocks ahead, or enclosing ones)
+                    if ahead:
+                        return False
+                    into = TEMPORARY
+            self._hold(block, into)
             block.signature = None  # until the copy is queued
-            block.resident = not copy_in
-            self._count(block, signature, copy_in)
-            if copy_in:
-                block.ready = self.executor.copy(block, block.storage, self._copy_after(into))
-                block.queued = ahead
+            self._set_resident(block, False)
+            self._count(block, signature)
+            block.ready = self.executor.copy(block, block.storage, self._copy_after(into))
+            if ahead:
+                block.queued = True
+                self.in_flight += 1
             block.signature = signature
             return True
         except BaseException:
-            block.signature = None
-            if staging:
+            if self.staging:
                 # Part of the copy may be queued with no token yet: let it finish before its
                 # buffer can be reused.
                 self.executor.drain_copies()
-            self.release(block)
+            self._forget(block)
             raise
+
+    def _forget(self, block: Block) -> None:
+        """After a failed load: let the block go and make the next fault copy again."""
+        block.signature = None
+        self._set_resident(block, False)
+        self._let_go(block)
+
+    def _hold(self, block: Block, into) -> None:
+        if isinstance(into, Slot):
+            block.slot = into
+        block.storage = self.executor.destination(block, into)
+        block.in_pages = block.storage if into is PAGES else None
+        block.loaded = True
+        self.held[block] = None
+        if into is TEMPORARY:
+            block.temporary = True
+            self.temporary_bytes += block.nbytes
+            stats = self.stats
+            stats.peak_temporary_bytes = max(stats.peak_temporary_bytes, self.temporary_bytes)
+
+    def _set_resident(self, block: Block, resident: bool) -> None:
+        if resident != block.resident:
+            self.unresident += -1 if resident else 1
+            block.resident = resident
 
     def _copy_after(self, into):
         """What a copy into `into` waits for."""
@@ -271,30 +362,38 @@ class Schedule:
             return self.executor.compute_point()  # made in order on the compute engine
         return None  # pages just mapped: nothing queued reads them
 
-    def _count(self, block: Block, signature, copy_in: bool) -> None:
+    def _count(self, block: Block, signature) -> None:
         stats = self.stats
         if signature is None:
             stats.offloaded_layers += 1
-        elif copy_in:
-            stats.copied_layers += 1
         else:
-            stats.hits += 1
+            stats.copied_layers += 1
         stats.layers += 1
-        if copy_in:
-            stats.bytes_copied += block.nbytes
+        stats.bytes_copied += block.nbytes
 
-    def release(self, block: Block) -> None:
-        """Let the block go after its compute: unbind its weights, give back its staging
-        buffer (free once the compute queued so far is done) and drop its pin, if any."""
-        block.unbind()
-        if block.ready is not None:  # prefetched, never used: the copy must finish first
-            self.executor.host_wait(block.ready)
-            block.ready = None
-        block.queued = False
+    def _let_go_buffer(self, block: Block) -> None:
+        block.unbind()  # pages' views stay valid for the next hit; a buffer's go with it
         slot, block.slot = block.slot, None
         if slot is not None:
             slot.free = self.executor.compute_point()
             self.free_slots.append(slot)
+        if block.temporary:
+            block.temporary = False
+            self.temporary_bytes -= block.nbytes
+
+    def _let_go(self, block: Block) -> None:
+        """Let the block go after its compute: unbind its weights, give back its staging
+        buffer (free once the compute queued so far is done) and drop its pin, if any."""
+        block.users = 0
+        self.held.pop(block, None)
+        if block.ready is not None:  # prefetched, never used: the copy must finish first
+            self.executor.host_wait(block.ready)
+            block.ready = None
+        if block.queued:
+            block.queued = False
+            self.in_flight -= 1
+        if block.slot is not None or block.temporary:
+            self._let_go_buffer(block)
         pinned, block.pinned = block.pinned, False
         block.loaded, block.storage = False, None
         if pinned:

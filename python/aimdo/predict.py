@@ -1,11 +1,12 @@
 """Predict what ``aimdo.torch.offload`` does to a model's step time, on the simulator.
 
 ``predict_offload`` runs a model's blocks (their sizes and compute times, no data)
-through aimdo's real core on a ``SimBackend``, in the schedule ``OffloadedModule`` uses
+through aimdo's real core on a ``SimBackend``, in the schedule an offloaded module uses
 on CUDA (both run ``aimdo._schedule``; here on the simulator's copy and compute engines):
 - the same placement (``spread_order`` or in order), faults and unpins;
-- the same prefetch window (``fill_window``);
-- staging buffers taken and reused the same way;
+- the same prefetch window;
+- staging buffers taken, capped (``staging_bytes``) and reused the same way, and
+  temporary buffers for blocks larger than one;
 - the same stream order: copies into mapped pages start on the copy engine without
   waiting for compute, a copy into a staging buffer waits for the compute that last
   read it, and each block's compute waits for its copy.
@@ -15,8 +16,8 @@ order; the module spreads its blocks in registration order (or a declared ``orde
 which is the same for models built as a sequence of layers.
 
 Calibrate the simulator with measured numbers: the device's bandwidth, driver costs, and
-the memory others use on it. On CUDA that includes the staging buffers, which live in
-PyTorch's cache: the prediction does not allocate them. What the prediction leaves out
+the memory others use on it. On CUDA that includes the staging buffers, which are
+PyTorch memory: the prediction does not allocate them. What the prediction leaves out
 is the host's own time (Python, kernel launches), which overlaps the GPU's as long as
 the host runs ahead.
 
@@ -29,9 +30,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ._executor import IN_LINE, Executor
 from ._manager import Manager
 from ._placement import place
-from ._schedule import IN_LINE, Block, Executor, Schedule
+from ._schedule import DEFAULT_STAGING_BYTES, Block, Schedule
 from .sim import SimBackend
 
 __all__ = ["PredictedStep", "predict_offload"]
@@ -39,18 +41,23 @@ __all__ = ["PredictedStep", "predict_offload"]
 
 @dataclass
 class PredictedStep:
-    """One predicted forward: its virtual time and what ``ForwardStats`` would say, plus
-    the order copies were queued and blocks ran (``"copyN"``, ``"runN"``)."""
+    """One predicted forward: its virtual time and what ``ForwardStats`` would say, the
+    staging buffers' bytes after it (``Offload.staging_bytes``), plus the order copies were
+    queued and blocks ran (``"copyN"``, ``"runN"``)."""
 
     seconds: float
     hits: int = 0
     copied_layers: int = 0
     offloaded_layers: int = 0
     bytes_copied: int = 0
+    peak_temporary_bytes: int = 0
+    staging_bytes: int = 0
     schedule: tuple = ()
 
 
 class _Block(Block):
+    __slots__ = ("index", "seconds")
+
     def __init__(self, index: int, nbytes: int, seconds: float):
         super().__init__(nbytes)
         self.index = index
@@ -116,12 +123,12 @@ class _Engines(Executor):
         pass
 
 
-def _step(schedule: Schedule, engines: _Engines) -> PredictedStep:
-    """One forward: OffloadedModule's, with the blocks' compute on the compute engine."""
+def _step(schedule: Schedule, engines: _Engines, blocks: list) -> PredictedStep:
+    """One forward of the offloaded module, with the blocks' compute on the compute engine."""
     start = engines.begin()
     schedule.begin_forward()
     try:
-        for block in schedule.order:
+        for block in blocks:
             schedule.before(block)
             engines.run(block)
             schedule.release(block)
@@ -135,6 +142,8 @@ def _step(schedule: Schedule, engines: _Engines) -> PredictedStep:
         copied_layers=stats.copied_layers,
         offloaded_layers=stats.offloaded_layers,
         bytes_copied=stats.bytes_copied,
+        peak_temporary_bytes=stats.peak_temporary_bytes,
+        staging_bytes=schedule.staging_bytes,
         schedule=tuple(engines.log),
     )
 
@@ -148,10 +157,11 @@ def predict_offload(
     steps: int,
     prefetch: int = 1,
     spread: bool = True,
+    staging_bytes: int = DEFAULT_STAGING_BYTES,
 ) -> list[PredictedStep]:
     """Predict ``steps`` forwards of a model whose blocks (modules with weights, in the
     order they run) have ``block_bytes`` of weights and take ``block_seconds`` of compute
-    each, offloaded to ``device`` with ``prefetch`` and ``spread`` as in
+    each, offloaded to ``device`` with ``prefetch``, ``spread`` and ``staging_bytes`` as in
     ``aimdo.torch.offload``. ``manager`` must run on a SimBackend; its VBAR is closed
     afterwards. Returns one PredictedStep per forward (the first one learns the order)."""
     if not isinstance(manager.backend, SimBackend):
@@ -167,6 +177,8 @@ def predict_offload(
         raise ValueError("block_seconds must be non-negative numbers")
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
         raise ValueError(f"prefetch must be a non-negative int, got {prefetch!r}")
+    if isinstance(staging_bytes, bool) or not isinstance(staging_bytes, int) or staging_bytes < 0:
+        raise ValueError(f"staging_bytes must be a non-negative int, got {staging_bytes!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     blocks = [
@@ -174,10 +186,12 @@ def predict_offload(
     ]
     vbar = place(manager, device, blocks, bool(spread))
     try:
-        # The blocks run in the order given; the first forward still learns it, as the
-        # module's does when no order is declared.
+        # The blocks run in the order given; the first forward learns it, as the module's
+        # does when no order is declared.
         engines = _Engines(manager.backend, device)
-        schedule = Schedule(engines, vbar, blocks, prefetch, order=blocks, learning=True)
-        return [_step(schedule, engines) for _ in range(steps)]
+        schedule = Schedule(
+            engines, vbar, blocks, prefetch, order=[], learning=True, staging_bytes=staging_bytes
+        )
+        return [_step(schedule, engines, blocks) for _ in range(steps)]
     finally:
         vbar.close()

@@ -1,0 +1,230 @@
+"""A module offloaded in place (aimdo.torch.offload; design.md §7): the schedule's executor
+on PyTorch tensors, the Runner the modules share, and the forward put in each module that
+runs its blocks. aimdo.torch's Offload puts them in place and takes them out. Needs
+PyTorch; imported by aimdo.torch only."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+import weakref
+
+import torch
+
+from . import _core
+from ._executor import IN_LINE, PAGES, TEMPORARY, Executor
+from ._schedule import ForwardStats, Schedule
+from ._torch_layout import Binding, TorchBlock
+from ._torch_outputs import owned
+from ._torch_views import as_tensor
+
+_ABSENT = object()
+
+
+class _Staging:
+    """A staging buffer: the uint8 tensor, and per block the views made of it (kept while
+    the buffer lives, so a block staged in it again makes none)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.views: dict[TorchBlock, tuple] = {}
+
+
+class _TorchExecutor(Executor):
+    """The schedule on PyTorch tensors. On CUDA the compute engine is the current stream,
+    the copy engine a stream of this offload's own (made when prefetch > 0), and tokens
+    are CUDA events. On a simulator with real bytes everything is CPU work, done in line
+    when queued: there is no copy stream and no token.
+
+    A destination is a uint8 tensor holding each weight at its offset: the block's pages
+    (viewed once, since a VBAR's addresses never move, and reused while the allocation
+    lives), a staging buffer's first bytes, or a temporary tensor. It also sets the
+    block's views and address range. IN_LINE: the copy runs on the compute stream, so the
+    compute needs no event."""
+
+    def __init__(self, device: torch.device, copy_stream):
+        self._device = device
+        self._copy_stream = copy_stream
+
+    def new_buffer(self, nbytes: int) -> _Staging:
+        return _Staging(torch.empty(nbytes, dtype=torch.uint8, device=self._device))
+
+    def compute_point(self):
+        # After a new buffer, this event also covers the allocator's reuse of memory that
+        # compute work queued before it may still read.
+        if self._device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self._device))
+        return event
+
+    def destination(self, block: TorchBlock, into) -> torch.Tensor:
+        if into is PAGES:
+            if block.page_storage is None:
+                storage = as_tensor(block.allocation, torch.uint8, (block.nbytes,))
+                block.page_views = (storage, block.make_views(storage), storage.data_ptr())
+                block.page_storage = storage
+            kept = block.page_views
+        elif into is TEMPORARY:
+            # Allocated on the compute stream, where it is used and freed: a copy on the copy
+            # stream waits for that stream before writing into it.
+            storage = torch.empty(block.nbytes, dtype=torch.uint8, device=self._device)
+            kept = (storage, block.make_views(storage), storage.data_ptr())
+        else:
+            kept = into.buffer.views.get(block)
+            if kept is None:
+                storage = into.buffer.tensor[: block.nbytes]
+                kept = (storage, block.make_views(storage), storage.data_ptr())
+                into.buffer.views[block] = kept
+        storage, block.views, block.start = kept
+        block.end = block.start + block.nbytes
+        return storage
+
+    def copy(self, block: TorchBlock, storage: torch.Tensor, after):
+        stream = self._copy_stream
+        if after is IN_LINE or stream is None:
+            self.copy_weights(block, storage)
+            return None
+        with torch.cuda.stream(stream):
+            if after is not None:
+                stream.wait_event(after)
+            self.copy_weights(block, storage)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return done
+
+    def wait_for(self, token) -> None:
+        torch.cuda.current_stream(self._device).wait_event(token)
+
+    def host_wait(self, token) -> None:
+        token.synchronize()
+
+    def drain_copies(self) -> None:
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()
+
+    def synchronize(self) -> None:
+        """Return once everything queued on the device is done (before host memory that
+        copies read, or buffers they write, are given back)."""
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+
+    @staticmethod
+    def copy_weights(block: TorchBlock, storage: torch.Tensor) -> None:
+        """Queue the block's copy runs from the host into `storage`, on the current stream
+        (non-blocking from pinned memory on CUDA; at once on the CPU)."""
+        for offset, source in block.runs:
+            storage[offset : offset + source.numel()].copy_(source, non_blocking=True)
+
+
+class Runner:
+    """What the modules' forwards share: the schedule, and who is running a forward.
+
+    One forward at a time: a thread that calls a module while another thread runs a
+    forward gets InvalidStateError (the lock is only tried, never waited for). The thread
+    running one (`owner`) calls its modules straight through."""
+
+    def __init__(self, schedule: Schedule, device: torch.device):
+        self.schedule = schedule
+        self.device = device
+        self.owner = None  # thread ident of the forward in progress
+        self.lock = threading.Lock()
+        self.last_stats = ForwardStats()
+        self.undone = False
+
+    def call(self, forward, is_root: bool, args, kwargs):
+        """Run `forward` (an offloaded module's) as a forward of its own: the whole
+        module's (learning the order, prefetching) when `is_root`, else one module's."""
+        if not self.lock.acquire(blocking=False):
+            raise _core.InvalidStateError(
+                "an offloaded module runs one forward at a time: another thread is in one "
+                "(or is undoing the offload)"
+            )
+        if self.undone:  # undone since the caller looked: `forward` now finds the original
+            self.lock.release()
+            return forward(*args, **kwargs)
+        try:
+            self.owner = threading.get_ident()
+            schedule = self.schedule
+            schedule.begin_forward(standalone=not is_root)
+            try:
+                device = self.device
+                on_device = torch.cuda.device(device) if device.type == "cuda" else _NO_CONTEXT
+                with torch.no_grad(), on_device:
+                    return forward(*args, **kwargs)
+            finally:
+                try:
+                    schedule.end_forward()
+                finally:
+                    self.last_stats = schedule.stats
+        finally:
+            self.owner = None
+            self.lock.release()
+
+
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def make_forward(runner: Runner, module: torch.nn.Module, binding: Binding, is_root: bool):
+    """The function offload puts in `module.forward`: fault the module's blocks, put views
+    of them in its _parameters/_buffers, run its own forward, put the placeholders back,
+    copy any output that views the blocks, release them. It holds the module weakly (the
+    module holds it), and carries the original forward's signature (transformers reads
+    it to pick the arguments of generate)."""
+    reference = weakref.ref(module)
+    previous = module.__dict__.get("forward", _ABSENT)
+    if previous is _ABSENT:
+        target = type(module).forward
+    else:  # a forward set on the instance before (another library's wrapper): kept as it is
+
+        def target(_module, *args, **kwargs):
+            return previous(*args, **kwargs)
+
+    blocks, count = tuple(binding.blocks), len(binding.blocks)
+    assign, restore = tuple(binding.assign), tuple(binding.restore)
+    before, release, get_ident = (
+        runner.schedule.before,
+        runner.schedule.release,
+        threading.get_ident,
+    )
+
+    def forward(*args, **kwargs):
+        if runner.owner != get_ident():
+            # This function, found through the module: a closure naming itself would be a
+            # cycle only the garbage collector frees (and with it the VBAR).
+            module = reference()
+            if runner.undone:  # called through a reference kept from before undo
+                return module.forward(*args, **kwargs)
+            return runner.call(module.forward, is_root, args, kwargs)
+        entered = 0
+        try:
+            for block in blocks:
+                before(block)
+                entered += 1
+            for entries, key, block, index in assign:
+                entries[key] = block.views[index]
+            try:
+                output = target(reference(), *args, **kwargs)
+            finally:
+                for entries, key, placeholder in restore:
+                    entries[key] = placeholder
+            return owned(output, blocks)
+        finally:
+            for block in blocks if entered == count else blocks[:entered]:
+                release(block)
+
+    try:
+        forward.__signature__ = inspect.signature(module.forward)
+    except (TypeError, ValueError):  # no signature to give (a builtin's)
+        pass
+    forward.__name__ = "forward"
+    forward.__qualname__ = f"{type(module).__qualname__}.forward"
+    forward.__doc__ = getattr(module.forward, "__doc__", None)
+    forward.__aimdo_runner__ = runner
+    return forward, previous
+
+
+def offloaded_by(module: torch.nn.Module):
+    """The Runner of the offload `module` is part of, or None."""
+    return getattr(module.__dict__.get("forward"), "__aimdo_runner__", None)
