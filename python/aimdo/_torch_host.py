@@ -17,6 +17,8 @@ between forwards only.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from . import _core
@@ -48,7 +50,15 @@ class _Chunk:
         self.runs: list[_Run] = []
         self.nbytes = 0
         self.tensor = None  # uint8, once allocated
-        self.registered = False
+        # Unregisters the chunk's memory once: called by give_back, or by Python when the
+        # chunk's tensor dies without it (a module dropped without undo), always before
+        # the memory is freed. Memory freed while still registered would make a later
+        # cudaHostRegister at the same address fail (cudaErrorHostMemoryAlreadyRegistered).
+        self.unregister = None
+
+    @property
+    def registered(self) -> bool:
+        return self.unregister is not None and self.unregister.alive
 
 
 def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
@@ -155,19 +165,18 @@ class HostWeights:
                         if data.untyped_storage().data_ptr() == pointer:
                             weight.tensor.data = data.clone(memory_format=torch.preserve_format)
                 if chunk.registered:
-                    _unregister(chunk)
+                    chunk.unregister()
                 chunk.tensor = None
             self.chunks.pop()
         self.in_place = []
 
 
 def _register(chunk: _Chunk) -> None:
-    code = int(
-        torch.cuda.cudart().cudaHostRegister(
-            chunk.tensor.data_ptr(), chunk.nbytes, _CUDA_HOST_REGISTER_PORTABLE
-        )
-    )
+    cudart = torch.cuda.cudart()
+    pointer = chunk.tensor.data_ptr()
+    code = int(cudart.cudaHostRegister(pointer, chunk.nbytes, _CUDA_HOST_REGISTER_PORTABLE))
     if code != 0:
+        cudart.cudaGetLastError()  # the runtime keeps the error: PyTorch's next call would raise it
         chunk.tensor = None
         kind = _core.OutOfMemoryError if code == 2 else _core.AimdoError
         raise kind(
@@ -175,11 +184,12 @@ def _register(chunk: _Chunk) -> None:
             f"(cudaHostRegister: cudaError {code}); the locked-memory limit (ulimit -l) "
             "or the host's memory may be too small"
         )
-    chunk.registered = True
+    chunk.unregister = weakref.finalize(chunk.tensor, _unregister, pointer)
 
 
-def _unregister(chunk: _Chunk) -> None:
-    code = int(torch.cuda.cudart().cudaHostUnregister(chunk.tensor.data_ptr()))
-    chunk.registered = False
-    if code != 0:
-        raise _core.AimdoError(f"cudaHostUnregister of a weight chunk failed: cudaError {code}")
+def _unregister(pointer: int) -> None:
+    # Also runs from a finalizer, where an exception could only be printed: a failure is
+    # cleared and left (the memory stays pinned until the process ends, which is harmless).
+    cudart = torch.cuda.cudart()
+    if int(cudart.cudaHostUnregister(pointer)) != 0:
+        cudart.cudaGetLastError()
