@@ -47,6 +47,8 @@ def test_undo_restores_the_modules_own_objects_forwards_and_hooks(make_manager):
     model = stack(blocks=2)
     x = torch.randn(2, 256).to(where(0))
     expected = reference(model, x, 0)
+    with torch.no_grad():
+        on_host = model(x.cpu())  # after undo the model runs on the host again, as here
     calls = []
     model[0].register_forward_hook(lambda module, args, output: calls.append(1))
 
@@ -69,7 +71,7 @@ def test_undo_restores_the_modules_own_objects_forwards_and_hooks(make_manager):
         # In pageable memory of its own again: nothing of the chunks is kept.
         assert p.untyped_storage().nbytes() == p.numel() * p.element_size(), name
     with torch.no_grad():
-        assert torch.equal(model(x.cpu()), expected.cpu())
+        assert torch.equal(model(x.cpu()), on_host)
     assert calls == [1, 1]
     offloaded.undo()  # a second undo does nothing
     assert manager.vbar_count(0) == 0
