@@ -175,7 +175,8 @@ def run_aimdo(model, forms, args, device, reference, compute, bandwidth) -> dict
         backend, [0], vram_limit=args.vram_limit, page_size=(2 << 20) if args.tiny else None
     ) as manager:
         before = rss_bytes()
-        handle = atorch.offload(model, 0, manager=manager, prefetch=args.prefetch)
+        staging = {} if args.staging is None else {"staging_bytes": args.staging}
+        handle = atorch.offload(model, 0, manager=manager, prefetch=args.prefetch, **staging)
         try:
             for name, run in forms.items():
                 times, out = timed(run, model, args.steps, device)
@@ -249,6 +250,12 @@ def main() -> int:
     parser.add_argument("--baseline-steps", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=32, help="llama: tokens to generate")
     parser.add_argument("--prefetch", type=int, default=2)
+    parser.add_argument(
+        "--staging",
+        type=aimdo.parse_size,
+        default=None,
+        help="aimdo's staging_bytes (default: offload's own)",
+    )
     parser.add_argument("--baselines", default="resident,group-offload,dispatch,cpu-offload")
     parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU simulator")
     parser.add_argument("--out", default=None)
