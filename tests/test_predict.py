@@ -138,3 +138,18 @@ def test_a_llama_8b_at_a_6_gib_budget_stages_through_224_mib(make_manager, sprea
         # Spread, both vocabulary matrices stay resident; in order, the head is offloaded
         # and goes through a temporary buffer of its 1002 MiB.
         assert step.peak_temporary_bytes == (0 if spread else blocks[-1])
+
+
+def test_the_default_staging_fits_the_largest_block_within_its_share_of_the_budget():
+    from aimdo._schedule import auto_staging_bytes
+
+    MiB, GiB = 1 << 20, 1 << 30
+    # Qwen-Image-like: 108 MiB blocks, prefetch 2, a 23.75 GiB budget: three whole buffers.
+    assert auto_staging_bytes([18 * MiB, 108 * MiB, 72 * MiB], 2, 23 * GiB + 768 * MiB) == 324 * MiB
+    # Llama-8B-like at a 5.75 GiB budget: the 1002 MiB head would need 3 GiB; 256 MiB it is.
+    assert auto_staging_bytes([112 * MiB, 1002 * MiB], 2, 5 * GiB + 768 * MiB) == 256 * MiB
+    # A large budget lets staging grow to 1/24 of it, no more.
+    assert auto_staging_bytes([1002 * MiB], 2, 48 * GiB) == 2 * GiB
+    # Small blocks take what they need; no block, nothing.
+    assert auto_staging_bytes([PAGE], 1, 0) == 2 * PAGE
+    assert auto_staging_bytes([], 2, 48 * GiB) == 0

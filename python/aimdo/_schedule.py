@@ -17,10 +17,25 @@ from dataclasses import dataclass
 
 from ._executor import IN_LINE, PAGES, TEMPORARY, Executor
 
-#: Staging buffers of one offloaded model hold at most this many bytes in all by default
-#: (prefetch + 1 buffers, each at most staging_bytes // (prefetch + 1)); a block larger than
-#: one buffer goes through a temporary buffer of its own, freed after its compute.
+#: Staging buffers of one offloaded model hold at most this many bytes in all when the
+#: budget is small (prefetch + 1 buffers, each at most staging_bytes // (prefetch + 1)); a
+#: block larger than one buffer goes through a temporary buffer of its own, in line with
+#: the compute. See auto_staging_bytes.
 DEFAULT_STAGING_BYTES = 256 << 20
+#: With a larger budget, staging may take up to this fraction of it.
+STAGING_BUDGET_FRACTION = 24
+
+
+def auto_staging_bytes(block_bytes, prefetch: int, budget_bytes: int) -> int:
+    """The default cap on staging: enough for prefetch + 1 buffers of the largest block (so
+    no block goes through a temporary buffer, whose copy cannot be queued ahead), but at
+    most DEFAULT_STAGING_BYTES or 1/STAGING_BUDGET_FRACTION of the budget, whichever is
+    more. Measured on an H200: Qwen-Image's 108 MiB blocks through 72 MiB buffers took the
+    step from 417.5 to 441.2 ms at a 24 GiB budget (benchmarks/RESULTS.md); a Llama-8B at a
+    6 GiB budget keeps 256 MiB (its 1 GiB embedding and head go through temporaries)."""
+    need = (prefetch + 1) * max(block_bytes, default=0)
+    return min(need, max(DEFAULT_STAGING_BYTES, budget_bytes // STAGING_BUDGET_FRACTION))
+
 
 #: How far the prefetch window looks, in uses per copy in flight.
 LOOKAHEAD_PER_COPY = 8

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from ._executor import IN_LINE, Executor
 from ._manager import Manager
 from ._placement import place
-from ._schedule import DEFAULT_STAGING_BYTES, Block, Schedule
+from ._schedule import Block, Schedule, auto_staging_bytes
 from .sim import SimBackend
 
 __all__ = ["PredictedStep", "predict_offload"]
@@ -157,7 +157,7 @@ def predict_offload(
     steps: int,
     prefetch: int = 1,
     spread: bool = True,
-    staging_bytes: int = DEFAULT_STAGING_BYTES,
+    staging_bytes: int | None = None,
 ) -> list[PredictedStep]:
     """Predict ``steps`` forwards of a model whose blocks (modules with weights, in the
     order they run) have ``block_bytes`` of weights and take ``block_seconds`` of compute
@@ -177,6 +177,8 @@ def predict_offload(
         raise ValueError("block_seconds must be non-negative numbers")
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
         raise ValueError(f"prefetch must be a non-negative int, got {prefetch!r}")
+    if staging_bytes is None:  # the same default as aimdo.torch.offload's
+        staging_bytes = auto_staging_bytes(block_bytes, prefetch, manager.budget_bytes(device))
     if isinstance(staging_bytes, bool) or not isinstance(staging_bytes, int) or staging_bytes < 0:
         raise ValueError(f"staging_bytes must be a non-negative int, got {staging_bytes!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:

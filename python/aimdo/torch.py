@@ -27,7 +27,7 @@ from . import _core
 from ._default import get_manager
 from ._manager import Manager
 from ._placement import place, spread_order
-from ._schedule import DEFAULT_STAGING_BYTES, ForwardStats, Schedule
+from ._schedule import DEFAULT_STAGING_BYTES, ForwardStats, Schedule, auto_staging_bytes
 from ._sizes import parse_size
 from ._torch_host import HostWeights
 from ._torch_layout import Binding, lay_out
@@ -144,6 +144,10 @@ class Offload:
             self._host.move_in()
             prefetch = options["prefetch"]
             stream = torch.cuda.Stream(device=self.device) if sim is None and prefetch else None
+            staging = options["staging_bytes"]
+            if staging is None:
+                sizes = [block.nbytes for block in blocks]
+                staging = auto_staging_bytes(sizes, prefetch, manager.budget_bytes(device))
             self._executor = _TorchExecutor(self.device, stream)
             schedule = Schedule(
                 self._executor,
@@ -152,7 +156,7 @@ class Offload:
                 prefetch,
                 declared,
                 learning=options["order"] is None,
-                staging_bytes=options["staging_bytes"],
+                staging_bytes=staging,
             )
             self._runner = Runner(schedule, self.device)
             self._install(module, bindings)
@@ -313,7 +317,7 @@ def offload(
     prefetch: int = 1,
     order=None,
     spread: bool = True,
-    staging_bytes: int | str = DEFAULT_STAGING_BYTES,
+    staging_bytes: int | str | None = None,
     whole=(torch.nn.MultiheadAttention,),
 ) -> Offload:
     """Make ``module`` run on ``device`` with its weights streamed through aimdo, in place
@@ -324,7 +328,9 @@ def offload(
     first forward, and blocks are placed in registration order). ``spread`` (default True)
     interleaves the placement so the blocks that stay resident are spread over the
     forward; False places them in order, the first ones resident longest.
-    ``staging_bytes`` (bytes or a size string) caps the staging buffers together.
+    ``staging_bytes`` (bytes or a size string) caps the staging buffers together; by
+    default, enough for ``prefetch + 1`` buffers of the largest block, within 256 MiB or
+    1/24 of the device's budget, whichever is more (``auto_staging_bytes``).
     ``whole`` lists module classes or modules offloaded as one block with their
     submodules, for modules that read a submodule's weights without calling it (as
     torch.nn.MultiheadAttention reads out_proj's).
@@ -339,7 +345,7 @@ def offload(
         "prefetch": prefetch,
         "order": None if order is None else list(order),
         "spread": spread,
-        "staging_bytes": parse_size(staging_bytes),
+        "staging_bytes": None if staging_bytes is None else parse_size(staging_bytes),
         "whole": tuple(whole),
     }
     _check_options(module, manager, device, options)
