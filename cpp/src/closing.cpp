@@ -17,6 +17,9 @@ namespace aimdo {
 
 void Device::close_vbar_locked(Vbar& vbar) {
   if (!vbar.closed_) {
+    // Room first (the only step that can throw), so the hand-over below cannot stop half
+    // way.
+    leftovers_.reserve(leftovers_.size() + vbar.resident_pages_ + 1);
     // Out of service first: from here on, nothing but this release path touches its pages.
     vbar.closed_ = true;
     priority_.erase(vbar.priority_position_);
