@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 
 import aimdo
 import aimdo.torch as atorch
 import torch
 
 from ._common import environment, steady_median, write
-from .streaming import pinned_bandwidth, sync
+from .streaming import pinned_bandwidth, time_steps
 
 GiB = 1 << 30
 
@@ -156,18 +155,6 @@ def per_token(runs: dict) -> float:
 # --- runs ----------------------------------------------------------------------------------
 
 
-def timed(run, model, steps: int, device) -> tuple[list[float], torch.Tensor]:
-    times, out = [], None
-    for _ in range(steps):
-        sync(device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = run(model)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return times, out
-
-
 #: Forwards of the whole model in one step of a form: its bytes copied per step are this
 #: many times the last forward's (each forward copies what is not resident).
 FORWARDS_PER_STEP = {"guidance as two batch-1 calls": 2}
@@ -184,7 +171,7 @@ def run_aimdo(model, forms, args, device, reference, compute, bandwidth) -> dict
         handle = atorch.offload(model, 0, manager=manager, prefetch=args.prefetch, **staging)
         try:
             for name, run in forms.items():
-                times, out = timed(run, model, args.steps, device)
+                times, out = time_steps(run, model, args.steps, device)
                 stats = handle.last_stats
                 step = steady_median(times)
                 copied = stats.bytes_copied * FORWARDS_PER_STEP.get(name, 1)
@@ -241,7 +228,7 @@ def run_baseline(kind: str, model, forms, args, device) -> dict:
         replica = cpu_offload(replica, execution_device=device)
     out = {}
     for name, run in forms.items():
-        times, _ = timed(run, replica, args.baseline_steps, device)
+        times, _ = time_steps(run, replica, args.baseline_steps, device)
         out[name] = {"step_seconds": times, "median_step_seconds": steady_median(times)}
     del replica
     if device.type == "cuda":
@@ -298,7 +285,7 @@ def main() -> int:
     # All resident: the compute floor and the reference outputs.
     compute, reference = {}, {}
     for name, run in forms.items():
-        times, out = timed(run, model, max(3, args.steps), device)
+        times, out = time_steps(run, model, max(3, args.steps), device)
         compute[name] = min(times[1:])
         reference[name] = out.float().cpu()
         result["runs"].setdefault("resident", {})[name] = {"step_seconds": times}
