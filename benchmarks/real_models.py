@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 
 import aimdo
 import aimdo.torch as atorch
 import torch
 
 from ._common import environment, steady_median, write
+from ._trace import profile_step
 from .streaming import pinned_bandwidth, time_steps
 
 GiB = 1 << 30
@@ -160,7 +162,7 @@ def per_token(runs: dict) -> float:
 FORWARDS_PER_STEP = {"guidance as two batch-1 calls": 2}
 
 
-def run_aimdo(model, forms, args, device, reference, compute, bandwidth) -> dict:
+def run_aimdo(model, forms, args, device, reference, compute, bandwidth, prefetch) -> dict:
     backend = aimdo.SimBackend("1x8GiB", real_bytes=True) if args.tiny else "cuda"
     results = {}
     with aimdo.Manager(
@@ -168,7 +170,8 @@ def run_aimdo(model, forms, args, device, reference, compute, bandwidth) -> dict
     ) as manager:
         before = rss_bytes()
         staging = {} if args.staging is None else {"staging_bytes": args.staging}
-        handle = atorch.offload(model, 0, manager=manager, prefetch=args.prefetch, **staging)
+        handle_prefetch = prefetch
+        handle = atorch.offload(model, 0, manager=manager, prefetch=prefetch, **staging)
         try:
             for name, run in forms.items():
                 times, out = time_steps(run, model, args.steps, device)
@@ -192,6 +195,10 @@ def run_aimdo(model, forms, args, device, reference, compute, bandwidth) -> dict
                     "others_bytes": total - free - manager.usage_bytes(0),
                     "staging_bytes": handle.staging_bytes,
                 }
+            if args.trace:
+                for index, (name, run) in enumerate(forms.items()):
+                    path = f"{args.trace}/trace-{args.model}-p{handle_prefetch}-{index}.json.gz"
+                    results[name]["trace"] = profile_step(run, model, device, path)
             results["host"] = {
                 "pinned_bytes": handle.pinned_bytes,
                 "rss_bytes": rss_bytes(),
@@ -200,6 +207,28 @@ def run_aimdo(model, forms, args, device, reference, compute, bandwidth) -> dict
         finally:
             handle.undo()
     return results
+
+
+def report(key: str, results: dict, forms, weights: int) -> None:
+    for name in forms:
+        r = results[name]
+        print(
+            f"  {key}, {name}: {r['median_step_seconds'] * 1000:.1f} ms, floor "
+            f"{r['floor_seconds'] * 1000:.1f} ms ({r['of_floor']:.0%}); {r['hits']} hits, "
+            f"{r['offloaded_layers']} offloaded, {r['bytes_copied'] / GiB:.2f} GiB copied; "
+            f"resident {r['resident_bytes'] / GiB:.2f} GiB of the {r['budget_bytes'] / GiB:.2f}"
+            f" GiB budget, others {r['others_bytes'] / GiB:.2f} GiB, staging "
+            f"{r['staging_bytes'] / 2**20:.0f} MiB; identical: {r['identical_to_resident']}",
+            flush=True,
+        )
+        if "trace" in r:
+            print(f"    trace: {json.dumps(r['trace'])}", flush=True)
+    host = results["host"]
+    print(
+        f"  host: pinned {host['pinned_bytes'] / weights:.3f}x the weights, RSS "
+        f"{host['rss_bytes'] / GiB:.2f} GiB",
+        flush=True,
+    )
 
 
 def run_baseline(kind: str, model, forms, args, device) -> dict:
@@ -243,7 +272,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--baseline-steps", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=32, help="llama: tokens to generate")
-    parser.add_argument("--prefetch", type=int, default=2)
+    parser.add_argument(
+        "--prefetch",
+        default="2",
+        help="aimdo's prefetch; a comma-separated list runs one offload for each",
+    )
+    parser.add_argument("--trace", default=None, help="folder: profile one step of each form")
     parser.add_argument(
         "--staging",
         type=aimdo.parse_size,
@@ -296,26 +330,15 @@ def main() -> int:
     bandwidth = 50e9 if args.tiny else pinned_bandwidth(device)
     result["pinned_h2d_bytes_per_s"] = bandwidth
 
-    aimdo_results = run_aimdo(model, forms, args, device, reference, compute, bandwidth)
-    result["runs"]["aimdo"] = aimdo_results
     weights = result["weight_bytes"]
-    for name in forms:
-        r = aimdo_results[name]
-        print(
-            f"  aimdo, {name}: {r['median_step_seconds'] * 1000:.1f} ms, floor "
-            f"{r['floor_seconds'] * 1000:.1f} ms ({r['of_floor']:.0%}); {r['hits']} hits, "
-            f"{r['offloaded_layers']} offloaded, {r['bytes_copied'] / GiB:.2f} GiB copied; "
-            f"resident {r['resident_bytes'] / GiB:.2f} GiB of the {r['budget_bytes'] / GiB:.2f}"
-            f" GiB budget, others {r['others_bytes'] / GiB:.2f} GiB, staging "
-            f"{r['staging_bytes'] / 2**20:.0f} MiB; identical: {r['identical_to_resident']}",
-            flush=True,
+    prefetches = [int(p) for p in str(args.prefetch).split(",")]
+    for prefetch in prefetches:
+        key = "aimdo" if prefetch == prefetches[0] else f"aimdo prefetch {prefetch}"
+        result["runs"][key] = run_aimdo(
+            model, forms, args, device, reference, compute, bandwidth, prefetch
         )
-    host = aimdo_results["host"]
-    print(
-        f"  host: pinned {host['pinned_bytes'] / weights:.3f}x the weights, RSS "
-        f"{host['rss_bytes'] / GiB:.2f} GiB",
-        flush=True,
-    )
+        report(key, result["runs"][key], forms, weights)
+    aimdo_results = result["runs"]["aimdo"]
 
     for kind in baselines:
         result["runs"][kind] = run_baseline(kind, model, forms, args, device)
