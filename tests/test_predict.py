@@ -120,7 +120,7 @@ def llama_8b_blocks() -> list[int]:
     return [vocabulary * hidden * 2, *layer * 32, 2 * hidden, vocabulary * hidden * 2]
 
 
-@pytest.mark.parametrize("spread, hits", [(True, 91), (False, 115)])
+@pytest.mark.parametrize("spread, hits", [(True, 137), (False, 154)])
 def test_a_llama_8b_at_a_6_gib_budget_stages_through_224_mib(make_manager, spread, hits):
     # Issue 12: staging buffers grew to the largest block they staged, 1002 MiB each for
     # the embedding and the head. Now each is at most staging_bytes // (prefetch + 1)
@@ -135,6 +135,10 @@ def test_a_llama_8b_at_a_6_gib_budget_stages_through_224_mib(make_manager, sprea
     for step in steps[1:]:
         assert step.staging_bytes == 2 * 112 * MiB
         assert step.hits == hits and step.offloaded_layers == len(blocks) - hits
+        # The 65 norms (8 KiB each) are placed first: every one of them hits.
+        norms = [i for i, nbytes in enumerate(blocks) if nbytes == 2 * 4096]
+        assert len(norms) == 65
+        assert not {f"copy{i}" for i in norms} & set(step.schedule)
         # Spread, both vocabulary matrices stay resident; in order, the head is offloaded
         # and goes through a temporary buffer of its 1002 MiB.
         assert step.peak_temporary_bytes == (0 if spread else blocks[-1])

@@ -129,30 +129,31 @@ def test_weights_are_placed_spread_or_in_order_and_as_declared(make_manager):
     ]
     expected = reference(model, x, 0)
     spread = atorch.offload(model, 0, manager=manager)
-    # Placed when offloaded, before any forward: registration order, spread.
-    assert [name for name, _, _ in spread.placement()] == [
-        "0.norm",
-        "1.down",
-        "0.down",
-        "2.up",
-        "1.up",
+    # Placed when offloaded, before any forward: the norms (under SMALL_BLOCK_BYTES) first,
+    # then the rest in registration order, spread.
+    norms = ["0.norm", "1.norm", "2.norm"]
+    assert [name for name, _, _ in spread.placement()] == norms + [
         "0.up",
-        "2.norm",
-        "1.norm",
         "2.down",
+        "1.up",
+        "2.up",
+        "0.down",
+        "1.down",
     ]
     assert torch.equal(model(x), expected)
     spread.undo()
     with atorch.offload(model, 0, manager=manager, spread=False) as in_order:
-        assert [name for name, _, _ in in_order.placement()] == registered
+        assert [name for name, _, _ in in_order.placement()] == norms + [
+            n for n in registered if n not in norms
+        ]
         assert torch.equal(model(x), expected)
     declared_order = [model[2].up, model[2].down, model[0].up]
     declared = atorch.offload(model, 0, manager=manager, order=declared_order, spread=False)
     assert torch.equal(model(x), expected)
     declared.undo()
     names = [name for name, _, _ in declared.placement()]
-    assert names == ["2.up", "2.down", "0.up"] + [
-        n for n in registered if n not in ("2.up", "2.down", "0.up")
+    assert names == norms + ["2.up", "2.down", "0.up"] + [
+        n for n in registered if n not in norms + ["2.up", "2.down", "0.up"]
     ]
     with pytest.raises(ValueError, match="twice"):
         atorch.offload(model, 0, manager=manager, order=[model[0].up, model[0].up])

@@ -327,7 +327,8 @@ def offload(
     submodules, declares the order their weights are used (by default it is learned on the
     first forward, and blocks are placed in registration order). ``spread`` (default True)
     interleaves the placement so the blocks that stay resident are spread over the
-    forward; False places them in order, the first ones resident longest.
+    forward; False places them in order, the first ones resident longest. Either way
+    blocks under 1 MiB (norms, biases) are placed first, so they stay resident.
     ``staging_bytes`` (bytes or a size string) caps the staging buffers together; by
     default, enough for ``prefetch + 1`` buffers of the largest block, within 256 MiB or
     1/24 of the device's budget, whichever is more (``auto_staging_bytes``).
