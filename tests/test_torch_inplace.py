@@ -351,7 +351,7 @@ def test_staging_is_capped_and_larger_blocks_take_temporary_buffers(make_manager
 
     monkeypatch.setattr(atorch._TorchExecutor, "copy_weights", staticmethod(logged))
     schedules = []
-    with atorch.offload(model, 0, manager=manager, staging_bytes=2 * PAGE) as offloaded:
+    with atorch.offload(model, 0, manager=manager, prefetch=1, staging_bytes=2 * PAGE) as offloaded:
         for _ in range(3):
             log.clear()
             assert torch.equal(model(x), expected)

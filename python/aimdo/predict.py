@@ -155,7 +155,7 @@ def predict_offload(
     block_seconds,
     *,
     steps: int,
-    prefetch: int = 1,
+    prefetch: int = 2,
     spread: bool = True,
     staging_bytes: int | None = None,
 ) -> list[PredictedStep]:

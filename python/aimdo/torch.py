@@ -314,7 +314,7 @@ def offload(
     device: int,
     *,
     manager: Manager | None = None,
-    prefetch: int = 1,
+    prefetch: int = 2,
     order=None,
     spread: bool = True,
     staging_bytes: int | str | None = None,
@@ -329,6 +329,9 @@ def offload(
     interleaves the placement so the blocks that stay resident are spread over the
     forward; False places them in order, the first ones resident longest. Either way
     blocks under 1 MiB (norms, biases) are placed first, so they stay resident.
+    ``prefetch`` (default 2) is how many copies are kept in flight ahead of the compute:
+    more hides the copies of weights whose compute is short (Qwen-Image's modulation
+    layers) at the cost of staging memory; measured on an H200 (benchmarks/RESULTS.md).
     ``staging_bytes`` (bytes or a size string) caps the staging buffers together; by
     default, enough for ``prefetch + 1`` buffers of the largest block, within 256 MiB or
     1/24 of the device's budget, whichever is more (``auto_staging_bytes``).
