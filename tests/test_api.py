@@ -593,6 +593,7 @@ def test_sim_backend_operations_are_the_cuda_names():
         "cuMemAddressFree",
         "cuMemGetInfo",
         "cuCtxSynchronize",
+        "cuMemcpyDtoDAsync",
     ):
         assert name in operations
 
@@ -612,6 +613,7 @@ def test_package_exports():
             "InvalidStateError",
             "Manager",
             "OutOfMemoryError",
+            "PeerLink",
             "Signature",
             "SimBackend",
             "Vbar",

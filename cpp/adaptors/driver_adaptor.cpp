@@ -121,4 +121,15 @@ DriverStatus DriverAdaptor::make_current(int device, ContextToken* previous) {
   return status;
 }
 
+DriverStatus DriverAdaptor::copy_async(int device, DeviceAddress dst, DeviceAddress src,
+                                       std::size_t size_bytes, StreamHandle stream) {
+  Call call = call_of(Operation::copy_async);
+  call.device = device;
+  call.address = dst;
+  call.source = src;
+  call.size_bytes = size_bytes;
+  call.stream = stream;
+  return intercept(call);
+}
+
 }  // namespace aimdo::adaptors

@@ -6,8 +6,8 @@
 // Every operation of the table (operations.hpp) reaches the adaptor's one hook,
 // intercept(), as a Call (call.hpp); the hook decides what to do around forward(), which
 // makes the call on the upstream driver. What is not an operation (backend_name, device
-// count and properties, the current device, restore_current, now_ns) goes straight to
-// the upstream driver: an adaptor is transparent to it.
+// count and properties, peer links, the current device, restore_current, now_ns) goes
+// straight to the upstream driver: an adaptor is transparent to it.
 //
 // Contract, as the Driver interface's: errors come back as values; sizes in bytes,
 // addresses and handles those of the upstream driver (an adaptor never changes them); an
@@ -47,12 +47,17 @@ class DriverAdaptor : public Driver {
                             DeviceAddress* out) final;
   DriverStatus stream_free(int device, DeviceAddress ptr, StreamHandle stream) final;
   DriverStatus make_current(int device, ContextToken* previous) final;
+  DriverStatus copy_async(int device, DeviceAddress dst, DeviceAddress src, std::size_t size_bytes,
+                          StreamHandle stream) final;
 
   // aimdo::Driver: the rest, straight to the upstream driver.
   const char* backend_name() const noexcept final { return upstream_->backend_name(); }
   DriverStatus device_count(int* count) final { return upstream_->device_count(count); }
   DriverStatus device_properties(int device, DeviceProperties* out) final {
     return upstream_->device_properties(device, out);
+  }
+  DriverStatus peer_link(int device, int peer, PeerLink* out) final {
+    return upstream_->peer_link(device, peer, out);
   }
   int current_device() noexcept final { return upstream_->current_device(); }
   void restore_current(const ContextToken& previous) noexcept final {

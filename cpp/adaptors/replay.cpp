@@ -137,6 +137,7 @@ class Replayer {
         case Field::address: call.address = translation_.address(key, line.text(key)); break;
         case Field::handle: call.handle = translation_.handle(line.hexadecimal(key)); break;
         case Field::pointer: call.pointer = translation_.pointer(key, line.text(key)); break;
+        case Field::source: call.source = translation_.address(key, line.text(key)); break;
         case Field::free_bytes:
         case Field::total_bytes: break;  // outputs only
       }

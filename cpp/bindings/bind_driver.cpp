@@ -35,6 +35,7 @@ std::shared_ptr<Driver> load_cuda() {
 
 // Address ranges, physical memory and mappings (and making a device current).
 void add_raw_memory_operations(nb::class_<Driver>& driver) {
+  using namespace nb::literals;
   driver
       .def(
           "raw_make_current",
@@ -88,7 +89,14 @@ void add_raw_memory_operations(nb::class_<Driver>& driver) {
           [](Driver& d, std::uint64_t va, std::int64_t size, int device) {
             return status_tuple(d.set_access(va, to_size(size, "size"), device));
           },
-          release_gil());
+          release_gil())
+      .def(
+          "raw_copy",
+          [](Driver& d, int device, std::uint64_t dst, std::uint64_t src, std::int64_t size,
+             std::uintptr_t stream) {
+            return status_tuple(d.copy_async(device, dst, src, to_size(size, "size"), stream));
+          },
+          "device"_a, "dst"_a, "src"_a, "size"_a, "stream"_a = 0, release_gil());
 }
 
 // Contexts and queries.
@@ -124,6 +132,7 @@ void add_raw_context_operations(nb::class_<Driver>& driver) {
 }  // namespace
 
 void bind_driver(nb::module_& m) {
+  using namespace nb::literals;
   m.def("load_cuda_driver", &load_cuda, release_gil(),
         "Load libcuda.so.1 and return the CUDA backend. Raises DriverError when it cannot.");
   nb::class_<Driver> driver(m, "Driver", "A GPU backend (the CUDA driver or the simulator).");
@@ -142,6 +151,25 @@ void bind_driver(nb::module_& m) {
              }
              return count;
            })
+      .def(
+          "peer_link",
+          [](Driver& d, int device, int peer) {
+            PeerLink link;
+            DriverStatus status;
+            {
+              nb::gil_scoped_release release;
+              status = d.peer_link(device, peer, &link);
+            }
+            if (!status.ok()) {
+              throw DriverError("peer_link(" + std::to_string(device) + ", " +
+                                    std::to_string(peer) + ") failed with " + status.name,
+                                device, "cuDeviceCanAccessPeer", status);
+            }
+            return std::make_tuple(link.access, link.performance_rank, link.native_atomics);
+          },
+          "device"_a, "peer"_a,
+          "How `device` reaches `peer`'s memory: (access, performance rank, native atomics). "
+          "DriverError for a device the backend lacks or a device asked about itself.")
       .def("current_device", &Driver::current_device, release_gil(),
            "The device whose context is current on the calling thread, or -1.");
   add_raw_memory_operations(driver);

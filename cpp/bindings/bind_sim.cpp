@@ -23,11 +23,32 @@ namespace aimdo::bindings {
 namespace {
 
 using SpecTuple = std::tuple<std::string, std::int64_t, std::int64_t, bool, double>;
+// One peer link: (bytes per second, 0 for none; latency in ns; performance rank).
+using LinkTuple = std::tuple<double, std::int64_t, int>;
+// (peer link matrix, empty for none; host link of each device, empty for each its own;
+// host latency in ns).
+using TopologyTuple =
+    std::tuple<std::vector<std::vector<LinkTuple>>, std::vector<int>, std::int64_t>;
+
+sim::SimTopology topology_of(const TopologyTuple& topology) {
+  const auto& [peers, host_links, host_latency_ns] = topology;
+  sim::SimTopology out;
+  for (const auto& row : peers) {
+    std::vector<sim::SimPeerLink> links;
+    for (const auto& [bytes_per_s, latency_ns, rank] : row) {
+      links.push_back(sim::SimPeerLink{bytes_per_s, latency_ns, rank});
+    }
+    out.peers.push_back(std::move(links));
+  }
+  out.host_links = host_links;
+  out.host_latency_ns = host_latency_ns;
+  return out;
+}
 
 void construct(sim::SimDriver* self, const std::vector<SpecTuple>& specs,
                std::int64_t free_delay_ns, bool real_bytes,
                const std::map<std::string, std::int64_t>& costs_ns,
-               std::shared_ptr<EventLog> events) {
+               std::shared_ptr<EventLog> events, const TopologyTuple& topology) {
   std::vector<sim::SimDeviceSpec> devices;
   for (const auto& [name, total, granularity, integrated, bandwidth] : specs) {
     sim::SimDeviceSpec spec;
@@ -41,6 +62,7 @@ void construct(sim::SimDriver* self, const std::vector<SpecTuple>& specs,
   sim::SimOptions options;
   options.free_delay_ns = free_delay_ns;
   options.real_bytes = real_bytes;
+  options.topology = topology_of(topology);
   for (const auto& [name, ns] : costs_ns) options.costs.set(name, ns);
   new (self) sim::SimDriver(std::move(devices), options, std::move(events));
 }
@@ -81,6 +103,13 @@ void bind_time(nb::class_<sim::SimDriver, Driver>& cls) {
           },
           "device"_a, "nbytes"_a, "after_ns"_a, release_gil())
       .def(
+          "peer_copy_async",
+          [](SimDriver& s, IntArg device, IntArg peer, IntArg n, IntArg after) {
+            return s.peer_copy_async(to_device(device), to_device(peer), to_size(n, "nbytes"),
+                                     to_ns(after, "after_ns"));
+          },
+          "device"_a, "peer"_a, "nbytes"_a, "after_ns"_a, release_gil())
+      .def(
           "compute_async",
           [](SimDriver& s, IntArg device, IntArg ns, IntArg after) {
             return s.compute_async(to_device(device), to_ns(ns, "ns"), to_ns(after, "after_ns"));
@@ -113,7 +142,7 @@ void bind_sim(nb::module_& m) {
   nb::class_<SimDriver, Driver> cls(m, "SimDriver", "The simulator backend (see aimdo.sim).");
   bind_time(cls);
   cls.def("__init__", &construct, "devices"_a, "free_delay_ns"_a, "real_bytes"_a, "costs_ns"_a,
-          "events"_a.none())
+          "events"_a.none(), "topology"_a)
       .def("address_naming", &SimDriver::address_naming)
       .def_prop_ro("real_bytes", &SimDriver::real_bytes)
       .def("violations", &SimDriver::violations, release_gil())
@@ -138,10 +167,10 @@ void bind_sim(nb::module_& m) {
       .def("pending_free_bytes", &SimDriver::pending_free_bytes, "device"_a, release_gil())
       .def(
           "is_accessible",
-          [](const SimDriver& s, std::uint64_t address, std::int64_t n) {
-            return s.is_accessible(address, to_size(n, "nbytes"));
+          [](const SimDriver& s, std::uint64_t address, std::int64_t n, int from) {
+            return s.is_accessible(address, to_size(n, "nbytes"), from);
           },
-          "address"_a, "nbytes"_a, release_gil())
+          "address"_a, "nbytes"_a, "from_device"_a = -1, release_gil())
       .def("leaks", &SimDriver::leaks, release_gil())
       .def("hold", &SimDriver::hold, "operation"_a, "device"_a, release_gil())
       .def("wait_held", &SimDriver::wait_held, "hold_id"_a, "timeout_ns"_a, release_gil())

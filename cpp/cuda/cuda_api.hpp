@@ -31,6 +31,12 @@ enum CUdevice_attribute : int {
   CU_DEVICE_ATTRIBUTE_INTEGRATED = 18,
 };
 
+enum CUdevice_P2PAttribute : int {
+  CU_DEVICE_P2P_ATTRIBUTE_PERFORMANCE_RANK = 0x01,
+  CU_DEVICE_P2P_ATTRIBUTE_ACCESS_SUPPORTED = 0x02,
+  CU_DEVICE_P2P_ATTRIBUTE_NATIVE_ATOMIC_SUPPORTED = 0x03,
+};
+
 enum CUmemAllocationType : int {
   CU_MEM_ALLOCATION_TYPE_PINNED = 0x1,
 };
@@ -118,39 +124,42 @@ constexpr int kOldestProcAddressVersion = 11030;
 // ---------------------------------------------------------------------------------------
 // The entry-point table: name, required or optional, signature at kEntryPointVersion.
 // cuGetErrorName comes first so that later failures can be named by the driver itself.
-#define AIMDO_CUDA_ENTRY_POINTS(X)                                                        \
-  X(cuGetErrorName, required, CUresult(CUresult, const char**))                           \
-  X(cuDriverGetVersion, required, CUresult(int*))                                         \
-  X(cuInit, required, CUresult(unsigned int))                                             \
-  X(cuDeviceGetCount, required, CUresult(int*))                                           \
-  X(cuDeviceGet, required, CUresult(CUdevice*, int))                                      \
-  X(cuDeviceGetName, required, CUresult(char*, int, CUdevice))                            \
-  X(cuDeviceTotalMem, required, CUresult(std::size_t*, CUdevice))                         \
-  X(cuDeviceGetAttribute, required, CUresult(int*, CUdevice_attribute, CUdevice))         \
-  X(cuDevicePrimaryCtxRetain, required, CUresult(CUcontext*, CUdevice))                   \
-  X(cuDevicePrimaryCtxRelease, required, CUresult(CUdevice))                              \
-  X(cuCtxGetCurrent, required, CUresult(CUcontext*))                                      \
-  X(cuCtxSetCurrent, required, CUresult(CUcontext))                                       \
-  X(cuCtxGetDevice, required, CUresult(CUdevice*))                                        \
-  X(cuCtxSynchronize, required, CUresult())                                               \
-  X(cuMemGetInfo, required, CUresult(std::size_t*, std::size_t*))                         \
-  X(cuMemAddressReserve, required,                                                        \
-    CUresult(CUdeviceptr*, std::size_t, std::size_t, CUdeviceptr, unsigned long long))    \
-  X(cuMemAddressFree, required, CUresult(CUdeviceptr, std::size_t))                       \
-  X(cuMemCreate, required,                                                                \
-    CUresult(CUmemGenericAllocationHandle*, std::size_t, const CUmemAllocationProp*,      \
-             unsigned long long))                                                         \
-  X(cuMemRelease, required, CUresult(CUmemGenericAllocationHandle))                       \
-  X(cuMemMap, required,                                                                   \
-    CUresult(CUdeviceptr, std::size_t, std::size_t, CUmemGenericAllocationHandle,         \
-             unsigned long long))                                                         \
-  X(cuMemUnmap, required, CUresult(CUdeviceptr, std::size_t))                             \
-  X(cuMemSetAccess, required,                                                             \
-    CUresult(CUdeviceptr, std::size_t, const CUmemAccessDesc*, std::size_t))              \
-  X(cuMemGetAllocationGranularity, required,                                              \
-    CUresult(std::size_t*, const CUmemAllocationProp*, CUmemAllocationGranularity_flags)) \
-  X(cuMemAllocAsync, optional, CUresult(CUdeviceptr*, std::size_t, CUstream))             \
-  X(cuMemFreeAsync, optional, CUresult(CUdeviceptr, CUstream))
+#define AIMDO_CUDA_ENTRY_POINTS(X)                                                                \
+  X(cuGetErrorName, required, CUresult(CUresult, const char**))                                   \
+  X(cuDriverGetVersion, required, CUresult(int*))                                                 \
+  X(cuInit, required, CUresult(unsigned int))                                                     \
+  X(cuDeviceGetCount, required, CUresult(int*))                                                   \
+  X(cuDeviceGet, required, CUresult(CUdevice*, int))                                              \
+  X(cuDeviceGetName, required, CUresult(char*, int, CUdevice))                                    \
+  X(cuDeviceTotalMem, required, CUresult(std::size_t*, CUdevice))                                 \
+  X(cuDeviceGetAttribute, required, CUresult(int*, CUdevice_attribute, CUdevice))                 \
+  X(cuDevicePrimaryCtxRetain, required, CUresult(CUcontext*, CUdevice))                           \
+  X(cuDevicePrimaryCtxRelease, required, CUresult(CUdevice))                                      \
+  X(cuCtxGetCurrent, required, CUresult(CUcontext*))                                              \
+  X(cuCtxSetCurrent, required, CUresult(CUcontext))                                               \
+  X(cuCtxGetDevice, required, CUresult(CUdevice*))                                                \
+  X(cuCtxSynchronize, required, CUresult())                                                       \
+  X(cuMemGetInfo, required, CUresult(std::size_t*, std::size_t*))                                 \
+  X(cuMemAddressReserve, required,                                                                \
+    CUresult(CUdeviceptr*, std::size_t, std::size_t, CUdeviceptr, unsigned long long))            \
+  X(cuMemAddressFree, required, CUresult(CUdeviceptr, std::size_t))                               \
+  X(cuMemCreate, required,                                                                        \
+    CUresult(CUmemGenericAllocationHandle*, std::size_t, const CUmemAllocationProp*,              \
+             unsigned long long))                                                                 \
+  X(cuMemRelease, required, CUresult(CUmemGenericAllocationHandle))                               \
+  X(cuMemMap, required,                                                                           \
+    CUresult(CUdeviceptr, std::size_t, std::size_t, CUmemGenericAllocationHandle,                 \
+             unsigned long long))                                                                 \
+  X(cuMemUnmap, required, CUresult(CUdeviceptr, std::size_t))                                     \
+  X(cuMemSetAccess, required,                                                                     \
+    CUresult(CUdeviceptr, std::size_t, const CUmemAccessDesc*, std::size_t))                      \
+  X(cuMemGetAllocationGranularity, required,                                                      \
+    CUresult(std::size_t*, const CUmemAllocationProp*, CUmemAllocationGranularity_flags))         \
+  X(cuMemAllocAsync, optional, CUresult(CUdeviceptr*, std::size_t, CUstream))                     \
+  X(cuMemFreeAsync, optional, CUresult(CUdeviceptr, CUstream))                                    \
+  X(cuDeviceCanAccessPeer, optional, CUresult(int*, CUdevice, CUdevice))                          \
+  X(cuDeviceGetP2PAttribute, optional, CUresult(int*, CUdevice_P2PAttribute, CUdevice, CUdevice)) \
+  X(cuMemcpyDtoDAsync, optional, CUresult(CUdeviceptr, CUdeviceptr, std::size_t, CUstream))
 
 enum class Need : std::uint8_t { required, optional };
 

@@ -154,6 +154,47 @@ class CudaDriver final : public Driver {
     return check(api_.cuMemSetAccess(va, size_bytes, &access, /*count=*/1));
   }
 
+  DriverStatus peer_link(int device, int peer, PeerLink* out) override {
+    if (out == nullptr) return code_status(driver_code::invalid_value);
+    if (!valid(device) || !valid(peer) || device == peer) {
+      return code_status(driver_code::invalid_device);
+    }
+    if (api_.cuDeviceCanAccessPeer == nullptr || api_.cuDeviceGetP2PAttribute == nullptr) {
+      return code_status(driver_code::not_supported);
+    }
+    const CUdevice from = devices_[index(device)];
+    const CUdevice to = devices_[index(peer)];
+    int access = 0;
+    int rank = 0;
+    int atomics = 0;
+    if (auto s = check(api_.cuDeviceCanAccessPeer(&access, from, to)); !s.ok()) return s;
+    if (access != 0) {
+      if (auto s = check(api_.cuDeviceGetP2PAttribute(
+              &rank, CU_DEVICE_P2P_ATTRIBUTE_PERFORMANCE_RANK, from, to));
+          !s.ok()) {
+        return s;
+      }
+      if (auto s = check(api_.cuDeviceGetP2PAttribute(
+              &atomics, CU_DEVICE_P2P_ATTRIBUTE_NATIVE_ATOMIC_SUPPORTED, from, to));
+          !s.ok()) {
+        return s;
+      }
+    }
+    out->access = access != 0;
+    out->performance_rank = access != 0 ? rank : 0;
+    out->native_atomics = access != 0 && atomics != 0;
+    return DriverStatus::success();
+  }
+
+  // `device` is not passed on: the stream (or the current context, for stream 0) decides
+  // which device's copy engine runs it; the addresses say where the bytes are.
+  DriverStatus copy_async(int device, DeviceAddress dst, DeviceAddress src, std::size_t size_bytes,
+                          StreamHandle stream) override {
+    if (!valid(device)) return code_status(driver_code::invalid_device);
+    if (api_.cuMemcpyDtoDAsync == nullptr) return code_status(driver_code::not_supported);
+    return check(api_.cuMemcpyDtoDAsync(dst, src, size_bytes, reinterpret_cast<CUstream>(stream)));
+  }
+
   DriverStatus synchronize(int device) override {
     if (!valid(device)) return code_status(driver_code::invalid_device);
     return check(api_.cuCtxSynchronize());

@@ -24,6 +24,9 @@ DriverStatus invoke(Driver& driver, Call& call) {
       return driver.stream_alloc(call.device, call.size_bytes, call.stream, &call.pointer);
     case Operation::stream_free: return driver.stream_free(call.device, call.pointer, call.stream);
     case Operation::make_current: return driver.make_current(call.device, &call.previous);
+    case Operation::copy_async:
+      return driver.copy_async(call.device, call.address, call.source, call.size_bytes,
+                               call.stream);
   }
   return DriverStatus{driver_code::invalid_value, driver_code::name(driver_code::invalid_value),
                       false};

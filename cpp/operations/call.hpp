@@ -24,6 +24,7 @@ struct Call {
   DeviceAddress address = 0;  // in, or out of reserve_address_range
   PhysicalHandle handle = 0;  // in, or out of create_physical
   DeviceAddress pointer = 0;  // in to stream_free, or out of stream_alloc
+  DeviceAddress source = 0;   // in to copy_async (its `address` is the destination)
   StreamHandle stream = 0;    // not logged: replay uses the default stream
   // The device current on the calling thread when the call was made (-1: none). Not an
   // argument of any Driver method: the event log carries it for the context-dependent

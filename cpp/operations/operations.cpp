@@ -13,6 +13,7 @@ const char* field_key(Field field) noexcept {
     case Field::address: return "va";
     case Field::handle: return "handle";
     case Field::pointer: return "ptr";
+    case Field::source: return "src";
     case Field::free_bytes: return "free";
     case Field::total_bytes: return "total";
   }

@@ -39,8 +39,9 @@ enum class Operation : std::uint8_t {
   stream_alloc,
   stream_free,
   make_current,
+  copy_async,
 };
-inline constexpr std::size_t kOperationCount = 12;
+inline constexpr std::size_t kOperationCount = 13;
 
 constexpr std::size_t index_of(Operation operation) noexcept {
   return static_cast<std::size_t>(operation);
@@ -56,6 +57,7 @@ enum class Field : std::uint8_t {
   address,      // "va": an address in a reservation (address_naming.hpp)
   handle,       // "handle": a physical allocation's handle, 0x-hex
   pointer,      // "ptr": a stream-ordered allocation's address (address_naming.hpp)
+  source,       // "src": the address a copy reads (address_naming.hpp)
   free_bytes,   // "free": bytes free on the device, decimal (an output, environment)
   total_bytes,  // "total": the device's bytes, decimal (an output, environment)
 };
@@ -69,7 +71,7 @@ constexpr bool is_environment(Field field) noexcept {
   return field == Field::free_bytes || field == Field::total_bytes;
 }
 
-// The fields of one line: at most three (checked when the table is compiled).
+// The fields of one line: at most five (checked when the table is compiled).
 class FieldList {
  public:
   constexpr FieldList() = default;
@@ -86,7 +88,7 @@ class FieldList {
   }
 
  private:
-  std::array<Field, 3> fields_{};
+  std::array<Field, 5> fields_{};
   std::size_t count_ = 0;
 };
 
@@ -127,6 +129,8 @@ inline constexpr std::array<OperationInfo, kOperationCount> kOperations = {{
    {Field::device, Field::current, Field::pointer}, {}},
   {Operation::make_current, "make_current", "cuCtxSetCurrent", kNoCost,
    {Field::device}, {}},
+  {Operation::copy_async, "copy_async", "cuMemcpyDtoDAsync", 2'000,
+   {Field::device, Field::current, Field::address, Field::source, Field::size}, {}},
 }};
 // clang-format on
 
@@ -137,7 +141,7 @@ constexpr bool table_is_in_enum_order() noexcept {
   return true;
 }
 static_assert(table_is_in_enum_order(), "kOperations must list every Operation in enum order");
-static_assert(index_of(Operation::make_current) + 1 == kOperationCount,
+static_assert(index_of(Operation::copy_async) + 1 == kOperationCount,
               "kOperationCount must count every Operation");
 
 constexpr const OperationInfo& info(Operation operation) noexcept {

@@ -75,13 +75,18 @@ void SimDriver::advance(int device, std::int64_t ns) {
 
 void SimDriver::copy_to_device(int device, std::size_t bytes) {
   check_device(device, device_total());
-  const std::int64_t ns = copy_duration_ns(
-      device, bytes, devices_[static_cast<std::size_t>(device)].host_to_device_bytes_per_s);
+  const std::int64_t ns = host_copy_ns(device, bytes);
   DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
   std::lock_guard<std::mutex> lock(d.mutex);
-  check_fits_in_time(clock_of(device), d.clock_ns,
+  HostLink* link = host_link(device);
+  std::unique_lock<std::mutex> link_lock;
+  if (link != nullptr) link_lock = std::unique_lock<std::mutex>(link->mutex);
+  const std::int64_t start_ns =
+      link == nullptr ? d.clock_ns : std::max<std::int64_t>(d.clock_ns, link->busy_until_ns);
+  check_fits_in_time(clock_of(device), start_ns,
                      "a copy of " + std::to_string(bytes) + " bytes taking", ns);
-  d.clock_ns += ns;
+  d.clock_ns = start_ns + ns;
+  if (link != nullptr) link->busy_until_ns = d.clock_ns;
   if (recording()) note(LineText("@copy_to_device").add("dev", device).add("bytes", bytes).str());
 }
 
@@ -98,14 +103,18 @@ void SimDriver::compute(int device, std::int64_t ns) {
 std::int64_t SimDriver::copy_async(int device, std::size_t bytes, std::int64_t after_ns) {
   check_device(device, device_total());
   if (after_ns < 0) throw InvalidArgumentError("a copy cannot wait for a time before 0");
-  const std::int64_t ns = copy_duration_ns(
-      device, bytes, devices_[static_cast<std::size_t>(device)].host_to_device_bytes_per_s);
+  const std::int64_t ns = host_copy_ns(device, bytes);
   DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
   std::lock_guard<std::mutex> lock(d.mutex);
-  const std::int64_t start_ns = std::max<std::int64_t>(d.copy_engine_ns, after_ns);
+  HostLink* link = host_link(device);
+  std::unique_lock<std::mutex> link_lock;
+  if (link != nullptr) link_lock = std::unique_lock<std::mutex>(link->mutex);
+  std::int64_t start_ns = std::max<std::int64_t>(d.copy_engine_ns, after_ns);
+  if (link != nullptr) start_ns = std::max<std::int64_t>(start_ns, link->busy_until_ns);
   check_fits_in_time("device " + std::to_string(device) + "'s copy engine, starting the copy",
                      start_ns, "a copy of " + std::to_string(bytes) + " bytes taking", ns);
   d.copy_engine_ns = start_ns + ns;
+  if (link != nullptr) link->busy_until_ns = d.copy_engine_ns;
   if (recording()) {
     note(LineText("@copy_async")
              .add("dev", device)
@@ -114,6 +123,49 @@ std::int64_t SimDriver::copy_async(int device, std::size_t bytes, std::int64_t a
              .str());
   }
   return d.copy_engine_ns;
+}
+
+std::int64_t SimDriver::peer_copy_async(int device, int peer, std::size_t bytes,
+                                        std::int64_t after_ns) {
+  check_device(device, device_total());
+  check_device(peer, device_total());
+  if (after_ns < 0) throw InvalidArgumentError("a copy cannot wait for a time before 0");
+  const SimPeerLink link = this->peer(device, peer);
+  if (!(link.bytes_per_s > 0)) {
+    throw InvalidArgumentError("device " + std::to_string(device) + " has no link to device " +
+                               std::to_string(peer) + "'s memory");
+  }
+  const std::int64_t ns =
+      saturating_sum_ns(copy_duration_ns(device, bytes, link.bytes_per_s), link.latency_ns);
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  const std::int64_t start_ns = std::max<std::int64_t>(d.copy_engine_ns, after_ns);
+  check_fits_in_time("device " + std::to_string(device) + "'s copy engine, starting the copy",
+                     start_ns, "a copy of " + std::to_string(bytes) + " bytes taking", ns);
+  d.copy_engine_ns = start_ns + ns;
+  if (recording()) {
+    note(LineText("@peer_copy_async")
+             .add("dev", device)
+             .add("peer", peer)
+             .add("bytes", bytes)
+             .add("after", after_ns)
+             .str());
+  }
+  return d.copy_engine_ns;
+}
+
+std::int64_t SimDriver::host_copy_ns(int device, std::size_t bytes) const {
+  return saturating_sum_ns(
+      copy_duration_ns(device, bytes,
+                       devices_[static_cast<std::size_t>(device)].host_to_device_bytes_per_s),
+      options_.topology.host_latency_ns);
+}
+
+HostLink* SimDriver::host_link(int device) const noexcept {
+  const auto& links = options_.topology.host_links;
+  if (links.empty()) return nullptr;
+  return state_->host_links[static_cast<std::size_t>(links[static_cast<std::size_t>(device)])]
+      .get();
 }
 
 std::int64_t SimDriver::compute_async(int device, std::int64_t ns, std::int64_t after_ns) {

@@ -1,6 +1,9 @@
 // The operations on address space and physical memory, with the real driver's rules:
 // reserve and free ranges, create and release physical allocations, map, unmap and set
 // access. Each answers as the CUDA driver would (or stricter, where the comment says).
+#include <cmath>
+#include <cstring>
+
 #include "aimdo/errors.hpp"
 #include "sim_state.hpp"
 
@@ -23,8 +26,9 @@ Reservation* find_reservation(DeviceState& d, DeviceAddress va, std::size_t* off
   return &it->second;
 }
 
-// Every byte of [offset, offset + size) is mapped (with access set, if asked).
-bool covered(Reservation& r, std::size_t offset, std::size_t size_bytes, bool need_access,
+// Every byte of [offset, offset + size) is mapped (with access set for the devices of
+// `need_access`, a mask of access bits; 0: none asked).
+bool covered(Reservation& r, std::size_t offset, std::size_t size_bytes, std::uint64_t need_access,
              std::vector<Mapping*>* out) {
   if (size_bytes == 0 || size_bytes > r.size_bytes - offset) return false;
   auto mapping = r.mappings.upper_bound(offset);
@@ -34,7 +38,7 @@ bool covered(Reservation& r, std::size_t offset, std::size_t size_bytes, bool ne
   while (cursor < offset + size_bytes) {
     if (mapping == r.mappings.end() || mapping->first > cursor ||
         mapping->first + mapping->second.size_bytes <= cursor ||
-        (need_access && !mapping->second.access)) {
+        (mapping->second.access & need_access) != need_access) {
       return false;
     }
     if (out != nullptr) out->push_back(&mapping->second);
@@ -227,42 +231,112 @@ DriverStatus SimDriver::unmap(DeviceAddress va, std::size_t size_bytes) {
 }
 
 DriverStatus SimDriver::set_access(DeviceAddress va, std::size_t size_bytes, int device) {
-  return run(Operation::set_access, device, driver_code::invalid_device,
-             [&](DeviceState& d, std::int64_t cost_ns) {
-               bool stream = false;
-               // Peer access is not modelled: a device gets access to its own memory only.
-               if (state_->naming.device_of(va, &stream) != device || stream) {
-                 return failure(driver_code::invalid_value);
-               }
-               std::size_t offset = 0;
-               Reservation* reservation = find_reservation(d, va, &offset);
-               std::vector<Mapping*> mappings;
-               if (reservation == nullptr ||
-                   !covered(*reservation, offset, size_bytes, false, &mappings)) {
-                 return failure(driver_code::invalid_value);
-               }
-               if (state_->host) {
-                 try {
-                   state_->host->set_access(static_cast<std::uintptr_t>(va), size_bytes);
-                 } catch (const std::exception&) {
-                   return failure(driver_code::out_of_memory);
-                 }
-               }
-               for (Mapping* m : mappings) m->access = true;
-               d.clock_ns += cost_ns;
-               return DriverStatus::success();
-             });
+  bool stream = false;
+  const int owner = state_->naming.device_of(va, &stream);
+  if (owner >= 0 && device != owner && !stream) {
+    // Opening a device's memory to a peer: the owner's bookkeeping changes, under its lock.
+    if (!state_->process.current()) return failure(driver_code::not_initialized);
+    if (device < 0 || device >= device_total()) return failure(driver_code::invalid_device);
+    if (!(peer(device, owner).bytes_per_s > 0)) return failure(driver_code::invalid_device);
+  }
+  return run(
+      Operation::set_access, owner >= 0 && !stream ? owner : device, driver_code::invalid_device,
+      [&](DeviceState& d, std::int64_t cost_ns) {
+        if (owner < 0 || stream) return failure(driver_code::invalid_value);
+        std::size_t offset = 0;
+        Reservation* reservation = find_reservation(d, va, &offset);
+        std::vector<Mapping*> mappings;
+        if (reservation == nullptr || !covered(*reservation, offset, size_bytes, 0, &mappings)) {
+          return failure(driver_code::invalid_value);
+        }
+        if (state_->host && device == owner) {
+          try {
+            state_->host->set_access(static_cast<std::uintptr_t>(va), size_bytes);
+          } catch (const std::exception&) {
+            return failure(driver_code::out_of_memory);
+          }
+        }
+        for (Mapping* m : mappings) m->access |= access_bit(device);
+        d.clock_ns += cost_ns;
+        return DriverStatus::success();
+      });
 }
 
-bool SimDriver::is_accessible(DeviceAddress va, std::size_t size_bytes) const {
+bool SimDriver::is_accessible(DeviceAddress va, std::size_t size_bytes, int from) const {
   bool stream = false;
   const int device = state_->naming.device_of(va, &stream);
   if (device < 0 || stream) return false;
+  if (from == -1) from = device;
+  if (from < 0 || from >= device_total()) return false;
   DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
   std::lock_guard<std::mutex> lock(d.mutex);
   std::size_t offset = 0;
   Reservation* reservation = find_reservation(d, va, &offset);
-  return reservation != nullptr && covered(*reservation, offset, size_bytes, true, nullptr);
+  return reservation != nullptr &&
+         covered(*reservation, offset, size_bytes, access_bit(from), nullptr);
+}
+
+SimPeerLink SimDriver::peer(int device, int owner) const noexcept {
+  const auto& peers = options_.topology.peers;
+  if (device == owner || peers.empty()) return {};
+  return peers[static_cast<std::size_t>(device)][static_cast<std::size_t>(owner)];
+}
+
+DriverStatus SimDriver::peer_link(int device, int other, PeerLink* out) {
+  if (!state_->process.current()) return failure(driver_code::not_initialized);
+  if (device < 0 || device >= device_total() || other < 0 || other >= device_total()) {
+    return failure(driver_code::invalid_device);
+  }
+  if (device == other) return failure(driver_code::invalid_device);
+  const SimPeerLink link = peer(device, other);
+  out->access = link.bytes_per_s > 0;
+  out->performance_rank = out->access ? link.performance_rank : 0;
+  out->native_atomics = out->access;
+  return DriverStatus::success();
+}
+
+DriverStatus SimDriver::copy_async(int device, DeviceAddress dst, DeviceAddress src,
+                                   std::size_t size_bytes, StreamHandle) {
+  // The source first, under its own device's lock (never two devices' locks at once):
+  // mapped, and open to `device`. The caller keeps it so until the copy is done, as the
+  // real driver requires; a source unmapped meanwhile reads the trap pattern.
+  bool stream = false;
+  const int owner = state_->naming.device_of(src, &stream);
+  if (!state_->process.current()) return failure(driver_code::not_initialized);
+  if (device < 0 || device >= device_total()) return failure(driver_code::invalid_device);
+  if (size_bytes == 0 || owner < 0 || stream || !is_accessible(src, size_bytes, device)) {
+    return failure(driver_code::invalid_value);
+  }
+  const SimPeerLink link = peer(device, owner);
+  return run(
+      Operation::copy_async, device, driver_code::invalid_device,
+      [&](DeviceState& d, std::int64_t cost_ns) {
+        if (current_device() != device) return failure(driver_code::invalid_context);
+        bool dst_stream = false;
+        std::size_t offset = 0;
+        Reservation* reservation = find_reservation(d, dst, &offset);
+        if (state_->naming.device_of(dst, &dst_stream) != device || dst_stream ||
+            reservation == nullptr ||
+            !covered(*reservation, offset, size_bytes, access_bit(device), nullptr)) {
+          return failure(driver_code::invalid_value);
+        }
+        if (state_->host) {
+          std::memmove(reinterpret_cast<void*>(static_cast<std::uintptr_t>(dst)),
+                       reinterpret_cast<const void*>(static_cast<std::uintptr_t>(src)), size_bytes);
+        }
+        // On the copy engine, after the work queued so far: over the peer link, or
+        // (a copy within the device) at no more than its launch cost.
+        const std::int64_t transfer_ns =
+            owner == device
+                ? 0
+                : saturating_sum_ns(link.latency_ns,
+                                    static_cast<std::int64_t>(std::llround(
+                                        static_cast<double>(size_bytes) / link.bytes_per_s * 1e9)));
+        d.clock_ns += cost_ns;
+        d.copy_engine_ns = std::max<std::int64_t>(d.copy_engine_ns, d.clock_ns);
+        d.copy_engine_ns += transfer_ns;
+        return DriverStatus::success();
+      });
 }
 
 }  // namespace aimdo::sim

@@ -49,6 +49,48 @@ void check_specs(const std::vector<SimDeviceSpec>& devices) {
   }
 }
 
+void check_topology(const SimTopology& topology, std::size_t devices) {
+  if (topology.host_latency_ns < 0) {
+    throw InvalidArgumentError("the host link's latency must not be negative");
+  }
+  if (!topology.host_links.empty()) {
+    if (topology.host_links.size() != devices) {
+      throw InvalidArgumentError("host_links names " + std::to_string(topology.host_links.size()) +
+                                 " devices' links; the simulator has " + std::to_string(devices));
+    }
+    for (const int link : topology.host_links) {
+      if (link < 0 || static_cast<std::size_t>(link) >= devices) {
+        throw InvalidArgumentError("a host link is numbered from 0 to the device count - 1, got " +
+                                   std::to_string(link));
+      }
+    }
+  }
+  if (topology.peers.empty()) return;
+  if (topology.peers.size() != devices) {
+    throw InvalidArgumentError("the peer link matrix has " + std::to_string(topology.peers.size()) +
+                               " rows; the simulator has " + std::to_string(devices) + " devices");
+  }
+  for (std::size_t i = 0; i < devices; ++i) {
+    if (topology.peers[i].size() != devices) {
+      throw InvalidArgumentError("row " + std::to_string(i) + " of the peer link matrix has " +
+                                 std::to_string(topology.peers[i].size()) + " entries, not " +
+                                 std::to_string(devices));
+    }
+    for (std::size_t j = 0; j < devices; ++j) {
+      const SimPeerLink& link = topology.peers[i][j];
+      const std::string which =
+          "the link from device " + std::to_string(i) + " to device " + std::to_string(j);
+      if (!(link.bytes_per_s >= 0) || !std::isfinite(link.bytes_per_s)) {
+        throw InvalidArgumentError(which + ": bandwidth must be finite and not negative");
+      }
+      if (link.latency_ns < 0) throw InvalidArgumentError(which + ": latency must not be negative");
+      if (i == j && link.bytes_per_s > 0) {
+        throw InvalidArgumentError(which + ": a device is not its own peer");
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void check_device(int device, int total) {
@@ -83,6 +125,12 @@ SimDriver::SimDriver(std::vector<SimDeviceSpec> devices, SimOptions options,
       state_(std::make_unique<State>()) {
   check_options(options_);
   check_specs(devices_);
+  check_topology(options_.topology, devices_.size());
+  if (!options_.topology.host_links.empty()) {
+    for (std::size_t i = 0; i < devices_.size(); ++i) {
+      state_->host_links.push_back(std::make_unique<HostLink>());
+    }
+  }
   if (options_.real_bytes) state_->host = std::make_unique<HostMemory>();
   std::vector<AddressRegions> regions;
   for (std::size_t i = 0; i < devices_.size(); ++i) {

@@ -31,9 +31,14 @@
 // on an earlier completion time, so copies overlap compute as they do on a GPU with a
 // copy stream. copy_to_device/compute queue serially on the clock.
 //
+// Links (SimTopology): each device's host link (its own, or shared with others: one copy
+// crosses a shared link at a time) and a matrix of peer links (bandwidth, latency, or none).
+// A peer reads a device's mapped memory once set_access opened it to that peer, and
+// copy_async copies between device memory (with real bytes, the bytes themselves).
+//
 // What it does not model: kernels and their data, the host's own time between calls
-// (driver calls cost time on the device's clock, not the host's), peer access between
-// devices, partial unmaps.
+// (driver calls cost time on the device's clock, not the host's), partial unmaps,
+// copies into or out of stream-ordered allocations, contention on a peer link.
 //
 // Addresses and handles. Each device owns two 1 TiB regions of address space (one for
 // reservations, one for stream-ordered allocations; address_naming() describes them),
@@ -106,8 +111,30 @@ struct SimCosts {
   static std::array<std::int64_t, kOperationCount> defaults() noexcept;
 };
 
+// How one device reads another's memory, one way: bandwidth in bytes per second (0: no
+// link, P2P off, as between consumer cards whose driver refuses it), a fixed latency per
+// copy, and the rank the driver reports (PeerLink::performance_rank).
+struct SimPeerLink {
+  double bytes_per_s = 0;
+  std::int64_t latency_ns = 0;
+  int performance_rank = 0;
+};
+
+// The links between the host and the devices and among the devices (design.md §5).
+struct SimTopology {
+  // peers[i][j]: how device i reads device j's memory. Empty: no device reaches another.
+  std::vector<std::vector<SimPeerLink>> peers;
+  // host_links[i]: the host link device i's host-to-device copies take. Devices naming
+  // the same link share it: one copy crosses it at a time (two cards behind one x16 slot
+  // or a PCIe switch). Empty: each device has its own (as two H200s of one host do).
+  std::vector<int> host_links;
+  // Latency of each host-to-device copy, on top of bytes / the device's bandwidth.
+  std::int64_t host_latency_ns = 0;
+};
+
 struct SimOptions {
   SimCosts costs;
+  SimTopology topology;
   // Stream-ordered frees become reusable (and show in free memory) this long after the
   // free on the device's clock.
   std::int64_t free_delay_ns = 0;
@@ -118,11 +145,15 @@ struct SimOptions {
   bool real_bytes = false;
 };
 
+struct HostLink;  // sim_state.hpp
+
 class SimDriver final : public Driver {
  public:
   // InvalidArgumentError for no devices, more than 64, a zero capacity, a granularity
   // that is not a power of two of at least 4 KiB, a bandwidth that is not positive and
-  // finite, a negative cost or free delay. `events` may be null: powers are not logged.
+  // finite, a negative cost or free delay, a topology whose matrix or host links do not
+  // match the devices, a peer link with a negative or non-finite bandwidth or a negative
+  // latency, or a link from a device to itself. `events` may be null: powers are not logged.
   explicit SimDriver(std::vector<SimDeviceSpec> devices, SimOptions options = {},
                      std::shared_ptr<EventLog> events = nullptr);
   ~SimDriver() override;
@@ -140,6 +171,9 @@ class SimDriver final : public Driver {
   DriverStatus map(DeviceAddress va, std::size_t size_bytes, PhysicalHandle handle) override;
   DriverStatus unmap(DeviceAddress va, std::size_t size_bytes) override;
   DriverStatus set_access(DeviceAddress va, std::size_t size_bytes, int device) override;
+  DriverStatus peer_link(int device, int peer, PeerLink* out) override;
+  DriverStatus copy_async(int device, DeviceAddress dst, DeviceAddress src, std::size_t size_bytes,
+                          StreamHandle stream) override;
   DriverStatus synchronize(int device) override;
   DriverStatus stream_alloc(int device, std::size_t size_bytes, StreamHandle stream,
                             DeviceAddress* out) override;
@@ -164,8 +198,9 @@ class SimDriver final : public Driver {
   std::size_t used_bytes(int device) const;
   // Stream-ordered frees not reusable yet on `device`.
   std::size_t pending_free_bytes(int device) const;
-  // True when every byte of [va, va + size) is mapped with access set.
-  bool is_accessible(DeviceAddress va, std::size_t size_bytes) const;
+  // True when every byte of [va, va + size) is mapped with access set for its own device
+  // (`from` -1) or for device `from`.
+  bool is_accessible(DeviceAddress va, std::size_t size_bytes, int from = -1) const;
   // One readable line per live reservation, physical allocation, mapping and
   // stream-ordered allocation; empty when nothing leaks.
   std::vector<std::string> leaks() const;
@@ -207,6 +242,12 @@ class SimDriver final : public Driver {
   // the moment the work is done, to pass as another's `after_ns`. synchronize waits for
   // both engines.
   std::int64_t copy_async(int device, std::size_t bytes, std::int64_t after_ns);
+  // A copy of `bytes` from `peer`'s memory to `device`'s, on `device`'s copy engine over
+  // the peer link (bytes / its bandwidth + its latency). InvalidArgumentError where there
+  // is no link.
+  std::int64_t peer_copy_async(int device, int peer, std::size_t bytes, std::int64_t after_ns);
+  // The topology the simulator was made with.
+  const SimTopology& topology() const noexcept { return options_.topology; }
   std::int64_t compute_async(int device, std::int64_t ns, std::int64_t after_ns);
   std::int64_t copy_engine_now_ns(int device) const;
   std::int64_t host_now_ns() const noexcept;
@@ -233,6 +274,12 @@ class SimDriver final : public Driver {
   template <class Body>
   DriverStatus run(Operation operation, int device, int unknown_device_code, Body&& body);
   bool recording() const noexcept;
+  // How `device` reads `owner`'s memory (no link: zero bandwidth), from the topology.
+  SimPeerLink peer(int device, int owner) const noexcept;
+  // Nanoseconds a host-to-device copy of `bytes` takes on `device` (InvalidArgumentError
+  // past the end of time), and the shared host link it crosses (null: its own).
+  std::int64_t host_copy_ns(int device, std::size_t bytes) const;
+  HostLink* host_link(int device) const noexcept;
   void note(std::string line) const;  // appends an event line (see "Events")
 
   const SimOptions options_;

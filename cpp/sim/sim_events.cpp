@@ -18,7 +18,7 @@ std::size_t bytes(LogLine& line) {
   return line.unsigned_decimal("bytes");
 }
 
-constexpr std::array<PowerEvent, 7> kPowerEvents = {{
+constexpr std::array<PowerEvent, 8> kPowerEvents = {{
     {"@add_external_usage",
      [](SimDriver& sim, LogLine& line) {
        sim.add_external_usage(line.integer("dev"), bytes(line));
@@ -40,6 +40,11 @@ constexpr std::array<PowerEvent, 7> kPowerEvents = {{
     {"@copy_async",
      [](SimDriver& sim, LogLine& line) {
        sim.copy_async(line.integer("dev"), bytes(line), line.signed_decimal("after"));
+     }},
+    {"@peer_copy_async",
+     [](SimDriver& sim, LogLine& line) {
+       sim.peer_copy_async(line.integer("dev"), line.integer("peer"), bytes(line),
+                           line.signed_decimal("after"));
      }},
     {"@compute_async",
      [](SimDriver& sim, LogLine& line) {

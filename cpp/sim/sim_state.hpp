@@ -67,7 +67,17 @@ class ClockNs {
 struct Mapping {
   std::size_t size_bytes;
   PhysicalHandle handle;
-  bool access = false;
+  std::uint64_t access = 0;  // bit d: device d may use it (set_access)
+};
+
+inline constexpr std::uint64_t access_bit(int device) noexcept {
+  return std::uint64_t{1} << static_cast<unsigned>(device);
+}
+
+// A host link shared by several devices: the moment the copies queued over it are done.
+struct HostLink {
+  std::mutex mutex;  // a leaf: taken under a device's mutex, never the other way round
+  ClockNs busy_until_ns;
 };
 
 struct Reservation {
@@ -154,6 +164,8 @@ struct SimDriver::State {
   // The process that created the simulator, the only one it answers.
   CreatingProcess process;
   HeldCalls holds;
+  // One per link SimTopology::host_links names (empty when each device has its own).
+  std::vector<std::unique_ptr<HostLink>> host_links;
 };
 
 inline DriverStatus failure(int code) noexcept {

@@ -30,6 +30,7 @@ from ._core import (
 )
 from ._default import get_manager, init, shutdown
 from ._manager import CudaBackend, Manager
+from ._peer import PeerLink
 from ._sizes import format_size, parse_size
 from .sim import SimBackend
 
@@ -45,6 +46,7 @@ __all__ = [
     "InvalidStateError",
     "Manager",
     "OutOfMemoryError",
+    "PeerLink",
     "Signature",
     "SimBackend",
     "Vbar",

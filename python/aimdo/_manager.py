@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from . import _core
+from ._peer import PeerLink
 from .recording import Recording
 from .sim import SimBackend
 
@@ -342,6 +343,16 @@ class Manager:
         """(free, total) bytes of ``device`` as the driver reports them now."""
         free, total = self._core.memory_info(device)
         return int(free), int(total)
+
+    def peer_link(self, device: int, peer: int) -> PeerLink:
+        """How ``device`` reaches ``peer``'s memory (PeerLink). ValueError for a device
+        this Manager does not manage, or a device asked about itself."""
+        for which in (device, peer):
+            if which not in self.devices:
+                raise ValueError(f"device {which} is not one of this Manager's {self.devices}")
+        if device == peer:
+            raise ValueError(f"device {device} is not its own peer")
+        return PeerLink(*self._backend.driver.peer_link(device, peer))
 
     def vbar_count(self, device: int) -> int:
         return self._core.vbar_count(device)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import _core
-from ._sim_config import NativeSpec, default_spec
+from ._sim_config import NO_TOPOLOGY, NativeSpec, NativeTopology, default_spec
 
 
 class SimStack:
@@ -31,9 +31,12 @@ class SimStack:
         free_delay_ns: int,
         real_bytes: bool,
         costs_ns: dict[str, int],
+        topology: NativeTopology = NO_TOPOLOGY,
     ):
         self.events = _core.EventLog()
-        self.gpu = _core.SimDriver(specs, free_delay_ns, real_bytes, costs_ns, self.events)
+        self.gpu = _core.SimDriver(
+            specs, free_delay_ns, real_bytes, costs_ns, self.events, topology
+        )
         self.failures = _core.FailingDriver(self.gpu, seed, self.events)
         self.driver = _core.RecordingDriver(self.failures, self.events, self.gpu.address_naming())
 

@@ -29,13 +29,19 @@ from typing import TYPE_CHECKING
 
 from . import _core
 from ._host_view import host_view
+from ._peer import PeerLink
 from ._sim_config import (
     DEFAULT_DEVICES,
     END_OF_TIME_NS,
     DeviceSpec,
+    Topology,
     error_code,
     nanoseconds,
     parse_devices,
+    parse_topology,
+)
+from ._sim_config import (
+    PRESETS as TOPOLOGY_PRESETS,
 )
 from ._sim_stack import ReplayReport, SimStack, replay
 from ._sizes import parse_size
@@ -49,10 +55,13 @@ __all__ = [
     "DEFAULT_COSTS",
     "END_OF_TIME_NS",
     "DeviceSpec",
+    "PeerLink",
     "Recording",
     "ReplayReport",
     "SimBackend",
     "SimHold",
+    "TOPOLOGY_PRESETS",
+    "Topology",
 ]
 
 #: The operations table (cpp/operations/operations.hpp), one tuple per driver operation:
@@ -112,7 +121,10 @@ class SimBackend:
     ``record`` keeps the event log from the start (see ``log``); ``real_bytes`` backs
     mapped pages with host memory really mapped at the VBAR's addresses (see ``view``);
     ``costs`` sets the virtual time driver functions take, in seconds, by name (see
-    ``COST_NAMES``; the defaults, ``DEFAULT_COSTS``, are from docs/measurements.md).
+    ``COST_NAMES``; the defaults, ``DEFAULT_COSTS``, are from docs/measurements.md);
+    ``topology`` models the links (a name from ``TOPOLOGY_PRESETS``, such as
+    ``"h200-nvlink"`` or ``"rtx4090-pcie"``, or a mapping, see ``Topology``): by default each
+    device has its own host link and no device reaches another's memory.
 
     Its driver is the simulator under two adaptors (see aimdo._sim_stack): one records
     the calls (``log``, ``replay``), one counts them and fails chosen ones (``fail``).
@@ -129,13 +141,14 @@ class SimBackend:
         record: bool = False,
         real_bytes: bool = False,
         costs: Mapping[str, float] | None = None,
+        topology: Topology = None,
     ):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
         if not 0 <= seed < 1 << 64:
             raise ValueError(f"seed must be in [0, 2**64), got {seed}")
         free_delay_ns = nanoseconds(free_delay, "free_delay")
-        self._specs = parse_devices(devices)
+        native_topology, self._specs = parse_topology(topology, parse_devices(devices))
         if costs is None:
             costs = {}
         if not isinstance(costs, Mapping):
@@ -151,6 +164,7 @@ class SimBackend:
             "free_delay_ns": free_delay_ns,
             "real_bytes": bool(real_bytes),
             "costs_ns": costs_ns,
+            "topology": native_topology,
         }
         self._stack = SimStack(self._specs, **self._options)
         if record:
@@ -206,9 +220,12 @@ class SimBackend:
         """All memory the device counts as used: physical, stream-ordered and external."""
         return self._stack.gpu.used_bytes(device)
 
-    def is_accessible(self, address: int, nbytes: int) -> bool:
-        """True when every byte of ``[address, address + nbytes)`` is mapped with access set."""
-        return self._stack.gpu.is_accessible(address, nbytes)
+    def is_accessible(self, address: int, nbytes: int, from_device: int | None = None) -> bool:
+        """True when every byte of ``[address, address + nbytes)`` is mapped with access set
+        for its own device (or, given ``from_device``, for that device: a peer)."""
+        return self._stack.gpu.is_accessible(
+            address, nbytes, -1 if from_device is None else from_device
+        )
 
     @property
     def real_bytes(self) -> bool:
@@ -321,6 +338,17 @@ class SimBackend:
         compute: it starts when the copies queued before it are done and not before
         ``after`` (seconds of virtual time: an event it waits for). Returns when it is done."""
         return self._stack.gpu.copy_async(device, nbytes, nanoseconds(after)) / 1e9
+
+    def peer_copy_async(self, device: int, peer: int, nbytes: int, after: float = 0.0) -> float:
+        """Queue a copy of ``nbytes`` from ``peer``'s memory to ``device``'s on ``device``'s
+        copy engine, over the peer link (nbytes / its bandwidth + its latency), starting
+        when the copies queued before it are done and not before ``after``. Returns when
+        it is done. ValueError where the topology has no link from ``device`` to ``peer``."""
+        return self._stack.gpu.peer_copy_async(device, peer, nbytes, nanoseconds(after)) / 1e9
+
+    def peer_link(self, device: int, peer: int) -> PeerLink:
+        """How ``device`` reaches ``peer``'s memory, as the driver reports it."""
+        return PeerLink(*self._stack.driver.peer_link(device, peer))
 
     def compute_async(self, device: int, seconds: float, after: float = 0.0) -> float:
         """Queue ``seconds`` of compute on ``device``'s compute engine, starting after the

@@ -87,6 +87,15 @@ struct DeviceProperties {
   bool integrated = false;            // shares memory with the host
 };
 
+// How one device reaches another's memory (cuDeviceCanAccessPeer and
+// cuDeviceGetP2PAttribute on CUDA; the link matrix on the simulator). Bandwidth is not
+// here: the driver does not report it; it is measured (or, on the simulator, configured).
+struct PeerLink {
+  bool access = false;       // the device can read the peer's memory directly (P2P)
+  int performance_rank = 0;  // the driver's relative rank of the link; 0 where no access
+  bool native_atomics = false;
+};
+
 // Opaque record of the context that was current before ScopedDevice switched it.
 struct ContextToken {
   void* context = nullptr;
@@ -131,8 +140,21 @@ class Driver {
   virtual DriverStatus map(DeviceAddress va, std::size_t size_bytes, PhysicalHandle handle) = 0;
   // Unmap exactly one earlier mapping.
   virtual DriverStatus unmap(DeviceAddress va, std::size_t size_bytes) = 0;
-  // Make a mapped range readable and writable from `device`. Required before use.
+  // Make a mapped range readable and writable from `device`. Required before use. `device`
+  // is the memory's own device, or a peer whose peer_link to it has `access`.
   virtual DriverStatus set_access(DeviceAddress va, std::size_t size_bytes, int device) = 0;
+
+  // How `device` reaches `peer`'s memory. `device` != `peer`, both in [0, count). Not
+  // context-dependent; never changes while the process lives.
+  virtual DriverStatus peer_link(int device, int peer, PeerLink* out) = 0;
+
+  // Queue a copy of `size_bytes` from `src` to `dst` on `stream` of `device` (cuMemcpy-
+  // DtoDAsync). Both ranges must be device memory `device` may access: its own, or a
+  // peer's mapped range that set_access opened to it. Ordered on `stream` like any other
+  // work; the caller keeps both ranges alive and unchanged until the copy is done.
+  // Context-dependent.
+  virtual DriverStatus copy_async(int device, DeviceAddress dst, DeviceAddress src,
+                                  std::size_t size_bytes, StreamHandle stream) = 0;
 
   // Wait until all work queued on `device` has finished. Context-dependent.
   virtual DriverStatus synchronize(int device) = 0;
