@@ -170,6 +170,28 @@ void bind_driver(nb::module_& m) {
           "device"_a, "peer"_a,
           "How `device` reaches `peer`'s memory: (access, performance rank, native atomics). "
           "DriverError for a device the backend lacks or a device asked about itself.")
+      .def(
+          "copy",
+          [](Driver& d, int device, std::uint64_t dst, std::uint64_t src, std::int64_t size,
+             std::uintptr_t stream) {
+            const std::size_t bytes = to_size(size, "size");
+            DriverStatus status;
+            {
+              nb::gil_scoped_release release;
+              ScopedDevice guard(d, device);
+              status = guard.status().ok() ? d.copy_async(device, dst, src, bytes, stream)
+                                           : guard.status();
+            }
+            if (!status.ok()) {
+              throw DriverError("cuMemcpyDtoDAsync of " + std::to_string(bytes) +
+                                    " bytes on device " + std::to_string(device) +
+                                    " failed with " + status.name,
+                                device, "cuMemcpyDtoDAsync", status);
+            }
+          },
+          "device"_a, "dst"_a, "src"_a, "size"_a, "stream"_a = 0,
+          "Queue a device-to-device copy on `stream` of `device` (made current for the call). "
+          "DriverError when the driver refuses it.")
       .def("current_device", &Driver::current_device, release_gil(),
            "The device whose context is current on the calling thread, or -1.");
   add_raw_memory_operations(driver);

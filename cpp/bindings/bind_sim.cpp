@@ -171,6 +171,16 @@ void bind_sim(nb::module_& m) {
             return s.is_accessible(address, to_size(n, "nbytes"), from);
           },
           "address"_a, "nbytes"_a, "from_device"_a = -1, release_gil())
+      .def(
+          "adopt",
+          [](SimDriver& s, IntArg device, std::uintptr_t ptr, IntArg n) {
+            s.adopt(to_device(device), ptr, to_size(n, "nbytes"));
+          },
+          "device"_a, "ptr"_a, "nbytes"_a, release_gil())
+      .def(
+          "disown",
+          [](SimDriver& s, IntArg device, std::uintptr_t ptr) { s.disown(to_device(device), ptr); },
+          "device"_a, "ptr"_a, release_gil())
       .def("leaks", &SimDriver::leaks, release_gil())
       .def("hold", &SimDriver::hold, "operation"_a, "device"_a, release_gil())
       .def("wait_held", &SimDriver::wait_held, "hold_id"_a, "timeout_ns"_a, release_gil())

@@ -4,6 +4,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include <cstdint>
 #include <optional>
@@ -109,7 +110,21 @@ void add_vbar_faults(nb::class_<Vbar>& vbar) {
             nb::gil_scoped_release release;
             v.unpin(a);
           },
-          "allocation"_a, "Drop the pin taken by one successful fault.");
+          "allocation"_a, "Drop the pin taken by one successful fault (or pin_resident).")
+      .def("pin_resident", &Vbar::pin_resident, "allocation"_a, release_gil(),
+           "Pin the allocation's pages if every one is resident: its Signature; None, with "
+           "nothing pinned, otherwise. Never maps or evicts (a peer's copy reads them).")
+      .def(
+          "share_with", [](Vbar& v, int peer) { v.share_with(peer); }, "peer"_a, release_gil(),
+          "Grant device `peer` access to every page this VBAR maps (now and later). "
+          "DriverError when the driver refuses it.")
+      .def_prop_ro(
+          "readers",
+          [](const Vbar& v) {
+            nb::gil_scoped_release release;
+            return v.readers();
+          },
+          "The peers share_with granted access to its pages.");
 }
 
 // Priority, watermark, floor, eviction, figures and close.

@@ -2,7 +2,9 @@
 // reserve and free ranges, create and release physical allocations, map, unmap and set
 // access. Each answers as the CUDA driver would (or stricter, where the comment says).
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <iterator>
 
 #include "aimdo/errors.hpp"
 #include "sim_state.hpp"
@@ -57,7 +59,41 @@ bool overlaps_a_mapping(const Reservation& r, std::size_t offset, std::size_t si
          std::prev(next)->first + std::prev(next)->second.size_bytes > offset;
 }
 
+// Whether [va, va + size) lies inside one range adopted by the device (SimDriver::adopt).
+bool adopted_covers(const DeviceState& d, DeviceAddress va, std::size_t size_bytes) {
+  auto it = d.adopted.upper_bound(static_cast<std::uintptr_t>(va));
+  if (it == d.adopted.begin()) return false;
+  --it;
+  const std::uintptr_t offset = static_cast<std::uintptr_t>(va) - it->first;
+  return offset < it->second && size_bytes <= it->second - offset;
+}
+
 }  // namespace
+
+void SimDriver::adopt(int device, std::uintptr_t ptr, std::size_t bytes) {
+  check_device(device, device_total());
+  if (ptr == 0 || bytes == 0 || bytes > UINTPTR_MAX - ptr) {
+    throw InvalidArgumentError("adopt needs a non-empty range of host memory");
+  }
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  auto next = d.adopted.lower_bound(ptr);
+  const bool overlaps =
+      (next != d.adopted.end() && next->first < ptr + bytes) ||
+      (next != d.adopted.begin() && std::prev(next)->first + std::prev(next)->second > ptr);
+  if (overlaps) throw InvalidArgumentError("that host memory is adopted already");
+  d.adopted[ptr] = bytes;
+}
+
+void SimDriver::disown(int device, std::uintptr_t ptr) {
+  check_device(device, device_total());
+  DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
+  std::lock_guard<std::mutex> lock(d.mutex);
+  if (d.adopted.erase(ptr) == 0) {
+    throw InvalidArgumentError("device " + std::to_string(device) +
+                               " adopted no host memory starting there");
+  }
+}
 
 DriverStatus SimDriver::reserve_address_range(int device, std::size_t size_bytes,
                                               std::size_t alignment_bytes, DeviceAddress* out) {
@@ -315,9 +351,10 @@ DriverStatus SimDriver::copy_async(int device, DeviceAddress dst, DeviceAddress 
         bool dst_stream = false;
         std::size_t offset = 0;
         Reservation* reservation = find_reservation(d, dst, &offset);
-        if (state_->naming.device_of(dst, &dst_stream) != device || dst_stream ||
-            reservation == nullptr ||
-            !covered(*reservation, offset, size_bytes, access_bit(device), nullptr)) {
+        const bool mapped = state_->naming.device_of(dst, &dst_stream) == device &&
+                            !dst_stream && reservation != nullptr &&
+                            covered(*reservation, offset, size_bytes, access_bit(device), nullptr);
+        if (!mapped && !adopted_covers(d, dst, size_bytes)) {
           return failure(driver_code::invalid_value);
         }
         if (state_->host) {

@@ -205,6 +205,14 @@ class SimDriver final : public Driver {
   // stream-ordered allocation; empty when nothing leaks.
   std::vector<std::string> leaks() const;
 
+  // Host memory [ptr, ptr + bytes) taken as `device`'s memory, a destination copy_async may
+  // write (in real-bytes mode): what a PyTorch CUDA tensor is on a real GPU, a CPU tensor
+  // is on the simulator. The caller keeps it alive until disown(). InvalidArgumentError
+  // for a bad device, a null or empty range, or one overlapping an adopted range.
+  void adopt(int device, std::uintptr_t ptr, std::size_t bytes);
+  // Gives back an adopted range (by its start). InvalidArgumentError when not adopted.
+  void disown(int device, std::uintptr_t ptr);
+
   // --- real bytes ---------------------------------------------------------------------
   // Whether mapped pages are backed by host memory at their addresses (SimOptions).
   bool real_bytes() const noexcept;

@@ -102,6 +102,8 @@ struct DeviceState {
   std::map<DeviceAddress, Reservation> reservations;
   std::map<PhysicalHandle, Physical> physical;
   std::map<DeviceAddress, std::size_t> streams;
+  // Host memory adopted as this device's (SimDriver::adopt): start -> bytes.
+  std::map<std::uintptr_t, std::size_t> adopted;
   DeviceAddress next_stream_va = 0;
   std::uint64_t next_handle = 1;
   // Stream-ordered frees not reusable yet: (when, bytes), in order of `when`.

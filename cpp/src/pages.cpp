@@ -161,6 +161,10 @@ DriverStatus Device::make_page_locked(Vbar& vbar, std::size_t page, Recycled* re
   making.own_mapping();
   *operation = "cuMemSetAccess";
   status = retrying([&] { return driver_->set_access(va, page_size, ordinal_); });
+  for (std::size_t i = 0; status.ok() && i < vbar.readers_.size(); ++i) {
+    const int reader = vbar.readers_[i];
+    status = retrying([&] { return driver_->set_access(va, page_size, reader); });
+  }
   if (!status.ok()) {
     const DriverStatus undone = making.undo();
     if (!undone.ok()) {

@@ -25,20 +25,24 @@ def spread_order(items: list) -> list:
     return [items[i] for i in sorted(range(len(items)), key=lambda i: (i * _GOLDEN) % 1.0)]
 
 
-def placement_order(blocks: list, spread: bool) -> list:
+def placement_order(blocks: list, spread: bool, rotation: float = 0.0) -> list:
     """The order ``blocks`` (each with ``nbytes``) take in the VBAR: those smaller than
     SMALL_BLOCK_BYTES first, in their order, then the rest in theirs, spread (see
-    spread_order) when ``spread``."""
+    spread_order) when ``spread``, and rotated left by ``rotation`` (a fraction) of their
+    count: the devices of a group rotate by 0, 1/N, 2/N..., so that the blocks each keeps
+    resident complement the others' (design.md §7)."""
     small = [block for block in blocks if block.nbytes < SMALL_BLOCK_BYTES]
     large = [block for block in blocks if block.nbytes >= SMALL_BLOCK_BYTES]
-    return small + (spread_order(large) if spread else large)
+    large = spread_order(large) if spread else large
+    turn = round(len(large) * rotation) % len(large) if large else 0
+    return small + large[turn:] + large[:turn]
 
 
-def place(manager, device: int, blocks: list, spread: bool):
+def place(manager, device: int, blocks: list, spread: bool, rotation: float = 0.0):
     """A new VBAR on ``device`` holding one allocation per block (a block has ``nbytes``
     and gets ``allocation``), placed in placement_order. The VBAR is sized for every block
     with the VBAR's allocation alignment; it is closed again if an allocation fails."""
-    placed = placement_order(blocks, spread)
+    placed = placement_order(blocks, spread, rotation)
     align = ALLOCATION_ALIGNMENT_BYTES
     total = sum((block.nbytes + align - 1) // align * align for block in placed)
     vbar = manager.create_vbar(max(total, 1), device)

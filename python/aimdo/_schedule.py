@@ -50,6 +50,7 @@ class ForwardStats:
     copied_layers: int = 0  # (re)mapped pages: weights copied in from the host
     offloaded_layers: int = 0  # above the watermark: through a staging or temporary buffer
     bytes_copied: int = 0
+    bytes_from_peers: int = 0  # of bytes_copied: read from another device's pages
     peak_temporary_bytes: int = 0  # most bytes of temporary buffers held at one time
 
 
@@ -73,6 +74,7 @@ class Block:
         "resident",
         "users",
         "in_pages",
+        "filled",
     )
 
     def __init__(self, nbytes: int):
@@ -90,6 +92,9 @@ class Block:
         self.resident = False  # its last fault found its weights in place
         self.users = 0  # uses in progress: before() calls not yet matched by release()
         self.in_pages = None  # the executor's PAGES destination, while the last one used
+        # The executor's token for the copy that last filled its pages (kept after the
+        # compute waited for it: a peer device reading the pages waits for it too).
+        self.filled = None
 
     def unbind(self) -> None:
         """Called first when the block is let go: `storage` stops being valid, so drop
@@ -330,6 +335,8 @@ class Schedule:
             self._set_resident(block, False)
             self._count(block, signature)
             block.ready = self.executor.copy(block, block.storage, self._copy_after(into))
+            if into is PAGES:
+                block.filled = block.ready
             if ahead:
                 block.queued = True
                 self.in_flight += 1

@@ -79,7 +79,17 @@ class TorchBlock(Block):
     chose, are in `views` between the load and the let-go; `start`/`end` is that
     destination's address range (an output inside it aliases the weights)."""
 
-    __slots__ = ("name", "weights", "views", "start", "end", "page_storage", "page_views", "runs")
+    __slots__ = (
+        "name",
+        "weights",
+        "views",
+        "start",
+        "end",
+        "page_storage",
+        "page_views",
+        "runs",
+        "peers",
+    )
 
     def __init__(self, name: str):
         super().__init__(1)
@@ -90,6 +100,9 @@ class TorchBlock(Block):
         self.page_storage = None  # the allocation's bytes: fixed addresses, kept once made
         self.page_views = None
         self.runs = []  # (offset in the block, uint8 host tensor): the copies that fill it
+        # The same block on the other devices of an offload group, nearest first: a copy
+        # reads one of them when its pages hold the weights (design.md §7).
+        self.peers: tuple[TorchBlock, ...] = ()
 
     def add(self, tensor: torch.Tensor, name: str) -> tuple[int, Weight]:
         align = TENSOR_ALIGNMENT_BYTES

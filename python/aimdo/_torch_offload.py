@@ -43,12 +43,27 @@ class _TorchExecutor(Executor):
     block's views and address range. IN_LINE: the copy runs on the compute stream, so the
     compute needs no event."""
 
-    def __init__(self, device: torch.device, copy_stream):
+    def __init__(self, device: torch.device, copy_stream, ordinal: int = 0, backend=None):
         self._device = device
         self._copy_stream = copy_stream
+        self._ordinal = ordinal  # the device's number in the Manager
+        self._backend = backend  # for peer copies (the driver; on a simulator, adoption)
+        self._sim = backend if device.type != "cuda" else None
+        self._peer_pins = []  # (copy done token, peer block): unpinned once the copy is done
+        self.peer_bytes = 0  # bytes read from peers' pages since the last take_peer_bytes
+
+    def _device_tensor(self, nbytes: int) -> torch.Tensor:
+        """A tensor of device memory; on a simulator, CPU memory it adopts as the device's,
+        so that a peer copy may write it (given back when the tensor is freed)."""
+        tensor = torch.empty(nbytes, dtype=torch.uint8, device=self._device)
+        if self._sim is not None and nbytes:
+            pointer = tensor.data_ptr()
+            self._sim.adopt(self._ordinal, tensor)
+            weakref.finalize(tensor, self._sim.disown, self._ordinal, pointer)
+        return tensor
 
     def new_buffer(self, nbytes: int) -> _Staging:
-        return _Staging(torch.empty(nbytes, dtype=torch.uint8, device=self._device))
+        return _Staging(self._device_tensor(nbytes))
 
     def compute_point(self):
         # After a new buffer, this event also covers the allocator's reuse of memory that
@@ -69,7 +84,7 @@ class _TorchExecutor(Executor):
         elif into is TEMPORARY:
             # Allocated on the compute stream, where it is used and freed: a copy on the copy
             # stream waits for that stream before writing into it.
-            storage = torch.empty(block.nbytes, dtype=torch.uint8, device=self._device)
+            storage = self._device_tensor(block.nbytes)
             kept = (storage, block.make_views(storage), storage.data_ptr())
         else:
             kept = into.buffer.views.get(block)
@@ -83,16 +98,83 @@ class _TorchExecutor(Executor):
 
     def copy(self, block: TorchBlock, storage: torch.Tensor, after):
         stream = self._copy_stream
+        source = self._peer_source(block) if block.peers else None
         if after is IN_LINE or stream is None:
-            self.copy_weights(block, storage)
+            if source is None:
+                self.copy_weights(block, storage)
+            else:
+                self._copy_from_peer(block, storage, source, 0)
             return None
         with torch.cuda.stream(stream):
             if after is not None:
                 stream.wait_event(after)
-            self.copy_weights(block, storage)
+            if source is None:
+                self.copy_weights(block, storage)
+            else:
+                if source.filled is not None:
+                    stream.wait_event(source.filled)  # the peer's own copy into its pages
+                self._copy_from_peer(block, storage, source, stream.cuda_stream)
             done = torch.cuda.Event()
             done.record(stream)
+        if source is not None:
+            self._peer_pins.append((done, source))
         return done
+
+    def _peer_source(self, block: TorchBlock):
+        """A peer's copy of the block whose pages hold its weights, pinned there (until
+        the copy from it is done), or None: then the copy comes from the host. Takes only
+        the peer device's lock (pin_resident), never this device's."""
+        self.release_peer_pins(wait=False)
+        for peer in block.peers:
+            expected = peer.signature
+            if expected is None:  # never copied in there, or being copied again
+                continue
+            vbar = peer.allocation.vbar
+            try:
+                pinned = vbar.pin_resident(peer.allocation)
+            except _core.InvalidStateError:  # the peer's offload was undone meanwhile
+                continue
+            if pinned is None:
+                continue
+            if pinned != expected or peer.signature is not expected:
+                vbar.unpin(peer.allocation)  # remapped since its copy: not its weights
+                continue
+            return peer
+        return None
+
+    def _copy_from_peer(self, block: TorchBlock, storage, peer: TorchBlock, stream: int):
+        """One copy of the whole block from the peer's pages into `storage`, on this
+        device's copy engine (the driver's device-to-device copy on `stream`; 0: in line,
+        done when it returns). On failure the peer's pin is given back."""
+        try:
+            self._backend.driver.copy(
+                self._ordinal, storage.data_ptr(), peer.allocation.address, block.nbytes, stream
+            )
+        except BaseException:
+            peer.allocation.vbar.unpin(peer.allocation)
+            raise
+        self.peer_bytes += block.nbytes
+        if stream == 0:
+            peer.allocation.vbar.unpin(peer.allocation)
+
+    def release_peer_pins(self, wait: bool) -> None:
+        """Unpin the peers' pages whose copies are done (all of them, waiting, if `wait`)."""
+        kept = []
+        for done, peer in self._peer_pins:
+            if wait:
+                done.synchronize()
+            elif not done.query():
+                kept.append((done, peer))
+                continue
+            try:
+                peer.allocation.vbar.unpin(peer.allocation)
+            except _core.InvalidStateError:  # closed: its pins went with it
+                pass
+        self._peer_pins = kept
+
+    def take_peer_bytes(self) -> int:
+        taken, self.peer_bytes = self.peer_bytes, 0
+        return taken
 
     def wait_for(self, token) -> None:
         torch.cuda.current_stream(self._device).wait_event(token)
@@ -109,6 +191,7 @@ class _TorchExecutor(Executor):
         copies read, or buffers they write, are given back)."""
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
+        self.release_peer_pins(wait=True)
 
     @staticmethod
     def copy_weights(block: TorchBlock, storage: torch.Tensor) -> None:
@@ -157,6 +240,9 @@ class Runner:
                 try:
                     schedule.end_forward()
                 finally:
+                    executor = schedule.executor
+                    executor.release_peer_pins(wait=True)
+                    schedule.stats.bytes_from_peers = executor.take_peer_bytes()
                     self.last_stats = schedule.stats
         finally:
             self.owner = None

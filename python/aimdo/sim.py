@@ -220,6 +220,17 @@ class SimBackend:
         """All memory the device counts as used: physical, stream-ordered and external."""
         return self._stack.gpu.used_bytes(device)
 
+    def adopt(self, device: int, tensor) -> None:
+        """Take ``tensor``'s memory (host memory: any object with ``data_ptr()`` and
+        ``nbytes``) as ``device``'s, so that a device-to-device copy may write it: on the
+        simulator, what a CUDA tensor is on a real GPU. The caller keeps it alive until
+        ``disown``. ValueError for an empty tensor or memory adopted already."""
+        self._stack.gpu.adopt(device, tensor.data_ptr(), tensor.nbytes)
+
+    def disown(self, device: int, pointer: int) -> None:
+        """Give back memory ``adopt`` took, by its first address. ValueError if it did not."""
+        self._stack.gpu.disown(device, pointer)
+
     def is_accessible(self, address: int, nbytes: int, from_device: int | None = None) -> bool:
         """True when every byte of ``[address, address + nbytes)`` is mapped with access set
         for its own device (or, given ``from_device``, for that device: a peer)."""

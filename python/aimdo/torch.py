@@ -18,6 +18,7 @@ Needs PyTorch (``pip install 'aimdo[torch]'``); ``import aimdo`` alone does not.
 
 from __future__ import annotations
 
+import copy
 import threading
 import weakref
 
@@ -39,8 +40,10 @@ __all__ = [
     "DEFAULT_STAGING_BYTES",
     "ForwardStats",
     "Offload",
+    "OffloadGroup",
     "as_tensor",
     "offload",
+    "offload_group",
     "spread_order",
     "use_allocator",
 ]
@@ -125,7 +128,15 @@ class Offload:
     undo.
     """
 
-    def __init__(self, module, device: int, manager: Manager, options: dict):
+    def __init__(
+        self,
+        module,
+        device: int,
+        manager: Manager,
+        options: dict,
+        leader: Offload | None = None,
+        rotation: float = 0.0,
+    ):
         backend = manager.backend
         sim = backend if isinstance(backend, SimBackend) else None
         self.device = torch.device("cpu") if sim else torch.device("cuda", device)
@@ -133,22 +144,27 @@ class Offload:
         declared = _declared_order(options["order"], bindings)
         self._blocks = blocks
         self._module = weakref.ref(module)
-        self._host = HostWeights(blocks, pin=sim is None)
+        # A group's other members copy from the leader's host chunks (one host copy).
+        self._host = HostWeights(blocks, pin=sim is None) if leader is None else _SharedHost(blocks)
         self._installed = []  # (module reference, its forward before, binding)
         self._runner = self._executor = None
         self.vbar = None
         try:
             listed = set(declared)
             placed = declared + [block for block in blocks if block not in listed]
-            self.vbar = place(manager, device, placed, options["spread"])
-            self._host.move_in()
+            self.vbar = place(manager, device, placed, options["spread"], rotation)
+            if leader is None:
+                self._host.move_in()
+            else:
+                for own, theirs in zip(blocks, leader._blocks, strict=True):
+                    own.runs = theirs.runs
             prefetch = options["prefetch"]
             stream = torch.cuda.Stream(device=self.device) if sim is None and prefetch else None
             staging = options["staging_bytes"]
             if staging is None:
                 sizes = [block.nbytes for block in blocks]
                 staging = auto_staging_bytes(sizes, prefetch, manager.budget_bytes(device))
-            self._executor = _TorchExecutor(self.device, stream)
+            self._executor = _TorchExecutor(self.device, stream, device, backend)
             schedule = Schedule(
                 self._executor,
                 self.vbar,
@@ -264,6 +280,20 @@ class Offload:
         return f"<aimdo.torch.Offload of {type(self.module).__name__} on {self.device}: {state}>"
 
 
+class _SharedHost:
+    """The host weights of a group member other than its leader: the leader's, which it
+    neither holds nor gives back (it only drops its blocks' references to them)."""
+
+    pinned_bytes = 0
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def give_back(self) -> None:
+        for block in self.blocks:
+            block.runs = []
+
+
 def _declared_order(order, bindings) -> list:
     """The blocks of the modules `order` lists, in that order."""
     if order is None:
@@ -354,3 +384,112 @@ def offload(
     }
     _check_options(module, manager, device, options)
     return Offload(module, device, manager, options)
+
+
+class OffloadGroup:
+    """One model offloaded to several devices: what ``offload_group`` returns.
+
+    ``modules[i]`` runs on ``devices[i]``: the first is the model itself, the others are
+    copies of its module structure that share its weight tensors (one host copy for all).
+    Call each from its own thread (a thread per device, as a guidance split does); each is
+    an Offload of its own (``offloads[i]``). Each device's VBAR places the blocks in the
+    same spread order, rotated by i/N, so that what one keeps resident complements what
+    the others keep; a block missing on one device is copied from another device's pages
+    when they hold it and the driver gives peer access (NVLink), else from the host
+    (``last_stats[i].bytes_from_peers``). ``undo()`` puts the model back and frees it all."""
+
+    def __init__(self, devices: list[int], offloads: list[Offload], modules: list):
+        self.devices = devices
+        self.offloads = offloads
+        self.modules = modules
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def __getitem__(self, index: int):
+        return self.modules[index]
+
+    @property
+    def last_stats(self) -> list[ForwardStats]:
+        return [offload.last_stats for offload in self.offloads]
+
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(offload.pinned_bytes for offload in self.offloads)
+
+    def undo(self) -> None:
+        """Undo every member, the copies first and the model last (its host chunks go
+        with it). Errors as Offload.undo; a second call retries what is left."""
+        for offload in reversed(self.offloads):
+            offload.undo()
+
+    def __enter__(self) -> OffloadGroup:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.undo()
+
+    def __repr__(self) -> str:
+        return f"<aimdo.torch.OffloadGroup on devices {self.devices}>"
+
+
+def offload_group(
+    module: torch.nn.Module,
+    devices,
+    *,
+    manager: Manager | None = None,
+    prefetch: int = 2,
+    spread: bool = True,
+    staging_bytes: int | str | None = None,
+    whole=(torch.nn.MultiheadAttention,),
+    peers: bool = True,
+) -> OffloadGroup:
+    """Offload ``module`` to each of ``devices`` (see OffloadGroup), sharing one host copy
+    of its weights. ``peers`` (default True) lets a device copy a block from another
+    device's resident pages where the driver allows peer access (``Manager.peer_link``);
+    False copies from the host only. Other options as ``offload``, for every member.
+    Errors as ``offload``, before anything changes, plus ValueError for fewer than one or
+    repeated devices; a failure part way undoes the members made."""
+    manager = manager if manager is not None else get_manager()
+    devices = list(devices)
+    if not devices or len(set(devices)) != len(devices):
+        raise ValueError(f"offload_group needs distinct devices, got {devices!r}")
+    options = {
+        "prefetch": prefetch,
+        "order": None,
+        "spread": spread,
+        "staging_bytes": None if staging_bytes is None else parse_size(staging_bytes),
+        "whole": tuple(whole),
+    }
+    for device in devices:
+        _check_options(module, manager, device, options)
+    shared = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    modules = [module] + [copy.deepcopy(module, dict(shared)) for _ in devices[1:]]
+    offloads: list[Offload] = []
+    try:
+        for index, (member, device) in enumerate(zip(modules, devices, strict=True)):
+            leader = offloads[0] if offloads else None
+            offloads.append(Offload(member, device, manager, options, leader, index / len(devices)))
+        if peers:
+            _link_peers(manager, devices, offloads)
+    except BaseException:
+        for made in reversed(offloads):
+            made.undo()
+        raise
+    return OffloadGroup(devices, offloads, modules)
+
+
+def _link_peers(manager: Manager, devices: list[int], offloads: list[Offload]) -> None:
+    """Give each block the same block on the devices it can read, and open each VBAR's
+    pages to the devices that read them."""
+    readable = {(a, b): manager.peer_link(a, b).access for a in devices for b in devices if a != b}
+    for offload, device in zip(offloads, devices, strict=True):
+        others = [
+            other
+            for other, peer_device in zip(offloads, devices, strict=True)
+            if peer_device != device and readable[(device, peer_device)]
+        ]
+        for other in others:
+            other.vbar.share_with(device)
+        for index, block in enumerate(offload._blocks):
+            block.peers = tuple(other._blocks[index] for other in others)

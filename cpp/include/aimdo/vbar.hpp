@@ -87,6 +87,20 @@ class Vbar : public std::enable_shared_from_this<Vbar> {
   bool try_fault(const Allocation& allocation, std::optional<Signature>* out);
   bool try_unpin(const Allocation& allocation);
 
+  // design.md §4.4: a peer device reads this VBAR's resident pages.
+  // share_with grants `peer` access to every page this VBAR maps from now on, and to the
+  // pages resident now. DriverError when the driver refuses (no peer access): the peer is
+  // then not a reader, though pages granted before the refusal keep their access until
+  // unmapped. InvalidArgumentError for the VBAR's own device or a negative one;
+  // InvalidStateError when closed. Sharing with a reader again does nothing.
+  void share_with(int peer);
+  std::vector<int> readers() const;
+  // Pin the pages under `allocation` when every one is resident, returning its signature;
+  // std::nullopt, with nothing pinned, otherwise. Never maps, evicts or calls the driver,
+  // and takes only this VBAR's device's lock: a peer pins the pages it copies from, and
+  // unpin() lets them go once its copy is done. InvalidStateError when closed.
+  std::optional<Signature> pin_resident(const Allocation& allocation);
+
   // design.md §3.6.
   void prioritize();
   void deprioritize();
@@ -158,6 +172,7 @@ class Vbar : public std::enable_shared_from_this<Vbar> {
   std::size_t watermark_pages_;
   std::size_t floor_pages_ = 0;
   std::size_t resident_pages_ = 0;
+  std::vector<int> readers_;  // peers granted access to every page mapped (share_with)
   bool closed_ = false;
   std::list<Vbar*>::iterator priority_position_;  // in the device's priority list
 };
