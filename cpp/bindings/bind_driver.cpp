@@ -184,8 +184,8 @@ void bind_driver(nb::module_& m) {
             }
             if (!status.ok()) {
               throw DriverError("cuMemcpyDtoDAsync of " + std::to_string(bytes) +
-                                    " bytes on device " + std::to_string(device) +
-                                    " failed with " + status.name,
+                                    " bytes on device " + std::to_string(device) + " failed with " +
+                                    status.name,
                                 device, "cuMemcpyDtoDAsync", status);
             }
           },
