@@ -351,8 +351,8 @@ DriverStatus SimDriver::copy_async(int device, DeviceAddress dst, DeviceAddress 
         bool dst_stream = false;
         std::size_t offset = 0;
         Reservation* reservation = find_reservation(d, dst, &offset);
-        const bool mapped = state_->naming.device_of(dst, &dst_stream) == device &&
-                            !dst_stream && reservation != nullptr &&
+        const bool mapped = state_->naming.device_of(dst, &dst_stream) == device && !dst_stream &&
+                            reservation != nullptr &&
                             covered(*reservation, offset, size_bytes, access_bit(device), nullptr);
         if (!mapped && !adopted_covers(d, dst, size_bytes)) {
           return failure(driver_code::invalid_value);
