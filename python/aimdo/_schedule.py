@@ -92,8 +92,8 @@ class Block:
         self.resident = False  # its last fault found its weights in place
         self.users = 0  # uses in progress: before() calls not yet matched by release()
         self.in_pages = None  # the executor's PAGES destination, while the last one used
-        # The executor's token for the copy that last filled its pages (kept after the
-        # compute waited for it: a peer device reading the pages waits for it too).
+        # Set by an executor whose copies finish after they are queued: its token for the
+        # copy that last filled the pages (a peer device reading them waits for it).
         self.filled = None
 
     def unbind(self) -> None:
@@ -335,8 +335,6 @@ class Schedule:
             self._set_resident(block, False)
             self._count(block, signature)
             block.ready = self.executor.copy(block, block.storage, self._copy_after(into))
-            if into is PAGES:
-                block.filled = block.ready
             if ahead:
                 block.queued = True
                 self.in_flight += 1

@@ -97,28 +97,40 @@ class _TorchExecutor(Executor):
         return storage
 
     def copy(self, block: TorchBlock, storage: torch.Tensor, after):
-        stream = self._copy_stream
         source = self._peer_source(block) if block.peers else None
-        if after is IN_LINE or stream is None:
+        if self._device.type != "cuda":  # a simulator: the copy is done when it returns
             if source is None:
                 self.copy_weights(block, storage)
             else:
-                self._copy_from_peer(block, storage, source, 0)
+                try:
+                    self._copy_from_peer(block, storage, source, 0)
+                finally:
+                    source.allocation.vbar.unpin(source.allocation)
             return None
-        with torch.cuda.stream(stream):
-            if after is not None:
-                stream.wait_event(after)
-            if source is None:
-                self.copy_weights(block, storage)
-            else:
-                if source.filled is not None:
-                    stream.wait_event(source.filled)  # the peer's own copy into its pages
-                self._copy_from_peer(block, storage, source, stream.cuda_stream)
-            done = torch.cuda.Event()
-            done.record(stream)
+        # In line (the order not known yet, or no copy stream): on the compute stream.
+        in_line = after is IN_LINE or self._copy_stream is None
+        stream = torch.cuda.current_stream(self._device) if in_line else self._copy_stream
+        try:
+            with torch.cuda.stream(stream):
+                if after is not None and not in_line:
+                    stream.wait_event(after)
+                if source is None:
+                    self.copy_weights(block, storage)
+                else:
+                    if source.filled is not None:
+                        stream.wait_event(source.filled)  # the peer's own copy into its pages
+                    self._copy_from_peer(block, storage, source, stream.cuda_stream)
+                done = torch.cuda.Event()
+                done.record(stream)
+        except BaseException:
+            if source is not None:
+                source.allocation.vbar.unpin(source.allocation)
+            raise
         if source is not None:
-            self._peer_pins.append((done, source))
-        return done
+            self._peer_pins.append((done, source))  # unpinned once the copy is done
+        if storage is block.page_storage:
+            block.filled = done  # a peer reading these pages waits for this copy
+        return None if in_line else done
 
     def _peer_source(self, block: TorchBlock):
         """A peer's copy of the block whose pages hold its weights, pinned there (until
@@ -143,19 +155,13 @@ class _TorchExecutor(Executor):
         return None
 
     def _copy_from_peer(self, block: TorchBlock, storage, peer: TorchBlock, stream: int):
-        """One copy of the whole block from the peer's pages into `storage`, on this
-        device's copy engine (the driver's device-to-device copy on `stream`; 0: in line,
-        done when it returns). On failure the peer's pin is given back."""
-        try:
-            self._backend.driver.copy(
-                self._ordinal, storage.data_ptr(), peer.allocation.address, block.nbytes, stream
-            )
-        except BaseException:
-            peer.allocation.vbar.unpin(peer.allocation)
-            raise
+        """One copy of the whole block from the peer's pages into `storage`, queued on
+        `stream` of this device (the driver's device-to-device copy: it waits for nothing
+        the peer's compute queued). The caller gives the peer's pin back."""
+        self._backend.driver.copy(
+            self._ordinal, storage.data_ptr(), peer.allocation.address, block.nbytes, stream
+        )
         self.peer_bytes += block.nbytes
-        if stream == 0:
-            peer.allocation.vbar.unpin(peer.allocation)
 
     def release_peer_pins(self, wait: bool) -> None:
         """Unpin the peers' pages whose copies are done (all of them, waiting, if `wait`)."""
