@@ -246,3 +246,30 @@ def test_a_peer_copy_is_recorded_and_replayed():
     log = backend.log()
     assert "@peer_copy_async dev=0 peer=1 bytes=1048576 after=500000000" in log
     assert backend.replay(log) == []
+
+
+@pytest.mark.sim_only
+def test_a_page_pinned_for_a_peer_copy_is_not_evicted_until_unpinned(make_manager):
+    # A peer pins the pages it copies from (pin_resident); the owner's eviction, under
+    # outside pressure, takes every other page first and that one only once unpinned.
+    sim = aimdo.SimBackend("2x1GiB", topology="h200-nvlink")
+    manager = make_manager(pages=4, devices=(0, 1), sim=sim, poll_interval=0.0)
+    vbar = manager.create_vbar(4 * G, 0)
+    allocations = [vbar.alloc(G) for _ in range(4)]
+    for allocation in allocations:
+        assert vbar.fault(allocation) is not None
+        vbar.unpin(allocation)
+    vbar.share_with(1)
+    assert vbar.readers == [1]
+    pinned = vbar.pin_resident(allocations[2])
+    assert pinned is not None and vbar.residency()[2] == (True, True)
+    sim.add_external_usage(0, 4 * G)  # someone else takes the whole budget
+    assert vbar.fault(allocations[0]) is None  # the fault sees the deficit, evicts
+    assert [page[0] for page in vbar.residency()] == [False, False, True, False]
+    vbar.unpin(allocations[2])
+    manager.poll(0)
+    vbar.free_memory(4 * G)
+    assert [page[0] for page in vbar.residency()] == [False, False, False, False]
+    assert vbar.pin_resident(allocations[2]) is None  # not resident: nothing pinned
+    sim.remove_external_usage(0, 4 * G)
+    vbar.close()

@@ -166,3 +166,58 @@ def test_bad_groups_are_refused_before_anything_changes(make_manager):
         atorch.offload_group(model, [0, 7], manager=manager)
     assert all(p.device == torch.device("cpu") for p in model.parameters())
     assert manager.vbar_count(0) == 0
+
+
+@pytest.mark.sim_only
+@pytest.mark.parametrize("count", [2, 4, 8])
+def test_n_devices_together_hold_the_model_and_pull_only_from_each_other(make_manager, count):
+    model = stack(blocks=8)  # 16 blocks of 1 MiB + 4 KiB, 8 small norms
+    x = torch.randn(2, 256)
+    expected = reference(model, x, 0)
+    sim = aimdo.SimBackend(f"{count}x1GiB", real_bytes=True, topology="h200-nvlink")
+    pages = -(-10 // count) + 1  # ceil(10 / count) + 1: together more than the 16 MiB
+    manager = make_manager(pages=pages, devices=range(count), sim=sim)
+    with atorch.offload_group(model, range(count), manager=manager) as group:
+        for _ in range(3):
+            for index in range(count):
+                assert torch.equal(group[index](x), expected)
+        names = {name for name, _, _ in group.offloads[0].placement()}
+        held = set().union(*(resident_blocks(offload) for offload in group.offloads))
+        assert held == names
+        for stats in group.last_stats:
+            assert stats.bytes_copied > 0 and stats.bytes_from_peers == stats.bytes_copied
+        for offload in group.offloads:
+            assert offload.vbar.readers == [d for d in range(count) if d != offload.vbar.device]
+
+
+@pytest.mark.sim_only
+def test_a_donor_holds_what_the_computing_device_lacks(make_manager):
+    # Donor mode: device 0 computes; device 1 never runs, its pages (filled at once) hold
+    # the blocks device 0 keeps last, so device 0 copies those from it, not the host.
+    model = stack(blocks=6)
+    x = torch.randn(2, 256)
+    expected = reference(model, x, 0)
+    manager = group_manager(make_manager, pages=4)  # 8 of the 12 MiB each
+    with atorch.offload_group(model, [0, 1], manager=manager, donors=[1]) as group:
+        donor = group.offloads[1]
+        held = resident_blocks(donor)
+        assert len(held) == 6 + 7  # the 6 norms, then 7 blocks of 1 MiB + 4 KiB in 8 MiB
+        assert donor.fill() == 0  # filled already: nothing to copy
+        for _ in range(3):
+            assert torch.equal(group[0](x), expected)
+        stats = group.last_stats[0]
+        alone = resident_blocks(group.offloads[0])
+        assert alone | held == {name for name, _, _ in donor.placement()}
+        # Every block device 0 lacks is on the donor: nothing comes from the host.
+        assert stats.bytes_copied > 0 and stats.bytes_from_peers == stats.bytes_copied
+    with pytest.raises(aimdo.InvalidStateError, match="undone"):
+        donor.fill()
+
+
+def test_donors_must_leave_a_device_to_compute(make_manager):
+    model = stack(blocks=2)
+    manager = new_manager(make_manager, pages=4)
+    for donors in ([0], [3]):
+        with pytest.raises(ValueError, match="donors"):
+            atorch.offload_group(model, [0], manager=manager, donors=donors)
+    assert manager.vbar_count(0) == 0

@@ -197,6 +197,24 @@ class Schedule:
         if failure is not None:
             raise failure
 
+    def fill(self, blocks) -> int:
+        """Outside a forward: fault `blocks` in turn and copy in the weights of each whose
+        pages do not hold them, until one is offloaded (the budget is full); then no later
+        one would fit either. Returns the bytes copied. For a device that holds weights
+        for its peers without computing (a donor)."""
+        self.begin_forward(standalone=True)
+        try:
+            for block in blocks:
+                if self.vbar.fault(block.allocation) is None:
+                    block.offloaded = True
+                    break
+                self.vbar.unpin(block.allocation)  # load() faults it again: a hit now
+                self.load(block, ahead=False)
+                self._let_go(block)
+        finally:
+            self.end_forward()
+        return self.stats.bytes_copied
+
     def drop_staging(self) -> None:
         """Give the staging buffers back (between forwards only: nothing reads them)."""
         self.slots, self.free_slots = [], []

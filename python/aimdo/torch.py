@@ -18,6 +18,7 @@ Needs PyTorch (``pip install 'aimdo[torch]'``); ``import aimdo`` alone does not.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import weakref
@@ -270,6 +271,26 @@ class Offload:
         forwards; ``last_stats.peak_temporary_bytes`` tells their most."""
         return 0 if self.undone else self._runner.schedule.staging_bytes
 
+    def fill(self) -> int:
+        """Copy the weights into as many of the VBAR's blocks as the budget holds, in
+        placement order, without running anything: for a device that serves its peers'
+        copies (a donor, see offload_group). Returns the bytes copied (0 when they were
+        all in place). aimdo.InvalidStateError while the module runs or once undone."""
+        runner = self._runner
+        if runner is None or runner.undone:
+            raise _core.InvalidStateError("this offload was undone")
+        if not runner.lock.acquire(blocking=False):
+            raise _core.InvalidStateError("cannot fill an offload while its module runs")
+        try:
+            placed = sorted(self._blocks, key=lambda block: block.allocation.offset)
+            device = self.device
+            with torch.cuda.device(device) if device.type == "cuda" else _NO_DEVICE:
+                copied = runner.schedule.fill(placed)
+            self._executor.release_peer_pins(wait=True)
+            return copied
+        finally:
+            runner.lock.release()
+
     def placement(self) -> list[tuple[str, int, int]]:
         """(module name, offset in the VBAR, bytes) of every block, by offset."""
         placed = [(b.name, b.allocation.offset, b.allocation.size) for b in self._blocks]
@@ -278,6 +299,9 @@ class Offload:
     def __repr__(self) -> str:
         state = "undone" if self.undone else f"{len(self._blocks)} blocks"
         return f"<aimdo.torch.Offload of {type(self.module).__name__} on {self.device}: {state}>"
+
+
+_NO_DEVICE = contextlib.nullcontext()
 
 
 class _SharedHost:
@@ -417,6 +441,11 @@ class OffloadGroup:
     def pinned_bytes(self) -> int:
         return sum(offload.pinned_bytes for offload in self.offloads)
 
+    def fill(self, index: int) -> int:
+        """Fill member ``index``'s pages without computing (see Offload.fill): a donor
+        filled again after pressure took its pages. Returns the bytes copied."""
+        return self.offloads[index].fill()
+
     def undo(self) -> None:
         """Undo every member, the copies first and the model last (its host chunks go
         with it). Errors as Offload.undo; a second call retries what is left."""
@@ -443,17 +472,29 @@ def offload_group(
     staging_bytes: int | str | None = None,
     whole=(torch.nn.MultiheadAttention,),
     peers: bool = True,
+    donors=(),
 ) -> OffloadGroup:
     """Offload ``module`` to each of ``devices`` (see OffloadGroup), sharing one host copy
     of its weights. ``peers`` (default True) lets a device copy a block from another
     device's resident pages where the driver allows peer access (``Manager.peer_link``);
-    False copies from the host only. Other options as ``offload``, for every member.
+    False copies from the host only. ``donors`` lists devices of the group that hold
+    weights for the others without computing: each is filled at once (``Offload.fill``)
+    with the blocks its rotated placement keeps first, which are those the first device
+    keeps last (donor mode: one GPU computes, another's memory holds what does not fit).
+    Other options as ``offload``, for every member.
     Errors as ``offload``, before anything changes, plus ValueError for fewer than one or
-    repeated devices; a failure part way undoes the members made."""
+    repeated devices, or donors that are not the group's or leave none to compute; a
+    failure part way undoes the members made."""
     manager = manager if manager is not None else get_manager()
     devices = list(devices)
     if not devices or len(set(devices)) != len(devices):
         raise ValueError(f"offload_group needs distinct devices, got {devices!r}")
+    donors = list(donors)
+    if any(donor not in devices for donor in donors) or len(set(donors)) >= len(devices):
+        raise ValueError(
+            f"donors must be some of the group's devices {devices!r}, leaving one to "
+            f"compute; got {donors!r}"
+        )
     options = {
         "prefetch": prefetch,
         "order": None,
@@ -472,6 +513,8 @@ def offload_group(
             offloads.append(Offload(member, device, manager, options, leader, index / len(devices)))
         if peers:
             _link_peers(manager, devices, offloads)
+        for donor in donors:
+            offloads[devices.index(donor)].fill()
     except BaseException:
         for made in reversed(offloads):
             made.undo()
