@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import aimdo
 import pytest
-from aimdo.predict import predict_offload
+from aimdo.predict import predict_group, predict_offload, rank_regimes
 from conftest import PAGE
 
 pytestmark = pytest.mark.sim_only  # it runs on the simulator by definition
@@ -157,3 +157,86 @@ def test_the_default_staging_fits_the_largest_block_within_its_share_of_the_budg
     # Small blocks take what they need; no block, nothing.
     assert auto_staging_bytes([PAGE], 1, 0) == 2 * PAGE
     assert auto_staging_bytes([], 2, 48 * GiB) == 0
+
+
+# --- several devices (issue 13) -------------------------------------------------------------
+
+
+def group_case(topology: str):
+    """Eight blocks of 64 MiB, 0.25 ms of compute each at one device's part of the batch
+    and 0.5 ms at the whole, on two devices of 5 blocks' budget each: together they hold
+    all. The 3 blocks a device lacks take 3.6 ms from a 55.3 GB/s host link, 0.5 ms over
+    NVLink: copy-bound from the host, compute-bound (2 ms) from a peer."""
+    sim = aimdo.SimBackend("2x80GiB", topology=topology)
+    manager = aimdo.Manager(sim, [0, 1], vram_limit=10 * 32 * MiB, headroom=0, page_size=32 * MiB)
+    return manager, [64 * MiB] * 8, [0.5 * MS] * 8, [0.25 * MS] * 8
+
+
+@pytest.mark.sim_only
+def test_a_group_over_nvlink_copies_only_from_peers_and_is_compute_bound():
+    manager, sizes, _, half = group_case("h200-nvlink")
+    with manager:
+        steps = predict_group(manager, [0, 1], sizes, half, steps=3)
+        peer_copy = 64 * MiB / 390e9 + 2e-6
+        for step in steps[1:]:
+            for device in step:
+                assert device.bytes_copied == 3 * 64 * MiB  # the 3 blocks it lacks
+                assert device.bytes_from_peers == device.bytes_copied
+                # The compute (2 ms) and at most the first block's copy before it.
+                assert 2 * MS - 1e-12 <= device.seconds <= 2 * MS + peer_copy + 1e-12
+        assert manager.vbar_count(0) == manager.vbar_count(1) == 0  # closed afterwards
+
+
+@pytest.mark.sim_only
+def test_without_peer_links_a_group_copies_from_the_host():
+    manager, sizes, _, half = group_case("rtx4090-pcie")
+    with manager:
+        for step in predict_group(manager, [0, 1], sizes, half, steps=3)[1:]:
+            for device in step:
+                assert device.bytes_copied == 3 * 64 * MiB and device.bytes_from_peers == 0
+                # Copy-bound: 3 blocks over a 12.5 GB/s link take 16 ms, more than 2 ms.
+                assert device.seconds >= 3 * 64 * MiB / 12.5e9 - 1e-9  # whole ns
+
+
+@pytest.mark.sim_only
+def test_a_donor_serves_what_the_computing_device_lacks():
+    manager, sizes, full, _ = group_case("h200-nvlink")
+    with manager:
+        steps = predict_group(manager, [0, 1], sizes, full, steps=3, donors=[1])
+        for (device,) in steps[1:]:
+            assert device.bytes_copied == 3 * 64 * MiB
+            assert device.bytes_from_peers == device.bytes_copied
+
+
+@pytest.mark.sim_only
+@pytest.mark.parametrize(
+    "topology, fastest", [("h200-nvlink", "split with peers"), ("rtx4090-pcie", None)]
+)
+def test_regimes_are_ranked_from_the_topology(topology, fastest):
+    manager, sizes, full, half = group_case(topology)
+    with manager:
+        regimes = rank_regimes(manager, [0, 1], sizes, full, half)
+    names = [regime.name for regime in regimes]
+    assert sorted(names) == sorted(
+        ["one device", "split with peers", "split from the host", "donor", "layer split"]
+    )
+    assert [r.seconds for r in regimes] == sorted(r.seconds for r in regimes)
+    seconds = {regime.name: regime.seconds for regime in regimes}
+    if fastest is not None:
+        assert names[0] == fastest
+        assert seconds["split with peers"] < seconds["split from the host"]
+    else:  # no peer access: the peer tier changes nothing
+        assert seconds["split with peers"] == pytest.approx(seconds["split from the host"])
+
+
+@pytest.mark.sim_only
+def test_bad_groups_are_refused_before_anything_is_made():
+    manager, sizes, full, _ = group_case("h200-nvlink")
+    with manager:
+        with pytest.raises(ValueError, match="distinct devices"):
+            predict_group(manager, [0, 0], sizes, full, steps=1)
+        with pytest.raises(ValueError, match="donors"):
+            predict_group(manager, [0, 1], sizes, full, steps=1, donors=[0, 1])
+        with pytest.raises(ValueError, match="one entry per block"):
+            predict_group(manager, [0, 1], sizes, full[:3], steps=1)
+        assert manager.vbar_count(0) == manager.vbar_count(1) == 0

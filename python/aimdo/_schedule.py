@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
+from ._core import InvalidStateError
 from ._executor import IN_LINE, PAGES, TEMPORARY, Executor
 
 #: Staging buffers of one offloaded model hold at most this many bytes in all when the
@@ -99,6 +100,31 @@ class Block:
     def unbind(self) -> None:
         """Called first when the block is let go: `storage` stops being valid, so drop
         any view of it. Nothing by default."""
+
+
+def pin_peer_copy(peers):
+    """The first of `peers` (the same block on other devices, nearest first) whose pages
+    hold its weights, with those pages pinned (the caller unpins them once its copy from
+    them is done), or None. A peer serves when its last copy into its pages gave it a
+    signature and pin_resident finds every page resident under that very signature (not
+    remapped since); pin_resident takes only the peer device's lock and never maps or
+    evicts (design.md §4.4)."""
+    for peer in peers:
+        expected = peer.signature
+        if expected is None:  # never copied in there, or being copied again
+            continue
+        vbar = peer.allocation.vbar
+        try:
+            pinned = vbar.pin_resident(peer.allocation)
+        except InvalidStateError:  # the peer's offload was undone meanwhile
+            continue
+        if pinned is None:
+            continue
+        if pinned != expected or peer.signature is not expected:
+            vbar.unpin(peer.allocation)  # remapped since its copy: not its weights
+            continue
+        return peer
+    return None
 
 
 class Slot:

@@ -14,7 +14,7 @@ import torch
 
 from . import _core
 from ._executor import IN_LINE, PAGES, TEMPORARY, Executor
-from ._schedule import ForwardStats, Schedule
+from ._schedule import ForwardStats, Schedule, pin_peer_copy
 from ._torch_layout import Binding, TorchBlock
 from ._torch_outputs import owned
 from ._torch_views import as_tensor
@@ -133,26 +133,10 @@ class _TorchExecutor(Executor):
         return None if in_line else done
 
     def _peer_source(self, block: TorchBlock):
-        """A peer's copy of the block whose pages hold its weights, pinned there (until
-        the copy from it is done), or None: then the copy comes from the host. Takes only
-        the peer device's lock (pin_resident), never this device's."""
+        """A peer's copy of the block to copy from, pinned (see pin_peer_copy), or None:
+        then the copy comes from the host. Unpins first what finished copying."""
         self.release_peer_pins(wait=False)
-        for peer in block.peers:
-            expected = peer.signature
-            if expected is None:  # never copied in there, or being copied again
-                continue
-            vbar = peer.allocation.vbar
-            try:
-                pinned = vbar.pin_resident(peer.allocation)
-            except _core.InvalidStateError:  # the peer's offload was undone meanwhile
-                continue
-            if pinned is None:
-                continue
-            if pinned != expected or peer.signature is not expected:
-                vbar.unpin(peer.allocation)  # remapped since its copy: not its weights
-                continue
-            return peer
-        return None
+        return pin_peer_copy(block.peers)
 
     def _copy_from_peer(self, block: TorchBlock, storage, peer: TorchBlock, stream: int):
         """One copy of the whole block from the peer's pages into `storage`, queued on

@@ -28,15 +28,18 @@ the host runs ahead.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from ._executor import IN_LINE, Executor
 from ._manager import Manager
 from ._placement import place
-from ._schedule import Block, Schedule, auto_staging_bytes
+from ._schedule import Block, Schedule, auto_staging_bytes, pin_peer_copy
 from .sim import SimBackend
 
-__all__ = ["PredictedStep", "predict_offload"]
+__all__ = ["PredictedStep", "Regime", "predict_group", "predict_offload", "rank_regimes"]
+
+_log = logging.getLogger("aimdo")
 
 
 @dataclass
@@ -53,15 +56,17 @@ class PredictedStep:
     peak_temporary_bytes: int = 0
     staging_bytes: int = 0
     schedule: tuple = ()
+    bytes_from_peers: int = 0  # of bytes_copied: from another device's pages (predict_group)
 
 
 class _Block(Block):
-    __slots__ = ("index", "seconds")
+    __slots__ = ("index", "seconds", "peers")
 
     def __init__(self, index: int, nbytes: int, seconds: float):
         super().__init__(nbytes)
         self.index = index
         self.seconds = seconds
+        self.peers = ()  # the same block on the devices this one reads (predict_group)
 
 
 class _Engines(Executor):
@@ -84,11 +89,13 @@ class _Engines(Executor):
         self.start = 0.0
         self.log = []
         self._after = 0.0  # what the next compute waits for
+        self.peer_bytes = 0
 
     def begin(self) -> float:
         """Start a forward once both engines are idle; returns that time."""
         self.start = max(self.sim.now(self.device), self.sim.copy_engine_now(self.device))
         self.log = []
+        self.peer_bytes = 0
         return self.start
 
     def run(self, block: _Block) -> None:
@@ -106,12 +113,27 @@ class _Engines(Executor):
         return None
 
     def copy(self, block, storage, after) -> float:
+        """A copy from the host, or over a peer link from a peer's pages that hold the
+        block (after the peer's own copy into them), as aimdo.torch's executor does."""
         self.log.append(f"copy{block.index}")
         if after is IN_LINE:
             after = self.sim.now(self.device)
         elif after is None:
             after = self.start
-        return self.sim.copy_async(self.device, block.nbytes, after)
+        source = pin_peer_copy(block.peers) if block.peers else None
+        if source is None:
+            done = self.sim.copy_async(self.device, block.nbytes, after)
+        else:
+            try:
+                filled = source.filled if source.filled is not None else 0.0
+                peer = source.allocation.vbar.device
+                done = self.sim.peer_copy_async(self.device, peer, block.nbytes, max(after, filled))
+            finally:
+                source.allocation.vbar.unpin(source.allocation)
+            self.peer_bytes += block.nbytes
+        if block.pinned:  # into its own pages: a peer reading them waits for this copy
+            block.filled = done
+        return done
 
     def wait_for(self, token: float) -> None:
         self._after = max(self._after, token)
@@ -121,6 +143,30 @@ class _Engines(Executor):
 
     def drain_copies(self) -> None:
         pass
+
+
+def _checked(manager, block_bytes, block_seconds, prefetch, steps) -> tuple[list, list]:
+    if not isinstance(manager.backend, SimBackend):
+        raise TypeError("predictions run on the simulator: pass a Manager on a SimBackend")
+    block_bytes, block_seconds = list(block_bytes), list(block_seconds)
+    if len(block_bytes) != len(block_seconds) or not block_bytes:
+        raise ValueError("block_bytes and block_seconds need one entry per block, at least one")
+    if any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in block_bytes):
+        raise ValueError("block_bytes must be positive ints")
+    if any(
+        isinstance(s, bool) or not isinstance(s, (int, float)) or not s >= 0 for s in block_seconds
+    ):
+        raise ValueError("block_seconds must be non-negative numbers")
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+        raise ValueError(f"prefetch must be a non-negative int, got {prefetch!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    return block_bytes, block_seconds
+
+
+def _check_staging(staging_bytes) -> None:
+    if isinstance(staging_bytes, bool) or not isinstance(staging_bytes, int) or staging_bytes < 0:
+        raise ValueError(f"staging_bytes must be a non-negative int, got {staging_bytes!r}")
 
 
 def _step(schedule: Schedule, engines: _Engines, blocks: list) -> PredictedStep:
@@ -145,6 +191,7 @@ def _step(schedule: Schedule, engines: _Engines, blocks: list) -> PredictedStep:
         peak_temporary_bytes=stats.peak_temporary_bytes,
         staging_bytes=schedule.staging_bytes,
         schedule=tuple(engines.log),
+        bytes_from_peers=engines.peer_bytes,
     )
 
 
@@ -164,25 +211,10 @@ def predict_offload(
     each, offloaded to ``device`` with ``prefetch``, ``spread`` and ``staging_bytes`` as in
     ``aimdo.torch.offload``. ``manager`` must run on a SimBackend; its VBAR is closed
     afterwards. Returns one PredictedStep per forward (the first one learns the order)."""
-    if not isinstance(manager.backend, SimBackend):
-        raise TypeError("predict_offload runs on the simulator: pass a Manager on a SimBackend")
-    block_bytes, block_seconds = list(block_bytes), list(block_seconds)
-    if len(block_bytes) != len(block_seconds) or not block_bytes:
-        raise ValueError("block_bytes and block_seconds need one entry per block, at least one")
-    if any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in block_bytes):
-        raise ValueError("block_bytes must be positive ints")
-    if any(
-        isinstance(s, bool) or not isinstance(s, (int, float)) or not s >= 0 for s in block_seconds
-    ):
-        raise ValueError("block_seconds must be non-negative numbers")
-    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
-        raise ValueError(f"prefetch must be a non-negative int, got {prefetch!r}")
+    block_bytes, block_seconds = _checked(manager, block_bytes, block_seconds, prefetch, steps)
     if staging_bytes is None:  # the same default as aimdo.torch.offload's
         staging_bytes = auto_staging_bytes(block_bytes, prefetch, manager.budget_bytes(device))
-    if isinstance(staging_bytes, bool) or not isinstance(staging_bytes, int) or staging_bytes < 0:
-        raise ValueError(f"staging_bytes must be a non-negative int, got {staging_bytes!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    _check_staging(staging_bytes)
     blocks = [
         _Block(i, n, s) for i, (n, s) in enumerate(zip(block_bytes, block_seconds, strict=True))
     ]
@@ -197,3 +229,202 @@ def predict_offload(
         return [_step(schedule, engines, blocks) for _ in range(steps)]
     finally:
         vbar.close()
+
+
+def predict_group(
+    manager: Manager,
+    devices,
+    block_bytes,
+    block_seconds,
+    *,
+    steps: int,
+    prefetch: int = 2,
+    spread: bool = True,
+    staging_bytes: int | None = None,
+    peers: bool = True,
+    donors=(),
+) -> list[list[PredictedStep]]:
+    """Predict ``steps`` forwards of a model offloaded to each of ``devices`` as
+    ``aimdo.torch.offload_group`` does (complementary placement; a block copied from a
+    peer's pages over the simulator's peer link where ``manager.peer_link`` gives access and
+    ``peers``; ``donors`` filled once and never computing), every computing device running
+    the whole model at once (a guidance split: pass each device's ``block_seconds``). The
+    devices' forwards are interleaved block by block, as threads running at once would
+    be. Returns, per forward, one PredictedStep per computing device."""
+    block_bytes, block_seconds = _checked(manager, block_bytes, block_seconds, prefetch, steps)
+    devices, donors = list(devices), list(donors)
+    if not devices or len(set(devices)) != len(devices):
+        raise ValueError(f"predict_group needs distinct devices, got {devices!r}")
+    if any(d not in devices for d in donors) or len(set(donors)) >= len(devices):
+        raise ValueError(f"donors must be some of {devices!r}, leaving one to compute")
+    sim = manager.backend
+    members, vbars = [], []
+    try:
+        for index, device in enumerate(devices):
+            blocks = [
+                _Block(i, n, s)
+                for i, (n, s) in enumerate(zip(block_bytes, block_seconds, strict=True))
+            ]
+            vbars.append(place(manager, device, blocks, bool(spread), index / len(devices)))
+            staging = staging_bytes
+            if staging is None:
+                staging = auto_staging_bytes(block_bytes, prefetch, manager.budget_bytes(device))
+            _check_staging(staging)
+            engines = _Engines(sim, device)
+            schedule = Schedule(
+                engines, vbars[-1], blocks, prefetch, order=[], learning=True, staging_bytes=staging
+            )
+            members.append((device, blocks, engines, schedule))
+        if peers:
+            for device, blocks, _, _ in members:
+                readable = [
+                    (other, theirs)
+                    for other, theirs, _, _ in members
+                    if other != device and manager.peer_link(device, other).access
+                ]
+                for index, block in enumerate(blocks):
+                    block.peers = tuple(theirs[index] for _, theirs in readable)
+                for other, _ in readable:
+                    vbars[devices.index(other)].share_with(device)
+        for device, blocks, engines, schedule in members:
+            if device in donors:
+                engines.begin()
+                schedule.fill(sorted(blocks, key=lambda block: block.allocation.offset))
+        computing = [member for member in members if member[0] not in donors]
+        return [_group_step(computing) for _ in range(steps)]
+    finally:
+        for vbar in vbars:
+            vbar.close()
+
+
+def _group_step(members: list) -> list[PredictedStep]:
+    starts = [engines.begin() for _, _, engines, _ in members]
+    for _, _, _, schedule in members:
+        schedule.begin_forward()
+    try:
+        for position in range(len(members[0][1])):
+            for _, blocks, engines, schedule in members:
+                block = blocks[position]
+                schedule.before(block)
+                engines.run(block)
+                schedule.release(block)
+    finally:
+        for _, _, _, schedule in members:
+            schedule.end_forward()
+    out = []
+    for start, (device, _, engines, schedule) in zip(starts, members, strict=True):
+        sim, stats = engines.sim, schedule.stats
+        out.append(
+            PredictedStep(
+                seconds=max(sim.now(device), sim.copy_engine_now(device)) - start,
+                hits=stats.hits,
+                copied_layers=stats.copied_layers,
+                offloaded_layers=stats.offloaded_layers,
+                bytes_copied=stats.bytes_copied,
+                peak_temporary_bytes=stats.peak_temporary_bytes,
+                staging_bytes=schedule.staging_bytes,
+                schedule=tuple(engines.log),
+                bytes_from_peers=engines.peer_bytes,
+            )
+        )
+    return out
+
+
+@dataclass
+class Regime:
+    """One way to run a step on several devices, with its predicted seconds."""
+
+    name: str
+    seconds: float
+    detail: str
+
+
+def rank_regimes(
+    manager: Manager,
+    devices,
+    block_bytes,
+    seconds_full,
+    seconds_split,
+    *,
+    steps: int = 3,
+    prefetch: int = 2,
+) -> list[Regime]:
+    """The regimes of one step (a batch that splits in len(devices) parts, as guidance
+    does) on ``devices``, fastest first, each predicted on the simulator from the
+    topology, budgets and block sizes the Manager's SimBackend has: ``seconds_full`` is
+    each block's compute at the whole batch, ``seconds_split`` at one device's part.
+
+    - "one device": the whole batch on the first device (``aimdo.torch.offload``);
+    - "split with peers": each device its part, copies from each other's pages where the
+      driver allows (``offload_group``); "split from the host": the same, peers off;
+    - "donor": the whole batch on the first device, the others holding what it lacks
+      (``offload_group(donors=...)``);
+    - "layer split": the blocks cut in len(devices) runs, each offloaded to its device,
+      the whole batch through them in turn.
+    The ranking is logged (logger ``aimdo``, INFO)."""
+    devices = list(devices)
+    last = steps - 1
+    first = devices[0]
+    one = predict_offload(
+        manager, first, block_bytes, seconds_full, steps=steps, prefetch=prefetch
+    )[last]
+    regimes = [Regime("one device", one.seconds, f"{one.bytes_copied} bytes from the host")]
+    if len(devices) > 1:
+        for name, peers in (("split with peers", True), ("split from the host", False)):
+            step = predict_group(
+                manager,
+                devices,
+                block_bytes,
+                seconds_split,
+                steps=steps,
+                prefetch=prefetch,
+                peers=peers,
+            )[last]
+            moved = sum(s.bytes_copied for s in step)
+            from_peers = sum(s.bytes_from_peers for s in step)
+            regimes.append(
+                Regime(
+                    name,
+                    max(s.seconds for s in step),
+                    f"{from_peers} of {moved} bytes copied from peers",
+                )
+            )
+        donor = predict_group(
+            manager,
+            devices,
+            block_bytes,
+            seconds_full,
+            steps=steps,
+            prefetch=prefetch,
+            donors=devices[1:],
+        )[last][0]
+        regimes.append(
+            Regime(
+                "donor",
+                donor.seconds,
+                f"{donor.bytes_from_peers} of {donor.bytes_copied} bytes copied from donors",
+            )
+        )
+        cuts = [len(block_bytes) * i // len(devices) for i in range(len(devices) + 1)]
+        total, moved = 0.0, 0
+        for device, begin, end in zip(devices, cuts, cuts[1:], strict=False):
+            if begin == end:
+                continue
+            part = predict_offload(
+                manager,
+                device,
+                block_bytes[begin:end],
+                list(seconds_full)[begin:end],
+                steps=steps,
+                prefetch=prefetch,
+            )[last]
+            total += part.seconds
+            moved += part.bytes_copied
+        regimes.append(Regime("layer split", total, f"{moved} bytes from the host"))
+    regimes.sort(key=lambda regime: regime.seconds)
+    _log.info(
+        "aimdo: regimes on devices %s, fastest first: %s",
+        devices,
+        "; ".join(f"{r.name} {r.seconds * 1000:.1f} ms ({r.detail})" for r in regimes),
+    )
+    return regimes
