@@ -2,18 +2,23 @@
 // random mix of operations, then the per-device invariants are checked. The simulator is
 // wrapped as aimdo.sim wraps it (a recorder, recording, over a failure injector), so the
 // adaptors' locking is stressed too: every call the injector counted is in the log once.
+// The devices are linked all to all (as NVLink peers): some VBARs are shared with another
+// device and their allocations published, and threads pin them as a peer's copy does
+// (pin_resident, then unpin), racing their owners' faults, evictions and closes.
 // Built and run under AddressSanitizer + UBSan and under ThreadSanitizer by .ci/run (no
 // Python).
 //
 //   aimdo_stress [--devices N] [--threads N] [--ops N] [--seed N]
 //
 // Exit status 0 when every invariant holds, 1 otherwise (the seed is printed).
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <string>
 #include <thread>
@@ -48,7 +53,45 @@ struct Counters {
   std::atomic<std::uint64_t> out_of_memory{0};
   std::atomic<std::uint64_t> refused_external{0};
   std::atomic<std::uint64_t> unexpected{0};
+  std::atomic<std::uint64_t> peer_pins{0};  // pin_resident calls that pinned
 };
+
+// Allocations any thread may pin as a peer would: (VBAR, allocation), guarded by `mutex`.
+struct Published {
+  std::mutex mutex;
+  std::vector<std::pair<std::shared_ptr<aimdo::Vbar>, aimdo::Allocation>> entries;
+
+  void add(const std::shared_ptr<aimdo::Vbar>& vbar, const aimdo::Allocation& allocation) {
+    std::lock_guard<std::mutex> lock(mutex);
+    entries.emplace_back(vbar, allocation);
+  }
+  void remove(const aimdo::Vbar* vbar) {
+    std::lock_guard<std::mutex> lock(mutex);
+    entries.erase(std::remove_if(entries.begin(), entries.end(),
+                                 [&](const auto& entry) { return entry.first.get() == vbar; }),
+                  entries.end());
+  }
+  bool pick(std::size_t at, std::pair<std::shared_ptr<aimdo::Vbar>, aimdo::Allocation>* out) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (entries.empty()) return false;
+    *out = entries[at % entries.size()];
+    return true;
+  }
+};
+
+// A peer's copy: pin the pages if resident, then let them go. A VBAR its owner closed
+// meanwhile answers InvalidStateError, which a peer expects.
+void pin_as_peer(Published& published, std::size_t at, Counters& counters) {
+  std::pair<std::shared_ptr<aimdo::Vbar>, aimdo::Allocation> entry;
+  if (!published.pick(at, &entry)) return;
+  try {
+    if (entry.first->pin_resident(entry.second)) {
+      counters.peer_pins.fetch_add(1, std::memory_order_relaxed);
+      entry.first->unpin(entry.second);
+    }
+  } catch (const aimdo::InvalidStateError&) {
+  }
+}
 
 void unpin_all(OwnedVbar& owned) {
   for (std::size_t i = 0; i < owned.allocations.size(); ++i) {
@@ -60,7 +103,7 @@ void unpin_all(OwnedVbar& owned) {
 }
 
 void drive(aimdo::Manager& manager, aimdo::sim::SimDriver& sim, const Config& config, int index,
-           Counters& counters, std::vector<OwnedVbar>& kept) {
+           Counters& counters, std::vector<OwnedVbar>& kept, Published& published) {
   std::mt19937_64 random(config.seed * 1000003u + static_cast<std::uint64_t>(index));
   const auto pick = [&](std::uint64_t n) { return static_cast<std::size_t>(random() % n); };
   std::vector<OwnedVbar> vbars;
@@ -82,6 +125,14 @@ void drive(aimdo::Manager& manager, aimdo::sim::SimDriver& sim, const Config& co
           } catch (const aimdo::InvalidArgumentError&) {
             break;  // the range is full
           }
+        }
+        if (config.devices > 1 && pick(4) == 0) {
+          const int peer =
+              (device + 1 +
+               static_cast<int>(pick(static_cast<std::uint64_t>(config.devices - 1)))) %
+              config.devices;
+          owned.vbar->share_with(peer);
+          for (const auto& allocation : owned.allocations) published.add(owned.vbar, allocation);
         }
         vbars.push_back(std::move(owned));
         continue;
@@ -114,9 +165,12 @@ void drive(aimdo::Manager& manager, aimdo::sim::SimDriver& sim, const Config& co
         manager.reclaim(device, pick(8) * kPage);
       } else if (choice < 95) {
         unpin_all(owned);
+        published.remove(owned.vbar.get());
         owned.vbar->close();
         owned = std::move(vbars.back());
         vbars.pop_back();
+      } else if (choice < 97) {
+        pin_as_peer(published, pick(1u << 20), counters);
       } else if (choice < 98) {
         const std::size_t bytes = (1 + pick(6)) * kPage;
         try {
@@ -173,7 +227,15 @@ struct Stack {
   explicit Stack(const Config& config) {
     std::vector<aimdo::sim::SimDeviceSpec> specs(static_cast<std::size_t>(config.devices));
     for (auto& spec : specs) spec.total_bytes = 256 * kPage;
-    sim = std::make_shared<aimdo::sim::SimDriver>(specs, aimdo::sim::SimOptions{}, events);
+    aimdo::sim::SimOptions options;
+    const auto count = static_cast<std::size_t>(config.devices);
+    options.topology.peers.assign(count, std::vector<aimdo::sim::SimPeerLink>(count));
+    for (std::size_t i = 0; i < count; ++i) {
+      for (std::size_t j = 0; j < count; ++j) {
+        if (i != j) options.topology.peers[i][j].bytes_per_s = 390e9;
+      }
+    }
+    sim = std::make_shared<aimdo::sim::SimDriver>(specs, options, events);
     failing = std::make_shared<aimdo::adaptors::FailingDriver>(sim, config.seed, events);
     recorder =
         std::make_shared<aimdo::adaptors::RecordingDriver>(failing, events, sim->address_naming());
@@ -253,10 +315,12 @@ int main(int argc, char** argv) {
       manager.add_device(d, options);
     }
     std::vector<std::vector<OwnedVbar>> kept(static_cast<std::size_t>(config.threads));
+    Published published;
     std::vector<std::thread> threads;
     for (int t = 0; t < config.threads; ++t) {
       threads.emplace_back(drive, std::ref(manager), std::ref(*stack.sim), std::cref(config), t,
-                           std::ref(counters), std::ref(kept[static_cast<std::size_t>(t)]));
+                           std::ref(counters), std::ref(kept[static_cast<std::size_t>(t)]),
+                           std::ref(published));
     }
     for (auto& thread : threads) thread.join();
     ok = check_devices(manager, *stack.sim, config, kept);
@@ -267,12 +331,13 @@ int main(int argc, char** argv) {
   ok = ok && leaks.empty() && counters.unexpected.load() == 0 && stack.log_is_whole();
   std::printf(
       "aimdo_stress seed=%llu devices=%d threads=%d: %llu ops, %llu offloaded, %llu out of "
-      "memory, %llu external refused, %llu unexpected: %s\n",
+      "memory, %llu external refused, %llu peer pins, %llu unexpected: %s\n",
       static_cast<unsigned long long>(config.seed), config.devices, config.threads,
       static_cast<unsigned long long>(counters.ops.load()),
       static_cast<unsigned long long>(counters.offloaded.load()),
       static_cast<unsigned long long>(counters.out_of_memory.load()),
       static_cast<unsigned long long>(counters.refused_external.load()),
+      static_cast<unsigned long long>(counters.peer_pins.load()),
       static_cast<unsigned long long>(counters.unexpected.load()), ok ? "ok" : "FAILED");
   return ok ? 0 : 1;
 }
