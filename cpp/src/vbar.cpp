@@ -173,6 +173,11 @@ bool Vbar::fault_locked(const Allocation& allocation, bool may_block,
   }
 
   device.stats_.add(&DeviceStats::faults);
+  *out = pin_pages_locked(record, first, last);
+  return true;
+}
+
+Signature Vbar::pin_pages_locked(AllocationRecord& record, std::size_t first, std::size_t last) {
   Signature signature;
   signature.serials.reserve(last - first + 1);
   for (std::size_t page = first; page <= last; ++page) {
@@ -180,8 +185,7 @@ bool Vbar::fault_locked(const Allocation& allocation, bool may_block,
     signature.serials.push_back(pages_[page].serial);
   }
   ++record.pins;
-  *out = std::move(signature);
-  return true;
+  return signature;
 }
 
 bool Vbar::map_missing_locked(std::size_t first, std::size_t last, std::int64_t need,

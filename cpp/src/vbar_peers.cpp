@@ -48,13 +48,7 @@ std::optional<Signature> Vbar::pin_resident(const Allocation& allocation) {
   for (std::size_t page = first; page <= last; ++page) {
     if (pages_[page].handle == 0) return std::nullopt;
   }
-  Signature signature;
-  signature.serials.reserve(last - first + 1);
-  for (std::size_t page = first; page <= last; ++page) {
-    ++pages_[page].pins;
-    signature.serials.push_back(pages_[page].serial);
-  }
-  ++record.pins;
+  Signature signature = pin_pages_locked(record, first, last);
   device_->check_invariants_locked();
   return signature;
 }

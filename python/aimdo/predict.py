@@ -180,8 +180,12 @@ def _step(schedule: Schedule, engines: _Engines, blocks: list) -> PredictedStep:
             schedule.release(block)
     finally:
         schedule.end_forward()
-    sim, device = engines.sim, engines.device
-    stats = schedule.stats
+    return _predicted(schedule, engines, start)
+
+
+def _predicted(schedule: Schedule, engines: _Engines, start: float) -> PredictedStep:
+    """What the forward that began at `start` did, once both engines are done with it."""
+    sim, device, stats = engines.sim, engines.device, schedule.stats
     return PredictedStep(
         seconds=max(sim.now(device), sim.copy_engine_now(device)) - start,
         hits=stats.hits,
@@ -311,23 +315,10 @@ def _group_step(members: list) -> list[PredictedStep]:
     finally:
         for _, _, _, schedule in members:
             schedule.end_forward()
-    out = []
-    for start, (device, _, engines, schedule) in zip(starts, members, strict=True):
-        sim, stats = engines.sim, schedule.stats
-        out.append(
-            PredictedStep(
-                seconds=max(sim.now(device), sim.copy_engine_now(device)) - start,
-                hits=stats.hits,
-                copied_layers=stats.copied_layers,
-                offloaded_layers=stats.offloaded_layers,
-                bytes_copied=stats.bytes_copied,
-                peak_temporary_bytes=stats.peak_temporary_bytes,
-                staging_bytes=schedule.staging_bytes,
-                schedule=tuple(engines.log),
-                bytes_from_peers=engines.peer_bytes,
-            )
-        )
-    return out
+    return [
+        _predicted(schedule, engines, start)
+        for start, (_, _, engines, schedule) in zip(starts, members, strict=True)
+    ]
 
 
 @dataclass

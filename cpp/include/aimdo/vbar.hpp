@@ -143,6 +143,8 @@ class Vbar : public std::enable_shared_from_this<Vbar> {
   // driver would be needed; otherwise always true.
   bool fault_locked(const Allocation& allocation, bool may_block, std::optional<Signature>* out);
   bool unpin_locked(const Allocation& allocation, bool may_block);
+  // Pin pages [first, last] (all resident) for one more user of `record`: their signature.
+  Signature pin_pages_locked(AllocationRecord& record, std::size_t first, std::size_t last);
   // The missing pages of a fault of pages [first, last]: when `need` > 0, evict that much
   // of lower priority (recycling what it unmaps), then map them. False, having evicted
   // nothing of other VBARs, when the pages of lower priority and the free budget cannot
