@@ -273,3 +273,35 @@ def test_a_page_pinned_for_a_peer_copy_is_not_evicted_until_unpinned(make_manage
     assert vbar.pin_resident(allocations[2]) is None  # not resident: nothing pinned
     sim.remove_external_usage(0, 4 * G)
     vbar.close()
+
+
+@pytest.mark.sim_only
+def test_a_peer_is_opened_only_what_its_owner_opened_and_adopt_takes_tensors_only():
+    # Found by review: granting a peer access to a page its owner had not opened left no
+    # host memory behind it, and a copy from it crashed; adopt took any pointer.
+    backend = aimdo.SimBackend("2x1GiB", topology="h200-nvlink", real_bytes=True)
+    driver = backend.driver
+    ok(driver.raw_make_current(0))
+    va = ok(driver.raw_reserve(0, G, G))
+    handle = ok(driver.raw_create(0, G))
+    ok(driver.raw_map(va, G, handle))
+    destination = Page(driver, 1)
+    try:
+        assert driver.raw_set_access(va, G, 1)[0] == INVALID_VALUE
+        ok(driver.raw_make_current(1))
+        assert driver.raw_copy(1, destination.va, va, G)[0] == INVALID_VALUE
+
+        class Fake:
+            nbytes = 4096
+
+            def data_ptr(self):
+                return 0x1000
+
+        with pytest.raises(TypeError, match="CPU torch.Tensor"):
+            backend.adopt(1, Fake())
+    finally:
+        destination.close()
+        ok(driver.raw_make_current(0))
+        ok(driver.raw_unmap(va, G))
+        ok(driver.raw_release(handle))
+        ok(driver.raw_free_range(va, G))

@@ -11,7 +11,6 @@ torch = pytest.importorskip("torch")  # the test extra installs it: a skip here 
 
 import aimdo  # noqa: E402
 import aimdo.torch as atorch  # noqa: E402
-from aimdo._placement import placement_order  # noqa: E402
 from conftest import BACKEND  # noqa: E402
 from torch_support import new_manager, reference, stack, weight_bytes, where  # noqa: E402
 
@@ -145,10 +144,6 @@ def test_the_second_device_places_the_same_order_rotated_by_half(make_manager):
     model = stack(blocks=6)
     manager = group_manager(make_manager, pages=5)
     with atorch.offload_group(model, [0, 1], manager=manager) as group:
-        blocks = group.offloads[0]._blocks
-        for index, offload in enumerate(group.offloads):
-            expected = [block.name for block in placement_order(blocks, True, index / 2)]
-            assert [name for name, _, _ in offload.placement()] == expected
         first = [name for name, _, _ in group.offloads[0].placement()]
         second = [name for name, _, _ in group.offloads[1].placement()]
         assert first[:6] == second[:6] == [f"{i}.norm" for i in range(6)]  # small: first
@@ -221,3 +216,50 @@ def test_donors_must_leave_a_device_to_compute(make_manager):
         with pytest.raises(ValueError, match="donors"):
             atorch.offload_group(model, [0], manager=manager, donors=donors)
     assert manager.vbar_count(0) == 0
+
+
+@pytest.mark.sim_only
+def test_members_are_undone_with_the_group_and_never_while_one_runs(make_manager):
+    model = stack(blocks=4)
+    x = torch.randn(2, 256)
+    expected = reference(model, x, 0)
+    manager = group_manager(make_manager, pages=5)
+    group = atorch.offload_group(model, [0, 1], manager=manager)
+    # A member alone would free pages its peers read: only the group undoes it.
+    with pytest.raises(aimdo.InvalidStateError, match="undo the group"):
+        group.offloads[1].undo()
+    entered, leave = threading.Event(), threading.Event()
+
+    def hold(module, args, output):
+        entered.set()
+        leave.wait(30)
+
+    handle = group[1][0].register_forward_hook(hold)  # the copy's first block
+    worker = threading.Thread(target=lambda: group[1](x))
+    worker.start()
+    try:
+        assert entered.wait(30)
+        with pytest.raises(aimdo.InvalidStateError, match="while one of its modules runs"):
+            group.undo()
+        assert not any(offload.undone for offload in group.offloads)  # nothing changed
+    finally:
+        leave.set()
+        worker.join()
+        handle.remove()
+    assert torch.equal(group[0](x), expected)
+    group.undo()
+    group.undo()  # a second call does nothing
+    assert all(offload.undone for offload in group.offloads)
+    assert manager.vbar_count(0) == manager.vbar_count(1) == 0
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
+@pytest.mark.sim_only
+@pytest.mark.parametrize("topology, peers", [("h200-nvlink", False), ("rtx4090-pcie", True)])
+def test_a_donor_without_peer_access_is_refused(make_manager, topology, peers):
+    model = stack(blocks=2)
+    manager = group_manager(make_manager, pages=4, topology=topology)
+    with pytest.raises(ValueError, match="would serve no one"):
+        atorch.offload_group(model, [0, 1], manager=manager, peers=peers, donors=[1])
+    assert manager.vbar_count(0) == manager.vbar_count(1) == 0

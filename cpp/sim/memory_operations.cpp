@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstring>
 #include <iterator>
+#include <new>
 
 #include "aimdo/errors.hpp"
 #include "sim_state.hpp"
@@ -74,6 +75,14 @@ void SimDriver::adopt(int device, std::uintptr_t ptr, std::size_t bytes) {
   check_device(device, device_total());
   if (ptr == 0 || bytes == 0 || bytes > UINTPTR_MAX - ptr) {
     throw InvalidArgumentError("adopt needs a non-empty range of host memory");
+  }
+  for (std::size_t i = 0; i < state_->naming.device_count(); ++i) {
+    const AddressRegions& regions = state_->naming.regions(static_cast<int>(i));
+    for (const DeviceAddress start : {regions.reservations, regions.streams}) {
+      if (ptr < start + kRegionBytes && start < ptr + bytes) {
+        throw InvalidArgumentError("adopt takes host memory, not the simulator's own regions");
+      }
+    }
   }
   DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
   std::lock_guard<std::mutex> lock(d.mutex);
@@ -282,7 +291,10 @@ DriverStatus SimDriver::set_access(DeviceAddress va, std::size_t size_bytes, int
         std::size_t offset = 0;
         Reservation* reservation = find_reservation(d, va, &offset);
         std::vector<Mapping*> mappings;
-        if (reservation == nullptr || !covered(*reservation, offset, size_bytes, 0, &mappings)) {
+        // A peer is opened only what its owner has opened to itself (host memory is
+        // behind it then, in real-bytes mode).
+        const std::uint64_t need = device == owner ? 0 : access_bit(owner);
+        if (reservation == nullptr || !covered(*reservation, offset, size_bytes, need, &mappings)) {
           return failure(driver_code::invalid_value);
         }
         if (state_->host && device == owner) {
@@ -333,47 +345,64 @@ DriverStatus SimDriver::peer_link(int device, int other, PeerLink* out) {
 
 DriverStatus SimDriver::copy_async(int device, DeviceAddress dst, DeviceAddress src,
                                    std::size_t size_bytes, StreamHandle) {
-  // The source first, under its own device's lock (never two devices' locks at once):
-  // mapped, and open to `device`. The caller keeps it so until the copy is done, as the
-  // real driver requires; a source unmapped meanwhile reads the trap pattern.
   bool stream = false;
   const int owner = state_->naming.device_of(src, &stream);
   if (!state_->process.current()) return failure(driver_code::not_initialized);
   if (device < 0 || device >= device_total()) return failure(driver_code::invalid_device);
-  if (size_bytes == 0 || owner < 0 || stream || !is_accessible(src, size_bytes, device)) {
-    return failure(driver_code::invalid_value);
+  if (size_bytes == 0 || owner < 0 || stream) return failure(driver_code::invalid_value);
+  // The source, under its own device's lock only (never two devices' locks at once):
+  // mapped and open to `device` (and so to its owner: host memory is behind it). With real
+  // bytes they are read here, so a source unmapped after the call is never read.
+  std::vector<unsigned char> bytes;
+  {
+    DeviceState& o = *state_->devices[static_cast<std::size_t>(owner)];
+    std::lock_guard<std::mutex> lock(o.mutex);
+    std::size_t offset = 0;
+    Reservation* reservation = find_reservation(o, src, &offset);
+    const std::uint64_t need = access_bit(device) | access_bit(owner);
+    if (reservation == nullptr || !covered(*reservation, offset, size_bytes, need, nullptr)) {
+      return failure(driver_code::invalid_value);
+    }
+    if (state_->host) {
+      try {
+        const auto* from = reinterpret_cast<const unsigned char*>(static_cast<std::uintptr_t>(src));
+        bytes.assign(from, from + size_bytes);
+      } catch (const std::bad_alloc&) {
+        return failure(driver_code::out_of_memory);
+      }
+    }
   }
   const SimPeerLink link = peer(device, owner);
-  return run(
-      Operation::copy_async, device, driver_code::invalid_device,
-      [&](DeviceState& d, std::int64_t cost_ns) {
-        if (current_device() != device) return failure(driver_code::invalid_context);
-        bool dst_stream = false;
-        std::size_t offset = 0;
-        Reservation* reservation = find_reservation(d, dst, &offset);
-        const bool mapped = state_->naming.device_of(dst, &dst_stream) == device && !dst_stream &&
-                            reservation != nullptr &&
-                            covered(*reservation, offset, size_bytes, access_bit(device), nullptr);
-        if (!mapped && !adopted_covers(d, dst, size_bytes)) {
-          return failure(driver_code::invalid_value);
-        }
-        if (state_->host) {
-          std::memmove(reinterpret_cast<void*>(static_cast<std::uintptr_t>(dst)),
-                       reinterpret_cast<const void*>(static_cast<std::uintptr_t>(src)), size_bytes);
-        }
-        // On the copy engine, after the work queued so far: over the peer link, or
-        // (a copy within the device) at no more than its launch cost.
-        const std::int64_t transfer_ns =
-            owner == device
-                ? 0
-                : saturating_sum_ns(link.latency_ns,
-                                    static_cast<std::int64_t>(std::llround(
-                                        static_cast<double>(size_bytes) / link.bytes_per_s * 1e9)));
-        d.clock_ns += cost_ns;
-        d.copy_engine_ns = std::max<std::int64_t>(d.copy_engine_ns, d.clock_ns);
-        d.copy_engine_ns += transfer_ns;
-        return DriverStatus::success();
-      });
+  return run(Operation::copy_async, device, driver_code::invalid_device,
+             [&](DeviceState& d, std::int64_t cost_ns) {
+               if (current_device() != device) return failure(driver_code::invalid_context);
+               bool dst_stream = false;
+               std::size_t offset = 0;
+               Reservation* reservation = find_reservation(d, dst, &offset);
+               const bool mapped =
+                   state_->naming.device_of(dst, &dst_stream) == device && !dst_stream &&
+                   reservation != nullptr &&
+                   covered(*reservation, offset, size_bytes, access_bit(device), nullptr);
+               if (!mapped && !adopted_covers(d, dst, size_bytes)) {
+                 return failure(driver_code::invalid_value);
+               }
+               if (state_->host) {
+                 std::memcpy(reinterpret_cast<void*>(static_cast<std::uintptr_t>(dst)),
+                             bytes.data(), size_bytes);
+               }
+               // On the copy engine, after the work queued so far: over the peer link, or
+               // (a copy within the device) at no more than its launch cost.
+               std::int64_t transfer_ns = 0;
+               if (owner != device) {
+                 const double ns = static_cast<double>(size_bytes) / link.bytes_per_s * 1e9;
+                 transfer_ns = ns < 9.2e18 ? saturating_sum_ns(link.latency_ns, std::llround(ns))
+                                           : kEndOfTimeNs;
+               }
+               d.clock_ns += cost_ns;
+               d.copy_engine_ns = std::max<std::int64_t>(d.copy_engine_ns, d.clock_ns);
+               d.copy_engine_ns += transfer_ns;
+               return DriverStatus::success();
+             });
 }
 
 }  // namespace aimdo::sim

@@ -208,7 +208,8 @@ class SimDriver final : public Driver {
   // Host memory [ptr, ptr + bytes) taken as `device`'s memory, a destination copy_async may
   // write (in real-bytes mode): what a PyTorch CUDA tensor is on a real GPU, a CPU tensor
   // is on the simulator. The caller keeps it alive until disown(). InvalidArgumentError
-  // for a bad device, a null or empty range, or one overlapping an adopted range.
+  // for a bad device, a null or empty range, one overlapping an adopted range or any of
+  // the simulator's own regions.
   void adopt(int device, std::uintptr_t ptr, std::size_t bytes);
   // Gives back an adopted range (by its start). InvalidArgumentError when not adopted.
   void disown(int device, std::uintptr_t ptr);

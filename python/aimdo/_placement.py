@@ -30,7 +30,7 @@ def placement_order(blocks: list, spread: bool, rotation: float = 0.0) -> list:
     SMALL_BLOCK_BYTES first, in their order, then the rest in theirs, spread (see
     spread_order) when ``spread``, and rotated left by ``rotation`` (a fraction) of their
     count: the devices of a group rotate by 0, 1/N, 2/N..., so that the blocks each keeps
-    resident complement the others' (design.md §7)."""
+    resident complement the others' (design.md §4.4)."""
     small = [block for block in blocks if block.nbytes < SMALL_BLOCK_BYTES]
     large = [block for block in blocks if block.nbytes >= SMALL_BLOCK_BYTES]
     large = spread_order(large) if spread else large

@@ -121,10 +121,18 @@ def pin_peer_copy(peers):
         if pinned is None:
             continue
         if pinned != expected or peer.signature is not expected:
-            vbar.unpin(peer.allocation)  # remapped since its copy: not its weights
+            unpin_peer(peer)  # remapped since its copy: not its weights
             continue
         return peer
     return None
+
+
+def unpin_peer(peer) -> None:
+    """Drop the pin pin_peer_copy took on `peer`'s pages; nothing if the peer's VBAR was
+    closed meanwhile (its pins went with it)."""
+    vbar = peer.allocation.vbar
+    if not vbar.closed:
+        vbar.unpin(peer.allocation)
 
 
 class Slot:

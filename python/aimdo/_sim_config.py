@@ -122,8 +122,9 @@ NativeTopology = tuple[list[list[tuple[float, int, int]]], list[int], int]
 
 NO_TOPOLOGY: NativeTopology = ([], [], 0)
 
-#: Machines as the simulator models their links. Each preset gives every device's host
-#: bandwidth (``host_bandwidth``, bytes/s), whether the devices share one host link
+#: Machines as the simulator models their links. Each preset sets every device's host
+#: bandwidth (``host_bandwidth``, bytes/s, over any ``bandwidth`` the device specs give:
+#: pass a mapping topology to keep those), whether the devices share one host link
 #: (``shared_host_link``), and the peer link between any two devices (``peer``: bandwidth
 #: bytes/s, latency s), or None where the driver refuses peer access.
 PRESETS: dict[str, dict] = {

@@ -14,7 +14,7 @@ import torch
 
 from . import _core
 from ._executor import IN_LINE, PAGES, TEMPORARY, Executor
-from ._schedule import ForwardStats, Schedule, pin_peer_copy
+from ._schedule import ForwardStats, Schedule, pin_peer_copy, unpin_peer
 from ._torch_layout import Binding, TorchBlock
 from ._torch_outputs import owned
 from ._torch_views import as_tensor
@@ -57,9 +57,7 @@ class _TorchExecutor(Executor):
         so that a peer copy may write it (given back when the tensor is freed)."""
         tensor = torch.empty(nbytes, dtype=torch.uint8, device=self._device)
         if self._sim is not None and nbytes:
-            pointer = tensor.data_ptr()
-            self._sim.adopt(self._ordinal, tensor)
-            weakref.finalize(tensor, self._sim.disown, self._ordinal, pointer)
+            self._sim.adopt(self._ordinal, tensor)  # given back when the tensor is freed
         return tensor
 
     def new_buffer(self, nbytes: int) -> _Staging:
@@ -105,7 +103,7 @@ class _TorchExecutor(Executor):
                 try:
                     self._copy_from_peer(block, storage, source, 0)
                 finally:
-                    source.allocation.vbar.unpin(source.allocation)
+                    unpin_peer(source)
             return None
         # In line (the order not known yet, or no copy stream): on the compute stream.
         in_line = after is IN_LINE or self._copy_stream is None
@@ -124,7 +122,8 @@ class _TorchExecutor(Executor):
                 done.record(stream)
         except BaseException:
             if source is not None:
-                source.allocation.vbar.unpin(source.allocation)
+                stream.synchronize()  # a copy queued before the failure may still read it
+                unpin_peer(source)
             raise
         if source is not None:
             self._peer_pins.append((done, source))  # unpinned once the copy is done
@@ -148,19 +147,23 @@ class _TorchExecutor(Executor):
         self.peer_bytes += block.nbytes
 
     def release_peer_pins(self, wait: bool) -> None:
-        """Unpin the peers' pages whose copies are done (all of them, waiting, if `wait`)."""
-        kept = []
-        for done, peer in self._peer_pins:
-            if wait:
-                done.synchronize()
-            elif not done.query():
-                kept.append((done, peer))
+        """Unpin the peers' pages whose copies are done (all of them, waiting, if `wait`).
+        Each pin leaves the list before it is dropped, so none is dropped twice; the first
+        failure is raised after the others are dropped."""
+        pending, self._peer_pins = self._peer_pins, []
+        failure = None
+        for done, peer in pending:
+            if not wait and not done.query():
+                self._peer_pins.append((done, peer))
                 continue
             try:
-                peer.allocation.vbar.unpin(peer.allocation)
-            except _core.InvalidStateError:  # closed: its pins went with it
-                pass
-        self._peer_pins = kept
+                if wait:
+                    done.synchronize()
+                unpin_peer(peer)
+            except BaseException as error:  # noqa: BLE001 - raised below, after the rest
+                failure = failure or error
+        if failure is not None:
+            raise failure
 
     def take_peer_bytes(self) -> int:
         taken, self.peer_bytes = self.peer_bytes, 0

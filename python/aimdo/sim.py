@@ -221,15 +221,20 @@ class SimBackend:
         return self._stack.gpu.used_bytes(device)
 
     def adopt(self, device: int, tensor) -> None:
-        """Take ``tensor``'s memory (host memory: any object with ``data_ptr()`` and
-        ``nbytes``) as ``device``'s, so that a device-to-device copy may write it: on the
-        simulator, what a CUDA tensor is on a real GPU. The caller keeps it alive until
-        ``disown``. ValueError for an empty tensor or memory adopted already."""
-        self._stack.gpu.adopt(device, tensor.data_ptr(), tensor.nbytes)
+        """Take a contiguous CPU ``torch.Tensor``'s memory as ``device``'s, so that a
+        device-to-device copy (``Driver.copy``) may write it: on the simulator, what a CUDA
+        tensor is on a real GPU (aimdo.torch adopts its staging buffers so). It is given
+        back when the tensor is freed. TypeError for anything else; ValueError for an
+        empty tensor or memory adopted already."""
+        import torch  # only aimdo.torch, which has it, adopts
 
-    def disown(self, device: int, pointer: int) -> None:
-        """Give back memory ``adopt`` took, by its first address. ValueError if it did not."""
-        self._stack.gpu.disown(device, pointer)
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
+            raise TypeError("adopt takes a CPU torch.Tensor")
+        if not tensor.is_contiguous() or tensor.nbytes == 0:
+            raise ValueError("adopt takes a contiguous, non-empty tensor")
+        pointer = tensor.data_ptr()
+        self._stack.gpu.adopt(device, pointer, tensor.nbytes)
+        weakref.finalize(tensor, self._stack.gpu.disown, device, pointer)
 
     def is_accessible(self, address: int, nbytes: int, from_device: int | None = None) -> bool:
         """True when every byte of ``[address, address + nbytes)`` is mapped with access set

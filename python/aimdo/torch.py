@@ -149,6 +149,8 @@ class Offload:
         self._host = HostWeights(blocks, pin=sim is None) if leader is None else _SharedHost(blocks)
         self._installed = []  # (module reference, its forward before, binding)
         self._runner = self._executor = None
+        self._apart = False  # taken apart for good (undo completed)
+        self._in_group = False  # a member of an OffloadGroup: undone with the group only
         self.vbar = None
         try:
             listed = set(declared)
@@ -221,16 +223,26 @@ class Offload:
         staging buffers and the host chunks. A second call does nothing. Errors:
         aimdo.InvalidStateError during a forward (nothing changed); a DriverError from
         closing the VBAR, after the module is back (call again to retry)."""
+        if self._in_group:
+            raise _core.InvalidStateError(
+                "this offload is a member of an OffloadGroup, whose other devices may read "
+                "its pages: undo the group"
+            )
         runner = self._runner
-        if runner is None or runner.undone:
+        if runner is None or self._apart:
             return
         if not runner.lock.acquire(blocking=False):
             raise _core.InvalidStateError("cannot undo an offload while its module runs")
         try:
-            runner.undone = True
-            self._take_apart()
+            self._undo_locked()
         finally:
             runner.lock.release()
+
+    def _undo_locked(self) -> None:
+        """Undo, the runner's lock held; done for good once it returns."""
+        self._runner.undone = True
+        self._take_apart()
+        self._apart = True
 
     def __enter__(self) -> Offload:
         return self
@@ -284,10 +296,11 @@ class Offload:
         try:
             placed = sorted(self._blocks, key=lambda block: block.allocation.offset)
             device = self.device
-            with torch.cuda.device(device) if device.type == "cuda" else _NO_DEVICE:
-                copied = runner.schedule.fill(placed)
-            self._executor.release_peer_pins(wait=True)
-            return copied
+            try:
+                with torch.cuda.device(device) if device.type == "cuda" else _NO_DEVICE:
+                    return runner.schedule.fill(placed)
+            finally:
+                self._executor.release_peer_pins(wait=True)  # a donor runs no forward
         finally:
             runner.lock.release()
 
@@ -448,9 +461,30 @@ class OffloadGroup:
 
     def undo(self) -> None:
         """Undo every member, the copies first and the model last (its host chunks go
-        with it). Errors as Offload.undo; a second call retries what is left."""
-        for offload in reversed(self.offloads):
-            offload.undo()
+        with it), once no member runs: each member's lock is taken first, so no device
+        copies from pages being freed. aimdo.InvalidStateError while a member runs
+        (nothing changed); a DriverError from closing a VBAR after the modules are back
+        (call again to retry what is left). A second call does nothing."""
+        live = [offload for offload in self.offloads if not offload._apart]
+        taken = []
+        try:
+            for offload in live:
+                if not offload._runner.lock.acquire(blocking=False):
+                    raise _core.InvalidStateError(
+                        "cannot undo an offload group while one of its modules runs"
+                    )
+                taken.append(offload)
+            failure = None
+            for offload in reversed(live):
+                try:
+                    offload._undo_locked()
+                except BaseException as error:  # noqa: BLE001 - raised below, after the rest
+                    failure = failure or error
+            if failure is not None:
+                raise failure
+        finally:
+            for offload in taken:
+                offload._runner.lock.release()
 
     def __enter__(self) -> OffloadGroup:
         return self
@@ -495,6 +529,13 @@ def offload_group(
             f"donors must be some of the group's devices {devices!r}, leaving one to "
             f"compute; got {donors!r}"
         )
+    for donor in donors:
+        readers = [d for d in devices if d not in donors]
+        if not peers or not any(manager.peer_link(d, donor).access for d in readers):
+            raise ValueError(
+                f"donor {donor} would serve no one: it serves only over peer access "
+                f"(peers={peers}; see Manager.peer_link)"
+            )
     options = {
         "prefetch": prefetch,
         "order": None,
@@ -517,21 +558,31 @@ def offload_group(
             offloads[devices.index(donor)].fill()
     except BaseException:
         for made in reversed(offloads):
-            made.undo()
+            try:
+                made.undo()
+            except BaseException:  # noqa: BLE001, S110 - the first failure is the one raised
+                pass
         raise
+    for offload in offloads:
+        offload._in_group = True
     return OffloadGroup(devices, offloads, modules)
 
 
 def _link_peers(manager: Manager, devices: list[int], offloads: list[Offload]) -> None:
     """Give each block the same block on the devices it can read, and open each VBAR's
     pages to the devices that read them."""
-    readable = {(a, b): manager.peer_link(a, b).access for a in devices for b in devices if a != b}
+    links = {(a, b): manager.peer_link(a, b) for a in devices for b in devices if a != b}
     for offload, device in zip(offloads, devices, strict=True):
-        others = [
-            other
-            for other, peer_device in zip(offloads, devices, strict=True)
-            if peer_device != device and readable[(device, peer_device)]
-        ]
+        # Nearest first: the driver's performance rank (lower is better), then list order.
+        ranked = sorted(
+            (
+                (links[(device, peer_device)].performance_rank, index, other)
+                for index, (other, peer_device) in enumerate(zip(offloads, devices, strict=True))
+                if peer_device != device and links[(device, peer_device)].access
+            ),
+            key=lambda entry: entry[:2],
+        )
+        others = [other for _, _, other in ranked]
         for other in others:
             other.vbar.share_with(device)
         for index, block in enumerate(offload._blocks):
