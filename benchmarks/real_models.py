@@ -51,6 +51,34 @@ def weight_bytes(model) -> int:
 # --- the models ------------------------------------------------------------------------------
 
 
+def qwen_shapes(tiny: bool) -> tuple[int, int, int, int]:
+    """(latent tokens, text tokens, latent channels, latent side) of the inputs."""
+    return (16, 6, 16, 4) if tiny else (4096, 512, 64, 64)
+
+
+def qwen_inputs(tiny: bool, model, batch: int, seed: int, where) -> dict:
+    """A forward's keyword arguments, made on the host from `seed`, moved to `where`."""
+    tokens, text, channels, side = qwen_shapes(tiny)
+    width = model.config.joint_attention_dim
+    g = torch.Generator().manual_seed(seed)
+    values = {
+        "hidden_states": torch.randn(batch, tokens, channels, generator=g),
+        "encoder_hidden_states": torch.randn(batch, text, width, generator=g),
+        "encoder_hidden_states_mask": torch.ones(batch, text),
+        "timestep": torch.full((batch,), 0.5),
+        "img_shapes": [(1, side, side)] * batch,
+    }
+    bf16 = ("hidden_states", "encoder_hidden_states")
+    return {
+        k: v.to(where, torch.bfloat16 if k in bf16 else None) if isinstance(v, torch.Tensor) else v
+        for k, v in values.items()
+    }
+
+
+#: The guidance halves: seeds of the conditional and unconditional batch-1 inputs.
+QWEN_HALF_SEEDS = (2, 3)
+
+
 def qwen_image(tiny: bool, device):
     import diffusers
 
@@ -64,35 +92,12 @@ def qwen_image(tiny: bool, device):
             joint_attention_dim=32,
             axes_dims_rope=(8, 12, 12),
         )
-        tokens, text, channels, side = 16, 6, 16, 4
     else:
         config = {}  # the default configuration: 60 layers, 20.4 B parameters
-        tokens, text, channels, side = 4096, 512, 64, 64
     with torch.device(device):
         model = diffusers.QwenImageTransformer2DModel(**config).to(torch.bfloat16).eval()
-    width = model.config.joint_attention_dim
-
-    def inputs(batch: int, seed: int) -> dict:
-        g = torch.Generator().manual_seed(seed)
-        return {
-            "hidden_states": torch.randn(batch, tokens, channels, generator=g),
-            "encoder_hidden_states": torch.randn(batch, text, width, generator=g),
-            "encoder_hidden_states_mask": torch.ones(batch, text),
-            "timestep": torch.full((batch,), 0.5),
-            "img_shapes": [(1, side, side)] * batch,
-        }
-
-    def to(values: dict) -> dict:
-        bf16 = ("hidden_states", "encoder_hidden_states")
-        return {
-            k: v.to(device, torch.bfloat16 if k in bf16 else None)
-            if isinstance(v, torch.Tensor)
-            else v
-            for k, v in values.items()
-        }
-
-    both = to(inputs(2, 1))
-    halves = [to(inputs(1, 2)), to(inputs(1, 3))]
+    both = qwen_inputs(tiny, model, 2, 1, device)
+    halves = [qwen_inputs(tiny, model, 1, seed, device) for seed in QWEN_HALF_SEEDS]
     forms = {
         "guidance as batch 2": lambda m: m(**both, return_dict=True).sample,
         "guidance as two batch-1 calls": lambda m: torch.cat(
