@@ -305,3 +305,21 @@ def test_a_peer_is_opened_only_what_its_owner_opened_and_adopt_takes_tensors_onl
         ok(driver.raw_unmap(va, G))
         ok(driver.raw_release(handle))
         ok(driver.raw_free_range(va, G))
+
+
+@pytest.mark.sim_only
+def test_closing_a_shared_vbar_waits_for_its_readers_first(make_manager):
+    sim = aimdo.SimBackend("2x1GiB", topology="h200-nvlink")
+    manager = make_manager(pages=4, devices=(0, 1), sim=sim)
+    vbar = manager.create_vbar(2 * G, 0)
+    allocation = vbar.alloc(G)
+    assert vbar.fault(allocation) is not None
+    vbar.unpin(allocation)
+    vbar.share_with(1)
+    before = sim.call_count("cuCtxSynchronize", 1)
+    vbar.close()
+    assert sim.call_count("cuCtxSynchronize", 1) == before + 1  # device 1's queued copies
+    unshared = manager.create_vbar(2 * G, 0)
+    assert unshared.fault(unshared.alloc(G)) is not None
+    unshared.close()
+    assert sim.call_count("cuCtxSynchronize", 1) == before + 1  # no reader, no wait

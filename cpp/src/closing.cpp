@@ -36,6 +36,13 @@ void Device::close_vbar_locked(Vbar& vbar) {
     vbar.watermark_pages_ = 0;
     leftovers_.push_back(Leftover{vbar.base_, vbar.base_,
                                   vbar.pages_.size() * vbar.page_size_bytes_, 0, false, true});
+    // A reader's copy may still read the pages (design.md §4.4): wait for each reader's
+    // queued work before the release unmaps them. A driver call, not the reader's lock.
+    // Best effort: a reader that cannot be synchronized does not keep the pages mapped.
+    for (const int reader : vbar.readers_) {
+      ScopedDevice on_reader(*driver_, reader);
+      if (on_reader.status().ok()) driver_->synchronize(reader);
+    }
   }
   release_leftovers_locked(vbar.base_);
 }
