@@ -230,6 +230,8 @@ def test_a_custom_matrix_links_one_way_only():
             "latency",
         ),
         ({"host_links": [0, 2]}, ValueError, "link number"),
+        ({"peers": 5}, TypeError, "list of rows"),
+        ({"host_links": "ab"}, TypeError, "list of link numbers"),
         ({"host_links": [0]}, ValueError, "link number"),
         ({"host_latency": -1.0}, ValueError, "host_latency"),
     ],

@@ -189,10 +189,16 @@ def parse_topology(
     unknown = set(topology) - {"peers", "host_links", "host_latency"}
     if unknown:
         raise ValueError(f"topology: unknown keys {sorted(unknown)}")
-    peers = [_parse_peer_row(i, row, count) for i, row in enumerate(topology.get("peers", []))]
+    rows = topology.get("peers") or []
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Iterable):
+        raise TypeError("topology: peers must be a list of rows")
+    peers = [_parse_peer_row(i, row, count) for i, row in enumerate(rows)]
     if peers and len(peers) != count:
         raise ValueError(f"topology: peers has {len(peers)} rows for {count} devices")
-    host_links = list(topology.get("host_links", []))
+    host_links = topology.get("host_links") or []
+    if isinstance(host_links, (str, bytes)) or not isinstance(host_links, Iterable):
+        raise TypeError("topology: host_links must be a list of link numbers")
+    host_links = list(host_links)
     if host_links and (
         len(host_links) != count
         or any(isinstance(n, bool) or not isinstance(n, int) for n in host_links)

@@ -529,13 +529,6 @@ def offload_group(
             f"donors must be some of the group's devices {devices!r}, leaving one to "
             f"compute; got {donors!r}"
         )
-    for donor in donors:
-        readers = [d for d in devices if d not in donors]
-        if not peers or not any(manager.peer_link(d, donor).access for d in readers):
-            raise ValueError(
-                f"donor {donor} would serve no one: it serves only over peer access "
-                f"(peers={peers}; see Manager.peer_link)"
-            )
     options = {
         "prefetch": prefetch,
         "order": None,
@@ -545,6 +538,13 @@ def offload_group(
     }
     for device in devices:
         _check_options(module, manager, device, options)
+    for donor in donors:
+        readers = [d for d in devices if d not in donors]
+        if not peers or not any(manager.peer_link(d, donor).access for d in readers):
+            raise ValueError(
+                f"donor {donor} would serve no one: it serves only over peer access "
+                f"(peers={peers}; see Manager.peer_link)"
+            )
     shared = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
     modules = [module] + [copy.deepcopy(module, dict(shared)) for _ in devices[1:]]
     offloads: list[Offload] = []
