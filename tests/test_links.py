@@ -325,3 +325,21 @@ def test_closing_a_shared_vbar_waits_for_its_readers_first(make_manager):
     assert unshared.fault(unshared.alloc(G)) is not None
     unshared.close()
     assert sim.call_count("cuCtxSynchronize", 1) == before + 1  # no reader, no wait
+
+
+@pytest.mark.sim_only
+def test_a_vbar_is_shared_only_with_a_device_that_can_read_it(make_manager):
+    sim = aimdo.SimBackend("2x1GiB", topology="rtx4090-pcie")
+    manager = make_manager(pages=4, devices=(0, 1), sim=sim)
+    vbar = manager.create_vbar(2 * G, 0)
+    with pytest.raises(ValueError, match="no peer access"):
+        vbar.share_with(1)
+    with pytest.raises(ValueError, match="cannot be shared"):
+        vbar.share_with(0)
+    with pytest.raises(aimdo.DriverError, match="peer_link"):
+        vbar.share_with(9)
+    assert vbar.readers == []
+    allocation = vbar.alloc(G)
+    assert vbar.fault(allocation) is not None  # its pages still map
+    vbar.unpin(allocation)
+    vbar.close()

@@ -15,10 +15,23 @@ void Vbar::share_with(int peer) {
     throw InvalidArgumentError("a VBAR on device " + std::to_string(device()) +
                                " cannot be shared with device " + std::to_string(peer));
   }
+  Driver& driver = *device_->driver_ptr();
+  // A reader the driver gives no access would make every later map of a page fail.
+  PeerLink link;
+  const DriverStatus asked = driver.peer_link(peer, device(), &link);
+  if (!asked.ok()) {
+    throw DriverError("peer_link(" + std::to_string(peer) + ", " + std::to_string(device()) +
+                          ") failed with " + asked.name,
+                      device(), "cuDeviceCanAccessPeer", asked);
+  }
+  if (!link.access) {
+    throw InvalidArgumentError("device " + std::to_string(peer) + " cannot read device " +
+                               std::to_string(device()) +
+                               "'s memory (the driver gives no peer access)");
+  }
   std::lock_guard<std::mutex> lock(device_->mutex());
   check_open_locked();
   if (std::find(readers_.begin(), readers_.end(), peer) != readers_.end()) return;
-  Driver& driver = *device_->driver_ptr();
   for (std::size_t page = 0; page < pages_.size(); ++page) {
     if (pages_[page].handle == 0) continue;
     const DeviceAddress va = base_ + page * page_size_bytes_;

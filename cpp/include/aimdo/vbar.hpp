@@ -89,10 +89,11 @@ class Vbar : public std::enable_shared_from_this<Vbar> {
 
   // design.md §4.4: a peer device reads this VBAR's resident pages.
   // share_with grants `peer` access to every page this VBAR maps from now on, and to the
-  // pages resident now. DriverError when the driver refuses (no peer access): the peer is
-  // then not a reader, though pages granted before the refusal keep their access until
-  // unmapped. InvalidArgumentError for the VBAR's own device or a negative one;
-  // InvalidStateError when closed. Sharing with a reader again does nothing.
+  // pages resident now. InvalidArgumentError for the VBAR's own device, a negative one, or
+  // one the driver gives no access (peer_link); DriverError when the driver refuses a
+  // page's access: the peer is then not a reader, though pages granted before the refusal
+  // keep their access until unmapped. InvalidStateError when closed. Sharing with a
+  // reader again does nothing.
   void share_with(int peer);
   std::vector<int> readers() const;
   // Pin the pages under `allocation` when every one is resident, returning its signature;
