@@ -4,9 +4,12 @@ peer access to mapped pages, device-to-device copies, and the simulator's link m
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import aimdo
 import pytest
 from conftest import BACKEND
+from test_real_bytes import CudaBytes, SimBytes
 
 MiB = 1 << 20
 G = 2 * MiB  # both backends' minimum granularity
@@ -43,6 +46,10 @@ class Page:
         ok(driver.raw_map(self.va, G, self.handle))
         ok(driver.raw_set_access(self.va, G, device))
 
+    def region(self):
+        """The page as test_real_bytes' byte movers take an allocation."""
+        return SimpleNamespace(device=self.device, address=self.va, size=G)
+
     def close(self):
         ok(self.driver.raw_make_current(self.device))
         ok(self.driver.raw_synchronize(self.device))
@@ -60,9 +67,11 @@ def test_a_peer_granted_access_copies_a_mapped_page_on_its_own_stream():
     finally:
         link.close()
     source, destination = Page(driver, 0), Page(driver, 1)
+    data = bytes(range(256)) * (G // 256)
+    memory = SimBytes(backend) if BACKEND == "sim" else CudaBytes()
     try:
+        memory.write(source.region(), data)
         if BACKEND == "sim":
-            backend.view(source.va, G)[:] = bytes(range(256)) * (G // 256)
             # Not open to device 1 yet: its copy engine cannot read the page.
             assert not backend.is_accessible(source.va, G, from_device=1)
             ok(driver.raw_make_current(1))
@@ -71,9 +80,9 @@ def test_a_peer_granted_access_copies_a_mapped_page_on_its_own_stream():
         ok(driver.raw_make_current(1))
         ok(driver.raw_copy(1, destination.va, source.va, G))
         ok(driver.raw_synchronize(1))
+        assert memory.read(destination.region()) == data
         if BACKEND == "sim":
             assert backend.is_accessible(source.va, G, from_device=1)
-            assert bytes(backend.view(destination.va, G)) == bytes(range(256)) * (G // 256)
     finally:
         destination.close()
         source.close()
