@@ -1,0 +1,303 @@
+"""The handle of a module offloaded in place (aimdo.torch.offload; design.md §7): it lays
+the module out in blocks, places them in a VBAR, moves the weights to the host once, puts
+the offloaded forwards in place and takes them out again. Needs PyTorch; imported by
+aimdo.torch only."""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+
+from . import _core
+from ._manager import Manager
+from ._placement import place
+from ._schedule import ForwardStats, Schedule, auto_staging_bytes
+from ._torch_host import HostWeights
+from ._torch_layout import Binding, lay_out
+from ._torch_offload import _ABSENT, Runner, _TorchExecutor, make_forward, offloaded_by
+from .sim import SimBackend
+
+
+class Offload:
+    """A module offloaded in place to one device: what ``offload`` returns.
+
+    While offloaded, the module is called as before (``model(x)``, ``model.generate(...)``,
+    from a pipeline that holds it) and runs on ``device``: each module with weights of its
+    own is a block, one allocation in one VBAR. Before a block's module runs, its
+    allocation is faulted: a signature equal to the last means the weights are still
+    there (no copy); a new one means they are copied in from the host; offloaded means
+    they go through a staging buffer (or, for a block larger than one, a temporary buffer
+    of its own). Outside its forward a module holds placeholders of its weights' shapes
+    and dtypes on ``device`` (so ``model.device`` is the compute device); they read as NaN
+    (0 for integer dtypes): undo to read the weights. Outputs are the module's own, bit
+    for bit and of the same types; only a tensor that views the weights is copied.
+
+    Host memory: the weights are moved into a few exactly sized chunks (pinned on CUDA,
+    where weights already pinned are used in place), and the module's own tensors then
+    view them: the host holds each weight once (``pinned_bytes``). ``undo()`` (or leaving
+    a ``with`` block) puts the module back as it was: its own tensor objects, in
+    pageable memory of their own again, its forward methods, and frees everything.
+
+    Placement, prefetch and staging as in design.md §7: blocks are placed when offloaded,
+    in ``order`` (registration order for modules not declared), spread unless ``spread``
+    is False; from the second forward on (the first learns the order, unless declared)
+    ``prefetch`` copies are kept in flight ahead of the compute; offloaded blocks go
+    through ``prefetch + 1`` staging buffers of at most ``staging_bytes // (prefetch + 1)``
+    each (``staging_bytes``: held now). ``last_stats`` tells what the last forward did.
+
+    Inference only (forwards run under torch.no_grad()). Thread-safety: one forward at a
+    time; a call or an undo from a second thread during one raises aimdo.InvalidStateError
+    (the Runner's lock is only tried, never waited for); offload a copy of the model to
+    another device to run two at once. A submodule called outside a forward of
+    the whole runs on its own, without prefetch. A module that reads a submodule's
+    weights without calling it must be offloaded ``whole``. Change weights only after
+    undo.
+    """
+
+    def __init__(
+        self,
+        module,
+        device: int,
+        manager: Manager,
+        options: dict,
+        leader: Offload | None = None,
+        rotation: float = 0.0,
+    ):
+        backend = manager.backend
+        sim = backend if isinstance(backend, SimBackend) else None
+        self.device = torch.device("cpu") if sim else torch.device("cuda", device)
+        blocks, bindings = lay_out(module, options["whole"], self.device)
+        declared = _declared_order(options["order"], bindings)
+        self._blocks = blocks
+        self._module = weakref.ref(module)
+        # A group's other members copy from the leader's host chunks (one host copy).
+        self._host = HostWeights(blocks, pin=sim is None) if leader is None else _SharedHost(blocks)
+        self._installed = []  # (module reference, its forward before, binding)
+        self._runner = self._executor = None
+        self._apart = False  # taken apart for good (undo completed)
+        self._in_group = False  # a member of an OffloadGroup: undone with the group only
+        self.vbar = None
+        try:
+            listed = set(declared)
+            placed = declared + [block for block in blocks if block not in listed]
+            self.vbar = place(manager, device, placed, options["spread"], rotation)
+            if leader is None:
+                self._host.move_in()
+            else:
+                for own, theirs in zip(blocks, leader._blocks, strict=True):
+                    own.runs = theirs.runs
+            prefetch = options["prefetch"]
+            stream = torch.cuda.Stream(device=self.device) if sim is None and prefetch else None
+            staging = options["staging_bytes"]
+            if staging is None:
+                sizes = [block.nbytes for block in blocks]
+                staging = auto_staging_bytes(sizes, prefetch, manager.budget_bytes(device))
+            self._executor = _TorchExecutor(self.device, stream, device, backend)
+            schedule = Schedule(
+                self._executor,
+                self.vbar,
+                blocks,
+                prefetch,
+                declared,
+                learning=options["order"] is None,
+                staging_bytes=staging,
+            )
+            self._runner = Runner(schedule, self.device)
+            self._install(module, bindings)
+        except BaseException:
+            self._take_apart()
+            raise
+
+    def _install(self, root, bindings) -> None:
+        if not bindings or bindings[0][0] is not root:  # the root begins every forward
+            bindings = [(root, Binding()), *bindings]
+        for module, binding in bindings:
+            forward, previous = make_forward(self._runner, module, binding, module is root)
+            self._installed.append((weakref.ref(module), previous, binding))
+            module.__dict__["forward"] = forward
+            for entries, key, placeholder in binding.restore:
+                entries[key] = placeholder
+
+    def _take_apart(self) -> None:
+        """Put the modules back, then free what the offload holds, each step done once
+        (retried after a failure, it carries on)."""
+        while self._installed:
+            reference, previous, binding = self._installed.pop()
+            module = reference()
+            if module is None:
+                continue
+            if previous is _ABSENT:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = previous
+            for entries, key, original in binding.originals:
+                entries[key] = original
+        if self._executor is not None:
+            self._executor.synchronize()  # no copy reads the chunks or writes the buffers
+        if self._runner is not None:
+            self._runner.schedule.drop_staging()
+        for block in self._blocks:
+            block.page_storage = block.page_views = block.in_pages = None
+            block.unbind()
+        self._host.give_back()
+        if self.vbar is not None:
+            self.vbar.close()
+
+    def undo(self) -> None:
+        """Put the module back as it was before ``offload`` and free the VBAR, the
+        staging buffers and the host chunks. A second call does nothing. Errors:
+        aimdo.InvalidStateError during a forward (nothing changed); a DriverError from
+        closing the VBAR, after the module is back (call again to retry)."""
+        if self._in_group:
+            raise _core.InvalidStateError(
+                "this offload is a member of an OffloadGroup, whose other devices may read "
+                "its pages: undo the group"
+            )
+        runner = self._runner
+        if runner is None or self._apart:
+            return
+        if not runner.lock.acquire(blocking=False):
+            raise _core.InvalidStateError("cannot undo an offload while its module runs")
+        try:
+            self._undo_locked()
+        finally:
+            runner.lock.release()
+
+    def _undo_locked(self) -> None:
+        """Undo, the runner's lock held; done for good once it returns."""
+        self._runner.undone = True
+        self._take_apart()
+        self._apart = True
+
+    def __enter__(self) -> Offload:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.undo()
+
+    @property
+    def undone(self) -> bool:
+        return self._runner is None or self._runner.undone
+
+    @property
+    def module(self) -> torch.nn.Module | None:
+        """The offloaded module (None once it is garbage)."""
+        return self._module()
+
+    @property
+    def prefetch(self) -> int:
+        """Copies kept in flight ahead of the running block (0: none, no staging)."""
+        return self._runner.schedule.prefetch
+
+    @property
+    def last_stats(self) -> ForwardStats:
+        """What the last forward (or submodule called on its own) did."""
+        return self._runner.last_stats
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes of host memory this offload holds for the weights (pinned on CUDA; on a
+        simulator plain memory, counted the same). Weights already pinned, used in place,
+        are not counted. 0 once undone."""
+        return self._host.pinned_bytes
+
+    @property
+    def staging_bytes(self) -> int:
+        """Bytes of staging buffers held on the device now (PyTorch memory: through
+        ``use_allocator``, inside aimdo's budget). Temporary buffers are not held between
+        forwards; ``last_stats.peak_temporary_bytes`` tells their most."""
+        return 0 if self.undone else self._runner.schedule.staging_bytes
+
+    def fill(self) -> int:
+        """Copy the weights into as many of the VBAR's blocks as the budget holds, in
+        placement order, without running anything: for a device that serves its peers'
+        copies (a donor, see offload_group). Returns the bytes copied (0 when they were
+        all in place). aimdo.InvalidStateError while the module runs or once undone."""
+        runner = self._runner
+        if runner is None or runner.undone:
+            raise _core.InvalidStateError("this offload was undone")
+        if not runner.lock.acquire(blocking=False):
+            raise _core.InvalidStateError("cannot fill an offload while its module runs")
+        try:
+            placed = sorted(self._blocks, key=lambda block: block.allocation.offset)
+            device = self.device
+            try:
+                with torch.cuda.device(device) if device.type == "cuda" else _NO_DEVICE:
+                    return runner.schedule.fill(placed)
+            finally:
+                self._executor.release_peer_pins(wait=True)  # a donor runs no forward
+        finally:
+            runner.lock.release()
+
+    def placement(self) -> list[tuple[str, int, int]]:
+        """(module name, offset in the VBAR, bytes) of every block, by offset."""
+        placed = [(b.name, b.allocation.offset, b.allocation.size) for b in self._blocks]
+        return sorted(placed, key=lambda entry: entry[1])
+
+    def __repr__(self) -> str:
+        state = "undone" if self.undone else f"{len(self._blocks)} blocks"
+        return f"<aimdo.torch.Offload of {type(self.module).__name__} on {self.device}: {state}>"
+
+
+_NO_DEVICE = contextlib.nullcontext()
+
+
+class _SharedHost:
+    """The host weights of a group member other than its leader: the leader's, which it
+    neither holds nor gives back (it only drops its blocks' references to them)."""
+
+    pinned_bytes = 0
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def give_back(self) -> None:
+        for block in self.blocks:
+            block.runs = []
+
+
+def _declared_order(order, bindings) -> list:
+    """The blocks of the modules `order` lists, in that order."""
+    if order is None:
+        return []
+    own = {id(module): binding.own for module, binding in bindings if binding.own is not None}
+    declared, seen = [], set()
+    for module in order:
+        block = own.get(id(module))
+        if block is None:
+            raise ValueError(
+                "order lists a module that is not part of the offloaded "
+                "module, or that has no weights of its own"
+            )
+        if block in seen:
+            raise ValueError(f"order lists {block.name or 'a module'} twice")
+        declared.append(block)
+        seen.add(block)
+    return declared
+
+
+def check_options(module, manager: Manager, device, options: dict) -> None:
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"offload takes a torch.nn.Module, not {type(module).__name__}")
+    prefetch = options["prefetch"]
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+        raise ValueError(f"prefetch must be a non-negative int, got {prefetch!r}")
+    if not isinstance(options["spread"], bool):
+        raise TypeError(f"spread must be a bool, got {options['spread']!r}")
+    if not all(isinstance(w, (type, torch.nn.Module)) for w in options["whole"]):
+        raise TypeError("whole must list module classes or modules")
+    sim = manager.backend if isinstance(manager.backend, SimBackend) else None
+    if sim is not None and not sim.real_bytes:
+        raise _core.InvalidStateError("offload on a simulator needs SimBackend(real_bytes=True)")
+    if device not in manager.devices:
+        raise _core.DeviceNotInitializedError(
+            f"device {device} is not initialized in this Manager (devices {manager.devices})"
+        )
+    for name, member in module.named_modules():
+        if offloaded_by(member) is not None:
+            raise _core.InvalidStateError(
+                f"{name or 'the module'} is offloaded already: undo that offload first, "
+                "or offload a copy of the model"
+            )
