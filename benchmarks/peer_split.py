@@ -53,31 +53,35 @@ def compute_time(made, x, device) -> float:
     return time.perf_counter() - start
 
 
-def split(group, halves, devices, steps: int):
-    """Each GPU runs its half in a thread of its own: per-step times, outputs, stats."""
-    times, outs, stats, errors = {0: [], 1: []}, {}, {}, []
+def split(calls, devices, steps: int):
+    """Device i runs `calls[i]()` (one step of its half) `steps` times in a thread of its
+    own, each step timed between two synchronizations: per-device step times and the
+    last outputs. The first failure of any thread is raised once all have ended."""
+    times, outs, errors = {i: [] for i in range(len(calls))}, {}, []
 
     def run(index):
         try:
-            if devices[index].type == "cuda":
-                torch.cuda.set_device(devices[index])
+            device = devices[index]
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
             for _ in range(steps):
+                sync(device)
                 start = time.perf_counter()
-                outs[index] = group[index](halves[index].to(devices[index]))
-                sync(devices[index])
+                with torch.no_grad():
+                    outs[index] = calls[index]()
+                sync(device)
                 times[index].append(time.perf_counter() - start)
-            stats[index] = group.last_stats[index]
         except BaseException as error:  # noqa: BLE001 - re-raised below
             errors.append(error)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     if errors:
         raise errors[0]
-    return times, outs, stats
+    return times, outs
 
 
 def main() -> int:
@@ -160,7 +164,12 @@ def main() -> int:
             with atorch.offload_group(
                 model, [0, 1], manager=manager, prefetch=args.prefetch, peers=peers
             ) as group:
-                times2, outs, stats = split(group, [cond, uncond], devices, args.steps)
+                calls = [
+                    lambda i=i, half=half: group[i](half.to(devices[i]))
+                    for i, half in enumerate([cond, uncond])
+                ]
+                times2, outs = split(calls, devices, args.steps)
+                stats = group.last_stats
             steps2 = {i: steady_median(times2[i]) for i in (0, 1)}
             step2 = max(steps2.values())
             floors = {

@@ -18,49 +18,30 @@ batch 2 with batch 2.
 from __future__ import annotations
 
 import argparse
-import threading
-import time
 
 import aimdo
 import aimdo.torch as atorch
 import torch
 
 from ._common import environment, steady_median, write
-from .peer_split import peer_bandwidth
+from .peer_split import peer_bandwidth, split
 from .real_models import QWEN_HALF_SEEDS, qwen_image, qwen_inputs, rss_bytes, weight_bytes
-from .streaming import pinned_bandwidth, sync, time_steps
+from .streaming import pinned_bandwidth, time_steps
 
 GiB = 1 << 30
 
 
 def split_steps(group, model, tiny, devices, steps: int):
     """Each GPU runs its guidance half in a thread of its own, `steps` times."""
-    times, outs, errors = {0: [], 1: []}, {}, []
-
-    def run(index):
-        try:
-            device = devices[index]
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            kwargs = qwen_inputs(tiny, model, 1, QWEN_HALF_SEEDS[index], device)
-            for _ in range(steps):
-                sync(device)
-                start = time.perf_counter()
-                with torch.no_grad():
-                    outs[index] = group[index](**kwargs, return_dict=True).sample
-                sync(device)
-                times[index].append(time.perf_counter() - start)
-        except BaseException as error:  # noqa: BLE001 - re-raised below
-            errors.append(error)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return times, outs
+    halves = [
+        qwen_inputs(tiny, model, 1, seed, device)
+        for seed, device in zip(QWEN_HALF_SEEDS, devices, strict=True)
+    ]
+    calls = [
+        lambda i=i, kwargs=kwargs: group[i](**kwargs, return_dict=True).sample
+        for i, kwargs in enumerate(halves)
+    ]
+    return split(calls, devices, steps)
 
 
 def main() -> int:
