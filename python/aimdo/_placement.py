@@ -38,6 +38,29 @@ def placement_order(blocks: list, spread: bool, rotation: float = 0.0) -> list:
     return small + large[turn:] + large[:turn]
 
 
+def link_peers(manager, members) -> None:
+    """For the members of a group (each ``(device, blocks, vbar)``, the blocks in the same
+    order on every device): give each block the same block on the devices its own device
+    can read, nearest first (the driver's performance rank, lower is better, then the
+    members' order), and open each VBAR's pages to the devices that read them (design.md
+    §4.4). aimdo.torch and aimdo.predict both link a group so."""
+    devices = [device for device, _, _ in members]
+    links = {(a, b): manager.peer_link(a, b) for a in devices for b in devices if a != b}
+    for device, blocks, _ in members:
+        ranked = sorted(
+            (
+                (links[(device, other)].performance_rank, index, theirs, vbar)
+                for index, (other, theirs, vbar) in enumerate(members)
+                if other != device and links[(device, other)].access
+            ),
+            key=lambda entry: entry[:2],
+        )
+        for _, _, _, vbar in ranked:
+            vbar.share_with(device)
+        for position, block in enumerate(blocks):
+            block.peers = tuple(theirs[position] for _, _, theirs, _ in ranked)
+
+
 def place(manager, device: int, blocks: list, spread: bool, rotation: float = 0.0):
     """A new VBAR on ``device`` holding one allocation per block (a block has ``nbytes``
     and gets ``allocation``), placed in placement_order. The VBAR is sized for every block

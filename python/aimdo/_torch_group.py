@@ -11,6 +11,7 @@ import torch
 from . import _core
 from ._default import get_manager
 from ._manager import Manager
+from ._placement import link_peers
 from ._schedule import ForwardStats
 from ._sizes import parse_size
 from ._torch_handle import Offload, check_options
@@ -146,7 +147,8 @@ def offload_group(
             leader = offloads[0] if offloads else None
             offloads.append(Offload(member, device, manager, options, leader, index / len(devices)))
         if peers:
-            _link_peers(manager, devices, offloads)
+            members = zip(devices, offloads, strict=True)
+            link_peers(manager, [(device, made._blocks, made.vbar) for device, made in members])
         for donor in donors:
             offloads[devices.index(donor)].fill()
     except BaseException:
@@ -159,24 +161,3 @@ def offload_group(
     for offload in offloads:
         offload._in_group = True
     return OffloadGroup(devices, offloads, modules)
-
-
-def _link_peers(manager: Manager, devices: list[int], offloads: list[Offload]) -> None:
-    """Give each block the same block on the devices it can read, and open each VBAR's
-    pages to the devices that read them."""
-    links = {(a, b): manager.peer_link(a, b) for a in devices for b in devices if a != b}
-    for offload, device in zip(offloads, devices, strict=True):
-        # Nearest first: the driver's performance rank (lower is better), then list order.
-        ranked = sorted(
-            (
-                (links[(device, peer_device)].performance_rank, index, other)
-                for index, (other, peer_device) in enumerate(zip(offloads, devices, strict=True))
-                if peer_device != device and links[(device, peer_device)].access
-            ),
-            key=lambda entry: entry[:2],
-        )
-        others = [other for _, _, other in ranked]
-        for other in others:
-            other.vbar.share_with(device)
-        for index, block in enumerate(offload._blocks):
-            block.peers = tuple(other._blocks[index] for other in others)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from ._executor import IN_LINE, Executor
 from ._manager import Manager
-from ._placement import place
+from ._placement import link_peers, place
 from ._schedule import Block, Schedule, auto_staging_bytes, pin_peer_copy
 from .sim import SimBackend
 
@@ -280,16 +280,13 @@ def predict_group(
             )
             members.append((device, blocks, engines, schedule))
         if peers:
-            for device, blocks, _, _ in members:
-                readable = [
-                    (other, theirs)
-                    for other, theirs, _, _ in members
-                    if other != device and manager.peer_link(device, other).access
-                ]
-                for index, block in enumerate(blocks):
-                    block.peers = tuple(theirs[index] for _, theirs in readable)
-                for other, _ in readable:
-                    vbars[devices.index(other)].share_with(device)
+            link_peers(
+                manager,
+                [
+                    (device, blocks, vbar)
+                    for (device, blocks, _, _), vbar in zip(members, vbars, strict=True)
+                ],
+            )
         for device, blocks, engines, schedule in members:
             if device in donors:
                 engines.begin()
