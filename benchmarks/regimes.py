@@ -9,7 +9,7 @@ the measured host and peer bandwidths, and the memory others used on each GPU in
 streaming run on that machine kind (2.37 GiB: CUDA context, activations, staging;
 RESULTS.md). Then the same model on two RTX 4090s (``rtx4090-pcie``: x8/x8, no P2P; and
 ``rtx4090-pcie-shared``), with the H200's compute times scaled by 790 / 165: the H200's
-measured bf16 matrix rate (shared/h200-measurements.md) over the 4090's dense bf16 tensor
+measured bf16 matrix rate (docs/measurements.md) over the 4090's dense bf16 tensor
 rate with fp32 accumulation (165.2 TFLOP/s, NVIDIA Ada GPU architecture whitepaper).
 Each compute time is spread over the layers by their bytes (a linear layer's work).
 """

@@ -130,7 +130,7 @@ NO_TOPOLOGY: NativeTopology = ([], [], 0)
 PRESETS: dict[str, dict] = {
     # Two H200s of one host joined by NVLink (NV18), as lent here: pinned host-to-device
     # 55.2-55.4 GB/s per GPU and 110 GB/s with both copying at once (independent links);
-    # a 1 GiB peer copy GPU0 -> GPU1 390 GB/s (shared/h200-measurements.md, lines 10-12).
+    # a 1 GiB peer copy GPU0 -> GPU1 390 GB/s (docs/measurements.md, "2 x NVIDIA H200").
     # Latency of a small peer copy over NVLink with P2P on: 1.8-2.3 us (p2pBandwidth-
     # LatencyTest, github.com/NVIDIA/cuda-samples/issues/230).
     "h200-nvlink": {
