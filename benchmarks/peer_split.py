@@ -1,10 +1,12 @@
 """Two GPUs, one model, the peer tier (issue 13): classifier-free guidance split across two
 GPUs (a thread each, batch 1) with ``aimdo.torch.offload_group``, each GPU copying what it
 lacks from the other's resident pages, against one GPU at batch 2 with the same per-GPU
-limit, and against the same split with peers off (every copy from the host). One run.
+limit, against the same split with peers off (every copy from the host), and (with
+``--accelerate``) against accelerate's placement of the layers over both GPUs with the same
+per-GPU limit, batch 2 through both in turn. One run.
 
     python -m benchmarks.peer_split [--blocks 60] [--hidden 5120] [--tokens 2048]
-                                    [--vram-limit 24GiB] [--steps 10]
+                                    [--vram-limit 24GiB] [--steps 10] [--accelerate]
     python -m benchmarks.peer_split --tiny    # CPU simulator (two H200s over NVLink)
 
 The floor of a split step is max(compute at batch 1, bytes from the peer / peer bandwidth,
@@ -23,7 +25,7 @@ import aimdo.torch as atorch
 import torch
 
 from ._common import environment, steady_median, write
-from .streaming import build, pinned_bandwidth, sync, to_host
+from .streaming import build, dispatch_with_accelerate, pinned_bandwidth, sync, to_host
 from .two_gpu_scaling import concurrent_bandwidth
 
 
@@ -84,6 +86,41 @@ def split(calls, devices, steps: int):
     return times, outs
 
 
+def accelerate_split(result, model, both, devices, args, reference) -> None:
+    """accelerate's layer split over both GPUs, each given the same limit as aimdo (what
+    does not fit stays on the host, streamed by accelerate's hooks); batch 2 through both
+    in turn. Its speedup is against the peer split measured above."""
+    limit = args.vram_limit
+    replica, device_map = dispatch_with_accelerate(model, {0: limit, 1: limit, "cpu": 1 << 40})
+    times, out = [], None
+    with torch.no_grad():
+        for _ in range(max(3, args.steps // 2)):
+            start = time.perf_counter()
+            out = replica(both.to(devices[0]))
+            for device in set(devices):
+                sync(device)
+            times.append(time.perf_counter() - start)
+    step = steady_median(times)
+    split_step = result["runs"]["two GPUs, guidance split, peers on"]["median_step_seconds"]
+    placed = {
+        str(k): sum(1 for v in device_map.values() if v == k) for k in set(device_map.values())
+    }
+    result["runs"]["accelerate layer split over both GPUs, batch 2"] = {
+        "step_seconds": times,
+        "median_step_seconds": step,
+        "peer_split_speedup_over_it": step / split_step,
+        "device_map_counts": placed,
+        # Not counted in the exit status: accelerate's output is compared, not required equal.
+        "identical_to_one_gpu": torch.equal(out.float().cpu(), reference),
+    }
+    print(
+        f"accelerate layer split over both GPUs, batch 2: {step * 1000:.1f} ms; the peer split "
+        f"is {step / split_step:.2f}x faster; modules placed {placed}",
+        flush=True,
+    )
+    del replica
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=60)
@@ -92,6 +129,7 @@ def main() -> int:
     parser.add_argument("--vram-limit", type=aimdo.parse_size, default=aimdo.parse_size("24GiB"))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--prefetch", type=int, default=2)
+    parser.add_argument("--accelerate", action="store_true", help="also run accelerate's split")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -210,8 +248,10 @@ def main() -> int:
                 + f"; identical: {identical}",
                 flush=True,
             )
+    if args.accelerate and not args.tiny:  # accelerate places on CUDA devices only
+        accelerate_split(result, model, both, devices, args, reference)
     write("peer_split", result, args.out, keep=not args.tiny)
-    return 0 if all(run["identical"] for run in result["runs"].values()) else 1
+    return 0 if all(run.get("identical", True) for run in result["runs"].values()) else 1
 
 
 if __name__ == "__main__":
