@@ -3,6 +3,7 @@ destinations and copy orders it names. Imports no backend."""
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 
 #: Destinations for Executor.destination besides a Slot.
@@ -67,6 +68,15 @@ class Executor(ABC):
     def host_wait(self, token) -> None:
         """Return once `token` is passed: a copy queued ahead and never used must be done
         before its buffer or pages go."""
+
+    def mark(self):
+        """A point on the compute engine, timed (Schedule.marks): by default the host's
+        clock, right for a backend that computes in line."""
+        return time.perf_counter()
+
+    def elapsed(self, first, second) -> float:
+        """Seconds from mark `first` to mark `second`, once the work before both is done."""
+        return second - first
 
     @abstractmethod
     def drain_copies(self) -> None:

@@ -135,6 +135,39 @@ def unpin_peer(peer) -> None:
         vbar.unpin(peer.allocation)
 
 
+def use_seconds(marks, elapsed) -> list[tuple[Block, float]]:
+    """The compute time of each use of a block in a forward timed with Schedule.marks
+    (which may begin and end with marks of the forward's own, of any other `what`), in
+    the order the uses began; `elapsed(a, b)` gives the seconds between two marks. Time
+    from a use's "enter" to its "ready" is its copy (in line, or waited for) and counts for
+    no use; any other time counts for the innermost use running then, and time outside
+    every use (a parent's own compute between its children) for the use that ended last,
+    or the first use when none came before. So the uses' seconds add up to the forward's compute,
+    copies left out."""
+    uses, stack, before_first, ended = [], [], 0.0, None
+    copying = False
+    for (what, block, mark), (_, _, following) in zip(marks, marks[1:], strict=False):
+        if what == "enter":
+            uses.append([block, before_first])
+            before_first = 0.0
+            stack.append(uses[-1])
+            copying = True
+        elif what == "ready":
+            copying = False
+        elif what == "exit" and stack:
+            ended = stack.pop()
+        if copying:
+            continue
+        seconds = elapsed(mark, following)
+        if stack:
+            stack[-1][1] += seconds
+        elif ended is not None:
+            ended[1] += seconds
+        else:
+            before_first += seconds
+    return [(block, seconds) for block, seconds in uses]
+
+
 class Slot:
     """A staging buffer for offloaded weights, kept from one forward to the next."""
 
@@ -187,6 +220,9 @@ class Schedule:
         self.temporary_bytes = 0
         self.held = {}  # blocks loaded (pinned, if in their pages), in load order
         self.stats = ForwardStats()
+        # While a list: (what, block, Executor.mark()) at each use's start ("enter"), once
+        # its weights are current ("ready") and at its release ("exit"); see use_seconds.
+        self.marks = None
         self._update_staging()
 
     def _update_staging(self) -> None:
@@ -257,6 +293,9 @@ class Schedule:
         """Make `block`'s weights current in block.storage for the compute queued next, and
         fill the prefetch window after it. A block in use already (by an enclosing module)
         only counts one more user."""
+        marks = self.marks
+        if marks is not None:
+            marks.append(("enter", block, self.executor.mark()))
         step, order = self.step, self.order
         if self.following and step < len(order) and order[step] is block:
             position = step  # the common case, without a call
@@ -272,11 +311,15 @@ class Schedule:
                 self.executor.wait_for(block.ready)
                 block.ready = None
         block.users += 1
+        if marks is not None:
+            marks.append(("ready", block, self.executor.mark()))
         if position is not None and self.unresident and self.staging:
             self._fill_window(position)
 
     def release(self, block: Block) -> None:
         """One use of the block is over; the last one lets it go."""
+        if self.marks is not None:
+            self.marks.append(("exit", block, self.executor.mark()))
         block.users -= 1
         if block.users <= 0:
             self._let_go(block)

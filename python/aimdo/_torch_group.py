@@ -5,6 +5,8 @@ PyTorch; imported by aimdo.torch only."""
 from __future__ import annotations
 
 import copy
+import logging
+import threading
 
 import torch
 
@@ -15,6 +17,24 @@ from ._placement import link_peers
 from ._schedule import ForwardStats
 from ._sizes import parse_size
 from ._torch_handle import Offload, check_options
+from ._torch_regime import (
+    SPLITTING,
+    WITH_PEERS,
+    batch_size,
+    check_regime,
+    choose,
+    gather,
+    rank,
+    run_parts,
+    split_batch,
+)
+from .predict import Regime
+
+_log = logging.getLogger("aimdo")
+
+#: Calls of a group in the "auto" regime before it chooses: the first learns each
+#: member's order (and copies in line), the second is timed.
+CALLS_BEFORE_CHOICE = 2
 
 
 class OffloadGroup:
@@ -27,12 +47,48 @@ class OffloadGroup:
     same spread order, rotated by i/N, so that what one keeps resident complements what
     the others keep; a block missing on one device is copied from another device's pages
     when they hold it and the driver gives peer access (NVLink), else from the host
-    (``last_stats[i].bytes_from_peers``). ``undo()`` puts the model back and frees it all."""
+    (``last_stats[i].bytes_from_peers``). ``undo()`` puts the model back and frees it all.
 
-    def __init__(self, devices: list[int], offloads: list[Offload], modules: list):
+    Or call the group itself, ``group(batch...)``, and it runs the batch in its regime
+    (``regime``; design.md §4.5): "split with peers" or "split from the host" cut every
+    tensor argument whose first dimension is the batch's (that of the first tensor
+    argument) into one part per computing device, run the parts at once and concatenate
+    the outputs on the first device (tensors along their first dimension; tuples, lists,
+    dicts and their subclasses item by item); "donor" and "one device" run the whole batch
+    on the first device. In the "auto" regime the first two calls run the whole batch on
+    the first device (the second one timed, block by block, while the second device times
+    one part), then the regimes are ranked by ``aimdo.predict.rank_regimes`` on this
+    machine's links (measured on CUDA; the simulator's own) and the fastest the group can
+    run is taken and logged (logger ``aimdo``, INFO): ``regime`` and ``ranking`` tell.
+    ``choose(name)`` forces one. One call of the group at a time."""
+
+    def __init__(
+        self,
+        devices: list[int],
+        offloads: list[Offload],
+        modules: list,
+        manager: Manager,
+        regime: str,
+        donors: list[int],
+    ):
         self.devices = devices
         self.offloads = offloads
         self.modules = modules
+        self._manager = manager
+        self._prefetch = offloads[0].prefetch
+        # Each member's blocks' peers as linked (restored when a regime reads peers).
+        self._linked = [[block.peers for block in offload._blocks] for offload in offloads]
+        self._donors = [devices.index(donor) for donor in donors]
+        self._calling = threading.Lock()
+        self._calls = 0
+        #: The regime calls run in (an aimdo.predict.Regime; its seconds are predicted,
+        #: or NaN when forced); None until an "auto" group has chosen.
+        self.regime = None
+        #: The ranking the choice was made from (fastest first), or None.
+        self.ranking = None
+        self._computing = [i for i in range(len(devices)) if i not in self._donors]
+        if regime != "auto":
+            self._apply(Regime(regime, float("nan"), "forced"))
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -52,6 +108,143 @@ class OffloadGroup:
         """Fill member ``index``'s pages without computing (see Offload.fill): a donor
         filled again after pressure took its pages. Returns the bytes copied."""
         return self.offloads[index].fill()
+
+    def choose(self, regime: str) -> None:
+        """Run the group's calls in `regime` from now on (a name of
+        aimdo.torch.REGIMES): its peers, donors and computing devices are set now (a donor
+        is filled). ValueError for another name, a peer regime in a group made with
+        peers=False, or a regime other than "donor" in a group made with donors;
+        aimdo.InvalidStateError during a call of the group."""
+        check_regime(regime)
+        if regime == "auto":
+            raise ValueError("choose takes a regime to force; 'auto' is chosen by a call")
+        self._check_allowed(regime)
+        if not self._calling.acquire(blocking=False):
+            raise _core.InvalidStateError("cannot choose a regime during a call of the group")
+        try:
+            self._apply(Regime(regime, float("nan"), "forced"))
+        finally:
+            self._calling.release()
+
+    def _check_allowed(self, regime: str) -> None:
+        if regime in WITH_PEERS and not any(any(linked) for linked in self._linked):
+            raise ValueError(f"regime {regime!r} reads peers' pages: this group has no peers")
+        if self._donors and regime != "donor":
+            raise ValueError(
+                f"this group was made with donors: its regime is 'donor', not {regime!r}"
+            )
+
+    def _apply(self, regime: Regime) -> None:
+        """Set peers, donors and the computing members for `regime`."""
+        peers = regime.name in WITH_PEERS
+        for offload, linked in zip(self.offloads, self._linked, strict=True):
+            for block, theirs in zip(offload._blocks, linked, strict=True):
+                block.peers = theirs if peers else ()
+        first = next(i for i in range(len(self.devices)) if i not in self._donors)
+        if regime.name in SPLITTING:
+            self._computing = [i for i in range(len(self.devices)) if i not in self._donors]
+        else:
+            self._computing = [first]
+        if regime.name == "donor":
+            for index in self._donors or [i for i in range(len(self.devices)) if i != first]:
+                self.offloads[index].fill()
+        self.regime = regime
+
+    def __call__(self, *args, **kwargs):
+        """Run one batch through the model in the group's regime (see OffloadGroup);
+        returns the model's output for the whole batch, on the first device.
+        aimdo.InvalidStateError during another call or once undone; TypeError when a
+        split's outputs cannot be put together (call the members yourself then)."""
+        if not self._calling.acquire(blocking=False):
+            raise _core.InvalidStateError("an offload group runs one call at a time")
+        try:
+            if all(offload.undone for offload in self.offloads):
+                raise _core.InvalidStateError("this offload group was undone")
+            if self.regime is None:
+                return self._call_and_time(args, kwargs)
+            return self._run(self._computing, args, kwargs)
+        finally:
+            self._calling.release()
+
+    def _run(self, computing: list[int], args, kwargs):
+        size = batch_size(args, kwargs)
+        if len(computing) > 1 and (size is None or size < len(computing)):
+            computing = computing[:1]  # too small a batch to split: the first alone
+        if len(computing) == 1:
+            return self.modules[computing[0]](*args, **kwargs)
+        devices = [self.offloads[i].device for i in computing]
+        parts = split_batch(args, kwargs, size, devices)
+        calls = [
+            lambda i=i, part=part: self.modules[i](*part[0], **part[1])
+            for i, part in zip(computing, parts, strict=True)
+        ]
+        return gather(run_parts(calls), devices[0])
+
+    def _call_and_time(self, args, kwargs):
+        """A call of an "auto" group before its choice: the whole batch on the first
+        device and one part on the second, at once; the second such call is timed and
+        the regime chosen from it."""
+        self._calls += 1
+        timing = self._calls >= CALLS_BEFORE_CHOICE
+        size = batch_size(args, kwargs)
+        count = len(self._computing)
+        can_split = count > 1 and size is not None and size >= count
+        calls = [lambda: self.modules[0](*args, **kwargs)]
+        if can_split:
+            devices = [self.offloads[i].device for i in self._computing]
+            part = split_batch(args, kwargs, size, devices)[1]
+            second = self._computing[1]
+            calls.append(lambda: self.modules[second](*part[0], **part[1]))
+        if timing:
+            members = [0, self._computing[1]] if can_split else [0]
+            calls = [
+                lambda call=call, i=i: self.offloads[i].timed(call)
+                for call, i in zip(calls, members, strict=True)
+            ]
+        results = run_parts(calls)
+        if not timing:
+            return results[0]
+        output, full = results[0]
+        split = results[1][1] if can_split else full
+        self._choose_from(full, split, can_split)
+        return output
+
+    def _choose_from(self, full, split, can_split: bool) -> None:
+        seconds_full, seconds_split, order = {}, {}, []
+        for index, seconds in full:
+            if index not in seconds_full:
+                order.append(index)
+                seconds_full[index] = 0.0
+            seconds_full[index] += seconds
+        for index, seconds in split:
+            seconds_split[index] = seconds_split.get(index, 0.0) + seconds
+        if not order:  # no weights used: nothing to place anywhere
+            self._apply(Regime("one device", 0.0, "the forward used no weights"))
+            return
+        blocks = self.offloads[0]._blocks
+        ranking = rank(
+            self._manager,
+            self.devices,
+            [blocks[i].nbytes for i in order],
+            [seconds_full[i] for i in order],
+            [seconds_split.get(i, 0.0) for i in order],
+            self._prefetch,
+        )
+        peers = any(any(linked) for linked in self._linked)
+        chosen = choose(ranking, peers, can_split)
+        self.ranking = ranking
+        self._apply(chosen)
+        _log.info(
+            "aimdo: offload group on devices %s runs %r, predicted %.1f ms per call (%s); "
+            "measured compute %.1f ms for the whole batch on device %s%s",
+            self.devices,
+            chosen.name,
+            chosen.seconds * 1000,
+            chosen.detail,
+            sum(seconds_full.values()) * 1000,
+            self.devices[0],
+            f", {sum(seconds_split.values()) * 1000:.1f} ms for one part" if can_split else "",
+        )
 
     def undo(self) -> None:
         """Undo every member, the copies first and the model last (its host chunks go
@@ -101,6 +294,7 @@ def offload_group(
     whole=(torch.nn.MultiheadAttention,),
     peers: bool = True,
     donors=(),
+    regime: str = "auto",
 ) -> OffloadGroup:
     """Offload ``module`` to each of ``devices`` (see OffloadGroup), sharing one host copy
     of its weights. ``peers`` (default True) lets a device copy a block from another
@@ -109,10 +303,14 @@ def offload_group(
     weights for the others without computing: each is filled at once (``Offload.fill``)
     with the blocks its rotated placement keeps first, which are those the first device
     keeps last (donor mode: one GPU computes, another's memory holds what does not fit).
+    ``regime`` is how a call of the group runs a batch (see OffloadGroup): "auto"
+    (default) chooses on the second call; a name of ``aimdo.torch.REGIMES`` forces it
+    (a group with donors runs "donor").
     Other options as ``offload``, for every member.
     Errors as ``offload``, before anything changes, plus ValueError for fewer than one or
-    repeated devices, or donors that are not the group's or leave none to compute; a
-    failure part way undoes the members made."""
+    repeated devices, donors that are not the group's or leave none to compute, or a
+    regime that is not one or does not fit the other options; a failure part way undoes
+    the members made."""
     manager = manager if manager is not None else get_manager()
     devices = list(devices)
     if not devices or len(set(devices)) != len(devices):
@@ -123,6 +321,13 @@ def offload_group(
             f"donors must be some of the group's devices {devices!r}, leaving one to "
             f"compute; got {donors!r}"
         )
+    check_regime(regime)
+    if regime in WITH_PEERS and not peers:
+        raise ValueError(f"regime {regime!r} reads peers' pages, which peers=False forbids")
+    if donors and regime not in ("auto", "donor"):
+        raise ValueError(f"a group with donors runs the 'donor' regime, not {regime!r}")
+    if donors:
+        regime = "donor"
     options = {
         "prefetch": prefetch,
         "order": None,
@@ -149,8 +354,7 @@ def offload_group(
         if peers:
             members = zip(devices, offloads, strict=True)
             link_peers(manager, [(device, made._blocks, made.vbar) for device, made in members])
-        for donor in donors:
-            offloads[devices.index(donor)].fill()
+        made = OffloadGroup(devices, offloads, modules, manager, regime, donors)
     except BaseException:
         for made in reversed(offloads):
             try:
@@ -160,4 +364,4 @@ def offload_group(
         raise
     for offload in offloads:
         offload._in_group = True
-    return OffloadGroup(devices, offloads, modules)
+    return made

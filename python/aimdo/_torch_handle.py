@@ -13,7 +13,7 @@ import torch
 from . import _core
 from ._manager import Manager
 from ._placement import place
-from ._schedule import ForwardStats, Schedule, auto_staging_bytes
+from ._schedule import ForwardStats, Schedule, auto_staging_bytes, use_seconds
 from ._torch_host import HostWeights
 from ._torch_layout import Binding, lay_out
 from ._torch_offload import _ABSENT, Runner, _TorchExecutor, make_forward, offloaded_by
@@ -230,6 +230,21 @@ class Offload:
                 self._executor.release_peer_pins(wait=True)  # a donor runs no forward
         finally:
             runner.lock.release()
+
+    def timed(self, call):
+        """Run `call()`, a forward of the module, with each use of a block timed (CUDA
+        events on the compute stream; the host's clock on a simulator): its result, and
+        (block index, compute seconds) per use in run order, copies left out (see
+        aimdo._schedule.use_seconds)."""
+        schedule, executor = self._runner.schedule, self._executor
+        marks = schedule.marks = [("start", None, executor.mark())]
+        try:
+            result = call()
+            marks.append(("end", None, executor.mark()))
+        finally:
+            schedule.marks = None
+        index = {block: i for i, block in enumerate(self._blocks)}
+        return result, [(index[block], s) for block, s in use_seconds(marks, executor.elapsed)]
 
     def placement(self) -> list[tuple[str, int, int]]:
         """(module name, offset in the VBAR, bytes) of every block, by offset."""

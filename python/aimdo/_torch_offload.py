@@ -175,6 +175,19 @@ class _TorchExecutor(Executor):
     def host_wait(self, token) -> None:
         token.synchronize()
 
+    def mark(self):
+        if self._device.type != "cuda":
+            return super().mark()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self._device))
+        return event
+
+    def elapsed(self, first, second) -> float:
+        if self._device.type != "cuda":
+            return super().elapsed(first, second)
+        second.synchronize()
+        return first.elapsed_time(second) / 1000.0
+
     def drain_copies(self) -> None:
         if self._copy_stream is not None:
             self._copy_stream.synchronize()

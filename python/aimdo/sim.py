@@ -171,6 +171,16 @@ class SimBackend:
             self._stack.driver.start()
         _live.add(self)
 
+    def twin(self) -> SimBackend:
+        """A new simulator of the same devices, links, costs and seed, with nothing on it,
+        no real bytes and no log: for predictions of what runs on this one."""
+        twin = SimBackend.__new__(SimBackend)
+        twin._specs = list(self._specs)
+        twin._options = {**self._options, "real_bytes": False}
+        twin._stack = SimStack(twin._specs, **twin._options)
+        _live.add(twin)
+        return twin
+
     # -- what it is -------------------------------------------------------------------
     @property
     def name(self) -> str:

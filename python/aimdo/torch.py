@@ -31,6 +31,7 @@ from ._sizes import parse_size
 from ._torch_group import OffloadGroup, offload_group
 from ._torch_handle import Offload, check_options
 from ._torch_offload import _TorchExecutor  # noqa: F401 - tests patch its copies through here
+from ._torch_regime import RUNNABLE as REGIMES
 from ._torch_views import as_tensor
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "ForwardStats",
     "Offload",
     "OffloadGroup",
+    "REGIMES",
     "as_tensor",
     "offload",
     "offload_group",
