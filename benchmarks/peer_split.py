@@ -23,6 +23,7 @@ import time
 import aimdo
 import aimdo.torch as atorch
 import torch
+from aimdo._torch_group import CALLS_BEFORE_CHOICE
 
 from ._common import environment, steady_median, write
 from .streaming import build, dispatch_with_accelerate, pinned_bandwidth, sync, to_host
@@ -84,6 +85,37 @@ def split(calls, devices, steps: int):
     if errors:
         raise errors[0]
     return times, outs
+
+
+def auto_regime(model, both, reference, one_gpu_step, manager, device, args) -> dict:
+    """``offload_group``'s own choice: the group called with the whole batch, its regime
+    chosen on the second call from the links it measures and the compute it times."""
+    with atorch.offload_group(model, [0, 1], manager=manager, prefetch=args.prefetch) as group:
+        times = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            out = group(both.to(device))
+            sync(device)
+            times.append(time.perf_counter() - start)
+        chosen, ranking = group.regime, group.ranking
+    step = steady_median(times[CALLS_BEFORE_CHOICE:])
+    identical = torch.equal(out.float().cpu(), reference)
+    print(
+        f"the group called as one model: chose {chosen.name!r} (predicted "
+        f"{chosen.seconds * 1000:.1f} ms), {step * 1000:.1f} ms per step after the choice "
+        f"({one_gpu_step / step:.2f}x one GPU); the first {CALLS_BEFORE_CHOICE} calls "
+        f"{', '.join(f'{t * 1000:.0f}' for t in times[:CALLS_BEFORE_CHOICE])} ms; identical: "
+        f"{identical}",
+        flush=True,
+    )
+    return {
+        "step_seconds": times,
+        "median_step_seconds": step,
+        "speedup_over_one_gpu": one_gpu_step / step,
+        "chosen": chosen.name,
+        "ranking": [(r.name, r.seconds, r.detail) for r in ranking],
+        "identical": identical,
+    }
 
 
 def accelerate_split(result, model, both, devices, args, reference) -> None:
@@ -248,6 +280,9 @@ def main() -> int:
                 + f"; identical: {identical}",
                 flush=True,
             )
+        result["runs"]["the group called as one model, regime chosen"] = auto_regime(
+            model, both, reference, step, manager, devices[0], args
+        )
     if args.accelerate and not args.tiny:  # accelerate places on CUDA devices only
         accelerate_split(result, model, both, devices, args, reference)
     write("peer_split", result, args.out, keep=not args.tiny)

@@ -15,6 +15,7 @@ import aimdo.torch as atorch  # noqa: E402
 from aimdo._schedule import use_seconds  # noqa: E402
 from aimdo._torch_regime import choose, gather  # noqa: E402
 from aimdo.predict import Regime  # noqa: E402
+from conftest import BACKEND  # noqa: E402
 from test_torch_group import group_manager, resident_blocks  # noqa: E402
 from torch_support import reference, stack, where  # noqa: E402
 
@@ -239,3 +240,17 @@ def test_a_simulator_twin_has_the_same_devices_and_links_and_nothing_on_them():
     assert twin.external_usage(0) == 0
     assert twin.peer_link(0, 1) == sim.peer_link(0, 1)
     assert twin.peer_link(0, 1).access
+
+
+def test_members_of_a_group_pace_their_host_on_cuda_only(make_manager):
+    model = stack(blocks=6)
+    x = torch.randn(2, 256)
+    whole = reference(model, x, 0)
+    manager = group_manager(make_manager, pages=5)
+    with atorch.offload_group(model, [0, 1], manager=manager, regime="donor") as group:
+        paced = [offload._runner.schedule.pace is not None for offload in group.offloads]
+        assert paced == [BACKEND == "cuda"] * 2
+        for _ in range(3):  # 24 uses a call: pace events recorded and waited for
+            assert torch.equal(group(x.to(where(0))), whole)
+    with atorch.offload(model, 0, manager=manager) as alone:
+        assert alone._runner.schedule.pace is None

@@ -351,6 +351,9 @@ def offload_group(
         for index, (member, device) in enumerate(zip(modules, devices, strict=True)):
             leader = offloads[0] if offloads else None
             offloads.append(Offload(member, device, manager, options, leader, index / len(devices)))
+        for offload in offloads:
+            if offload.device.type == "cuda":  # threads at once: see PACE_USES
+                offload._runner.schedule.pace = offload._executor.pace
         if peers:
             members = zip(devices, offloads, strict=True)
             link_peers(manager, [(device, made._blocks, made.vbar) for device, made in members])
