@@ -50,7 +50,7 @@ class OffloadGroup:
     (``last_stats[i].bytes_from_peers``). ``undo()`` puts the model back and frees it all.
 
     Or call the group itself, ``group(batch...)``, and it runs the batch in its regime
-    (``regime``; design.md §4.5): "split with peers" or "split from the host" cut every
+    (``regime``; design.md §4.4): "split with peers" or "split from the host" cut every
     tensor argument whose first dimension is the batch's (that of the first tensor
     argument) into one part per computing device, run the parts at once and concatenate
     the outputs on the first device (tensors along their first dimension; tuples, lists,
@@ -114,7 +114,8 @@ class OffloadGroup:
         aimdo.torch.REGIMES): its peers, donors and computing devices are set now (a donor
         is filled). ValueError for another name, a peer regime in a group made with
         peers=False, or a regime other than "donor" in a group made with donors;
-        aimdo.InvalidStateError during a call of the group."""
+        aimdo.InvalidStateError during a call of the group. Call it while no member runs
+        (a member called directly may see the peers change under it)."""
         check_regime(regime)
         if regime == "auto":
             raise ValueError("choose takes a regime to force; 'auto' is chosen by a call")

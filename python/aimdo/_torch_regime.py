@@ -1,4 +1,4 @@
-"""How an offload group runs a batch (aimdo.torch.OffloadGroup's call; design.md §4.5): the
+"""How an offload group runs a batch (aimdo.torch.OffloadGroup's call; design.md §4.4): the
 regimes it can run, the prediction that ranks them for this machine (its links measured, or
 the simulator's own), and the batch split over the computing devices and gathered back.
 Needs PyTorch; imported by aimdo.torch only."""
