@@ -1,95 +1,127 @@
 """Where a two-GPU split of Qwen-Image loses its time (a probe, issue 13): each member's
-step alone and both at once, the host time of a member's forward, synchronizing calls."""
+call alone and both at once, at the real size and at a tiny latent (whose GPU time is
+small, so the time to return is the host's own), with the members' host pacing set in
+turn to each of several depths (aimdo._torch_offload.PACE_USES and PACE_DEPTH), and a
+host profile of one call.
+
+    python -m benchmarks.split_probe [--vram-limit 24GiB]
+"""
 
 from __future__ import annotations
 
-import sys
+import argparse
+import statistics
 import threading
 import time
 
 import aimdo
+import aimdo._torch_offload as offload_module
 import aimdo.torch as atorch
 import torch
 
 from .real_models import QWEN_HALF_SEEDS, qwen_image, qwen_inputs
 
 GiB = 1 << 30
+#: (uses between pace events, pending events before a wait); None: no pacing.
+PACINGS = ((16, 4), (4, 2), (64, 8), None)
+
+
+def small_inputs(model, seed: int, device, side: int = 8, text: int = 16) -> dict:
+    """A batch-1 call with a side x side latent and `text` text tokens."""
+    g = torch.Generator().manual_seed(seed)
+    channels = model.config.in_channels
+    width = model.config.joint_attention_dim
+    return {
+        "hidden_states": torch.randn(1, side * side, channels, generator=g).to(
+            device, torch.bfloat16
+        ),
+        "encoder_hidden_states": torch.randn(1, text, width, generator=g).to(
+            device, torch.bfloat16
+        ),
+        "encoder_hidden_states_mask": torch.ones(1, text).to(device),
+        "timestep": torch.full((1,), 0.5).to(device),
+        "img_shapes": [(1, side, side)],
+    }
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vram-limit", type=aimdo.parse_size, default=24 * GiB)
+    args = parser.parse_args()
     devices = [torch.device("cuda", d) for d in (0, 1)]
     model, _ = qwen_image(False, devices[0])
     model.to("cpu")
     torch.cuda.empty_cache()
-    halves = [
-        qwen_inputs(False, model, 1, seed, device)
-        for seed, device in zip(QWEN_HALF_SEEDS, devices, strict=True)
-    ]
-    with aimdo.Manager("cuda", [0, 1], vram_limit=24 * GiB) as manager:
+    inputs = {
+        "full": [
+            qwen_inputs(False, model, 1, seed, device)
+            for seed, device in zip(QWEN_HALF_SEEDS, devices, strict=True)
+        ],
+        "tiny latent": [
+            small_inputs(model, seed, device)
+            for seed, device in zip(QWEN_HALF_SEEDS, devices, strict=True)
+        ],
+    }
+    with aimdo.Manager("cuda", [0, 1], vram_limit=args.vram_limit) as manager:
         group = atorch.offload_group(model, [0, 1], manager=manager)
 
-        def step(i, host=None):
+        def step(size, i, record):
             torch.cuda.set_device(devices[i])
             torch.cuda.synchronize(devices[i])
             start = time.perf_counter()
-            group[i](**halves[i], return_dict=True)
-            launched = time.perf_counter()
+            group[i](**inputs[size][i], return_dict=True)
+            returned = time.perf_counter()
             torch.cuda.synchronize(devices[i])
-            end = time.perf_counter()
-            if host is not None:
-                host.append((i, launched - start, end - start))
-            return launched - start, end - start
+            record.append((i, returned - start, time.perf_counter() - start))
 
-        def both(record):
-            threads = [threading.Thread(target=step, args=(i, record)) for i in (0, 1)]
+        def both(size, record):
+            threads = [threading.Thread(target=step, args=(size, i, record)) for i in (0, 1)]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
 
-        for _ in range(3):
-            both([])
-        for i in (0, 1):
-            times = [step(i) for _ in range(3)]
+        def show(what, record):
+            per = {}
+            for i, host, total in record:
+                per.setdefault(i, []).append((host, total))
             print(
-                f"GPU {i} alone: host {[round(h * 1000, 1) for h, _ in times]} ms, "
-                f"step {[round(s * 1000, 1) for _, s in times]} ms; stats {group.last_stats[i]}",
-                flush=True,
-            )
-        for _ in range(3):
-            record = []
-            both(record)
-            print(
-                "both at once: "
+                f"{what}: "
                 + "; ".join(
-                    f"GPU {i} host {h * 1000:.1f} step {s * 1000:.1f} ms" for i, h, s in record
+                    f"GPU {i} returned {statistics.median(h for h, _ in v) * 1000:.1f} ms, "
+                    f"done {statistics.median(t for _, t in v) * 1000:.1f} ms"
+                    for i, v in sorted(per.items())
                 ),
                 flush=True,
             )
-        print("stats:", group.last_stats, flush=True)
-        torch.cuda.set_sync_debug_mode("warn")
-        step(0)
-        torch.cuda.set_sync_debug_mode(0)
-        for interval in (1e-3,):
-            sys.setswitchinterval(interval)
-            record = []
-            both(record)
-            print(
-                f"switch interval {interval}: "
-                + "; ".join(
-                    f"GPU {i} host {h * 1000:.1f} step {s * 1000:.1f} ms" for i, h, s in record
-                ),
-                flush=True,
-            )
-        # One step of GPU 0 profiled on the host: where its Python time goes.
+
+        for size in inputs:
+            for _ in range(3):
+                both(size, [])
+        for pacing in PACINGS:
+            if pacing is None:
+                for offload in group.offloads:
+                    offload._runner.schedule.pace = None
+            else:
+                offload_module.PACE_USES, offload_module.PACE_DEPTH = pacing
+            for size in inputs:
+                for i in (0, 1):
+                    record = []
+                    for _ in range(3):
+                        step(size, i, record)
+                    show(f"pacing {pacing}, {size}, GPU {i} alone", record)
+                record = []
+                for _ in range(4):
+                    both(size, record)
+                show(f"pacing {pacing}, {size}, both at once", record)
         import cProfile
         import pstats
 
         profile = cProfile.Profile()
         profile.enable()
-        step(0)
+        step("tiny latent", 0, [])
         profile.disable()
-        pstats.Stats(profile).sort_stats("tottime").print_stats(14)
+        pstats.Stats(profile).sort_stats("tottime").print_stats(12)
         group.undo()
     return 0
 
