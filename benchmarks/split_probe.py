@@ -1,8 +1,6 @@
 """Where a two-GPU split of Qwen-Image loses its time (a probe, issue 13): each member's
 call alone and both at once, at the real size and at a tiny latent (whose GPU time is
-small, so the time to return is the host's own), with the members' host pacing set in
-turn to each of several depths (aimdo._torch_offload.PACE_USES and PACE_DEPTH), and a
-host profile of one call.
+small, so the time to return is the host's own), and a host profile of one call.
 
     python -m benchmarks.split_probe [--vram-limit 24GiB]
 """
@@ -15,15 +13,12 @@ import threading
 import time
 
 import aimdo
-import aimdo._torch_offload as offload_module
 import aimdo.torch as atorch
 import torch
 
 from .real_models import QWEN_HALF_SEEDS, qwen_image, qwen_inputs
 
 GiB = 1 << 30
-#: (uses between pace events, pending events before a wait); None: no pacing.
-PACINGS = ((16, 4), (4, 2), (64, 8), None)
 
 
 def small_inputs(model, seed: int, device, side: int = 8, text: int = 16) -> dict:
@@ -98,22 +93,16 @@ def main() -> int:
         for size in inputs:
             for _ in range(3):
                 both(size, [])
-        for pacing in PACINGS:
-            if pacing is None:
-                for offload in group.offloads:
-                    offload._runner.schedule.pace = None
-            else:
-                offload_module.PACE_USES, offload_module.PACE_DEPTH = pacing
-            for size in inputs:
-                for i in (0, 1):
-                    record = []
-                    for _ in range(3):
-                        step(size, i, record)
-                    show(f"pacing {pacing}, {size}, GPU {i} alone", record)
+        for size in inputs:
+            for i in (0, 1):
                 record = []
-                for _ in range(4):
-                    both(size, record)
-                show(f"pacing {pacing}, {size}, both at once", record)
+                for _ in range(3):
+                    step(size, i, record)
+                show(f"{size}, GPU {i} alone", record)
+            record = []
+            for _ in range(4):
+                both(size, record)
+            show(f"{size}, both at once", record)
         import cProfile
         import pstats
 

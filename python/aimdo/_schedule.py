@@ -220,9 +220,6 @@ class Schedule:
         self.temporary_bytes = 0
         self.held = {}  # blocks loaded (pinned, if in their pages), in load order
         self.stats = ForwardStats()
-        # Called at the start of each use when set (Executor.pace): aimdo.torch sets it
-        # for the members of a group, which run in threads at once.
-        self.pace = None
         # While a list: (what, block, Executor.mark()) at each use's start ("enter"), once
         # its weights are current ("ready") and at its release ("exit"); see use_seconds.
         self.marks = None
@@ -296,8 +293,6 @@ class Schedule:
         """Make `block`'s weights current in block.storage for the compute queued next, and
         fill the prefetch window after it. A block in use already (by an enclosing module)
         only counts one more user."""
-        if self.pace is not None:
-            self.pace()
         marks = self.marks
         if marks is not None:
             marks.append(("enter", block, self.executor.mark()))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+import time
 
 import torch
 
@@ -21,6 +22,7 @@ from ._torch_regime import (
     SPLITTING,
     WITH_PEERS,
     batch_size,
+    bound_by_host,
     check_regime,
     choose,
     gather,
@@ -32,9 +34,10 @@ from .predict import Regime
 
 _log = logging.getLogger("aimdo")
 
-#: Calls of a group in the "auto" regime before it chooses: the first learns each
-#: member's order (and copies in line), the second is timed.
-CALLS_BEFORE_CHOICE = 2
+#: Calls of a group in the "auto" regime until it has chosen: the first learns each
+#: member's order (and copies in line), the second is timed block by block, the third
+#: runs the split and times its host (a batch that does not split chooses after two).
+CALLS_BEFORE_CHOICE = 3
 
 
 class OffloadGroup:
@@ -57,9 +60,12 @@ class OffloadGroup:
     dicts and their subclasses item by item); "donor" and "one device" run the whole batch
     on the first device. In the "auto" regime the first two calls run the whole batch on
     the first device (the second one timed, block by block, while the second device times
-    one part), then the regimes are ranked by ``aimdo.predict.rank_regimes`` on this
-    machine's links (measured on CUDA; the simulator's own) and the fastest the group can
-    run is taken and logged (logger ``aimdo``, INFO): ``regime`` and ``ranking`` tell.
+    one part) and the third runs the split, timing how long the parts' calls take to
+    return at once (the host's time: the members are threads sharing the GIL); then the
+    regimes are ranked by ``aimdo.predict.rank_regimes`` on this machine's links
+    (measured on CUDA; the simulator's own), a split counted no faster than its host, and
+    the fastest the group can run is taken and logged (logger ``aimdo``, INFO):
+    ``regime`` and ``ranking`` tell.
     ``choose(name)`` forces one. One call of the group at a time."""
 
     def __init__(
@@ -81,6 +87,7 @@ class OffloadGroup:
         self._donors = [devices.index(donor) for donor in donors]
         self._calling = threading.Lock()
         self._calls = 0
+        self._timings = None  # an "auto" group's timed uses: (whole batch, one part)
         #: The regime calls run in (an aimdo.predict.Regime; its seconds are predicted,
         #: or NaN when forced); None until an "auto" group has chosen.
         self.regime = None
@@ -183,13 +190,17 @@ class OffloadGroup:
 
     def _call_and_time(self, args, kwargs):
         """A call of an "auto" group before its choice: the whole batch on the first
-        device and one part on the second, at once; the second such call is timed and
-        the regime chosen from it."""
+        device and one part on the second, at once, the second such call timed block by
+        block; then (a batch that splits) the split, its host timed; then the choice."""
         self._calls += 1
-        timing = self._calls >= CALLS_BEFORE_CHOICE
         size = batch_size(args, kwargs)
         count = len(self._computing)
         can_split = count > 1 and size is not None and size >= count
+        if self._calls > 2 and can_split and self._timings is not None:
+            output, host = self._split_host_time(args, kwargs, size)
+            self._choose_from(*self._timings, can_split=True, split_host=host)
+            return output
+        timing = self._calls >= 2
         calls = [lambda: self.modules[0](*args, **kwargs)]
         if can_split:
             devices = [self.offloads[i].device for i in self._computing]
@@ -206,11 +217,33 @@ class OffloadGroup:
         if not timing:
             return results[0]
         output, full = results[0]
-        split = results[1][1] if can_split else full
-        self._choose_from(full, split, can_split)
+        if can_split:
+            self._timings = (full, results[1][1])  # the choice waits for the split's host
+        else:
+            self._choose_from(full, full, can_split=False)
         return output
 
-    def _choose_from(self, full, split, can_split: bool) -> None:
+    def _split_host_time(self, args, kwargs, size: int):
+        """Run the split once: its output, and the seconds its parts' calls took to
+        return, all at once (the latest)."""
+        devices = [self.offloads[i].device for i in self._computing]
+        parts = split_batch(args, kwargs, size, devices)
+
+        def returned(i, part):
+            start = time.perf_counter()
+            output = self.modules[i](*part[0], **part[1])
+            return output, time.perf_counter() - start
+
+        results = run_parts(
+            [
+                lambda i=i, part=part: returned(i, part)
+                for i, part in zip(self._computing, parts, strict=True)
+            ]
+        )
+        host = max(seconds for _, seconds in results)
+        return gather([output for output, _ in results], devices[0]), host
+
+    def _choose_from(self, full, split, can_split: bool, split_host: float = 0.0) -> None:
         seconds_full, seconds_split, order = {}, {}, []
         for index, seconds in full:
             if index not in seconds_full:
@@ -231,6 +264,7 @@ class OffloadGroup:
             [seconds_split.get(i, 0.0) for i in order],
             self._prefetch,
         )
+        ranking = bound_by_host(ranking, split_host)
         peers = any(any(linked) for linked in self._linked)
         chosen = choose(ranking, peers, can_split)
         self.ranking = ranking
@@ -305,7 +339,7 @@ def offload_group(
     with the blocks its rotated placement keeps first, which are those the first device
     keeps last (donor mode: one GPU computes, another's memory holds what does not fit).
     ``regime`` is how a call of the group runs a batch (see OffloadGroup): "auto"
-    (default) chooses on the second call; a name of ``aimdo.torch.REGIMES`` forces it
+    (default) chooses by the third call; a name of ``aimdo.torch.REGIMES`` forces it
     (a group with donors runs "donor").
     Other options as ``offload``, for every member.
     Errors as ``offload``, before anything changes, plus ValueError for fewer than one or
@@ -352,9 +386,6 @@ def offload_group(
         for index, (member, device) in enumerate(zip(modules, devices, strict=True)):
             leader = offloads[0] if offloads else None
             offloads.append(Offload(member, device, manager, options, leader, index / len(devices)))
-        for offload in offloads:
-            if offload.device.type == "cuda":  # threads at once: see PACE_USES
-                offload._runner.schedule.pace = offload._executor.pace
         if peers:
             members = zip(devices, offloads, strict=True)
             link_peers(manager, [(device, made._blocks, made.vbar) for device, made in members])

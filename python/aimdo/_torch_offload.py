@@ -5,7 +5,6 @@ PyTorch; imported by aimdo.torch only."""
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import inspect
 import threading
@@ -21,17 +20,6 @@ from ._torch_outputs import owned
 from ._torch_views import as_tensor
 
 _ABSENT = object()
-
-#: Pacing (a group's members on CUDA, design.md §4.4): every PACE_USES uses of blocks the
-#: host records an event on the compute stream, and once more than PACE_DEPTH are pending
-#: it waits for the oldest, without the GIL. The host then runs at most about
-#: PACE_USES x PACE_DEPTH uses ahead of its GPU, so it never fills the driver's launch
-#: queue: a thread blocked in a kernel launch holds the GIL, which stops the other GPUs'
-#: threads from launching (measured on two H200s: Qwen-Image's guidance split, 1,087
-#: modules and about 5,000 kernels a call, ran 1.8-2.4x slower with both GPUs at once
-#: than either alone; benchmarks/RESULTS.md).
-PACE_USES = 16
-PACE_DEPTH = 4
 
 
 class _Staging:
@@ -62,8 +50,6 @@ class _TorchExecutor(Executor):
         self._backend = backend  # for peer copies (the driver; on a simulator, adoption)
         self._sim = backend if device.type != "cuda" else None
         self._peer_pins = []  # (copy done token, peer block): unpinned once the copy is done
-        self._paced = 0  # uses since the last pace event
-        self._pace_events = collections.deque()  # pending pace events, oldest first
         self.peer_bytes = 0  # bytes read from peers' pages since the last take_peer_bytes
 
     def _device_tensor(self, nbytes: int) -> torch.Tensor:
@@ -189,24 +175,6 @@ class _TorchExecutor(Executor):
     def host_wait(self, token) -> None:
         token.synchronize()
 
-    def pace(self) -> None:
-        """Called at the start of each use (Schedule.pace): see PACE_USES."""
-        self._paced += 1
-        if self._paced < PACE_USES:
-            return
-        self._paced = 0
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self._device))
-        events = self._pace_events
-        events.append(event)
-        if len(events) > PACE_DEPTH:
-            events.popleft().synchronize()  # PyTorch releases the GIL while it waits
-
-    def end_pacing(self) -> None:
-        """At the end of a forward: the next one starts counting afresh."""
-        self._paced = 0
-        self._pace_events.clear()
-
     def mark(self):
         if self._device.type != "cuda":
             return super().mark()
@@ -279,7 +247,6 @@ class Runner:
                     schedule.end_forward()
                 finally:
                     executor = schedule.executor
-                    executor.end_pacing()
                     executor.release_peer_pins(wait=True)
                     schedule.stats.bytes_from_peers = executor.take_peer_bytes()
                     self.last_stats = schedule.stats

@@ -151,6 +151,25 @@ def rank(manager: Manager, devices: list[int], block_bytes, seconds_full, second
         )
 
 
+def bound_by_host(ranking: list[Regime], split_host: float) -> list[Regime]:
+    """`ranking` with each split's seconds raised to `split_host` where that is more,
+    and sorted again: the seconds a split's calls took to return at once. The members of
+    a group are threads of one process, taking turns on the GIL, so a split step takes
+    at least that long whatever the GPUs do; the prediction leaves the host out."""
+    bounded = []
+    for regime in ranking:
+        if regime.name in SPLITTING and split_host > regime.seconds:
+            regime = Regime(
+                regime.name,
+                split_host,
+                f"{regime.detail}; bound by the host: the parts' calls took "
+                f"{split_host * 1000:.1f} ms to return at once (predicted "
+                f"{regime.seconds * 1000:.1f} ms)",
+            )
+        bounded.append(regime)
+    return sorted(bounded, key=lambda regime: regime.seconds)
+
+
 def choose(ranking: list[Regime], peers: bool, can_split: bool) -> Regime:
     """The fastest regime of `ranking` the group can run."""
     for regime in ranking:
