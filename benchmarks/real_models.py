@@ -198,6 +198,8 @@ def run_aimdo(model, forms, args, device, reference, compute, bandwidth, prefetc
                     "budget_bytes": manager.budget_bytes(0),
                     "others_bytes": total - free - manager.usage_bytes(0),
                     "staging_bytes": handle.staging_bytes,
+                    "prefetch": handle.prefetch,
+                    "prefetch_predictions": handle.prefetch_predictions,
                 }
             results["host"] = {  # before any trace: loading one grows the process
                 "pinned_bytes": handle.pinned_bytes,
@@ -279,7 +281,8 @@ def main() -> int:
     parser.add_argument(
         "--prefetch",
         default="2",
-        help="aimdo's prefetch; a comma-separated list runs one offload for each",
+        help="aimdo's prefetch (a depth, or auto); a comma-separated list runs one offload for "
+        "each",
     )
     parser.add_argument("--trace", default=None, help="folder: profile one step of each form")
     parser.add_argument(
@@ -335,7 +338,7 @@ def main() -> int:
     result["pinned_h2d_bytes_per_s"] = bandwidth
 
     weights = result["weight_bytes"]
-    prefetches = [int(p) for p in str(args.prefetch).split(",")]
+    prefetches = [p if p == "auto" else int(p) for p in str(args.prefetch).split(",")]
     for prefetch in prefetches:
         key = "aimdo" if prefetch == prefetches[0] else f"aimdo prefetch {prefetch}"
         result["runs"][key] = run_aimdo(

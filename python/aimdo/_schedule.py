@@ -285,6 +285,14 @@ class Schedule:
             self.end_forward()
         return self.stats.bytes_copied
 
+    def set_prefetch(self, prefetch: int, staging_bytes: int) -> None:
+        """Between forwards: keep `prefetch` copies in flight from now on, through
+        staging buffers of at most staging_bytes // (prefetch + 1) each (made anew)."""
+        self.drop_staging()
+        self.prefetch = prefetch
+        self.slot_limit_bytes = staging_bytes // (prefetch + 1)
+        self._update_staging()
+
     def drop_staging(self) -> None:
         """Give the staging buffers back (between forwards only: nothing reads them)."""
         self.slots, self.free_slots = [], []

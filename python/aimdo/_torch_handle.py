@@ -17,6 +17,7 @@ from ._schedule import ForwardStats, Schedule, auto_staging_bytes, use_seconds
 from ._torch_host import HostWeights
 from ._torch_layout import Binding, lay_out
 from ._torch_offload import _ABSENT, Runner, _TorchExecutor, make_forward, offloaded_by
+from ._torch_tune import START, PrefetchTuner
 from .sim import SimBackend
 
 
@@ -89,6 +90,10 @@ class Offload:
                 for own, theirs in zip(blocks, leader._blocks, strict=True):
                     own.runs = theirs.runs
             prefetch = options["prefetch"]
+            tuner = None
+            if prefetch == "auto":
+                prefetch = START
+                tuner = PrefetchTuner(manager, device, options["staging_bytes"])
             stream = torch.cuda.Stream(device=self.device) if sim is None and prefetch else None
             staging = options["staging_bytes"]
             if staging is None:
@@ -105,6 +110,7 @@ class Offload:
                 staging_bytes=staging,
             )
             self._runner = Runner(schedule, self.device)
+            self._runner.tuner = tuner
             self._install(module, bindings)
         except BaseException:
             self._take_apart()
@@ -190,6 +196,13 @@ class Offload:
     def prefetch(self) -> int:
         """Copies kept in flight ahead of the running block (0: none, no staging)."""
         return self._runner.schedule.prefetch
+
+    @property
+    def prefetch_predictions(self) -> dict[int, float] | None:
+        """With ``prefetch="auto"``, once chosen: the predicted seconds of a forward at
+        each depth tried (the choice is ``prefetch``); else None."""
+        tuner = self._runner.tuner
+        return None if tuner is None else tuner.predicted
 
     @property
     def last_stats(self) -> ForwardStats:
@@ -297,8 +310,10 @@ def check_options(module, manager: Manager, device, options: dict) -> None:
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"offload takes a torch.nn.Module, not {type(module).__name__}")
     prefetch = options["prefetch"]
-    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
-        raise ValueError(f"prefetch must be a non-negative int, got {prefetch!r}")
+    if prefetch != "auto" and (
+        isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0
+    ):
+        raise ValueError(f"prefetch must be a non-negative int or 'auto', got {prefetch!r}")
     if not isinstance(options["spread"], bool):
         raise TypeError(f"spread must be a bool, got {options['spread']!r}")
     if not all(isinstance(w, (type, torch.nn.Module)) for w in options["whole"]):

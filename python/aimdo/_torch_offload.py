@@ -221,6 +221,7 @@ class Runner:
         self.lock = threading.Lock()
         self.last_stats = ForwardStats()
         self.undone = False
+        self.tuner = None  # chooses the prefetch depth (offload(prefetch="auto"))
 
     def call(self, forward, is_root: bool, args, kwargs):
         """Run `forward` (an offloaded module's) as a forward of its own: the whole
@@ -236,12 +237,18 @@ class Runner:
         try:
             self.owner = threading.get_ident()
             schedule = self.schedule
+            tuner = self.tuner if is_root else None
+            if tuner is not None:
+                tuner.before(schedule)
             schedule.begin_forward(standalone=not is_root)
+            failed = True
             try:
                 device = self.device
                 on_device = torch.cuda.device(device) if device.type == "cuda" else _NO_CONTEXT
                 with torch.no_grad(), on_device:
-                    return forward(*args, **kwargs)
+                    output = forward(*args, **kwargs)
+                failed = False
+                return output
             finally:
                 try:
                     schedule.end_forward()
@@ -250,6 +257,14 @@ class Runner:
                     executor.release_peer_pins(wait=True)
                     schedule.stats.bytes_from_peers = executor.take_peer_bytes()
                     self.last_stats = schedule.stats
+                    if tuner is not None:
+                        on_device = (
+                            torch.cuda.device(self.device)
+                            if self.device.type == "cuda"
+                            else _NO_CONTEXT
+                        )
+                        with on_device:
+                            tuner.after(schedule, failed)
         finally:
             self.owner = None
             self.lock.release()

@@ -5,6 +5,7 @@ Needs PyTorch; imported by aimdo.torch only."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Mapping
@@ -126,10 +127,13 @@ def _measured_twin(manager: Manager, devices: list[int]) -> SimBackend:
     return SimBackend(specs, topology=topology)
 
 
-def rank(manager: Manager, devices: list[int], block_bytes, seconds_full, seconds_split, prefetch):
-    """aimdo.predict.rank_regimes for `devices` of `manager` as they are now: on a
-    simulator its twin; on CUDA a simulator of the links measured now. Each device keeps
-    its limit, headrooms and page size, and the memory others use on it now."""
+@contextlib.contextmanager
+def predictor(manager: Manager, devices: list[int], others_change=None):
+    """A Manager on a simulator of `devices` of `manager` as they are now, and the numbers
+    it gives them: on a simulator its twin (the same numbers); on CUDA a simulator of the
+    links measured now (numbered from 0). Each device keeps its limit, headrooms and page
+    size, and the memory others use on it now, plus `others_change[device]` bytes where
+    given (what a different staging would hold). Closed on leaving."""
     backend = manager.backend
     if isinstance(backend, SimBackend):
         twin, numbers = backend.twin(), list(devices)  # the same devices, numbered the same
@@ -140,14 +144,22 @@ def rank(manager: Manager, devices: list[int], block_bytes, seconds_full, second
         key: {number: info[key] for number, info in zip(numbers, infos, strict=True)}
         for key in ("vram_limit", "headroom", "extra_headroom", "page_size")
     }
-    with Manager(twin, numbers, **options) as predictor:
+    change = others_change or {}
+    with Manager(twin, numbers, **options) as made:
         for number, device in zip(numbers, devices, strict=True):
             free, total = manager.memory_info(device)
-            others = total - free - manager.usage_bytes(device)
+            others = total - free - manager.usage_bytes(device) + change.get(device, 0)
             if others > 0:
                 twin.add_external_usage(number, others)
+        yield made, numbers
+
+
+def rank(manager: Manager, devices: list[int], block_bytes, seconds_full, seconds_split, prefetch):
+    """aimdo.predict.rank_regimes for `devices` of `manager` as they are now (see
+    predictor)."""
+    with predictor(manager, devices) as (made, numbers):
         return rank_regimes(
-            predictor, numbers, block_bytes, seconds_full, seconds_split, prefetch=prefetch
+            made, numbers, block_bytes, seconds_full, seconds_split, prefetch=prefetch
         )
 
 

@@ -96,7 +96,7 @@ def offload(
     device: int,
     *,
     manager: Manager | None = None,
-    prefetch: int = 2,
+    prefetch: int | str = 2,
     order=None,
     spread: bool = True,
     staging_bytes: int | str | None = None,
@@ -114,6 +114,11 @@ def offload(
     ``prefetch`` (default 2) is how many copies are kept in flight ahead of the compute:
     more hides the copies of weights whose compute is short (Qwen-Image's modulation
     layers) at the cost of staging memory; measured on an H200 (benchmarks/RESULTS.md).
+    ``prefetch="auto"`` starts at 2, times the compute of each block in the first forward
+    whose order is known, predicts a forward at each depth from 1 to 8 on a simulator of
+    this machine (its host link measured on CUDA) and keeps the fastest (a deeper one only
+    if 1% faster), logging the choice (logger ``aimdo``, INFO; ``Offload.prefetch`` and
+    ``Offload.prefetch_predictions`` tell).
     ``staging_bytes`` (bytes or a size string) caps the staging buffers together; by
     default, enough for ``prefetch + 1`` buffers of the largest block, within 256 MiB or
     1/24 of the device's budget, whichever is more (``auto_staging_bytes``).
