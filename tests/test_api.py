@@ -607,6 +607,7 @@ def test_package_exports():
             "ALLOCATION_ALIGNMENT_BYTES",
             "AimdoError",
             "Allocation",
+            "CheckpointError",
             "CudaBackend",
             "DeviceNotInitializedError",
             "DriverError",

@@ -31,6 +31,7 @@ from ._core import (
 from ._default import get_manager, init, shutdown
 from ._manager import CudaBackend, Manager
 from ._peer import PeerLink
+from ._safetensors import CheckpointError
 from ._sizes import format_size, parse_size
 from .sim import SimBackend
 
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ALLOCATION_ALIGNMENT_BYTES",
     "AimdoError",
+    "CheckpointError",
     "Allocation",
     "CudaBackend",
     "DeviceNotInitializedError",

@@ -330,6 +330,7 @@ def offload_group(
     peers: bool = True,
     donors=(),
     regime: str = "auto",
+    checkpoint=None,
 ) -> OffloadGroup:
     """Offload ``module`` to each of ``devices`` (see OffloadGroup), sharing one host copy
     of its weights. ``peers`` (default True) lets a device copy a block from another
@@ -371,6 +372,7 @@ def offload_group(
         "spread": spread,
         "staging_bytes": None if staging_bytes is None else parse_size(staging_bytes),
         "whole": tuple(whole),
+        "checkpoint": checkpoint,
     }
     for device in devices:
         check_options(module, manager, device, options)

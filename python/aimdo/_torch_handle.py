@@ -6,6 +6,7 @@ aimdo.torch only."""
 from __future__ import annotations
 
 import contextlib
+import os
 import weakref
 
 import torch
@@ -14,6 +15,7 @@ from . import _core
 from ._manager import Manager
 from ._placement import place
 from ._schedule import ForwardStats, Schedule, auto_staging_bytes, use_seconds
+from ._torch_checkpoint import attach
 from ._torch_host import HostWeights
 from ._torch_layout import Binding, lay_out
 from ._torch_offload import _ABSENT, Runner, _TorchExecutor, make_forward, offloaded_by
@@ -69,12 +71,19 @@ class Offload:
         backend = manager.backend
         sim = backend if isinstance(backend, SimBackend) else None
         self.device = torch.device("cpu") if sim else torch.device("cuda", device)
-        blocks, bindings = lay_out(module, options["whole"], self.device)
+        checkpoint = options.get("checkpoint")
+        blocks, bindings = lay_out(module, options["whole"], self.device, checkpoint is not None)
         declared = _declared_order(options["order"], bindings)
+        # Read and checked before anything changes; a group's other members copy from the
+        # leader's chunks, which its checkpoint filled.
+        stamps = attach(blocks, checkpoint) if checkpoint is not None and leader is None else None
         self._blocks = blocks
         self._module = weakref.ref(module)
         # A group's other members copy from the leader's host chunks (one host copy).
-        self._host = HostWeights(blocks, pin=sim is None) if leader is None else _SharedHost(blocks)
+        if leader is None:
+            self._host = HostWeights(blocks, pin=sim is None, stamps=stamps)
+        else:
+            self._host = _SharedHost(blocks)
         self._installed = []  # (module reference, its forward before, binding)
         self._runner = self._executor = None
         self._apart = False  # taken apart for good (undo completed)
@@ -89,6 +98,8 @@ class Offload:
             else:
                 for own, theirs in zip(blocks, leader._blocks, strict=True):
                     own.runs = theirs.runs
+                    for mine, leaders in zip(own.weights, theirs.weights, strict=True):
+                        mine.stride = leaders.stride  # as the leader's chunks hold them
             prefetch = options["prefetch"]
             tuner = None
             if prefetch == "auto":
@@ -314,6 +325,9 @@ def check_options(module, manager: Manager, device, options: dict) -> None:
         isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0
     ):
         raise ValueError(f"prefetch must be a non-negative int or 'auto', got {prefetch!r}")
+    checkpoint = options.get("checkpoint")
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a path, got {type(checkpoint).__name__}")
     if not isinstance(options["spread"], bool):
         raise TypeError(f"spread must be a bool, got {options['spread']!r}")
     if not all(isinstance(w, (type, torch.nn.Module)) for w in options["whole"]):

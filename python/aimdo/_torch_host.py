@@ -22,6 +22,7 @@ import weakref
 import torch
 
 from . import _core
+from ._torch_checkpoint import Reader
 from ._torch_layout import TorchBlock, Weight
 
 #: A chunk holds up to this many bytes of weights; a run of one block larger than that is a
@@ -76,9 +77,12 @@ class HostWeights:
     cuda backend) and use weights already pinned in place. Construction only plans;
     move_in() allocates and moves, give_back() undoes it."""
 
-    def __init__(self, blocks: list[TorchBlock], pin: bool):
+    def __init__(self, blocks: list[TorchBlock], pin: bool, stamps=None):
         self.pin = pin
         self.blocks = blocks
+        # The checkpoint files the weights with a source are read from, with their stamps
+        # (aimdo._torch_checkpoint.attach), or None.
+        self.stamps = stamps
         self.chunks: list[_Chunk] = []
         self.in_place: list[_Run] = []
         for block in blocks:
@@ -93,7 +97,7 @@ class HostWeights:
         for weight in block.weights:
             if weight.nbytes == 0:
                 continue
-            in_place = self.pin and _is_pinned(weight)
+            in_place = self.pin and weight.source is None and _is_pinned(weight)
             if runs and not in_place and not runs[-1].in_place:
                 runs[-1].weights.append(weight)
                 runs[-1].end = weight.offset + weight.nbytes
@@ -125,12 +129,15 @@ class HostWeights:
         """Allocate the chunks and move the weights into them, one chunk at a time (the
         host needs one chunk more than the weights while it runs), then give every block
         its copy runs. On failure, what was moved is given back and the error raised."""
+        reader = Reader(self.stamps or {})
         try:
             for chunk in self.chunks:
-                self._fill(chunk)
+                self._fill(chunk, reader)
         except BaseException:
             self.give_back()
             raise
+        finally:
+            reader.close()
         for run in self.in_place:
             run.block.runs.append((run.offset, _bytes_of(run.weights[0].tensor)))
         for chunk in self.chunks:
@@ -138,15 +145,20 @@ class HostWeights:
                 source = chunk.tensor[run.chunk_offset : run.chunk_offset + run.end - run.offset]
                 run.block.runs.append((run.offset, source))
 
-    def _fill(self, chunk: _Chunk) -> None:
+    def _fill(self, chunk: _Chunk, reader: Reader) -> None:
         chunk.tensor = torch.empty(chunk.nbytes, dtype=torch.uint8)
         if self.pin:
             _register(chunk)
         for run in chunk.runs:
             for weight in run.weights:
                 view = weight.raw_view(chunk.tensor, run.chunk_offset - run.offset)
-                view.copy_(weight.tensor.detach())
-                weight.tensor.data = view
+                if weight.source is not None:  # row-major in the chunk, as in the file
+                    begin = run.chunk_offset - run.offset + weight.offset
+                    reader.read(weight.source, chunk.tensor[begin : begin + weight.nbytes])
+                else:
+                    view.copy_(weight.tensor.detach())
+                if weight.tensor.device.type != "meta":  # a meta weight keeps no bytes
+                    weight.tensor.data = view
 
     def give_back(self) -> None:
         """Move every weight held in a chunk back into pageable memory of its own (same

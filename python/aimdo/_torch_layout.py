@@ -47,11 +47,26 @@ class Weight:
     """One distinct weight (a tensor that several modules hold is one Weight): the
     module's own tensor object, and where its bytes lie in its block."""
 
-    __slots__ = ("tensor", "name", "offset", "nbytes", "shape", "stride", "dtype", "is_parameter")
+    __slots__ = (
+        "tensor",
+        "name",
+        "names",
+        "offset",
+        "nbytes",
+        "shape",
+        "stride",
+        "dtype",
+        "is_parameter",
+        "source",
+    )
 
     def __init__(self, tensor: torch.Tensor, name: str, offset: int):
         self.tensor = tensor
         self.name = name
+        self.names = [name]  # every name the module holds it by (tied weights have several)
+        # Where its bytes come from instead of `tensor`: a checkpoint's tensor
+        # (aimdo._safetensors.Tensor), or None.
+        self.source = None
         self.offset = offset
         self.nbytes = tensor.numel() * tensor.element_size()
         self.shape = tuple(tensor.shape)
@@ -145,16 +160,18 @@ def _slots(module: torch.nn.Module, prefix: str, whole: bool):
                     yield entries, key, tensor, f"{name}.{key}" if name else key
 
 
-def _check(tensor, name: str) -> None:
+def _check(tensor, name: str, meta: bool) -> None:
     if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
         raise TypeError(
             f"weight {name} is a {type(tensor).__name__}: offload moves plain tensors and "
             "parameters only"
         )
-    if tensor.layout != torch.strided or tensor.device.type != "cpu":
+    places = ("cpu", "meta") if meta else ("cpu",)
+    if tensor.layout != torch.strided or tensor.device.type not in places:
         raise ValueError(
             f"weight {name} is a {tensor.layout} tensor on {tensor.device}: offload takes "
             "a module whose weights are dense tensors on the host (cpu)"
+            + (", or on the meta device" if meta else " (or on the meta device, with a checkpoint)")
         )
 
 
@@ -180,11 +197,12 @@ class Placeholders:
         return placeholder
 
 
-def lay_out(root: torch.nn.Module, whole, device: torch.device):
+def lay_out(root: torch.nn.Module, whole, device: torch.device, meta: bool = False):
     """The blocks of `root`'s weights in registration order, and the (module, Binding) of
     every module that holds weights. `whole`: module classes and modules whose submodules'
-    weights are theirs too (bound for their whole forward). Errors: TypeError and
-    ValueError for weights offload cannot move, naming the first."""
+    weights are theirs too (bound for their whole forward). `meta`: weights may be on the
+    meta device (a checkpoint gives their bytes). Errors: TypeError and ValueError for
+    weights offload cannot move, naming the first."""
     blocks, bindings, seen, inside = [], [], {}, set()
     placeholder = Placeholders(device)
     classes = tuple(w for w in whole if isinstance(w, type))
@@ -198,8 +216,12 @@ def lay_out(root: torch.nn.Module, whole, device: torch.device):
         binding = Binding()
         for entries, key, tensor, weight_name in _slots(module, name, is_whole):
             found = seen.get(id(tensor))
+            if found is not None:
+                block, index, _ = found
+                if weight_name not in block.weights[index].names:
+                    block.weights[index].names.append(weight_name)
             if found is None:
-                _check(tensor, weight_name)
+                _check(tensor, weight_name, meta)
                 if binding.own is None:
                     binding.own = TorchBlock(name)
                     blocks.append(binding.own)

@@ -101,6 +101,7 @@ def offload(
     spread: bool = True,
     staging_bytes: int | str | None = None,
     whole=(torch.nn.MultiheadAttention,),
+    checkpoint=None,
 ) -> Offload:
     """Make ``module`` run on ``device`` with its weights streamed through aimdo, in place
     (see Offload); returns the Offload, whose ``undo()`` puts it back.
@@ -126,11 +127,23 @@ def offload(
     submodules, for modules that read a submodule's weights without calling it (as
     torch.nn.MultiheadAttention reads out_proj's).
 
+    ``checkpoint`` (a path: a safetensors file, a sharded checkpoint's
+    ``*.safetensors.index.json``, or a folder holding one of them) gives the weights'
+    values: each weight is read by name from the files straight into the host chunks, so
+    a module built on the meta device (``with torch.device("meta"): ...``) is offloaded
+    with one host copy of its weights and none of its own; a weight on the host that the
+    checkpoint lacks (a buffer no checkpoint saves) keeps its own values. Undo then puts
+    the module back as it was (meta weights stay meta; host weights hold the
+    checkpoint's values).
+
     Errors, before anything changes: TypeError and ValueError for bad arguments or weights
-    offload cannot move (on the host, dense, plain tensors); aimdo.InvalidStateError for a
-    module offloaded already, or a simulator without real bytes;
-    aimdo.DeviceNotInitializedError. Later failures (out of memory for the VBAR or the
-    host chunks) undo what was done before they are raised."""
+    offload cannot move (on the host or, with a checkpoint, the meta device; dense, plain
+    tensors); aimdo.CheckpointError for a checkpoint that cannot be read, is truncated or
+    corrupt, lacks a meta weight, has a tensor the module does not, or differs in a dtype
+    or shape (naming file and tensor); aimdo.InvalidStateError for a module offloaded
+    already, or a simulator without real bytes; aimdo.DeviceNotInitializedError. Later
+    failures (out of memory for the VBAR or the host chunks; a checkpoint file changed
+    or cut short since its header was read) undo what was done before they are raised."""
     manager = manager if manager is not None else get_manager()
     options = {
         "prefetch": prefetch,
@@ -138,6 +151,7 @@ def offload(
         "spread": spread,
         "staging_bytes": None if staging_bytes is None else parse_size(staging_bytes),
         "whole": tuple(whole),
+        "checkpoint": checkpoint,
     }
     check_options(module, manager, device, options)
     return Offload(module, device, manager, options)

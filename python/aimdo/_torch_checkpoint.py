@@ -1,0 +1,131 @@
+"""An offloaded module's weights taken from a safetensors checkpoint (``offload(...,
+checkpoint=...)``; design.md §7): each weight matched by name to the checkpoint's tensor,
+its dtype and shape checked, and its bytes read from the file straight into the host
+chunks, so a module built on the meta device never holds a second copy. Needs PyTorch;
+imported by aimdo.torch only."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ._safetensors import CheckpointError, FileStamp, Tensor, read_checkpoint, stamp
+from ._torch_layout import TorchBlock, contiguous_stride
+
+#: The torch dtype of each dtype name of the format (those this PyTorch has).
+TORCH_DTYPES = {
+    name: getattr(torch, attribute)
+    for name, attribute in (
+        ("BOOL", "bool"),
+        ("U8", "uint8"),
+        ("I8", "int8"),
+        ("F8_E4M3", "float8_e4m3fn"),
+        ("F8_E5M2", "float8_e5m2"),
+        ("I16", "int16"),
+        ("U16", "uint16"),
+        ("F16", "float16"),
+        ("BF16", "bfloat16"),
+        ("I32", "int32"),
+        ("U32", "uint32"),
+        ("F32", "float32"),
+        ("I64", "int64"),
+        ("U64", "uint64"),
+        ("F64", "float64"),
+    )
+    if hasattr(torch, attribute)
+}
+
+#: A weight's bytes are read in pieces of at most this many bytes.
+READ_BYTES = 64 << 20
+
+
+def attach(blocks: list[TorchBlock], location) -> dict[str, FileStamp]:
+    """Give each weight of `blocks` its tensor of the checkpoint at `location` (see
+    aimdo._safetensors.read_checkpoint) as its source, stored row-major; returns the
+    stamp of every file used, taken now. A weight the checkpoint lacks keeps its own
+    values, unless it is on the meta device. Changes nothing before every check passes.
+    CheckpointError (naming file and tensor) for a meta weight the checkpoint lacks, a
+    tensor of the checkpoint no weight has, or a dtype or shape that differs."""
+    where = os.fspath(location)
+    tensors = read_checkpoint(location)
+    stamps = {path: stamp(path) for path in sorted({t.path for t in tensors.values()})}
+    sources, used = [], set()
+    for block in blocks:
+        for weight in block.weights:
+            found = next((tensors[name] for name in weight.names if name in tensors), None)
+            if found is None:
+                if weight.tensor.device.type == "meta":
+                    raise CheckpointError(
+                        f"{where}: has no tensor {weight.name}, which the module holds on "
+                        "the meta device (without values of its own)"
+                    )
+                continue  # a weight of the module's own (a buffer no checkpoint saves)
+            dtype = TORCH_DTYPES.get(found.dtype)
+            if dtype != weight.dtype:
+                raise CheckpointError(
+                    f"{found.path}: tensor {found.name} is {found.dtype}, the module's "
+                    f"{weight.name} is {weight.dtype}"
+                )
+            if found.shape != weight.shape:
+                raise CheckpointError(
+                    f"{found.path}: tensor {found.name} has shape {list(found.shape)}, the "
+                    f"module's {weight.name} {list(weight.shape)}"
+                )
+            sources.append((weight, found))
+            used.update(name for name in weight.names if name in tensors)
+    extra = sorted(set(tensors) - used)
+    if extra:
+        first = tensors[extra[0]]
+        raise CheckpointError(
+            f"{first.path}: tensor {first.name} is not a weight of the module"
+            + (f" (nor are {len(extra) - 1} more)" if len(extra) > 1 else "")
+        )
+    for weight, found in sources:
+        weight.source = found
+        weight.stride = contiguous_stride(weight.shape)
+    return stamps
+
+
+class Reader:
+    """Reads tensors' bytes from their files, each file opened once, checking that a
+    file is what its stamp says before its first read. Close it when done."""
+
+    def __init__(self, stamps: dict[str, FileStamp]):
+        self.stamps = stamps
+        self.files: dict[str, int] = {}
+
+    def read(self, tensor: Tensor, into: torch.Tensor) -> None:
+        """Fill the uint8 tensor `into` (contiguous, tensor.nbytes long) with the tensor's
+        bytes. CheckpointError if the file changed since it was stamped or ends early."""
+        fd = self.files.get(tensor.path)
+        if fd is None:
+            try:
+                fd = os.open(tensor.path, os.O_RDONLY)
+            except OSError as error:
+                raise CheckpointError(f"{tensor.path}: cannot be read ({error})") from error
+            self.files[tensor.path] = fd
+            if stamp(tensor.path) != self.stamps.get(tensor.path):
+                raise CheckpointError(
+                    f"{tensor.path}: changed since its header was read (tensor {tensor.name})"
+                )
+        view = memoryview(into.numpy()).cast("B")
+        done = 0
+        while done < tensor.nbytes:
+            piece = view[done : min(tensor.nbytes, done + READ_BYTES)]
+            try:
+                count = os.preadv(fd, [piece], tensor.offset + done)
+            except OSError as error:
+                raise CheckpointError(
+                    f"{tensor.path}: reading tensor {tensor.name} failed ({error})"
+                ) from error
+            if count == 0:
+                raise CheckpointError(
+                    f"{tensor.path}: ends inside tensor {tensor.name}: the file is truncated"
+                )
+            done += count
+
+    def close(self) -> None:
+        files, self.files = self.files, {}
+        for fd in files.values():
+            os.close(fd)

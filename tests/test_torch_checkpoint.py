@@ -1,0 +1,240 @@
+"""offload(..., checkpoint=...): a module built on the meta device takes its weights from
+safetensors files, read straight into the host chunks, one copy in all; bad files are
+refused before anything changes, naming file and tensor (issue 14, item 1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+
+torch = pytest.importorskip("torch")  # the test extra installs it: a skip here is a setup error
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+import aimdo  # noqa: E402
+import aimdo.torch as atorch  # noqa: E402
+from torch_support import new_manager, reference, stack, weight_bytes, where  # noqa: E402
+
+
+def on_meta(blocks: int = 6, width: int = 256) -> torch.nn.Module:
+    with torch.device("meta"):
+        return stack(blocks=blocks, width=width)
+
+
+def save(model, path, **changes) -> dict:
+    """Save the model's state dict (with `changes`: name -> tensor, or None to leave it
+    out) as one safetensors file; returns what was saved."""
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    for name, value in changes.items():
+        if value is None:
+            tensors.pop(name)
+        else:
+            tensors[name] = value
+    safetensors_torch.save_file(tensors, str(path))
+    return tensors
+
+
+def assert_untouched(model, manager) -> None:
+    assert manager.vbar_count(0) == 0
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert "forward" not in model.__dict__
+
+
+def test_a_meta_module_runs_on_the_checkpoints_weights_held_once(make_manager, tmp_path):
+    real = stack(blocks=6)
+    x = torch.randn(2, 256)
+    expected = reference(real, x, 0)
+    save(real, tmp_path / "model.safetensors")
+    model = on_meta()
+    manager = new_manager(make_manager, pages=4)
+    with atorch.offload(model, 0, manager=manager, checkpoint=tmp_path / "model.safetensors") as o:
+        assert model[0].up.weight.device == where(0)  # a placeholder on the compute device
+        for _ in range(3):
+            assert torch.equal(model(x.to(where(0))), expected)
+        # The chunks hold each weight once; the module holds none of its own.
+        assert o.pinned_bytes == weight_bytes(real)
+    # Undone: the module is as it was, on the meta device.
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert manager.vbar_count(0) == 0
+
+
+def test_a_sharded_checkpoint_and_a_folder_are_read_the_same(make_manager, tmp_path):
+    real = stack(blocks=4)
+    x = torch.randn(2, 256)
+    expected = reference(real, x, 0)
+    state = {k: v.contiguous() for k, v in real.state_dict().items()}
+    names = sorted(state)
+    shards = {"a.safetensors": names[::2], "b.safetensors": names[1::2]}
+    for file, part in shards.items():
+        safetensors_torch.save_file({n: state[n] for n in part}, str(tmp_path / file))
+    index = {"weight_map": {n: f for f, part in shards.items() for n in part}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    manager = new_manager(make_manager, pages=4)
+    for location in (tmp_path / "model.safetensors.index.json", tmp_path):
+        model = on_meta(blocks=4)
+        with atorch.offload(model, 0, manager=manager, checkpoint=location):
+            assert torch.equal(model(x.to(where(0))), expected)
+
+
+def test_host_weights_take_the_checkpoints_values_and_keep_them_after_undo(make_manager, tmp_path):
+    source = stack(blocks=3, seed=1)
+    x = torch.randn(2, 256)
+    expected = reference(source, x, 0)
+    save(source, tmp_path / "model.safetensors")
+    model = stack(blocks=3, seed=2)  # real weights, other values
+    manager = new_manager(make_manager, pages=4)
+    with atorch.offload(model, 0, manager=manager, checkpoint=tmp_path / "model.safetensors"):
+        assert torch.equal(model(x.to(where(0))), expected)
+    for mine, theirs in zip(model.state_dict().values(), source.state_dict().values(), strict=True):
+        assert torch.equal(mine, theirs)
+
+
+def test_a_host_buffer_the_checkpoint_lacks_keeps_its_own_values(make_manager, tmp_path):
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(64, 64)
+            self.register_buffer("scale", torch.full((64,), 3.0), persistent=False)
+
+        def forward(self, x):
+            return self.linear(x) * self.scale
+
+    torch.manual_seed(0)
+    real = Scaled()
+    x = torch.randn(2, 64)
+    expected = reference(real, x, 0)
+    save(real, tmp_path / "model.safetensors")  # state_dict leaves the buffer out
+    with torch.device("meta"):
+        model = Scaled()
+    model.scale = torch.full((64,), 3.0)  # made on the host, as a model's init would
+    manager = new_manager(make_manager, pages=4)
+    with atorch.offload(model, 0, manager=manager, checkpoint=tmp_path / "model.safetensors"):
+        assert torch.equal(model(x.to(where(0))), expected)
+
+
+def test_a_tied_weight_is_read_once_under_either_name(make_manager, tmp_path):
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(100, 64)
+            self.head = torch.nn.Linear(64, 100, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(self.embed(ids))
+
+    torch.manual_seed(0)
+    real = Tied()
+    ids = torch.randint(0, 100, (2, 5))
+    expected = reference(real, ids, 0)
+    manager = new_manager(make_manager, pages=4)
+    weight = real.embed.weight.detach().contiguous()
+    for saved in ({"head.weight": weight}, {"embed.weight": weight}):
+        safetensors_torch.save_file(saved, str(tmp_path / "tied.safetensors"))
+        with torch.device("meta"):
+            model = Tied()
+        with atorch.offload(
+            model, 0, manager=manager, checkpoint=tmp_path / "tied.safetensors"
+        ) as o:
+            assert torch.equal(model(ids.to(where(0))), expected)
+            assert o.pinned_bytes == weight.numel() * weight.element_size()
+
+
+def cut(path, nbytes: int) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:-nbytes])
+
+
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        (lambda p, m: cut(p, 100), r"past the file's end .*truncated"),
+        (lambda p, m: p.write_bytes(b"\x10" + p.read_bytes()[1:]), "header is not JSON|claims"),
+        (lambda p, m: p.write_bytes(struct.pack("<Q", 1 << 40) + b"{}"), "claims"),
+        (lambda p, m: p.write_bytes(b"abc"), "too short"),
+        (lambda p, m: save(m, p, **{"0.up.weight": None}), "has no tensor 0.up.weight"),
+        (lambda p, m: save(m, p, extra=torch.zeros(3)), "tensor extra is not a weight"),
+        (
+            lambda p, m: save(m, p, **{"1.down.bias": torch.zeros(256, dtype=torch.float16)}),
+            r"tensor 1.down.bias is F16, the module's 1.down.bias is torch.float32",
+        ),
+        (
+            lambda p, m: save(m, p, **{"2.norm.weight": torch.zeros(255)}),
+            r"tensor 2.norm.weight has shape \[255\]",
+        ),
+    ],
+)
+def test_bad_checkpoints_are_refused_before_anything_changes(
+    make_manager, tmp_path, spoil, message
+):
+    real = stack(blocks=3)
+    path = tmp_path / "model.safetensors"
+    save(real, path)
+    spoil(path, real)
+    model = on_meta(blocks=3)
+    manager = new_manager(make_manager, pages=4)
+    with pytest.raises(aimdo.CheckpointError, match=message) as raised:
+        atorch.offload(model, 0, manager=manager, checkpoint=path)
+    assert str(path) in str(raised.value)
+    assert isinstance(raised.value, aimdo.AimdoError) and isinstance(raised.value, ValueError)
+    assert_untouched(model, manager)
+
+
+def test_bad_locations_are_refused(make_manager, tmp_path):
+    model = on_meta(blocks=2)
+    manager = new_manager(make_manager, pages=4)
+    with pytest.raises(aimdo.CheckpointError, match="cannot be read"):
+        atorch.offload(model, 0, manager=manager, checkpoint=tmp_path / "absent.safetensors")
+    (tmp_path / "a.safetensors").write_bytes(b"")
+    (tmp_path / "b.safetensors").write_bytes(b"")
+    with pytest.raises(aimdo.CheckpointError, match="name the index or the file"):
+        atorch.offload(model, 0, manager=manager, checkpoint=tmp_path)
+    index = tmp_path / "x.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"0.up.weight": "missing.safetensors"}}))
+    with pytest.raises(aimdo.CheckpointError, match="missing.safetensors: cannot be read"):
+        atorch.offload(model, 0, manager=manager, checkpoint=index)
+    with pytest.raises(TypeError, match="checkpoint must be a path"):
+        atorch.offload(model, 0, manager=manager, checkpoint=3)
+    with pytest.raises(ValueError, match="on the meta device, with a checkpoint"):
+        atorch.offload(model, 0, manager=manager)
+    assert_untouched(model, manager)
+
+
+def test_a_file_changed_after_its_header_was_read_is_refused(make_manager, tmp_path, monkeypatch):
+    import aimdo._torch_handle as handle
+
+    real = stack(blocks=2)
+    path = tmp_path / "model.safetensors"
+    save(real, path)
+    place = handle.place
+
+    def place_then_change(*args, **kwargs):  # between the header's read and the weights'
+        os.utime(path, ns=(1, 1))
+        return place(*args, **kwargs)
+
+    monkeypatch.setattr(handle, "place", place_then_change)
+    model = on_meta(blocks=2)
+    manager = new_manager(make_manager, pages=4)
+    with pytest.raises(aimdo.CheckpointError, match="changed since its header was read"):
+        atorch.offload(model, 0, manager=manager, checkpoint=path)
+    assert_untouched(model, manager)
+
+
+def test_a_group_reads_the_checkpoint_once_for_every_member(make_manager, tmp_path):
+    from test_torch_group import group_manager
+
+    real = stack(blocks=6)
+    x = torch.randn(2, 256)
+    expected = [reference(real, x, device) for device in (0, 1)]
+    save(real, tmp_path / "model.safetensors")
+    model = on_meta()
+    manager = group_manager(make_manager, pages=5)
+    with atorch.offload_group(
+        model, [0, 1], manager=manager, checkpoint=tmp_path / "model.safetensors"
+    ) as group:
+        for _ in range(2):
+            for device in (0, 1):
+                assert torch.equal(group[device](x.to(where(device))), expected[device])
+        assert group.pinned_bytes == weight_bytes(real)
