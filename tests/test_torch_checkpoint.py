@@ -5,6 +5,7 @@ refused before anything changes, naming file and tensor (issue 14, item 1)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 
@@ -296,3 +297,114 @@ def reference_call(model, inputs):
     import copy
 
     return copy.deepcopy(model).to(where(0))(**inputs)
+
+
+def checkpoint_of(real, tmp_path):
+    path = tmp_path / "model.safetensors"
+    save(real, path)
+    return path
+
+
+def test_host_limit_zero_reads_every_block_from_the_files_at_each_copy(make_manager, tmp_path):
+    import aimdo._torch_stream as stream
+
+    real = stack(blocks=6)
+    x = torch.randn(2, 256)
+    expected = reference(real, x, 0)
+    path = checkpoint_of(real, tmp_path)
+    model = on_meta()
+    manager = new_manager(make_manager, pages=4)  # 8 of the 12 MiB: some copied each time
+    with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit=0) as o:
+        assert o.streamed_bytes == sum(b.nbytes for b in o._blocks) and o.pinned_bytes == 0
+        for _ in range(3):
+            assert torch.equal(model(x.to(where(0))), expected)
+            assert o.last_stats.bytes_copied > 0
+        # No chunk: only the ring the reads go through.
+        assert o.pinned_bytes == stream.RING_BUFFERS * stream.RING_BUFFER_BYTES
+    assert o.pinned_bytes == 0
+
+
+def test_host_limit_pins_the_blocks_placed_last_and_streams_the_rest(
+    make_manager, tmp_path, caplog
+):
+    real = stack(blocks=6)
+    x = torch.randn(2, 256)
+    expected = reference(real, x, 0)
+    path = checkpoint_of(real, tmp_path)
+    model = on_meta()
+    manager = new_manager(make_manager, pages=4)
+    limit = 5 << 20  # the 6 norms (small, placed first) and 4 of the 12 large blocks
+    caplog.set_level(logging.INFO, logger="aimdo")
+    with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit="5MiB") as o:
+        placed = [name for name, _, _ in o.placement()]  # by offset: placement order
+        sizes = {block.name: block.nbytes for block in o._blocks}
+        left, pinned = limit, set()
+        for name in reversed(placed):  # the blocks placed last are pinned first
+            if sizes[name] <= left:
+                left -= sizes[name]
+                pinned.add(name)
+        streamed = {block.name for block in o._blocks if block.file_runs}
+        assert streamed == set(placed) - pinned and len(streamed) == 8
+        assert all(name.endswith(("up", "down")) for name in streamed)
+        assert o.streamed_bytes == sum(sizes[name] for name in streamed)
+        for _ in range(3):
+            assert torch.equal(model(x.to(where(0))), expected)
+        ring = o._stream.nbytes
+        assert o.pinned_bytes - ring <= limit
+    logged = [r.getMessage() for r in caplog.records if "stay in the checkpoint" in r.getMessage()]
+    assert len(logged) == 1 and "host_limit=5.00 MiB" in logged[0] and "8 blocks" in logged[0]
+
+
+def test_a_file_changed_under_a_running_model_is_refused_and_nothing_is_lost(
+    make_manager, tmp_path
+):
+    real = stack(blocks=6)
+    x = torch.randn(2, 256)
+    expected = reference(real, x, 0)
+    path = checkpoint_of(real, tmp_path)
+    before = os.stat(path)
+    model = on_meta()
+    manager = new_manager(make_manager, pages=4)
+    with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit=0):
+        assert torch.equal(model(x.to(where(0))), expected)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1))
+        with pytest.raises(aimdo.CheckpointError, match="changed since its header was read") as e:
+            model(x.to(where(0)))
+        assert str(path) in str(e.value) and "tensor" in str(e.value)
+        # The file as it was: the module runs again, nothing lost.
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        for _ in range(2):
+            assert torch.equal(model(x.to(where(0))), expected)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert manager.vbar_count(0) == 0
+
+
+def test_host_limit_is_checked(make_manager, tmp_path):
+    model = stack(blocks=2)
+    manager = new_manager(make_manager, pages=4)
+    with pytest.raises(ValueError, match="needs checkpoint="):
+        atorch.offload(model, 0, manager=manager, host_limit=0)
+    with pytest.raises(ValueError, match="host_limit must be"):
+        atorch.offload(model, 0, manager=manager, checkpoint=tmp_path, host_limit=-1)
+    with pytest.raises(ValueError):
+        atorch.offload(model, 0, manager=manager, host_limit="lots")
+    assert manager.vbar_count(0) == 0
+
+
+def test_a_group_streams_through_a_ring_per_member(make_manager, tmp_path):
+    from test_torch_group import group_manager
+
+    real = stack(blocks=6)
+    x = torch.randn(2, 256)
+    expected = [reference(real, x, device) for device in (0, 1)]
+    path = checkpoint_of(real, tmp_path)
+    model = on_meta()
+    manager = group_manager(make_manager, pages=5)
+    with atorch.offload_group(
+        model, [0, 1], manager=manager, checkpoint=path, host_limit=0, peers=False
+    ) as group:
+        for _ in range(3):
+            for device in (0, 1):
+                assert torch.equal(group[device](x.to(where(device))), expected[device])
+        streams = [offload._stream for offload in group.offloads]
+        assert streams[0] is not streams[1] and all(s.nbytes for s in streams)

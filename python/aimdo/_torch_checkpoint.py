@@ -7,6 +7,7 @@ imported by aimdo.torch only."""
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -88,33 +89,50 @@ def attach(blocks: list[TorchBlock], location) -> dict[str, FileStamp]:
 
 
 class Reader:
-    """Reads tensors' bytes from their files, each file opened once, checking that a
-    file is what its stamp says before its first read. Close it when done."""
+    """Reads tensors' bytes from their files, each file opened once, checking before every
+    read that the file is what its stamp says (its size and modification time, from the
+    open file). Thread-safe (reads are positional). Close it when done."""
 
     def __init__(self, stamps: dict[str, FileStamp]):
         self.stamps = stamps
         self.files: dict[str, int] = {}
+        self._opening = threading.Lock()
 
-    def read(self, tensor: Tensor, into: torch.Tensor) -> None:
-        """Fill the uint8 tensor `into` (contiguous, tensor.nbytes long) with the tensor's
-        bytes. CheckpointError if the file changed since it was stamped or ends early."""
-        fd = self.files.get(tensor.path)
-        if fd is None:
-            try:
-                fd = os.open(tensor.path, os.O_RDONLY)
-            except OSError as error:
-                raise CheckpointError(f"{tensor.path}: cannot be read ({error})") from error
-            self.files[tensor.path] = fd
-            if stamp(tensor.path) != self.stamps.get(tensor.path):
-                raise CheckpointError(
-                    f"{tensor.path}: changed since its header was read (tensor {tensor.name})"
-                )
+    def _open(self, tensor: Tensor) -> int:
+        with self._opening:
+            fd = self.files.get(tensor.path)
+            if fd is None:
+                try:
+                    fd = os.open(tensor.path, os.O_RDONLY)
+                except OSError as error:
+                    raise CheckpointError(f"{tensor.path}: cannot be read ({error})") from error
+                self.files[tensor.path] = fd
+        return fd
+
+    def read(self, tensor: Tensor, into: torch.Tensor, start: int = 0) -> None:
+        """Fill the uint8 tensor `into` (contiguous) with the tensor's bytes from byte
+        `start` of it on. CheckpointError if the file changed since it was stamped or
+        ends early."""
+        fd = self._open(tensor)
+        status = os.fstat(fd)
+        expected = self.stamps.get(tensor.path)
+        if expected is None or (status.st_size, status.st_mtime_ns, status.st_ino) != (
+            expected.size,
+            expected.mtime_ns,
+            expected.inode,
+        ):
+            raise CheckpointError(
+                f"{tensor.path}: changed since its header was read (reading tensor "
+                f"{tensor.name}); offload the module again to read the new file"
+            )
         view = memoryview(into.numpy()).cast("B")
-        done = 0
-        while done < tensor.nbytes:
-            piece = view[done : min(tensor.nbytes, done + READ_BYTES)]
+        nbytes, done = view.nbytes, 0
+        if start + nbytes > tensor.nbytes:
+            raise ValueError(f"{nbytes} bytes from {start} are past tensor {tensor.name}")
+        while done < nbytes:
+            piece = view[done : min(nbytes, done + READ_BYTES)]
             try:
-                count = os.preadv(fd, [piece], tensor.offset + done)
+                count = os.preadv(fd, [piece], tensor.offset + start + done)
             except OSError as error:
                 raise CheckpointError(
                     f"{tensor.path}: reading tensor {tensor.name} failed ({error})"
@@ -126,6 +144,7 @@ class Reader:
             done += count
 
     def close(self) -> None:
-        files, self.files = self.files, {}
+        with self._opening:
+            files, self.files = self.files, {}
         for fd in files.values():
             os.close(fd)

@@ -331,6 +331,7 @@ def offload_group(
     donors=(),
     regime: str = "auto",
     checkpoint=None,
+    host_limit="auto",
 ) -> OffloadGroup:
     """Offload ``module`` to each of ``devices`` (see OffloadGroup), sharing one host copy
     of its weights. ``peers`` (default True) lets a device copy a block from another
@@ -373,6 +374,9 @@ def offload_group(
         "staging_bytes": None if staging_bytes is None else parse_size(staging_bytes),
         "whole": tuple(whole),
         "checkpoint": checkpoint,
+        "host_limit": parse_size(host_limit)
+        if isinstance(host_limit, str) and host_limit != "auto"
+        else host_limit,
     }
     for device in devices:
         check_options(module, manager, device, options)

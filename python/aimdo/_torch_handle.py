@@ -6,6 +6,7 @@ aimdo.torch only."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import weakref
 
@@ -13,14 +14,18 @@ import torch
 
 from . import _core
 from ._manager import Manager
-from ._placement import place
+from ._placement import place, placement_order
 from ._schedule import ForwardStats, Schedule, auto_staging_bytes, use_seconds
+from ._sizes import format_size
 from ._torch_checkpoint import attach
 from ._torch_host import HostWeights
 from ._torch_layout import Binding, lay_out
 from ._torch_offload import _ABSENT, Runner, _TorchExecutor, make_forward, offloaded_by
+from ._torch_stream import FileStream, host_limit_bytes, left_in_files
 from ._torch_tune import START, PrefetchTuner
 from .sim import SimBackend
+
+_log = logging.getLogger("aimdo")
 
 
 class Offload:
@@ -79,9 +84,18 @@ class Offload:
         stamps = attach(blocks, checkpoint) if checkpoint is not None and leader is None else None
         self._blocks = blocks
         self._module = weakref.ref(module)
+        listed = set(declared)
+        placed = declared + [block for block in blocks if block not in listed]
+        self._stream = None  # reads the blocks left in the checkpoint files
+        if stamps is not None:
+            self._leave_in_files(device, placed, options, rotation, stamps, sim is None)
+        elif leader is not None and leader._stream is not None:
+            self._stream = FileStream(leader._stream.reader.stamps, pin=sim is None)
+        self._stamps = stamps
         # A group's other members copy from the leader's host chunks (one host copy).
         if leader is None:
-            self._host = HostWeights(blocks, pin=sim is None, stamps=stamps)
+            pinned = [block for block in blocks if not block.file_runs]
+            self._host = HostWeights(pinned, pin=sim is None, stamps=stamps)
         else:
             self._host = _SharedHost(blocks)
         self._installed = []  # (module reference, its forward before, binding)
@@ -90,14 +104,14 @@ class Offload:
         self._in_group = False  # a member of an OffloadGroup: undone with the group only
         self.vbar = None
         try:
-            listed = set(declared)
-            placed = declared + [block for block in blocks if block not in listed]
             self.vbar = place(manager, device, placed, options["spread"], rotation)
             if leader is None:
                 self._host.move_in()
             else:
                 for own, theirs in zip(blocks, leader._blocks, strict=True):
                     own.runs = theirs.runs
+                    if theirs.file_runs:
+                        own.file_runs, own.stream = theirs.file_runs, self._stream
                     for mine, leaders in zip(own.weights, theirs.weights, strict=True):
                         mine.stride = leaders.stride  # as the leader's chunks hold them
             prefetch = options["prefetch"]
@@ -127,6 +141,36 @@ class Offload:
             self._take_apart()
             raise
 
+    def _leave_in_files(self, device, placed, options, rotation, stamps, pin: bool) -> None:
+        """Decide which blocks stay in the checkpoint files (host_limit) and log it."""
+        weights = sum(block.nbytes for block in placed)
+        limit, why = host_limit_bytes(options["host_limit"], weights)
+        order = placement_order(placed, options["spread"], rotation)
+        files = left_in_files(order, limit)
+        if files:
+            self._stream = FileStream(stamps, pin=pin)
+            for block in files:
+                block.file_runs = [(w.offset, w.source) for w in block.weights]
+                block.stream = self._stream
+        streamed = sum(block.nbytes for block in files)
+        _log.info(
+            "aimdo: offload on device %s pins %s of its %s of weights in host memory (%s); "
+            "%d blocks (%s) stay in the checkpoint's files, read again at each copy: those "
+            "placed first, kept resident in VRAM and read again only after an eviction",
+            device,
+            format_size(weights - streamed),
+            format_size(weights),
+            why,
+            len(files),
+            format_size(streamed),
+        )
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes of weights left in the checkpoint's files, read at each copy (see
+        ``host_limit``); 0 without a checkpoint."""
+        return sum(block.nbytes for block in self._blocks if block.file_runs)
+
     def _install(self, root, bindings) -> None:
         if not bindings or bindings[0][0] is not root:  # the root begins every forward
             bindings = [(root, Binding()), *bindings]
@@ -153,6 +197,10 @@ class Offload:
                 entries[key] = original
         if self._executor is not None:
             self._executor.synchronize()  # no copy reads the chunks or writes the buffers
+        if self._stream is not None:
+            self._stream.close()
+        for block in self._blocks:
+            block.file_runs, block.stream = [], None
         if self._runner is not None:
             self._runner.schedule.drop_staging()
         for block in self._blocks:
@@ -223,9 +271,11 @@ class Offload:
     @property
     def pinned_bytes(self) -> int:
         """Bytes of host memory this offload holds for the weights (pinned on CUDA; on a
-        simulator plain memory, counted the same). Weights already pinned, used in place,
-        are not counted. 0 once undone."""
-        return self._host.pinned_bytes
+        simulator plain memory, counted the same): the chunks, and the ring of buffers
+        that blocks left in the checkpoint's files are read through. Weights already
+        pinned, used in place, are not counted. 0 once undone."""
+        ring = self._stream.nbytes if self._stream is not None else 0
+        return self._host.pinned_bytes + ring
 
     @property
     def staging_bytes(self) -> int:
@@ -328,6 +378,16 @@ def check_options(module, manager: Manager, device, options: dict) -> None:
     checkpoint = options.get("checkpoint")
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
         raise TypeError(f"checkpoint must be a path, got {type(checkpoint).__name__}")
+    host_limit = options.get("host_limit", "auto")
+    if host_limit not in (None, "auto"):
+        if isinstance(host_limit, bool) or not isinstance(host_limit, int) or host_limit < 0:
+            raise ValueError(
+                f"host_limit must be None, 'auto' or a number of bytes, got {host_limit!r}"
+            )
+        if checkpoint is None:
+            raise ValueError(
+                "host_limit leaves weights in a checkpoint's files: it needs checkpoint="
+            )
     if not isinstance(options["spread"], bool):
         raise TypeError(f"spread must be a bool, got {options['spread']!r}")
     if not all(isinstance(w, (type, torch.nn.Module)) for w in options["whole"]):

@@ -184,19 +184,30 @@ class HostWeights:
 
 
 def _register(chunk: _Chunk) -> None:
+    try:
+        chunk.unregister = pin_tensor(chunk.tensor)
+    except BaseException:
+        chunk.tensor = None
+        raise
+
+
+def pin_tensor(tensor: torch.Tensor) -> weakref.finalize:
+    """Register the memory of a host tensor with CUDA (pinned, portable to every context);
+    returns the finalizer that unregisters it, called at the latest when the tensor dies.
+    aimdo.OutOfMemoryError or aimdo.AimdoError if the driver refuses."""
     cudart = torch.cuda.cudart()
-    pointer = chunk.tensor.data_ptr()
-    code = int(cudart.cudaHostRegister(pointer, chunk.nbytes, _CUDA_HOST_REGISTER_PORTABLE))
+    pointer = tensor.data_ptr()
+    nbytes = tensor.numel() * tensor.element_size()
+    code = int(cudart.cudaHostRegister(pointer, nbytes, _CUDA_HOST_REGISTER_PORTABLE))
     if code != 0:
         cudart.cudaGetLastError()  # the runtime keeps the error: PyTorch's next call would raise it
-        chunk.tensor = None
         kind = _core.OutOfMemoryError if code == 2 else _core.AimdoError
         raise kind(
-            f"pinning {chunk.nbytes} bytes of host memory for offloaded weights failed "
+            f"pinning {nbytes} bytes of host memory for offloaded weights failed "
             f"(cudaHostRegister: cudaError {code}); the locked-memory limit (ulimit -l) "
             "or the host's memory may be too small"
         )
-    chunk.unregister = weakref.finalize(chunk.tensor, _unregister, pointer)
+    return weakref.finalize(tensor, _unregister, pointer)
 
 
 def _unregister(pointer: int) -> None:

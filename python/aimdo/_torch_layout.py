@@ -103,6 +103,8 @@ class TorchBlock(Block):
         "page_storage",
         "page_views",
         "runs",
+        "file_runs",
+        "stream",
         "peers",
     )
 
@@ -115,6 +117,10 @@ class TorchBlock(Block):
         self.page_storage = None  # the allocation's bytes: fixed addresses, kept once made
         self.page_views = None
         self.runs = []  # (offset in the block, uint8 host tensor): the copies that fill it
+        # Or, a block left in its checkpoint files: (offset in the block, the checkpoint's
+        # tensor) for each weight, read at every copy through `stream` (a FileStream).
+        self.file_runs = []
+        self.stream = None
         # The same block on the other devices of an offload group, nearest first: a copy
         # reads one of them when its pages hold the weights (design.md §7).
         self.peers: tuple[TorchBlock, ...] = ()

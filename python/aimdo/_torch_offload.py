@@ -205,6 +205,8 @@ class _TorchExecutor(Executor):
         (non-blocking from pinned memory on CUDA; at once on the CPU)."""
         for offset, source in block.runs:
             storage[offset : offset + source.numel()].copy_(source, non_blocking=True)
+        if block.file_runs:
+            block.stream.copy_in(block, storage)
 
 
 class Runner:

@@ -91,6 +91,12 @@ def use_allocator(manager: Manager | None = None) -> None:
         _allocator_installed = True
 
 
+def _host_limit(host_limit):
+    if isinstance(host_limit, str) and host_limit != "auto":
+        return parse_size(host_limit)
+    return host_limit
+
+
 def offload(
     module: torch.nn.Module,
     device: int,
@@ -102,6 +108,7 @@ def offload(
     staging_bytes: int | str | None = None,
     whole=(torch.nn.MultiheadAttention,),
     checkpoint=None,
+    host_limit="auto",
 ) -> Offload:
     """Make ``module`` run on ``device`` with its weights streamed through aimdo, in place
     (see Offload); returns the Offload, whose ``undo()`` puts it back.
@@ -135,6 +142,15 @@ def offload(
     checkpoint lacks (a buffer no checkpoint saves) keeps its own values. Undo then puts
     the module back as it was (meta weights stay meta; host weights hold the
     checkpoint's values).
+    ``host_limit`` (bytes or a size string) caps the host memory the weights of such a
+    module are pinned in; the blocks that do not fit stay in the files and are read again
+    at each copy, through a ring of 4 pinned buffers of 16 MiB, by 4 threads. The blocks
+    pinned first are those the VBAR places last (offloaded, so copied at every forward);
+    those placed first (resident in VRAM, read again only after an eviction) stream.
+    ``"auto"`` (default) pins every weight when they fit in half of the host memory
+    available (MemAvailable), else half of it; ``None`` pins every weight; ``0`` streams
+    every block that can (a block with a weight of the module's own is pinned). The
+    choice is logged (logger ``aimdo``, INFO); ``Offload.streamed_bytes`` tells it.
 
     Errors, before anything changes: TypeError and ValueError for bad arguments or weights
     offload cannot move (on the host or, with a checkpoint, the meta device; dense, plain
@@ -152,6 +168,7 @@ def offload(
         "staging_bytes": None if staging_bytes is None else parse_size(staging_bytes),
         "whole": tuple(whole),
         "checkpoint": checkpoint,
+        "host_limit": _host_limit(host_limit),
     }
     check_options(module, manager, device, options)
     return Offload(module, device, manager, options)

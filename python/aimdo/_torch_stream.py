@@ -1,0 +1,170 @@
+"""Blocks whose weights stay in their checkpoint files (``offload(..., host_limit=...)``;
+design.md §7): each copy reads them again, through a small ring of pinned buffers, the
+pieces read in parallel and each copied to the device once read. Needs PyTorch; imported
+by aimdo.torch only.
+
+Not thread-safe: one Offload's copies only, from its forward's thread.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from concurrent.futures import ThreadPoolExecutor, wait
+
+import torch
+
+from ._sizes import format_size
+from ._torch_checkpoint import Reader
+from ._torch_host import pin_tensor
+
+#: The ring: this many buffers of this many bytes (pinned on CUDA), and this many threads
+#: reading into them at once.
+RING_BUFFERS = 4
+RING_BUFFER_BYTES = 16 << 20
+READERS = 4
+
+
+class _Buffer:
+    def __init__(self, tensor: torch.Tensor, unpin):
+        self.tensor = tensor
+        self.unpin = unpin  # gives the pinning back (None on a simulator)
+        self.free = None  # a CUDA event: the copy that last read it is done (None: free)
+
+
+class FileStream:
+    """Copies blocks from their checkpoint files (``TorchBlock.file_runs``) into device
+    memory: each run cut into pieces of at most one buffer, read by READERS threads into
+    the ring's buffers (each waiting first for the copy that last read its buffer), then
+    copied to the device on the current stream, in order."""
+
+    def __init__(self, stamps, pin: bool):
+        self.reader = Reader(stamps)
+        self.pin = pin
+        self.buffers: list[_Buffer] = []
+        self.pool = None
+        self.turn = 0  # the buffer the next piece takes
+        # A stream dropped without close (its module dropped without undo) still gives
+        # its files back; its buffers unpin themselves as they die.
+        weakref.finalize(self, self.reader.close)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the ring's buffers held now."""
+        return sum(buffer.tensor.numel() for buffer in self.buffers)
+
+    def _ring(self) -> list[_Buffer]:
+        if not self.buffers:
+            for _ in range(RING_BUFFERS):
+                tensor = torch.empty(RING_BUFFER_BYTES, dtype=torch.uint8)
+                self.buffers.append(_Buffer(tensor, pin_tensor(tensor) if self.pin else None))
+            self.pool = ThreadPoolExecutor(READERS, thread_name_prefix="aimdo-read")
+        return self.buffers
+
+    def copy_in(self, block, storage: torch.Tensor) -> None:
+        """Queue the copy of `block`'s file runs into `storage` on the current stream
+        (done when this returns on a simulator). CheckpointError from a read (the file
+        changed or ends early): the copies queued before it are left to finish."""
+        pieces = []  # (offset in storage, checkpoint tensor, offset in it, bytes)
+        for offset, tensor in block.file_runs:
+            for start in range(0, tensor.nbytes, RING_BUFFER_BYTES):
+                count = min(RING_BUFFER_BYTES, tensor.nbytes - start)
+                pieces.append((offset + start, tensor, start, count))
+        ring = self._ring()
+        for first in range(0, len(pieces), len(ring)):
+            wave = pieces[first : first + len(ring)]
+            taken = []
+            for _ in wave:
+                buffer = ring[self.turn]
+                self.turn = (self.turn + 1) % len(ring)
+                if buffer.free is not None:
+                    buffer.free.synchronize()  # its last copy read it: without the GIL
+                    buffer.free = None
+                taken.append(buffer)
+            reads = [
+                self.pool.submit(self.reader.read, tensor, buffer.tensor[:count], start)
+                for (_, tensor, start, count), buffer in zip(wave, taken, strict=True)
+            ]
+            wait(reads)  # every read ended before a failure is raised: none writes later
+            for read in reads:
+                read.result()
+            for (offset, _, _, count), buffer in zip(wave, taken, strict=True):
+                storage[offset : offset + count].copy_(buffer.tensor[:count], non_blocking=True)
+                if storage.device.type == "cuda":
+                    buffer.free = torch.cuda.Event()
+                    buffer.free.record(torch.cuda.current_stream(storage.device))
+
+    def close(self) -> None:
+        """Wait for the copies that read the ring, stop the readers, give the ring and the
+        files back. The caller has synchronized the device already, or does not mind."""
+        for buffer in self.buffers:
+            if buffer.free is not None:
+                buffer.free.synchronize()
+            if buffer.unpin is not None:
+                buffer.unpin()
+        self.buffers = []
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
+        self.reader.close()
+
+
+#: host_limit="auto" pins at most this fraction of the host memory available when the
+#: module is offloaded (MemAvailable), leaving the rest to the process and the page cache.
+AUTO_HOST_FRACTION = 0.5
+
+
+def available_host_bytes() -> int:
+    """The host memory available now (Linux: MemAvailable), or the free pages' bytes."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def host_limit_bytes(host_limit, weights: int) -> tuple[int, str]:
+    """The bytes of weights to pin for `host_limit` (None: all; "auto"; bytes), and why."""
+    if host_limit is None:
+        return weights, "host_limit=None pins every weight"
+    if host_limit == "auto":
+        available = available_host_bytes()
+        limit = int(available * AUTO_HOST_FRACTION)
+        if weights <= limit:
+            return weights, (
+                f"host_limit='auto': the weights fit in {AUTO_HOST_FRACTION:.0%} of the "
+                f"{format_size(available)} of host memory available"
+            )
+        return limit, (
+            f"host_limit='auto': {AUTO_HOST_FRACTION:.0%} of the {format_size(available)} of "
+            "host memory available"
+        )
+    return host_limit, f"host_limit={format_size(host_limit)}"
+
+
+def streamable(block) -> bool:
+    """Whether every weight of `block` is a meta weight with a checkpoint source."""
+    return bool(block.weights) and all(
+        w.source is not None and w.tensor.device.type == "meta" for w in block.weights
+    )
+
+
+def left_in_files(placed: list, limit: int) -> list:
+    """The blocks (of `placed`, in placement order) that stay in their files for a pinned
+    budget of `limit` bytes: the blocks that cannot stream are pinned first; then those
+    placed last, which the VBAR offloads first and so are copied at every forward, while
+    they fit; the rest (placed first: resident in VRAM, read again only after an
+    eviction) stream."""
+    left = limit - sum(block.nbytes for block in placed if not streamable(block))
+    files = []
+    for block in reversed(placed):
+        if not streamable(block):
+            continue
+        if block.nbytes <= left:
+            left -= block.nbytes
+        else:
+            files.append(block)
+    return files[::-1]
