@@ -1,0 +1,235 @@
+"""Weights from disk (issue 14): the streaming benchmark's synthetic model saved as a
+sharded safetensors checkpoint on the machine's local disk, then offloaded by aimdo
+straight from the files (the module built on the meta device) at several host-memory
+limits, each run in a process of its own so that its peak RSS is its own: time from the
+files to the first finished step, the steady step, pinned bytes, peak RSS; against
+accelerate's ``load_checkpoint_and_dispatch`` from the same files at the same VRAM limit;
+and the disk's read bandwidth over the files, cold (each file's pages dropped from the
+page cache first with ``posix_fadvise``) and warm.
+
+    python -m benchmarks.from_files [--blocks 60] [--hidden 5120] [--tokens 2048]
+        [--vram-limit 24GiB] [--limits none,8GiB,0,0-cold] [--steps 6]
+        [--dir /tmp/aimdo-checkpoint]
+    python -m benchmarks.from_files --tiny      # tiny model, CPU simulator
+
+A limit is a ``host_limit``: ``none`` pins every weight, ``0`` leaves every block in the
+files, ``0-cold`` the same with the files' pages dropped before the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import aimdo
+import aimdo.torch as atorch
+import torch
+
+from ._common import environment, steady_median, write
+from .streaming import build, sync
+
+GiB = 1 << 30
+SHARD_BYTES = 4 * GiB
+INDEX = "model.safetensors.index.json"
+
+
+def save_checkpoint(args, folder: str) -> None:
+    """The model, its all-resident step and its output, saved in `folder` (once)."""
+    from safetensors.torch import save_file
+
+    device = "cpu" if args.tiny else "cuda:0"
+    model = build(args.blocks, args.hidden, args.dtype, device)
+    x = inputs(args)
+    with torch.no_grad():
+        model(x.to(device))
+        sync(torch.device(device))
+        start = time.perf_counter()
+        out = model(x.to(device))
+        sync(torch.device(device))
+        compute = time.perf_counter() - start
+    torch.save({"output": out.float().cpu(), "compute_seconds": compute}, f"{folder}/out.pt")
+    state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    del model, out
+    shards, current, size = [], {}, 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > (SHARD_BYTES if not args.tiny else 1 << 20):
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensor
+        size += nbytes
+    shards.append(current)
+    weight_map = {}
+    for index, shard in enumerate(shards):
+        file = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, f"{folder}/{file}")
+        weight_map.update({name: file for name in shard})
+    with open(f"{folder}/{INDEX}", "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+def inputs(args) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(2, args.tokens, args.hidden, dtype=args.dtype, generator=gen)
+
+
+def files_of(folder: str) -> list[str]:
+    return sorted(f"{folder}/{n}" for n in os.listdir(folder) if n.endswith(".safetensors"))
+
+
+def drop_cache(folder: str) -> None:
+    for path in files_of(folder):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_bandwidth(folder: str, cold: bool) -> float:
+    """Bytes per second reading every file once, sequentially, in 64 MiB pieces."""
+    if cold:
+        drop_cache(folder)
+    buffer = bytearray(64 << 20)
+    total, start = 0, time.perf_counter()
+    for path in files_of(folder):
+        with open(path, "rb", buffering=0) as f:
+            while count := f.readinto(buffer):
+                total += count
+    return total / (time.perf_counter() - start)
+
+
+def child(args) -> dict:
+    """One run, in this process: the module built on the meta device, offloaded from the
+    checkpoint at `args.child` (a host_limit, or accelerate), timed."""
+    saved = torch.load(f"{args.dir}/out.pt")
+    device = torch.device("cpu") if args.tiny else torch.device("cuda", 0)
+    x = inputs(args).to(device)
+    start = time.perf_counter()
+    if args.child == "accelerate":
+        from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+
+        with init_empty_weights():
+            model = build(args.blocks, args.hidden, args.dtype, "cpu")
+        model = load_checkpoint_and_dispatch(
+            model,
+            f"{args.dir}/{INDEX}",
+            device_map="auto",
+            max_memory={0: args.vram_limit, "cpu": 1 << 42},
+            no_split_module_classes=["Block"],
+        )
+        run, stats = model, {}
+        manager = None
+    else:
+        limit = args.child.removesuffix("-cold")
+        host_limit = None if limit == "none" else aimdo.parse_size(limit)
+        backend = aimdo.SimBackend("1x8GiB", real_bytes=True) if args.tiny else "cuda"
+        options = {"page_size": 2 << 20, "headroom": 0} if args.tiny else {}
+        manager = aimdo.Manager(backend, [0], vram_limit=args.vram_limit, **options)
+        model = build(args.blocks, args.hidden, args.dtype, "meta")
+        handle = atorch.offload(
+            model, 0, manager=manager, checkpoint=f"{args.dir}/{INDEX}", host_limit=host_limit
+        )
+        run = model
+        stats = {"pinned_bytes": handle.pinned_bytes, "streamed_bytes": handle.streamed_bytes}
+    times, out = [], None
+    with torch.no_grad():
+        for _ in range(args.steps):
+            out = run(x)
+            sync(device)
+            times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+    result = {
+        "first_step_seconds": times[0],  # from the files to the first finished step
+        "step_seconds": times,
+        "median_step_seconds": steady_median(times),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "identical": torch.equal(out.float().cpu(), saved["output"]),
+        **stats,
+    }
+    if manager is not None:
+        result["pinned_bytes"] = handle.pinned_bytes  # with the ring, made by now
+        handle.undo()
+        manager.close()
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--blocks", type=int, default=60)
+    parser.add_argument("--hidden", type=int, default=5120)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--vram-limit", type=aimdo.parse_size, default=24 * GiB)
+    parser.add_argument("--limits", default="none,8GiB,0,0-cold")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--dir", default="/tmp/aimdo-checkpoint")
+    parser.add_argument("--accelerate", action="store_true", help="also accelerate's loader")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.tiny:
+        args.blocks, args.hidden, args.tokens, args.steps = 4, 128, 16, 3
+        args.vram_limit = 4 << 20
+    args.dtype = torch.float32 if args.tiny else torch.bfloat16
+    if args.child is not None:
+        print(json.dumps(child(args)))
+        return 0
+    os.makedirs(args.dir, exist_ok=True)
+    if not os.path.exists(f"{args.dir}/{INDEX}"):
+        save_checkpoint(args, args.dir)
+    checkpoint_bytes = sum(os.path.getsize(p) for p in files_of(args.dir))
+    result = {
+        "benchmark": "from_files",
+        "environment": environment(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "checkpoint_bytes": checkpoint_bytes,
+        "compute_seconds": torch.load(f"{args.dir}/out.pt")["compute_seconds"],
+        "disk_read_bytes_per_s": {
+            "cold": read_bandwidth(args.dir, cold=True),
+            "warm": read_bandwidth(args.dir, cold=False),
+        },
+        "runs": {},
+    }
+    print(
+        f"checkpoint {checkpoint_bytes / GiB:.2f} GiB; reading it: cold "
+        f"{result['disk_read_bytes_per_s']['cold'] / 1e9:.2f} GB/s, warm "
+        f"{result['disk_read_bytes_per_s']['warm'] / 1e9:.2f} GB/s; all-resident step "
+        f"{result['compute_seconds'] * 1000:.1f} ms",
+        flush=True,
+    )
+    runs = args.limits.split(",") + (["accelerate"] if args.accelerate and not args.tiny else [])
+    for name in runs:
+        if name.endswith("-cold"):
+            drop_cache(args.dir)
+        command = [sys.executable, "-m", "benchmarks.from_files", "--child", name]
+        command += ["--blocks", str(args.blocks), "--hidden", str(args.hidden)]
+        command += ["--tokens", str(args.tokens), "--vram-limit", str(args.vram_limit)]
+        command += ["--steps", str(args.steps), "--dir", args.dir]
+        command += ["--tiny"] if args.tiny else []
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            print(f"  {name}: failed\n{done.stderr[-3000:]}", flush=True)
+            result["runs"][name] = {"failed": done.stderr[-3000:]}
+            continue
+        run = json.loads(done.stdout.strip().splitlines()[-1])
+        result["runs"][name] = run
+        print(
+            f"  {name}: first step {run['first_step_seconds']:.2f} s from the files, then "
+            f"{run['median_step_seconds'] * 1000:.1f} ms a step; pinned "
+            f"{run.get('pinned_bytes', 0) / GiB:.2f} GiB, peak RSS "
+            f"{run['peak_rss_bytes'] / GiB:.2f} GiB, streamed "
+            f"{run.get('streamed_bytes', 0) / GiB:.2f} GiB; identical: {run['identical']}",
+            flush=True,
+        )
+    write("from_files", result, args.out, keep=not args.tiny)
+    return 0 if all(r.get("identical", False) for r in result["runs"].values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
