@@ -318,7 +318,8 @@ def test_host_limit_zero_reads_every_block_from_the_files_at_each_copy(make_mana
         assert o.streamed_bytes == sum(b.nbytes for b in o._blocks) and o.pinned_bytes == 0
         for _ in range(3):
             assert torch.equal(model(x.to(where(0))), expected)
-            assert o.last_stats.bytes_copied > 0
+            stats = o.last_stats
+            assert stats.bytes_copied > 0 and stats.bytes_from_files == stats.bytes_copied
         # No chunk: only the ring the reads go through.
         assert o.pinned_bytes == stream.RING_BUFFERS * stream.RING_BUFFER_BYTES
     assert o.pinned_bytes == 0

@@ -52,6 +52,7 @@ class ForwardStats:
     offloaded_layers: int = 0  # above the watermark: through a staging or temporary buffer
     bytes_copied: int = 0
     bytes_from_peers: int = 0  # of bytes_copied: read from another device's pages
+    bytes_from_files: int = 0  # of bytes_copied: read from a checkpoint's files (host_limit)
     peak_temporary_bytes: int = 0  # most bytes of temporary buffers held at one time
 
 

@@ -125,6 +125,7 @@ class Offload:
                 sizes = [block.nbytes for block in blocks]
                 staging = auto_staging_bytes(sizes, prefetch, manager.budget_bytes(device))
             self._executor = _TorchExecutor(self.device, stream, device, backend)
+            self._executor.file_stream = self._stream
             schedule = Schedule(
                 self._executor,
                 self.vbar,

@@ -50,6 +50,7 @@ class _TorchExecutor(Executor):
         self._backend = backend  # for peer copies (the driver; on a simulator, adoption)
         self._sim = backend if device.type != "cuda" else None
         self._peer_pins = []  # (copy done token, peer block): unpinned once the copy is done
+        self.file_stream = None  # the offload's FileStream, if blocks stay in files
         self.peer_bytes = 0  # bytes read from peers' pages since the last take_peer_bytes
 
     def _device_tensor(self, nbytes: int) -> torch.Tensor:
@@ -258,6 +259,8 @@ class Runner:
                     executor = schedule.executor
                     executor.release_peer_pins(wait=True)
                     schedule.stats.bytes_from_peers = executor.take_peer_bytes()
+                    if executor.file_stream is not None:
+                        schedule.stats.bytes_from_files = executor.file_stream.take_bytes_read()
                     self.last_stats = schedule.stats
                     if tuner is not None:
                         on_device = (

@@ -44,6 +44,7 @@ class FileStream:
         self.buffers: list[_Buffer] = []
         self.pool = None
         self.turn = 0  # the buffer the next piece takes
+        self.bytes_read = 0  # since the last take_bytes_read
         # A stream dropped without close (its module dropped without undo) still gives
         # its files back; its buffers unpin themselves as they die.
         weakref.finalize(self, self.reader.close)
@@ -88,11 +89,16 @@ class FileStream:
             wait(reads)  # every read ended before a failure is raised: none writes later
             for read in reads:
                 read.result()
+            self.bytes_read += sum(count for _, _, _, count in wave)
             for (offset, _, _, count), buffer in zip(wave, taken, strict=True):
                 storage[offset : offset + count].copy_(buffer.tensor[:count], non_blocking=True)
                 if storage.device.type == "cuda":
                     buffer.free = torch.cuda.Event()
                     buffer.free.record(torch.cuda.current_stream(storage.device))
+
+    def take_bytes_read(self) -> int:
+        taken, self.bytes_read = self.bytes_read, 0
+        return taken
 
     def close(self) -> None:
         """Wait for the copies that read the ring, stop the readers, give the ring and the
