@@ -259,3 +259,23 @@ def test_a_simulator_twin_has_the_same_devices_and_links_and_nothing_on_them():
     assert twin.external_usage(0) == 0
     assert twin.peer_link(0, 1) == sim.peer_link(0, 1)
     assert twin.peer_link(0, 1).access
+
+
+def test_all_devices_copy_at_once_and_a_failure_releases_the_others(monkeypatch):
+    import threading as threads
+
+    import aimdo._torch_regime as regime
+
+    rates = {0: 5.0, 1: 3.0, 2: 4.0}
+
+    def bandwidth(device, ready):
+        if device == 2 and rates[2] < 0:
+            raise RuntimeError("no pinned memory")
+        ready.wait(timeout=10)  # every device starts its copies together
+        return rates[device]
+
+    monkeypatch.setattr(regime, "_host_bandwidth", bandwidth)
+    assert regime._all_at_once([0, 1, 2]) == 3.0
+    rates[2] = -1.0
+    with pytest.raises((RuntimeError, threads.BrokenBarrierError)):
+        regime._all_at_once([0, 1, 2])

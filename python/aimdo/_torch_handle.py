@@ -91,7 +91,6 @@ class Offload:
             self._leave_in_files(device, placed, options, rotation, stamps, sim is None)
         elif leader is not None and leader._stream is not None:
             self._stream = FileStream(leader._stream.reader.stamps, pin=sim is None)
-        self._stamps = stamps
         # A group's other members copy from the leader's host chunks (one host copy).
         if leader is None:
             pinned = [block for block in blocks if not block.file_runs]

@@ -73,24 +73,16 @@ def _host_bandwidth(device: int, ready=None) -> float:
 
 def _all_at_once(devices) -> float:
     """The lowest host bandwidth of `devices` while they all copy at once."""
-    found, errors = {}, []
     ready = threading.Barrier(len(devices))
 
     def probe(device):
         try:
-            found[device] = _host_bandwidth(device, ready)
-        except BaseException as error:  # noqa: BLE001 - raised below
-            errors.append(error)
-            ready.abort()
+            return _host_bandwidth(device, ready)
+        except BaseException:
+            ready.abort()  # the others must not wait for this one at the barrier
+            raise
 
-    threads = [threading.Thread(target=probe, args=(d,)) for d in devices]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return min(found.values())
+    return min(run_parts([lambda d=d: probe(d) for d in devices]))
 
 
 def _measured_twin(manager: Manager, devices: list[int]) -> SimBackend:
