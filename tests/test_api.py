@@ -8,6 +8,7 @@ through make_manager (budgets in pages of PAGE bytes).
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -646,3 +647,35 @@ def test_cli_info_prints_the_backend_and_every_device(tmp_path):
     expected = (aimdo.CudaBackend() if BACKEND == "cuda" else aimdo.SimBackend()).device_count
     listed = [int(m.group(1)) for line in lines if (m := re.search(r"\bdevice (\d+)\b", line))]
     assert listed == list(range(expected))
+    assert "why: chosen with --backend" in lines
+
+
+def gpus_here() -> int:
+    try:
+        return aimdo.CudaBackend().device_count
+    except aimdo.AimdoError:
+        return 0
+
+
+@pytest.mark.parametrize("environment", [None, "sim"], ids=["no-variable", "variable"])
+def test_cli_info_chooses_the_backend_and_says_why(tmp_path, environment):
+    env = {k: v for k, v in os.environ.items() if k != "AIMDO_BACKEND"}
+    if environment is not None:
+        env["AIMDO_BACKEND"] = environment
+    result = subprocess.run(
+        [sys.executable, "-m", "aimdo", "info"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    why = next(line for line in lines if line.startswith("why: "))
+    if environment is not None:
+        assert "backend: sim" in lines and why == "why: chosen with AIMDO_BACKEND=sim"
+    elif gpus_here():
+        assert "backend: cuda" in lines and f"reports {gpus_here()} GPU" in why
+    else:
+        assert "backend: sim" in lines and why.startswith("why: the simulator: the CUDA driver")

@@ -72,13 +72,11 @@ def _milliseconds(text: str) -> float:
     return value
 
 
-def _add_backend_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--backend",
-        choices=["sim", "cuda"],
-        default=None,
-        help="sim (default, or what AIMDO_BACKEND says) or cuda",
-    )
+def _add_backend_arguments(
+    parser: argparse.ArgumentParser,
+    default: str = "sim (default, or what AIMDO_BACKEND says) or cuda",
+) -> None:
+    parser.add_argument("--backend", choices=["sim", "cuda"], default=None, help=default)
     parser.add_argument(
         "--devices",
         type=_devices,
@@ -87,11 +85,35 @@ def _add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _info_backend(args: argparse.Namespace):
+    """The backend info reports on, and why: --backend, else AIMDO_BACKEND, else the
+    CUDA driver when it loads and reports a GPU, else the simulator."""
+    import os
+
+    from ._manager import CudaBackend
+
+    if args.backend is not None:
+        return args.backend, "chosen with --backend"
+    named = os.environ.get("AIMDO_BACKEND", "").strip()
+    if named:
+        return named, f"chosen with AIMDO_BACKEND={named}"
+    try:
+        cuda = CudaBackend()
+        count = cuda.device_count
+    except _core.AimdoError as error:
+        return "sim", f"the simulator: the CUDA driver is not usable here ({error})"
+    if count == 0:
+        return "sim", "the simulator: the CUDA driver reports no GPU"
+    return cuda, f"the CUDA driver reports {count} GPU{'s' if count > 1 else ''}"
+
+
 def _info(args: argparse.Namespace) -> int:
     from ._manager import Manager
 
-    with Manager(args.backend, args.devices) as manager:
+    backend, why = _info_backend(args)
+    with Manager(backend, args.devices) as manager:
         print(f"backend: {manager.backend_name}")
+        print(f"why: {why}")
         for device in manager.devices:
             info = manager.device_info(device)
             free, total = manager.memory_info(device)
@@ -110,7 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     info = commands.add_parser("info", help="backend, devices, capacities and budgets")
-    _add_backend_arguments(info)
+    _add_backend_arguments(
+        info,
+        "sim or cuda (default: what AIMDO_BACKEND says, else cuda when the CUDA driver "
+        "loads and reports a GPU, else sim)",
+    )
 
     demo = commands.add_parser(
         "demo", help="run a model larger than the GPUs' budgets layer by layer on each device"
