@@ -22,6 +22,7 @@ import weakref
 import torch
 
 from . import _core
+from ._progress import Progress
 from ._torch_checkpoint import Reader
 from ._torch_layout import TorchBlock, Weight
 
@@ -130,13 +131,17 @@ class HostWeights:
         host needs one chunk more than the weights while it runs), then give every block
         its copy runs. On failure, what was moved is given back and the error raised."""
         reader = Reader(self.stamps or {})
+        what = "aimdo: reading weights" if self.stamps else "aimdo: moving weights to host chunks"
+        progress = Progress(self.planned_bytes, what)
         try:
             for chunk in self.chunks:
                 self._fill(chunk, reader)
+                progress.add(chunk.nbytes)
         except BaseException:
             self.give_back()
             raise
         finally:
+            progress.close()
             reader.close()
         for run in self.in_place:
             run.block.runs.append((run.offset, _bytes_of(run.weights[0].tensor)))
