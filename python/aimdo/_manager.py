@@ -9,6 +9,7 @@ from typing import Any
 
 from . import _core
 from ._peer import PeerLink
+from ._sizes import parse_size
 from .recording import Recording
 from .sim import SimBackend
 
@@ -195,6 +196,7 @@ class Manager:
     ):
         self._backend = resolve_backend(backend)
         self._core = _core.Manager(self._backend.driver)
+        self._growers: dict[int, dict] = {}  # device -> {key: callable}, see _grow_back
         # The process whose driver state this Manager holds: a child made by fork() shares
         # the object but not the driver (CUDA answers it CUDA_ERROR_NOT_INITIALIZED).
         self._pid = os.getpid()
@@ -305,6 +307,37 @@ class Manager:
     def deficit_bytes(self, device: int, nbytes: int = 0) -> int:
         """Bytes to free on ``device`` before ``nbytes`` more fit (<= 0: they fit)."""
         return self._core.deficit_bytes(device, nbytes)
+
+    def set_budget(self, device: int, *, vram_limit=None, headroom=None) -> int:
+        """Change ``device``'s ``vram_limit`` and/or ``headroom`` (bytes or size strings;
+        None keeps the current one) while it runs, from any thread, a forward running or
+        not: pages over the new budget are evicted at once, lowest priority first (pages
+        pinned by a running forward go at a later fault, once unpinned), and a larger
+        budget fills as faults map pages. Returns the bytes evicted now. Errors as
+        ``add_devices``, with nothing changed; DeviceNotInitializedError for a device not
+        initialized here."""
+        if device not in self.devices:
+            raise _core.DeviceNotInitializedError(
+                f"device {device} is not initialized in this Manager (devices {self.devices})"
+            )
+        sizes = {}
+        for name, value in (("vram_limit", vram_limit), ("headroom", headroom)):
+            sizes[name] = parse_size(value) if isinstance(value, str) else value
+        before = self.budget_bytes(device)
+        self.add_devices([device], **sizes)
+        if self.budget_bytes(device) > before:
+            # Evictions lowered watermarks; let the VBARs that asked grow back.
+            for grow in list(self._growers.get(device, {}).values()):
+                grow()
+        return self.reclaim(device, 0)
+
+    def _grow_back(self, device: int, key, grow) -> None:
+        """Call `grow()` whenever ``set_budget`` enlarges ``device``'s budget, until
+        ``_stop_growing(device, key)``: aimdo.torch raises its VBAR's watermark so."""
+        self._growers.setdefault(device, {})[key] = grow
+
+    def _stop_growing(self, device: int, key) -> None:
+        self._growers.get(device, {}).pop(key, None)
 
     def reclaim(self, device: int, nbytes: int) -> int:
         """Make room on ``device`` for an allocation of ``nbytes`` made outside aimdo,

@@ -136,6 +136,8 @@ class Offload:
             )
             self._runner = Runner(schedule, self.device)
             self._runner.tuner = tuner
+            self._manager_ref = weakref.ref(manager)
+            manager._grow_back(device, id(self), _grower(weakref.ref(self)))
             self._install(module, bindings)
         except BaseException:
             self._take_apart()
@@ -207,6 +209,9 @@ class Offload:
             block.page_storage = block.page_views = block.in_pages = None
             block.unbind()
         self._host.give_back()
+        manager = getattr(self, "_manager_ref", lambda: None)()
+        if manager is not None and self.vbar is not None:
+            manager._stop_growing(self.vbar.device, id(self))
         if self.vbar is not None:
             self.vbar.close()
 
@@ -320,6 +325,44 @@ class Offload:
         index = {block: i for i, block in enumerate(self._blocks)}
         return result, [(index[block], s) for block, s in use_seconds(marks, executor.elapsed)]
 
+    def pause(self) -> int:
+        """Give back the device memory this offload holds: every page of its VBAR that no
+        peer is copying from, and its staging buffers (PyTorch memory: through
+        ``use_allocator`` back to the driver). Its state is kept; the module refuses to
+        run until ``resume()``, and then copies its weights in again as it runs. Returns
+        the bytes of pages given back. aimdo.InvalidStateError during a forward or once
+        undone; a second pause does nothing more."""
+        runner = self._runner
+        if runner is None or runner.undone:
+            raise _core.InvalidStateError("this offload was undone")
+        if not runner.lock.acquire(blocking=False):
+            raise _core.InvalidStateError("cannot pause an offload while its module runs")
+        try:
+            runner.paused = True
+            self._executor.synchronize()  # nothing queued still reads the buffers or pages
+            runner.schedule.drop_staging()
+            return self.vbar.free_memory(self.vbar.size)
+        finally:
+            runner.lock.release()
+
+    def resume(self) -> None:
+        """Let the module run again after ``pause()`` (nothing if not paused): its VBAR
+        may fill again as it runs."""
+        if self._runner is not None and self._runner.paused:
+            self._runner.paused = False
+            self._grow()
+
+    def _grow(self) -> None:
+        """Raise the VBAR's watermark to the top (evictions lowered it), so that its
+        faults map pages again where the budget has room."""
+        vbar = self.vbar
+        if vbar is not None and not vbar.closed and not self.paused:
+            vbar.set_watermark(vbar.size)
+
+    @property
+    def paused(self) -> bool:
+        return self._runner is not None and self._runner.paused
+
     def placement(self) -> list[tuple[str, int, int]]:
         """(module name, offset in the VBAR, bytes) of every block, by offset."""
         placed = [(b.name, b.allocation.offset, b.allocation.size) for b in self._blocks]
@@ -345,6 +388,18 @@ class _SharedHost:
     def give_back(self) -> None:
         for block in self.blocks:
             block.runs = []
+
+
+def _grower(reference):
+    """What the Manager calls when a device's budget grows: the offload's _grow, holding
+    the offload weakly (the Manager must not keep a dropped module alive)."""
+
+    def grow() -> None:
+        offload = reference()
+        if offload is not None:
+            offload._grow()
+
+    return grow
 
 
 def _declared_order(order, bindings) -> list:

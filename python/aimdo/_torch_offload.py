@@ -225,6 +225,7 @@ class Runner:
         self.last_stats = ForwardStats()
         self.undone = False
         self.tuner = None  # chooses the prefetch depth (offload(prefetch="auto"))
+        self.paused = False  # Offload.pause(): its memory given back until resume()
 
     def call(self, forward, is_root: bool, args, kwargs):
         """Run `forward` (an offloaded module's) as a forward of its own: the whole
@@ -237,6 +238,11 @@ class Runner:
         if self.undone:  # undone since the caller looked: `forward` now finds the original
             self.lock.release()
             return forward(*args, **kwargs)
+        if self.paused:
+            self.lock.release()
+            raise _core.InvalidStateError(
+                "this offloaded module is paused (Offload.pause): call resume() first"
+            )
         try:
             self.owner = threading.get_ident()
             schedule = self.schedule
