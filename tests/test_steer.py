@@ -4,6 +4,7 @@ offloaded model paused (its device memory given back, its state kept) and resume
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
@@ -25,7 +26,8 @@ def offloaded(make_manager, layers: int, pages: int):
     return model, x.to(where(0)), expected, manager
 
 
-def test_a_smaller_budget_evicts_at_once_and_a_larger_one_fills_again(make_manager):
+def test_a_smaller_budget_evicts_at_once_and_a_larger_one_fills_again(make_manager, caplog):
+    caplog.set_level(logging.INFO, logger="aimdo")
     model, x, expected, manager = offloaded(make_manager, layers=8, pages=8)
     limit = manager.limit_bytes(0)
     with atorch.offload(model, 0, manager=manager) as handle:
@@ -35,6 +37,10 @@ def test_a_smaller_budget_evicts_at_once_and_a_larger_one_fills_again(make_manag
         evicted = manager.set_budget(0, vram_limit=limit - 5 * PAGE)
         assert evicted == 5 * PAGE and manager.resident_bytes(0) == 3 * PAGE
         assert manager.budget_bytes(0) == 3 * PAGE
+        logged = [r.getMessage() for r in caplog.records if "set_budget" in r.getMessage()]
+        assert logged == [
+            "aimdo: device 0 budget 16.00 MiB -> 6.00 MiB (set_budget); 10.00 MiB evicted at once"
+        ]
         for _ in range(2):
             assert torch.equal(model(x), expected)
             assert manager.resident_bytes(0) <= 3 * PAGE

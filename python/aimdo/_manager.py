@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -9,9 +10,11 @@ from typing import Any
 
 from . import _core
 from ._peer import PeerLink
-from ._sizes import parse_size
+from ._sizes import format_size, parse_size
 from .recording import Recording
 from .sim import SimBackend
+
+_log = logging.getLogger("aimdo")
 
 __all__ = ["CudaBackend", "Manager", "resolve_backend"]
 
@@ -325,11 +328,20 @@ class Manager:
             sizes[name] = parse_size(value) if isinstance(value, str) else value
         before = self.budget_bytes(device)
         self.add_devices([device], **sizes)
-        if self.budget_bytes(device) > before:
+        after = self.budget_bytes(device)
+        if after > before:
             # Evictions lowered watermarks; let the VBARs that asked grow back.
             for grow in list(self._growers.get(device, {}).values()):
                 grow()
-        return self.reclaim(device, 0)
+        evicted = self.reclaim(device, 0)
+        _log.info(
+            "aimdo: device %d budget %s -> %s (set_budget); %s evicted at once",
+            device,
+            format_size(before),
+            format_size(after),
+            format_size(evicted),
+        )
+        return evicted
 
     def _grow_back(self, device: int, key, grow) -> None:
         """Call `grow()` whenever ``set_budget`` enlarges ``device``'s budget, until

@@ -341,7 +341,13 @@ class Offload:
             runner.paused = True
             self._executor.synchronize()  # nothing queued still reads the buffers or pages
             runner.schedule.drop_staging()
-            return self.vbar.free_memory(self.vbar.size)
+            freed = self.vbar.free_memory(self.vbar.size)
+            _log.info(
+                "aimdo: offload on device %s paused: %s of pages given back",
+                self.vbar.device,
+                format_size(freed),
+            )
+            return freed
         finally:
             runner.lock.release()
 
