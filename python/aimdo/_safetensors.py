@@ -70,8 +70,9 @@ class FileStamp:
     inode: int
 
 
-def stamp(path: str) -> FileStamp:
-    status = os.stat(path)
+def stamp(file: str | int) -> FileStamp:
+    """The stamp of a file, by path or by open file descriptor."""
+    status = os.stat(file)
     return FileStamp(status.st_size, status.st_mtime_ns, status.st_ino)
 
 

@@ -169,6 +169,15 @@ def use_seconds(marks, elapsed) -> list[tuple[Block, float]]:
     return [(block, seconds) for block, seconds in uses]
 
 
+def per_block(uses) -> dict:
+    """The seconds of `uses` (pairs of a block, or its index, and seconds, as use_seconds
+    gives them) summed per block, the blocks in the order of their first use."""
+    seconds = {}
+    for block, spent in uses:
+        seconds[block] = seconds.get(block, 0.0) + spent
+    return seconds
+
+
 class Slot:
     """A staging buffer for offloaded weights, kept from one forward to the next."""
 

@@ -114,13 +114,7 @@ class Reader:
         `start` of it on. CheckpointError if the file changed since it was stamped or
         ends early."""
         fd = self._open(tensor)
-        status = os.fstat(fd)
-        expected = self.stamps.get(tensor.path)
-        if expected is None or (status.st_size, status.st_mtime_ns, status.st_ino) != (
-            expected.size,
-            expected.mtime_ns,
-            expected.inode,
-        ):
+        if stamp(fd) != self.stamps.get(tensor.path):
             raise CheckpointError(
                 f"{tensor.path}: changed since its header was read (reading tensor "
                 f"{tensor.name}); offload the module again to read the new file"

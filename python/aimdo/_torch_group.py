@@ -15,9 +15,9 @@ from . import _core
 from ._default import get_manager
 from ._manager import Manager
 from ._placement import link_peers
-from ._schedule import ForwardStats
+from ._schedule import ForwardStats, per_block
 from ._sizes import parse_size
-from ._torch_handle import Offload, check_options
+from ._torch_handle import Offload, check_options, host_limit_option
 from ._torch_regime import (
     SPLITTING,
     WITH_PEERS,
@@ -93,7 +93,9 @@ class OffloadGroup:
         self.regime = None
         #: The ranking the choice was made from (fastest first), or None.
         self.ranking = None
-        self._computing = [i for i in range(len(devices)) if i not in self._donors]
+        # The members that compute in some regime: all but the donors, the first first.
+        self._members = [i for i in range(len(devices)) if i not in self._donors]
+        self._computing = self._members
         if regime != "auto":
             self._apply(Regime(regime, float("nan"), "forced"))
 
@@ -148,13 +150,9 @@ class OffloadGroup:
         for offload, linked in zip(self.offloads, self._linked, strict=True):
             for block, theirs in zip(offload._blocks, linked, strict=True):
                 block.peers = theirs if peers else ()
-        first = next(i for i in range(len(self.devices)) if i not in self._donors)
-        if regime.name in SPLITTING:
-            self._computing = [i for i in range(len(self.devices)) if i not in self._donors]
-        else:
-            self._computing = [first]
+        self._computing = self._members if regime.name in SPLITTING else self._members[:1]
         if regime.name == "donor":
-            for index in self._donors or [i for i in range(len(self.devices)) if i != first]:
+            for index in self._donors or self._members[1:]:
                 self.offloads[index].fill()
         self.regime = regime
 
@@ -180,13 +178,27 @@ class OffloadGroup:
             computing = computing[:1]  # too small a batch to split: the first alone
         if len(computing) == 1:
             return self.modules[computing[0]](*args, **kwargs)
+        return self._split(computing, args, kwargs, size)[0]
+
+    def _split(self, computing: list[int], args, kwargs, size: int):
+        """Run the batch split over `computing` (a part each, at once): the gathered
+        output, and the seconds the parts' calls took to return (the latest)."""
         devices = [self.offloads[i].device for i in computing]
         parts = split_batch(args, kwargs, size, devices)
-        calls = [
-            lambda i=i, part=part: self.modules[i](*part[0], **part[1])
-            for i, part in zip(computing, parts, strict=True)
-        ]
-        return gather(run_parts(calls), devices[0])
+
+        def returned(i, part):
+            start = time.perf_counter()
+            output = self.modules[i](*part[0], **part[1])
+            return output, time.perf_counter() - start
+
+        results = run_parts(
+            [
+                lambda i=i, part=part: returned(i, part)
+                for i, part in zip(computing, parts, strict=True)
+            ]
+        )
+        host = max(seconds for _, seconds in results)
+        return gather([output for output, _ in results], devices[0]), host
 
     def _call_and_time(self, args, kwargs):
         """A call of an "auto" group before its choice: the whole batch on the first
@@ -197,7 +209,7 @@ class OffloadGroup:
         count = len(self._computing)
         can_split = count > 1 and size is not None and size >= count
         if self._calls > 2 and can_split and self._timings is not None:
-            output, host = self._split_host_time(args, kwargs, size)
+            output, host = self._split(self._computing, args, kwargs, size)
             self._choose_from(*self._timings, can_split=True, split_host=host)
             return output
         timing = self._calls >= 2
@@ -223,35 +235,9 @@ class OffloadGroup:
             self._choose_from(full, full, can_split=False)
         return output
 
-    def _split_host_time(self, args, kwargs, size: int):
-        """Run the split once: its output, and the seconds its parts' calls took to
-        return, all at once (the latest)."""
-        devices = [self.offloads[i].device for i in self._computing]
-        parts = split_batch(args, kwargs, size, devices)
-
-        def returned(i, part):
-            start = time.perf_counter()
-            output = self.modules[i](*part[0], **part[1])
-            return output, time.perf_counter() - start
-
-        results = run_parts(
-            [
-                lambda i=i, part=part: returned(i, part)
-                for i, part in zip(self._computing, parts, strict=True)
-            ]
-        )
-        host = max(seconds for _, seconds in results)
-        return gather([output for output, _ in results], devices[0]), host
-
     def _choose_from(self, full, split, can_split: bool, split_host: float = 0.0) -> None:
-        seconds_full, seconds_split, order = {}, {}, []
-        for index, seconds in full:
-            if index not in seconds_full:
-                order.append(index)
-                seconds_full[index] = 0.0
-            seconds_full[index] += seconds
-        for index, seconds in split:
-            seconds_split[index] = seconds_split.get(index, 0.0) + seconds
+        seconds_full, seconds_split = per_block(full), per_block(split)
+        order = list(seconds_full)
         if not order:  # no weights used: nothing to place anywhere
             self._apply(Regime("one device", 0.0, "the forward used no weights"))
             return
@@ -374,9 +360,7 @@ def offload_group(
         "staging_bytes": None if staging_bytes is None else parse_size(staging_bytes),
         "whole": tuple(whole),
         "checkpoint": checkpoint,
-        "host_limit": parse_size(host_limit)
-        if isinstance(host_limit, str) and host_limit != "auto"
-        else host_limit,
+        "host_limit": host_limit_option(host_limit),
     }
     for device in devices:
         check_options(module, manager, device, options)

@@ -16,7 +16,7 @@ from . import _core
 from ._manager import Manager
 from ._placement import place, placement_order
 from ._schedule import ForwardStats, Schedule, auto_staging_bytes, use_seconds
-from ._sizes import format_size
+from ._sizes import format_size, parse_size
 from ._torch_checkpoint import attach
 from ._torch_host import HostWeights
 from ._torch_layout import Binding, lay_out
@@ -426,6 +426,14 @@ def _declared_order(order, bindings) -> list:
         declared.append(block)
         seen.add(block)
     return declared
+
+
+def host_limit_option(host_limit):
+    """``host_limit`` as offload's options hold it: a size string parsed to bytes, the
+    rest as given (check_options checks it)."""
+    if isinstance(host_limit, str) and host_limit != "auto":
+        return parse_size(host_limit)
+    return host_limit
 
 
 def check_options(module, manager: Manager, device, options: dict) -> None:

@@ -85,10 +85,10 @@ def _all_at_once(devices) -> float:
     return min(run_parts([lambda d=d: probe(d) for d in devices]))
 
 
-def _measured_twin(manager: Manager, devices: list[int]) -> SimBackend:
-    """A simulator of `devices` with their links as measured now (CUDA): each device's
-    pinned host-to-device bandwidth, whether the host links are shared, and each peer link
-    the driver gives access over."""
+def measure_links(manager: Manager, devices: list[int]) -> tuple[list, dict]:
+    """SimBackend's devices and topology for `devices` with their links as measured now
+    (CUDA): each device's pinned host-to-device bandwidth, whether the host links are
+    shared, and each peer link the driver gives access over."""
     alone = {device: _host_bandwidth(device) for device in devices}
     shared = len(devices) > 1 and _all_at_once(devices) < SHARED_LINK_FRACTION * min(alone.values())
     peers = []
@@ -116,21 +116,23 @@ def _measured_twin(manager: Manager, devices: list[int]) -> SimBackend:
             }
         )
     topology = {"peers": peers, "host_links": [0] * len(devices) if shared else []}
-    return SimBackend(specs, topology=topology)
+    return specs, topology
 
 
 @contextlib.contextmanager
-def predictor(manager: Manager, devices: list[int], others_change=None):
+def predictor(manager: Manager, devices: list[int], others_change=None, links=None):
     """A Manager on a simulator of `devices` of `manager` as they are now, and the numbers
     it gives them: on a simulator its twin (the same numbers); on CUDA a simulator of the
-    links measured now (numbered from 0). Each device keeps its limit, headrooms and page
+    links measured now (numbered from 0), or of `links` (what measure_links gave, for a
+    caller predicting several times). Each device keeps its limit, headrooms and page
     size, and the memory others use on it now, plus `others_change[device]` bytes where
     given (what a different staging would hold). Closed on leaving."""
     backend = manager.backend
     if isinstance(backend, SimBackend):
         twin, numbers = backend.twin(), list(devices)  # the same devices, numbered the same
     else:
-        twin, numbers = _measured_twin(manager, devices), list(range(len(devices)))
+        specs, topology = links if links is not None else measure_links(manager, devices)
+        twin, numbers = SimBackend(specs, topology=topology), list(range(len(devices)))
     infos = [manager.device_info(device) for device in devices]
     options = {
         key: {number: info[key] for number, info in zip(numbers, infos, strict=True)}

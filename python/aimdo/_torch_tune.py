@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 
 from ._manager import Manager
-from ._schedule import Schedule, auto_staging_bytes, use_seconds
-from ._torch_regime import predictor
+from ._schedule import Schedule, auto_staging_bytes, per_block, use_seconds
+from ._torch_regime import measure_links, predictor
 from .predict import predict_offload
+from .sim import SimBackend
 
 _log = logging.getLogger("aimdo")
 
@@ -63,25 +64,25 @@ class PrefetchTuner:
         return auto_staging_bytes(sizes, prefetch, self.manager.budget_bytes(self.device))
 
     def _choose(self, schedule: Schedule, uses) -> None:
-        seconds, order = {}, []
-        for block, spent in uses:
-            if block not in seconds:
-                order.append(block)
-                seconds[block] = 0.0
-            seconds[block] += spent
+        seconds = per_block(uses)
+        order = list(seconds)
         if not order:
             return
         sizes = [block.nbytes for block in order]
         times = [seconds[block] for block in order]
         largest = max(sizes)
         held_now = schedule.staging_bytes
+        # The links are measured once (on CUDA), for every depth's prediction.
+        links = None
+        if not isinstance(self.manager.backend, SimBackend):
+            links = measure_links(self.manager, [self.device])
         predicted = {}
         for prefetch in CANDIDATES:
             staging = self.staging_for(schedule, prefetch)
             # What the staging buffers of that depth would hold, in place of today's.
             held = min(staging, (prefetch + 1) * largest)
             change = {self.device: held - held_now}
-            with predictor(self.manager, [self.device], change) as (made, numbers):
+            with predictor(self.manager, [self.device], change, links) as (made, numbers):
                 steps = predict_offload(
                     made,
                     numbers[0],

@@ -216,23 +216,33 @@ def predict_offload(
     ``aimdo.torch.offload``. ``manager`` must run on a SimBackend; its VBAR is closed
     afterwards. Returns one PredictedStep per forward (the first one learns the order)."""
     block_bytes, block_seconds = _checked(manager, block_bytes, block_seconds, prefetch, steps)
-    if staging_bytes is None:  # the same default as aimdo.torch.offload's
-        staging_bytes = auto_staging_bytes(block_bytes, prefetch, manager.budget_bytes(device))
-    _check_staging(staging_bytes)
-    blocks = [
-        _Block(i, n, s) for i, (n, s) in enumerate(zip(block_bytes, block_seconds, strict=True))
-    ]
-    vbar = place(manager, device, blocks, bool(spread))
+    blocks, vbar, engines, schedule = _member(
+        manager, device, block_bytes, block_seconds, prefetch, spread, staging_bytes
+    )
     try:
-        # The blocks run in the order given; the first forward learns it, as the module's
-        # does when no order is declared.
-        engines = _Engines(manager.backend, device)
-        schedule = Schedule(
-            engines, vbar, blocks, prefetch, order=[], learning=True, staging_bytes=staging_bytes
-        )
         return [_step(schedule, engines, blocks) for _ in range(steps)]
     finally:
         vbar.close()
+
+
+def _member(manager, device, block_bytes, block_seconds, prefetch, spread, staging, rotation=0.0):
+    """The model's blocks placed in a new VBAR on ``device`` (rotated as a group's member
+    ``rotation`` of the way round), the device's engines, and the Schedule an offload
+    would run there: (blocks, vbar, engines, schedule). The blocks run in the order given;
+    the first forward learns it, as the module's does when no order is declared. The
+    caller closes the VBAR."""
+    if staging is None:  # the same default as aimdo.torch.offload's
+        staging = auto_staging_bytes(block_bytes, prefetch, manager.budget_bytes(device))
+    _check_staging(staging)
+    blocks = [
+        _Block(i, n, s) for i, (n, s) in enumerate(zip(block_bytes, block_seconds, strict=True))
+    ]
+    vbar = place(manager, device, blocks, bool(spread), rotation)
+    engines = _Engines(manager.backend, device)
+    schedule = Schedule(
+        engines, vbar, blocks, prefetch, order=[], learning=True, staging_bytes=staging
+    )
+    return blocks, vbar, engines, schedule
 
 
 def predict_group(
@@ -261,23 +271,20 @@ def predict_group(
         raise ValueError(f"predict_group needs distinct devices, got {devices!r}")
     if any(d not in devices for d in donors) or len(set(donors)) >= len(devices):
         raise ValueError(f"donors must be some of {devices!r}, leaving one to compute")
-    sim = manager.backend
     members, vbars = [], []
     try:
         for index, device in enumerate(devices):
-            blocks = [
-                _Block(i, n, s)
-                for i, (n, s) in enumerate(zip(block_bytes, block_seconds, strict=True))
-            ]
-            vbars.append(place(manager, device, blocks, bool(spread), index / len(devices)))
-            staging = staging_bytes
-            if staging is None:
-                staging = auto_staging_bytes(block_bytes, prefetch, manager.budget_bytes(device))
-            _check_staging(staging)
-            engines = _Engines(sim, device)
-            schedule = Schedule(
-                engines, vbars[-1], blocks, prefetch, order=[], learning=True, staging_bytes=staging
+            blocks, vbar, engines, schedule = _member(
+                manager,
+                device,
+                block_bytes,
+                block_seconds,
+                prefetch,
+                spread,
+                staging_bytes,
+                index / len(devices),
             )
+            vbars.append(vbar)
             members.append((device, blocks, engines, schedule))
         if peers:
             link_peers(

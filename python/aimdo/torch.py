@@ -29,7 +29,7 @@ from ._placement import spread_order
 from ._schedule import DEFAULT_STAGING_BYTES, ForwardStats
 from ._sizes import parse_size
 from ._torch_group import OffloadGroup, offload_group
-from ._torch_handle import Offload, check_options
+from ._torch_handle import Offload, check_options, host_limit_option
 from ._torch_offload import _TorchExecutor  # noqa: F401 - tests patch its copies through here
 from ._torch_regime import RUNNABLE as REGIMES
 from ._torch_views import as_tensor
@@ -89,12 +89,6 @@ def use_allocator(manager: Manager | None = None) -> None:
                 f"tensor (PyTorch said: {error})"
             ) from error
         _allocator_installed = True
-
-
-def _host_limit(host_limit):
-    if isinstance(host_limit, str) and host_limit != "auto":
-        return parse_size(host_limit)
-    return host_limit
 
 
 def offload(
@@ -168,7 +162,7 @@ def offload(
         "staging_bytes": None if staging_bytes is None else parse_size(staging_bytes),
         "whole": tuple(whole),
         "checkpoint": checkpoint,
-        "host_limit": _host_limit(host_limit),
+        "host_limit": host_limit_option(host_limit),
     }
     check_options(module, manager, device, options)
     return Offload(module, device, manager, options)
