@@ -224,7 +224,8 @@ def report(key: str, results: dict, forms, weights: int) -> None:
             f"{r['offloaded_layers']} offloaded, {r['bytes_copied'] / GiB:.2f} GiB copied; "
             f"resident {r['resident_bytes'] / GiB:.2f} GiB of the {r['budget_bytes'] / GiB:.2f}"
             f" GiB budget, others {r['others_bytes'] / GiB:.2f} GiB, staging "
-            f"{r['staging_bytes'] / 2**20:.0f} MiB; identical: {r['identical_to_resident']}",
+            f"{r['staging_bytes'] / 2**20:.0f} MiB, prefetch {r['prefetch']}; identical: "
+            f"{r['identical_to_resident']}",
             flush=True,
         )
         if "trace" in r:
@@ -304,7 +305,7 @@ def main() -> int:
         model, forms = qwen_image(args.tiny, device)
     else:
         model, forms = llama_8b(args.tiny, device, args.tokens if not args.tiny else 4)
-    baselines = [b for b in args.baselines.split(",") if b and b != "resident"]
+    baselines = [b for b in args.baselines.split(",") if b and b not in ("resident", "none")]
     if args.tiny:
         baselines = []  # the other offloaders need a GPU
     elif args.model == "llama-8b":

@@ -116,6 +116,39 @@ def pinned_bandwidth(device, nbytes: int = 1 << 30, ready=None) -> float:
     return 5 * nbytes / (time.perf_counter() - start)
 
 
+def timings_cost(offloaded, model, x, args, device) -> dict:
+    """What Offload.timings costs (issue 15): steps with timings off and on, alternating in
+    one run, their medians; and the host time of reading a step's timings (its events)."""
+    off, on, reads = [], [], []
+    for step in range(2 * args.steps):
+        timed = step % 2 == 1
+        offloaded.timings = timed
+        seconds, _ = time_steps(model, x, 1, device)
+        (on if timed else off).append(seconds[0])
+        if timed:
+            began = time.perf_counter()
+            timings = offloaded.last_timings
+            reads.append(time.perf_counter() - began)
+    offloaded.timings = False
+    median_off, median_on = steady_median(off), steady_median(on)
+    cost = {
+        "off_step_seconds": off,
+        "on_step_seconds": on,
+        "read_seconds": reads,
+        "median_off_seconds": median_off,
+        "median_on_seconds": median_on,
+        "cost_fraction": median_on / median_off - 1,
+        "last": {k: v for k, v in timings.as_dict().items() if k not in ("blocks", "spans")},
+    }
+    print(
+        f"  timings: a step {median_off * 1000:.2f} ms off, {median_on * 1000:.2f} ms on "
+        f"({cost['cost_fraction']:+.2%}); reading them {steady_median(reads) * 1000:.2f} ms; "
+        f"last step compute {timings.compute_seconds * 1000:.1f} ms, stalled "
+        f"{timings.stall_seconds * 1000:.1f} ms, copies {timings.copy_seconds * 1000:.1f} ms"
+    )
+    return cost
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=60)
@@ -136,6 +169,11 @@ def main() -> int:
         "is the headline",
     )
     parser.add_argument("--baselines", default="resident,accelerate-offload,accelerate-dispatch")
+    parser.add_argument(
+        "--timings",
+        action="store_true",
+        help="also measure what Offload.timings costs: steps with it off and on, alternating",
+    )
     parser.add_argument("--tiny", action="store_true", help="a small model on the CPU simulator")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -245,6 +283,8 @@ def main() -> int:
                 f" GiB budget: {(left - manager.resident_bytes(0)) / 2**20:.0f} MiB unfilled "
                 f"(largest block {largest / 2**20:.0f} MiB, page {page / 2**20:.0f} MiB)"
             )
+            if args.timings:
+                result["runs"][name]["timings"] = timings_cost(offloaded, model, x, args, device)
             offloaded.undo()  # the model back on the host, for the next run
         if not args.tiny:
             torch.cuda.empty_cache()

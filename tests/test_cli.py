@@ -29,6 +29,8 @@ def run_demo(*extra):
             "384MiB",
             "--page-size",
             "32MiB",
+            "--workload",
+            "declared",
             *extra,
         ],
         capture_output=True,
@@ -50,6 +52,93 @@ def test_demo_runs_one_device_then_two_and_compares_them():
         assert "physical floor: 1 device" in out
     else:
         assert "last step: aimdo's own cost (nothing was copied or computed)" in out
+
+
+def run_torch_demo(*extra, workload="torch"):
+    # On a GPU the budget must leave room for the CUDA context the demo's PyTorch makes.
+    limit = "272MiB" if BACKEND == "sim" else "4GiB"
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aimdo",
+            "demo",
+            "--backend",
+            BACKEND,
+            "--workload",
+            workload,
+            "--steps",
+            "2",
+            "--layers",
+            "8",
+            "--layer-size",
+            "4MiB",
+            "--vram-limit",
+            limit,
+            "--page-size",
+            "2MiB",
+            "--tokens",
+            "64",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_torch_workload_runs_a_real_model_offloaded_and_draws_it(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    picture = tmp_path / "demo.png"
+    result = run_torch_demo("--plot", str(picture))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "all resident on " in out
+    assert "offloaded to device 0 (budget " in out
+    two = BACKEND == "sim" or aimdo.CudaBackend().device_count >= 2
+    # Bit for bit what the model computes all resident: one device, then the group.
+    assert out.count("identical to all resident: yes") == (2 if two else 1), out
+    assert "identical to all resident: NO" not in out
+    if two:
+        assert "one group over devices 0 and 1, the batch split (regime auto)" in out
+        assert "regime chosen: " in out
+    assert "what each device holds now:" in out and "    VBAR 0: " in out
+    assert f"picture: {picture}" in out
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_auto_runs_the_torch_workload_on_gpus_and_the_declared_one_on_the_simulator():
+    pytest.importorskip("torch")
+    result = run_torch_demo(workload="auto")
+    assert result.returncode == 0, result.stderr
+    if BACKEND == "sim":
+        assert "1 device at batch 2 (device 0)" in result.stdout
+        assert "offloaded to device 0" not in result.stdout
+    else:
+        assert "offloaded to device 0 (budget " in result.stdout
+
+
+def test_plot_without_matplotlib_is_a_one_line_error(monkeypatch, capsys):
+    import builtins
+
+    from aimdo import __main__
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    code = __main__.main(["demo", "--backend", BACKEND, "--plot", "x.png"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert (
+        err
+        == "aimdo: AimdoError: --plot needs matplotlib: pip install 'aimdo[plot]' (or matplotlib)\n"
+    )
 
 
 def test_demo_reports_a_clean_error_for_a_device_it_does_not_have():
@@ -117,14 +206,19 @@ def test_demo_rejects_an_option_out_of_range_before_it_runs(option, value, monke
     assert "Traceback" not in err
 
 
-def test_demo_reports_a_model_too_large_for_the_backend_in_one_line(capsys):
+@pytest.mark.parametrize("workload", ["declared", "torch"])
+def test_demo_reports_a_model_too_large_for_the_backend_in_one_line(workload, capsys):
     from aimdo import __main__
 
+    if workload == "torch":
+        pytest.importorskip("torch")
     code = __main__.main(
         [
             "demo",
             "--backend",
             BACKEND,
+            "--workload",
+            workload,
             "--layers",
             "4",
             "--steps",

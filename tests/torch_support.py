@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import aimdo
+import pytest
 import torch
 from conftest import BACKEND, PAGE
 
@@ -19,7 +20,12 @@ def new_manager(make_manager, pages, devices=(0,), **options):
 
 
 def where(device: int) -> torch.device:
-    return torch.device("cpu") if BACKEND == "sim" else torch.device("cuda", device)
+    """Where device `device`'s tensors live (skipping a test on a machine without it)."""
+    if BACKEND == "sim":
+        return torch.device("cpu")
+    if device >= torch.cuda.device_count():
+        pytest.skip(f"needs {device + 1} GPUs; this machine has {torch.cuda.device_count()}")
+    return torch.device("cuda", device)
 
 
 def stack(blocks: int = 12, width: int = 256, seed: int = 0) -> torch.nn.Module:

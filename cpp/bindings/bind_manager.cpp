@@ -179,6 +179,9 @@ void add_manager_external(nb::class_<Manager>& manager) {
           [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->vbar_count(); }, "device"_a,
           release_gil())
       .def(
+          "vbars", [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->vbars(); },
+          "device"_a, release_gil(), "The device's live VBARs, most important first.")
+      .def(
           "stats",
           [](Manager& mgr, IntArg d) {
             DeviceStatsSnapshot snapshot;

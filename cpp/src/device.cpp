@@ -365,6 +365,17 @@ std::size_t Device::vbar_count() const {
   return priority_.size();
 }
 
+std::vector<std::shared_ptr<Vbar>> Device::vbars() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<std::shared_ptr<Vbar>> out;
+  out.reserve(priority_.size());
+  for (Vbar* vbar : priority_) {
+    // Empty for a VBAR whose destructor waits for this lock: it is going, not listed.
+    if (auto alive = vbar->weak_from_this().lock()) out.push_back(std::move(alive));
+  }
+  return out;
+}
+
 void Device::reset_floors() {
   std::lock_guard<std::mutex> lock(mutex_);
   for (Vbar* vbar : priority_) vbar->floor_pages_ = 0;

@@ -72,6 +72,15 @@ def _milliseconds(text: str) -> float:
     return value
 
 
+def _needs_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise _core.AimdoError(
+            "--plot needs matplotlib: pip install 'aimdo[plot]' (or matplotlib)"
+        ) from None
+
+
 def _add_backend_arguments(
     parser: argparse.ArgumentParser,
     default: str = "sim (default, or what AIMDO_BACKEND says) or cuda",
@@ -180,10 +189,35 @@ def main(argv: list[str] | None = None) -> int:
         f"0 to {MAX_LAYER_COMPUTE_MS:.0f} (default 1.5)",
     )
 
+    demo.add_argument(
+        "--workload",
+        choices=["auto", "declared", "torch"],
+        default="auto",
+        help="torch: a real PyTorch model offloaded by aimdo.torch (computed on the CPU on "
+        "the simulator); declared: layers whose copies and compute are declared, virtual "
+        "time on the simulator and aimdo's decisions only on GPUs; auto (default): torch on "
+        "cuda when PyTorch is installed, else declared",
+    )
+    demo.add_argument(
+        "--tokens",
+        type=_count(1 << 24),
+        default=4096,
+        help="tokens in a batch of the torch workload (two batch items; default 4096)",
+    )
+    demo.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        default=None,
+        help="save a picture of each device's pages and of the last step's timeline "
+        "(needs matplotlib: pip install 'aimdo[plot]')",
+    )
+
     args = parser.parse_args(argv)
     try:
         if args.command == "info":
             return _info(args)
+        if args.plot is not None:
+            _needs_matplotlib()
         from ._demo import run_demo
 
         return run_demo(args)

@@ -21,9 +21,11 @@ import argparse
 import threading
 import time
 
+from . import _core
 from ._core import ALLOCATION_ALIGNMENT_BYTES
 from ._manager import Manager, resolve_backend
 from ._sizes import format_size
+from ._timings import ForwardTimings, TimedSpan
 from .sim import SimBackend
 
 
@@ -53,6 +55,7 @@ class _DeviceRun:
         compute_seconds = self.args.layer_compute_ms / 1000 * self.batch
         began = self.sim.now(self.device) if self.sim else time.perf_counter()
         evicted = self.manager.stats(self.device)["evicted_bytes"]
+        spans = []  # on the simulator: the step's timeline, in virtual seconds from its start
         try:
             for index, layer in enumerate(self.layers):
                 signature = self.vbar.fault(layer)
@@ -68,14 +71,37 @@ class _DeviceRun:
                 if copy:
                     copied += layer.size
                 if self.sim:
-                    if copy:
+                    name = f"layer {index}"
+                    start = self.sim.now(self.device) - began
+                    if copy:  # in line: the compute engine waits for it
                         self.sim.copy_to_device(self.device, layer.size)
+                        copied_at = self.sim.now(self.device) - began
+                        spans.append(TimedSpan("copy", name, start, copied_at, "host"))
+                        spans.append(TimedSpan("stall", name, start, copied_at))
+                        start = copied_at
                     self.sim.compute(self.device, compute_seconds)
+                    spans.append(
+                        TimedSpan("compute", name, start, self.sim.now(self.device) - began)
+                    )
                 if signature is not None:
                     self.vbar.unpin(layer)
         except BaseException as error:  # reported by the main thread
             self.error = error
         ended = self.sim.now(self.device) if self.sim else time.perf_counter()
+        seconds = ended - began
+        stalled = sum(span.end - span.start for span in spans if span.lane == "stall")
+        self.timings = ForwardTimings(
+            seconds=seconds,
+            compute_seconds=seconds - stalled,
+            stall_seconds=stalled,
+            copy_seconds=stalled,
+            bytes_from_host=copied,
+            bytes_from_peers=0,
+            bytes_from_files=0,
+            clock="virtual",
+            blocks=(),
+            spans=tuple(spans),
+        )
         self.step = {
             "copied": copied,
             "hits": hits,
@@ -86,9 +112,10 @@ class _DeviceRun:
         }
 
 
-def _run_config(args, label: str, devices: list[int], batch: int) -> list[dict]:
+def _run_config(args, label: str, devices: list[int], batch: int, plot=None) -> list[dict]:
     """Run `args.steps` forward passes on `devices` (one thread each); returns the last
-    step's figures per device."""
+    step's figures per device. With `plot` (a path), saves the picture of the devices'
+    pages and (on the simulator) of the last step's timeline."""
     backend = resolve_backend(args.backend)
     with Manager(backend, devices, vram_limit=args.vram_limit, page_size=args.page_size) as manager:
         sim = backend if isinstance(backend, SimBackend) else None
@@ -126,12 +153,37 @@ def _run_config(args, label: str, devices: list[int], batch: int) -> list[dict]:
                     st["floor"] = floor
                     line += f" {floor * 1000:>6.1f} ms {floor / st['seconds']:>7.0%}"
                 print(line)
+        if plot is not None:
+            from . import plot as pictures
+
+            timings = {f"device {run.device}": run.timings for run in runs} if sim else {}
+            if timings:
+                pictures.overview(manager, timings, plot)
+            else:  # nothing was timed on a GPU: nothing ran
+                pictures.residency_map(manager, plot)
+            print(f"\npicture: {plot}")
         return [run.step for run in runs]
+
+
+def _torch_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
 
 
 def run_demo(args: argparse.Namespace) -> int:
     """The demo for arguments that ``python -m aimdo demo``'s parser checked."""
     backend = resolve_backend(args.backend)
+    workload = args.workload
+    if workload == "auto":
+        real = not isinstance(backend, SimBackend) and _torch_installed()
+        workload = "torch" if real else "declared"
+    if workload == "torch":
+        if not _torch_installed():
+            raise _core.AimdoError("the torch workload needs PyTorch: pip install 'aimdo[torch]'")
+        from ._demo_torch import run_torch_demo
+
+        return run_torch_demo(args)
     count = backend.device_count
     devices = args.devices if args.devices is not None else list(range(min(count, 2)))
     print(
@@ -140,12 +192,23 @@ def run_demo(args: argparse.Namespace) -> int:
         f"{format_size(args.layer_size)}), each device limited to {format_size(args.vram_limit)}, "
         f"{args.layer_compute_ms:g} ms of compute per layer per batch item"
     )
-    one = _run_config(args, f"1 device at batch 2 (device {devices[0]})", devices[:1], 2)
-    if len(devices) < 2:
+    alone = len(devices) < 2
+    one = _run_config(
+        args,
+        f"1 device at batch 2 (device {devices[0]})",
+        devices[:1],
+        2,
+        args.plot if alone else None,
+    )
+    if alone:
         print("\n(one device only: the two-device run needs --devices with two ordinals)")
         return 0
     two = _run_config(
-        args, f"2 devices at batch 1 each (devices {devices[0]}, {devices[1]})", devices[:2], 1
+        args,
+        f"2 devices at batch 1 each (devices {devices[0]}, {devices[1]})",
+        devices[:2],
+        1,
+        args.plot,
     )
     one_step = one[0]["seconds"]
     two_step = max(run["seconds"] for run in two)

@@ -402,6 +402,39 @@ class Manager:
     def vbar_count(self, device: int) -> int:
         return self._core.vbar_count(device)
 
+    def vbars(self, device: int) -> list[_core.Vbar]:
+        """The live VBARs of ``device``, most important (last evicted) first."""
+        return self._core.vbars(device)
+
+    def report(self, device: int) -> dict:
+        """What ``device`` holds now and what it did so far (docs/design.md §6.2b): its
+        budget, usage and resident bytes, its counters (``stats``, with ``driver_seconds``
+        from ``driver_ns``) and, per VBAR in priority order, its size, resident, pinned and
+        watermark bytes. A snapshot: other threads may be faulting meanwhile."""
+        stats = self.stats(device)
+        report = {
+            "device": device,
+            "budget_bytes": self.budget_bytes(device),
+            "usage_bytes": self.usage_bytes(device),
+            "resident_bytes": self.resident_bytes(device),
+            **stats,
+            "driver_seconds": stats["driver_ns"] / 1e9,
+            "vbars": [],
+        }
+        for vbar in self.vbars(device):
+            pages = vbar.residency()
+            page = vbar.page_size_bytes
+            report["vbars"].append(
+                {
+                    "size_bytes": vbar.size_bytes,
+                    "page_count": len(pages),
+                    "resident_bytes": sum(page for resident, _ in pages if resident),
+                    "pinned_bytes": sum(page for _, pinned in pages if pinned),
+                    "watermark_bytes": vbar.watermark_bytes,
+                }
+            )
+        return report
+
     def stats(self, device: int) -> dict[str, int]:
         """Counters of ``device``: faults, hits, offloaded, pages_mapped, pages_released,
         evictions, evicted_bytes, synchronizes, polls, transient_retries, oom_retries,

@@ -143,10 +143,12 @@ def use_seconds(marks, elapsed) -> list[tuple[Block, float]]:
     from a use's "enter" to its "ready" is its copy (in line, or waited for) and counts for
     no use; any other time counts for the innermost use running then, and time outside
     every use (a parent's own compute between its children) for the use that ended last,
-    or the first use when none came before. So the uses' seconds add up to the forward's compute,
-    copies left out."""
+    or the first use when none came before. A copy done in line on the host between a
+    "copy" and a "copied" mark (where the compute runs on the CPU, copies ahead are made
+    there too) counts for no use either. So the uses' seconds add up to the forward's
+    compute, copies left out."""
     uses, stack, before_first, ended = [], [], 0.0, None
-    copying = False
+    copying, moving = False, 0
     for (what, block, mark), (_, _, following) in zip(marks, marks[1:], strict=False):
         if what == "enter":
             uses.append([block, before_first])
@@ -157,7 +159,11 @@ def use_seconds(marks, elapsed) -> list[tuple[Block, float]]:
             copying = False
         elif what == "exit" and stack:
             ended = stack.pop()
-        if copying:
+        elif what == "copy":
+            moving += 1
+        elif what == "copied":
+            moving -= 1
+        if copying or moving:
             continue
         seconds = elapsed(mark, following)
         if stack:

@@ -136,6 +136,7 @@ class Offload:
             )
             self._runner = Runner(schedule, self.device)
             self._runner.tuner = tuner
+            self._runner.timing = options.get("timings", False)
             self._manager_ref = weakref.ref(manager)
             manager._grow_back(device, id(self), _grower(weakref.ref(self)))
             self._install(module, bindings)
@@ -272,6 +273,29 @@ class Offload:
     def last_stats(self) -> ForwardStats:
         """What the last forward (or submodule called on its own) did."""
         return self._runner.last_stats
+
+    @property
+    def timings(self) -> bool:
+        """Whether each forward of the whole module is timed (``last_timings``). Off by
+        default: a timed forward records a CUDA event at each block's start, once its
+        weights are in place and at its end, and two around each copy (its cost on the
+        host is measured in benchmarks/RESULTS.md). May be switched between forwards."""
+        return self._runner.timing
+
+    @timings.setter
+    def timings(self, on: bool) -> None:
+        if not isinstance(on, bool):
+            raise TypeError(f"timings must be a bool, got {on!r}")
+        self._runner.timing = on
+
+    @property
+    def last_timings(self):
+        """The last timed forward of the whole module (aimdo.torch.ForwardTimings: per
+        block and in total, bytes copied by source, copy time, compute time and the
+        compute's stall on copies), or None when none was timed (or the last timed one
+        failed). On CUDA the first read waits for that forward's events."""
+        recorded = self._runner.recorded
+        return None if recorded is None else recorded.timings()
 
     @property
     def pinned_bytes(self) -> int:
@@ -457,6 +481,8 @@ def check_options(module, manager: Manager, device, options: dict) -> None:
             raise ValueError(
                 "host_limit leaves weights in a checkpoint's files: it needs checkpoint="
             )
+    if not isinstance(options.get("timings", False), bool):
+        raise TypeError(f"timings must be a bool, got {options['timings']!r}")
     if not isinstance(options["spread"], bool):
         raise TypeError(f"spread must be a bool, got {options['spread']!r}")
     if not all(isinstance(w, (type, torch.nn.Module)) for w in options["whole"]):

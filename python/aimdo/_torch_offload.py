@@ -15,6 +15,7 @@ import torch
 from . import _core
 from ._executor import IN_LINE, PAGES, TEMPORARY, Executor
 from ._schedule import ForwardStats, Schedule, pin_peer_copy, unpin_peer
+from ._timings import Recorded
 from ._torch_layout import Binding, TorchBlock
 from ._torch_outputs import owned
 from ._torch_views import as_tensor
@@ -52,6 +53,12 @@ class _TorchExecutor(Executor):
         self._peer_pins = []  # (copy done token, peer block): unpinned once the copy is done
         self.file_stream = None  # the offload's FileStream, if blocks stay in files
         self.peer_bytes = 0  # bytes read from peers' pages since the last take_peer_bytes
+        # While a list (a timed forward): (block, source, bytes, start mark, end mark) for
+        # each copy queued (aimdo._timings.Recorded).
+        self.copy_marks = None
+        # On a simulator, while the forward is timed: its Schedule.marks, which each copy
+        # (in line on the host) marks with "copy" and "copied" (see use_seconds).
+        self.inline_marks = None
 
     def _device_tensor(self, nbytes: int) -> torch.Tensor:
         """A tensor of device memory; on a simulator, CPU memory it adopts as the device's,
@@ -97,7 +104,10 @@ class _TorchExecutor(Executor):
 
     def copy(self, block: TorchBlock, storage: torch.Tensor, after):
         source = self._peer_source(block) if block.peers else None
+        timed = self.copy_marks
         if self._device.type != "cuda":  # a simulator: the copy is done when it returns
+            inline = self.inline_marks
+            start = self.mark() if timed is not None or inline is not None else None
             if source is None:
                 self.copy_weights(block, storage)
             else:
@@ -105,6 +115,12 @@ class _TorchExecutor(Executor):
                     self._copy_from_peer(block, storage, source, 0)
                 finally:
                     unpin_peer(source)
+            if start is not None:
+                end = self.mark()
+                if timed is not None:
+                    timed.append((block, _source(block, source), block.nbytes, start, end))
+                if inline is not None:  # the host did it: no block's compute
+                    inline += (("copy", block, start), ("copied", block, end))
             return None
         # In line (the order not known yet, or no copy stream): on the compute stream.
         in_line = after is IN_LINE or self._copy_stream is None
@@ -113,19 +129,24 @@ class _TorchExecutor(Executor):
             with torch.cuda.stream(stream):
                 if after is not None and not in_line:
                     stream.wait_event(after)
+                if timed is not None:
+                    start = torch.cuda.Event(enable_timing=True)
+                    start.record(stream)
                 if source is None:
                     self.copy_weights(block, storage)
                 else:
                     if source.filled is not None:
                         stream.wait_event(source.filled)  # the peer's own copy into its pages
                     self._copy_from_peer(block, storage, source, stream.cuda_stream)
-                done = torch.cuda.Event()
+                done = torch.cuda.Event(enable_timing=timed is not None)
                 done.record(stream)
         except BaseException:
             if source is not None:
                 stream.synchronize()  # a copy queued before the failure may still read it
                 unpin_peer(source)
             raise
+        if timed is not None:
+            timed.append((block, _source(block, source), block.nbytes, start, done))
         if source is not None:
             self._peer_pins.append((done, source))  # unpinned once the copy is done
         if storage is block.page_storage:
@@ -210,6 +231,13 @@ class _TorchExecutor(Executor):
             block.stream.copy_in(block, storage)
 
 
+def _source(block: TorchBlock, peer) -> str:
+    """Where a copy of `block` reads (aimdo._timings.SOURCES)."""
+    if peer is not None:
+        return "peer"
+    return "file" if block.file_runs else "host"
+
+
 class Runner:
     """What the modules' forwards share: the schedule, and who is running a forward.
 
@@ -226,6 +254,8 @@ class Runner:
         self.undone = False
         self.tuner = None  # chooses the prefetch depth (offload(prefetch="auto"))
         self.paused = False  # Offload.pause(): its memory given back until resume()
+        self.timing = False  # Offload.timings: time every forward of the whole module
+        self.recorded = None  # the last timed forward's marks (aimdo._timings.Recorded)
 
     def call(self, forward, is_root: bool, args, kwargs):
         """Run `forward` (an offloaded module's) as a forward of its own: the whole
@@ -246,9 +276,20 @@ class Runner:
         try:
             self.owner = threading.get_ident()
             schedule = self.schedule
+            executor = schedule.executor
             tuner = self.tuner if is_root else None
-            if tuner is not None:
-                tuner.before(schedule)
+            wants = tuner is not None and tuner.wants(schedule)
+            # The forward's marks are this call's to take unless someone outside set them
+            # (Offload.timed, around this call); the tuner and the timings share them.
+            timed = is_root and self.timing
+            marking = (timed or wants) and schedule.marks is None
+            if marking:
+                schedule.marks = [("start", None, executor.mark())]
+                if self.device.type != "cuda":
+                    executor.inline_marks = schedule.marks
+                if timed:
+                    executor.copy_marks = []
+                    self.recorded = None
             schedule.begin_forward(standalone=not is_root)
             failed = True
             try:
@@ -262,20 +303,28 @@ class Runner:
                 try:
                     schedule.end_forward()
                 finally:
-                    executor = schedule.executor
                     executor.release_peer_pins(wait=True)
                     schedule.stats.bytes_from_peers = executor.take_peer_bytes()
                     if executor.file_stream is not None:
                         schedule.stats.bytes_from_files = executor.file_stream.take_bytes_read()
                     self.last_stats = schedule.stats
-                    if tuner is not None:
+                    marks = None
+                    if marking:
+                        marks, schedule.marks = schedule.marks, None
+                        marks.append(("end", None, executor.mark()))
+                        copies, executor.copy_marks = executor.copy_marks, None
+                        executor.inline_marks = None
+                        if timed and not failed:
+                            clock = "cuda events" if self.device.type == "cuda" else "host clock"
+                            self.recorded = Recorded(marks, copies, executor.elapsed, clock)
+                    if wants:
                         on_device = (
                             torch.cuda.device(self.device)
                             if self.device.type == "cuda"
                             else _NO_CONTEXT
                         )
                         with on_device:
-                            tuner.after(schedule, failed)
+                            tuner.after(schedule, failed, marks)
         finally:
             self.owner = None
             self.lock.release()

@@ -25,8 +25,9 @@ MARGIN = 0.01
 
 
 class PrefetchTuner:
-    """The choice of one offload's prefetch depth: Runner.call calls before() ahead of
-    each forward of the whole module and after() once it is over (its blocks let go)."""
+    """The choice of one offload's prefetch depth: Runner.call asks wants() ahead of each
+    forward of the whole module, times it if so, and calls after() once it is over (its
+    blocks let go)."""
 
     def __init__(self, manager: Manager, device: int, staging_bytes: int | None):
         self.manager = manager
@@ -35,17 +36,17 @@ class PrefetchTuner:
         self.predicted = None  # {prefetch: predicted seconds of a forward}, once chosen
         self.done = False
 
-    def before(self, schedule: Schedule) -> None:
-        """Time this forward when the order is known and nothing was chosen yet."""
-        if not self.done and not schedule.learning:
-            schedule.marks = [("start", None, schedule.executor.mark())]
+    def wants(self, schedule: Schedule) -> bool:
+        """Whether the next forward is to be timed: the order is known and nothing was
+        chosen yet."""
+        return not self.done and not schedule.learning
 
-    def after(self, schedule: Schedule, failed: bool) -> None:
-        """Choose from the forward just timed (one that failed is timed again next)."""
-        marks, schedule.marks = schedule.marks, None
+    def after(self, schedule: Schedule, failed: bool, marks) -> None:
+        """Choose from the forward just timed: `marks` are its Schedule.marks, from
+        "start" to "end", or None when it was not timed (one that failed is timed again
+        next)."""
         if marks is None or failed:
             return
-        marks.append(("end", None, schedule.executor.mark()))
         self.done = True
         try:
             self._choose(schedule, use_seconds(marks, schedule.executor.elapsed))

@@ -28,6 +28,7 @@ from ._manager import Manager
 from ._placement import spread_order
 from ._schedule import DEFAULT_STAGING_BYTES, ForwardStats
 from ._sizes import parse_size
+from ._timings import BlockTiming, ForwardTimings
 from ._torch_group import OffloadGroup, offload_group
 from ._torch_handle import Offload, check_options, host_limit_option
 from ._torch_offload import _TorchExecutor  # noqa: F401 - tests patch its copies through here
@@ -36,6 +37,8 @@ from ._torch_views import as_tensor
 
 __all__ = [
     "DEFAULT_STAGING_BYTES",
+    "BlockTiming",
+    "ForwardTimings",
     "ForwardStats",
     "Offload",
     "OffloadGroup",
@@ -103,6 +106,7 @@ def offload(
     whole=(torch.nn.MultiheadAttention,),
     checkpoint=None,
     host_limit="auto",
+    timings: bool = False,
 ) -> Offload:
     """Make ``module`` run on ``device`` with its weights streamed through aimdo, in place
     (see Offload); returns the Offload, whose ``undo()`` puts it back.
@@ -145,6 +149,8 @@ def offload(
     available (MemAvailable), else half of it; ``None`` pins every weight; ``0`` streams
     every block that can (a block with a weight of the module's own is pinned). The
     choice is logged (logger ``aimdo``, INFO); ``Offload.streamed_bytes`` tells it.
+    ``timings`` (default False) times every forward of the whole module, block by block
+    (``Offload.last_timings``, a ForwardTimings; ``Offload.timings`` switches it).
 
     Errors, before anything changes: TypeError and ValueError for bad arguments or weights
     offload cannot move (on the host or, with a checkpoint, the meta device; dense, plain
@@ -163,6 +169,7 @@ def offload(
         "whole": tuple(whole),
         "checkpoint": checkpoint,
         "host_limit": host_limit_option(host_limit),
+        "timings": timings,
     }
     check_options(module, manager, device, options)
     return Offload(module, device, manager, options)

@@ -83,6 +83,8 @@ class Device : public std::enable_shared_from_this<Device> {
   std::size_t resident_bytes() const;  // resident VBAR bytes on this device
   void reset_floors();
   std::size_t vbar_count() const;
+  // The live VBARs of this device, most important first.
+  std::vector<std::shared_ptr<Vbar>> vbars() const;
   DeviceStatsSnapshot stats() const noexcept { return stats_.snapshot(); }
 
   // Close every VBAR of this device, free its external allocations and refuse new ones.

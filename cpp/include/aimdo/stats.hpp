@@ -9,19 +9,21 @@ namespace aimdo {
 
 // Every counter, once: X(name, what it counts). The snapshot, the live counters and the
 // Python statistics dict are all generated from this list.
-#define AIMDO_DEVICE_STATS(X)                                               \
-  X(faults, "Vbar::fault calls that returned")                              \
-  X(hits, "faults that found every page resident")                          \
-  X(offloaded, "faults answered offloaded")                                 \
-  X(pages_mapped, "pages made resident")                                    \
-  X(pages_released, "pages given back (eviction, unpin, watermark, close)") \
-  X(evictions, "eviction passes that had something to free")                \
-  X(evicted_bytes, "bytes freed by eviction passes")                        \
-  X(synchronizes, "device synchronizations before releases")                \
-  X(polls, "free-memory queries")                                           \
-  X(transient_retries, "driver calls retried after a transient error")      \
-  X(oom_retries, "driver out-of-memory answers retried after eviction")     \
-  X(pages_recycled, "evicted pages whose memory a fault mapped again")
+#define AIMDO_DEVICE_STATS(X)                                                \
+  X(faults, "Vbar::fault calls that returned")                               \
+  X(hits, "faults that found every page resident")                           \
+  X(offloaded, "faults answered offloaded")                                  \
+  X(pages_mapped, "pages made resident")                                     \
+  X(pages_released, "pages given back (eviction, unpin, watermark, close)")  \
+  X(evictions, "eviction passes that had something to free")                 \
+  X(evicted_bytes, "bytes freed by eviction passes")                         \
+  X(synchronizes, "device synchronizations before releases")                 \
+  X(polls, "free-memory queries")                                            \
+  X(transient_retries, "driver calls retried after a transient error")       \
+  X(oom_retries, "driver out-of-memory answers retried after eviction")      \
+  X(pages_recycled, "evicted pages whose memory a fault mapped again")       \
+  X(driver_calls, "driver calls made for the device's memory (retries too)") \
+  X(driver_ns, "nanoseconds in those calls, on the driver's clock")
 
 struct DeviceStatsSnapshot {
 #define AIMDO_SNAPSHOT_FIELD(name, what) std::uint64_t name = 0;
