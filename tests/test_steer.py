@@ -129,3 +129,99 @@ def test_a_running_model_cannot_be_paused(make_manager):
         assert len(refused) == 1 and not offload.paused
     with pytest.raises(aimdo.InvalidStateError, match="undone"):
         offload.pause()
+
+
+def test_a_paused_device_gives_every_page_back_and_resumes_where_it_was(make_manager, caplog):
+    caplog.set_level(logging.INFO, logger="aimdo")
+    model, x, expected, manager = offloaded(make_manager, layers=8, pages=6)
+    with atorch.offload(model, 0, manager=manager, prefetch=2) as handle:
+        raw = manager.create_vbar(2 * PAGE, device=0)  # another user's, above the model
+        page = raw.alloc(PAGE)
+        raw.fault(page)
+        raw.unpin(page)
+        for _ in range(2):
+            assert torch.equal(model(x), expected)
+        assert handle.vbar.loaded_bytes == 5 * PAGE and raw.loaded_bytes == PAGE
+        assert handle.staging_bytes > 0
+        watermarks = (handle.vbar.watermark_bytes, raw.watermark_bytes)
+        assert manager.pause(0) == 6 * PAGE
+        assert manager.paused(0) and not handle.paused
+        assert manager.resident_bytes(0) == 0 and handle.staging_bytes == 0
+        assert raw.fault(page) is None  # offloaded while paused
+        with pytest.raises(aimdo.InvalidStateError, match="device is paused"):
+            model(x)
+        assert manager.pause(0) == 0  # nothing left
+        assert [r.getMessage() for r in caplog.records if "paused" in r.getMessage()] == [
+            "aimdo: device 0 paused: 12.00 MiB of pages given back (2 VBARs)",
+            "aimdo: device 0 paused: 0 B of pages given back (2 VBARs)",
+        ]
+        manager.resume(0)
+        assert not manager.paused(0)
+        assert (handle.vbar.watermark_bytes, raw.watermark_bytes) == watermarks
+        for _ in range(2):
+            assert torch.equal(model(x), expected)
+        assert raw.fault(page) is not None  # the other VBAR maps its page again
+        raw.unpin(page)
+        for _ in range(2):
+            assert torch.equal(model(x), expected)
+        assert handle.vbar.loaded_bytes == 5 * PAGE and raw.loaded_bytes == PAGE
+        manager.resume(0)  # not paused: nothing
+
+
+def test_a_device_is_paused_from_another_thread_during_a_forward(make_manager):
+    model, x, expected, manager = offloaded(make_manager, layers=8, pages=8)
+    freed = []
+
+    def pause(module, args):
+        worker = threading.Thread(target=lambda: freed.append(manager.pause(0)))
+        worker.start()
+        worker.join(timeout=30)
+        assert not worker.is_alive()
+
+    with atorch.offload(model, 0, manager=manager) as handle:
+        for _ in range(2):
+            assert torch.equal(model(x), expected)
+        hook = model[4].register_forward_pre_hook(pause)
+        # The forward in progress finishes, bit for bit, its later blocks offloaded.
+        assert torch.equal(model(x), expected)
+        hook.remove()
+        # Every page was resident and none pinned between two layers: all given back.
+        assert freed == [8 * PAGE]
+        assert handle.last_stats.offloaded_layers == 4  # layers 4 to 7, after the pause
+        assert manager.resident_bytes(0) == 0 and handle.staging_bytes == 0
+        with pytest.raises(aimdo.InvalidStateError, match="device is paused"):
+            model(x)
+        manager.resume(0)
+        for _ in range(2):
+            assert torch.equal(model(x), expected)
+        assert manager.resident_bytes(0) == 8 * PAGE
+
+
+def test_pause_refuses_a_device_it_does_not_have(make_manager):
+    manager = new_manager(make_manager, pages=2)
+    with pytest.raises(aimdo.DeviceNotInitializedError):
+        manager.pause(5)
+    with pytest.raises(aimdo.DeviceNotInitializedError):
+        manager.resume(5)
+    assert not manager.paused(0)
+
+
+def test_evictions_for_memory_others_take_are_logged_once(make_manager, caplog):
+    model, x, expected, manager = offloaded(make_manager, layers=8, pages=8)
+    with atorch.offload(model, 0, manager=manager):
+        for _ in range(2):
+            assert torch.equal(model(x), expected)
+        caplog.set_level(logging.INFO, logger="aimdo")
+        caplog.clear()
+        taken = manager.external_alloc(0, 3 * PAGE)  # memory made outside aimdo's VBARs
+        try:
+            for _ in range(2):
+                assert torch.equal(model(x), expected)
+            logged = [r.getMessage() for r in caplog.records if "evictions" in r.getMessage()]
+            assert len(logged) == 1, logged
+            assert logged[0].startswith(
+                "aimdo: device 0: evictions for other memory lowered this model's resident "
+                "share from 16.00 MiB to 10.00 MiB of "
+            )
+        finally:
+            manager.external_free(taken)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -200,6 +201,9 @@ class Manager:
         self._backend = resolve_backend(backend)
         self._core = _core.Manager(self._backend.driver)
         self._growers: dict[int, dict] = {}  # device -> {key: callable}, see _grow_back
+        self._pausers: dict[int, dict] = {}  # device -> {key: callable}, see _on_pause
+        self._paused: dict[int, dict] = {}  # paused device -> {VBAR: its watermark before}
+        self._pause_lock = threading.Lock()
         # The process whose driver state this Manager holds: a child made by fork() shares
         # the object but not the driver (CUDA answers it CUDA_ERROR_NOT_INITIALIZED).
         self._pid = os.getpid()
@@ -319,17 +323,14 @@ class Manager:
         budget fills as faults map pages. Returns the bytes evicted now. Errors as
         ``add_devices``, with nothing changed; DeviceNotInitializedError for a device not
         initialized here."""
-        if device not in self.devices:
-            raise _core.DeviceNotInitializedError(
-                f"device {device} is not initialized in this Manager (devices {self.devices})"
-            )
+        self._check_device(device)
         sizes = {}
         for name, value in (("vram_limit", vram_limit), ("headroom", headroom)):
             sizes[name] = parse_size(value) if isinstance(value, str) else value
         before = self.budget_bytes(device)
         self.add_devices([device], **sizes)
         after = self.budget_bytes(device)
-        if after > before:
+        if after > before and device not in self._paused:
             # Evictions lowered watermarks; let the VBARs that asked grow back.
             for grow in list(self._growers.get(device, {}).values()):
                 grow()
@@ -343,6 +344,66 @@ class Manager:
         )
         return evicted
 
+    def pause(self, device: int) -> int:
+        """Give back every VBAR page of ``device`` and keep every state, from any thread,
+        a forward running or not: each VBAR's watermark drops to 0, so its unpinned pages
+        are released now, pages a running forward pins when it unpins them, and faults
+        answer offloaded; aimdo.torch offloads on the device finish a forward in progress,
+        give back their staging buffers and refuse to run until ``resume``. Returns the
+        bytes given back now. A second pause gives back what is left; VBARs made while
+        paused are not paused. DeviceNotInitializedError for a device not here."""
+        self._check_device(device)
+        with self._pause_lock:
+            saved = self._paused.setdefault(device, {})
+            before = self.resident_bytes(device)
+            for vbar in self.vbars(device):
+                saved.setdefault(vbar, vbar.watermark_bytes)
+                vbar.set_watermark(0)
+            for hook in list(self._pausers.get(device, {}).values()):
+                hook(True)
+            freed = max(0, before - self.resident_bytes(device))
+        _log.info(
+            "aimdo: device %d paused: %s of pages given back (%d VBARs)",
+            device,
+            format_size(freed),
+            len(saved),
+        )
+        return freed
+
+    def resume(self, device: int) -> None:
+        """Undo ``pause(device)`` (nothing if not paused): each VBAR's watermark goes back
+        to what it was, so its faults map pages again where the budget has room, and
+        aimdo.torch offloads run again."""
+        self._check_device(device)
+        with self._pause_lock:
+            saved = self._paused.pop(device, None)
+            if saved is None:
+                return
+            for vbar, watermark in saved.items():
+                if not vbar.closed:
+                    vbar.set_watermark(watermark)
+            for hook in list(self._pausers.get(device, {}).values()):
+                hook(False)
+        _log.info("aimdo: device %d resumed", device)
+
+    def paused(self, device: int) -> bool:
+        """Whether ``device`` is paused (``pause``)."""
+        return device in self._paused
+
+    def _check_device(self, device: int) -> None:
+        if device not in self.devices:
+            raise _core.DeviceNotInitializedError(
+                f"device {device} is not initialized in this Manager (devices {self.devices})"
+            )
+
+    def _on_pause(self, device: int, key, hook) -> None:
+        """Call `hook(True)` when ``pause(device)`` pauses the device and `hook(False)` when
+        ``resume`` resumes it, until ``_stop_growing(device, key)``; a hook registered while
+        the device is paused is called at once."""
+        self._pausers.setdefault(device, {})[key] = hook
+        if device in self._paused:
+            hook(True)
+
     def _grow_back(self, device: int, key, grow) -> None:
         """Call `grow()` whenever ``set_budget`` enlarges ``device``'s budget, until
         ``_stop_growing(device, key)``: aimdo.torch raises its VBAR's watermark so."""
@@ -350,6 +411,7 @@ class Manager:
 
     def _stop_growing(self, device: int, key) -> None:
         self._growers.get(device, {}).pop(key, None)
+        self._pausers.get(device, {}).pop(key, None)
 
     def reclaim(self, device: int, nbytes: int) -> int:
         """Make room on ``device`` for an allocation of ``nbytes`` made outside aimdo,

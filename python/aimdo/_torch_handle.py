@@ -137,8 +137,10 @@ class Offload:
             self._runner = Runner(schedule, self.device)
             self._runner.tuner = tuner
             self._runner.timing = options.get("timings", False)
+            self._runner.manager_ref = weakref.ref(manager)
             self._manager_ref = weakref.ref(manager)
             manager._grow_back(device, id(self), _grower(weakref.ref(self)))
+            manager._on_pause(device, id(self), _pauser(weakref.ref(self)))
             self._install(module, bindings)
         except BaseException:
             self._take_apart()
@@ -386,7 +388,8 @@ class Offload:
         """Raise the VBAR's watermark to the top (evictions lowered it), so that its
         faults map pages again where the budget has room."""
         vbar = self.vbar
-        if vbar is not None and not vbar.closed and not self.paused:
+        device_paused = self._runner is not None and self._runner.device_paused
+        if vbar is not None and not vbar.closed and not self.paused and not device_paused:
             vbar.set_watermark(vbar.size)
 
     @property
@@ -430,6 +433,27 @@ def _grower(reference):
             offload._grow()
 
     return grow
+
+
+def _pauser(reference):
+    """What Manager.pause and resume call for an offload on their device (holding it
+    weakly): it stops (or starts) taking forwards; one not running now gives its staging
+    buffers back at once, one running gives them back when its forward ends."""
+
+    def pause(paused: bool) -> None:
+        offload = reference()
+        if offload is None or offload.undone:
+            return
+        runner = offload._runner
+        runner.device_paused = paused
+        if paused and runner.lock.acquire(blocking=False):
+            try:
+                offload._executor.synchronize()
+                runner.schedule.drop_staging()
+            finally:
+                runner.lock.release()
+
+    return pause
 
 
 def _declared_order(order, bindings) -> list:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import threading
 import weakref
 
@@ -15,10 +16,13 @@ import torch
 from . import _core
 from ._executor import IN_LINE, PAGES, TEMPORARY, Executor
 from ._schedule import ForwardStats, Schedule, pin_peer_copy, unpin_peer
+from ._sizes import format_size
 from ._timings import Recorded
 from ._torch_layout import Binding, TorchBlock
 from ._torch_outputs import owned
 from ._torch_views import as_tensor
+
+_log = logging.getLogger("aimdo")
 
 _ABSENT = object()
 
@@ -254,6 +258,9 @@ class Runner:
         self.undone = False
         self.tuner = None  # chooses the prefetch depth (offload(prefetch="auto"))
         self.paused = False  # Offload.pause(): its memory given back until resume()
+        self.device_paused = False  # Manager.pause(device), until Manager.resume(device)
+        self.watermark = None  # the VBAR's watermark after the last forward of the whole
+        self.manager_ref = lambda: None  # the Manager, weakly (set by the Offload)
         self.timing = False  # Offload.timings: time every forward of the whole module
         self.recorded = None  # the last timed forward's marks (aimdo._timings.Recorded)
 
@@ -268,10 +275,12 @@ class Runner:
         if self.undone:  # undone since the caller looked: `forward` now finds the original
             self.lock.release()
             return forward(*args, **kwargs)
-        if self.paused:
+        if self.paused or self.device_paused:
             self.lock.release()
             raise _core.InvalidStateError(
                 "this offloaded module is paused (Offload.pause): call resume() first"
+                if self.paused
+                else "this offloaded module's device is paused (Manager.pause): resume it first"
             )
         try:
             self.owner = threading.get_ident()
@@ -308,6 +317,8 @@ class Runner:
                     if executor.file_stream is not None:
                         schedule.stats.bytes_from_files = executor.file_stream.take_bytes_read()
                     self.last_stats = schedule.stats
+                    if is_root:
+                        self._watch_watermark(schedule)
                     marks = None
                     if marking:
                         marks, schedule.marks = schedule.marks, None
@@ -317,6 +328,9 @@ class Runner:
                         if timed and not failed:
                             clock = "cuda events" if self.device.type == "cuda" else "host clock"
                             self.recorded = Recorded(marks, copies, executor.elapsed, clock)
+                    if self.device_paused:  # paused during this forward: give back now
+                        executor.synchronize()
+                        schedule.drop_staging()
                     if wants:
                         on_device = (
                             torch.cuda.device(self.device)
@@ -328,6 +342,31 @@ class Runner:
         finally:
             self.owner = None
             self.lock.release()
+
+    def _watch_watermark(self, schedule: Schedule) -> None:
+        """After a forward of the whole: say (INFO) when evictions for memory others took
+        lowered the share of the model that may stay resident since the last forward, and
+        (DEBUG) what the forward did."""
+        vbar = schedule.vbar
+        if vbar.closed:
+            return
+        now, before = vbar.watermark_bytes, self.watermark
+        self.watermark = now
+        manager = self.manager_ref()
+        if before is not None and now < before and manager is not None:
+            device = vbar.device
+            _log.info(
+                "aimdo: device %d: evictions for other memory lowered this model's resident "
+                "share from %s to %s of %s (aimdo uses %s of a %s budget on the device)",
+                device,
+                format_size(before),
+                format_size(now),
+                format_size(vbar.size_bytes),
+                format_size(manager.usage_bytes(device)),
+                format_size(manager.budget_bytes(device)),
+            )
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("aimdo: device %d forward: %s", vbar.device, self.last_stats)
 
 
 _NO_CONTEXT = contextlib.nullcontext()
