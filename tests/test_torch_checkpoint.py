@@ -356,6 +356,72 @@ def test_host_limit_pins_the_blocks_placed_last_and_streams_the_rest(
     assert len(logged) == 1 and "host_limit=5.00 MiB" in logged[0] and "8 blocks" in logged[0]
 
 
+def test_host_tiers_force_blocks_into_the_files_or_into_pinned_memory(
+    make_manager, tmp_path, caplog
+):
+    real = stack(blocks=6)
+    x = torch.randn(2, 256)
+    expected = reference(real, x, 0)
+    path = checkpoint_of(real, tmp_path)
+    manager = new_manager(make_manager, pages=4)
+    caplog.set_level(logging.INFO, logger="aimdo")
+    # Everything would be pinned (host_limit=None) but two blocks are forced to the files.
+    model = on_meta()
+    tiers = {"0.up": "file", model[3].down: "file"}
+    with atorch.offload(
+        model, 0, manager=manager, checkpoint=path, host_limit=None, host_tiers=tiers
+    ) as o:
+        assert {b.name for b in o._blocks if b.file_runs} == {"0.up", "3.down"}
+        assert o.streamed_bytes == sum(b.nbytes for b in o._blocks if b.name in ("0.up", "3.down"))
+        assert o.streamed_bytes == real[0].up.weight.nbytes + real[0].up.bias.nbytes + (
+            real[3].down.weight.nbytes + real[3].down.bias.nbytes
+        )
+        for _ in range(3):
+            assert torch.equal(model(x.to(where(0))), expected)
+    logged = [r.getMessage() for r in caplog.records if "stay in the checkpoint" in r.getMessage()]
+    assert "host_tiers forces 0 blocks pinned and 2 in the files" in logged[-1]
+    # Everything would stream (host_limit=0) but two blocks are forced pinned.
+    model = on_meta()
+    tiers = {"1.up": "pinned", "4.down": "pinned"}
+    with atorch.offload(
+        model, 0, manager=manager, checkpoint=path, host_limit=0, host_tiers=tiers
+    ) as o:
+        streamable = {b.name for b in o._blocks}
+        assert {b.name for b in o._blocks if not b.file_runs} == {"1.up", "4.down"}
+        assert {b.name for b in o._blocks if b.file_runs} == streamable - set(tiers)
+        for _ in range(3):
+            assert torch.equal(model(x.to(where(0))), expected)
+
+
+@pytest.mark.parametrize(
+    "tiers, error, match",
+    [
+        ({"9.up": "file"}, ValueError, "'9.up' is no module of this model"),
+        ({"0.up": "disk"}, ValueError, "a tier is one of"),
+        ({3: "file"}, TypeError, "keys are modules or names"),
+        (["0.up"], TypeError, "host_tiers must map"),
+    ],
+)
+def test_host_tiers_refuse_bad_input_before_anything_changes(
+    make_manager, tmp_path, tiers, error, match
+):
+    real = stack(blocks=6)
+    path = checkpoint_of(real, tmp_path)
+    model = on_meta()
+    manager = new_manager(make_manager, pages=4)
+    with pytest.raises(error, match=match):
+        atorch.offload(model, 0, manager=manager, checkpoint=path, host_tiers=tiers)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert not manager.vbars(0)
+
+
+def test_host_tiers_need_a_checkpoint(make_manager):
+    model = stack(blocks=2)
+    manager = new_manager(make_manager, pages=4)
+    with pytest.raises(ValueError, match="it needs checkpoint="):
+        atorch.offload(model, 0, manager=manager, host_tiers={"0.up": "file"})
+
+
 def test_a_file_changed_under_a_running_model_is_refused_and_nothing_is_lost(
     make_manager, tmp_path
 ):

@@ -318,6 +318,7 @@ def offload_group(
     regime: str = "auto",
     checkpoint=None,
     host_limit="auto",
+    host_tiers=None,
 ) -> OffloadGroup:
     """Offload ``module`` to each of ``devices`` (see OffloadGroup), sharing one host copy
     of its weights. ``peers`` (default True) lets a device copy a block from another
@@ -361,6 +362,7 @@ def offload_group(
         "whole": tuple(whole),
         "checkpoint": checkpoint,
         "host_limit": host_limit_option(host_limit),
+        "host_tiers": host_tiers,
     }
     for device in devices:
         check_options(module, manager, device, options)

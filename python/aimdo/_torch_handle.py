@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import weakref
+from collections.abc import Mapping
 
 import torch
 
@@ -21,7 +22,7 @@ from ._torch_checkpoint import attach
 from ._torch_host import HostWeights
 from ._torch_layout import Binding, lay_out
 from ._torch_offload import _ABSENT, Runner, _TorchExecutor, make_forward, offloaded_by
-from ._torch_stream import FileStream, host_limit_bytes, left_in_files
+from ._torch_stream import FileStream, host_limit_bytes, left_in_files, read_bandwidth
 from ._torch_tune import START, PrefetchTuner
 from .sim import SimBackend
 
@@ -79,6 +80,7 @@ class Offload:
         checkpoint = options.get("checkpoint")
         blocks, bindings = lay_out(module, options["whole"], self.device, checkpoint is not None)
         declared = _declared_order(options["order"], bindings)
+        forced = _forced_tiers(options.get("host_tiers"), module, blocks, bindings)
         # Read and checked before anything changes; a group's other members copy from the
         # leader's chunks, which its checkpoint filled.
         stamps = attach(blocks, checkpoint) if checkpoint is not None and leader is None else None
@@ -88,7 +90,10 @@ class Offload:
         placed = declared + [block for block in blocks if block not in listed]
         self._stream = None  # reads the blocks left in the checkpoint files
         if stamps is not None:
-            self._leave_in_files(device, placed, options, rotation, stamps, sim is None)
+            budget = manager.budget_bytes(device)
+            self._leave_in_files(
+                device, placed, options, rotation, stamps, sim is None, forced, budget
+            )
         elif leader is not None and leader._stream is not None:
             self._stream = FileStream(leader._stream.reader.stamps, pin=sim is None)
         # A group's other members copy from the leader's host chunks (one host copy).
@@ -146,28 +151,56 @@ class Offload:
             self._take_apart()
             raise
 
-    def _leave_in_files(self, device, placed, options, rotation, stamps, pin: bool) -> None:
-        """Decide which blocks stay in the checkpoint files (host_limit) and log it."""
+    def _leave_in_files(
+        self, device, placed, options, rotation, stamps, pin, forced, budget
+    ) -> None:
+        """Decide which blocks stay in the checkpoint files (host_limit, host_tiers) and
+        log it."""
         weights = sum(block.nbytes for block in placed)
         limit, why = host_limit_bytes(options["host_limit"], weights)
+        if forced:
+            tiers = list(forced.values())
+            why += (
+                f"; host_tiers forces {tiers.count('pinned')} blocks pinned and "
+                f"{tiers.count('file')} in the files"
+            )
         order = placement_order(placed, options["spread"], rotation)
-        files = left_in_files(order, limit)
+        files = left_in_files(order, limit, forced)
         if files:
             self._stream = FileStream(stamps, pin=pin)
             for block in files:
                 block.file_runs = [(w.offset, w.source) for w in block.weights]
                 block.stream = self._stream
         streamed = sum(block.nbytes for block in files)
+        cost = ""
+        if files:
+            # What the files give, and what a forward then reads: the streamed blocks
+            # placed beyond the budget are offloaded, so read at every forward.
+            bandwidth = read_bandwidth(files)
+            at, every = 0, 0
+            in_files = set(files)
+            for block in order:
+                if at + block.nbytes > budget and block in in_files:
+                    every += block.nbytes
+                at += block.nbytes
+            if bandwidth:
+                cost = (
+                    f"; the files read at {bandwidth / 1e9:.1f} GB/s now, so the "
+                    f"{format_size(every)} of them beyond the VRAM budget add up to "
+                    f"{every / bandwidth * 1000:.0f} ms "
+                    "of reading to a forward, overlapped with its compute"
+                )
         _log.info(
             "aimdo: offload on device %s pins %s of its %s of weights in host memory (%s); "
             "%d blocks (%s) stay in the checkpoint's files, read again at each copy: those "
-            "placed first, kept resident in VRAM and read again only after an eviction",
+            "placed first, kept resident in VRAM and read again only after an eviction%s",
             device,
             format_size(weights - streamed),
             format_size(weights),
             why,
             len(files),
             format_size(streamed),
+            cost,
         )
 
     @property
@@ -456,6 +489,30 @@ def _pauser(reference):
     return pause
 
 
+#: The host tiers a block can be forced into (offload's host_tiers).
+HOST_TIERS = ("pinned", "file")
+
+
+def _forced_tiers(host_tiers, module, blocks, bindings) -> dict:
+    """offload's `host_tiers` as {block: tier}: its keys are modules, or their names in
+    `module` (each a module with weights of its own: its block). ValueError for a name
+    or module that has none."""
+    if not host_tiers:
+        return {}
+    by_name = {block.name: block for block in blocks}
+    own = {id(m): binding.own for m, binding in bindings if binding.own is not None}
+    forced = {}
+    for key, tier in host_tiers.items():
+        block = own.get(id(key)) if isinstance(key, torch.nn.Module) else by_name.get(key)
+        if block is None:
+            shown = key if isinstance(key, str) else type(key).__name__
+            raise ValueError(
+                f"host_tiers: {shown!r} is no module of this model with weights of its own"
+            )
+        forced[block] = tier
+    return forced
+
+
 def _declared_order(order, bindings) -> list:
     """The blocks of the modules `order` lists, in that order."""
     if order is None:
@@ -504,6 +561,23 @@ def check_options(module, manager: Manager, device, options: dict) -> None:
         if checkpoint is None:
             raise ValueError(
                 "host_limit leaves weights in a checkpoint's files: it needs checkpoint="
+            )
+    host_tiers = options.get("host_tiers")
+    if host_tiers is not None:
+        if not isinstance(host_tiers, Mapping):
+            raise TypeError(
+                f"host_tiers must map modules or their names to a tier, got "
+                f"{type(host_tiers).__name__}"
+            )
+        for key, tier in host_tiers.items():
+            if not isinstance(key, (str, torch.nn.Module)):
+                raise TypeError(f"host_tiers: keys are modules or names, got {key!r}")
+            if tier not in HOST_TIERS:
+                raise ValueError(f"host_tiers: a tier is one of {HOST_TIERS}, got {tier!r}")
+        if host_tiers and checkpoint is None:
+            raise ValueError(
+                "host_tiers chooses between pinned memory and a checkpoint's files: "
+                "it needs checkpoint="
             )
     if not isinstance(options.get("timings", False), bool):
         raise TypeError(f"timings must be a bool, got {options['timings']!r}")

@@ -9,6 +9,7 @@ Not thread-safe: one Offload's copies only, from its forward's thread.
 from __future__ import annotations
 
 import os
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -151,6 +152,39 @@ def host_limit_bytes(host_limit, weights: int) -> tuple[int, str]:
     return host_limit, f"host_limit={format_size(host_limit)}"
 
 
+#: Bytes read to measure how fast the checkpoint's files read (in reads of PROBE_READ).
+PROBE_BYTES = 64 << 20
+PROBE_READ = 8 << 20
+
+
+def read_bandwidth(blocks) -> float | None:
+    """Bytes a second that reading `blocks`' sources from their files gives now (from the
+    page cache where the files are there, else the disk): PROBE_BYTES of the largest
+    tensor's file, read in order from that tensor's first byte. None when nothing reads."""
+    sources = [w.source for block in blocks for w in block.weights if w.source is not None]
+    if not sources:
+        return None
+    largest = max(sources, key=lambda t: t.nbytes)
+    want = min(PROBE_BYTES, largest.nbytes)
+    try:
+        fd = os.open(largest.path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        began, done = time.perf_counter(), 0
+        while done < want:
+            got = len(os.pread(fd, min(PROBE_READ, want - done), largest.offset + done))
+            if got == 0:
+                break
+            done += got
+        seconds = time.perf_counter() - began
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return done / seconds if done and seconds > 0 else None
+
+
 def streamable(block) -> bool:
     """Whether every weight of `block` is a meta weight with a checkpoint source."""
     return bool(block.weights) and all(
@@ -158,18 +192,31 @@ def streamable(block) -> bool:
     )
 
 
-def left_in_files(placed: list, limit: int) -> list:
+def left_in_files(placed: list, limit: int, forced=None) -> list:
     """The blocks (of `placed`, in placement order) that stay in their files for a pinned
-    budget of `limit` bytes: the blocks that cannot stream are pinned first; then those
-    placed last, which the VBAR offloads first and so are copied at every forward, while
-    they fit; the rest (placed first: resident in VRAM, read again only after an
-    eviction) stream."""
-    left = limit - sum(block.nbytes for block in placed if not streamable(block))
+    budget of `limit` bytes: the blocks that cannot stream, or are forced pinned
+    (`forced`: {block: "pinned" or "file"}), are pinned first, and those forced into the
+    files stay there; then those placed last, which the VBAR offloads first and so are
+    copied at every forward, are pinned while they fit; the rest (placed first: resident
+    in VRAM, read again only after an eviction) stream. ValueError for a block forced
+    into the files that cannot stream."""
+    forced = forced or {}
+    for block, tier in forced.items():
+        if tier == "file" and not streamable(block):
+            raise ValueError(
+                f"host_tiers: {block.name or 'the root module'!r} cannot stay in the files: "
+                "a weight of it is the module's own, not read from the checkpoint"
+            )
+    pinned = [b for b in placed if not streamable(b) or forced.get(b) == "pinned"]
+    left = limit - sum(block.nbytes for block in pinned)
     files = []
     for block in reversed(placed):
-        if not streamable(block):
+        tier = forced.get(block)
+        if not streamable(block) or tier == "pinned":
             continue
-        if block.nbytes <= left:
+        if tier == "file":
+            files.append(block)
+        elif block.nbytes <= left:
             left -= block.nbytes
         else:
             files.append(block)

@@ -106,6 +106,7 @@ def offload(
     whole=(torch.nn.MultiheadAttention,),
     checkpoint=None,
     host_limit="auto",
+    host_tiers=None,
     timings: bool = False,
 ) -> Offload:
     """Make ``module`` run on ``device`` with its weights streamed through aimdo, in place
@@ -149,6 +150,10 @@ def offload(
     available (MemAvailable), else half of it; ``None`` pins every weight; ``0`` streams
     every block that can (a block with a weight of the module's own is pinned). The
     choice is logged (logger ``aimdo``, INFO); ``Offload.streamed_bytes`` tells it.
+    ``host_tiers`` forces blocks into a tier whatever ``host_limit`` says: it maps modules
+    with weights of their own (or their names, as ``Offload.placement`` gives them) to
+    ``"pinned"`` (a pinned copy in host memory, counted in ``host_limit``) or ``"file"``
+    (read from the checkpoint at each copy).
     ``timings`` (default False) times every forward of the whole module, block by block
     (``Offload.last_timings``, a ForwardTimings; ``Offload.timings`` switches it).
 
@@ -169,6 +174,7 @@ def offload(
         "whole": tuple(whole),
         "checkpoint": checkpoint,
         "host_limit": host_limit_option(host_limit),
+        "host_tiers": host_tiers,
         "timings": timings,
     }
     check_options(module, manager, device, options)
