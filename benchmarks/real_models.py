@@ -225,7 +225,12 @@ def report(key: str, results: dict, forms, weights: int) -> None:
             f"resident {r['resident_bytes'] / GiB:.2f} GiB of the {r['budget_bytes'] / GiB:.2f}"
             f" GiB budget, others {r['others_bytes'] / GiB:.2f} GiB, staging "
             f"{r['staging_bytes'] / 2**20:.0f} MiB, prefetch {r['prefetch']}; identical: "
-            f"{r['identical_to_resident']}",
+            f"{r['identical_to_resident']}"
+            + (
+                " (not reproducible all resident either)"
+                if reproducible_only_by_chance(name)
+                else ""
+            ),
             flush=True,
         )
         if "trace" in r:
@@ -370,8 +375,18 @@ def main() -> int:
         )
 
     write(f"real_models-{args.model}", result, args.out, keep=not args.tiny)
-    identical = all(aimdo_results[name]["identical_to_resident"] for name in forms)
+    # Greedy decoding of many tokens is not reproducible even all resident (RESULTS.md,
+    # decode probe): only the other forms must be identical.
+    checked = [name for name in forms if not reproducible_only_by_chance(name)]
+    identical = all(aimdo_results[name]["identical_to_resident"] for name in checked)
     return 0 if identical else 1
+
+
+def reproducible_only_by_chance(form: str) -> bool:
+    """A form whose output varies from run to run all resident: decoding more than one
+    token of the random-weight Llama (its near-flat logits turn PyTorch's own run-to-run
+    differences into other tokens)."""
+    return form.startswith("prefill + ") and form != "prefill + 1 token"
 
 
 if __name__ == "__main__":
