@@ -10,32 +10,20 @@ import pytest
 from conftest import BACKEND
 
 
-def run_demo(*extra):
+def demo_process(*arguments):
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "aimdo",
-            "demo",
-            "--backend",
-            BACKEND,
-            "--steps",
-            "2",
-            "--layers",
-            "8",
-            "--layer-size",
-            "64MiB",
-            "--vram-limit",
-            "384MiB",
-            "--page-size",
-            "32MiB",
-            "--workload",
-            "declared",
-            *extra,
-        ],
+        [sys.executable, "-m", "aimdo", "demo", "--backend", BACKEND, *arguments],
         capture_output=True,
         text=True,
         timeout=300,
+    )
+
+
+def run_demo(*extra):
+    return demo_process(
+        *("--steps", "2", "--layers", "8", "--layer-size", "64MiB"),
+        *("--vram-limit", "384MiB", "--page-size", "32MiB", "--workload", "declared"),
+        *extra,
     )
 
 
@@ -57,33 +45,10 @@ def test_demo_runs_one_device_then_two_and_compares_them():
 def run_torch_demo(*extra, workload="torch"):
     # On a GPU the budget must leave room for the CUDA context the demo's PyTorch makes.
     limit = "272MiB" if BACKEND == "sim" else "4GiB"
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "aimdo",
-            "demo",
-            "--backend",
-            BACKEND,
-            "--workload",
-            workload,
-            "--steps",
-            "2",
-            "--layers",
-            "8",
-            "--layer-size",
-            "4MiB",
-            "--vram-limit",
-            limit,
-            "--page-size",
-            "2MiB",
-            "--tokens",
-            "64",
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    return demo_process(
+        *("--workload", workload, "--steps", "2", "--layers", "8", "--layer-size", "4MiB"),
+        *("--vram-limit", limit, "--page-size", "2MiB", "--tokens", "64"),
+        *extra,
     )
 
 

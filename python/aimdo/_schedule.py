@@ -136,42 +136,57 @@ def unpin_peer(peer) -> None:
         vbar.unpin(peer.allocation)
 
 
-def use_seconds(marks, elapsed) -> list[tuple[Block, float]]:
-    """The compute time of each use of a block in a forward timed with Schedule.marks
-    (which may begin and end with marks of the forward's own, of any other `what`), in
-    the order the uses began; `elapsed(a, b)` gives the seconds between two marks. Time
-    from a use's "enter" to its "ready" is its copy (in line, or waited for) and counts for
-    no use; any other time counts for the innermost use running then, and time outside
-    every use (a parent's own compute between its children) for the use that ended last,
-    or the first use when none came before. A copy done in line on the host between a
-    "copy" and a "copied" mark (where the compute runs on the CPU, copies ahead are made
-    there too) counts for no use either. So the uses' seconds add up to the forward's
-    compute, copies left out."""
-    uses, stack, before_first, ended = [], [], 0.0, None
-    copying, moving = False, 0
+def mark_stretches(marks, uses: list):
+    """Each stretch between two consecutive Schedule.marks (which may begin and end with
+    marks of the forward's own, of any other `what`), in order, as (lane, block, use,
+    mark, following). Lane "stall": from a use's "enter" to its "ready" (its copy, in line
+    or waited for) and between a "copy" and a "copied" mark (a copy the host made in line,
+    where the compute runs on the CPU); `block` is the block entering or copied. Lane
+    "compute" otherwise: `use` is the record of the innermost use running, or of the use
+    that ended last when none runs (a parent's own compute between its children), or None
+    before the first use; `block` is its block. `uses` receives a record [block, 0.0] for
+    each use as it begins."""
+    stack, moving, entering, ended = [], [], None, None
     for (what, block, mark), (_, _, following) in zip(marks, marks[1:], strict=False):
         if what == "enter":
-            uses.append([block, before_first])
-            before_first = 0.0
-            stack.append(uses[-1])
-            copying = True
+            use = [block, 0.0]
+            uses.append(use)
+            stack.append(use)
+            entering = block
         elif what == "ready":
-            copying = False
+            entering = None
         elif what == "exit" and stack:
             ended = stack.pop()
         elif what == "copy":
-            moving += 1
-        elif what == "copied":
-            moving -= 1
-        if copying or moving:
+            moving.append(block)
+        elif what == "copied" and moving:
+            moving.pop()
+        if moving:
+            yield "stall", moving[-1], None, mark, following
+        elif entering is not None:
+            yield "stall", entering, None, mark, following
+        else:
+            use = stack[-1] if stack else ended
+            yield "compute", None if use is None else use[0], use, mark, following
+
+
+def use_seconds(marks, elapsed) -> list[tuple[Block, float]]:
+    """The compute time of each use of a block in a forward timed with Schedule.marks, in
+    the order the uses began; `elapsed(a, b)` gives the seconds between two marks. Every
+    "compute" stretch (see mark_stretches) counts for its use, and the time before the
+    first use for the first; copies count for none. So the uses' seconds add up to the
+    forward's compute, copies left out."""
+    uses, before_first = [], 0.0
+    for lane, _, use, mark, following in mark_stretches(marks, uses):
+        if lane != "compute":
             continue
         seconds = elapsed(mark, following)
-        if stack:
-            stack[-1][1] += seconds
-        elif ended is not None:
-            ended[1] += seconds
-        else:
+        if use is None:
             before_first += seconds
+        else:
+            use[1] += seconds
+    if uses:
+        uses[0][1] += before_first
     return [(block, seconds) for block, seconds in uses]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ._schedule import use_seconds
+from ._schedule import mark_stretches, use_seconds
 from ._sizes import format_size
 
 #: Where a copy read the weights from (BlockTiming.source).
@@ -174,39 +174,18 @@ def _after(first: float, second: float) -> float:
 
 
 def _compute_spans(timed) -> list:
-    """The compute engine's time from marks in seconds (see Recorded): "stall" from a
-    use's "enter" to its "ready" (Schedule.before records the one, loads the block and
-    records the other: the engine waits for the copy, or makes it in line) and, on the
-    host clock, between a "copy" and its "copied" mark (the host made a copy ahead);
-    "compute" otherwise, for the innermost use running (the last one ended, between
-    uses; None before the first). Neighbours of one lane and block are merged."""
+    """The compute engine's stretches (see mark_stretches) from marks in seconds, as
+    Spans, neighbours of one lane and block merged; compute before the first use is the
+    root module's own (no block)."""
     spans = []
-    stack, moving, entering, last = [], [], None, None
-    for (what, block, began), (_, _, ended) in zip(timed, timed[1:], strict=False):
-        if what == "enter":
-            stack.append(block)
-            entering = block
-        elif what == "ready":
-            entering = None
-        elif what == "exit" and stack:
-            last = stack.pop()
-        elif what == "copy":
-            moving.append(block)
-        elif what == "copied" and moving:
-            moving.pop()
+    for lane, block, _, began, ended in mark_stretches(timed, []):
         if ended <= began:
             continue
-        if moving:
-            lane, owner = "stall", moving[-1]
-        elif entering is not None:
-            lane, owner = "stall", entering
-        else:
-            lane, owner = "compute", stack[-1] if stack else last
         previous = spans[-1] if spans else None
-        if previous and previous.lane == lane and previous.block is owner:
+        if previous and previous.lane == lane and previous.block is block:
             previous.end = ended
         else:
-            spans.append(Span(lane, owner, began, ended))
+            spans.append(Span(lane, block, began, ended))
     return spans
 
 
