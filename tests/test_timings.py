@@ -186,9 +186,9 @@ def test_a_group_member_times_its_copies_from_the_peer(make_manager):
     model = stack(blocks=6)
     x = torch.randn(2, 256)
     manager = group_manager(make_manager, pages=5)  # each holds 10 of the 12 MiB
-    with atorch.offload_group(model, [0, 1], manager=manager) as group:
+    with atorch.offload_group(model, [0, 1], manager=manager, timings=True) as group:
+        assert all(member.timings for member in group.offloads)
         member = group.offloads[1]
-        member.timings = True
         for _ in range(3):
             for device in (0, 1):
                 group[device](x.to(where(device)))

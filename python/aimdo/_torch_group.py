@@ -16,8 +16,7 @@ from ._default import get_manager
 from ._manager import Manager
 from ._placement import link_peers
 from ._schedule import ForwardStats, per_block
-from ._sizes import parse_size
-from ._torch_handle import Offload, check_options, host_limit_option
+from ._torch_handle import Offload, check_options, offload_options
 from ._torch_regime import (
     SPLITTING,
     WITH_PEERS,
@@ -319,6 +318,7 @@ def offload_group(
     checkpoint=None,
     host_limit="auto",
     host_tiers=None,
+    timings: bool = False,
 ) -> OffloadGroup:
     """Offload ``module`` to each of ``devices`` (see OffloadGroup), sharing one host copy
     of its weights. ``peers`` (default True) lets a device copy a block from another
@@ -354,16 +354,17 @@ def offload_group(
         raise ValueError(f"a group with donors runs the 'donor' regime, not {regime!r}")
     if donors:
         regime = "donor"
-    options = {
-        "prefetch": prefetch,
-        "order": None,
-        "spread": spread,
-        "staging_bytes": None if staging_bytes is None else parse_size(staging_bytes),
-        "whole": tuple(whole),
-        "checkpoint": checkpoint,
-        "host_limit": host_limit_option(host_limit),
-        "host_tiers": host_tiers,
-    }
+    options = offload_options(
+        prefetch=prefetch,
+        order=None,
+        spread=spread,
+        staging_bytes=staging_bytes,
+        whole=whole,
+        checkpoint=checkpoint,
+        host_limit=host_limit,
+        host_tiers=host_tiers,
+        timings=timings,
+    )
     for device in devices:
         check_options(module, manager, device, options)
     for donor in donors:

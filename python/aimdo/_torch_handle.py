@@ -533,6 +533,33 @@ def _declared_order(order, bindings) -> list:
     return declared
 
 
+def offload_options(
+    *,
+    prefetch,
+    order,
+    spread,
+    staging_bytes,
+    whole,
+    checkpoint,
+    host_limit,
+    host_tiers,
+    timings,
+) -> dict:
+    """offload's and offload_group's arguments as an Offload takes them (sizes parsed;
+    check_options then checks them)."""
+    return {
+        "prefetch": prefetch,
+        "order": None if order is None else list(order),
+        "spread": spread,
+        "staging_bytes": None if staging_bytes is None else parse_size(staging_bytes),
+        "whole": tuple(whole),
+        "checkpoint": checkpoint,
+        "host_limit": host_limit_option(host_limit),
+        "host_tiers": host_tiers,
+        "timings": timings,
+    }
+
+
 def host_limit_option(host_limit):
     """``host_limit`` as offload's options hold it: a size string parsed to bytes, the
     rest as given (check_options checks it)."""

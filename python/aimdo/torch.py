@@ -27,10 +27,9 @@ from ._default import get_manager
 from ._manager import Manager
 from ._placement import spread_order
 from ._schedule import DEFAULT_STAGING_BYTES, ForwardStats
-from ._sizes import parse_size
 from ._timings import BlockTiming, ForwardTimings
 from ._torch_group import OffloadGroup, offload_group
-from ._torch_handle import Offload, check_options, host_limit_option
+from ._torch_handle import Offload, check_options, offload_options
 from ._torch_offload import _TorchExecutor  # noqa: F401 - tests patch its copies through here
 from ._torch_regime import RUNNABLE as REGIMES
 from ._torch_views import as_tensor
@@ -166,16 +165,16 @@ def offload(
     failures (out of memory for the VBAR or the host chunks; a checkpoint file changed
     or cut short since its header was read) undo what was done before they are raised."""
     manager = manager if manager is not None else get_manager()
-    options = {
-        "prefetch": prefetch,
-        "order": None if order is None else list(order),
-        "spread": spread,
-        "staging_bytes": None if staging_bytes is None else parse_size(staging_bytes),
-        "whole": tuple(whole),
-        "checkpoint": checkpoint,
-        "host_limit": host_limit_option(host_limit),
-        "host_tiers": host_tiers,
-        "timings": timings,
-    }
+    options = offload_options(
+        prefetch=prefetch,
+        order=order,
+        spread=spread,
+        staging_bytes=staging_bytes,
+        whole=whole,
+        checkpoint=checkpoint,
+        host_limit=host_limit,
+        host_tiers=host_tiers,
+        timings=timings,
+    )
     check_options(module, manager, device, options)
     return Offload(module, device, manager, options)
