@@ -55,6 +55,10 @@ def save_checkpoint(args, folder: str) -> None:
     torch.save({"output": out.float().cpu(), "compute_seconds": compute}, f"{folder}/out.pt")
     state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     del model, out
+    if device != "cpu":
+        # Give the GPU back: the runs are other processes, and a Manager counts what this
+        # one would keep reserved as others' memory (its budget would shrink by it).
+        torch.cuda.empty_cache()
     shards, current, size = [], {}, 0
     for name, tensor in state.items():
         nbytes = tensor.numel() * tensor.element_size()
@@ -104,6 +108,17 @@ def read_bandwidth(folder: str, cold: bool) -> float:
     return total / (time.perf_counter() - start)
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries
+    that across exec, so a run started from the benchmark's own large process would
+    report the parent's peak."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def child(args) -> dict:
     """One run, in this process: the module built on the meta device, offloaded from the
     checkpoint at `args.child` (a host_limit, or accelerate), timed."""
@@ -148,12 +163,16 @@ def child(args) -> dict:
         "first_step_seconds": times[0],  # from the files to the first finished step
         "step_seconds": times,
         "median_step_seconds": steady_median(times),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "identical": torch.equal(out.float().cpu(), saved["output"]),
         **stats,
     }
     if manager is not None:
         result["pinned_bytes"] = handle.pinned_bytes  # with the ring, made by now
+        result["bytes_copied_per_step"] = handle.last_stats.bytes_copied
+        result["bytes_from_files_per_step"] = handle.last_stats.bytes_from_files
+        result["budget_bytes"] = manager.budget_bytes(0)
+        result["resident_bytes"] = manager.resident_bytes(0)
         handle.undo()
         manager.close()
     return result
@@ -224,7 +243,11 @@ def main() -> int:
             f"{run['median_step_seconds'] * 1000:.1f} ms a step; pinned "
             f"{run.get('pinned_bytes', 0) / GiB:.2f} GiB, peak RSS "
             f"{run['peak_rss_bytes'] / GiB:.2f} GiB, streamed "
-            f"{run.get('streamed_bytes', 0) / GiB:.2f} GiB; identical: {run['identical']}",
+            f"{run.get('streamed_bytes', 0) / GiB:.2f} GiB; a step copies "
+            f"{run.get('bytes_copied_per_step', 0) / GiB:.2f} GiB, "
+            f"{run.get('bytes_from_files_per_step', 0) / GiB:.2f} GiB of it from the files "
+            f"(resident {run.get('resident_bytes', 0) / GiB:.2f} GiB); identical: "
+            f"{run['identical']}",
             flush=True,
         )
     write("from_files", result, args.out, keep=not args.tiny)
