@@ -356,6 +356,40 @@ def test_host_limit_pins_the_blocks_placed_last_and_streams_the_rest(
     assert len(logged) == 1 and "host_limit=5.00 MiB" in logged[0] and "8 blocks" in logged[0]
 
 
+def test_blocks_in_the_files_are_read_by_a_thread_of_their_own_ahead_of_the_compute(
+    make_manager, tmp_path, monkeypatch
+):
+    import threading
+
+    import aimdo._torch_stream as stream
+
+    real = stack(blocks=6)
+    x = torch.randn(2, 256)
+    expected = reference(real, x, 0)
+    path = checkpoint_of(real, tmp_path)
+    model = on_meta()
+    manager = new_manager(make_manager, pages=4)
+    readers = []
+    copy_in = stream.FileStream.copy_in
+
+    def recording(self, block, storage):
+        readers.append(threading.current_thread().name)
+        return copy_in(self, block, storage)
+
+    monkeypatch.setattr(stream.FileStream, "copy_in", recording)
+    with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit=0) as o:
+        assert torch.equal(model(x.to(where(0))), expected)
+        # The first forward learns the order and copies in line, in its own thread.
+        assert readers and set(readers) == {threading.current_thread().name}
+        readers.clear()
+        for _ in range(2):
+            assert torch.equal(model(x.to(where(0))), expected)
+            assert o.last_stats.bytes_from_files > 0
+        # Then the files are read ahead by the stream's thread, the forward going on.
+        assert readers and all(name.startswith("aimdo-files") for name in readers)
+    assert o._stream is None or o._stream.worker is None
+
+
 def test_host_tiers_force_blocks_into_the_files_or_into_pinned_memory(
     make_manager, tmp_path, caplog
 ):

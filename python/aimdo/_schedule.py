@@ -347,8 +347,12 @@ class Schedule:
                 block.queued = False
                 self.in_flight -= 1
             if block.ready is not None:
-                self.executor.wait_for(block.ready)
-                block.ready = None
+                ready, block.ready = block.ready, None
+                try:
+                    self.executor.wait_for(ready)
+                except BaseException:  # a copy made in the background failed
+                    self._forget(block)
+                    raise
         block.users += 1
         if marks is not None:
             marks.append(("ready", block, self.executor.mark()))
@@ -540,9 +544,16 @@ class Schedule:
         buffer (free once the compute queued so far is done) and drop its pin, if any."""
         block.users = 0
         self.held.pop(block, None)
+        failure = None
         if block.ready is not None:  # prefetched, never used: the copy must finish first
-            self.executor.host_wait(block.ready)
-            block.ready = None
+            ready, block.ready = block.ready, None
+            try:
+                self.executor.host_wait(ready)
+            except BaseException as error:  # noqa: BLE001 - raised below, once let go
+                # The copy failed (one made in the background): never trust its pages.
+                failure = error
+                block.signature = None
+                self._set_resident(block, False)
         if block.queued:
             block.queued = False
             self.in_flight -= 1
@@ -552,3 +563,5 @@ class Schedule:
         block.loaded, block.storage = False, None
         if pinned:
             self.vbar.unpin(block.allocation)
+        if failure is not None:
+            raise failure

@@ -20,6 +20,7 @@ from ._sizes import format_size
 from ._timings import Recorded
 from ._torch_layout import Binding, TorchBlock
 from ._torch_outputs import owned
+from ._torch_stream import Pending
 from ._torch_views import as_tensor
 
 _log = logging.getLogger("aimdo")
@@ -107,8 +108,17 @@ class _TorchExecutor(Executor):
         return storage
 
     def copy(self, block: TorchBlock, storage: torch.Tensor, after):
-        source = self._peer_source(block) if block.peers else None
         timed = self.copy_marks
+        if block.file_runs and not block.peers and after is not IN_LINE:
+            # Read from the files by the stream's own thread: the forward's thread goes on
+            # queueing compute meanwhile (design.md §7, host tiers).
+            pending = block.stream.copy_ahead(
+                block, storage, self._copy_stream, after, timed is not None
+            )
+            if timed is not None:
+                timed.append((block, "file", block.nbytes, pending, pending))
+            return pending
+        source = self._peer_source(block) if block.peers else None
         if self._device.type != "cuda":  # a simulator: the copy is done when it returns
             inline = self.inline_marks
             start = self.mark() if timed is not None or inline is not None else None
@@ -196,9 +206,17 @@ class _TorchExecutor(Executor):
         return taken
 
     def wait_for(self, token) -> None:
+        if isinstance(token, Pending):
+            token = token.result()[0]  # its reads done and its copy queued, or raises
+            if token is None:  # a simulator: the copy is done
+                return
         torch.cuda.current_stream(self._device).wait_event(token)
 
     def host_wait(self, token) -> None:
+        if isinstance(token, Pending):
+            token = token.result()[0]
+            if token is None:
+                return
         token.synchronize()
 
     def mark(self):
@@ -215,12 +233,16 @@ class _TorchExecutor(Executor):
         return first.elapsed_time(second) / 1000.0
 
     def drain_copies(self) -> None:
+        if self.file_stream is not None:
+            self.file_stream.drain()
         if self._copy_stream is not None:
             self._copy_stream.synchronize()
 
     def synchronize(self) -> None:
         """Return once everything queued on the device is done (before host memory that
         copies read, or buffers they write, are given back)."""
+        if self.file_stream is not None:
+            self.file_stream.drain()
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
         self.release_peer_pins(wait=True)
@@ -232,6 +254,7 @@ class _TorchExecutor(Executor):
         for offset, source in block.runs:
             storage[offset : offset + source.numel()].copy_(source, non_blocking=True)
         if block.file_runs:
+            block.stream.drain()  # no copy ahead uses the ring meanwhile
             block.stream.copy_in(block, storage)
 
 

@@ -3,7 +3,8 @@ design.md §7): each copy reads them again, through a small ring of pinned buffe
 pieces read in parallel and each copied to the device once read. Needs PyTorch; imported
 by aimdo.torch only.
 
-Not thread-safe: one Offload's copies only, from its forward's thread.
+Not thread-safe: one Offload's copies only, from its forward's thread, or (copy_ahead)
+from the stream's own background thread, never both at once.
 """
 
 from __future__ import annotations
@@ -33,6 +34,21 @@ class _Buffer:
         self.free = None  # a CUDA event: the copy that last read it is done (None: free)
 
 
+class Pending:
+    """A copy a FileStream queues from its background thread (the Executor's token for
+    it): `result()` waits for the reads and returns (the event the copy's end records on
+    CUDA, else None; the start and end marks when timed, else None). A failed read raises
+    there, in the forward's thread."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future):
+        self.future = future
+
+    def result(self):
+        return self.future.result()
+
+
 class FileStream:
     """Copies blocks from their checkpoint files (``TorchBlock.file_runs``) into device
     memory: each run cut into pieces of at most one buffer, read by READERS threads into
@@ -45,6 +61,7 @@ class FileStream:
         self.buffers: list[_Buffer] = []
         self.pool = None
         self.turn = 0  # the buffer the next piece takes
+        self.worker = None  # one thread: the copies queued ahead (copy_ahead), in order
         self.bytes_read = 0  # since the last take_bytes_read
         # A stream dropped without close (its module dropped without undo) still gives
         # its files back; its buffers unpin themselves as they die.
@@ -97,6 +114,39 @@ class FileStream:
                     buffer.free = torch.cuda.Event()
                     buffer.free.record(torch.cuda.current_stream(storage.device))
 
+    def copy_ahead(self, block, storage: torch.Tensor, stream, after, timed: bool) -> Pending:
+        """copy_in, from a thread of this stream's own, so that the forward's thread goes
+        on queueing compute while the files are read: on `stream` (CUDA), after the event
+        `after` (or nothing). Jobs run one at a time, in the order queued; every use of the
+        ring is theirs from then on. Returns the Pending the block's compute waits for."""
+        if self.worker is None:
+            self.worker = ThreadPoolExecutor(1, thread_name_prefix="aimdo-files")
+        device = storage.device
+
+        def job():
+            if device.type != "cuda":
+                start = time.perf_counter() if timed else None
+                self.copy_in(block, storage)
+                return None, start, time.perf_counter() if timed else None
+            with torch.cuda.device(device), torch.cuda.stream(stream):
+                if after is not None:
+                    stream.wait_event(after)
+                start = None
+                if timed:
+                    start = torch.cuda.Event(enable_timing=True)
+                    start.record(stream)
+                self.copy_in(block, storage)
+                done = torch.cuda.Event(enable_timing=timed)
+                done.record(stream)
+            return done, start, done if timed else None
+
+        return Pending(self.worker.submit(job))
+
+    def drain(self) -> None:
+        """Return once every copy queued ahead is queued (its reads done), failed or not."""
+        if self.worker is not None:
+            self.worker.submit(_nothing).result()
+
     def take_bytes_read(self) -> int:
         taken, self.bytes_read = self.bytes_read, 0
         return taken
@@ -104,6 +154,9 @@ class FileStream:
     def close(self) -> None:
         """Wait for the copies that read the ring, stop the readers, give the ring and the
         files back. The caller has synchronized the device already, or does not mind."""
+        if self.worker is not None:
+            self.worker.shutdown(wait=True)
+            self.worker = None
         for buffer in self.buffers:
             if buffer.free is not None:
                 buffer.free.synchronize()
@@ -221,3 +274,7 @@ def left_in_files(placed: list, limit: int, forced=None) -> list:
         else:
             files.append(block)
     return files[::-1]
+
+
+def _nothing() -> None:
+    return None
