@@ -195,3 +195,30 @@ def test_demo_reports_a_model_too_large_for_the_backend_in_one_line(workload, ca
     err = capsys.readouterr().err
     assert code == 1, err
     assert err.startswith("aimdo: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    "path, error",
+    [("/no/such/folder/demo.png", "does not exist"), ("demo.txt", "names a .png/.svg/.pdf")],
+)
+def test_a_plot_path_that_cannot_be_written_is_refused_before_the_demo_runs(
+    path, error, monkeypatch, capsys
+):
+    from aimdo import __main__, _demo
+
+    monkeypatch.setattr(_demo, "run_demo", lambda args: pytest.fail("the demo ran"))
+    with pytest.raises(SystemExit) as exited:
+        __main__.main(["demo", "--backend", BACKEND, "--plot", path])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument --plot: " in err and error in err and "Traceback" not in err
+
+
+def test_the_torch_workload_refuses_a_device_it_does_not_have_in_one_line(capsys):
+    pytest.importorskip("torch")
+    from aimdo import __main__
+
+    code = __main__.main(["demo", "--backend", BACKEND, "--workload", "torch", "--devices", "0,99"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("aimdo: ValueError: device 99 is not here") and err.count("\n") == 1

@@ -71,3 +71,15 @@ def test_the_timeline_draws_each_span_of_a_timed_forward(make_manager, tmp_path)
     assert engine[0].start == 0.0 and engine[-1].end == pytest.approx(timings.seconds)
     assert all(a.end == pytest.approx(b.start) for a, b in zip(engine, engine[1:], strict=False))
     assert path.read_bytes()[:8] == PNG
+
+
+def test_bad_input_gets_a_typed_error(make_manager):
+    manager = make_manager(pages=2)
+    with pytest.raises(TypeError, match="ForwardTimings"):
+        aplot.timeline(None)  # what last_timings is when nothing was timed
+    with pytest.raises(TypeError, match="ForwardTimings"):
+        aplot.overview(manager, {"device 0": "not timings"})
+    with pytest.raises(ValueError, match="no timed forward"):
+        aplot.timeline({})
+    with pytest.raises(ValueError, match="no device"):
+        aplot.residency_map(manager, devices=[])

@@ -157,7 +157,10 @@ def test_a_paused_device_gives_every_page_back_and_resumes_where_it_was(make_man
         ]
         manager.resume(0)
         assert not manager.paused(0)
-        assert (handle.vbar.watermark_bytes, raw.watermark_bytes) == watermarks
+        # The other VBAR's watermark is back where it was; the offload's is raised to the
+        # top, so that it fills again where the budget has room.
+        top = -(-handle.vbar.size_bytes // PAGE) * PAGE
+        assert (handle.vbar.watermark_bytes, raw.watermark_bytes) == (top, watermarks[1])
         for _ in range(2):
             assert torch.equal(model(x), expected)
         assert raw.fault(page) is not None  # the other VBAR maps its page again
@@ -197,6 +200,35 @@ def test_a_device_is_paused_from_another_thread_during_a_forward(make_manager):
         assert manager.resident_bytes(0) == 8 * PAGE
 
 
+def test_a_model_paused_within_a_paused_device_fills_again_once_both_resume(make_manager):
+    model, x, expected, manager = offloaded(make_manager, layers=4, pages=4)
+    with atorch.offload(model, 0, manager=manager) as handle:
+        for _ in range(2):
+            assert torch.equal(model(x), expected)
+        handle.pause()
+        manager.pause(0)
+        handle.resume()  # the device is still paused: nothing grows yet
+        assert handle.vbar.watermark_bytes == 0
+        manager.resume(0)
+        assert handle.vbar.watermark_bytes == 4 * PAGE
+        for _ in range(2):
+            assert torch.equal(model(x), expected)
+        assert manager.resident_bytes(0) == 4 * PAGE and handle.last_stats.hits == 4
+
+
+def test_a_vbar_dropped_while_its_device_is_paused_is_freed(make_manager):
+    import gc
+
+    manager = new_manager(make_manager, pages=4)
+    vbar = manager.create_vbar(2 * PAGE, device=0)
+    manager.pause(0)
+    del vbar
+    gc.collect()
+    assert manager.vbar_count(0) == 0
+    manager.resume(0)
+    assert not manager.paused(0)
+
+
 def test_pause_refuses_a_device_it_does_not_have(make_manager):
     manager = new_manager(make_manager, pages=2)
     with pytest.raises(aimdo.DeviceNotInitializedError):
@@ -225,3 +257,28 @@ def test_evictions_for_memory_others_take_are_logged_once(make_manager, caplog):
             )
         finally:
             manager.external_free(taken)
+
+
+@pytest.mark.sim_only
+def test_a_pause_that_fails_part_way_still_stops_the_offloads_and_resume_undoes_it(
+    make_manager,
+):
+    sim = aimdo.SimBackend("2x1GiB", real_bytes=True)
+    manager = make_manager(pages=4, sim=sim)
+    log = []
+    model = one_page_layers(4, log)
+    x = torch.randn(2, model[0].in_features)
+    expected = reference(model, x, 0)
+    with atorch.offload(model, 0, manager=manager) as handle:
+        for _ in range(2):
+            assert torch.equal(model(x), expected)
+        sim.fail("cuMemUnmap", device=0, error="error", count=2)  # a release tries twice
+        with pytest.raises(aimdo.DriverError):
+            manager.pause(0)
+        assert manager.paused(0)
+        with pytest.raises(aimdo.InvalidStateError, match="device is paused"):
+            model(x)
+        manager.resume(0)
+        assert not manager.paused(0) and handle.vbar.watermark_bytes == 4 * PAGE
+        for _ in range(2):
+            assert torch.equal(model(x), expected)

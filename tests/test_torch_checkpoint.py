@@ -372,9 +372,9 @@ def test_blocks_in_the_files_are_read_by_a_thread_of_their_own_ahead_of_the_comp
     readers = []
     copy_in = stream.FileStream.copy_in
 
-    def recording(self, block, storage):
+    def recording(self, block, storage, *rest):
         readers.append(threading.current_thread().name)
-        return copy_in(self, block, storage)
+        return copy_in(self, block, storage, *rest)
 
     monkeypatch.setattr(stream.FileStream, "copy_in", recording)
     with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit=0) as o:

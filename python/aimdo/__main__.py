@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import _core
@@ -41,6 +42,22 @@ def _positive_size(text: str) -> int:
     if size == 0:
         raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
     return size
+
+
+#: What --plot can write (matplotlib picks the format from the name).
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def _plot_path(text: str) -> str:
+    """An argparse type: a picture's path whose folder exists and whose name says its
+    format, checked before the demo runs (not after minutes of it)."""
+    suffix = os.path.splitext(text)[1].lower()
+    if suffix not in PLOT_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"names a {'/'.join(PLOT_SUFFIXES)} file; got {text!r}")
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"its folder {folder!r} does not exist")
+    return text
 
 
 def _count(high: int):
@@ -207,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument(
         "--plot",
         metavar="FILE.png",
+        type=_plot_path,
         default=None,
         help="save a picture of each device's pages and of the last step's timeline "
         "(needs matplotlib: pip install 'aimdo[plot]')",

@@ -74,23 +74,42 @@ def _ms(seconds: float) -> str:
 
 
 def run_torch_demo(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except torch.cuda.OutOfMemoryError as error:
+        first_line = str(error).splitlines()[0] if str(error) else "out of memory"
+        raise _core.AimdoError(
+            f"the GPU ran out of memory for the demo's activations ({first_line}): lower "
+            "--tokens or --vram-limit"
+        ) from error
+
+
+def _run(args: argparse.Namespace) -> int:
     backend = resolve_backend(args.backend)
     sim = backend if isinstance(backend, SimBackend) else None
     if sim is not None and not sim.real_bytes:
         backend = sim = SimBackend(real_bytes=True)  # aimdo.torch needs the real bytes
     count = backend.device_count
     devices = args.devices if args.devices is not None else list(range(min(count, 2)))
+    missing = [d for d in devices if d >= count]
+    if missing:
+        raise ValueError(
+            f"device {missing[0]} is not here: the {backend.name} backend has {count} devices"
+        )
     dtype = torch.float32 if sim else torch.bfloat16
     element = torch.tensor([], dtype=dtype).element_size()
     hidden = hidden_for(args.layer_size, element)
     first = torch.device("cpu") if sim else torch.device("cuda", devices[0])
     model_bytes = args.layers * (8 * hidden * hidden + 7 * hidden) * element
     tokens = max(1, args.tokens // 2)
+    # The host holds the weights, and the input and an output or two of its size.
+    batch_bytes = 2 * tokens * hidden * element
     available = available_host_bytes()
-    if model_bytes > available:
+    if model_bytes + 4 * batch_bytes > available:
         raise _core.AimdoError(
-            f"a {format_size(model_bytes)} model does not fit in this host's available memory "
-            f"({format_size(available)}): lower --layers or --layer-size"
+            f"a {format_size(model_bytes)} model and {format_size(batch_bytes)} batches do not "
+            f"fit in this host's available memory ({format_size(available)}): lower --layers, "
+            "--layer-size or --tokens"
         )
     print(
         f"aimdo demo: a {format_size(model_bytes)} model ({args.layers} MLP blocks of width "

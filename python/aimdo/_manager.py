@@ -202,7 +202,8 @@ class Manager:
         self._core = _core.Manager(self._backend.driver)
         self._growers: dict[int, dict] = {}  # device -> {key: callable}, see _grow_back
         self._pausers: dict[int, dict] = {}  # device -> {key: callable}, see _on_pause
-        self._paused: dict[int, dict] = {}  # paused device -> {VBAR: its watermark before}
+        # Paused device -> {(VBAR address, size): its watermark before the pause}.
+        self._paused: dict[int, dict] = {}
         self._pause_lock = threading.Lock()
         # The process whose driver state this Manager holds: a child made by fork() shares
         # the object but not the driver (CUDA answers it CUDA_ERROR_NOT_INITIALIZED).
@@ -354,13 +355,23 @@ class Manager:
         paused are not paused. DeviceNotInitializedError for a device not here."""
         self._check_device(device)
         with self._pause_lock:
+            # Paused before the first VBAR is touched: a failure part way leaves the device
+            # paused (the offloads told, in any case), and resume() undoes what was done.
             saved = self._paused.setdefault(device, {})
             before = self.resident_bytes(device)
-            for vbar in self.vbars(device):
-                saved.setdefault(vbar, vbar.watermark_bytes)
-                vbar.set_watermark(0)
-            for hook in list(self._pausers.get(device, {}).values()):
-                hook(True)
+            try:
+                for vbar in self.vbars(device):
+                    # Keyed by place, not held: a VBAR dropped while paused is freed.
+                    key = (vbar.address, vbar.size_bytes)
+                    watermark = vbar.watermark_bytes
+                    try:
+                        vbar.set_watermark(0)
+                    except _core.InvalidStateError:  # closed meanwhile
+                        continue
+                    saved.setdefault(key, watermark)
+            finally:
+                for hook in list(self._pausers.get(device, {}).values()):
+                    hook(True)
             freed = max(0, before - self.resident_bytes(device))
         _log.info(
             "aimdo: device %d paused: %s of pages given back (%d VBARs)",
@@ -379,11 +390,23 @@ class Manager:
             saved = self._paused.pop(device, None)
             if saved is None:
                 return
-            for vbar, watermark in saved.items():
-                if not vbar.closed:
-                    vbar.set_watermark(watermark)
-            for hook in list(self._pausers.get(device, {}).values()):
-                hook(False)
+            failure = None
+            try:
+                for vbar in self.vbars(device):
+                    watermark = saved.get((vbar.address, vbar.size_bytes))
+                    if watermark is None:  # made while paused: never lowered
+                        continue
+                    try:
+                        vbar.set_watermark(watermark)
+                    except _core.InvalidStateError:  # closed meanwhile
+                        continue
+                    except Exception as error:  # noqa: BLE001 - the others first
+                        failure = failure or error
+            finally:
+                for hook in list(self._pausers.get(device, {}).values()):
+                    hook(False)
+            if failure is not None:
+                raise failure
         _log.info("aimdo: device %d resumed", device)
 
     def paused(self, device: int) -> bool:

@@ -13,10 +13,13 @@ Not thread-safe: one forward at a time per Schedule (the front end enforces it).
 from __future__ import annotations
 
 import bisect
+import logging
 from dataclasses import dataclass
 
 from ._core import InvalidStateError
 from ._executor import IN_LINE, PAGES, TEMPORARY, Executor
+
+_log = logging.getLogger("aimdo")
 
 #: Staging buffers of one offloaded model hold at most this many bytes in all when the
 #: budget is small (prefetch + 1 buffers, each at most staging_bytes // (prefetch + 1)); a
@@ -549,11 +552,19 @@ class Schedule:
             ready, block.ready = block.ready, None
             try:
                 self.executor.host_wait(ready)
-            except BaseException as error:  # noqa: BLE001 - raised below, once let go
-                # The copy failed (one made in the background): never trust its pages.
-                failure = error
+            except BaseException as error:  # noqa: BLE001 - said below, once let go
+                # The copy failed (one made in the background): never trust its pages. No
+                # compute read them, so the forward stands; a use would copy again.
                 block.signature = None
                 self._set_resident(block, False)
+                if block.queued and isinstance(error, Exception):
+                    _log.warning(
+                        "aimdo: a copy made ahead for a block this forward did not use "
+                        "failed (%s); it is copied again when used",
+                        error,
+                    )
+                else:
+                    failure = error
         if block.queued:
             block.queued = False
             self.in_flight -= 1

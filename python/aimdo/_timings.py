@@ -180,12 +180,14 @@ def _after(first: float, second: float) -> float:
 
 def _compute_spans(timed) -> list:
     """The compute engine's stretches (see mark_stretches) from marks in seconds, as
-    Spans, neighbours of one lane and block merged; compute before the first use is the
-    root module's own (no block)."""
+    Spans, neighbours of one lane and block merged; compute before the first use counts
+    for the first use's block, as use_seconds counts it."""
+    stretches = [s for s in mark_stretches(timed, []) if s[4] > s[3]]
+    first = next((block for _, block, _, _, _ in stretches if block is not None), None)
     spans = []
-    for lane, block, _, began, ended in mark_stretches(timed, []):
-        if ended <= began:
-            continue
+    for lane, block, _, began, ended in stretches:
+        if block is None:
+            block = first
         previous = spans[-1] if spans else None
         if previous and previous.lane == lane and previous.block is block:
             previous.end = ended

@@ -376,11 +376,13 @@ class Offload:
         aimdo._schedule.use_seconds)."""
         schedule, executor = self._runner.schedule, self._executor
         marks = schedule.marks = [("start", None, executor.mark())]
+        if self.device.type != "cuda":
+            executor.inline_marks = marks  # copies in line are the host's, not compute
         try:
             result = call()
             marks.append(("end", None, executor.mark()))
         finally:
-            schedule.marks = None
+            schedule.marks = executor.inline_marks = None
         index = {block: i for i, block in enumerate(self._blocks)}
         return result, [(index[block], s) for block, s in use_seconds(marks, executor.elapsed)]
 
@@ -470,8 +472,9 @@ def _grower(reference):
 
 def _pauser(reference):
     """What Manager.pause and resume call for an offload on their device (holding it
-    weakly): it stops (or starts) taking forwards; one not running now gives its staging
-    buffers back at once, one running gives them back when its forward ends."""
+    weakly): it stops taking forwards, giving its staging buffers back at once, or when
+    the forward running ends; or it takes them again, its watermark raised to the top
+    (unless the offload is paused itself)."""
 
     def pause(paused: bool) -> None:
         offload = reference()
@@ -479,12 +482,10 @@ def _pauser(reference):
             return
         runner = offload._runner
         runner.device_paused = paused
-        if paused and runner.lock.acquire(blocking=False):
-            try:
-                offload._executor.synchronize()
-                runner.schedule.drop_staging()
-            finally:
-                runner.lock.release()
+        if paused:
+            runner.give_back_staging()
+        elif not runner.paused:
+            offload._grow()  # as after a budget grown meanwhile: fill again where it fits
 
     return pause
 

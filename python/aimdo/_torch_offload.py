@@ -207,17 +207,35 @@ class _TorchExecutor(Executor):
 
     def wait_for(self, token) -> None:
         if isinstance(token, Pending):
-            token = token.result()[0]  # its reads done and its copy queued, or raises
+            token = self._settled(token)  # its reads done and its copy queued, or raises
             if token is None:  # a simulator: the copy is done
                 return
         torch.cuda.current_stream(self._device).wait_event(token)
 
     def host_wait(self, token) -> None:
         if isinstance(token, Pending):
-            token = token.result()[0]
+            token = self._settled(token)
             if token is None:
                 return
         token.synchronize()
+
+    def _settled(self, pending: Pending):
+        """The event of a copy made in the background, once queued. If it failed (a read)
+        or the wait was interrupted, the job may still run or have queued part of its
+        copies: they finish before the error goes on, so that nothing they write into is
+        given back under them."""
+        try:
+            return pending.result()[0]
+        except BaseException:
+            while True:
+                try:
+                    self.drain_copies()
+                    break
+                except KeyboardInterrupt:  # bounded: the reads end; the first one raises
+                    continue
+                except Exception:  # noqa: BLE001 - a failed job drains all the same
+                    break
+            raise
 
     def mark(self):
         if self._device.type != "cuda":
@@ -351,9 +369,6 @@ class Runner:
                         if timed and not failed:
                             clock = "cuda events" if self.device.type == "cuda" else "host clock"
                             self.recorded = Recorded(marks, copies, executor.elapsed, clock)
-                    if self.device_paused:  # paused during this forward: give back now
-                        executor.synchronize()
-                        schedule.drop_staging()
                     if wants:
                         on_device = (
                             torch.cuda.device(self.device)
@@ -365,13 +380,26 @@ class Runner:
         finally:
             self.owner = None
             self.lock.release()
+            if self.device_paused:  # paused during this call: give the staging back now
+                self.give_back_staging()
+
+    def give_back_staging(self) -> None:
+        """Drop the staging buffers (synchronizing first) unless a forward runs; one that
+        runs drops them as it ends (device paused)."""
+        if self.lock.acquire(blocking=False):
+            try:
+                self.schedule.executor.synchronize()
+                self.schedule.drop_staging()
+            finally:
+                self.lock.release()
 
     def _watch_watermark(self, schedule: Schedule) -> None:
         """After a forward of the whole: say (INFO) when evictions for memory others took
         lowered the share of the model that may stay resident since the last forward, and
         (DEBUG) what the forward did."""
         vbar = schedule.vbar
-        if vbar.closed:
+        if vbar.closed or self.paused or self.device_paused:
+            self.watermark = None  # a pause lowered it, not others' memory
             return
         now, before = vbar.watermark_bytes, self.watermark
         self.watermark = now

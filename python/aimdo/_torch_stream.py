@@ -80,9 +80,10 @@ class FileStream:
             self.pool = ThreadPoolExecutor(READERS, thread_name_prefix="aimdo-read")
         return self.buffers
 
-    def copy_in(self, block, storage: torch.Tensor) -> None:
+    def copy_in(self, block, storage: torch.Tensor, starting=None) -> None:
         """Queue the copy of `block`'s file runs into `storage` on the current stream
-        (done when this returns on a simulator). CheckpointError from a read (the file
+        (done when this returns on a simulator); `starting()`, if given, is called right
+        before the first piece's copy is queued. CheckpointError from a read (the file
         changed or ends early): the copies queued before it are left to finish."""
         pieces = []  # (offset in storage, checkpoint tensor, offset in it, bytes)
         for offset, tensor in block.file_runs:
@@ -108,6 +109,9 @@ class FileStream:
             for read in reads:
                 read.result()
             self.bytes_read += sum(count for _, _, _, count in wave)
+            if starting is not None:
+                starting()
+                starting = None
             for (offset, _, _, count), buffer in zip(wave, taken, strict=True):
                 storage[offset : offset + count].copy_(buffer.tensor[:count], non_blocking=True)
                 if storage.device.type == "cuda":
@@ -124,21 +128,30 @@ class FileStream:
         device = storage.device
 
         def job():
+            # Timed, the copy starts where its first piece is queued (its reads done).
+            start = []
             if device.type != "cuda":
-                start = time.perf_counter() if timed else None
-                self.copy_in(block, storage)
-                return None, start, time.perf_counter() if timed else None
+                mark = (lambda: start.append(time.perf_counter())) if timed else None
+                self.copy_in(block, storage, mark)
+                if not timed:
+                    return None, None, None
+                end = time.perf_counter()
+                return None, start[0] if start else end, end
             with torch.cuda.device(device), torch.cuda.stream(stream):
                 if after is not None:
                     stream.wait_event(after)
-                start = None
-                if timed:
-                    start = torch.cuda.Event(enable_timing=True)
-                    start.record(stream)
-                self.copy_in(block, storage)
+
+                def starting():
+                    event = torch.cuda.Event(enable_timing=True)
+                    event.record(stream)
+                    start.append(event)
+
+                self.copy_in(block, storage, starting if timed else None)
                 done = torch.cuda.Event(enable_timing=timed)
                 done.record(stream)
-            return done, start, done if timed else None
+            if timed and not start:  # nothing to copy: an empty span at the end
+                start.append(done)
+            return done, start[0] if start else None, done if timed else None
 
         return Pending(self.worker.submit(job))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ._sizes import format_size
+from ._timings import ForwardTimings
 
 #: Page states of a residency map, in drawing order, with their colours.
 PAGE_STATES = {
@@ -85,8 +86,7 @@ def residency_map(manager, path=None, *, devices=None, labels: Mapping | None = 
     """The pages of every VBAR on `devices` (default: all the Manager's), a row each,
     most important first; `labels` names VBARs (keys: a Vbar, or an aimdo.torch Offload).
     Saved to `path` when given; returns the Figure."""
-    devices = list(manager.devices if devices is None else devices)
-    rows = {device: residency_runs(manager, device) for device in devices}
+    rows = _rows(manager, devices)
     figure = _figure(10, 1.2 + 0.45 * _row_count(rows))
     _draw_residency(figure, manager, rows, labels)
     if path is not None:
@@ -153,8 +153,7 @@ def overview(manager, timings, path=None, *, devices=None, labels: Mapping | Non
     """The residency map above the timeline, in one Figure (``python -m aimdo demo
     --plot``). Saved to `path` when given; returns the Figure."""
     timings = _named(timings)
-    devices = list(manager.devices if devices is None else devices)
-    rows = {device: residency_runs(manager, device) for device in devices}
+    rows = _rows(manager, devices)
     top, bottom = 1.2 + 0.45 * _row_count(rows), 1.0 + 1.1 * len(timings)
     figure = _figure(10, top + bottom)
     upper, lower = figure.subfigures(2, 1, height_ratios=[top, bottom])
@@ -166,7 +165,25 @@ def overview(manager, timings, path=None, *, devices=None, labels: Mapping | Non
 
 
 def _named(timings) -> Mapping:
-    return timings if isinstance(timings, Mapping) else {"forward": timings}
+    """`timings` as a mapping of labels to ForwardTimings; TypeError or ValueError for
+    anything else (None is what Offload.last_timings gives when nothing was timed)."""
+    named = timings if isinstance(timings, Mapping) else {"forward": timings}
+    if not named:
+        raise ValueError("nothing to draw: no timed forward given")
+    for label, forward in named.items():
+        if not isinstance(forward, ForwardTimings):
+            raise TypeError(
+                f"{label!r}: a timeline draws aimdo.torch.ForwardTimings (Offload.last_timings "
+                f"of a timed forward: offload(timings=True)), not {type(forward).__name__}"
+            )
+    return named
+
+
+def _rows(manager, devices) -> dict:
+    devices = list(manager.devices if devices is None else devices)
+    if not devices:
+        raise ValueError("nothing to draw: no device given")
+    return {device: residency_runs(manager, device) for device in devices}
 
 
 def _draw_timeline(figure, timings: Mapping, title: str | None) -> None:
