@@ -21,10 +21,11 @@ from ._torch_checkpoint import Reader
 from ._torch_host import pin_tensor
 
 #: The ring: this many buffers of this many bytes (pinned on CUDA), and this many threads
-#: reading into them at once.
-RING_BUFFERS = 4
-RING_BUFFER_BYTES = 16 << 20
+#: reading into them at once. Twice as many buffers as readers: a wave of reads goes into
+#: one half while the copies of the wave before it drain from the other.
 READERS = 4
+RING_BUFFERS = 2 * READERS
+RING_BUFFER_BYTES = 16 << 20
 
 
 class _Buffer:
@@ -91,8 +92,8 @@ class FileStream:
                 count = min(RING_BUFFER_BYTES, tensor.nbytes - start)
                 pieces.append((offset + start, tensor, start, count))
         ring = self._ring()
-        for first in range(0, len(pieces), len(ring)):
-            wave = pieces[first : first + len(ring)]
+        for first in range(0, len(pieces), READERS):
+            wave = pieces[first : first + READERS]
             taken = []
             for _ in wave:
                 buffer = ring[self.turn]

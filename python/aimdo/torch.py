@@ -142,7 +142,7 @@ def offload(
     checkpoint's values).
     ``host_limit`` (bytes or a size string) caps the host memory the weights of such a
     module are pinned in; the blocks that do not fit stay in the files and are read again
-    at each copy, through a ring of 4 pinned buffers of 16 MiB, by 4 threads. The blocks
+    at each copy, through a ring of 8 pinned buffers of 16 MiB, by 4 threads. The blocks
     pinned first are those the VBAR places last (offloaded, so copied at every forward);
     those placed first (resident in VRAM, read again only after an eviction) stream.
     ``"auto"`` (default) pins every weight when they fit in half of the host memory
