@@ -305,15 +305,22 @@ def checkpoint_of(real, tmp_path):
     return path
 
 
-def test_host_limit_zero_reads_every_block_from_the_files_at_each_copy(make_manager, tmp_path):
-    import aimdo._torch_stream as stream
-
+def saved_stack(make_manager, tmp_path):
+    """A 6-block stack saved as one file in tmp_path, an input, the stack's plain output
+    on device 0, the same model built on the meta device, and a Manager of 4 pages (8 of
+    its 12 MiB of large blocks)."""
     real = stack(blocks=6)
     x = torch.randn(2, 256)
     expected = reference(real, x, 0)
     path = checkpoint_of(real, tmp_path)
-    model = on_meta()
-    manager = new_manager(make_manager, pages=4)  # 8 of the 12 MiB: some copied each time
+    return real, x, expected, path, on_meta(), new_manager(make_manager, pages=4)
+
+
+def test_host_limit_zero_reads_every_block_from_the_files_at_each_copy(make_manager, tmp_path):
+    import aimdo._torch_stream as stream
+
+    # 8 of the 12 MiB fit: some blocks are copied at each forward.
+    real, x, expected, path, model, manager = saved_stack(make_manager, tmp_path)
     with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit=0) as o:
         assert o.streamed_bytes == sum(b.nbytes for b in o._blocks) and o.pinned_bytes == 0
         for _ in range(3):
@@ -328,12 +335,7 @@ def test_host_limit_zero_reads_every_block_from_the_files_at_each_copy(make_mana
 def test_host_limit_pins_the_blocks_placed_last_and_streams_the_rest(
     make_manager, tmp_path, caplog
 ):
-    real = stack(blocks=6)
-    x = torch.randn(2, 256)
-    expected = reference(real, x, 0)
-    path = checkpoint_of(real, tmp_path)
-    model = on_meta()
-    manager = new_manager(make_manager, pages=4)
+    real, x, expected, path, model, manager = saved_stack(make_manager, tmp_path)
     limit = 5 << 20  # the 6 norms (small, placed first) and 4 of the 12 large blocks
     caplog.set_level(logging.INFO, logger="aimdo")
     with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit="5MiB") as o:
@@ -363,12 +365,7 @@ def test_blocks_in_the_files_are_read_by_a_thread_of_their_own_ahead_of_the_comp
 
     import aimdo._torch_stream as stream
 
-    real = stack(blocks=6)
-    x = torch.randn(2, 256)
-    expected = reference(real, x, 0)
-    path = checkpoint_of(real, tmp_path)
-    model = on_meta()
-    manager = new_manager(make_manager, pages=4)
+    real, x, expected, path, model, manager = saved_stack(make_manager, tmp_path)
     readers = []
     copy_in = stream.FileStream.copy_in
 
@@ -459,13 +456,8 @@ def test_host_tiers_need_a_checkpoint(make_manager):
 def test_a_file_changed_under_a_running_model_is_refused_and_nothing_is_lost(
     make_manager, tmp_path
 ):
-    real = stack(blocks=6)
-    x = torch.randn(2, 256)
-    expected = reference(real, x, 0)
-    path = checkpoint_of(real, tmp_path)
+    real, x, expected, path, model, manager = saved_stack(make_manager, tmp_path)
     before = os.stat(path)
-    model = on_meta()
-    manager = new_manager(make_manager, pages=4)
     with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit=0):
         assert torch.equal(model(x.to(where(0))), expected)
         os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1))

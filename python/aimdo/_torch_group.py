@@ -16,7 +16,8 @@ from ._default import get_manager
 from ._manager import Manager
 from ._placement import link_peers
 from ._schedule import ForwardStats, per_block
-from ._torch_handle import Offload, check_options, offload_options
+from ._torch_handle import Offload
+from ._torch_options import check_options, offload_options
 from ._torch_regime import (
     SPLITTING,
     WITH_PEERS,

@@ -29,8 +29,9 @@ from ._placement import spread_order
 from ._schedule import DEFAULT_STAGING_BYTES, ForwardStats
 from ._timings import BlockTiming, ForwardTimings
 from ._torch_group import OffloadGroup, offload_group
-from ._torch_handle import Offload, check_options, offload_options
+from ._torch_handle import Offload
 from ._torch_offload import _TorchExecutor  # noqa: F401 - tests patch its copies through here
+from ._torch_options import check_options, offload_options
 from ._torch_regime import RUNNABLE as REGIMES
 from ._torch_views import as_tensor
 
