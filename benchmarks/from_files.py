@@ -9,11 +9,13 @@ page cache first with ``posix_fadvise``) and warm.
 
     python -m benchmarks.from_files [--blocks 60] [--hidden 5120] [--tokens 2048]
         [--vram-limit 24GiB] [--limits none,8GiB,0,0-cold] [--steps 6]
-        [--dir /tmp/aimdo-checkpoint]
+        [--dir /tmp/aimdo-checkpoint] [--rings 4x16,8x32]
     python -m benchmarks.from_files --tiny      # tiny model, CPU simulator
 
 A limit is a ``host_limit``: ``none`` pins every weight, ``0`` leaves every block in the
-files, ``0-cold`` the same with the files' pages dropped before the run.
+files, ``0-cold`` the same with the files' pages dropped before the run. ``--rings`` runs
+every limit that reads the files once per ring, READERSxMiB (that many reader threads, twice
+as many buffers of that many MiB), instead of once with the library's own.
 """
 
 from __future__ import annotations
@@ -147,6 +149,12 @@ def child(args) -> dict:
         options = {"page_size": 2 << 20, "headroom": 0} if args.tiny else {}
         manager = aimdo.Manager(backend, [0], vram_limit=args.vram_limit, **options)
         model = build(args.blocks, args.hidden, args.dtype, "meta")
+        if args.ring:
+            from aimdo import _torch_stream
+
+            readers, mib = (int(n) for n in args.ring.split("x"))
+            _torch_stream.READERS, _torch_stream.RING_BUFFERS = readers, 2 * readers
+            _torch_stream.RING_BUFFER_BYTES = mib << 20
         handle = atorch.offload(
             model, 0, manager=manager, checkpoint=f"{args.dir}/{INDEX}", host_limit=host_limit
         )
@@ -173,6 +181,11 @@ def child(args) -> dict:
         result["bytes_from_files_per_step"] = handle.last_stats.bytes_from_files
         result["budget_bytes"] = manager.budget_bytes(0)
         result["resident_bytes"] = manager.resident_bytes(0)
+        handle.timings = True  # one more step, timed, outside the median's
+        with torch.no_grad():
+            run(x)
+        timed = handle.last_timings.as_dict()
+        result["last_step_timings"] = {k: timed[k] for k in timed if k not in ("blocks", "spans")}
         handle.undo()
         manager.close()
     return result
@@ -188,7 +201,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--dir", default="/tmp/aimdo-checkpoint")
     parser.add_argument("--accelerate", action="store_true", help="also accelerate's loader")
+    parser.add_argument("--rings", default="", help="READERSxMiB,...: rings to compare")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--ring", default="", help=argparse.SUPPRESS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -222,11 +237,19 @@ def main() -> int:
         f"{result['compute_seconds'] * 1000:.1f} ms",
         flush=True,
     )
-    runs = args.limits.split(",") + (["accelerate"] if args.accelerate and not args.tiny else [])
-    for name in runs:
-        if name.endswith("-cold"):
+    rings = args.rings.split(",") if args.rings else [""]
+    runs = [
+        (limit, ring)
+        for limit in args.limits.split(",")
+        for ring in (rings if limit != "none" else [""])
+    ]
+    runs += [("accelerate", "")] if args.accelerate and not args.tiny else []
+    for limit, ring in runs:
+        name = f"{limit}@{ring}" if ring else limit
+        if limit.endswith("-cold"):
             drop_cache(args.dir)
-        command = [sys.executable, "-m", "benchmarks.from_files", "--child", name]
+        command = [sys.executable, "-m", "benchmarks.from_files", "--child", limit]
+        command += ["--ring", ring] if ring else []
         command += ["--blocks", str(args.blocks), "--hidden", str(args.hidden)]
         command += ["--tokens", str(args.tokens), "--vram-limit", str(args.vram_limit)]
         command += ["--steps", str(args.steps), "--dir", args.dir]
@@ -250,6 +273,14 @@ def main() -> int:
             f"{run['identical']}",
             flush=True,
         )
+        if "last_step_timings" in run:
+            t = run["last_step_timings"]
+            print(
+                f"    timed step {t['seconds'] * 1000:.1f} ms: compute "
+                f"{t['compute_seconds'] * 1000:.1f} ms, stalled "
+                f"{t['stall_seconds'] * 1000:.1f} ms, copies {t['copy_seconds'] * 1000:.1f} ms",
+                flush=True,
+            )
     write("from_files", result, args.out, keep=not args.tiny)
     return 0 if all(r.get("identical", False) for r in result["runs"].values()) else 1
 

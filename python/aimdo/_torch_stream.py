@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 import weakref
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
@@ -21,8 +22,8 @@ from ._torch_checkpoint import Reader
 from ._torch_host import pin_tensor
 
 #: The ring: this many buffers of this many bytes (pinned on CUDA), and this many threads
-#: reading into them at once. Twice as many buffers as readers: a wave of reads goes into
-#: one half while the copies of the wave before it drain from the other.
+#: reading into them at once. Twice as many buffers as readers: while the readers fill
+#: half of them, the copies of the pieces read before drain from the other half.
 READERS = 4
 RING_BUFFERS = 2 * READERS
 RING_BUFFER_BYTES = 16 << 20
@@ -85,39 +86,60 @@ class FileStream:
         """Queue the copy of `block`'s file runs into `storage` on the current stream
         (done when this returns on a simulator); `starting()`, if given, is called right
         before the first piece's copy is queued. CheckpointError from a read (the file
-        changed or ends early): the copies queued before it are left to finish."""
-        pieces = []  # (offset in storage, checkpoint tensor, offset in it, bytes)
-        for offset, tensor in block.file_runs:
-            for start in range(0, tensor.nbytes, RING_BUFFER_BYTES):
-                count = min(RING_BUFFER_BYTES, tensor.nbytes - start)
-                pieces.append((offset + start, tensor, start, count))
+        changed or ends early): the copies queued before it are left to finish.
+
+        A pipeline, not waves: as many pieces are read at once as the ring has buffers
+        (READERS at a time), and each piece's copy is queued, in order, as soon as its read
+        is done; the buffer it frees takes the next piece, whose reader first waits for
+        that copy to finish. No reader waits for the others."""
+        pieces = [
+            (offset + start, tensor, start, min(RING_BUFFER_BYTES, tensor.nbytes - start))
+            for offset, tensor in block.file_runs
+            for start in range(0, tensor.nbytes, RING_BUFFER_BYTES)
+        ]
         ring = self._ring()
-        for first in range(0, len(pieces), READERS):
-            wave = pieces[first : first + READERS]
-            taken = []
-            for _ in wave:
-                buffer = ring[self.turn]
-                self.turn = (self.turn + 1) % len(ring)
-                if buffer.free is not None:
-                    buffer.free.synchronize()  # its last copy read it: without the GIL
-                    buffer.free = None
-                taken.append(buffer)
-            reads = [
-                self.pool.submit(self.reader.read, tensor, buffer.tensor[:count], start)
-                for (_, tensor, start, count), buffer in zip(wave, taken, strict=True)
-            ]
-            wait(reads)  # every read ended before a failure is raised: none writes later
-            for read in reads:
-                read.result()
-            self.bytes_read += sum(count for _, _, _, count in wave)
-            if starting is not None:
-                starting()
-                starting = None
-            for (offset, _, _, count), buffer in zip(wave, taken, strict=True):
+        cuda = storage.device if storage.device.type == "cuda" else None
+        reading = deque()  # (offset in storage, bytes, buffer, the read's future), in order
+        waiting = iter(pieces)
+
+        def read_next() -> None:
+            piece = next(waiting, None)
+            if piece is None:
+                return
+            offset, tensor, start, count = piece
+            buffer = ring[self.turn]
+            self.turn = (self.turn + 1) % len(ring)
+            busy, buffer.free = buffer.free, None  # the reader waits for it
+            future = self.pool.submit(self._read, cuda, busy, tensor, buffer.tensor[:count], start)
+            reading.append((offset, count, buffer, future))
+
+        for _ in range(len(ring)):
+            read_next()
+        try:
+            while reading:
+                offset, count, buffer, future = reading[0]
+                future.result()
+                reading.popleft()
+                self.bytes_read += count
+                if starting is not None:
+                    starting()
+                    starting = None
                 storage[offset : offset + count].copy_(buffer.tensor[:count], non_blocking=True)
-                if storage.device.type == "cuda":
+                if cuda is not None:
                     buffer.free = torch.cuda.Event()
-                    buffer.free.record(torch.cuda.current_stream(storage.device))
+                    buffer.free.record(torch.cuda.current_stream(cuda))
+                read_next()
+        except BaseException:
+            wait([future for *_, future in reading])  # none writes into the ring later
+            raise
+
+    def _read(self, device, busy, tensor, into: torch.Tensor, start: int) -> None:
+        """A reader's job: wait for the copy that last read `into`'s buffer (`busy`, a CUDA
+        event of `device`, or None), then read `tensor`'s bytes from `start` into it."""
+        if busy is not None:
+            with torch.cuda.device(device):
+                busy.synchronize()  # without the GIL
+        self.reader.read(tensor, into, start)
 
     def copy_ahead(self, block, storage: torch.Tensor, stream, after, timed: bool) -> Pending:
         """copy_in, from a thread of this stream's own, so that the forward's thread goes
