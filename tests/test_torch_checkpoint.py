@@ -366,24 +366,40 @@ def test_blocks_in_the_files_are_read_by_a_thread_of_their_own_ahead_of_the_comp
     import aimdo._torch_stream as stream
 
     real, x, expected, path, model, manager = saved_stack(make_manager, tmp_path)
-    readers = []
-    copy_in = stream.FileStream.copy_in
+    calls = []  # (how the forward queued a block's copy, from which thread)
+    pieces = []  # the threads that queued the pieces' copies
+    originals = {name: getattr(stream.FileStream, name) for name in ("copy_in", "copy_ahead")}
 
-    def recording(self, block, storage, *rest):
-        readers.append(threading.current_thread().name)
-        return copy_in(self, block, storage, *rest)
+    def recording(name):
+        def call(self, *args):
+            calls.append((name, threading.current_thread().name))
+            return originals[name](self, *args)
 
-    monkeypatch.setattr(stream.FileStream, "copy_in", recording)
+        return call
+
+    copy_piece = stream.FileStream._copy
+
+    def piece(self, *args):
+        pieces.append(threading.current_thread().name)
+        return copy_piece(self, *args)
+
+    for name in originals:
+        monkeypatch.setattr(stream.FileStream, name, recording(name))
+    monkeypatch.setattr(stream.FileStream, "_copy", piece)
+    forward_thread = threading.current_thread().name
     with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit=0) as o:
         assert torch.equal(model(x.to(where(0))), expected)
-        # The first forward learns the order and copies in line, in its own thread.
-        assert readers and set(readers) == {threading.current_thread().name}
-        readers.clear()
+        # The first forward learns the order and copies in line: its thread waits.
+        assert calls and set(calls) == {("copy_in", forward_thread)}
+        calls.clear()
+        pieces.clear()
         for _ in range(2):
             assert torch.equal(model(x.to(where(0))), expected)
             assert o.last_stats.bytes_from_files > 0
-        # Then the files are read ahead by the stream's thread, the forward going on.
-        assert readers and all(name.startswith("aimdo-files") for name in readers)
+        # Then the copies are queued ahead, the forward going on; the stream's own thread
+        # reads them and queues every piece's copy.
+        assert calls and set(calls) == {("copy_ahead", forward_thread)}
+        assert pieces and set(pieces) == {"aimdo-files_0"}
     assert o._stream is None or o._stream.worker is None
 
 

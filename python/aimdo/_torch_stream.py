@@ -3,17 +3,18 @@ design.md §7): each copy reads them again, through a small ring of pinned buffe
 pieces read in parallel and each copied to the device once read. Needs PyTorch; imported
 by aimdo.torch only.
 
-Not thread-safe: one Offload's copies only, from its forward's thread, or (copy_ahead)
-from the stream's own background thread, never both at once.
+A FileStream is called from one thread at a time (its Offload's forward); the reads and
+the copies then run on threads of its own.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 import weakref
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
@@ -37,10 +38,10 @@ class _Buffer:
 
 
 class Pending:
-    """A copy a FileStream queues from its background thread (the Executor's token for
-    it): `result()` waits for the reads and returns (the event the copy's end records on
-    CUDA, else None; the start and end marks when timed, else None). A failed read raises
-    there, in the forward's thread."""
+    """A block's copy queued on a FileStream (the Executor's token for it): `result()`
+    waits until its pieces are read and their copies queued, and returns (the event the
+    copy's end records on CUDA, else None; the start and end marks when timed, else None).
+    A failed read raises there, in the forward's thread."""
 
     __slots__ = ("future",)
 
@@ -51,11 +52,39 @@ class Pending:
         return self.future.result()
 
 
+class _Job:
+    """One block's copy: its pieces still to read, where they go, and its Future."""
+
+    __slots__ = ("pieces", "storage", "stream", "after", "timed", "future", "reads")
+    __slots__ += ("exhausted", "started", "start", "error")
+
+    def __init__(self, block, storage, stream, after, timed: bool):
+        self.pieces = iter(
+            [
+                (offset + start, tensor, start, min(RING_BUFFER_BYTES, tensor.nbytes - start))
+                for offset, tensor in block.file_runs
+                for start in range(0, tensor.nbytes, RING_BUFFER_BYTES)
+            ]
+        )
+        self.storage, self.stream, self.after, self.timed = storage, stream, after, timed
+        self.future = Future()
+        self.reads = 0  # its pieces being read now
+        self.exhausted = False  # every piece of it handed to a reader (or dropped)
+        self.started = False  # its first copy queued (`after` waited for first)
+        self.start = None  # timed: the mark its first copy starts at
+        self.error = None  # the first read of it that failed
+
+
 class FileStream:
     """Copies blocks from their checkpoint files (``TorchBlock.file_runs``) into device
     memory: each run cut into pieces of at most one buffer, read by READERS threads into
-    the ring's buffers (each waiting first for the copy that last read its buffer), then
-    copied to the device on the current stream, in order."""
+    the ring's buffers (each reader waiting first for the copy that last read its buffer),
+    each piece's copy queued as soon as its read is done, in order.
+
+    One pipeline for every block queued (design.md §7, host tiers): the blocks' copies are
+    queued in order by one thread of the stream's own, which keeps the ring's buffers all
+    reading, from one block into the next, so that no block's reads wait for the copies of
+    the block before it to drain."""
 
     def __init__(self, stamps, pin: bool):
         self.reader = Reader(stamps)
@@ -63,7 +92,11 @@ class FileStream:
         self.buffers: list[_Buffer] = []
         self.pool = None
         self.turn = 0  # the buffer the next piece takes
-        self.worker = None  # one thread: the copies queued ahead (copy_ahead), in order
+        self.worker = None  # one thread: the pump, queueing the copies in order
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)  # a read ended, or a job was queued
+        self._queued: deque[_Job] = deque()  # jobs the pump has not taken yet
+        self._pumping = False  # a pump runs (or is submitted) and will take what is queued
         self.bytes_read = 0  # since the last take_bytes_read
         # A stream dropped without close (its module dropped without undo) still gives
         # its files back; its buffers unpin themselves as they die.
@@ -82,56 +115,103 @@ class FileStream:
             self.pool = ThreadPoolExecutor(READERS, thread_name_prefix="aimdo-read")
         return self.buffers
 
-    def copy_in(self, block, storage: torch.Tensor, starting=None) -> None:
-        """Queue the copy of `block`'s file runs into `storage` on the current stream
-        (done when this returns on a simulator); `starting()`, if given, is called right
-        before the first piece's copy is queued. CheckpointError from a read (the file
-        changed or ends early): the copies queued before it are left to finish.
+    def copy_in(self, block, storage: torch.Tensor) -> None:
+        """Queue the copy of `block`'s file runs into `storage` on the current stream, after
+        every copy queued before it (done when this returns on a simulator).
+        CheckpointError from a read (the file changed or ends early): the copies queued
+        before it are left to finish."""
+        stream = torch.cuda.current_stream(storage.device) if storage.is_cuda else None
+        self._queue(_Job(block, storage, stream, None, False)).result()
 
-        A pipeline, not waves: as many pieces are read at once as the ring has buffers
-        (READERS at a time), and each piece's copy is queued, in order, as soon as its read
-        is done; the buffer it frees takes the next piece, whose reader first waits for
-        that copy to finish. No reader waits for the others."""
-        pieces = [
-            (offset + start, tensor, start, min(RING_BUFFER_BYTES, tensor.nbytes - start))
-            for offset, tensor in block.file_runs
-            for start in range(0, tensor.nbytes, RING_BUFFER_BYTES)
-        ]
-        ring = self._ring()
-        cuda = storage.device if storage.device.type == "cuda" else None
-        reading = deque()  # (offset in storage, bytes, buffer, the read's future), in order
-        waiting = iter(pieces)
+    def copy_ahead(self, block, storage: torch.Tensor, stream, after, timed: bool) -> Pending:
+        """Queue the copy of `block`'s file runs into `storage` (on CUDA, on `stream`, or
+        the current one when None, after the event `after`, or nothing), read and queued
+        by the stream's own threads while the forward's thread goes on queueing compute.
+        Blocks are copied in the order queued. Returns the Pending the block's compute
+        waits for."""
+        if storage.is_cuda and stream is None:
+            stream = torch.cuda.current_stream(storage.device)
+        return self._queue(_Job(block, storage, stream, after, timed))
 
-        def read_next() -> None:
-            piece = next(waiting, None)
-            if piece is None:
-                return
-            offset, tensor, start, count = piece
-            buffer = ring[self.turn]
-            self.turn = (self.turn + 1) % len(ring)
-            busy, buffer.free = buffer.free, None  # the reader waits for it
-            future = self.pool.submit(self._read, cuda, busy, tensor, buffer.tensor[:count], start)
-            reading.append((offset, count, buffer, future))
+    def _queue(self, job: _Job) -> Pending:
+        self._ring()
+        if self.worker is None:
+            self.worker = ThreadPoolExecutor(1, thread_name_prefix="aimdo-files")
+        with self._wake:
+            self._queued.append(job)
+            self._wake.notify_all()  # a pump waiting on a read takes it at once
+            start = not self._pumping
+            self._pumping = True
+        if start:
+            self.worker.submit(self._pump)
+        return Pending(job.future)
 
-        for _ in range(len(ring)):
-            read_next()
+    def _pump(self) -> None:
+        """Read and copy the queued jobs' pieces, as many at once as the ring has buffers,
+        until nothing is queued or reading; then end (a new job starts a new pump)."""
+        ring = self.buffers
+        reading: deque = deque()  # (job, offset in storage, bytes, buffer, read's future)
+        jobs: deque[_Job] = deque()  # taken, not yet finished, in order
         try:
-            while reading:
-                offset, count, buffer, future = reading[0]
-                future.result()
-                reading.popleft()
-                self.bytes_read += count
-                if starting is not None:
-                    starting()
-                    starting = None
-                storage[offset : offset + count].copy_(buffer.tensor[:count], non_blocking=True)
-                if cuda is not None:
-                    buffer.free = torch.cuda.Event()
-                    buffer.free.record(torch.cuda.current_stream(cuda))
-                read_next()
-        except BaseException:
-            wait([future for *_, future in reading])  # none writes into the ring later
-            raise
+            while True:
+                with self._lock:
+                    jobs.extend(self._queued)
+                    self._queued.clear()
+                    if not jobs:  # every job finished (so none reading): done
+                        self._pumping = False
+                        return
+                # Hand pieces to the readers, from the first job with pieces left.
+                while len(reading) < len(ring):
+                    job = next((job for job in jobs if not job.exhausted), None)
+                    if job is None:
+                        break
+                    piece = next(job.pieces, None) if job.error is None else None
+                    if piece is None:
+                        job.exhausted = True
+                        continue
+                    offset, tensor, start, count = piece
+                    buffer = ring[self.turn]
+                    self.turn = (self.turn + 1) % len(ring)
+                    busy, buffer.free = buffer.free, None  # the reader waits for it
+                    device = job.storage.device if job.storage.is_cuda else None
+                    into = buffer.tensor[:count]
+                    future = self.pool.submit(self._read, device, busy, tensor, into, start)
+                    future.add_done_callback(self._read_done)
+                    job.reads += 1
+                    reading.append((job, offset, count, buffer, future))
+                if reading:
+                    with self._wake:  # until the first read ends, or a job is queued
+                        while not reading[0][-1].done() and not self._queued:
+                            self._wake.wait()
+                        if not reading[0][-1].done():
+                            continue  # hand the new job's pieces out first
+                    job, offset, count, buffer, future = reading.popleft()
+                    job.reads -= 1
+                    try:
+                        future.result()
+                    except Exception as error:  # noqa: BLE001 - the job's, raised by result()
+                        job.error = job.error or error
+                        job.exhausted = True  # its pieces not read yet are dropped
+                    if job.error is None:
+                        self._copy(job, offset, count, buffer)
+                # Finish, in order, the jobs whose pieces are all read and copied.
+                while jobs and jobs[0].exhausted and jobs[0].reads == 0:
+                    self._finish(jobs.popleft())
+        except BaseException as error:
+            # Not a read's failure (those fail their job): fail every job taken or queued,
+            # once no reader writes into the ring any more.
+            wait([entry[-1] for entry in reading])
+            with self._lock:
+                jobs.extend(self._queued)
+                self._queued.clear()
+                self._pumping = False
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(error)
+
+    def _read_done(self, _future) -> None:
+        with self._wake:
+            self._wake.notify_all()
 
     def _read(self, device, busy, tensor, into: torch.Tensor, start: int) -> None:
         """A reader's job: wait for the copy that last read `into`'s buffer (`busy`, a CUDA
@@ -141,50 +221,66 @@ class FileStream:
                 busy.synchronize()  # without the GIL
         self.reader.read(tensor, into, start)
 
-    def copy_ahead(self, block, storage: torch.Tensor, stream, after, timed: bool) -> Pending:
-        """copy_in, from a thread of this stream's own, so that the forward's thread goes
-        on queueing compute while the files are read: on `stream` (CUDA), after the event
-        `after` (or nothing). Jobs run one at a time, in the order queued; every use of the
-        ring is theirs from then on. Returns the Pending the block's compute waits for."""
-        if self.worker is None:
-            self.worker = ThreadPoolExecutor(1, thread_name_prefix="aimdo-files")
-        device = storage.device
+    def _copy(self, job: _Job, offset: int, count: int, buffer: _Buffer) -> None:
+        """Queue one piece's copy, from `buffer` into `job`'s storage at `offset`."""
+        target = job.storage[offset : offset + count]
+        if job.stream is None:  # a simulator: the copy is done when it returns
+            if not job.started and job.timed:
+                job.start = time.perf_counter()
+            job.started = True
+            target.copy_(buffer.tensor[:count])
+        else:
+            with torch.cuda.device(job.storage.device), torch.cuda.stream(job.stream):
+                self._begin(job)
+                target.copy_(buffer.tensor[:count], non_blocking=True)
+                buffer.free = torch.cuda.Event()
+                buffer.free.record(job.stream)
+        with self._lock:
+            self.bytes_read += count
 
-        def job():
-            # Timed, the copy starts where its first piece is queued (its reads done).
-            start = []
-            if device.type != "cuda":
-                mark = (lambda: start.append(time.perf_counter())) if timed else None
-                self.copy_in(block, storage, mark)
-                if not timed:
-                    return None, None, None
-                end = time.perf_counter()
-                return None, start[0] if start else end, end
-            with torch.cuda.device(device), torch.cuda.stream(stream):
-                if after is not None:
-                    stream.wait_event(after)
+    @staticmethod
+    def _begin(job: _Job) -> None:
+        """Before a job's first copy (on its stream, device current): wait for `after`,
+        and mark the start when timed."""
+        if job.started:
+            return
+        job.started = True
+        if job.after is not None:
+            job.stream.wait_event(job.after)
+        if job.timed:
+            job.start = torch.cuda.Event(enable_timing=True)
+            job.start.record(job.stream)
 
-                def starting():
-                    event = torch.cuda.Event(enable_timing=True)
-                    event.record(stream)
-                    start.append(event)
-
-                self.copy_in(block, storage, starting if timed else None)
-                done = torch.cuda.Event(enable_timing=timed)
-                done.record(stream)
-            if timed and not start:  # nothing to copy: an empty span at the end
-                start.append(done)
-            return done, start[0] if start else None, done if timed else None
-
-        return Pending(self.worker.submit(job))
+    def _finish(self, job: _Job) -> None:
+        """Settle `job`'s future: its error, or its end (an event recorded after its
+        copies on CUDA) and, timed, its marks."""
+        if job.error is not None:
+            job.future.set_exception(job.error)
+            return
+        if job.stream is None:
+            end = time.perf_counter() if job.timed else None
+            start = job.start if job.start is not None else end
+            job.future.set_result((None, start, end))
+            return
+        with torch.cuda.device(job.storage.device), torch.cuda.stream(job.stream):
+            self._begin(job)  # nothing was copied: still after `after`
+            done = torch.cuda.Event(enable_timing=job.timed)
+            done.record(job.stream)
+        if job.timed:
+            start = job.start if job.start is not None else done
+            job.future.set_result((done, start, done))
+        else:
+            job.future.set_result((done, None, None))
 
     def drain(self) -> None:
-        """Return once every copy queued ahead is queued (its reads done), failed or not."""
+        """Return once every copy queued is queued on its stream (its reads done), failed
+        or not."""
         if self.worker is not None:
             self.worker.submit(_nothing).result()
 
     def take_bytes_read(self) -> int:
-        taken, self.bytes_read = self.bytes_read, 0
+        with self._lock:
+            taken, self.bytes_read = self.bytes_read, 0
         return taken
 
     def close(self) -> None:
