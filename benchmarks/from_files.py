@@ -181,6 +181,12 @@ def child(args) -> dict:
         result["bytes_from_files_per_step"] = handle.last_stats.bytes_from_files
         result["budget_bytes"] = manager.budget_bytes(0)
         result["resident_bytes"] = manager.resident_bytes(0)
+        # Where the budget went: the VBAR's pages, the staging buffers, torch's own pool.
+        report = manager.report(0)
+        result["usage_bytes"] = report["usage_bytes"]
+        result["watermark_bytes"] = [v["watermark_bytes"] for v in report["vbars"]]
+        result["staging_bytes"] = handle.staging_bytes
+        result["torch_reserved_bytes"] = torch.cuda.memory_reserved(0) if not args.tiny else 0
         handle.timings = True  # one more step, timed, outside the median's
         with torch.no_grad():
             run(x)
@@ -273,6 +279,14 @@ def main() -> int:
             f"{run['identical']}",
             flush=True,
         )
+        if "usage_bytes" in run:
+            print(
+                f"    budget {run['budget_bytes'] / GiB:.2f} GiB, usage "
+                f"{run['usage_bytes'] / GiB:.2f} GiB, staging {run['staging_bytes'] / GiB:.2f} "
+                f"GiB, torch reserved {run['torch_reserved_bytes'] / GiB:.2f} GiB, watermark "
+                f"{[round(w / GiB, 2) for w in run['watermark_bytes']]} GiB",
+                flush=True,
+            )
         if "last_step_timings" in run:
             t = run["last_step_timings"]
             print(

@@ -94,7 +94,8 @@ class Offload:
                 device, placed, options, rotation, stamps, sim is None, forced, budget
             )
         elif leader is not None and leader._stream is not None:
-            self._stream = FileStream(leader._stream.reader.stamps, pin=sim is None)
+            theirs = leader._stream
+            self._stream = FileStream(theirs.reader.stamps, sim is None, theirs.buffer_bytes)
         # A group's other members copy from the leader's host chunks (one host copy).
         if leader is None:
             pinned = [block for block in blocks if not block.file_runs]
@@ -166,7 +167,8 @@ class Offload:
         order = placement_order(placed, options["spread"], rotation)
         files = left_in_files(order, limit, forced)
         if files:
-            self._stream = FileStream(stamps, pin=pin)
+            largest = max(w.source.nbytes for block in files for w in block.weights)
+            self._stream = FileStream(stamps, pin, largest)
             for block in files:
                 block.file_runs = [(w.offset, w.source) for w in block.weights]
                 block.stream = self._stream

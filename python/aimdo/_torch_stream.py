@@ -24,8 +24,10 @@ from ._torch_host import pin_tensor
 
 #: The ring: this many buffers of this many bytes (pinned on CUDA), and this many threads
 #: reading into them at once. Twice as many buffers as readers: while the readers fill
-#: half of them, the copies of the pieces read before drain from the other half.
-READERS = 4
+#: half of them, the copies of the pieces read before drain from the other half. Eight
+#: readers of 16 MiB read the page cache at 35 GB/s on an H200's host, twice what four
+#: did; larger buffers were slower (benchmarks/RESULTS.md, weights from disk).
+READERS = 8
 RING_BUFFERS = 2 * READERS
 RING_BUFFER_BYTES = 16 << 20
 
@@ -58,12 +60,12 @@ class _Job:
     __slots__ = ("pieces", "storage", "stream", "after", "timed", "future", "reads")
     __slots__ += ("exhausted", "started", "start", "error")
 
-    def __init__(self, block, storage, stream, after, timed: bool):
+    def __init__(self, block, storage, stream, after, timed: bool, piece: int):
         self.pieces = iter(
             [
-                (offset + start, tensor, start, min(RING_BUFFER_BYTES, tensor.nbytes - start))
+                (offset + start, tensor, start, min(piece, tensor.nbytes - start))
                 for offset, tensor in block.file_runs
-                for start in range(0, tensor.nbytes, RING_BUFFER_BYTES)
+                for start in range(0, tensor.nbytes, piece)
             ]
         )
         self.storage, self.stream, self.after, self.timed = storage, stream, after, timed
@@ -86,9 +88,11 @@ class FileStream:
     reading, from one block into the next, so that no block's reads wait for the copies of
     the block before it to drain."""
 
-    def __init__(self, stamps, pin: bool):
+    def __init__(self, stamps, pin: bool, largest: int | None = None):
         self.reader = Reader(stamps)
         self.pin = pin
+        # Each buffer: RING_BUFFER_BYTES, or the largest tensor read when that is smaller.
+        self.buffer_bytes = min(RING_BUFFER_BYTES, max(1, largest or RING_BUFFER_BYTES))
         self.buffers: list[_Buffer] = []
         self.pool = None
         self.turn = 0  # the buffer the next piece takes
@@ -110,7 +114,7 @@ class FileStream:
     def _ring(self) -> list[_Buffer]:
         if not self.buffers:
             for _ in range(RING_BUFFERS):
-                tensor = torch.empty(RING_BUFFER_BYTES, dtype=torch.uint8)
+                tensor = torch.empty(self.buffer_bytes, dtype=torch.uint8)
                 self.buffers.append(_Buffer(tensor, pin_tensor(tensor) if self.pin else None))
             self.pool = ThreadPoolExecutor(READERS, thread_name_prefix="aimdo-read")
         return self.buffers
@@ -121,7 +125,7 @@ class FileStream:
         CheckpointError from a read (the file changed or ends early): the copies queued
         before it are left to finish."""
         stream = torch.cuda.current_stream(storage.device) if storage.is_cuda else None
-        self._queue(_Job(block, storage, stream, None, False)).result()
+        self._queue(_Job(block, storage, stream, None, False, self.buffer_bytes)).result()
 
     def copy_ahead(self, block, storage: torch.Tensor, stream, after, timed: bool) -> Pending:
         """Queue the copy of `block`'s file runs into `storage` (on CUDA, on `stream`, or
@@ -131,7 +135,7 @@ class FileStream:
         waits for."""
         if storage.is_cuda and stream is None:
             stream = torch.cuda.current_stream(storage.device)
-        return self._queue(_Job(block, storage, stream, after, timed))
+        return self._queue(_Job(block, storage, stream, after, timed, self.buffer_bytes))
 
     def _queue(self, job: _Job) -> Pending:
         self._ring()
