@@ -160,12 +160,25 @@ def child(args) -> dict:
         )
         run = model
         stats = {"pinned_bytes": handle.pinned_bytes, "streamed_bytes": handle.streamed_bytes}
-    times, out = [], None
+    times, out, memory = [], None, []
     with torch.no_grad():
         for _ in range(args.steps):
             out = run(x)
             sync(device)
             times.append(time.perf_counter() - start)
+            if manager is not None and not args.tiny:
+                # After each step: the VBAR's watermark, torch's pool (now and its peak)
+                # and the device's free memory; a watermark lowered shows when and why.
+                memory.append(
+                    {
+                        "watermark_bytes": [
+                            v["watermark_bytes"] for v in manager.report(0)["vbars"]
+                        ],
+                        "torch_reserved_bytes": torch.cuda.memory_reserved(0),
+                        "torch_peak_reserved_bytes": torch.cuda.max_memory_reserved(0),
+                        "free_bytes": torch.cuda.mem_get_info(0)[0],
+                    }
+                )
             start = time.perf_counter()
     result = {
         "first_step_seconds": times[0],  # from the files to the first finished step
@@ -173,6 +186,7 @@ def child(args) -> dict:
         "median_step_seconds": steady_median(times),
         "peak_rss_bytes": peak_rss_bytes(),
         "identical": torch.equal(out.float().cpu(), saved["output"]),
+        "memory_after_steps": memory,
         **stats,
     }
     if manager is not None:
@@ -285,6 +299,15 @@ def main() -> int:
                 f"{run['usage_bytes'] / GiB:.2f} GiB, staging {run['staging_bytes'] / GiB:.2f} "
                 f"GiB, torch reserved {run['torch_reserved_bytes'] / GiB:.2f} GiB, watermark "
                 f"{[round(w / GiB, 2) for w in run['watermark_bytes']]} GiB",
+                flush=True,
+            )
+        for i, m in enumerate(run.get("memory_after_steps", [])):
+            print(
+                f"    after step {i + 1}: watermark "
+                f"{[round(w / GiB, 2) for w in m['watermark_bytes']]} GiB, torch reserved "
+                f"{m['torch_reserved_bytes'] / GiB:.2f} GiB (peak "
+                f"{m['torch_peak_reserved_bytes'] / GiB:.2f}), free "
+                f"{m['free_bytes'] / GiB:.2f} GiB",
                 flush=True,
             )
         if "last_step_timings" in run:
