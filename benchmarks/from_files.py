@@ -38,6 +38,8 @@ from .streaming import build, sync
 GiB = 1 << 30
 SHARD_BYTES = 4 * GiB
 INDEX = "model.safetensors.index.json"
+#: The core's counters recorded after each step (Manager.stats).
+COUNTERS = ("evictions", "evicted_bytes", "pages_released", "oom_retries")
 
 
 def save_checkpoint(args, folder: str) -> None:
@@ -177,6 +179,8 @@ def child(args) -> dict:
                         "torch_reserved_bytes": torch.cuda.memory_reserved(0),
                         "torch_peak_reserved_bytes": torch.cuda.max_memory_reserved(0),
                         "free_bytes": torch.cuda.mem_get_info(0)[0],
+                        # The core's counters so far: evictions, and for whom.
+                        **{k: manager.stats(0)[k] for k in COUNTERS},
                     }
                 )
             start = time.perf_counter()
@@ -307,7 +311,8 @@ def main() -> int:
                 f"{[round(w / GiB, 2) for w in m['watermark_bytes']]} GiB, torch reserved "
                 f"{m['torch_reserved_bytes'] / GiB:.2f} GiB (peak "
                 f"{m['torch_peak_reserved_bytes'] / GiB:.2f}), free "
-                f"{m['free_bytes'] / GiB:.2f} GiB",
+                f"{m['free_bytes'] / GiB:.2f} GiB; evictions so far "
+                f"{ {k: m[k] for k in COUNTERS} }",
                 flush=True,
             )
         if "last_step_timings" in run:
