@@ -123,6 +123,20 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def memory_now(manager, cuda: bool) -> dict:
+    """After a step: the VBAR's watermark, torch's pool (now and its peak; 0 on the
+    simulator), the device's free memory and the core's counters so far; a watermark
+    lowered shows when, and whether others' memory or the core's evictions lowered it."""
+    stats = manager.stats(0)
+    return {
+        "watermark_bytes": [v["watermark_bytes"] for v in manager.report(0)["vbars"]],
+        "torch_reserved_bytes": torch.cuda.memory_reserved(0) if cuda else 0,
+        "torch_peak_reserved_bytes": torch.cuda.max_memory_reserved(0) if cuda else 0,
+        "free_bytes": torch.cuda.mem_get_info(0)[0] if cuda else 0,
+        **{k: stats[k] for k in COUNTERS},
+    }
+
+
 def child(args) -> dict:
     """One run, in this process: the module built on the meta device, offloaded from the
     checkpoint at `args.child` (a host_limit, or accelerate), timed."""
@@ -168,21 +182,8 @@ def child(args) -> dict:
             out = run(x)
             sync(device)
             times.append(time.perf_counter() - start)
-            if manager is not None and not args.tiny:
-                # After each step: the VBAR's watermark, torch's pool (now and its peak)
-                # and the device's free memory; a watermark lowered shows when and why.
-                memory.append(
-                    {
-                        "watermark_bytes": [
-                            v["watermark_bytes"] for v in manager.report(0)["vbars"]
-                        ],
-                        "torch_reserved_bytes": torch.cuda.memory_reserved(0),
-                        "torch_peak_reserved_bytes": torch.cuda.max_memory_reserved(0),
-                        "free_bytes": torch.cuda.mem_get_info(0)[0],
-                        # The core's counters so far: evictions, and for whom.
-                        **{k: manager.stats(0)[k] for k in COUNTERS},
-                    }
-                )
+            if manager is not None:
+                memory.append(memory_now(manager, cuda=not args.tiny))
             start = time.perf_counter()
     result = {
         "first_step_seconds": times[0],  # from the files to the first finished step
