@@ -7,10 +7,16 @@ accelerate's ``load_checkpoint_and_dispatch`` from the same files at the same VR
 and the disk's read bandwidth over the files, cold (each file's pages dropped from the
 page cache first with ``posix_fadvise``) and warm.
 
-    python -m benchmarks.from_files [--blocks 60] [--hidden 5120] [--tokens 2048]
+    python -m benchmarks.from_files [--model synthetic|qwen-image]
+        [--blocks 60] [--hidden 5120] [--tokens 2048]
         [--vram-limit 24GiB] [--limits none,8GiB,0,0-cold] [--steps 6]
         [--dir /tmp/aimdo-checkpoint] [--rings 4x16,8x32]
     python -m benchmarks.from_files --tiny      # tiny model, CPU simulator
+
+``--model qwen-image`` runs the diffusers Qwen-Image transformer (default configuration,
+random weights, 38 GiB; a 1024x1024 image, guidance as batch 2) instead of the synthetic
+stack (``--blocks``/``--hidden``/``--tokens`` then unused), built for the runs as diffusers'
+loader builds it, under ``accelerate.init_empty_weights()``. Use another ``--dir`` per model.
 
 A limit is a ``host_limit``: ``none`` pins every weight, ``0`` leaves every block in the
 files, ``0-cold`` the same with the files' pages dropped before the run. ``--rings`` runs
@@ -42,18 +48,57 @@ INDEX = "model.safetensors.index.json"
 COUNTERS = ("evictions", "evicted_bytes", "pages_released", "oom_retries")
 
 
+def make_model(args, device: str) -> torch.nn.Module:
+    """The benchmark's model on `device` ("meta" for the runs that read the files): the
+    streaming benchmark's synthetic stack, or the diffusers Qwen-Image transformer."""
+    if args.model == "synthetic":
+        return build(args.blocks, args.hidden, args.dtype, device)
+    import diffusers
+
+    from .real_models import qwen_config
+
+    torch.manual_seed(0)
+    if device == "meta":
+        # As diffusers' own loader does: parameters on the meta device, while tensors
+        # the model computes when built (its rotary tables) stay real.
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            model = diffusers.QwenImageTransformer2DModel(**qwen_config(args.tiny))
+    else:
+        with torch.device(device):
+            model = diffusers.QwenImageTransformer2DModel(**qwen_config(args.tiny))
+    return model.to(args.dtype).eval()
+
+
+def step_of(args, model, device):
+    """The step: a function of the model giving its output, its inputs on `device`
+    (Qwen-Image: a 1024x1024 image and 512 text tokens, guidance as batch 2)."""
+    if args.model == "synthetic":
+        x = inputs(args).to(device)
+        return lambda m: m(x)
+    from .real_models import qwen_inputs
+
+    both = qwen_inputs(args.tiny, model, 2, 1, device)
+    return lambda m: m(**both, return_dict=True).sample
+
+
+#: accelerate's no_split_module_classes for each model.
+NO_SPLIT = {"synthetic": ["Block"], "qwen-image": ["QwenImageTransformerBlock"]}
+
+
 def save_checkpoint(args, folder: str) -> None:
     """The model, its all-resident step and its output, saved in `folder` (once)."""
     from safetensors.torch import save_file
 
     device = "cpu" if args.tiny else "cuda:0"
-    model = build(args.blocks, args.hidden, args.dtype, device)
-    x = inputs(args)
+    model = make_model(args, device)
+    step = step_of(args, model, device)
     with torch.no_grad():
-        model(x.to(device))
+        step(model)
         sync(torch.device(device))
         start = time.perf_counter()
-        out = model(x.to(device))
+        out = step(model)
         sync(torch.device(device))
         compute = time.perf_counter() - start
     torch.save({"output": out.float().cpu(), "compute_seconds": compute}, f"{folder}/out.pt")
@@ -142,21 +187,20 @@ def child(args) -> dict:
     checkpoint at `args.child` (a host_limit, or accelerate), timed."""
     saved = torch.load(f"{args.dir}/out.pt")
     device = torch.device("cpu") if args.tiny else torch.device("cuda", 0)
-    x = inputs(args).to(device)
     start = time.perf_counter()
     if args.child == "accelerate":
         from accelerate import init_empty_weights, load_checkpoint_and_dispatch
 
         with init_empty_weights():
-            model = build(args.blocks, args.hidden, args.dtype, "cpu")
+            model = make_model(args, "cpu")
         model = load_checkpoint_and_dispatch(
             model,
             f"{args.dir}/{INDEX}",
             device_map="auto",
             max_memory={0: args.vram_limit, "cpu": 1 << 42},
-            no_split_module_classes=["Block"],
+            no_split_module_classes=NO_SPLIT[args.model],
         )
-        run, stats = model, {}
+        stats = {}
         manager = None
     else:
         limit = args.child.removesuffix("-cold")
@@ -164,7 +208,7 @@ def child(args) -> dict:
         backend = aimdo.SimBackend("1x8GiB", real_bytes=True) if args.tiny else "cuda"
         options = {"page_size": 2 << 20, "headroom": 0} if args.tiny else {}
         manager = aimdo.Manager(backend, [0], vram_limit=args.vram_limit, **options)
-        model = build(args.blocks, args.hidden, args.dtype, "meta")
+        model = make_model(args, "meta")
         if args.ring:
             from aimdo import _torch_stream
 
@@ -174,12 +218,12 @@ def child(args) -> dict:
         handle = atorch.offload(
             model, 0, manager=manager, checkpoint=f"{args.dir}/{INDEX}", host_limit=host_limit
         )
-        run = model
         stats = {"pinned_bytes": handle.pinned_bytes, "streamed_bytes": handle.streamed_bytes}
+    step = step_of(args, model, device)
     times, out, memory = [], None, []
     with torch.no_grad():
         for _ in range(args.steps):
-            out = run(x)
+            out = step(model)
             sync(device)
             times.append(time.perf_counter() - start)
             if manager is not None:
@@ -208,7 +252,7 @@ def child(args) -> dict:
         result["torch_reserved_bytes"] = torch.cuda.memory_reserved(0) if not args.tiny else 0
         handle.timings = True  # one more step, timed, outside the median's
         with torch.no_grad():
-            run(x)
+            step(model)
         timed = handle.last_timings.as_dict()
         result["last_step_timings"] = {k: timed[k] for k in timed if k not in ("blocks", "spans")}
         handle.undo()
@@ -218,6 +262,7 @@ def child(args) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(NO_SPLIT), default="synthetic")
     parser.add_argument("--blocks", type=int, default=60)
     parser.add_argument("--hidden", type=int, default=5120)
     parser.add_argument("--tokens", type=int, default=2048)
@@ -235,7 +280,7 @@ def main() -> int:
     if args.tiny:
         args.blocks, args.hidden, args.tokens, args.steps = 4, 128, 16, 3
         args.vram_limit = 4 << 20
-    args.dtype = torch.float32 if args.tiny else torch.bfloat16
+    args.dtype = torch.float32 if args.tiny and args.model == "synthetic" else torch.bfloat16
     if args.child is not None:
         print(json.dumps(child(args)))
         return 0
@@ -275,6 +320,7 @@ def main() -> int:
             drop_cache(args.dir)
         command = [sys.executable, "-m", "benchmarks.from_files", "--child", limit]
         command += ["--ring", ring] if ring else []
+        command += ["--model", args.model]
         command += ["--blocks", str(args.blocks), "--hidden", str(args.hidden)]
         command += ["--tokens", str(args.tokens), "--vram-limit", str(args.vram_limit)]
         command += ["--steps", str(args.steps), "--dir", args.dir]

@@ -79,23 +79,28 @@ def qwen_inputs(tiny: bool, model, batch: int, seed: int, where) -> dict:
 QWEN_HALF_SEEDS = (2, 3)
 
 
+def qwen_config(tiny: bool) -> dict:
+    """QwenImageTransformer2DModel's arguments: the default configuration (60 layers,
+    20.4 B parameters), or a tiny one."""
+    if not tiny:
+        return {}
+    return dict(
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=32,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(8, 12, 12),
+    )
+
+
 def qwen_image(tiny: bool, device):
     import diffusers
 
-    if tiny:
-        config = dict(
-            in_channels=16,
-            out_channels=4,
-            num_layers=2,
-            attention_head_dim=32,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            axes_dims_rope=(8, 12, 12),
-        )
-    else:
-        config = {}  # the default configuration: 60 layers, 20.4 B parameters
     with torch.device(device):
-        model = diffusers.QwenImageTransformer2DModel(**config).to(torch.bfloat16).eval()
+        model = diffusers.QwenImageTransformer2DModel(**qwen_config(tiny))
+        model = model.to(torch.bfloat16).eval()
     both = qwen_inputs(tiny, model, 2, 1, device)
     halves = [qwen_inputs(tiny, model, 1, seed, device) for seed in QWEN_HALF_SEEDS]
     forms = {
