@@ -60,6 +60,12 @@ def block_of(name: str, pieces: int):
     return SimpleNamespace(file_runs=[(0, tensor)], nbytes=tensor.nbytes)
 
 
+def targets_of(*blocks) -> list[torch.Tensor]:
+    """Zeroed storage for each block (no piece writes a zero byte: byte_of is 1 or more
+    for these names)."""
+    return [torch.zeros(block.nbytes, dtype=torch.uint8) for block in blocks]
+
+
 def expected(name: str, pieces: int) -> torch.Tensor:
     return torch.tensor(
         [byte_of(name, p * PIECE) for p in range(pieces) for _ in range(PIECE)], dtype=torch.uint8
@@ -92,8 +98,7 @@ def test_the_next_block_is_read_while_a_read_of_the_block_before_it_is_still_run
     files = FakeFiles(held=[("a", 0)])
     s = new_stream(files)
     a, b = block_of("a", 2), block_of("b", 2)
-    into_a = torch.zeros(a.nbytes, dtype=torch.uint8)
-    into_b = torch.zeros(b.nbytes, dtype=torch.uint8)
+    into_a, into_b = targets_of(a, b)
     first = s.copy_ahead(a, into_a, None, None, False)
     second = s.copy_ahead(b, into_b, None, None, False)
     # a's first piece is held; the ring (4 buffers) takes a's second piece and both of b's.
@@ -112,7 +117,7 @@ def test_more_pieces_than_buffers_reuse_the_ring_in_order(small_ring):
     files = FakeFiles()
     s = new_stream(files)
     blocks = [block_of(name, 7) for name in ("a", "b", "c")]
-    targets = [torch.zeros(block.nbytes, dtype=torch.uint8) for block in blocks]
+    targets = targets_of(*blocks)
     pending = [s.copy_ahead(b, t, None, None, True) for b, t in zip(blocks, targets, strict=True)]
     marks = [p.result() for p in pending]
     for block, target in zip(blocks, targets, strict=True):
@@ -130,7 +135,7 @@ def test_a_failed_read_fails_its_own_block_after_its_reads_end_and_the_others_la
     files = FakeFiles(held=[("b", 2 * PIECE)], failing=[("b", PIECE)])
     s = new_stream(files)
     blocks = [block_of("a", 2), block_of("b", 3), block_of("c", 2)]
-    targets = [torch.zeros(block.nbytes, dtype=torch.uint8) for block in blocks]
+    targets = targets_of(*blocks)
     pending = [s.copy_ahead(b, t, None, None, False) for b, t in zip(blocks, targets, strict=True)]
     assert pending[0].result() == (None, None, None)
     # b's second piece failed while its third is held: b is not settled until that read ends.
@@ -157,8 +162,7 @@ def test_copy_in_waits_for_the_copies_queued_before_it(small_ring):
     files = FakeFiles(held=[("a", 0)])
     s = new_stream(files)
     a, b = block_of("a", 1), block_of("b", 1)
-    into_a = torch.zeros(a.nbytes, dtype=torch.uint8)
-    into_b = torch.zeros(b.nbytes, dtype=torch.uint8)
+    into_a, into_b = targets_of(a, b)
     first = s.copy_ahead(a, into_a, None, None, False)
     done = threading.Event()
 
