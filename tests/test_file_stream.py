@@ -1,22 +1,26 @@
 """The pipeline that copies blocks left in their checkpoint files (aimdo._torch_stream,
 issue 14): pieces are read by several threads into a ring of buffers and copied in order;
-the reads of one block do not wait for the block before it to finish; a failed read fails
-its own block only, after every read of it has ended."""
+no buffer takes a piece before the copy of the piece it last held; the reads of one block
+do not wait for the block before it to finish; a failed read fails its own block only,
+after every read of it has ended; no failure leaves a caller waiting forever."""
 
 from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
 
 torch = pytest.importorskip("torch")  # the test extra installs it: a skip here is a setup error
 
+import aimdo  # noqa: E402
 from aimdo import _torch_stream as stream  # noqa: E402
 from aimdo._torch_checkpoint import CheckpointError  # noqa: E402
 
 PIECE = 16  # bytes of a ring buffer here
+WAIT = 10.0  # seconds: a test that waits longer has found a hang
 
 
 def byte_of(name: str, start: int) -> int:
@@ -25,31 +29,43 @@ def byte_of(name: str, start: int) -> int:
 
 class FakeFiles:
     """Stands in for the stream's Reader: fills a piece with a byte naming its tensor and
-    offset, records when each read starts, holds the reads named in `held` until
-    released, and fails the reads named in `failing`."""
+    offset, records when each read starts and ends, holds the reads named in `held`
+    until released, and fails the reads named in `failing`. With `check_reuse`, a read
+    into a buffer whose last piece is not copied yet fails the test (the stream's copies
+    give the buffer back: see new_stream)."""
 
-    def __init__(self, held=(), failing=()):
+    def __init__(self, held=(), failing=(), check_reuse=True):
         self.started: list[tuple[str, int]] = []
+        self.ended: list[tuple[str, int]] = []
         self.held = {key: threading.Event() for key in held}
         self.failing = set(failing)
-        self.running = 0
+        self.check_reuse = check_reuse
+        self.in_use: set[int] = set()  # buffers read into and not copied out yet
+        self.reused = []  # pieces read into a buffer still in use
         self.lock = threading.Lock()
 
     def read(self, tensor, into, start=0):
         key = (tensor.name, start)
         with self.lock:
             self.started.append(key)
-            self.running += 1
+            if self.check_reuse:
+                if into.data_ptr() in self.in_use:
+                    self.reused.append(key)
+                self.in_use.add(into.data_ptr())
         try:
             if key in self.held:
-                assert self.held[key].wait(10), "a held read was never released"
+                assert self.held[key].wait(WAIT), "a held read was never released"
             if key in self.failing:
                 raise CheckpointError(f"{tensor.path}: ends early (reading {tensor.name})")
             time.sleep(0.001)
             into.fill_(byte_of(tensor.name, start))
         finally:
             with self.lock:
-                self.running -= 1
+                self.ended.append(key)
+
+    def copied(self, buffer) -> None:
+        with self.lock:
+            self.in_use.discard(buffer.tensor.data_ptr())
 
     def close(self):
         pass
@@ -72,6 +88,11 @@ def expected(name: str, pieces: int) -> torch.Tensor:
     )
 
 
+def settled(pending):
+    """The Pending's result, failing the test (not hanging it) if it never settles."""
+    return pending.future.result(timeout=WAIT)
+
+
 @pytest.fixture
 def small_ring(monkeypatch):
     monkeypatch.setattr(stream, "READERS", 2)
@@ -79,13 +100,20 @@ def small_ring(monkeypatch):
     monkeypatch.setattr(stream, "RING_BUFFER_BYTES", PIECE)
 
 
-def new_stream(files: FakeFiles) -> stream.FileStream:
-    s = stream.FileStream({}, pin=False)
+def new_stream(files: FakeFiles, pin: bool = False) -> stream.FileStream:
+    s = stream.FileStream({}, pin=pin)
     s.reader = files
+    copy = s._copy
+
+    def copy_then_give_back(job, offset, count, buffer):
+        copy(job, offset, count, buffer)
+        files.copied(buffer)
+
+    s._copy = copy_then_give_back
     return s
 
 
-def wait_until(condition, seconds: float = 10.0) -> None:
+def wait_until(condition, seconds: float = WAIT / 2) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, "timed out"
@@ -100,16 +128,20 @@ def test_the_next_block_is_read_while_a_read_of_the_block_before_it_is_still_run
     a, b = block_of("a", 2), block_of("b", 2)
     into_a, into_b = targets_of(a, b)
     first = s.copy_ahead(a, into_a, None, None, False)
+    # b is queued once the pump waits for a's first read (held): queueing must wake it.
+    wait_until(lambda: ("a", PIECE) in files.ended)
+    time.sleep(0.05)
     second = s.copy_ahead(b, into_b, None, None, False)
-    # a's first piece is held; the ring (4 buffers) takes a's second piece and both of b's.
+    # The ring (4 buffers) takes both of b's pieces while a's first is still read.
     wait_until(lambda: {("b", 0), ("b", PIECE)} <= set(files.started))
     assert not first.future.done() and not second.future.done()
     assert torch.count_nonzero(into_b) == 0  # b's copies wait for a's, in order
     files.held["a", 0].set()
-    assert first.result() == (None, None, None)
-    assert second.result() == (None, None, None)
+    assert settled(first) == (None, None, None)
+    assert settled(second) == (None, None, None)
     assert torch.equal(into_a, expected("a", 2)) and torch.equal(into_b, expected("b", 2))
     assert s.take_bytes_read() == a.nbytes + b.nbytes
+    assert files.reused == []
     s.close()
 
 
@@ -119,9 +151,11 @@ def test_more_pieces_than_buffers_reuse_the_ring_in_order(small_ring):
     blocks = [block_of(name, 7) for name in ("a", "b", "c")]
     targets = targets_of(*blocks)
     pending = [s.copy_ahead(b, t, None, None, True) for b, t in zip(blocks, targets, strict=True)]
-    marks = [p.result() for p in pending]
+    marks = [settled(p) for p in pending]
     for block, target in zip(blocks, targets, strict=True):
         assert torch.equal(target, expected(block.file_runs[0][1].name, 7))
+    # No buffer took a piece before the copy of the piece it held.
+    assert len(files.started) == 21 and files.reused == []
     # Timed on the host clock: each copy starts at its first piece and ends after its last,
     # one block after the other.
     assert all(done is None and start <= end for done, start, end in marks)
@@ -131,22 +165,39 @@ def test_more_pieces_than_buffers_reuse_the_ring_in_order(small_ring):
     assert s.nbytes == 0 and s.worker is None and s.pool is None
 
 
+def test_no_more_pieces_are_read_than_the_ring_has_buffers_free(small_ring):
+    files = FakeFiles(held=[("a", 0)])
+    s = new_stream(files)
+    a = block_of("a", 7)
+    (into_a,) = targets_of(a)
+    pending = s.copy_ahead(a, into_a, None, None, False)
+    # The first piece is held, so its buffer is not free: three more pieces fill the
+    # other three buffers, and the fifth waits for the first's copy.
+    wait_until(lambda: len(files.ended) == 3)
+    time.sleep(0.05)
+    assert sorted(files.started) == [("a", start * PIECE) for start in range(4)]
+    files.held["a", 0].set()
+    settled(pending)
+    assert torch.equal(into_a, expected("a", 7)) and files.reused == []
+    s.close()
+
+
 def test_a_failed_read_fails_its_own_block_after_its_reads_end_and_the_others_land(small_ring):
-    files = FakeFiles(held=[("b", 2 * PIECE)], failing=[("b", PIECE)])
+    files = FakeFiles(held=[("b", 2 * PIECE)], failing=[("b", PIECE)], check_reuse=False)
     s = new_stream(files)
     blocks = [block_of("a", 2), block_of("b", 3), block_of("c", 2)]
     targets = targets_of(*blocks)
     pending = [s.copy_ahead(b, t, None, None, False) for b, t in zip(blocks, targets, strict=True)]
-    assert pending[0].result() == (None, None, None)
+    assert settled(pending[0]) == (None, None, None)
     # b's second piece failed while its third is held: b is not settled until that read ends.
-    wait_until(lambda: ("b", 2 * PIECE) in files.started)
+    wait_until(lambda: ("b", PIECE) in files.ended and ("b", 2 * PIECE) in files.started)
     time.sleep(0.05)
     assert not pending[1].future.done()
     files.held["b", 2 * PIECE].set()
     with pytest.raises(CheckpointError, match="b.safetensors: ends early"):
-        pending[1].result()
-    assert files.running == 0  # nothing writes into the ring after the failure is raised
-    assert pending[2].result() == (None, None, None)
+        settled(pending[1])
+    assert ("b", 2 * PIECE) in files.ended  # nothing of b writes into the ring after it
+    assert settled(pending[2]) == (None, None, None)
     assert torch.equal(targets[0], expected("a", 2)) and torch.equal(targets[2], expected("c", 2))
     # b's first piece landed before the failure; nothing after it did.
     assert torch.equal(targets[1][:PIECE], expected("b", 1))
@@ -175,7 +226,99 @@ def test_copy_in_waits_for_the_copies_queued_before_it(small_ring):
     wait_until(lambda: ("b", 0) in files.started)
     assert not done.wait(0.05)  # b is read, but its copy waits for a's
     files.held["a", 0].set()
-    thread.join(10)
+    thread.join(WAIT)
     assert done.is_set() and first.future.done()
     assert torch.equal(into_a, expected("a", 1)) and torch.equal(into_b, expected("b", 1))
     s.close()
+
+
+def test_a_job_that_fails_as_it_finishes_is_failed_not_left_waiting(small_ring, monkeypatch):
+    files = FakeFiles()
+    s = new_stream(files)
+    a, b = block_of("a", 2), block_of("b", 1)
+    into_a, into_b = targets_of(a, b)
+    finish = stream.FileStream._finish
+
+    def failing(self, job):
+        if job.storage is into_a:
+            raise RuntimeError("recording the copy's end failed")
+        return finish(self, job)
+
+    monkeypatch.setattr(stream.FileStream, "_finish", failing)
+    with pytest.raises(RuntimeError, match="recording the copy's end failed"):
+        settled(s.copy_ahead(a, into_a, None, None, False))
+    # The pump ended with the failure; the next job starts another.
+    assert settled(s.copy_ahead(b, into_b, None, None, False)) == (None, None, None)
+    assert torch.equal(into_b, expected("b", 1))
+    s.close()
+
+
+def test_an_interrupt_before_the_pump_starts_takes_the_job_back(small_ring):
+    files = FakeFiles()
+    s = new_stream(files)
+    a = block_of("a", 1)
+    (into_a,) = targets_of(a)
+    real = ThreadPoolExecutor(1)
+    interrupts = [KeyboardInterrupt()]
+
+    class Interrupted:
+        def submit(self, *args):
+            if interrupts:
+                raise interrupts.pop()
+            return real.submit(*args)
+
+        def shutdown(self, wait=True):
+            real.shutdown(wait=wait)
+
+    s.worker = Interrupted()
+    with pytest.raises(KeyboardInterrupt):
+        s.copy_ahead(a, into_a, None, None, False)
+    assert not s._queued and not s._pumping
+    s.drain()  # waits for nothing: no job is left without a pump
+    assert torch.count_nonzero(into_a) == 0
+    assert settled(s.copy_ahead(a, into_a, None, None, False)) == (None, None, None)
+    assert torch.equal(into_a, expected("a", 1))
+    s.close()
+
+
+def test_a_ring_that_cannot_be_pinned_whole_is_given_back_and_made_again_later(
+    small_ring, monkeypatch
+):
+    pinned, unpinned = [], []
+
+    def pin(tensor):
+        if len(pinned) == 2 and not unpinned:  # the third buffer of the first ring fails
+            raise aimdo.OutOfMemoryError("pinning failed")
+        pinned.append(tensor.data_ptr())
+        return lambda: unpinned.append(tensor.data_ptr())
+
+    monkeypatch.setattr(stream, "pin_tensor", pin)
+    files = FakeFiles()
+    s = new_stream(files, pin=True)
+    a = block_of("a", 2)
+    (into_a,) = targets_of(a)
+    with pytest.raises(aimdo.OutOfMemoryError):
+        s.copy_in(a, into_a)
+    assert sorted(unpinned) == sorted(pinned) and s.buffers == [] and s.pool is None
+    s.copy_in(a, into_a)  # a whole ring this time
+    assert torch.equal(into_a, expected("a", 2))
+    assert len(s.buffers) == stream.RING_BUFFERS
+    s.close()
+    assert len(unpinned) == 2 + stream.RING_BUFFERS
+
+
+def test_a_closed_stream_refuses_copies():
+    s = new_stream(FakeFiles())
+    s.close()
+    a = block_of("a", 1)
+    with pytest.raises(aimdo.InvalidStateError, match="closed"):
+        s.copy_in(a, *targets_of(a))
+    assert s.buffers == [] and s.worker is None
+
+
+@pytest.mark.parametrize(
+    ("largest", "expected_bytes"),
+    [(None, 16 << 20), (0, 1), (5, 5), (16 << 20, 16 << 20), (1 << 30, 16 << 20)],
+)
+def test_a_ring_buffer_is_no_larger_than_the_largest_tensor_read(largest, expected_bytes):
+    assert stream.FileStream({}, pin=False, largest=largest).buffer_bytes == expected_bytes

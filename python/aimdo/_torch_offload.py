@@ -272,8 +272,7 @@ class _TorchExecutor(Executor):
         for offset, source in block.runs:
             storage[offset : offset + source.numel()].copy_(source, non_blocking=True)
         if block.file_runs:
-            block.stream.drain()  # no copy ahead uses the ring meanwhile
-            block.stream.copy_in(block, storage)
+            block.stream.copy_in(block, storage)  # after the copies queued ahead of it
 
 
 def _source(block: TorchBlock, peer) -> str:

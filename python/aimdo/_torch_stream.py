@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
+from ._core import InvalidStateError
 from ._sizes import format_size
 from ._torch_checkpoint import Reader
 from ._torch_host import pin_tensor
@@ -92,7 +93,9 @@ class FileStream:
         self.reader = Reader(stamps)
         self.pin = pin
         # Each buffer: RING_BUFFER_BYTES, or the largest tensor read when that is smaller.
-        self.buffer_bytes = min(RING_BUFFER_BYTES, max(1, largest or RING_BUFFER_BYTES))
+        self.buffer_bytes = (
+            RING_BUFFER_BYTES if largest is None else min(RING_BUFFER_BYTES, max(1, largest))
+        )
         self.buffers: list[_Buffer] = []
         self.pool = None
         self.turn = 0  # the buffer the next piece takes
@@ -102,6 +105,7 @@ class FileStream:
         self._queued: deque[_Job] = deque()  # jobs the pump has not taken yet
         self._pumping = False  # a pump runs (or is submitted) and will take what is queued
         self.bytes_read = 0  # since the last take_bytes_read
+        self.closed = False
         # A stream dropped without close (its module dropped without undo) still gives
         # its files back; its buffers unpin themselves as they die.
         weakref.finalize(self, self.reader.close)
@@ -112,20 +116,44 @@ class FileStream:
         return sum(buffer.tensor.numel() for buffer in self.buffers)
 
     def _ring(self) -> list[_Buffer]:
+        """The ring, made at the first copy: all of it, or (pinning failed) none of it."""
         if not self.buffers:
-            for _ in range(RING_BUFFERS):
-                tensor = torch.empty(self.buffer_bytes, dtype=torch.uint8)
-                self.buffers.append(_Buffer(tensor, pin_tensor(tensor) if self.pin else None))
+            made = []
+            try:
+                for _ in range(RING_BUFFERS):
+                    tensor = torch.empty(self.buffer_bytes, dtype=torch.uint8)
+                    made.append(_Buffer(tensor, pin_tensor(tensor) if self.pin else None))
+            except BaseException:
+                for buffer in made:
+                    if buffer.unpin is not None:
+                        buffer.unpin()
+                raise
             self.pool = ThreadPoolExecutor(READERS, thread_name_prefix="aimdo-read")
+            self.buffers = made
         return self.buffers
 
     def copy_in(self, block, storage: torch.Tensor) -> None:
-        """Queue the copy of `block`'s file runs into `storage` on the current stream, after
-        every copy queued before it (done when this returns on a simulator).
+        """Queue the copy of `block`'s file runs into `storage` on the current stream and
+        wait until its pieces are read and their copies queued (done, on a simulator). The
+        jobs queued before it are handed their pieces first; on CUDA their copies are on
+        their own streams, ordered with this one only by events the caller arranges.
         CheckpointError from a read (the file changed or ends early): the copies queued
-        before it are left to finish."""
+        before it are left to finish. Interrupted or failed, it returns only once nothing
+        queued still writes (as the Executor's _settled does for copies ahead)."""
         stream = torch.cuda.current_stream(storage.device) if storage.is_cuda else None
-        self._queue(_Job(block, storage, stream, None, False, self.buffer_bytes)).result()
+        pending = self._queue(_Job(block, storage, stream, None, False, self.buffer_bytes))
+        try:
+            pending.result()
+        except BaseException:
+            while True:
+                try:
+                    self.drain()
+                    break
+                except KeyboardInterrupt:  # bounded: the reads end
+                    continue
+                except Exception:  # noqa: BLE001 - the first failure goes on
+                    break
+            raise
 
     def copy_ahead(self, block, storage: torch.Tensor, stream, after, timed: bool) -> Pending:
         """Queue the copy of `block`'s file runs into `storage` (on CUDA, on `stream`, or
@@ -138,6 +166,8 @@ class FileStream:
         return self._queue(_Job(block, storage, stream, after, timed, self.buffer_bytes))
 
     def _queue(self, job: _Job) -> Pending:
+        if self.closed:
+            raise InvalidStateError("this offload's checkpoint stream is closed (undone)")
         self._ring()
         if self.worker is None:
             self.worker = ThreadPoolExecutor(1, thread_name_prefix="aimdo-files")
@@ -147,7 +177,16 @@ class FileStream:
             start = not self._pumping
             self._pumping = True
         if start:
-            self.worker.submit(self._pump)
+            try:
+                self.worker.submit(self._pump)
+            except BaseException:
+                # No pump will run (an interrupt, or shutting down): take the job back,
+                # so that the next job starts a pump and drain() waits for nothing.
+                with self._wake:
+                    if job in self._queued:
+                        self._queued.remove(job)
+                    self._pumping = False
+                raise
         return Pending(job.future)
 
     def _pump(self) -> None:
@@ -198,9 +237,11 @@ class FileStream:
                         job.exhausted = True  # its pieces not read yet are dropped
                     if job.error is None:
                         self._copy(job, offset, count, buffer)
-                # Finish, in order, the jobs whose pieces are all read and copied.
+                # Finish, in order, the jobs whose pieces are all read and copied (each
+                # left in `jobs` until settled: a failure below still fails it).
                 while jobs and jobs[0].exhausted and jobs[0].reads == 0:
-                    self._finish(jobs.popleft())
+                    self._finish(jobs[0])
+                    jobs.popleft()
         except BaseException as error:
             # Not a read's failure (those fail their job): fail every job taken or queued,
             # once no reader writes into the ring any more.
@@ -236,9 +277,10 @@ class FileStream:
         else:
             with torch.cuda.device(job.storage.device), torch.cuda.stream(job.stream):
                 self._begin(job)
+                free = torch.cuda.Event()  # made first: once the copy is queued, it records
                 target.copy_(buffer.tensor[:count], non_blocking=True)
-                buffer.free = torch.cuda.Event()
-                buffer.free.record(job.stream)
+                buffer.free = free
+                free.record(job.stream)
         with self._lock:
             self.bytes_read += count
 
@@ -289,20 +331,34 @@ class FileStream:
 
     def close(self) -> None:
         """Wait for the copies that read the ring, stop the readers, give the ring and the
-        files back. The caller has synchronized the device already, or does not mind."""
+        files back; the stream takes no copy after. The caller has synchronized the device
+        already, or does not mind. Every step is taken even if one fails; the first
+        failure is raised at the end."""
+        self.closed = True
+        failure = None
+
+        def step(action) -> None:
+            nonlocal failure
+            try:
+                action()
+            except BaseException as error:  # noqa: BLE001 - raised below, after the rest
+                failure = failure or error
+
         if self.worker is not None:
-            self.worker.shutdown(wait=True)
+            step(lambda: self.worker.shutdown(wait=True))
             self.worker = None
         for buffer in self.buffers:
             if buffer.free is not None:
-                buffer.free.synchronize()
+                step(buffer.free.synchronize)
             if buffer.unpin is not None:
-                buffer.unpin()
+                step(buffer.unpin)
         self.buffers = []
         if self.pool is not None:
-            self.pool.shutdown(wait=True)
+            step(lambda: self.pool.shutdown(wait=True))
             self.pool = None
-        self.reader.close()
+        step(self.reader.close)
+        if failure is not None:
+            raise failure
 
 
 #: host_limit="auto" pins at most this fraction of the host memory available when the
