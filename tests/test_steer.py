@@ -260,6 +260,33 @@ def test_evictions_for_memory_others_take_are_logged_once(make_manager, caplog):
 
 
 @pytest.mark.sim_only
+def test_memory_others_take_without_aimdo_is_given_back_at_the_next_forward(make_manager):
+    # PyTorch's own pool grows without asking aimdo (no use_allocator): the next forward's
+    # faults, hits all, poll the device (when a poll is due) and evict what it lacks.
+    sim = aimdo.SimBackend("2x1GiB", real_bytes=True)
+    manager = make_manager(pages=8, sim=sim, poll_interval=0)
+    log = []
+    model = one_page_layers(8, log)
+    x = torch.randn(2, model[0].in_features)
+    expected = reference(model, x, 0)
+    with atorch.offload(model, 0, manager=manager) as handle:
+        for _ in range(2):
+            assert torch.equal(model(x), expected)
+        assert manager.resident_bytes(0) == 8 * PAGE and handle.last_stats.hits == 8
+        sim.add_external_usage(0, 3 * PAGE)
+        try:
+            assert manager.resident_bytes(0) == 8 * PAGE  # nothing evicts by itself
+            assert torch.equal(model(x), expected)
+            # Evicted by the forward's first fault: aimdo's pages and the others' fit.
+            assert manager.resident_bytes(0) == 5 * PAGE
+            assert handle.vbar.watermark_bytes == 5 * PAGE
+            assert handle.last_stats.offloaded_layers == 3
+            assert manager.stats(0)["evicted_bytes"] == 3 * PAGE
+        finally:
+            sim.remove_external_usage(0, 3 * PAGE)
+
+
+@pytest.mark.sim_only
 def test_a_pause_that_fails_part_way_still_stops_the_offloads_and_resume_undoes_it(
     make_manager,
 ):
