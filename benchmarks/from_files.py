@@ -19,7 +19,10 @@ stack (``--blocks``/``--hidden``/``--tokens`` then unused), built for the runs a
 loader builds it, under ``accelerate.init_empty_weights()``. Use another ``--dir`` per model.
 
 A limit is a ``host_limit``: ``none`` pins every weight, ``0`` leaves every block in the
-files, ``0-cold`` the same with the files' pages dropped before the run. ``--rings`` runs
+files, ``0-cold`` the same with the files' pages dropped before the run, ``0-nocache``
+the same with them dropped before every step (a host whose page cache cannot keep the
+files). ``--direct on|off`` forces reading with or without O_DIRECT (default: the
+library's choice). ``--rings`` runs
 every limit that reads the files once per ring, READERSxMiB (that many reader threads, twice
 as many buffers of that many MiB), instead of once with the library's own.
 """
@@ -221,7 +224,15 @@ def child(args) -> dict:
         stats = {}
         manager = None
     else:
-        limit = args.child.removesuffix("-cold")
+        limit = args.child.removesuffix("-cold").removesuffix("-nocache")
+        if args.direct != "auto":
+            from aimdo import _torch_handle
+
+            forced = args.direct == "on"
+            _torch_handle.reads_direct = lambda streamed, pinned: (
+                forced,
+                f"--direct {args.direct}",
+            )
         host_limit = None if limit == "none" else aimdo.parse_size(limit)
         backend = aimdo.SimBackend("1x8GiB", real_bytes=True) if args.tiny else "cuda"
         options = {"page_size": 2 << 20, "headroom": 0} if args.tiny else {}
@@ -239,15 +250,22 @@ def child(args) -> dict:
         stats = {"pinned_bytes": handle.pinned_bytes, "streamed_bytes": handle.streamed_bytes}
     step = step_of(args, model, device)
     times, out, memory, settling = [], None, [], 0
+    nocache = args.child.endswith("-nocache")
+
+    def one_step():
+        if nocache:  # as on a host whose cache cannot keep the files: none of them cached
+            drop_cache(args.dir)
+        return step(model)
+
     with torch.no_grad():
         for index in range(args.steps):
-            out = step(model)
+            out = one_step()
             sync(device)
             times.append(time.perf_counter() - start)
             if manager is not None:
                 memory.append(memory_now(manager, cuda=not args.tiny))
             if index == 0 and manager is not None:
-                settling = settle(manager, lambda: (step(model), sync(device)))
+                settling = settle(manager, lambda: (one_step(), sync(device)))
                 memory.append(memory_now(manager, cuda=not args.tiny))
             start = time.perf_counter()
     result = {
@@ -294,6 +312,7 @@ def main() -> int:
     parser.add_argument("--dir", default="/tmp/aimdo-checkpoint")
     parser.add_argument("--accelerate", action="store_true", help="also accelerate's loader")
     parser.add_argument("--rings", default="", help="READERSxMiB,...: rings to compare")
+    parser.add_argument("--direct", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--ring", default="", help=argparse.SUPPRESS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -342,7 +361,7 @@ def main() -> int:
             drop_cache(args.dir)
         command = [sys.executable, "-m", "benchmarks.from_files", "--child", limit]
         command += ["--ring", ring] if ring else []
-        command += ["--model", args.model]
+        command += ["--model", args.model, "--direct", args.direct]
         command += ["--blocks", str(args.blocks), "--hidden", str(args.hidden)]
         command += ["--tokens", str(args.tokens), "--vram-limit", str(args.vram_limit)]
         command += ["--steps", str(args.steps), "--dir", args.dir]

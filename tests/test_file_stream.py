@@ -105,8 +105,8 @@ def new_stream(files: FakeFiles, pin: bool = False) -> stream.FileStream:
     s.reader = files
     copy = s._copy
 
-    def copy_then_give_back(job, offset, count, buffer):
-        copy(job, offset, count, buffer)
+    def copy_then_give_back(job, offset, count, buffer, lead):
+        copy(job, offset, count, buffer, lead)
         files.copied(buffer)
 
     s._copy = copy_then_give_back

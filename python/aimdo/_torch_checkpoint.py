@@ -88,14 +88,24 @@ def attach(blocks: list[TorchBlock], location) -> dict[str, FileStamp]:
     return stamps
 
 
+#: O_DIRECT reads start, end and land on multiples of this many bytes (the largest
+#: logical block size of common disks).
+DIRECT_ALIGN = 4096
+
+
 class Reader:
     """Reads tensors' bytes from their files, each file opened once, checking before every
     read that the file is what its stamp says (its size and modification time, from the
-    open file). Thread-safe (reads are positional). Close it when done."""
+    open file). Thread-safe (reads are positional). Close it when done.
 
-    def __init__(self, stamps: dict[str, FileStamp]):
+    With `direct`, read_into reads past the page cache (O_DIRECT, where the platform and
+    the file system have it; else through the page cache, as read does)."""
+
+    def __init__(self, stamps: dict[str, FileStamp], direct: bool = False):
         self.stamps = stamps
+        self.direct = direct
         self.files: dict[str, int] = {}
+        self.direct_files: dict[str, int | None] = {}  # None: the file system refused
         self._opening = threading.Lock()
 
     def _open(self, tensor: Tensor) -> int:
@@ -109,16 +119,71 @@ class Reader:
                 self.files[tensor.path] = fd
         return fd
 
-    def read(self, tensor: Tensor, into: torch.Tensor, start: int = 0) -> None:
-        """Fill the uint8 tensor `into` (contiguous) with the tensor's bytes from byte
-        `start` of it on. CheckpointError if the file changed since it was stamped or
-        ends early."""
+    def _open_direct(self, tensor: Tensor) -> int | None:
+        """The file opened with O_DIRECT, or None where that is refused (no O_DIRECT on
+        this platform, or a file system without it, such as tmpfs)."""
+        flag = getattr(os, "O_DIRECT", 0)
+        with self._opening:
+            if tensor.path not in self.direct_files:
+                fd = None
+                if flag:
+                    try:
+                        fd = os.open(tensor.path, os.O_RDONLY | flag)
+                    except OSError:
+                        fd = None  # read through the page cache instead
+                self.direct_files[tensor.path] = fd
+            return self.direct_files[tensor.path]
+
+    def _check(self, tensor: Tensor) -> int:
+        """The file's descriptor, once its stamp is checked."""
         fd = self._open(tensor)
         if stamp(fd) != self.stamps.get(tensor.path):
             raise CheckpointError(
                 f"{tensor.path}: changed since its header was read (reading tensor "
                 f"{tensor.name}); offload the module again to read the new file"
             )
+        return fd
+
+    def read_into(self, tensor: Tensor, buffer: torch.Tensor, start: int, count: int) -> int:
+        """Read `count` bytes of the tensor from byte `start` of it into the uint8 tensor
+        `buffer`; returns where in `buffer` they begin. Without `direct` (or without
+        O_DIRECT for the file) that is 0. With it, the read covers the DIRECT_ALIGN-aligned
+        range around them: `buffer` must begin at an aligned address and hold `count` +
+        2 x DIRECT_ALIGN bytes. CheckpointError as read."""
+        direct = self._open_direct(tensor) if self.direct else None
+        if direct is None:
+            self.read(tensor, buffer[:count], start)
+            return 0
+        self._check(tensor)
+        if start + count > tensor.nbytes:
+            raise ValueError(f"{count} bytes from {start} are past tensor {tensor.name}")
+        first = tensor.offset + start
+        aligned = first - first % DIRECT_ALIGN
+        lead = first - aligned
+        length = -(-(lead + count) // DIRECT_ALIGN) * DIRECT_ALIGN
+        if length > buffer.numel() or buffer.data_ptr() % DIRECT_ALIGN:
+            raise ValueError("an O_DIRECT read needs an aligned buffer of count + 2 x 4096 bytes")
+        view = memoryview(buffer.numpy()).cast("B")
+        done = 0
+        while done < lead + count:
+            try:
+                got = os.preadv(direct, [view[done:length]], aligned + done)
+            except OSError as error:
+                raise CheckpointError(
+                    f"{tensor.path}: reading tensor {tensor.name} failed ({error})"
+                ) from error
+            if got == 0:
+                raise CheckpointError(
+                    f"{tensor.path}: ends inside tensor {tensor.name}: the file is truncated"
+                )
+            done += got
+        return lead
+
+    def read(self, tensor: Tensor, into: torch.Tensor, start: int = 0) -> None:
+        """Fill the uint8 tensor `into` (contiguous) with the tensor's bytes from byte
+        `start` of it on, through the page cache. CheckpointError if the file changed
+        since it was stamped or ends early."""
+        fd = self._check(tensor)
         view = memoryview(into.numpy()).cast("B")
         nbytes, done = view.nbytes, 0
         if start + nbytes > tensor.nbytes:
@@ -140,5 +205,7 @@ class Reader:
     def close(self) -> None:
         with self._opening:
             files, self.files = self.files, {}
-        for fd in files.values():
-            os.close(fd)
+            direct, self.direct_files = self.direct_files, {}
+        for fd in [*files.values(), *direct.values()]:
+            if fd is not None:
+                os.close(fd)

@@ -21,7 +21,13 @@ from ._torch_host import HostWeights
 from ._torch_layout import Binding, lay_out
 from ._torch_offload import _ABSENT, Runner, _TorchExecutor, make_forward
 from ._torch_options import declared_order, forced_tiers
-from ._torch_stream import FileStream, host_limit_bytes, left_in_files, read_bandwidth
+from ._torch_stream import (
+    FileStream,
+    host_limit_bytes,
+    left_in_files,
+    read_bandwidth,
+    reads_direct,
+)
 from ._torch_tune import START, PrefetchTuner
 from .sim import SimBackend
 
@@ -95,7 +101,9 @@ class Offload:
             )
         elif leader is not None and leader._stream is not None:
             theirs = leader._stream
-            self._stream = FileStream(theirs.reader.stamps, sim is None, theirs.buffer_bytes)
+            self._stream = FileStream(
+                theirs.reader.stamps, sim is None, theirs.buffer_bytes, theirs.direct
+            )
         # A group's other members copy from the leader's host chunks (one host copy).
         if leader is None:
             pinned = [block for block in blocks if not block.file_runs]
@@ -166,18 +174,19 @@ class Offload:
             )
         order = placement_order(placed, options["spread"], rotation)
         files = left_in_files(order, limit, forced)
-        if files:
-            largest = max(w.source.nbytes for block in files for w in block.weights)
-            self._stream = FileStream(stamps, pin, largest)
-            for block in files:
-                block.file_runs = [(w.offset, w.source) for w in block.weights]
-                block.stream = self._stream
         streamed = sum(block.nbytes for block in files)
         cost = ""
         if files:
+            largest = max(w.source.nbytes for block in files for w in block.weights)
+            direct, how = reads_direct(streamed, weights - streamed)
+            self._stream = FileStream(stamps, pin, largest, direct)
+            for block in files:
+                block.file_runs = [(w.offset, w.source) for w in block.weights]
+                block.stream = self._stream
+            cost = f"; they are read {how}"
             # What the files give, and what a forward then reads: the streamed blocks
             # placed beyond the budget are offloaded, so read at every forward.
-            bandwidth = read_bandwidth(files)
+            bandwidth = read_bandwidth(files, direct)
             at, every = 0, 0
             in_files = set(files)
             for block in order:
@@ -185,7 +194,7 @@ class Offload:
                     every += block.nbytes
                 at += block.nbytes
             if bandwidth:
-                cost = (
+                cost += (
                     f"; the files read at {bandwidth / 1e9:.1f} GB/s now, so the "
                     f"{format_size(every)} of them beyond the VRAM budget add up to "
                     f"{every / bandwidth * 1000:.0f} ms "

@@ -9,6 +9,7 @@ the copies then run on threads of its own.
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import time
@@ -20,7 +21,7 @@ import torch
 
 from ._core import InvalidStateError
 from ._sizes import format_size
-from ._torch_checkpoint import Reader
+from ._torch_checkpoint import DIRECT_ALIGN, Reader
 from ._torch_host import pin_tensor
 
 #: The ring: this many buffers of this many bytes (pinned on CUDA), and this many threads
@@ -34,8 +35,9 @@ RING_BUFFER_BYTES = 16 << 20
 
 
 class _Buffer:
-    def __init__(self, tensor: torch.Tensor, unpin):
-        self.tensor = tensor
+    def __init__(self, tensor: torch.Tensor, unpin, nbytes: int):
+        self.tensor = tensor  # reads land here; with O_DIRECT, an aligned view of a larger one
+        self.nbytes = nbytes  # bytes held (pinned on CUDA)
         self.unpin = unpin  # gives the pinning back (None on a simulator)
         self.free = None  # a CUDA event: the copy that last read it is done (None: free)
 
@@ -89,9 +91,10 @@ class FileStream:
     reading, from one block into the next, so that no block's reads wait for the copies of
     the block before it to drain."""
 
-    def __init__(self, stamps, pin: bool, largest: int | None = None):
-        self.reader = Reader(stamps)
+    def __init__(self, stamps, pin: bool, largest: int | None = None, direct: bool = False):
+        self.reader = Reader(stamps, direct)
         self.pin = pin
+        self.direct = direct  # read with O_DIRECT (Reader.read_into), past the page cache
         # Each buffer: RING_BUFFER_BYTES, or the largest tensor read when that is smaller.
         self.buffer_bytes = (
             RING_BUFFER_BYTES if largest is None else min(RING_BUFFER_BYTES, max(1, largest))
@@ -113,7 +116,7 @@ class FileStream:
     @property
     def nbytes(self) -> int:
         """Bytes of the ring's buffers held now."""
-        return sum(buffer.tensor.numel() for buffer in self.buffers)
+        return sum(buffer.nbytes for buffer in self.buffers)
 
     def _ring(self) -> list[_Buffer]:
         """The ring, made at the first copy: all of it, or (pinning failed) none of it."""
@@ -121,8 +124,12 @@ class FileStream:
             made = []
             try:
                 for _ in range(RING_BUFFERS):
-                    tensor = torch.empty(self.buffer_bytes, dtype=torch.uint8)
-                    made.append(_Buffer(tensor, pin_tensor(tensor) if self.pin else None))
+                    slack = 3 * DIRECT_ALIGN if self.direct else 0  # alignment, both ends
+                    whole = torch.empty(self.buffer_bytes + slack, dtype=torch.uint8)
+                    unpin = pin_tensor(whole) if self.pin else None
+                    start = -whole.data_ptr() % DIRECT_ALIGN if self.direct else 0
+                    tensor = whole[start : start + self.buffer_bytes + slack - DIRECT_ALIGN]
+                    made.append(_Buffer(tensor if self.direct else whole, unpin, whole.numel()))
             except BaseException:
                 for buffer in made:
                     if buffer.unpin is not None:
@@ -217,8 +224,8 @@ class FileStream:
                     self.turn = (self.turn + 1) % len(ring)
                     busy, buffer.free = buffer.free, None  # the reader waits for it
                     device = job.storage.device if job.storage.is_cuda else None
-                    into = buffer.tensor[:count]
-                    future = self.pool.submit(self._read, device, busy, tensor, into, start)
+                    into = buffer.tensor
+                    future = self.pool.submit(self._read, device, busy, tensor, into, start, count)
                     future.add_done_callback(self._read_done)
                     job.reads += 1
                     reading.append((job, offset, count, buffer, future))
@@ -230,13 +237,14 @@ class FileStream:
                             continue  # hand the new job's pieces out first
                     job, offset, count, buffer, future = reading.popleft()
                     job.reads -= 1
+                    lead = 0
                     try:
-                        future.result()
+                        lead = future.result()
                     except Exception as error:  # noqa: BLE001 - the job's, raised by result()
                         job.error = job.error or error
                         job.exhausted = True  # its pieces not read yet are dropped
                     if job.error is None:
-                        self._copy(job, offset, count, buffer)
+                        self._copy(job, offset, count, buffer, lead)
                 # Finish, in order, the jobs whose pieces are all read and copied (each
                 # left in `jobs` until settled: a failure below still fails it).
                 while jobs and jobs[0].exhausted and jobs[0].reads == 0:
@@ -258,27 +266,33 @@ class FileStream:
         with self._wake:
             self._wake.notify_all()
 
-    def _read(self, device, busy, tensor, into: torch.Tensor, start: int) -> None:
-        """A reader's job: wait for the copy that last read `into`'s buffer (`busy`, a CUDA
-        event of `device`, or None), then read `tensor`'s bytes from `start` into it."""
+    def _read(self, device, busy, tensor, into: torch.Tensor, start: int, count: int) -> int:
+        """A reader's job: wait for the copy that last read the buffer `into` (`busy`, a
+        CUDA event of `device`, or None), then read `count` bytes of `tensor` from `start`
+        into it; returns where in `into` they begin (0 unless read with O_DIRECT)."""
         if busy is not None:
             with torch.cuda.device(device):
                 busy.synchronize()  # without the GIL
-        self.reader.read(tensor, into, start)
+        if self.direct:
+            return self.reader.read_into(tensor, into, start, count)
+        self.reader.read(tensor, into[:count], start)
+        return 0
 
-    def _copy(self, job: _Job, offset: int, count: int, buffer: _Buffer) -> None:
-        """Queue one piece's copy, from `buffer` into `job`'s storage at `offset`."""
+    def _copy(self, job: _Job, offset: int, count: int, buffer: _Buffer, lead: int) -> None:
+        """Queue one piece's copy, from `buffer` (its bytes from `lead` on) into `job`'s
+        storage at `offset`."""
         target = job.storage[offset : offset + count]
+        source = buffer.tensor[lead : lead + count]
         if job.stream is None:  # a simulator: the copy is done when it returns
             if not job.started and job.timed:
                 job.start = time.perf_counter()
             job.started = True
-            target.copy_(buffer.tensor[:count])
+            target.copy_(source)
         else:
             with torch.cuda.device(job.storage.device), torch.cuda.stream(job.stream):
                 self._begin(job)
                 free = torch.cuda.Event()  # made first: once the copy is queued, it records
-                target.copy_(buffer.tensor[:count], non_blocking=True)
+                target.copy_(source, non_blocking=True)
                 buffer.free = free
                 free.record(job.stream)
         with self._lock:
@@ -402,23 +416,33 @@ PROBE_BYTES = 64 << 20
 PROBE_READ = 8 << 20
 
 
-def read_bandwidth(blocks) -> float | None:
+def read_bandwidth(blocks, direct: bool = False) -> float | None:
     """Bytes a second that reading `blocks`' sources from their files gives now (from the
-    page cache where the files are there, else the disk): PROBE_BYTES of the largest
-    tensor's file, read in order from that tensor's first byte. None when nothing reads."""
+    page cache where the files are there, else the disk; with `direct`, O_DIRECT where the
+    file system has it): PROBE_BYTES of the largest tensor's file, read in order from that
+    tensor's first byte (its aligned block, with `direct`). None when nothing reads."""
     sources = [w.source for block in blocks for w in block.weights if w.source is not None]
     if not sources:
         return None
     largest = max(sources, key=lambda t: t.nbytes)
     want = min(PROBE_BYTES, largest.nbytes)
+    first = largest.offset - largest.offset % DIRECT_ALIGN if direct else largest.offset
+    fd = None
+    if direct:
+        try:
+            fd = os.open(largest.path, os.O_RDONLY | os.O_DIRECT)
+        except (OSError, AttributeError):
+            fd = None  # read through the page cache, as the stream will
     try:
-        fd = os.open(largest.path, os.O_RDONLY)
+        if fd is None:
+            fd = os.open(largest.path, os.O_RDONLY)
     except OSError:
         return None
+    buffer = mmap.mmap(-1, PROBE_READ)  # page-aligned, as O_DIRECT needs
     try:
         began, done = time.perf_counter(), 0
         while done < want:
-            got = len(os.pread(fd, min(PROBE_READ, want - done), largest.offset + done))
+            got = os.preadv(fd, [buffer], first + done)
             if got == 0:
                 break
             done += got
@@ -427,7 +451,30 @@ def read_bandwidth(blocks) -> float | None:
         return None
     finally:
         os.close(fd)
+        buffer.close()
     return done / seconds if done and seconds > 0 else None
+
+
+def reads_direct(streamed: int, pinned: int) -> tuple[bool, str]:
+    """Whether the files are read with O_DIRECT (past the page cache), and why. Through
+    the page cache, blocks read again at each copy come from memory once cached (35 GB/s
+    on an H200's host against 1.5 GB/s from its disk: benchmarks/RESULTS.md); that pays
+    when the cache can keep them. When the bytes left in the files exceed the host
+    memory available beside the pinned weights, it cannot: every read goes to the disk
+    anyway, and through the cache it would also copy each byte once more and push out
+    the pages of everything else. Then O_DIRECT, where the platform has it."""
+    if not hasattr(os, "O_DIRECT"):
+        return False, "through the page cache (no O_DIRECT here)"
+    room = available_host_bytes() - pinned
+    if streamed > room:
+        return True, (
+            f"with O_DIRECT: the page cache could not keep them (the host has "
+            f"{format_size(max(room, 0))} available beside the pinned weights)"
+        )
+    return False, (
+        f"through the page cache, which can keep them ({format_size(room)} of host memory "
+        "available beside the pinned weights)"
+    )
 
 
 def streamable(block) -> bool:
