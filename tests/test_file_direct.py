@@ -87,9 +87,8 @@ def test_direct_reads_give_the_bytes_of_reads_through_the_cache(
     assert direct.files == {} and direct.direct_files == {}
 
 
-@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
-def test_a_file_system_refusing_o_direct_is_read_through_the_cache(tmp_path, monkeypatch):
-    path, found = odd_file(tmp_path)
+def refuse_o_direct(monkeypatch) -> None:
+    """os.open refuses O_DIRECT, as tmpfs does."""
     real_open = os.open
 
     def refusing(name, flags, *args):
@@ -98,6 +97,12 @@ def test_a_file_system_refusing_o_direct_is_read_through_the_cache(tmp_path, mon
         return real_open(name, flags, *args)
 
     monkeypatch.setattr(os, "open", refusing)
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+def test_a_file_system_refusing_o_direct_is_read_through_the_cache(tmp_path, monkeypatch):
+    path, found = odd_file(tmp_path)
+    refuse_o_direct(monkeypatch)
     reader = Reader({path: stamp(path)}, direct=True)
     tensor = found["b"]
     buffer = aligned_buffer(tensor.nbytes)
@@ -132,37 +137,62 @@ def test_a_direct_ring_has_aligned_buffers_with_room_for_the_alignment(monkeypat
     s.close()
 
 
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
 @pytest.mark.parametrize(
-    ("available", "streamed", "pinned", "direct"),
-    [(10 << 30, 4 << 30, 2 << 30, False), (10 << 30, 9 << 30, 2 << 30, True)],
+    ("every", "refused", "expected"),
+    [
+        (
+            4 << 30,
+            False,
+            (
+                False,
+                "through the page cache, which can keep the 4.00 GiB read at every forward "
+                "(8.00 GiB of host memory available beside the pinned weights)",
+            ),
+        ),
+        (
+            9 << 30,
+            False,
+            (
+                True,
+                "with O_DIRECT: the page cache could not keep the 9.00 GiB read at every "
+                "forward (the host has 8.00 GiB available beside the pinned weights)",
+            ),
+        ),
+        (9 << 30, True, (False, "through the page cache (its file system refuses O_DIRECT)")),
+    ],
 )
-def test_o_direct_is_chosen_when_the_page_cache_could_not_keep_the_files(
-    monkeypatch, available, streamed, pinned, direct
+def test_o_direct_is_chosen_when_the_page_cache_could_not_keep_what_every_forward_reads(
+    tmp_path, monkeypatch, every, refused, expected
 ):
-    monkeypatch.setattr(_torch_stream, "available_host_bytes", lambda: available)
-    chosen, why = _torch_stream.reads_direct(streamed, pinned)
-    if not hasattr(os, "O_DIRECT"):
-        assert (chosen, why) == (False, "through the page cache (no O_DIRECT here)")
-        return
-    assert chosen is direct
-    assert why.startswith(
-        "with O_DIRECT: the page cache could not keep them"
-        if direct
-        else ("through the page cache, which can keep them (8.00 GiB")
+    path, _ = odd_file(tmp_path)
+    monkeypatch.setattr(_torch_stream, "available_host_bytes", lambda: 10 << 30)
+    if refused:
+        refuse_o_direct(monkeypatch)
+    assert _torch_stream.reads_direct(every, 2 << 30, path) == expected
+
+
+def test_without_o_direct_the_files_are_read_through_the_page_cache(monkeypatch):
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    assert _torch_stream.reads_direct(1 << 40, 0) == (
+        False,
+        "through the page cache (no O_DIRECT here)",
     )
 
 
+@pytest.mark.parametrize("forced_aligned_path", [False, True])
 def test_an_offload_reading_past_the_page_cache_computes_the_same(
-    make_manager, tmp_path, monkeypatch, caplog
+    make_manager, tmp_path, monkeypatch, caplog, forced_aligned_path
 ):
     real = stack(blocks=6)
     x = torch.randn(2, 256)
     expected = reference(real, x, 0)
-    path = tmp_path / "model.safetensors"
+    path = str(tmp_path / "model.safetensors")
     safetensors_torch.save_file({k: v.contiguous() for k, v in real.state_dict().items()}, path)
-    monkeypatch.setattr(
-        _torch_handle, "reads_direct", lambda streamed, pinned: (True, "with O_DIRECT (test)")
-    )
+    monkeypatch.setattr(_torch_handle, "reads_direct", lambda *_: (True, "with O_DIRECT (test)"))
+    if forced_aligned_path:
+        # The aligned reads and the offsets into the ring, whatever the file system says.
+        monkeypatch.setattr(Reader, "_open_direct", lambda self, tensor: self._open(tensor))
     caplog.set_level(logging.INFO, logger="aimdo")
     with torch.device("meta"):
         model = stack(blocks=6)
@@ -172,4 +202,89 @@ def test_an_offload_reading_past_the_page_cache_computes_the_same(
         for _ in range(3):
             assert torch.equal(model(x.to(where(0))), expected)
             assert o.last_stats.bytes_from_files > 0
+        if not forced_aligned_path:
+            reader = o._stream.reader
+            assert (reader.direct_files[path] is not None) == o_direct_works(path)
     assert any("they are read with O_DIRECT (test)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_group_reads_as_its_leader_chose(make_manager, tmp_path, monkeypatch):
+    from test_torch_group import group_manager
+
+    real = stack(blocks=6)
+    x = torch.randn(2, 256)
+    expected = [reference(real, x, device) for device in (0, 1)]
+    path = str(tmp_path / "model.safetensors")
+    safetensors_torch.save_file({k: v.contiguous() for k, v in real.state_dict().items()}, path)
+    monkeypatch.setattr(_torch_handle, "reads_direct", lambda *_: (True, "with O_DIRECT (test)"))
+    with torch.device("meta"):
+        model = stack(blocks=6)
+    manager = group_manager(make_manager, pages=5)
+    with atorch.offload_group(
+        model, [0, 1], manager=manager, checkpoint=path, host_limit=0, peers=False
+    ) as group:
+        assert [o._stream.direct for o in group.offloads] == [True, True]
+        for _ in range(2):
+            for device in (0, 1):
+                assert torch.equal(group[device](x.to(where(device))), expected[device])
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+def test_a_file_changed_under_a_direct_read_is_a_checkpoint_error(tmp_path, monkeypatch):
+    path, found = odd_file(tmp_path)
+    reader = Reader({path: stamp(path)}, direct=True)
+    monkeypatch.setattr(reader, "_open_direct", lambda tensor: reader._open(tensor))
+    tensor = found["a"]
+    reader.read_into(tensor, aligned_buffer(tensor.nbytes), 0, tensor.nbytes)
+    with open(path, "ab") as f:
+        f.write(b"more")
+    with pytest.raises(aimdo.CheckpointError, match="changed since its header was read"):
+        reader.read_into(tensor, aligned_buffer(tensor.nbytes), 0, tensor.nbytes)
+    reader.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+def test_a_read_refused_after_an_o_direct_open_falls_back_to_the_cache(tmp_path, monkeypatch):
+    path, found = odd_file(tmp_path)
+    reader = Reader({path: stamp(path)}, direct=True)
+    direct_fd = os.open(path, os.O_RDONLY)  # stands in for an O_DIRECT descriptor
+    monkeypatch.setattr(reader, "_open_direct", lambda tensor: direct_fd)
+    real_preadv = os.preadv
+
+    def refusing(fd, buffers, offset):
+        if fd == direct_fd:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", refusing)
+    reader.direct_files[path] = direct_fd
+    tensor = found["b"]
+    buffer = aligned_buffer(tensor.nbytes)
+    assert reader.read_into(tensor, buffer, 0, tensor.nbytes) == 0
+    want = torch.empty(tensor.nbytes, dtype=torch.uint8)
+    reader.read(tensor, want, 0)
+    assert torch.equal(buffer[: tensor.nbytes], want)
+    assert reader.direct_files[path] is None and reader.retired == [direct_fd]
+    reader.close()
+    with pytest.raises(OSError):
+        os.fstat(direct_fd)  # closed with the reader
+
+
+def test_a_direct_ring_stays_pinned_under_inference_mode(monkeypatch):
+    import gc
+    import weakref
+
+    unpinned = []
+
+    def pin(tensor):
+        return weakref.finalize(tensor, unpinned.append, tensor.data_ptr())
+
+    monkeypatch.setattr(_torch_stream, "pin_tensor", pin)
+    monkeypatch.setattr(_torch_stream, "RING_BUFFERS", 4)
+    s = _torch_stream.FileStream({}, pin=True, largest=10_000, direct=True)
+    with torch.inference_mode():  # views there keep no reference to their base
+        s._ring()
+    gc.collect()
+    assert unpinned == []
+    s.close()
+    assert len(unpinned) == 4

@@ -6,6 +6,7 @@ imported by aimdo.torch only."""
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 
@@ -106,6 +107,7 @@ class Reader:
         self.direct = direct
         self.files: dict[str, int] = {}
         self.direct_files: dict[str, int | None] = {}  # None: the file system refused
+        self.retired: list[int] = []  # O_DIRECT descriptors a read refused, closed at close
         self._opening = threading.Lock()
 
     def _open(self, tensor: Tensor) -> int:
@@ -154,7 +156,11 @@ class Reader:
         if direct is None:
             self.read(tensor, buffer[:count], start)
             return 0
-        self._check(tensor)
+        if stamp(direct) != self.stamps.get(tensor.path):  # the very file read
+            raise CheckpointError(
+                f"{tensor.path}: changed since its header was read (reading tensor "
+                f"{tensor.name}); offload the module again to read the new file"
+            )
         if start + count > tensor.nbytes:
             raise ValueError(f"{count} bytes from {start} are past tensor {tensor.name}")
         first = tensor.offset + start
@@ -169,14 +175,24 @@ class Reader:
             try:
                 got = os.preadv(direct, [view[done:length]], aligned + done)
             except OSError as error:
+                if error.errno == errno.EINVAL:
+                    # The file system took the O_DIRECT open but not this read: through
+                    # the page cache, for this read and the file's next ones.
+                    with self._opening:
+                        if self.direct_files.get(tensor.path) == direct:
+                            self.direct_files[tensor.path] = None
+                            self.retired.append(direct)  # other readers may be in it
+                    self.read(tensor, buffer[:count], start)
+                    return 0
                 raise CheckpointError(
                     f"{tensor.path}: reading tensor {tensor.name} failed ({error})"
                 ) from error
-            if got == 0:
+            done += got
+            # A read short of a whole block ends at the end of the file.
+            if got == 0 or (done < lead + count and done % DIRECT_ALIGN):
                 raise CheckpointError(
                     f"{tensor.path}: ends inside tensor {tensor.name}: the file is truncated"
                 )
-            done += got
         return lead
 
     def read(self, tensor: Tensor, into: torch.Tensor, start: int = 0) -> None:
@@ -206,6 +222,7 @@ class Reader:
         with self._opening:
             files, self.files = self.files, {}
             direct, self.direct_files = self.direct_files, {}
-        for fd in [*files.values(), *direct.values()]:
+            retired, self.retired = self.retired, []
+        for fd in [*files.values(), *direct.values(), *retired]:
             if fd is not None:
                 os.close(fd)

@@ -177,22 +177,23 @@ class Offload:
         streamed = sum(block.nbytes for block in files)
         cost = ""
         if files:
-            largest = max(w.source.nbytes for block in files for w in block.weights)
-            direct, how = reads_direct(streamed, weights - streamed)
-            self._stream = FileStream(stamps, pin, largest, direct)
-            for block in files:
-                block.file_runs = [(w.offset, w.source) for w in block.weights]
-                block.stream = self._stream
-            cost = f"; they are read {how}"
-            # What the files give, and what a forward then reads: the streamed blocks
-            # placed beyond the budget are offloaded, so read at every forward.
-            bandwidth = read_bandwidth(files, direct)
+            # What a forward reads from the files: the streamed blocks placed beyond the
+            # budget are offloaded, so read at every forward.
             at, every = 0, 0
             in_files = set(files)
             for block in order:
                 if at + block.nbytes > budget and block in in_files:
                     every += block.nbytes
                 at += block.nbytes
+            largest = max(w.source.nbytes for block in files for w in block.weights)
+            path = files[0].weights[0].source.path
+            direct, how = reads_direct(every, weights - streamed, path)
+            self._stream = FileStream(stamps, pin, largest, direct)
+            for block in files:
+                block.file_runs = [(w.offset, w.source) for w in block.weights]
+                block.stream = self._stream
+            cost = f"; they are read {how}"
+            bandwidth = read_bandwidth(files, direct)
             if bandwidth:
                 cost += (
                     f"; the files read at {bandwidth / 1e9:.1f} GB/s now, so the "

@@ -35,9 +35,12 @@ RING_BUFFER_BYTES = 16 << 20
 
 
 class _Buffer:
-    def __init__(self, tensor: torch.Tensor, unpin, nbytes: int):
-        self.tensor = tensor  # reads land here; with O_DIRECT, an aligned view of a larger one
-        self.nbytes = nbytes  # bytes held (pinned on CUDA)
+    def __init__(self, whole: torch.Tensor, tensor: torch.Tensor, unpin):
+        # The memory pinned, held here: its pinning ends when it dies (a view does not keep
+        # it alive under torch.inference_mode).
+        self.whole = whole
+        self.tensor = tensor  # reads land here; with O_DIRECT, an aligned view of `whole`
+        self.nbytes = whole.numel()  # bytes held (pinned on CUDA)
         self.unpin = unpin  # gives the pinning back (None on a simulator)
         self.free = None  # a CUDA event: the copy that last read it is done (None: free)
 
@@ -124,12 +127,15 @@ class FileStream:
             made = []
             try:
                 for _ in range(RING_BUFFERS):
-                    slack = 3 * DIRECT_ALIGN if self.direct else 0  # alignment, both ends
+                    # With O_DIRECT: room to align the start, and two alignments to read.
+                    slack = 3 * DIRECT_ALIGN if self.direct else 0
                     whole = torch.empty(self.buffer_bytes + slack, dtype=torch.uint8)
                     unpin = pin_tensor(whole) if self.pin else None
-                    start = -whole.data_ptr() % DIRECT_ALIGN if self.direct else 0
-                    tensor = whole[start : start + self.buffer_bytes + slack - DIRECT_ALIGN]
-                    made.append(_Buffer(tensor if self.direct else whole, unpin, whole.numel()))
+                    tensor = whole
+                    if self.direct:
+                        start = -whole.data_ptr() % DIRECT_ALIGN
+                        tensor = whole[start : start + self.buffer_bytes + 2 * DIRECT_ALIGN]
+                    made.append(_Buffer(whole, tensor, unpin))
             except BaseException:
                 for buffer in made:
                     if buffer.unpin is not None:
@@ -438,7 +444,11 @@ def read_bandwidth(blocks, direct: bool = False) -> float | None:
             fd = os.open(largest.path, os.O_RDONLY)
     except OSError:
         return None
-    buffer = mmap.mmap(-1, PROBE_READ)  # page-aligned, as O_DIRECT needs
+    try:
+        buffer = mmap.mmap(-1, PROBE_READ)  # page-aligned, as O_DIRECT needs
+    except OSError:
+        os.close(fd)
+        return None
     try:
         began, done = time.perf_counter(), 0
         while done < want:
@@ -455,25 +465,34 @@ def read_bandwidth(blocks, direct: bool = False) -> float | None:
     return done / seconds if done and seconds > 0 else None
 
 
-def reads_direct(streamed: int, pinned: int) -> tuple[bool, str]:
-    """Whether the files are read with O_DIRECT (past the page cache), and why. Through
-    the page cache, blocks read again at each copy come from memory once cached (35 GB/s
-    on an H200's host against 1.5 GB/s from its disk: benchmarks/RESULTS.md); that pays
-    when the cache can keep them. When the bytes left in the files exceed the host
-    memory available beside the pinned weights, it cannot: every read goes to the disk
-    anyway, and through the cache it would also copy each byte once more and push out
-    the pages of everything else. Then O_DIRECT, where the platform has it."""
+def reads_direct(every: int, pinned: int, path: str | None = None) -> tuple[bool, str]:
+    """Whether the files are read with O_DIRECT (past the page cache), and why. `every`:
+    the bytes read from the files at every forward (the streamed blocks placed beyond the
+    VRAM budget; the others are read again only after an eviction); `pinned`: the bytes
+    pinned; `path`: a file of the checkpoint, to ask its file system. Through the page
+    cache, what is read at every forward comes from memory once cached (35 GB/s on an
+    H200's host against 1.5 GB/s from its disk: benchmarks/RESULTS.md); that pays when the
+    cache can keep it. When it exceeds the host memory available beside the pinned
+    weights, the cache cannot: every read goes to the disk anyway, and through the cache
+    it would also copy each byte once more and push out the pages of everything else.
+    Then O_DIRECT, where the platform and the file system have it."""
     if not hasattr(os, "O_DIRECT"):
         return False, "through the page cache (no O_DIRECT here)"
     room = available_host_bytes() - pinned
-    if streamed > room:
-        return True, (
-            f"with O_DIRECT: the page cache could not keep them (the host has "
-            f"{format_size(max(room, 0))} available beside the pinned weights)"
+    if every <= room:
+        return False, (
+            f"through the page cache, which can keep the {format_size(every)} read at every "
+            f"forward ({format_size(room)} of host memory available beside the pinned weights)"
         )
-    return False, (
-        f"through the page cache, which can keep them ({format_size(room)} of host memory "
-        "available beside the pinned weights)"
+    if path is not None:
+        try:
+            os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+        except OSError:
+            return False, "through the page cache (its file system refuses O_DIRECT)"
+    return True, (
+        f"with O_DIRECT: the page cache could not keep the {format_size(every)} read at "
+        f"every forward (the host has {format_size(max(room, 0))} available beside the "
+        "pinned weights)"
     )
 
 
