@@ -21,7 +21,7 @@ loader builds it, under ``accelerate.init_empty_weights()``. Use another ``--dir
 A limit is a ``host_limit``: ``none`` pins every weight, ``0`` leaves every block in the
 files, ``0-cold`` the same with the files' pages dropped before the run, ``0-nocache``
 the same with them dropped before every step (a host whose page cache cannot keep the
-files). ``--direct on|off`` forces reading with or without O_DIRECT (default: the
+files). ``--direct cached|direct`` forces offload's ``file_reads`` (default: auto, the
 library's choice). ``--rings`` runs
 every limit that reads the files once per ring, READERSxMiB (that many reader threads, twice
 as many buffers of that many MiB), instead of once with the library's own.
@@ -225,14 +225,6 @@ def child(args) -> dict:
         manager = None
     else:
         limit = args.child.removesuffix("-cold").removesuffix("-nocache")
-        if args.direct != "auto":
-            from aimdo import _torch_handle
-
-            forced = args.direct == "on"
-            _torch_handle.reads_direct = lambda streamed, pinned: (
-                forced,
-                f"--direct {args.direct}",
-            )
         host_limit = None if limit == "none" else aimdo.parse_size(limit)
         backend = aimdo.SimBackend("1x8GiB", real_bytes=True) if args.tiny else "cuda"
         options = {"page_size": 2 << 20, "headroom": 0} if args.tiny else {}
@@ -245,7 +237,12 @@ def child(args) -> dict:
             _torch_stream.READERS, _torch_stream.RING_BUFFERS = readers, 2 * readers
             _torch_stream.RING_BUFFER_BYTES = mib << 20
         handle = atorch.offload(
-            model, 0, manager=manager, checkpoint=f"{args.dir}/{INDEX}", host_limit=host_limit
+            model,
+            0,
+            manager=manager,
+            checkpoint=f"{args.dir}/{INDEX}",
+            host_limit=host_limit,
+            file_reads=args.direct,
         )
         stats = {"pinned_bytes": handle.pinned_bytes, "streamed_bytes": handle.streamed_bytes}
     step = step_of(args, model, device)
@@ -312,7 +309,7 @@ def main() -> int:
     parser.add_argument("--dir", default="/tmp/aimdo-checkpoint")
     parser.add_argument("--accelerate", action="store_true", help="also accelerate's loader")
     parser.add_argument("--rings", default="", help="READERSxMiB,...: rings to compare")
-    parser.add_argument("--direct", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--direct", choices=("auto", "cached", "direct"), default="auto")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--ring", default="", help=argparse.SUPPRESS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)

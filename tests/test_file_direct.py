@@ -16,9 +16,10 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import aimdo  # noqa: E402
 import aimdo.torch as atorch  # noqa: E402
-from aimdo import _torch_handle, _torch_stream  # noqa: E402
+from aimdo import _torch_stream  # noqa: E402
 from aimdo._safetensors import read_checkpoint, stamp  # noqa: E402
 from aimdo._torch_checkpoint import DIRECT_ALIGN, Reader  # noqa: E402
+from aimdo._torch_offload import offloaded_by  # noqa: E402
 from torch_support import new_manager, reference, stack, where  # noqa: E402
 
 
@@ -189,7 +190,6 @@ def test_an_offload_reading_past_the_page_cache_computes_the_same(
     expected = reference(real, x, 0)
     path = str(tmp_path / "model.safetensors")
     safetensors_torch.save_file({k: v.contiguous() for k, v in real.state_dict().items()}, path)
-    monkeypatch.setattr(_torch_handle, "reads_direct", lambda *_: (True, "with O_DIRECT (test)"))
     if forced_aligned_path:
         # The aligned reads and the offsets into the ring, whatever the file system says.
         monkeypatch.setattr(Reader, "_open_direct", lambda self, tensor: self._open(tensor))
@@ -197,7 +197,9 @@ def test_an_offload_reading_past_the_page_cache_computes_the_same(
     with torch.device("meta"):
         model = stack(blocks=6)
     manager = new_manager(make_manager, pages=4)
-    with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit=0) as o:
+    with atorch.offload(
+        model, 0, manager=manager, checkpoint=path, host_limit=0, file_reads="direct"
+    ) as o:
         assert o._stream.direct and o._stream.reader.direct
         for _ in range(3):
             assert torch.equal(model(x.to(where(0))), expected)
@@ -205,7 +207,8 @@ def test_an_offload_reading_past_the_page_cache_computes_the_same(
         if not forced_aligned_path:
             reader = o._stream.reader
             assert (reader.direct_files[path] is not None) == o_direct_works(path)
-    assert any("they are read with O_DIRECT (test)" in r.getMessage() for r in caplog.records)
+    said = "they are read with O_DIRECT where the file system takes it (file_reads='direct')"
+    assert any(said in r.getMessage() for r in caplog.records)
 
 
 def test_a_group_reads_as_its_leader_chose(make_manager, tmp_path, monkeypatch):
@@ -216,12 +219,17 @@ def test_a_group_reads_as_its_leader_chose(make_manager, tmp_path, monkeypatch):
     expected = [reference(real, x, device) for device in (0, 1)]
     path = str(tmp_path / "model.safetensors")
     safetensors_torch.save_file({k: v.contiguous() for k, v in real.state_dict().items()}, path)
-    monkeypatch.setattr(_torch_handle, "reads_direct", lambda *_: (True, "with O_DIRECT (test)"))
     with torch.device("meta"):
         model = stack(blocks=6)
     manager = group_manager(make_manager, pages=5)
     with atorch.offload_group(
-        model, [0, 1], manager=manager, checkpoint=path, host_limit=0, peers=False
+        model,
+        [0, 1],
+        manager=manager,
+        checkpoint=path,
+        host_limit=0,
+        peers=False,
+        file_reads="direct",
     ) as group:
         assert [o._stream.direct for o in group.offloads] == [True, True]
         for _ in range(2):
@@ -288,3 +296,28 @@ def test_a_direct_ring_stays_pinned_under_inference_mode(monkeypatch):
     assert unpinned == []
     s.close()
     assert len(unpinned) == 4
+
+
+def test_file_reads_forces_either_way_and_bad_values_change_nothing(make_manager, tmp_path, caplog):
+    real = stack(blocks=6)
+    path = str(tmp_path / "model.safetensors")
+    safetensors_torch.save_file({k: v.contiguous() for k, v in real.state_dict().items()}, path)
+    with torch.device("meta"):
+        model = stack(blocks=6)
+    manager = new_manager(make_manager, pages=4)
+    for bad, error, match in [
+        ("fast", ValueError, "file_reads must be one of"),
+        (True, ValueError, "file_reads must be one of"),
+    ]:
+        with pytest.raises(error, match=match):
+            atorch.offload(model, 0, manager=manager, checkpoint=path, file_reads=bad)
+    with pytest.raises(ValueError, match="it needs checkpoint="):
+        atorch.offload(real, 0, manager=manager, file_reads="cached")
+    assert manager.vbar_count(0) == 0 and offloaded_by(model) is None
+    caplog.set_level(logging.INFO, logger="aimdo")
+    with atorch.offload(
+        model, 0, manager=manager, checkpoint=path, host_limit=0, file_reads="cached"
+    ) as o:
+        assert not o._stream.direct
+    said = "they are read through the page cache (file_reads='cached')"
+    assert any(said in r.getMessage() for r in caplog.records)

@@ -320,6 +320,7 @@ def offload_group(
     host_limit="auto",
     host_tiers=None,
     timings: bool = False,
+    file_reads: str = "auto",
 ) -> OffloadGroup:
     """Offload ``module`` to each of ``devices`` (see OffloadGroup), sharing one host copy
     of its weights. ``peers`` (default True) lets a device copy a block from another
@@ -365,6 +366,7 @@ def offload_group(
         host_limit=host_limit,
         host_tiers=host_tiers,
         timings=timings,
+        file_reads=file_reads,
     )
     for device in devices:
         check_options(module, manager, device, options)

@@ -187,7 +187,9 @@ class Offload:
                 at += block.nbytes
             largest = max(w.source.nbytes for block in files for w in block.weights)
             path = files[0].weights[0].source.path
-            direct, how = reads_direct(every, weights - streamed, path)
+            direct, how = reads_direct(
+                every, weights - streamed, path, options.get("file_reads", "auto")
+            )
             self._stream = FileStream(stamps, pin, largest, direct)
             for block in files:
                 block.file_runs = [(w.offset, w.source) for w in block.weights]

@@ -17,6 +17,9 @@ from .sim import SimBackend
 
 #: The host tiers a block can be forced into (offload's host_tiers).
 HOST_TIERS = ("pinned", "file")
+#: How the checkpoint's files are read (offload's file_reads): chosen, through the page
+#: cache, or past it with O_DIRECT.
+FILE_READS = ("auto", "cached", "direct")
 
 
 def forced_tiers(host_tiers, module, blocks, bindings) -> dict:
@@ -70,6 +73,7 @@ def offload_options(
     host_limit,
     host_tiers,
     timings,
+    file_reads="auto",
 ) -> dict:
     """offload's and offload_group's arguments as an Offload takes them (sizes parsed;
     check_options then checks them)."""
@@ -83,6 +87,7 @@ def offload_options(
         "host_limit": host_limit_option(host_limit),
         "host_tiers": host_tiers,
         "timings": timings,
+        "file_reads": file_reads,
     }
 
 
@@ -132,6 +137,11 @@ def check_options(module, manager: Manager, device, options: dict) -> None:
                 "host_tiers chooses between pinned memory and a checkpoint's files: "
                 "it needs checkpoint="
             )
+    file_reads = options.get("file_reads", "auto")
+    if not isinstance(file_reads, str) or file_reads not in FILE_READS:
+        raise ValueError(f"file_reads must be one of {FILE_READS}, got {file_reads!r}")
+    if file_reads != "auto" and checkpoint is None:
+        raise ValueError("file_reads says how a checkpoint's files are read: it needs checkpoint=")
     if not isinstance(options.get("timings", False), bool):
         raise TypeError(f"timings must be a bool, got {options['timings']!r}")
     if not isinstance(options["spread"], bool):

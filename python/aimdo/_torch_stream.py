@@ -465,7 +465,9 @@ def read_bandwidth(blocks, direct: bool = False) -> float | None:
     return done / seconds if done and seconds > 0 else None
 
 
-def reads_direct(every: int, pinned: int, path: str | None = None) -> tuple[bool, str]:
+def reads_direct(
+    every: int, pinned: int, path: str | None = None, forced: str = "auto"
+) -> tuple[bool, str]:
     """Whether the files are read with O_DIRECT (past the page cache), and why. `every`:
     the bytes read from the files at every forward (the streamed blocks placed beyond the
     VRAM budget; the others are read again only after an eviction); `pinned`: the bytes
@@ -475,7 +477,12 @@ def reads_direct(every: int, pinned: int, path: str | None = None) -> tuple[bool
     cache can keep it. When it exceeds the host memory available beside the pinned
     weights, the cache cannot: every read goes to the disk anyway, and through the cache
     it would also copy each byte once more and push out the pages of everything else.
-    Then O_DIRECT, where the platform and the file system have it."""
+    Then O_DIRECT, where the platform and the file system have it. `forced`: offload's
+    file_reads ("cached" or "direct" decide; "auto" chooses as above)."""
+    if forced == "cached":
+        return False, "through the page cache (file_reads='cached')"
+    if forced == "direct":
+        return True, "with O_DIRECT where the file system takes it (file_reads='direct')"
     if not hasattr(os, "O_DIRECT"):
         return False, "through the page cache (no O_DIRECT here)"
     room = available_host_bytes() - pinned

@@ -108,6 +108,7 @@ def offload(
     host_limit="auto",
     host_tiers=None,
     timings: bool = False,
+    file_reads: str = "auto",
 ) -> Offload:
     """Make ``module`` run on ``device`` with its weights streamed through aimdo, in place
     (see Offload); returns the Offload, whose ``undo()`` puts it back.
@@ -143,7 +144,7 @@ def offload(
     checkpoint's values).
     ``host_limit`` (bytes or a size string) caps the host memory the weights of such a
     module are pinned in; the blocks that do not fit stay in the files and are read again
-    at each copy, through a ring of 8 pinned buffers of 16 MiB, by 4 threads. The blocks
+    at each copy, through a ring of 16 pinned buffers of 16 MiB, by 8 threads. The blocks
     pinned first are those the VBAR places last (offloaded, so copied at every forward);
     those placed first (resident in VRAM, read again only after an eviction) stream.
     ``"auto"`` (default) pins every weight when they fit in half of the host memory
@@ -154,6 +155,11 @@ def offload(
     with weights of their own (or their names, as ``Offload.placement`` gives them) to
     ``"pinned"`` (a pinned copy in host memory, counted in ``host_limit``) or ``"file"``
     (read from the checkpoint at each copy).
+    ``file_reads`` says how the blocks in the files are read: ``"cached"`` through the
+    page cache, ``"direct"`` past it (O_DIRECT, where the file system takes it), or
+    ``"auto"`` (default): O_DIRECT only when what a forward reads from the files exceeds
+    the host memory available beside the pinned weights (the cache could not keep it).
+    The choice is logged with the others.
     ``timings`` (default False) times every forward of the whole module, block by block
     (``Offload.last_timings``, a ForwardTimings; ``Offload.timings`` switches it).
 
@@ -176,6 +182,7 @@ def offload(
         host_limit=host_limit,
         host_tiers=host_tiers,
         timings=timings,
+        file_reads=file_reads,
     )
     check_options(module, manager, device, options)
     return Offload(module, device, manager, options)
