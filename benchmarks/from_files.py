@@ -3,7 +3,8 @@ sharded safetensors checkpoint on the machine's local disk, then offloaded by ai
 straight from the files (the module built on the meta device) at several host-memory
 limits, each run in a process of its own so that its peak RSS is its own: time from the
 files to the first finished step, the steady step, pinned bytes, peak RSS; against
-accelerate's ``load_checkpoint_and_dispatch`` from the same files at the same VRAM limit;
+accelerate's ``load_checkpoint_and_dispatch`` (Qwen-Image: diffusers' ``from_pretrained``
+with ``device_map="auto"``) from the same files at the same VRAM limit;
 and the disk's read bandwidth over the files, cold (each file's pages dropped from the
 page cache first with ``posix_fadvise``) and warm.
 
@@ -16,7 +17,8 @@ page cache first with ``posix_fadvise``) and warm.
 ``--model qwen-image`` runs the diffusers Qwen-Image transformer (default configuration,
 random weights, 38 GiB; a 1024x1024 image, guidance as batch 2) instead of the synthetic
 stack (``--blocks``/``--hidden``/``--tokens`` then unused), built for the runs as diffusers'
-loader builds it, under ``accelerate.init_empty_weights()``. Use another ``--dir`` per model.
+loader builds it, under ``accelerate.init_empty_weights()``, and saved as diffusers saves
+it (``save_pretrained``). Use another ``--dir`` per model.
 
 A limit is a ``host_limit``: ``none`` pins every weight, ``0`` leaves every block in the
 files, ``0-cold`` the same with the files' pages dropped before the run, ``0-nocache``
@@ -107,7 +109,16 @@ def save_checkpoint(args, folder: str) -> None:
         out = step(model)
         sync(torch.device(device))
         compute = time.perf_counter() - start
-    torch.save({"output": out.float().cpu(), "compute_seconds": compute}, f"{folder}/out.pt")
+    saved_output = out.float().cpu()
+    if args.model != "synthetic":
+        # As diffusers saves it (config.json, shards and their index), so that its own
+        # loader reads the same files.
+        model.save_pretrained(folder, max_shard_size="4GB" if not args.tiny else "1MB")
+        del model, out
+        if device != "cpu":
+            torch.cuda.empty_cache()
+        torch.save({"output": saved_output, "compute_seconds": compute}, f"{folder}/out.pt")
+        return
     state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     del model, out
     if device != "cpu":
@@ -130,6 +141,7 @@ def save_checkpoint(args, folder: str) -> None:
         weight_map.update({name: file for name in shard})
     with open(f"{folder}/{INDEX}", "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    torch.save({"output": saved_output, "compute_seconds": compute}, f"{folder}/out.pt")
 
 
 def inputs(args) -> torch.Tensor:
@@ -209,7 +221,19 @@ def child(args) -> dict:
     saved = torch.load(f"{args.dir}/out.pt")
     device = torch.device("cpu") if args.tiny else torch.device("cuda", 0)
     start = time.perf_counter()
-    if args.child == "accelerate":
+    if args.child == "accelerate" and args.model != "synthetic":
+        import diffusers
+
+        # diffusers' own loader, placing the layers with accelerate as from_pretrained does
+        model = diffusers.QwenImageTransformer2DModel.from_pretrained(
+            args.dir,
+            torch_dtype=args.dtype,
+            device_map="auto",
+            max_memory={0: args.vram_limit, "cpu": 1 << 42},
+        )
+        stats = {}
+        manager = None
+    elif args.child == "accelerate":
         from accelerate import init_empty_weights, load_checkpoint_and_dispatch
 
         with init_empty_weights():
@@ -240,7 +264,7 @@ def child(args) -> dict:
             model,
             0,
             manager=manager,
-            checkpoint=f"{args.dir}/{INDEX}",
+            checkpoint=args.dir,  # the folder: its one index
             host_limit=host_limit,
             file_reads=args.direct,
         )
@@ -323,7 +347,7 @@ def main() -> int:
         print(json.dumps(child(args)))
         return 0
     os.makedirs(args.dir, exist_ok=True)
-    if not os.path.exists(f"{args.dir}/{INDEX}"):
+    if not os.path.exists(f"{args.dir}/out.pt"):  # written last
         save_checkpoint(args, args.dir)
     checkpoint_bytes = sum(os.path.getsize(p) for p in files_of(args.dir))
     result = {
