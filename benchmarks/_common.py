@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -36,6 +37,16 @@ def environment() -> dict:
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
     }
+
+
+def show_log(level: str) -> None:
+    """Print aimdo's log (logger ``aimdo``) at `level` and above on stderr: the choices it
+    made and why (tiers, prefetch, regimes, evictions for others' memory)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("  log %(levelname)s %(message)s"))
+    logger = logging.getLogger("aimdo")
+    logger.addHandler(handler)
+    logger.setLevel(getattr(logging, level.upper()))
 
 
 def median(values) -> float:

@@ -44,7 +44,7 @@ import aimdo.torch as atorch
 import torch
 from aimdo._manager import DEFAULTS
 
-from ._common import environment, steady_median, write
+from ._common import environment, show_log, steady_median, write
 from .streaming import build, sync
 
 GiB = 1 << 30
@@ -338,7 +338,11 @@ def main() -> int:
     parser.add_argument("--ring", default="", help=argparse.SUPPRESS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--log", default="warning", help="aimdo's log level shown (info: its choices)"
+    )
     args = parser.parse_args()
+    show_log(args.log)
     if args.tiny:
         args.blocks, args.hidden, args.tokens, args.steps = 4, 128, 16, 3
         args.vram_limit = 4 << 20
@@ -382,7 +386,7 @@ def main() -> int:
             drop_cache(args.dir)
         command = [sys.executable, "-m", "benchmarks.from_files", "--child", limit]
         command += ["--ring", ring] if ring else []
-        command += ["--model", args.model, "--direct", args.direct]
+        command += ["--model", args.model, "--direct", args.direct, "--log", args.log]
         command += ["--blocks", str(args.blocks), "--hidden", str(args.hidden)]
         command += ["--tokens", str(args.tokens), "--vram-limit", str(args.vram_limit)]
         command += ["--steps", str(args.steps), "--dir", args.dir]
@@ -393,6 +397,7 @@ def main() -> int:
             result["runs"][name] = {"failed": done.stderr[-3000:]}
             continue
         run = json.loads(done.stdout.strip().splitlines()[-1])
+        run["log"] = [line for line in done.stderr.splitlines() if line.startswith("  log ")]
         result["runs"][name] = run
         print(
             f"  {name}: first step {run['first_step_seconds']:.2f} s from the files, then "
@@ -406,6 +411,8 @@ def main() -> int:
             f"{run['identical']}",
             flush=True,
         )
+        for line in run["log"]:
+            print(f"  {line}", flush=True)
         if "usage_bytes" in run:
             print(
                 f"    budget {run['budget_bytes'] / GiB:.2f} GiB, usage "

@@ -28,7 +28,7 @@ import aimdo
 import aimdo.torch as atorch
 import torch
 
-from ._common import environment, steady_median, write
+from ._common import environment, show_log, steady_median, write
 from ._trace import profile_step
 from .streaming import pinned_bandwidth, time_steps
 
@@ -305,7 +305,11 @@ def main() -> int:
     parser.add_argument("--baselines", default="resident,group-offload,dispatch,cpu-offload")
     parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU simulator")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--log", default="warning", help="aimdo's log level shown (info: its choices)"
+    )
     args = parser.parse_args()
+    show_log(args.log)
     if args.vram_limit is None:
         args.vram_limit = (24 if args.model == "qwen-image" else 6) * GiB
     if args.tiny:
