@@ -27,6 +27,16 @@ def offloaded(make_manager, layers: int, pages: int):
     return model, x.to(where(0)), expected, manager
 
 
+def on_simulator(make_manager, layers: int, pages: int, **options):
+    """A simulator of its own (for tests that script it), a Manager of `pages` pages on
+    it, a model of one-page layers, an input and the model's plain output."""
+    sim = aimdo.SimBackend("2x1GiB", real_bytes=True)
+    manager = make_manager(pages=pages, sim=sim, **options)
+    model = one_page_layers(layers, [])
+    x = torch.randn(2, model[0].in_features)
+    return sim, manager, model, x, reference(model, x, 0)
+
+
 def test_a_smaller_budget_evicts_at_once_and_a_larger_one_fills_again(make_manager, caplog):
     caplog.set_level(logging.INFO, logger="aimdo")
     model, x, expected, manager = offloaded(make_manager, layers=8, pages=8)
@@ -263,12 +273,7 @@ def test_evictions_for_memory_others_take_are_logged_once(make_manager, caplog):
 def test_memory_others_take_without_aimdo_is_given_back_at_the_next_forward(make_manager):
     # PyTorch's own pool grows without asking aimdo (no use_allocator): the next forward's
     # faults, hits all, poll the device (when a poll is due) and evict what it lacks.
-    sim = aimdo.SimBackend("2x1GiB", real_bytes=True)
-    manager = make_manager(pages=8, sim=sim, poll_interval=0)
-    log = []
-    model = one_page_layers(8, log)
-    x = torch.randn(2, model[0].in_features)
-    expected = reference(model, x, 0)
+    sim, manager, model, x, expected = on_simulator(make_manager, 8, pages=8, poll_interval=0)
     with atorch.offload(model, 0, manager=manager) as handle:
         for _ in range(2):
             assert torch.equal(model(x), expected)
@@ -290,12 +295,7 @@ def test_memory_others_take_without_aimdo_is_given_back_at_the_next_forward(make
 def test_a_pause_that_fails_part_way_still_stops_the_offloads_and_resume_undoes_it(
     make_manager,
 ):
-    sim = aimdo.SimBackend("2x1GiB", real_bytes=True)
-    manager = make_manager(pages=4, sim=sim)
-    log = []
-    model = one_page_layers(4, log)
-    x = torch.randn(2, model[0].in_features)
-    expected = reference(model, x, 0)
+    sim, manager, model, x, expected = on_simulator(make_manager, 4, pages=4)
     with atorch.offload(model, 0, manager=manager) as handle:
         for _ in range(2):
             assert torch.equal(model(x), expected)
