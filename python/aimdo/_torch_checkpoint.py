@@ -94,6 +94,18 @@ def attach(blocks: list[TorchBlock], location) -> dict[str, FileStamp]:
 DIRECT_ALIGN = 4096
 
 
+def open_direct(path: str) -> int | None:
+    """`path` opened read-only with O_DIRECT, or None where that is refused (no O_DIRECT
+    on this platform, or a file system without it, such as tmpfs)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | flag)
+    except OSError:
+        return None
+
+
 class Reader:
     """Reads tensors' bytes from their files, each file opened once, checking before every
     read that the file is what its stamp says (its size and modification time, from the
@@ -122,23 +134,17 @@ class Reader:
         return fd
 
     def _open_direct(self, tensor: Tensor) -> int | None:
-        """The file opened with O_DIRECT, or None where that is refused (no O_DIRECT on
-        this platform, or a file system without it, such as tmpfs)."""
-        flag = getattr(os, "O_DIRECT", 0)
+        """The file opened with O_DIRECT (once), or None where that is refused: it is then
+        read through the page cache."""
         with self._opening:
             if tensor.path not in self.direct_files:
-                fd = None
-                if flag:
-                    try:
-                        fd = os.open(tensor.path, os.O_RDONLY | flag)
-                    except OSError:
-                        fd = None  # read through the page cache instead
-                self.direct_files[tensor.path] = fd
+                self.direct_files[tensor.path] = open_direct(tensor.path)
             return self.direct_files[tensor.path]
 
-    def _check(self, tensor: Tensor) -> int:
-        """The file's descriptor, once its stamp is checked."""
-        fd = self._open(tensor)
+    def _check(self, tensor: Tensor, fd: int | None = None) -> int:
+        """The file's descriptor (`fd`, else the one read through the page cache), once
+        its stamp is checked on it."""
+        fd = self._open(tensor) if fd is None else fd
         if stamp(fd) != self.stamps.get(tensor.path):
             raise CheckpointError(
                 f"{tensor.path}: changed since its header was read (reading tensor "
@@ -156,11 +162,7 @@ class Reader:
         if direct is None:
             self.read(tensor, buffer[:count], start)
             return 0
-        if stamp(direct) != self.stamps.get(tensor.path):  # the very file read
-            raise CheckpointError(
-                f"{tensor.path}: changed since its header was read (reading tensor "
-                f"{tensor.name}); offload the module again to read the new file"
-            )
+        self._check(tensor, direct)  # on the very descriptor read
         if start + count > tensor.nbytes:
             raise ValueError(f"{count} bytes from {start} are past tensor {tensor.name}")
         first = tensor.offset + start

@@ -20,7 +20,7 @@ from ._sizes import format_size
 from ._timings import Recorded
 from ._torch_layout import Binding, TorchBlock
 from ._torch_outputs import owned
-from ._torch_stream import Pending
+from ._torch_stream import Pending, drain_after_failure
 from ._torch_views import as_tensor
 
 _log = logging.getLogger("aimdo")
@@ -227,14 +227,7 @@ class _TorchExecutor(Executor):
         try:
             return pending.result()[0]
         except BaseException:
-            while True:
-                try:
-                    self.drain_copies()
-                    break
-                except KeyboardInterrupt:  # bounded: the reads end; the first one raises
-                    continue
-                except Exception:  # noqa: BLE001 - a failed job drains all the same
-                    break
+            drain_after_failure(self.drain_copies)
             raise
 
     def mark(self):

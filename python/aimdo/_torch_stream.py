@@ -21,7 +21,7 @@ import torch
 
 from ._core import InvalidStateError
 from ._sizes import format_size
-from ._torch_checkpoint import DIRECT_ALIGN, Reader
+from ._torch_checkpoint import DIRECT_ALIGN, Reader, open_direct
 from ._torch_host import pin_tensor
 
 #: The ring: this many buffers of this many bytes (pinned on CUDA), and this many threads
@@ -158,14 +158,7 @@ class FileStream:
         try:
             pending.result()
         except BaseException:
-            while True:
-                try:
-                    self.drain()
-                    break
-                except KeyboardInterrupt:  # bounded: the reads end
-                    continue
-                except Exception:  # noqa: BLE001 - the first failure goes on
-                    break
+            drain_after_failure(self.drain)
             raise
 
     def copy_ahead(self, block, storage: torch.Tensor, stream, after, timed: bool) -> Pending:
@@ -433,12 +426,7 @@ def read_bandwidth(blocks, direct: bool = False) -> float | None:
     largest = max(sources, key=lambda t: t.nbytes)
     want = min(PROBE_BYTES, largest.nbytes)
     first = largest.offset - largest.offset % DIRECT_ALIGN if direct else largest.offset
-    fd = None
-    if direct:
-        try:
-            fd = os.open(largest.path, os.O_RDONLY | os.O_DIRECT)
-        except (OSError, AttributeError):
-            fd = None  # read through the page cache, as the stream will
+    fd = open_direct(largest.path) if direct else None  # None: as the stream will, cached
     try:
         if fd is None:
             fd = os.open(largest.path, os.O_RDONLY)
@@ -492,10 +480,10 @@ def reads_direct(
             f"forward ({format_size(room)} of host memory available beside the pinned weights)"
         )
     if path is not None:
-        try:
-            os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
-        except OSError:
+        fd = open_direct(path)
+        if fd is None:
             return False, "through the page cache (its file system refuses O_DIRECT)"
+        os.close(fd)
     return True, (
         f"with O_DIRECT: the page cache could not keep the {format_size(every)} read at "
         f"every forward (the host has {format_size(max(room, 0))} available beside the "
@@ -539,6 +527,21 @@ def left_in_files(placed: list, limit: int, forced=None) -> list:
         else:
             files.append(block)
     return files[::-1]
+
+
+def drain_after_failure(drain) -> None:
+    """After a copy failed or its wait was interrupted: `drain()` until the copies queued
+    meanwhile are queued, so that nothing they write into is given back under them. An
+    interrupt while draining drains again (bounded: the reads end); a failure of the
+    drain itself is dropped, the first failure is the one raised."""
+    while True:
+        try:
+            drain()
+            return
+        except KeyboardInterrupt:
+            continue
+        except Exception:  # noqa: BLE001 - the caller raises the first failure
+            return
 
 
 def _nothing() -> None:
