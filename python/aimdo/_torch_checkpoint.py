@@ -106,6 +106,16 @@ def open_direct(path: str) -> int | None:
         return None
 
 
+def _read_failed(tensor: Tensor, error: OSError) -> CheckpointError:
+    return CheckpointError(f"{tensor.path}: reading tensor {tensor.name} failed ({error})")
+
+
+def _truncated(tensor: Tensor) -> CheckpointError:
+    return CheckpointError(
+        f"{tensor.path}: ends inside tensor {tensor.name}: the file is truncated"
+    )
+
+
 class Reader:
     """Reads tensors' bytes from their files, each file opened once, checking before every
     read that the file is what its stamp says (its size and modification time, from the
@@ -186,15 +196,11 @@ class Reader:
                             self.retired.append(direct)  # other readers may be in it
                     self.read(tensor, buffer[:count], start)
                     return 0
-                raise CheckpointError(
-                    f"{tensor.path}: reading tensor {tensor.name} failed ({error})"
-                ) from error
+                raise _read_failed(tensor, error) from error
             done += got
             # A read short of a whole block ends at the end of the file.
             if got == 0 or (done < lead + count and done % DIRECT_ALIGN):
-                raise CheckpointError(
-                    f"{tensor.path}: ends inside tensor {tensor.name}: the file is truncated"
-                )
+                raise _truncated(tensor)
         return lead
 
     def read(self, tensor: Tensor, into: torch.Tensor, start: int = 0) -> None:
@@ -211,13 +217,9 @@ class Reader:
             try:
                 count = os.preadv(fd, [piece], tensor.offset + start + done)
             except OSError as error:
-                raise CheckpointError(
-                    f"{tensor.path}: reading tensor {tensor.name} failed ({error})"
-                ) from error
+                raise _read_failed(tensor, error) from error
             if count == 0:
-                raise CheckpointError(
-                    f"{tensor.path}: ends inside tensor {tensor.name}: the file is truncated"
-                )
+                raise _truncated(tensor)
             done += count
 
     def close(self) -> None:
