@@ -25,8 +25,9 @@ files, ``0-cold`` the same with the files' pages dropped before the run, ``0-noc
 the same with them dropped before every step (a host whose page cache cannot keep the
 files). ``--direct cached|direct`` forces offload's ``file_reads`` (default: auto, the
 library's choice). ``--rings`` runs
-every limit that reads the files once per ring, READERSxMiB (that many reader threads, twice
-as many buffers of that many MiB), instead of once with the library's own.
+every limit that reads the files once per ring, READERSxMiB[xBUFFERS] (that many reader
+threads, that many buffers of that many MiB: twice the readers unless given), instead of
+once with the library's own.
 """
 
 from __future__ import annotations
@@ -257,8 +258,9 @@ def child(args) -> dict:
         if args.ring:
             from aimdo import _torch_stream
 
-            readers, mib = (int(n) for n in args.ring.split("x"))
-            _torch_stream.READERS, _torch_stream.RING_BUFFERS = readers, 2 * readers
+            readers, mib, *buffers = (int(n) for n in args.ring.split("x"))
+            _torch_stream.READERS = readers
+            _torch_stream.RING_BUFFERS = buffers[0] if buffers else 2 * readers
             _torch_stream.RING_BUFFER_BYTES = mib << 20
         handle = atorch.offload(
             model,
@@ -332,7 +334,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--dir", default="/tmp/aimdo-checkpoint")
     parser.add_argument("--accelerate", action="store_true", help="also accelerate's loader")
-    parser.add_argument("--rings", default="", help="READERSxMiB,...: rings to compare")
+    parser.add_argument("--rings", default="", help="READERSxMiB[xBUFFERS],...: rings to compare")
     parser.add_argument("--direct", choices=("auto", "cached", "direct"), default="auto")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--ring", default="", help=argparse.SUPPRESS)
