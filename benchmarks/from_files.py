@@ -338,6 +338,12 @@ def main() -> int:
     parser.add_argument("--direct", choices=("auto", "cached", "direct"), default="auto")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--ring", default="", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="seconds: sys.setswitchinterval in each run (how long a thread waits for the GIL)",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None)
     parser.add_argument(
@@ -350,6 +356,8 @@ def main() -> int:
         args.vram_limit = 4 << 20
     args.dtype = torch.float32 if args.tiny and args.model == "synthetic" else torch.bfloat16
     if args.child is not None:
+        if args.switch_interval is not None:
+            sys.setswitchinterval(args.switch_interval)
         print(json.dumps(child(args)))
         return 0
     os.makedirs(args.dir, exist_ok=True)
@@ -393,6 +401,8 @@ def main() -> int:
         command += ["--tokens", str(args.tokens), "--vram-limit", str(args.vram_limit)]
         command += ["--steps", str(args.steps), "--dir", args.dir]
         command += ["--tiny"] if args.tiny else []
+        if args.switch_interval is not None:
+            command += ["--switch-interval", str(args.switch_interval)]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             print(f"  {name}: failed\n{done.stderr[-3000:]}", flush=True)
