@@ -207,7 +207,11 @@ def test_an_offload_reading_past_the_page_cache_computes_the_same(
         if not forced_aligned_path:
             reader = o._stream.reader
             assert (reader.direct_files[path] is not None) == o_direct_works(path)
-    said = "they are read with O_DIRECT where the file system takes it (file_reads='direct')"
+    said = (
+        "they are read with O_DIRECT where the file system takes it (file_reads='direct'); "
+        "while they are read, the interpreter's switch interval is at most 0.5 ms "
+        "(set_reading_switch_interval)"
+    )
     assert any(said in r.getMessage() for r in caplog.records)
 
 

@@ -6,6 +6,7 @@ after every read of it has ended; no failure leaves a caller waiting forever."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -253,7 +254,7 @@ def test_a_job_that_fails_as_it_finishes_is_failed_not_left_waiting(small_ring, 
     s.close()
 
 
-def test_an_interrupt_before_the_pump_starts_takes_the_job_back(small_ring):
+def test_an_interrupt_before_the_pump_starts_takes_the_job_back(small_ring, python_default):
     files = FakeFiles()
     s = new_stream(files)
     a = block_of("a", 1)
@@ -274,6 +275,7 @@ def test_an_interrupt_before_the_pump_starts_takes_the_job_back(small_ring):
     with pytest.raises(KeyboardInterrupt):
         s.copy_ahead(a, into_a, None, None, False)
     assert not s._queued and not s._pumping
+    assert sys.getswitchinterval() == DEFAULT_SWITCH  # no pump holds it lowered
     s.drain()  # waits for nothing: no job is left without a pump
     assert torch.count_nonzero(into_a) == 0
     assert settled(s.copy_ahead(a, into_a, None, None, False)) == (None, None, None)
@@ -322,3 +324,110 @@ def test_a_closed_stream_refuses_copies():
 )
 def test_a_ring_buffer_is_no_larger_than_the_largest_tensor_read(largest, expected_bytes):
     assert stream.FileStream({}, pin=False, largest=largest).buffer_bytes == expected_bytes
+
+
+DEFAULT_SWITCH = 0.005  # Python's own default switch interval, seconds
+LOWERED = stream.DEFAULT_READING_SWITCH_INTERVAL
+
+
+@pytest.fixture
+def python_default():
+    """The switch interval at Python's default for the test, the library's setting at its
+    own; both put back after."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(DEFAULT_SWITCH)
+    yield
+    sys.setswitchinterval(before)
+    stream.set_reading_switch_interval(LOWERED)
+
+
+def held_copy(s: stream.FileStream, files: FakeFiles, name: str):
+    """Queue a one-piece block whose read `files` holds; return its Pending once the read
+    has started (its pump runs)."""
+    block = block_of(name, 1)
+    pending = s.copy_ahead(block, targets_of(block)[0], None, None, False)
+    wait_until(lambda: (name, 0) in files.started)
+    return pending
+
+
+def test_the_switch_interval_is_lowered_while_a_pump_reads_and_put_back_after(
+    small_ring, python_default
+):
+    files = FakeFiles(held=[("a", 0)])
+    s = new_stream(files)
+    pending = held_copy(s, files, "a")
+    assert sys.getswitchinterval() == LOWERED
+    files.held["a", 0].set()
+    settled(pending)
+    wait_until(lambda: not s._pumping)
+    wait_until(lambda: sys.getswitchinterval() == DEFAULT_SWITCH)
+    s.close()
+
+
+def test_the_switch_interval_stays_lowered_until_the_last_of_two_pumps_ends(
+    small_ring, python_default
+):
+    files_a, files_b = FakeFiles(held=[("a", 0)]), FakeFiles(held=[("b", 0)])
+    s_a, s_b = new_stream(files_a), new_stream(files_b)
+    first, second = held_copy(s_a, files_a, "a"), held_copy(s_b, files_b, "b")
+    files_a.held["a", 0].set()
+    settled(first)
+    wait_until(lambda: not s_a._pumping)
+    time.sleep(0.05)
+    assert sys.getswitchinterval() == LOWERED  # b still reads
+    files_b.held["b", 0].set()
+    settled(second)
+    wait_until(lambda: sys.getswitchinterval() == DEFAULT_SWITCH)
+    s_a.close()
+    s_b.close()
+
+
+def test_a_switch_interval_set_while_a_pump_reads_is_kept(small_ring, python_default):
+    files = FakeFiles(held=[("a", 0)])
+    s = new_stream(files)
+    pending = held_copy(s, files, "a")
+    sys.setswitchinterval(0.002)  # the user's own, set meanwhile
+    files.held["a", 0].set()
+    settled(pending)
+    wait_until(lambda: not s._pumping)
+    time.sleep(0.05)
+    assert sys.getswitchinterval() == 0.002
+    s.close()
+
+
+@pytest.mark.parametrize(
+    ("setting", "interval", "during"),
+    [
+        (None, DEFAULT_SWITCH, DEFAULT_SWITCH),  # None: left alone
+        (LOWERED, 0.0001, 0.0001),  # already shorter: left alone
+        (0.001, DEFAULT_SWITCH, 0.001),  # the user's choice of how short
+    ],
+)
+def test_the_switch_interval_while_reading_follows_the_setting(
+    small_ring, python_default, setting, interval, during
+):
+    aimdo_torch = pytest.importorskip("aimdo.torch")
+    aimdo_torch.set_reading_switch_interval(setting)
+    sys.setswitchinterval(interval)
+    files = FakeFiles(held=[("a", 0)])
+    s = new_stream(files)
+    pending = held_copy(s, files, "a")
+    assert sys.getswitchinterval() == pytest.approx(during)
+    files.held["a", 0].set()
+    settled(pending)
+    wait_until(lambda: not s._pumping)
+    wait_until(lambda: sys.getswitchinterval() == pytest.approx(interval))
+    s.close()
+
+
+@pytest.mark.parametrize(
+    ("seconds", "error"),
+    [("0.001", TypeError), (True, TypeError), (0, ValueError), (-1.0, ValueError)]
+    + [(float("inf"), ValueError), (float("nan"), ValueError)],
+)
+def test_a_bad_switch_interval_is_refused_and_the_setting_kept(python_default, seconds, error):
+    aimdo_torch = pytest.importorskip("aimdo.torch")
+    aimdo_torch.set_reading_switch_interval(0.001)
+    with pytest.raises(error, match="switch interval"):
+        aimdo_torch.set_reading_switch_interval(seconds)
+    assert stream.READING_SWITCH_INTERVAL == 0.001

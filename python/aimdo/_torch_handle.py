@@ -11,7 +11,7 @@ import weakref
 
 import torch
 
-from . import _core
+from . import _core, _torch_stream
 from ._manager import Manager
 from ._placement import place, placement_order
 from ._schedule import ForwardStats, Schedule, auto_staging_bytes, use_seconds
@@ -195,6 +195,12 @@ class Offload:
                 block.file_runs = [(w.offset, w.source) for w in block.weights]
                 block.stream = self._stream
             cost = f"; they are read {how}"
+            switch = _torch_stream.READING_SWITCH_INTERVAL
+            if switch is not None:
+                cost += (
+                    "; while they are read, the interpreter's switch interval is at most "
+                    f"{switch * 1000:g} ms (set_reading_switch_interval)"
+                )
             bandwidth = read_bandwidth(files, direct)
             if bandwidth:
                 cost += (

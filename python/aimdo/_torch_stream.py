@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 import threading
 import time
 import weakref
@@ -32,6 +33,63 @@ from ._torch_host import pin_tensor
 READERS = 8
 RING_BUFFERS = 2 * READERS
 RING_BUFFER_BYTES = 16 << 20
+
+
+#: While a FileStream's pump runs, the interpreter's switch interval (how long a thread
+#: that wants the GIL waits before the holder is asked to give it up) is lowered to this
+#: many seconds, when it is longer; None leaves it alone (set_reading_switch_interval).
+#: Each piece takes the GIL several times (a reader's start and end, the pump's copy), and
+#: the forward's thread holds it for long stretches: at Python's default of 5 ms, a host
+#: limit of 8 GiB read 377 ms a step and 0.5 ms read 321 ms, 0 B 560 and 435 ms
+#: (benchmarks/RESULTS.md, weights from disk).
+DEFAULT_READING_SWITCH_INTERVAL = 0.0005
+READING_SWITCH_INTERVAL: float | None = DEFAULT_READING_SWITCH_INTERVAL
+
+
+class _SwitchInterval:
+    """The switch interval lowered while any pump runs: the first to start lowers it, the
+    last to end puts back what it was, unless someone set another meanwhile."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._saved = None  # (what it was, what we set), while lowered
+
+    def hold(self) -> None:
+        with self._lock:
+            self._holders += 1
+            wanted = READING_SWITCH_INTERVAL
+            if self._holders > 1 or wanted is None:
+                return
+            current = sys.getswitchinterval()
+            if current > wanted:
+                sys.setswitchinterval(wanted)
+                self._saved = (current, sys.getswitchinterval())
+
+    def release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders or self._saved is None:
+                return
+            before, ours = self._saved
+            self._saved = None
+            if sys.getswitchinterval() == ours:
+                sys.setswitchinterval(before)
+
+
+_switch = _SwitchInterval()
+
+
+def set_reading_switch_interval(seconds: float | None) -> None:
+    """See aimdo.torch.set_reading_switch_interval."""
+    global READING_SWITCH_INTERVAL
+    if seconds is not None:
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise TypeError(f"the switch interval is seconds or None, got {seconds!r}")
+        if not 0 < seconds < float("inf"):
+            raise ValueError(f"the switch interval must be positive seconds, got {seconds!r}")
+        seconds = float(seconds)
+    READING_SWITCH_INTERVAL = seconds
 
 
 class _Buffer:
@@ -183,6 +241,7 @@ class FileStream:
             start = not self._pumping
             self._pumping = True
         if start:
+            _switch.hold()  # the pump releases it as it ends
             try:
                 self.worker.submit(self._pump)
             except BaseException:
@@ -192,12 +251,20 @@ class FileStream:
                     if job in self._queued:
                         self._queued.remove(job)
                     self._pumping = False
+                _switch.release()
                 raise
         return Pending(job.future)
 
     def _pump(self) -> None:
         """Read and copy the queued jobs' pieces, as many at once as the ring has buffers,
-        until nothing is queued or reading; then end (a new job starts a new pump)."""
+        until nothing is queued or reading; then end (a new job starts a new pump), giving
+        back its hold on the switch interval."""
+        try:
+            self._pump_jobs()
+        finally:
+            _switch.release()
+
+    def _pump_jobs(self) -> None:
         ring = self.buffers
         reading: deque = deque()  # (job, offset in storage, bytes, buffer, read's future)
         jobs: deque[_Job] = deque()  # taken, not yet finished, in order

@@ -22,7 +22,7 @@ import threading
 
 import torch
 
-from . import _core
+from . import _core, _torch_stream
 from ._default import get_manager
 from ._manager import Manager
 from ._placement import spread_order
@@ -46,9 +46,24 @@ __all__ = [
     "as_tensor",
     "offload",
     "offload_group",
+    "set_reading_switch_interval",
     "spread_order",
     "use_allocator",
 ]
+
+
+def set_reading_switch_interval(
+    seconds: float | None = _torch_stream.DEFAULT_READING_SWITCH_INTERVAL,
+) -> None:
+    """How short the interpreter's switch interval (``sys.setswitchinterval``) is made while
+    an offload reads weights from its checkpoint's files: the reader threads take the GIL
+    several times for each piece they read, and at Python's default of 5 ms the forward's
+    thread keeps them waiting (a step of the 35 GiB benchmark model read from files took
+    377 ms at 5 ms and 321 ms at 0.5 ms; benchmarks/RESULTS.md). While any offload reads,
+    an interval longer than ``seconds`` is lowered to it; once none reads, it is put back
+    unless it was changed meanwhile. ``None`` leaves the interval alone. Default 0.5 ms.
+    TypeError or ValueError for anything but positive seconds or None."""
+    _torch_stream.set_reading_switch_interval(seconds)
 
 
 _allocator_lock = threading.Lock()
@@ -159,7 +174,8 @@ def offload(
     page cache, ``"direct"`` past it (O_DIRECT, where the file system takes it), or
     ``"auto"`` (default): O_DIRECT only when what a forward reads from the files exceeds
     the host memory available beside the pinned weights (the cache could not keep it).
-    The choice is logged with the others.
+    The choice is logged with the others. While they are read, the interpreter's switch
+    interval is lowered (see set_reading_switch_interval).
     ``timings`` (default False) times every forward of the whole module, block by block
     (``Offload.last_timings``, a ForwardTimings; ``Offload.timings`` switches it).
 
