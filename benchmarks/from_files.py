@@ -118,6 +118,19 @@ def save_checkpoint(args, folder: str) -> None:
         del model, out
         if device != "cpu":
             torch.cuda.empty_cache()
+        # The output to compare with: the model as diffusers loads it from these files (its
+        # rotary tables computed on the host, as every run here computes them), all on the
+        # device; the one built above computed them on the device, a few bits apart.
+        import diffusers
+
+        loaded = diffusers.QwenImageTransformer2DModel.from_pretrained(
+            folder, torch_dtype=args.dtype
+        ).to(device)
+        with torch.no_grad():
+            saved_output = step(loaded).float().cpu()
+        del loaded
+        if device != "cpu":
+            torch.cuda.empty_cache()
         torch.save({"output": saved_output, "compute_seconds": compute}, f"{folder}/out.pt")
         return
     state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
@@ -344,6 +357,11 @@ def main() -> int:
         default=None,
         help="seconds: sys.setswitchinterval in each run (how long a thread waits for the GIL)",
     )
+    parser.add_argument(
+        "--reading-switch",
+        default="",
+        help="seconds or none: aimdo.torch.set_reading_switch_interval in each run",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None)
     parser.add_argument(
@@ -358,6 +376,9 @@ def main() -> int:
     if args.child is not None:
         if args.switch_interval is not None:
             sys.setswitchinterval(args.switch_interval)
+        if args.reading_switch:
+            setting = args.reading_switch
+            atorch.set_reading_switch_interval(None if setting == "none" else float(setting))
         print(json.dumps(child(args)))
         return 0
     os.makedirs(args.dir, exist_ok=True)
@@ -403,6 +424,7 @@ def main() -> int:
         command += ["--tiny"] if args.tiny else []
         if args.switch_interval is not None:
             command += ["--switch-interval", str(args.switch_interval)]
+        command += ["--reading-switch", args.reading_switch] if args.reading_switch else []
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             print(f"  {name}: failed\n{done.stderr[-3000:]}", flush=True)
