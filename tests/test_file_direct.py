@@ -207,12 +207,32 @@ def test_an_offload_reading_past_the_page_cache_computes_the_same(
         if not forced_aligned_path:
             reader = o._stream.reader
             assert (reader.direct_files[path] is not None) == o_direct_works(path)
-    said = (
-        "they are read with O_DIRECT where the file system takes it (file_reads='direct'); "
-        "while they are read, the interpreter's switch interval is at most 0.5 ms "
-        "(set_reading_switch_interval)"
-    )
+    said = "they are read with O_DIRECT where the file system takes it (file_reads='direct')"
     assert any(said in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("seconds", [None, 0.0005])
+def test_the_offload_log_says_whether_reads_lower_the_switch_interval(
+    make_manager, tmp_path, monkeypatch, caplog, seconds
+):
+    from aimdo import _torch_stream
+
+    real = stack(blocks=6)
+    path = str(tmp_path / "model.safetensors")
+    safetensors_torch.save_file({k: v.contiguous() for k, v in real.state_dict().items()}, path)
+    monkeypatch.setattr(
+        _torch_stream, "READING_SWITCH_INTERVAL", _torch_stream.READING_SWITCH_INTERVAL
+    )
+    atorch.set_reading_switch_interval(seconds)
+    caplog.set_level(logging.INFO, logger="aimdo")
+    with torch.device("meta"):
+        model = stack(blocks=6)
+    manager = new_manager(make_manager, pages=4)
+    with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit=0):
+        pass
+    (line,) = [r.getMessage() for r in caplog.records if "stay in the checkpoint" in r.getMessage()]
+    said = "while they are read, the interpreter's switch interval is at most 0.5 ms"
+    assert (said in line) == (seconds is not None)
 
 
 def test_a_group_reads_as_its_leader_chose(make_manager, tmp_path, monkeypatch):

@@ -327,18 +327,19 @@ def test_a_ring_buffer_is_no_larger_than_the_largest_tensor_read(largest, expect
 
 
 DEFAULT_SWITCH = 0.005  # Python's own default switch interval, seconds
-LOWERED = stream.DEFAULT_READING_SWITCH_INTERVAL
+LOWERED = 0.0005  # seconds, as the tests set aimdo's reading switch interval
 
 
 @pytest.fixture
 def python_default():
-    """The switch interval at Python's default for the test, the library's setting at its
-    own; both put back after."""
+    """The switch interval at Python's default for the test, aimdo's lowering it to LOWERED
+    while reading; both put back after."""
     before = sys.getswitchinterval()
     sys.setswitchinterval(DEFAULT_SWITCH)
+    stream.set_reading_switch_interval(LOWERED)
     yield
     sys.setswitchinterval(before)
-    stream.set_reading_switch_interval(LOWERED)
+    stream.set_reading_switch_interval(stream.DEFAULT_READING_SWITCH_INTERVAL)
 
 
 def held_copy(s: stream.FileStream, files: FakeFiles, name: str):
@@ -431,3 +432,15 @@ def test_a_bad_switch_interval_is_refused_and_the_setting_kept(python_default, s
     with pytest.raises(error, match="switch interval"):
         aimdo_torch.set_reading_switch_interval(seconds)
     assert stream.READING_SWITCH_INTERVAL == 0.001
+
+
+def test_by_default_reading_leaves_the_switch_interval_alone(small_ring, python_default):
+    stream.set_reading_switch_interval(stream.DEFAULT_READING_SWITCH_INTERVAL)
+    files = FakeFiles(held=[("a", 0)])
+    s = new_stream(files)
+    pending = held_copy(s, files, "a")
+    assert sys.getswitchinterval() == DEFAULT_SWITCH
+    files.held["a", 0].set()
+    settled(pending)
+    s.close()
+    assert sys.getswitchinterval() == DEFAULT_SWITCH

@@ -35,14 +35,10 @@ RING_BUFFERS = 2 * READERS
 RING_BUFFER_BYTES = 16 << 20
 
 
-#: While a FileStream's pump runs, the interpreter's switch interval (how long a thread
-#: that wants the GIL waits before the holder is asked to give it up) is lowered to this
-#: many seconds, when it is longer; None leaves it alone (set_reading_switch_interval).
-#: Each piece takes the GIL several times (a reader's start and end, the pump's copy), and
-#: the forward's thread holds it for long stretches: at Python's default of 5 ms, a host
-#: limit of 8 GiB read 377 ms a step and 0.5 ms read 321 ms, 0 B 560 and 435 ms
-#: (benchmarks/RESULTS.md, weights from disk).
-DEFAULT_READING_SWITCH_INTERVAL = 0.0005
+#: While a FileStream's pump runs, the interpreter's switch interval is lowered to this
+#: many seconds, when it is longer; None (the default) leaves it alone. Why, and what it
+#: did on an H200: aimdo.torch.set_reading_switch_interval.
+DEFAULT_READING_SWITCH_INTERVAL = None
 READING_SWITCH_INTERVAL: float | None = DEFAULT_READING_SWITCH_INTERVAL
 
 

@@ -52,17 +52,17 @@ __all__ = [
 ]
 
 
-def set_reading_switch_interval(
-    seconds: float | None = _torch_stream.DEFAULT_READING_SWITCH_INTERVAL,
-) -> None:
-    """How short the interpreter's switch interval (``sys.setswitchinterval``) is made while
-    an offload reads weights from its checkpoint's files: the reader threads take the GIL
-    several times for each piece they read, and at Python's default of 5 ms the forward's
-    thread keeps them waiting (a step of the 35 GiB benchmark model read from files took
-    377 ms at 5 ms and 321 ms at 0.5 ms; benchmarks/RESULTS.md). While any offload reads,
-    an interval longer than ``seconds`` is lowered to it; once none reads, it is put back
-    unless it was changed meanwhile. ``None`` leaves the interval alone. Default 0.5 ms.
-    TypeError or ValueError for anything but positive seconds or None."""
+def set_reading_switch_interval(seconds: float | None) -> None:
+    """Lower the interpreter's switch interval (``sys.setswitchinterval``) to ``seconds``
+    while an offload reads weights from its checkpoint's files; ``None`` (the default)
+    leaves it alone. The reader threads take the GIL several times for each piece they
+    read, and at Python's default of 5 ms a forward's thread that holds it keeps them
+    waiting. Measured on an H200 (benchmarks/RESULTS.md), 0.5 ms helped a model of few
+    large layers (a step at host_limit 0: 560 -> 435 ms) and hurt Qwen-Image, a forward
+    of 1,087 small modules (host_limit 8 GiB: 857 -> 909 ms): try it on your model. While
+    any offload reads, an interval longer than ``seconds`` is lowered to it; once none
+    reads, it is put back unless it was changed meanwhile. TypeError or ValueError for
+    anything but positive seconds or None."""
     _torch_stream.set_reading_switch_interval(seconds)
 
 
@@ -174,8 +174,7 @@ def offload(
     page cache, ``"direct"`` past it (O_DIRECT, where the file system takes it), or
     ``"auto"`` (default): O_DIRECT only when what a forward reads from the files exceeds
     the host memory available beside the pinned weights (the cache could not keep it).
-    The choice is logged with the others. While they are read, the interpreter's switch
-    interval is lowered (see set_reading_switch_interval).
+    The choice is logged with the others (see also set_reading_switch_interval).
     ``timings`` (default False) times every forward of the whole module, block by block
     (``Offload.last_timings``, a ForwardTimings; ``Offload.timings`` switches it).
 
