@@ -351,20 +351,6 @@ def held_copy(s: stream.FileStream, files: FakeFiles, name: str):
     return pending
 
 
-def test_the_switch_interval_is_lowered_while_a_pump_reads_and_put_back_after(
-    small_ring, python_default
-):
-    files = FakeFiles(held=[("a", 0)])
-    s = new_stream(files)
-    pending = held_copy(s, files, "a")
-    assert sys.getswitchinterval() == LOWERED
-    files.held["a", 0].set()
-    settled(pending)
-    wait_until(lambda: not s._pumping)
-    wait_until(lambda: sys.getswitchinterval() == DEFAULT_SWITCH)
-    s.close()
-
-
 def test_the_switch_interval_stays_lowered_until_the_last_of_two_pumps_ends(
     small_ring, python_default
 ):
@@ -399,15 +385,19 @@ def test_a_switch_interval_set_while_a_pump_reads_is_kept(small_ring, python_def
 @pytest.mark.parametrize(
     ("setting", "interval", "during"),
     [
+        ("default", DEFAULT_SWITCH, DEFAULT_SWITCH),  # aimdo's default: left alone
         (None, DEFAULT_SWITCH, DEFAULT_SWITCH),  # None: left alone
+        (LOWERED, DEFAULT_SWITCH, LOWERED),  # lowered while the pump reads
         (LOWERED, 0.0001, 0.0001),  # already shorter: left alone
         (0.001, DEFAULT_SWITCH, 0.001),  # the user's choice of how short
     ],
 )
-def test_the_switch_interval_while_reading_follows_the_setting(
+def test_the_switch_interval_while_reading_follows_the_setting_and_is_put_back(
     small_ring, python_default, setting, interval, during
 ):
     aimdo_torch = pytest.importorskip("aimdo.torch")
+    if setting == "default":
+        setting = stream.DEFAULT_READING_SWITCH_INTERVAL
     aimdo_torch.set_reading_switch_interval(setting)
     sys.setswitchinterval(interval)
     files = FakeFiles(held=[("a", 0)])
@@ -432,15 +422,3 @@ def test_a_bad_switch_interval_is_refused_and_the_setting_kept(python_default, s
     with pytest.raises(error, match="switch interval"):
         aimdo_torch.set_reading_switch_interval(seconds)
     assert stream.READING_SWITCH_INTERVAL == 0.001
-
-
-def test_by_default_reading_leaves_the_switch_interval_alone(small_ring, python_default):
-    stream.set_reading_switch_interval(stream.DEFAULT_READING_SWITCH_INTERVAL)
-    files = FakeFiles(held=[("a", 0)])
-    s = new_stream(files)
-    pending = held_copy(s, files, "a")
-    assert sys.getswitchinterval() == DEFAULT_SWITCH
-    files.held["a", 0].set()
-    settled(pending)
-    s.close()
-    assert sys.getswitchinterval() == DEFAULT_SWITCH
