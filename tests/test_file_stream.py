@@ -359,8 +359,7 @@ def test_the_switch_interval_stays_lowered_until_the_last_of_two_pumps_ends(
     first, second = held_copy(s_a, files_a, "a"), held_copy(s_b, files_b, "b")
     files_a.held["a", 0].set()
     settled(first)
-    wait_until(lambda: not s_a._pumping)
-    time.sleep(0.05)
+    s_a.drain()  # a's pump has ended (its worker runs nothing else)
     assert sys.getswitchinterval() == LOWERED  # b still reads
     files_b.held["b", 0].set()
     settled(second)
@@ -376,8 +375,7 @@ def test_a_switch_interval_set_while_a_pump_reads_is_kept(small_ring, python_def
     sys.setswitchinterval(0.002)  # the user's own, set meanwhile
     files.held["a", 0].set()
     settled(pending)
-    wait_until(lambda: not s._pumping)
-    time.sleep(0.05)
+    s.drain()  # the pump has ended
     assert sys.getswitchinterval() == 0.002
     s.close()
 
@@ -422,3 +420,42 @@ def test_a_bad_switch_interval_is_refused_and_the_setting_kept(python_default, s
     with pytest.raises(error, match="switch interval"):
         aimdo_torch.set_reading_switch_interval(seconds)
     assert stream.READING_SWITCH_INTERVAL == 0.001
+
+
+def test_a_pump_queued_though_its_submit_was_interrupted_releases_the_interval_once(
+    small_ring, python_default
+):
+    files = FakeFiles()
+    s = new_stream(files)
+    a = block_of("a", 1)
+    (into_a,) = targets_of(a)
+    real = ThreadPoolExecutor(1)
+    interrupts = [KeyboardInterrupt()]
+
+    class QueuedThenInterrupted:
+        def submit(self, *args):
+            future = real.submit(*args)
+            if interrupts:
+                raise interrupts.pop()  # queued, and interrupted before returning
+            return future
+
+        def shutdown(self, wait=True):
+            real.shutdown(wait=wait)
+
+    s.worker = QueuedThenInterrupted()
+    with pytest.raises(KeyboardInterrupt):
+        s.copy_ahead(a, into_a, None, None, False)
+    real.submit(lambda: None).result(timeout=WAIT)  # the queued pump has run and ended
+    assert sys.getswitchinterval() == DEFAULT_SWITCH
+    # Counted out once: the next pump lowers the interval and puts it back again.
+    files.held["a", 0] = threading.Event()
+    with files.lock:
+        files.started.clear()  # the queued pump may have read a already
+    pending = s.copy_ahead(a, into_a, None, None, False)
+    wait_until(lambda: ("a", 0) in files.started)
+    assert sys.getswitchinterval() == LOWERED
+    files.held["a", 0].set()
+    settled(pending)
+    s.drain()
+    assert sys.getswitchinterval() == DEFAULT_SWITCH
+    s.close()

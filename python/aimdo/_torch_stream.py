@@ -51,26 +51,34 @@ class _SwitchInterval:
         self._holders = 0
         self._saved = None  # (what it was, what we set), while lowered
 
-    def hold(self) -> None:
+    def hold(self):
+        """Count a pump in (lowering the interval if it is the first); returns its release,
+        which counts it out once however often it is called."""
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with self._lock:
+                if released:
+                    return
+                released = True
+                self._holders -= 1
+                if self._holders or self._saved is None:
+                    return
+                before, ours = self._saved
+                self._saved = None
+                if sys.getswitchinterval() == ours:
+                    sys.setswitchinterval(before)
+
         with self._lock:
             self._holders += 1
             wanted = READING_SWITCH_INTERVAL
-            if self._holders > 1 or wanted is None:
-                return
-            current = sys.getswitchinterval()
-            if current > wanted:
-                sys.setswitchinterval(wanted)
-                self._saved = (current, sys.getswitchinterval())
-
-    def release(self) -> None:
-        with self._lock:
-            self._holders -= 1
-            if self._holders or self._saved is None:
-                return
-            before, ours = self._saved
-            self._saved = None
-            if sys.getswitchinterval() == ours:
-                sys.setswitchinterval(before)
+            if self._holders == 1 and wanted is not None:
+                current = sys.getswitchinterval()
+                if current > wanted:
+                    sys.setswitchinterval(wanted)
+                    self._saved = (current, sys.getswitchinterval())
+        return release
 
 
 _switch = _SwitchInterval()
@@ -237,28 +245,32 @@ class FileStream:
             start = not self._pumping
             self._pumping = True
         if start:
-            _switch.hold()  # the pump releases it as it ends
+            release = None
             try:
-                self.worker.submit(self._pump)
+                release = _switch.hold()  # the pump releases it as it ends
+                self.worker.submit(self._pump, release)
             except BaseException:
                 # No pump will run (an interrupt, or shutting down): take the job back,
-                # so that the next job starts a pump and drain() waits for nothing.
+                # so that the next job starts a pump and drain() waits for nothing. (Had
+                # the pump been queued after all, its own release then counts nothing: a
+                # release counts once.)
                 with self._wake:
                     if job in self._queued:
                         self._queued.remove(job)
                     self._pumping = False
-                _switch.release()
+                if release is not None:
+                    release()
                 raise
         return Pending(job.future)
 
-    def _pump(self) -> None:
+    def _pump(self, release) -> None:
         """Read and copy the queued jobs' pieces, as many at once as the ring has buffers,
         until nothing is queued or reading; then end (a new job starts a new pump), giving
         back its hold on the switch interval."""
         try:
             self._pump_jobs()
         finally:
-            _switch.release()
+            release()
 
     def _pump_jobs(self) -> None:
         ring = self.buffers

@@ -59,10 +59,11 @@ def set_reading_switch_interval(seconds: float | None) -> None:
     read, and at Python's default of 5 ms a forward's thread that holds it keeps them
     waiting. Measured on an H200 (benchmarks/RESULTS.md), 0.5 ms helped a model of few
     large layers (a step at host_limit 0: 560 -> 435 ms) and hurt Qwen-Image, a forward
-    of 1,087 small modules (host_limit 8 GiB: 857 -> 909 ms): try it on your model. While
-    any offload reads, an interval longer than ``seconds`` is lowered to it; once none
-    reads, it is put back unless it was changed meanwhile. TypeError or ValueError for
-    anything but positive seconds or None."""
+    of 1,087 small modules (host_limit 8 GiB: 857 -> 909 ms, one run each): try it on
+    your model. When an offload starts reading while none other does, an interval longer
+    than ``seconds`` is lowered to it; once none reads, it is put back unless it was
+    changed meanwhile. A new setting applies from the next such start. TypeError or
+    ValueError for anything but positive seconds or None."""
     _torch_stream.set_reading_switch_interval(seconds)
 
 
