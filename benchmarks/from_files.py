@@ -27,7 +27,8 @@ files). ``--direct cached|direct`` forces offload's ``file_reads`` (default: aut
 library's choice). ``--rings`` runs
 every limit that reads the files once per ring, READERSxMiB[xBUFFERS] (that many reader
 threads, that many buffers of that many MiB: twice the readers unless given), instead of
-once with the library's own.
+once with the library's own. ``--switch-interval S`` sets Python's switch interval for
+each run; ``--reading-switch S|none`` sets aimdo.torch.set_reading_switch_interval.
 """
 
 from __future__ import annotations
