@@ -18,7 +18,7 @@ import aimdo  # noqa: E402
 import aimdo.torch as atorch  # noqa: E402
 from aimdo import _torch_stream  # noqa: E402
 from aimdo._safetensors import read_checkpoint, stamp  # noqa: E402
-from aimdo._torch_checkpoint import DIRECT_ALIGN, Reader  # noqa: E402
+from aimdo._torch_checkpoint import DIRECT_ALIGN, NativeReads, Reader  # noqa: E402
 from aimdo._torch_offload import offloaded_by  # noqa: E402
 from torch_support import new_manager, reference, stack, where  # noqa: E402
 
@@ -50,6 +50,19 @@ def pieces(tensor):
     return [(0, n), (1, n - 1), (n - 5, 5), (n // 3, n // 3 + 1), (DIRECT_ALIGN - 1, 2)]
 
 
+def read_into(reader: Reader, tensor, buffer, start: int, count: int) -> int:
+    """A piece read as the ring reads it (NativeReads over `reader`); returns where in
+    `buffer` its bytes begin."""
+    reads = NativeReads(reader, 1)
+    try:
+        ticket = reads.submit(tensor, buffer, start, count)
+        while not reads.wait(ticket):
+            pass
+        return reads.take(ticket)
+    finally:
+        reads.close()
+
+
 def o_direct_works(path: str) -> bool:
     try:
         os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
@@ -76,7 +89,7 @@ def test_direct_reads_give_the_bytes_of_reads_through_the_cache(
                 want = torch.empty(count, dtype=torch.uint8)
                 cached.read(tensor, want, start)
                 buffer = aligned_buffer(count)
-                lead = direct.read_into(tensor, buffer, start, count)
+                lead = read_into(direct, tensor, buffer, start, count)
                 assert lead == (tensor.offset + start) % DIRECT_ALIGN
                 assert torch.equal(buffer[lead : lead + count], want), (tensor.name, start)
         if not forced_aligned_path:
@@ -107,7 +120,7 @@ def test_a_file_system_refusing_o_direct_is_read_through_the_cache(tmp_path, mon
     reader = Reader({path: stamp(path)}, direct=True)
     tensor = found["b"]
     buffer = aligned_buffer(tensor.nbytes)
-    assert reader.read_into(tensor, buffer, 0, tensor.nbytes) == 0
+    assert read_into(reader, tensor, buffer, 0, tensor.nbytes) == 0
     assert reader.direct_files == {path: None}
     want = torch.empty(tensor.nbytes, dtype=torch.uint8)
     reader.read(tensor, want, 0)
@@ -124,7 +137,7 @@ def test_a_truncated_file_read_directly_is_a_checkpoint_error(tmp_path, monkeypa
     os.truncate(path, last.offset + 10)
     reader.stamps = {path: stamp(path)}  # the file as it is now: only its end is missing
     with pytest.raises(aimdo.CheckpointError, match="ends inside tensor c"):
-        reader.read_into(last, aligned_buffer(last.nbytes), 0, last.nbytes)
+        read_into(reader, last, aligned_buffer(last.nbytes), 0, last.nbytes)
     reader.close()
 
 
@@ -267,39 +280,12 @@ def test_a_file_changed_under_a_direct_read_is_a_checkpoint_error(tmp_path, monk
     reader = Reader({path: stamp(path)}, direct=True)
     monkeypatch.setattr(reader, "_open_direct", lambda tensor: reader._open(tensor))
     tensor = found["a"]
-    reader.read_into(tensor, aligned_buffer(tensor.nbytes), 0, tensor.nbytes)
+    read_into(reader, tensor, aligned_buffer(tensor.nbytes), 0, tensor.nbytes)
     with open(path, "ab") as f:
         f.write(b"more")
     with pytest.raises(aimdo.CheckpointError, match="changed since its header was read"):
-        reader.read_into(tensor, aligned_buffer(tensor.nbytes), 0, tensor.nbytes)
+        read_into(reader, tensor, aligned_buffer(tensor.nbytes), 0, tensor.nbytes)
     reader.close()
-
-
-@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
-def test_a_read_refused_after_an_o_direct_open_falls_back_to_the_cache(tmp_path, monkeypatch):
-    path, found = odd_file(tmp_path)
-    reader = Reader({path: stamp(path)}, direct=True)
-    direct_fd = os.open(path, os.O_RDONLY)  # stands in for an O_DIRECT descriptor
-    monkeypatch.setattr(reader, "_open_direct", lambda tensor: direct_fd)
-    real_preadv = os.preadv
-
-    def refusing(fd, buffers, offset):
-        if fd == direct_fd:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_preadv(fd, buffers, offset)
-
-    monkeypatch.setattr(os, "preadv", refusing)
-    reader.direct_files[path] = direct_fd
-    tensor = found["b"]
-    buffer = aligned_buffer(tensor.nbytes)
-    assert reader.read_into(tensor, buffer, 0, tensor.nbytes) == 0
-    want = torch.empty(tensor.nbytes, dtype=torch.uint8)
-    reader.read(tensor, want, 0)
-    assert torch.equal(buffer[: tensor.nbytes], want)
-    assert reader.direct_files[path] is None and reader.retired == [direct_fd]
-    reader.close()
-    with pytest.raises(OSError):
-        os.fstat(direct_fd)  # closed with the reader
 
 
 def test_a_direct_ring_stays_pinned_under_inference_mode(monkeypatch):

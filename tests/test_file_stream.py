@@ -101,9 +101,50 @@ def small_ring(monkeypatch):
     monkeypatch.setattr(stream, "RING_BUFFER_BYTES", PIECE)
 
 
+class FakeReads:
+    """Stands in for the stream's NativeReads: each read runs `files.read` on one of
+    `threads` Python threads; wait, poke and take behave as NativeReads' do."""
+
+    def __init__(self, files: FakeFiles, threads: int):
+        self.files = files
+        self.pool = ThreadPoolExecutor(threads)
+        self.changed = threading.Condition()
+        self.poked = False
+
+    def submit(self, tensor, into, start, count):
+        future = self.pool.submit(self.files.read, tensor, into[:count], start)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, _future):
+        with self.changed:
+            self.changed.notify_all()
+
+    def wait(self, future) -> bool:
+        with self.changed:
+            while not future.done() and not self.poked:
+                self.changed.wait()
+            if future.done():
+                return True
+            self.poked = False
+            return False
+
+    def poke(self):
+        with self.changed:
+            self.poked = True
+            self.changed.notify_all()
+
+    def take(self, future) -> int:
+        future.result()
+        return 0
+
+    def close(self):
+        self.pool.shutdown(wait=True)
+
+
 def new_stream(files: FakeFiles, pin: bool = False) -> stream.FileStream:
     s = stream.FileStream({}, pin=pin)
-    s.reader = files
+    s.make_reads = lambda _reader, threads: FakeReads(files, threads)
     copy = s._copy
 
     def copy_then_give_back(job, offset, count, buffer, lead):
@@ -163,7 +204,7 @@ def test_more_pieces_than_buffers_reuse_the_ring_in_order(small_ring):
     assert marks[0][2] <= marks[1][1] and marks[1][2] <= marks[2][1]
     assert s.nbytes == 4 * PIECE
     s.close()
-    assert s.nbytes == 0 and s.worker is None and s.pool is None
+    assert s.nbytes == 0 and s.worker is None and s.reads is None
 
 
 def test_no_more_pieces_are_read_than_the_ring_has_buffers_free(small_ring):
@@ -301,7 +342,7 @@ def test_a_ring_that_cannot_be_pinned_whole_is_given_back_and_made_again_later(
     (into_a,) = targets_of(a)
     with pytest.raises(aimdo.OutOfMemoryError):
         s.copy_in(a, into_a)
-    assert sorted(unpinned) == sorted(pinned) and s.buffers == [] and s.pool is None
+    assert sorted(unpinned) == sorted(pinned) and s.buffers == [] and s.reads is None
     s.copy_in(a, into_a)  # a whole ring this time
     assert torch.equal(into_a, expected("a", 2))
     assert len(s.buffers) == stream.RING_BUFFERS

@@ -57,12 +57,13 @@ int to_device(const IntArg& arg);
 // A signed count of nanoseconds that must not be negative.
 std::int64_t to_ns(const IntArg& arg, const char* what);
 
-void bind_errors(nb::module_& m);    // the exception types and their translator
-void bind_process(nb::module_& m);   // process-exit flag, PyTorch's allocator routing
-void bind_driver(nb::module_& m);    // Driver, the raw operations, loading the CUDA backend
-void bind_adaptors(nb::module_& m);  // operations table, EventLog, Recording/FailingDriver
-void bind_sim(nb::module_& m);       // SimDriver, replay on it
-void bind_vbar(nb::module_& m);      // Signature, Allocation, Vbar
-void bind_manager(nb::module_& m);   // DeviceOptions, Manager
+void bind_errors(nb::module_& m);      // the exception types and their translator
+void bind_process(nb::module_& m);     // process-exit flag, PyTorch's allocator routing
+void bind_driver(nb::module_& m);      // Driver, the raw operations, loading the CUDA backend
+void bind_adaptors(nb::module_& m);    // operations table, EventLog, Recording/FailingDriver
+void bind_sim(nb::module_& m);         // SimDriver, replay on it
+void bind_vbar(nb::module_& m);        // Signature, Allocation, Vbar
+void bind_manager(nb::module_& m);     // DeviceOptions, Manager
+void bind_file_reads(nb::module_& m);  // FileReads: checkpoint reads without the GIL
 
 }  // namespace aimdo::bindings

@@ -24,4 +24,5 @@ NB_MODULE(_core, m) {
   bind_sim(m);
   bind_vbar(m);
   bind_manager(m);
+  bind_file_reads(m);
 }

@@ -5,6 +5,9 @@
 // The devices are linked all to all (as NVLink peers): some VBARs are shared with another
 // device and their allocations published, and threads pin them as a peer's copy does
 // (pin_resident, then unpin), racing their owners' faults, evictions and closes.
+// A second phase stresses FileReads: threads queue reads of a temporary file with random
+// offsets and lengths, some through the aligned (O_DIRECT) arithmetic, wait and poke each
+// other's waits, and check every byte read; the reads are closed with some still queued.
 // Built and run under AddressSanitizer + UBSan and under ThreadSanitizer by .ci/run (no
 // Python).
 //
@@ -24,7 +27,12 @@
 #include <thread>
 #include <vector>
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include "aimdo/errors.hpp"
+#include "aimdo/file_reads.hpp"
 #include "aimdo/manager.hpp"
 #include "failing_driver.hpp"
 #include "recording_driver.hpp"
@@ -292,6 +300,94 @@ bool check_devices(aimdo::Manager& manager, aimdo::sim::SimDriver& sim, const Co
   return ok;
 }
 
+// The byte at `offset` of the file stress_file_reads writes.
+unsigned char file_byte(std::size_t offset) {
+  return static_cast<unsigned char>((offset * 131 + 7) % 251);
+}
+
+// FileReads under several threads; false (with a message) when a byte or a result is
+// wrong.
+bool stress_file_reads(const Config& config) {
+  constexpr std::size_t kFileBytes = std::size_t{1} << 20;
+  constexpr std::size_t kAlign = aimdo::kDirectReadAlign;
+  char path[] = "/tmp/aimdo_stress_XXXXXX";
+  const int fd = mkstemp(path);
+  if (fd < 0) {
+    std::fprintf(stderr, "file reads: cannot make a temporary file\n");
+    return false;
+  }
+  unlink(path);
+  std::vector<unsigned char> data(kFileBytes);
+  for (std::size_t i = 0; i < kFileBytes; ++i) data[i] = file_byte(i);
+  bool ok = pwrite(fd, data.data(), data.size(), 0) == static_cast<ssize_t>(data.size());
+  struct stat status{};
+  ok = ok && fstat(fd, &status) == 0;
+  aimdo::ReadRequest base;
+  base.fd = fd;
+  base.size = static_cast<std::int64_t>(status.st_size);
+  base.mtime_ns =
+      static_cast<std::int64_t>(status.st_mtim.tv_sec) * 1000000000 + status.st_mtim.tv_nsec;
+  base.inode = static_cast<std::uint64_t>(status.st_ino);
+  std::atomic<unsigned long long> wrong{0};
+  {
+    aimdo::FileReads reads(4);
+    std::vector<std::thread> threads;
+    for (int t = 0; t < config.threads && ok; ++t) {
+      threads.emplace_back([&, t] {
+        std::mt19937_64 random(config.seed * 7919 + static_cast<unsigned long long>(t));
+        for (int op = 0; op < config.ops / 10; ++op) {
+          aimdo::ReadRequest request = base;
+          request.count = 1 + random() % (kAlign * 3);
+          request.offset = static_cast<std::int64_t>(random() % (kFileBytes - request.count));
+          const bool aligned = random() % 2 == 0;
+          request.direct_fd = aligned ? fd : -1;
+          const std::size_t capacity = request.count + 2 * kAlign;
+          std::vector<unsigned char> area(capacity + kAlign);
+          auto start = reinterpret_cast<std::uintptr_t>(area.data());
+          start += (kAlign - start % kAlign) % kAlign;
+          request.into = start;
+          request.capacity = capacity;
+          const std::uint64_t ticket = reads.submit(request);
+          if (random() % 4 == 0) reads.poke();
+          while (!reads.wait(ticket)) {
+          }
+          const aimdo::ReadResult result = reads.take(ticket);
+          const auto* got = reinterpret_cast<const unsigned char*>(start) + result.lead;
+          bool same =
+              result.status == aimdo::ReadStatus::kDone &&
+              result.lead == (aligned ? static_cast<std::size_t>(request.offset) % kAlign : 0);
+          for (std::size_t i = 0; same && i < request.count; ++i) {
+            same = got[i] == file_byte(static_cast<std::size_t>(request.offset) + i);
+          }
+          if (!same) wrong.fetch_add(1);
+        }
+      });
+    }
+    for (auto& thread : threads) thread.join();
+    // Closed with reads still queued: they are read, and their results can be taken.
+    std::vector<std::vector<unsigned char>> last(32, std::vector<unsigned char>(64));
+    std::vector<std::uint64_t> tickets;
+    for (auto& buffer : last) {
+      aimdo::ReadRequest request = base;
+      request.count = buffer.size();
+      request.into = reinterpret_cast<std::uintptr_t>(buffer.data());
+      request.capacity = buffer.size();
+      tickets.push_back(reads.submit(request));
+    }
+    reads.close();
+    for (const auto ticket : tickets) {
+      if (!reads.wait(ticket) || reads.take(ticket).status != aimdo::ReadStatus::kDone) {
+        wrong.fetch_add(1);
+      }
+    }
+  }
+  close(fd);
+  if (wrong.load() != 0) {
+    std::fprintf(stderr, "file reads: %llu reads wrong\n", wrong.load());
+  }
+  return ok && wrong.load() == 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -329,6 +425,7 @@ int main(int argc, char** argv) {
   const auto leaks = stack.sim->leaks();
   for (const auto& leak : leaks) std::fprintf(stderr, "leak: %s\n", leak.c_str());
   ok = ok && leaks.empty() && counters.unexpected.load() == 0 && stack.log_is_whole();
+  ok = stress_file_reads(config) && ok;
   std::printf(
       "aimdo_stress seed=%llu devices=%d threads=%d: %llu ops, %llu offloaded, %llu out of "
       "memory, %llu external refused, %llu peer pins, %llu unexpected: %s\n",

@@ -6,12 +6,12 @@ imported by aimdo.torch only."""
 
 from __future__ import annotations
 
-import errno
 import os
 import threading
 
 import torch
 
+from . import _core
 from ._safetensors import CheckpointError, FileStamp, Tensor, read_checkpoint, stamp
 from ._torch_layout import TorchBlock, contiguous_stride
 
@@ -110,6 +110,13 @@ def _read_failed(tensor: Tensor, error: OSError) -> CheckpointError:
     return CheckpointError(f"{tensor.path}: reading tensor {tensor.name} failed ({error})")
 
 
+def _changed(tensor: Tensor) -> CheckpointError:
+    return CheckpointError(
+        f"{tensor.path}: changed since its header was read (reading tensor "
+        f"{tensor.name}); offload the module again to read the new file"
+    )
+
+
 def _truncated(tensor: Tensor) -> CheckpointError:
     return CheckpointError(
         f"{tensor.path}: ends inside tensor {tensor.name}: the file is truncated"
@@ -121,8 +128,8 @@ class Reader:
     read that the file is what its stamp says (its size and modification time, from the
     open file). Thread-safe (reads are positional). Close it when done.
 
-    With `direct`, read_into reads past the page cache (O_DIRECT, where the platform and
-    the file system have it; else through the page cache, as read does)."""
+    With `direct`, NativeReads reads its files past the page cache (O_DIRECT, where the
+    platform and the file system have it; else through the page cache, as read does)."""
 
     def __init__(self, stamps: dict[str, FileStamp], direct: bool = False):
         self.stamps = stamps
@@ -156,52 +163,17 @@ class Reader:
         its stamp is checked on it."""
         fd = self._open(tensor) if fd is None else fd
         if stamp(fd) != self.stamps.get(tensor.path):
-            raise CheckpointError(
-                f"{tensor.path}: changed since its header was read (reading tensor "
-                f"{tensor.name}); offload the module again to read the new file"
-            )
+            raise _changed(tensor)
         return fd
 
-    def read_into(self, tensor: Tensor, buffer: torch.Tensor, start: int, count: int) -> int:
-        """Read `count` bytes of the tensor from byte `start` of it into the uint8 tensor
-        `buffer`; returns where in `buffer` they begin. Without `direct` (or without
-        O_DIRECT for the file) that is 0. With it, the read covers the DIRECT_ALIGN-aligned
-        range around them: `buffer` must begin at an aligned address and hold `count` +
-        2 x DIRECT_ALIGN bytes. CheckpointError as read."""
-        direct = self._open_direct(tensor) if self.direct else None
-        if direct is None:
-            self.read(tensor, buffer[:count], start)
-            return 0
-        self._check(tensor, direct)  # on the very descriptor read
-        if start + count > tensor.nbytes:
-            raise ValueError(f"{count} bytes from {start} are past tensor {tensor.name}")
-        first = tensor.offset + start
-        aligned = first - first % DIRECT_ALIGN
-        lead = first - aligned
-        length = -(-(lead + count) // DIRECT_ALIGN) * DIRECT_ALIGN
-        if length > buffer.numel() or buffer.data_ptr() % DIRECT_ALIGN:
-            raise ValueError("an O_DIRECT read needs an aligned buffer of count + 2 x 4096 bytes")
-        view = memoryview(buffer.numpy()).cast("B")
-        done = 0
-        while done < lead + count:
-            try:
-                got = os.preadv(direct, [view[done:length]], aligned + done)
-            except OSError as error:
-                if error.errno == errno.EINVAL:
-                    # The file system took the O_DIRECT open but not this read: through
-                    # the page cache, for this read and the file's next ones.
-                    with self._opening:
-                        if self.direct_files.get(tensor.path) == direct:
-                            self.direct_files[tensor.path] = None
-                            self.retired.append(direct)  # other readers may be in it
-                    self.read(tensor, buffer[:count], start)
-                    return 0
-                raise _read_failed(tensor, error) from error
-            done += got
-            # A read short of a whole block ends at the end of the file.
-            if got == 0 or (done < lead + count and done % DIRECT_ALIGN):
-                raise _truncated(tensor)
-        return lead
+    def _retire_direct(self, tensor: Tensor, direct: int) -> None:
+        """The file system took the O_DIRECT open of the tensor's file but refused a read:
+        the file's next reads go through the page cache (the descriptor is closed at
+        close, other readers may be in it)."""
+        with self._opening:
+            if self.direct_files.get(tensor.path) == direct:
+                self.direct_files[tensor.path] = None
+                self.retired.append(direct)
 
     def read(self, tensor: Tensor, into: torch.Tensor, start: int = 0) -> None:
         """Fill the uint8 tensor `into` (contiguous) with the tensor's bytes from byte
@@ -230,3 +202,68 @@ class Reader:
         for fd in [*files.values(), *direct.values(), *retired]:
             if fd is not None:
                 os.close(fd)
+
+
+class NativeReads:
+    """A Reader's reads on the threads of aimdo._core.FileReads, which never take the GIL:
+    the descriptors, stamps and errors are the Reader's (the same CheckpointErrors, the
+    same O_DIRECT rules and fallback), and the forward's thread and the readers do not
+    wait for each other's Python. FileStream's ring reads through one.
+
+    submit() queues a read of `count` bytes of a tensor from byte `start` into a ring
+    buffer and returns its ticket; wait(ticket) waits (GIL released) until it is done
+    (True) or poke() was called since the last wait (False); take(ticket) returns where
+    the bytes begin in the buffer, or raises the read's error; close() reads what is
+    queued and stops the threads."""
+
+    def __init__(self, reader: Reader, threads: int):
+        self.reader = reader
+        self.reads = _core.FileReads(threads)
+
+    def submit(self, tensor: Tensor, into: torch.Tensor, start: int, count: int):
+        if start + count > tensor.nbytes:
+            raise ValueError(f"{count} bytes from {start} are past tensor {tensor.name}")
+        reader = self.reader
+        direct = reader._open_direct(tensor) if reader.direct else None
+        fd = reader._open(tensor)
+        expected = reader.stamps.get(tensor.path)
+        # No stamp: the read fails as changed, as Reader._check has it.
+        size, mtime_ns, inode = (
+            (expected.size, expected.mtime_ns, expected.inode) if expected else (-1, 0, 0)
+        )
+        view = memoryview(into.numpy()).cast("B")
+        ticket = self.reads.submit(
+            fd,
+            -1 if direct is None else direct,
+            tensor.offset + start,
+            count,
+            view,
+            size,
+            mtime_ns,
+            inode,
+        )
+        return ticket, tensor, direct
+
+    def wait(self, ticket) -> bool:
+        return self.reads.wait(ticket[0])
+
+    def poke(self) -> None:
+        self.reads.poke()
+
+    def take(self, ticket) -> int:
+        number, tensor, direct = ticket
+        status, error, lead, refused = self.reads.take(number)
+        if refused:
+            self.reader._retire_direct(tensor, direct)
+        if status == "done":
+            return lead
+        if status == "changed":
+            raise _changed(tensor)
+        if status == "truncated":
+            raise _truncated(tensor)
+        if status == "failed":
+            raise _read_failed(tensor, OSError(error, os.strerror(error)))
+        raise ValueError("an O_DIRECT read needs an aligned buffer of count + 2 x 4096 bytes")
+
+    def close(self) -> None:
+        self.reads.close()

@@ -3,8 +3,9 @@ design.md §7): each copy reads them again, through a small ring of pinned buffe
 pieces read in parallel and each copied to the device once read. Needs PyTorch; imported
 by aimdo.torch only.
 
-A FileStream is called from one thread at a time (its Offload's forward); the reads and
-the copies then run on threads of its own.
+A FileStream is called from one thread at a time (its Offload's forward); the copies are
+queued by a thread of its own, and the reads run on native threads (NativeReads) that
+never take the GIL.
 """
 
 from __future__ import annotations
@@ -16,17 +17,17 @@ import threading
 import time
 import weakref
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from ._core import InvalidStateError
 from ._sizes import format_size
-from ._torch_checkpoint import DIRECT_ALIGN, Reader, open_direct
+from ._torch_checkpoint import DIRECT_ALIGN, NativeReads, Reader, open_direct
 from ._torch_host import pin_tensor
 
-#: The ring: this many buffers of this many bytes (pinned on CUDA), and this many threads
-#: reading into them at once. Twice as many buffers as readers: while the readers fill
+#: The ring: this many buffers of this many bytes (pinned on CUDA), and this many native
+#: threads reading into them at once. Twice as many buffers as readers: while the readers fill
 #: half of them, the copies of the pieces read before drain from the other half. Eight
 #: readers of 16 MiB read the page cache at 35 GB/s on an H200's host, twice what four
 #: did; larger buffers were slower (benchmarks/RESULTS.md, weights from disk).
@@ -147,9 +148,9 @@ class _Job:
 
 class FileStream:
     """Copies blocks from their checkpoint files (``TorchBlock.file_runs``) into device
-    memory: each run cut into pieces of at most one buffer, read by READERS threads into
-    the ring's buffers (each reader waiting first for the copy that last read its buffer),
-    each piece's copy queued as soon as its read is done, in order.
+    memory: each run cut into pieces of at most one buffer, read by READERS native threads
+    into the ring's buffers (a buffer handed to a read once the copy that last read it is
+    done), each piece's copy queued as soon as its read is done, in order.
 
     One pipeline for every block queued (design.md §7, host tiers): the blocks' copies are
     queued in order by one thread of the stream's own, which keeps the ring's buffers all
@@ -165,11 +166,11 @@ class FileStream:
             RING_BUFFER_BYTES if largest is None else min(RING_BUFFER_BYTES, max(1, largest))
         )
         self.buffers: list[_Buffer] = []
-        self.pool = None
+        self.reads = None  # the ring's reads, made with the ring
+        self.make_reads = NativeReads  # (reader, threads): the ring's reads (a test's fake)
         self.turn = 0  # the buffer the next piece takes
         self.worker = None  # one thread: the pump, queueing the copies in order
         self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)  # a read ended, or a job was queued
         self._queued: deque[_Job] = deque()  # jobs the pump has not taken yet
         self._pumping = False  # a pump runs (or is submitted) and will take what is queued
         self.bytes_read = 0  # since the last take_bytes_read
@@ -203,7 +204,7 @@ class FileStream:
                     if buffer.unpin is not None:
                         buffer.unpin()
                 raise
-            self.pool = ThreadPoolExecutor(READERS, thread_name_prefix="aimdo-read")
+            self.reads = self.make_reads(self.reader, READERS)
             self.buffers = made
         return self.buffers
 
@@ -239,11 +240,11 @@ class FileStream:
         self._ring()
         if self.worker is None:
             self.worker = ThreadPoolExecutor(1, thread_name_prefix="aimdo-files")
-        with self._wake:
+        with self._lock:
             self._queued.append(job)
-            self._wake.notify_all()  # a pump waiting on a read takes it at once
             start = not self._pumping
             self._pumping = True
+        self.reads.poke()  # a pump waiting on a read takes the job at once
         if start:
             release = None
             try:
@@ -254,7 +255,7 @@ class FileStream:
                 # so that the next job starts a pump and drain() waits for nothing. (Had
                 # the pump been queued after all, its own release then counts nothing: a
                 # release counts once.)
-                with self._wake:
+                with self._lock:
                     if job in self._queued:
                         self._queued.remove(job)
                     self._pumping = False
@@ -296,25 +297,20 @@ class FileStream:
                     offset, tensor, start, count = piece
                     buffer = ring[self.turn]
                     self.turn = (self.turn + 1) % len(ring)
-                    busy, buffer.free = buffer.free, None  # the reader waits for it
-                    device = job.storage.device if job.storage.is_cuda else None
-                    into = buffer.tensor
-                    future = self.pool.submit(self._read, device, busy, tensor, into, start, count)
-                    future.add_done_callback(self._read_done)
+                    self._wait_free(job, buffer)
+                    ticket = self.reads.submit(tensor, buffer.tensor, start, count)
                     job.reads += 1
-                    reading.append((job, offset, count, buffer, future))
+                    reading.append((job, offset, count, buffer, ticket))
                 if reading:
-                    with self._wake:  # until the first read ends, or a job is queued
-                        while not reading[0][-1].done() and not self._queued:
-                            self._wake.wait()
-                        if not reading[0][-1].done():
-                            continue  # hand the new job's pieces out first
-                    job, offset, count, buffer, future = reading.popleft()
+                    # Until the first read ends, or a job is queued (a poke).
+                    if not self.reads.wait(reading[0][-1]):
+                        continue  # hand the new job's pieces out first
+                    job, offset, count, buffer, ticket = reading.popleft()
                     job.reads -= 1
                     lead = 0
                     try:
-                        lead = future.result()
-                    except Exception as error:  # noqa: BLE001 - the job's, raised by result()
+                        lead = self.reads.take(ticket)
+                    except Exception as error:  # noqa: BLE001 - the job's, raised by take()
                         job.error = job.error or error
                         job.exhausted = True  # its pieces not read yet are dropped
                     if job.error is None:
@@ -327,7 +323,13 @@ class FileStream:
         except BaseException as error:
             # Not a read's failure (those fail their job): fail every job taken or queued,
             # once no reader writes into the ring any more.
-            wait([entry[-1] for entry in reading])
+            for entry in reading:
+                while not self.reads.wait(entry[-1]):
+                    pass  # a poke: the read is still running
+                try:
+                    self.reads.take(entry[-1])
+                except Exception:  # noqa: BLE001, S110 - the jobs fail with `error` below
+                    pass
             with self._lock:
                 jobs.extend(self._queued)
                 self._queued.clear()
@@ -336,21 +338,16 @@ class FileStream:
                 if not job.future.done():
                     job.future.set_exception(error)
 
-    def _read_done(self, _future) -> None:
-        with self._wake:
-            self._wake.notify_all()
-
-    def _read(self, device, busy, tensor, into: torch.Tensor, start: int, count: int) -> int:
-        """A reader's job: wait for the copy that last read the buffer `into` (`busy`, a
-        CUDA event of `device`, or None), then read `count` bytes of `tensor` from `start`
-        into it; returns where in `into` they begin (0 unless read with O_DIRECT)."""
-        if busy is not None:
-            with torch.cuda.device(device):
+    @staticmethod
+    def _wait_free(job: _Job, buffer: _Buffer) -> None:
+        """Before a piece is read into `buffer`: wait for the copy that last read it (it
+        is queued already: pieces are copied in the order read, the ring reused in that
+        order). Never waits on a job not finished: the copies ahead of it on the stream
+        wait only for the compute of blocks whose jobs came first."""
+        busy, buffer.free = buffer.free, None
+        if busy is not None and not busy.query():
+            with torch.cuda.device(job.storage.device):
                 busy.synchronize()  # without the GIL
-        if self.direct:
-            return self.reader.read_into(tensor, into, start, count)
-        self.reader.read(tensor, into[:count], start)
-        return 0
 
     def _copy(self, job: _Job, offset: int, count: int, buffer: _Buffer, lead: int) -> None:
         """Queue one piece's copy, from `buffer` (its bytes from `lead` on) into `job`'s
@@ -441,9 +438,9 @@ class FileStream:
             if buffer.unpin is not None:
                 step(buffer.unpin)
         self.buffers = []
-        if self.pool is not None:
-            step(lambda: self.pool.shutdown(wait=True))
-            self.pool = None
+        if self.reads is not None:
+            step(self.reads.close)
+            self.reads = None
         step(self.reader.close)
         if failure is not None:
             raise failure

@@ -55,15 +55,16 @@ __all__ = [
 def set_reading_switch_interval(seconds: float | None) -> None:
     """Lower the interpreter's switch interval (``sys.setswitchinterval``) to ``seconds``
     while an offload reads weights from its checkpoint's files; ``None`` (the default)
-    leaves it alone. The reader threads take the GIL several times for each piece they
-    read, and at Python's default of 5 ms a forward's thread that holds it keeps them
-    waiting. Measured on an H200 (benchmarks/RESULTS.md), 0.5 ms helped a model of few
-    large layers (a step at host_limit 0: 560 -> 435 ms) and hurt Qwen-Image, a forward
-    of 1,087 small modules (host_limit 8 GiB: 857 -> 909 ms, one run each): try it on
-    your model. When an offload starts reading while none other does, an interval longer
-    than ``seconds`` is lowered to it; once none reads, it is put back unless it was
-    changed meanwhile. A new setting applies from the next such start. TypeError or
-    ValueError for anything but positive seconds or None."""
+    leaves it alone. The thread that queues the copies of what was read takes the GIL for
+    each piece, and at Python's default of 5 ms a forward's thread that holds it keeps that
+    thread waiting. Measured on an H200 while the reads were still Python threads too
+    (benchmarks/RESULTS.md), 0.5 ms helped a model of few large layers (a step at
+    host_limit 0: 560 -> 435 ms) and hurt Qwen-Image, a forward of 1,087 small modules
+    (host_limit 8 GiB: 857 -> 909 ms, one run each); the reads are native threads now,
+    which never take the GIL. When an offload starts reading while none other does, an
+    interval longer than ``seconds`` is lowered to it; once none reads, it is put back
+    unless it was changed meanwhile. A new setting applies from the next such start.
+    TypeError or ValueError for anything but positive seconds or None."""
     _torch_stream.set_reading_switch_interval(seconds)
 
 

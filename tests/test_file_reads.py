@@ -1,0 +1,240 @@
+"""Checkpoint reads on native threads (aimdo._core.FileReads, and NativeReads, which gives
+them a Reader's descriptors, stamps and errors; issue 14): the bytes read are the file's,
+through the page cache or with the aligned arithmetic of O_DIRECT; a changed, truncated or
+unreadable file comes back as the Reader's CheckpointError; bad requests are refused with
+a clear error before anything is read; close reads what is queued and refuses more."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")  # the test extra installs it: a skip here is a setup error
+
+import aimdo  # noqa: E402
+from aimdo import _core  # noqa: E402
+from aimdo._safetensors import stamp  # noqa: E402
+from aimdo._torch_checkpoint import DIRECT_ALIGN, NativeReads, Reader  # noqa: E402
+from test_file_direct import aligned_buffer, odd_file  # noqa: E402
+
+FILE_BYTES = 3 * DIRECT_ALIGN + 123
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    """A file of FILE_BYTES known bytes: (its path, its bytes, its stamp as a tuple)."""
+    path = tmp_path / "data.bin"
+    data = bytes((i * 7 + 3) % 256 for i in range(FILE_BYTES))
+    path.write_bytes(data)
+    s = stamp(str(path))
+    return str(path), data, (s.size, s.mtime_ns, s.inode)
+
+
+def read_now(reads, *args):
+    ticket = reads.submit(*args)
+    assert reads.wait(ticket)
+    return reads.take(ticket)
+
+
+def test_reads_through_the_cache_give_the_files_bytes(data_file):
+    path, data, file_stamp = data_file
+    fd = os.open(path, os.O_RDONLY)
+    reads = _core.FileReads(3)
+    try:
+        spans = [(0, 1), (5, 4096), (4000, 200), (FILE_BYTES - 17, 17), (0, FILE_BYTES)]
+        buffers = [bytearray(count) for _, count in spans]
+        tickets = [
+            reads.submit(fd, -1, offset, count, memoryview(buffer), *file_stamp)
+            for (offset, count), buffer in zip(spans, buffers, strict=True)
+        ]
+        for ticket in reversed(tickets):  # taken in any order
+            assert reads.wait(ticket)
+            assert reads.take(ticket) == ("done", 0, 0, False)
+        for (offset, count), buffer in zip(spans, buffers, strict=True):
+            assert bytes(buffer) == data[offset : offset + count]
+    finally:
+        reads.close()
+        os.close(fd)
+
+
+def test_aligned_reads_put_the_bytes_at_their_lead_in_an_aligned_buffer(data_file):
+    # A plain descriptor as the direct one: the O_DIRECT arithmetic, whatever the file
+    # system says of O_DIRECT.
+    path, data, file_stamp = data_file
+    fd = os.open(path, os.O_RDONLY)
+    reads = _core.FileReads(2)
+    try:
+        for offset, count in [(0, 10), (4095, 2), (4097, 4096), (FILE_BYTES - 100, 100)]:
+            area = mmap.mmap(-1, count + 2 * DIRECT_ALIGN)  # page-aligned
+            status, _, lead, refused = read_now(reads, fd, fd, offset, count, area, *file_stamp)
+            assert (status, lead, refused) == ("done", offset % DIRECT_ALIGN, False)
+            assert area[lead : lead + count] == data[offset : offset + count]
+            area.close()
+    finally:
+        reads.close()
+        os.close(fd)
+
+
+@pytest.mark.parametrize(
+    ("change", "status"),
+    [
+        (lambda st: (st[0] + 1, st[1], st[2]), "changed"),  # another size
+        (lambda st: (st[0], st[1] + 1, st[2]), "changed"),  # another modification time
+        (lambda st: (st[0], st[1], st[2] + 1), "changed"),  # another file (inode)
+        (lambda st: (-1, 0, 0), "changed"),  # no stamp
+    ],
+)
+def test_a_read_of_a_file_unlike_its_stamp_is_refused_unread(data_file, change, status):
+    path, _, file_stamp = data_file
+    fd = os.open(path, os.O_RDONLY)
+    reads = _core.FileReads(1)
+    buffer = bytearray(16)
+    try:
+        assert read_now(reads, fd, -1, 0, 16, memoryview(buffer), *change(file_stamp))[0] == status
+        assert buffer == bytearray(16)
+    finally:
+        reads.close()
+        os.close(fd)
+
+
+def test_reads_past_the_end_are_truncated_and_a_closed_file_fails(data_file):
+    path, _, file_stamp = data_file
+    fd = os.open(path, os.O_RDONLY)
+    reads = _core.FileReads(1)
+    try:
+        past = read_now(reads, fd, -1, FILE_BYTES - 4, 8, bytearray(8), *file_stamp)
+        assert past[0] == "truncated"
+        area = mmap.mmap(-1, 8 + 2 * DIRECT_ALIGN)
+        assert read_now(reads, fd, fd, FILE_BYTES - 4, 8, area, *file_stamp)[0] == "truncated"
+        area.close()
+    finally:
+        os.close(fd)
+    failed = read_now(reads, fd, -1, 0, 8, bytearray(8), *file_stamp)  # fd closed now
+    assert failed[:2] == ("failed", errno.EBADF)
+    reads.close()
+
+
+def test_an_aligned_read_into_a_buffer_unaligned_or_too_small_is_invalid(data_file):
+    path, _, file_stamp = data_file
+    fd = os.open(path, os.O_RDONLY)
+    reads = _core.FileReads(1)
+    area = mmap.mmap(-1, 4 * DIRECT_ALIGN)
+    try:
+        unaligned = memoryview(area)[1:]
+        assert read_now(reads, fd, fd, 0, 100, unaligned, *file_stamp)[0] == "invalid"
+        small = memoryview(area)[:DIRECT_ALIGN]  # 100 bytes from 4090 span two blocks
+        assert read_now(reads, fd, fd, 4090, 100, small, *file_stamp)[0] == "invalid"
+    finally:
+        del unaligned, small
+        area.close()
+        reads.close()
+        os.close(fd)
+
+
+def test_bad_requests_are_refused_before_anything_is_read(data_file):
+    path, _, file_stamp = data_file
+    reads = _core.FileReads(1)
+    buffer = bytearray(8)
+    with pytest.raises(ValueError, match="fd"):
+        reads.submit(-1, -1, 0, 8, buffer, *file_stamp)
+    with pytest.raises(ValueError, match="direct_fd"):
+        reads.submit(3, -2, 0, 8, buffer, *file_stamp)
+    with pytest.raises(ValueError, match="offset"):
+        reads.submit(3, -1, -1, 8, buffer, *file_stamp)
+    with pytest.raises(ValueError, match="count is larger"):
+        reads.submit(3, -1, 0, 9, buffer, *file_stamp)
+    with pytest.raises(TypeError, match="writable"):
+        reads.submit(3, -1, 0, 8, b"readonly", *file_stamp)
+    with pytest.raises(TypeError):
+        reads.submit(True, -1, 0, 8, buffer, *file_stamp)
+    for bad in (0, 4096 * 4096):
+        with pytest.raises(ValueError, match="threads"):
+            _core.FileReads(bad)
+    with pytest.raises(ValueError, match="not queued"):
+        reads.wait(12345)
+    with pytest.raises(ValueError, match="not done"):
+        reads.take(12345)
+    reads.close()
+
+
+def test_close_reads_what_is_queued_then_refuses_more(data_file):
+    path, data, file_stamp = data_file
+    fd = os.open(path, os.O_RDONLY)
+    reads = _core.FileReads(2)
+    buffers = [bytearray(64) for _ in range(50)]
+    tickets = [
+        reads.submit(fd, -1, i, 64, memoryview(buffer), *file_stamp)
+        for i, buffer in enumerate(buffers)
+    ]
+    del buffers[:25]  # their reads hold them until taken
+    reads.close()
+    assert reads.closed
+    with pytest.raises(aimdo.InvalidStateError):
+        reads.submit(fd, -1, 0, 8, bytearray(8), *file_stamp)
+    for ticket in tickets:
+        assert reads.wait(ticket) and reads.take(ticket)[0] == "done"
+    assert all(bytes(b) == data[i + 25 : i + 25 + 64] for i, b in enumerate(buffers))
+    reads.close()  # again: nothing happens
+    os.close(fd)
+
+
+def test_a_poke_ends_one_wait_at_most(data_file):
+    path, _, file_stamp = data_file
+    fd = os.open(path, os.O_RDONLY)
+    reads = _core.FileReads(1)
+    ticket = reads.submit(fd, -1, 0, 8, bytearray(8), *file_stamp)
+    reads.poke()
+    woken = 0
+    while not reads.wait(ticket):  # False: poked before the read was done
+        woken += 1
+        assert woken == 1, "a poke ended more than one wait"
+    assert reads.take(ticket)[0] == "done"
+    reads.close()
+    os.close(fd)
+
+
+def test_native_reads_raise_the_readers_errors(tmp_path):
+    path, found = odd_file(tmp_path)
+    tensor = max(found.values(), key=lambda t: t.offset)
+    reader = Reader({path: stamp(path)})
+    reads = NativeReads(reader, 1)
+    buffer = aligned_buffer(tensor.nbytes)
+    with pytest.raises(ValueError, match="past tensor"):
+        reads.submit(tensor, buffer, 1, tensor.nbytes)
+    os.truncate(path, tensor.offset + 1)
+    reader.stamps = {path: stamp(path)}  # the file as it is now: only its end is missing
+    with pytest.raises(aimdo.CheckpointError, match=f"ends inside tensor {tensor.name}"):
+        read_now(reads, tensor, buffer, 0, tensor.nbytes)
+    with open(path, "ab") as f:
+        f.write(b"more")
+    with pytest.raises(aimdo.CheckpointError, match="changed since its header was read"):
+        read_now(reads, tensor, buffer, 0, tensor.nbytes)
+    reads.close()
+    reader.close()
+
+
+def test_a_read_the_direct_descriptor_refused_retires_it(tmp_path):
+    path, found = odd_file(tmp_path)
+    reader = Reader({path: stamp(path)}, direct=True)
+    direct_fd = os.open(path, os.O_RDONLY)  # stands in for an O_DIRECT descriptor
+    reader.direct_files[path] = direct_fd
+    reads = NativeReads(reader, 1)
+    tensor = found["b"]
+
+    class Refusing:  # the native answer to a read the O_DIRECT descriptor refused
+        def take(self, ticket):
+            return ("done", 0, 0, True)
+
+        def close(self):
+            pass
+
+    native, reads.reads = reads.reads, Refusing()
+    assert reads.take((1, tensor, direct_fd)) == 0
+    assert reader.direct_files[path] is None and reader.retired == [direct_fd]
+    native.close()
+    reader.close()
+    with pytest.raises(OSError):
+        os.fstat(direct_fd)  # closed with the reader
