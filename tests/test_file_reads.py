@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import threading
 
 import pytest
 
@@ -122,16 +123,16 @@ def test_an_aligned_read_into_a_buffer_unaligned_or_too_small_is_invalid(data_fi
     fd = os.open(path, os.O_RDONLY)
     reads = _core.FileReads(1)
     area = mmap.mmap(-1, 4 * DIRECT_ALIGN)
-    try:
-        unaligned = memoryview(area)[1:]
+    with memoryview(area) as whole:
+        unaligned, small = whole[1:], whole[:DIRECT_ALIGN]
         assert read_now(reads, fd, fd, 0, 100, unaligned, *file_stamp)[0] == "invalid"
-        small = memoryview(area)[:DIRECT_ALIGN]  # 100 bytes from 4090 span two blocks
+        # 100 bytes from 4090 span two blocks: 8192 bytes, more than it holds.
         assert read_now(reads, fd, fd, 4090, 100, small, *file_stamp)[0] == "invalid"
-    finally:
-        del unaligned, small
-        area.close()
-        reads.close()
-        os.close(fd)
+        unaligned.release()
+        small.release()
+    area.close()
+    reads.close()
+    os.close(fd)
 
 
 def test_bad_requests_are_refused_before_anything_is_read(data_file):
@@ -181,18 +182,58 @@ def test_close_reads_what_is_queued_then_refuses_more(data_file):
     os.close(fd)
 
 
-def test_a_poke_ends_one_wait_at_most(data_file):
+def zero_stamp() -> tuple[int, int, int]:
+    status = os.stat("/dev/zero")
+    return status.st_size, status.st_mtime_ns, status.st_ino
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="no /dev/zero")
+def test_a_poke_ends_a_wait_for_a_read_not_done_once(data_file):
     path, _, file_stamp = data_file
+    zero = os.open("/dev/zero", os.O_RDONLY)
     fd = os.open(path, os.O_RDONLY)
-    reads = _core.FileReads(1)
-    ticket = reads.submit(fd, -1, 0, 8, bytearray(8), *file_stamp)
-    reads.poke()
-    woken = 0
-    while not reads.wait(ticket):  # False: poked before the read was done
-        woken += 1
-        assert woken == 1, "a poke ended more than one wait"
-    assert reads.take(ticket)[0] == "done"
+    reads = _core.FileReads(1)  # one thread: the reads run one after the other
+    big = bytearray(128 << 20)
+    ahead = [reads.submit(zero, -1, 0, len(big), big, *zero_stamp()) for _ in range(16)]
+    ticket = reads.submit(fd, -1, 0, 8, bytearray(8), *file_stamp)  # behind 2 GiB of zeros
+    stop = threading.Event()
+
+    def poke_until_stopped():
+        while not stop.wait(0.005):
+            reads.poke()
+
+    poker = threading.Thread(target=poke_until_stopped)
+    poker.start()
+    try:
+        assert not reads.wait(ticket)  # poked while the reads ahead ran
+        while not reads.wait(ticket):  # each wait ended by one poke, until it is read
+            pass
+        assert reads.take(ticket)[0] == "done"
+    finally:
+        stop.set()
+        poker.join()
+    for t in ahead:
+        assert reads.wait(t) and reads.take(t)[0] == "done"
+    with pytest.raises(ValueError, match="not queued"):
+        reads.wait(ticket)  # taken
     reads.close()
+    os.close(fd)
+    os.close(zero)
+
+
+def test_closes_from_two_threads_both_return_once_the_reads_are_done(data_file):
+    path, data, file_stamp = data_file
+    fd = os.open(path, os.O_RDONLY)
+    reads = _core.FileReads(2)
+    buffers = [bytearray(FILE_BYTES) for _ in range(64)]
+    tickets = [reads.submit(fd, -1, 0, FILE_BYTES, b, *file_stamp) for b in buffers]
+    other = threading.Thread(target=reads.close)
+    other.start()
+    reads.close()
+    other.join()
+    # Both closes returned: every queued read is done (take refuses one that is not).
+    assert all(reads.take(t)[0] == "done" for t in tickets)
+    assert all(bytes(b) == data for b in buffers)
     os.close(fd)
 
 

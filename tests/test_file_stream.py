@@ -35,7 +35,8 @@ class FakeFiles:
     into a buffer whose last piece is not copied yet fails the test (the stream's copies
     give the buffer back: see new_stream)."""
 
-    def __init__(self, held=(), failing=(), check_reuse=True):
+    def __init__(self, held=(), failing=(), check_reuse=True, unopenable=()):
+        self.unopenable = set(unopenable)  # tensors whose file cannot be opened
         self.started: list[tuple[str, int]] = []
         self.ended: list[tuple[str, int]] = []
         self.held = {key: threading.Event() for key in held}
@@ -112,6 +113,8 @@ class FakeReads:
         self.poked = False
 
     def submit(self, tensor, into, start, count):
+        if tensor.name in self.files.unopenable:  # as NativeReads.submit: it opens the file
+            raise CheckpointError(f"{tensor.path}: cannot be read (no such file)")
         future = self.pool.submit(self.files.read, tensor, into[:count], start)
         future.add_done_callback(self._done)
         return future
@@ -248,6 +251,27 @@ def test_a_failed_read_fails_its_own_block_after_its_reads_end_and_the_others_la
     files.failing.clear()
     s.copy_in(blocks[1], targets[1])
     assert torch.equal(targets[1], expected("b", 3))
+    s.close()
+
+
+def test_a_file_that_cannot_be_opened_fails_its_own_block_only(small_ring):
+    files = FakeFiles(held=[("a", PIECE)], unopenable=["b"])
+    s = new_stream(files)
+    blocks = [block_of("a", 2), block_of("b", 2), block_of("c", 2)]
+    targets = targets_of(*blocks)
+    pending = [s.copy_ahead(b, t, None, None, False) for b, t in zip(blocks, targets, strict=True)]
+    # b is refused while a's second read is still held: a's pieces still land.
+    wait_until(lambda: ("c", 0) in files.started)
+    files.held["a", PIECE].set()
+    assert settled(pending[0]) == (None, None, None)
+    with pytest.raises(CheckpointError, match="b.safetensors: cannot be read"):
+        settled(pending[1])
+    assert settled(pending[2]) == (None, None, None)
+    assert torch.equal(targets[0], expected("a", 2)) and torch.equal(targets[2], expected("c", 2))
+    assert torch.count_nonzero(targets[1]) == 0
+    files.unopenable.clear()  # the file is back: the next copy of b reads it
+    s.copy_in(blocks[1], targets[1])
+    assert torch.equal(targets[1], expected("b", 2))
     s.close()
 
 

@@ -139,14 +139,19 @@ std::uint64_t FileReads::submit(const ReadRequest& request) {
 
 bool FileReads::wait(std::uint64_t ticket) {
   std::unique_lock<std::mutex> lock(mutex_);
-  auto found = tickets_.find(ticket);
-  if (found == tickets_.end()) {
-    throw InvalidArgumentError("read " + std::to_string(ticket) + " is not queued");
-  }
-  // The map's nodes stay put while others are inserted or erased.
-  const bool& done = found->second.first;
-  done_.wait(lock, [&] { return done || poked_; });
-  if (done) return true;
+  // -1: not queued (or taken meanwhile, by another thread), 0: reading, 1: done.
+  const auto state = [&] {
+    const auto found = tickets_.find(ticket);
+    return found == tickets_.end() ? -1 : found->second.first ? 1 : 0;
+  };
+  int now = state();
+  if (now < 0) throw InvalidArgumentError("read " + std::to_string(ticket) + " is not queued");
+  done_.wait(lock, [&] {
+    now = state();
+    return now != 0 || poked_;
+  });
+  if (now < 0) throw InvalidArgumentError("read " + std::to_string(ticket) + " was taken");
+  if (now == 1) return true;
   poked_ = false;
   return false;
 }
@@ -169,14 +174,21 @@ ReadResult FileReads::take(std::uint64_t ticket) {
 }
 
 void FileReads::close() {
-  std::vector<std::thread> threads;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    closing_ = true;
-    threads.swap(threads_);  // joined by this call only
-    work_.notify_all();
+  std::unique_lock<std::mutex> lock(mutex_);
+  closing_ = true;
+  work_.notify_all();
+  if (joining_) {  // another close joins the threads: wait for it
+    joined_cv_.wait(lock, [this] { return joined_; });
+    return;
   }
+  joining_ = true;
+  std::vector<std::thread> threads;
+  threads.swap(threads_);
+  lock.unlock();
   for (auto& thread : threads) thread.join();
+  lock.lock();
+  joined_ = true;
+  joined_cv_.notify_all();
 }
 
 bool FileReads::closed() const {

@@ -160,7 +160,7 @@ class FileStream:
     def __init__(self, stamps, pin: bool, largest: int | None = None, direct: bool = False):
         self.reader = Reader(stamps, direct)
         self.pin = pin
-        self.direct = direct  # read with O_DIRECT (Reader.read_into), past the page cache
+        self.direct = direct  # read with O_DIRECT (NativeReads), past the page cache
         # Each buffer: RING_BUFFER_BYTES, or the largest tensor read when that is smaller.
         self.buffer_bytes = (
             RING_BUFFER_BYTES if largest is None else min(RING_BUFFER_BYTES, max(1, largest))
@@ -275,7 +275,7 @@ class FileStream:
 
     def _pump_jobs(self) -> None:
         ring = self.buffers
-        reading: deque = deque()  # (job, offset in storage, bytes, buffer, read's future)
+        reading: deque = deque()  # (job, offset in storage, bytes, buffer, read's ticket)
         jobs: deque[_Job] = deque()  # taken, not yet finished, in order
         try:
             while True:
@@ -298,7 +298,12 @@ class FileStream:
                     buffer = ring[self.turn]
                     self.turn = (self.turn + 1) % len(ring)
                     self._wait_free(job, buffer)
-                    ticket = self.reads.submit(tensor, buffer.tensor, start, count)
+                    try:
+                        ticket = self.reads.submit(tensor, buffer.tensor, start, count)
+                    except Exception as error:  # noqa: BLE001 - the job's (a file not opened)
+                        job.error = job.error or error
+                        job.exhausted = True  # its pieces not read yet are dropped
+                        continue
                     job.reads += 1
                     reading.append((job, offset, count, buffer, ticket))
                 if reading:

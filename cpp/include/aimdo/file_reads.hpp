@@ -63,14 +63,16 @@ class FileReads {
   // Queue a read; returns its ticket. InvalidStateError once closed.
   std::uint64_t submit(const ReadRequest& request);
   // Wait until the ticket's read is done (true), or poke() was called since the last
-  // wait returned (false). InvalidArgumentError for a ticket not queued or taken.
+  // wait returned (false). InvalidArgumentError for a ticket not queued, or taken (by
+  // another thread) while this one waited.
   bool wait(std::uint64_t ticket);
   // Wake the wait in progress (or the next one): there is other work for its caller.
   void poke();
   // The result of a done read, forgotten once taken. InvalidArgumentError for a ticket
   // not done, not queued or taken already.
   ReadResult take(std::uint64_t ticket);
-  // Read what is queued, then stop the threads. Idempotent.
+  // Read what is queued, then stop the threads; returns once they are stopped, from
+  // whichever thread calls it. Idempotent.
   void close();
   bool closed() const;
 
@@ -86,6 +88,9 @@ class FileReads {
   std::uint64_t next_ = 1;
   bool poked_ = false;
   bool closing_ = false;
+  bool joining_ = false;  // a close is joining the threads
+  bool joined_ = false;   // they are joined
+  std::condition_variable joined_cv_;
   std::vector<std::thread> threads_;
 };
 
