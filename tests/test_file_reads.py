@@ -6,6 +6,7 @@ a clear error before anything is read; close reads what is queued and refuses mo
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -26,12 +27,30 @@ FILE_BYTES = 3 * DIRECT_ALIGN + 123
 
 @pytest.fixture
 def data_file(tmp_path):
-    """A file of FILE_BYTES known bytes: (its path, its bytes, its stamp as a tuple)."""
+    """A file of FILE_BYTES known bytes, open: (its descriptor, its bytes, its stamp as a
+    tuple). The descriptor is closed after the test (unless the test closed it)."""
     path = tmp_path / "data.bin"
     data = bytes((i * 7 + 3) % 256 for i in range(FILE_BYTES))
     path.write_bytes(data)
     s = stamp(str(path))
-    return str(path), data, (s.size, s.mtime_ns, s.inode)
+    fd = os.open(path, os.O_RDONLY)
+    yield fd, data, (s.size, s.mtime_ns, s.inode)
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+@pytest.fixture
+def new_reads():
+    """FileReads(threads), each closed after the test."""
+    made = []
+
+    def make(threads: int):
+        made.append(_core.FileReads(threads))
+        return made[-1]
+
+    yield make
+    for reads in made:
+        reads.close()
 
 
 def read_now(reads, *args):
@@ -40,88 +59,68 @@ def read_now(reads, *args):
     return reads.take(ticket)
 
 
-def test_reads_through_the_cache_give_the_files_bytes(data_file):
-    path, data, file_stamp = data_file
-    fd = os.open(path, os.O_RDONLY)
-    reads = _core.FileReads(3)
-    try:
-        spans = [(0, 1), (5, 4096), (4000, 200), (FILE_BYTES - 17, 17), (0, FILE_BYTES)]
-        buffers = [bytearray(count) for _, count in spans]
-        tickets = [
-            reads.submit(fd, -1, offset, count, memoryview(buffer), *file_stamp)
-            for (offset, count), buffer in zip(spans, buffers, strict=True)
-        ]
-        for ticket in reversed(tickets):  # taken in any order
-            assert reads.wait(ticket)
-            assert reads.take(ticket) == ("done", 0, 0, False)
-        for (offset, count), buffer in zip(spans, buffers, strict=True):
-            assert bytes(buffer) == data[offset : offset + count]
-    finally:
-        reads.close()
-        os.close(fd)
+def test_reads_through_the_cache_give_the_files_bytes(data_file, new_reads):
+    fd, data, file_stamp = data_file
+    reads = new_reads(3)
+    spans = [(0, 1), (5, 4096), (4000, 200), (FILE_BYTES - 17, 17), (0, FILE_BYTES)]
+    buffers = [bytearray(count) for _, count in spans]
+    tickets = [
+        reads.submit(fd, -1, offset, count, memoryview(buffer), *file_stamp)
+        for (offset, count), buffer in zip(spans, buffers, strict=True)
+    ]
+    for ticket in reversed(tickets):  # taken in any order
+        assert reads.wait(ticket)
+        assert reads.take(ticket) == ("done", 0, 0, False)
+    for (offset, count), buffer in zip(spans, buffers, strict=True):
+        assert bytes(buffer) == data[offset : offset + count]
 
 
-def test_aligned_reads_put_the_bytes_at_their_lead_in_an_aligned_buffer(data_file):
+def test_aligned_reads_put_the_bytes_at_their_lead_in_an_aligned_buffer(data_file, new_reads):
     # A plain descriptor as the direct one: the O_DIRECT arithmetic, whatever the file
     # system says of O_DIRECT.
-    path, data, file_stamp = data_file
-    fd = os.open(path, os.O_RDONLY)
-    reads = _core.FileReads(2)
-    try:
-        for offset, count in [(0, 10), (4095, 2), (4097, 4096), (FILE_BYTES - 100, 100)]:
-            area = mmap.mmap(-1, count + 2 * DIRECT_ALIGN)  # page-aligned
-            status, _, lead, refused = read_now(reads, fd, fd, offset, count, area, *file_stamp)
-            assert (status, lead, refused) == ("done", offset % DIRECT_ALIGN, False)
-            assert area[lead : lead + count] == data[offset : offset + count]
-            area.close()
-    finally:
-        reads.close()
-        os.close(fd)
+    fd, data, file_stamp = data_file
+    reads = new_reads(2)
+    for offset, count in [(0, 10), (4095, 2), (4097, 4096), (FILE_BYTES - 100, 100)]:
+        area = mmap.mmap(-1, count + 2 * DIRECT_ALIGN)  # page-aligned
+        status, _, lead, refused = read_now(reads, fd, fd, offset, count, area, *file_stamp)
+        assert (status, lead, refused) == ("done", offset % DIRECT_ALIGN, False)
+        assert area[lead : lead + count] == data[offset : offset + count]
+        area.close()
 
 
 @pytest.mark.parametrize(
-    ("change", "status"),
+    "change",
     [
-        (lambda st: (st[0] + 1, st[1], st[2]), "changed"),  # another size
-        (lambda st: (st[0], st[1] + 1, st[2]), "changed"),  # another modification time
-        (lambda st: (st[0], st[1], st[2] + 1), "changed"),  # another file (inode)
-        (lambda st: (-1, 0, 0), "changed"),  # no stamp
+        lambda st: (st[0] + 1, st[1], st[2]),  # another size
+        lambda st: (st[0], st[1] + 1, st[2]),  # another modification time
+        lambda st: (st[0], st[1], st[2] + 1),  # another file (inode)
+        lambda st: (-1, 0, 0),  # no stamp
     ],
 )
-def test_a_read_of_a_file_unlike_its_stamp_is_refused_unread(data_file, change, status):
-    path, _, file_stamp = data_file
-    fd = os.open(path, os.O_RDONLY)
-    reads = _core.FileReads(1)
+def test_a_read_of_a_file_unlike_its_stamp_is_refused_unread(data_file, new_reads, change):
+    fd, _, file_stamp = data_file
+    reads = new_reads(1)
     buffer = bytearray(16)
-    try:
-        assert read_now(reads, fd, -1, 0, 16, memoryview(buffer), *change(file_stamp))[0] == status
-        assert buffer == bytearray(16)
-    finally:
-        reads.close()
-        os.close(fd)
+    assert read_now(reads, fd, -1, 0, 16, memoryview(buffer), *change(file_stamp))[0] == "changed"
+    assert buffer == bytearray(16)
 
 
-def test_reads_past_the_end_are_truncated_and_a_closed_file_fails(data_file):
-    path, _, file_stamp = data_file
-    fd = os.open(path, os.O_RDONLY)
-    reads = _core.FileReads(1)
-    try:
-        past = read_now(reads, fd, -1, FILE_BYTES - 4, 8, bytearray(8), *file_stamp)
-        assert past[0] == "truncated"
-        area = mmap.mmap(-1, 8 + 2 * DIRECT_ALIGN)
-        assert read_now(reads, fd, fd, FILE_BYTES - 4, 8, area, *file_stamp)[0] == "truncated"
-        area.close()
-    finally:
-        os.close(fd)
+def test_reads_past_the_end_are_truncated_and_a_closed_file_fails(data_file, new_reads):
+    fd, _, file_stamp = data_file
+    reads = new_reads(1)
+    past = read_now(reads, fd, -1, FILE_BYTES - 4, 8, bytearray(8), *file_stamp)
+    assert past[0] == "truncated"
+    area = mmap.mmap(-1, 8 + 2 * DIRECT_ALIGN)
+    assert read_now(reads, fd, fd, FILE_BYTES - 4, 8, area, *file_stamp)[0] == "truncated"
+    area.close()
+    os.close(fd)
     failed = read_now(reads, fd, -1, 0, 8, bytearray(8), *file_stamp)  # fd closed now
     assert failed[:2] == ("failed", errno.EBADF)
-    reads.close()
 
 
-def test_an_aligned_read_into_a_buffer_unaligned_or_too_small_is_invalid(data_file):
-    path, _, file_stamp = data_file
-    fd = os.open(path, os.O_RDONLY)
-    reads = _core.FileReads(1)
+def test_an_aligned_read_into_a_buffer_unaligned_or_too_small_is_invalid(data_file, new_reads):
+    fd, _, file_stamp = data_file
+    reads = new_reads(1)
     area = mmap.mmap(-1, 4 * DIRECT_ALIGN)
     with memoryview(area) as whole:
         unaligned, small = whole[1:], whole[:DIRECT_ALIGN]
@@ -131,24 +130,22 @@ def test_an_aligned_read_into_a_buffer_unaligned_or_too_small_is_invalid(data_fi
         unaligned.release()
         small.release()
     area.close()
-    reads.close()
-    os.close(fd)
 
 
-def test_bad_requests_are_refused_before_anything_is_read(data_file):
-    path, _, file_stamp = data_file
-    reads = _core.FileReads(1)
+def test_bad_requests_are_refused_before_anything_is_read(data_file, new_reads):
+    fd, _, file_stamp = data_file
+    reads = new_reads(1)
     buffer = bytearray(8)
     with pytest.raises(ValueError, match="fd"):
         reads.submit(-1, -1, 0, 8, buffer, *file_stamp)
     with pytest.raises(ValueError, match="direct_fd"):
-        reads.submit(3, -2, 0, 8, buffer, *file_stamp)
+        reads.submit(fd, -2, 0, 8, buffer, *file_stamp)
     with pytest.raises(ValueError, match="offset"):
-        reads.submit(3, -1, -1, 8, buffer, *file_stamp)
+        reads.submit(fd, -1, -1, 8, buffer, *file_stamp)
     with pytest.raises(ValueError, match="count is larger"):
-        reads.submit(3, -1, 0, 9, buffer, *file_stamp)
+        reads.submit(fd, -1, 0, 9, buffer, *file_stamp)
     with pytest.raises(TypeError, match="writable"):
-        reads.submit(3, -1, 0, 8, b"readonly", *file_stamp)
+        reads.submit(fd, -1, 0, 8, b"readonly", *file_stamp)
     with pytest.raises(TypeError):
         reads.submit(True, -1, 0, 8, buffer, *file_stamp)
     for bad in (0, 4096 * 4096):
@@ -158,13 +155,11 @@ def test_bad_requests_are_refused_before_anything_is_read(data_file):
         reads.wait(12345)
     with pytest.raises(ValueError, match="not done"):
         reads.take(12345)
-    reads.close()
 
 
-def test_close_reads_what_is_queued_then_refuses_more(data_file):
-    path, data, file_stamp = data_file
-    fd = os.open(path, os.O_RDONLY)
-    reads = _core.FileReads(2)
+def test_close_reads_what_is_queued_then_refuses_more(data_file, new_reads):
+    fd, data, file_stamp = data_file
+    reads = new_reads(2)
     buffers = [bytearray(64) for _ in range(50)]
     tickets = [
         reads.submit(fd, -1, i, 64, memoryview(buffer), *file_stamp)
@@ -179,7 +174,6 @@ def test_close_reads_what_is_queued_then_refuses_more(data_file):
         assert reads.wait(ticket) and reads.take(ticket)[0] == "done"
     assert all(bytes(b) == data[i + 25 : i + 25 + 64] for i, b in enumerate(buffers))
     reads.close()  # again: nothing happens
-    os.close(fd)
 
 
 def zero_stamp() -> tuple[int, int, int]:
@@ -188,11 +182,10 @@ def zero_stamp() -> tuple[int, int, int]:
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="no /dev/zero")
-def test_a_poke_ends_a_wait_for_a_read_not_done_once(data_file):
-    path, _, file_stamp = data_file
+def test_a_poke_ends_a_wait_for_a_read_not_done_once(data_file, new_reads):
+    fd, _, file_stamp = data_file
     zero = os.open("/dev/zero", os.O_RDONLY)
-    fd = os.open(path, os.O_RDONLY)
-    reads = _core.FileReads(1)  # one thread: the reads run one after the other
+    reads = new_reads(1)  # one thread: the reads run one after the other
     big = bytearray(128 << 20)
     ahead = [reads.submit(zero, -1, 0, len(big), big, *zero_stamp()) for _ in range(16)]
     ticket = reads.submit(fd, -1, 0, 8, bytearray(8), *file_stamp)  # behind 2 GiB of zeros
@@ -217,14 +210,12 @@ def test_a_poke_ends_a_wait_for_a_read_not_done_once(data_file):
     with pytest.raises(ValueError, match="not queued"):
         reads.wait(ticket)  # taken
     reads.close()
-    os.close(fd)
     os.close(zero)
 
 
-def test_closes_from_two_threads_both_return_once_the_reads_are_done(data_file):
-    path, data, file_stamp = data_file
-    fd = os.open(path, os.O_RDONLY)
-    reads = _core.FileReads(2)
+def test_closes_from_two_threads_both_return_once_the_reads_are_done(data_file, new_reads):
+    fd, data, file_stamp = data_file
+    reads = new_reads(2)
     buffers = [bytearray(FILE_BYTES) for _ in range(64)]
     tickets = [reads.submit(fd, -1, 0, FILE_BYTES, b, *file_stamp) for b in buffers]
     other = threading.Thread(target=reads.close)
@@ -234,7 +225,6 @@ def test_closes_from_two_threads_both_return_once_the_reads_are_done(data_file):
     # Both closes returned: every queued read is done (take refuses one that is not).
     assert all(reads.take(t)[0] == "done" for t in tickets)
     assert all(bytes(b) == data for b in buffers)
-    os.close(fd)
 
 
 def test_native_reads_raise_the_readers_errors(tmp_path):

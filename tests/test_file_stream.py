@@ -319,24 +319,33 @@ def test_a_job_that_fails_as_it_finishes_is_failed_not_left_waiting(small_ring, 
     s.close()
 
 
+class InterruptedOnce:
+    """The stream's worker, its first submit interrupted (KeyboardInterrupt): before the
+    pump is queued, or (`queued`) after, as it returns."""
+
+    def __init__(self, queued: bool):
+        self.real = ThreadPoolExecutor(1)
+        self.queued = queued
+        self.interrupts = [KeyboardInterrupt()]
+
+    def submit(self, *args):
+        if self.interrupts and not self.queued:
+            raise self.interrupts.pop()
+        future = self.real.submit(*args)
+        if self.interrupts:
+            raise self.interrupts.pop()
+        return future
+
+    def shutdown(self, wait=True):
+        self.real.shutdown(wait=wait)
+
+
 def test_an_interrupt_before_the_pump_starts_takes_the_job_back(small_ring, python_default):
     files = FakeFiles()
     s = new_stream(files)
     a = block_of("a", 1)
     (into_a,) = targets_of(a)
-    real = ThreadPoolExecutor(1)
-    interrupts = [KeyboardInterrupt()]
-
-    class Interrupted:
-        def submit(self, *args):
-            if interrupts:
-                raise interrupts.pop()
-            return real.submit(*args)
-
-        def shutdown(self, wait=True):
-            real.shutdown(wait=wait)
-
-    s.worker = Interrupted()
+    s.worker = InterruptedOnce(queued=False)
     with pytest.raises(KeyboardInterrupt):
         s.copy_ahead(a, into_a, None, None, False)
     assert not s._queued and not s._pumping
@@ -494,23 +503,10 @@ def test_a_pump_queued_though_its_submit_was_interrupted_releases_the_interval_o
     s = new_stream(files)
     a = block_of("a", 1)
     (into_a,) = targets_of(a)
-    real = ThreadPoolExecutor(1)
-    interrupts = [KeyboardInterrupt()]
-
-    class QueuedThenInterrupted:
-        def submit(self, *args):
-            future = real.submit(*args)
-            if interrupts:
-                raise interrupts.pop()  # queued, and interrupted before returning
-            return future
-
-        def shutdown(self, wait=True):
-            real.shutdown(wait=wait)
-
-    s.worker = QueuedThenInterrupted()
+    s.worker = worker = InterruptedOnce(queued=True)
     with pytest.raises(KeyboardInterrupt):
         s.copy_ahead(a, into_a, None, None, False)
-    real.submit(lambda: None).result(timeout=WAIT)  # the queued pump has run and ended
+    worker.real.submit(lambda: None).result(timeout=WAIT)  # the queued pump has run and ended
     assert sys.getswitchinterval() == DEFAULT_SWITCH
     # Counted out once: the next pump lowers the interval and puts it back again.
     files.held["a", 0] = threading.Event()
