@@ -97,9 +97,11 @@ def settled(pending):
 
 @pytest.fixture
 def small_ring(monkeypatch):
+    """A ring of 4 buffers of PIECE bytes, read by 2 threads whatever the host's CPUs."""
     monkeypatch.setattr(stream, "READERS", 2)
     monkeypatch.setattr(stream, "RING_BUFFERS", 4)
     monkeypatch.setattr(stream, "RING_BUFFER_BYTES", PIECE)
+    monkeypatch.setattr(stream, "reader_threads", lambda: 2)
 
 
 class FakeReads:
@@ -519,4 +521,15 @@ def test_a_pump_queued_though_its_submit_was_interrupted_releases_the_interval_o
     settled(pending)
     s.drain()
     assert sys.getswitchinterval() == DEFAULT_SWITCH
+    s.close()
+
+
+@pytest.mark.parametrize(("cpus", "threads"), [(1, 1), (2, 1), (6, 3), (16, 8), (64, 8)])
+def test_the_ring_reads_with_at_most_half_the_cpus(monkeypatch, cpus, threads):
+    monkeypatch.setattr(stream.os, "sched_getaffinity", lambda _pid: set(range(cpus)))
+    made = []
+    s = stream.FileStream({}, pin=False)
+    s.make_reads = lambda _reader, n: made.append(n) or FakeReads(FakeFiles(), n)
+    s._ring()
+    assert made == [threads] and stream.READERS == 8
     s.close()

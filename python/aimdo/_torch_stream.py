@@ -36,6 +36,18 @@ RING_BUFFERS = 2 * READERS
 RING_BUFFER_BYTES = 16 << 20
 
 
+def reader_threads() -> int:
+    """The ring's reader threads: READERS, but at most half the CPUs this process may run
+    on (at least one). A native reader copies from the page cache with the CPU and never
+    waits for the GIL, so on a small host eight of them would take the cores the forward's
+    thread runs on (benchmarks/RESULTS.md, native readers beside a busy Python thread)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 2
+    return max(1, min(READERS, cpus // 2))
+
+
 #: While a FileStream's pump runs, the interpreter's switch interval is lowered to this
 #: many seconds, when it is longer; None (the default) leaves it alone. Why, and what it
 #: did on an H200: aimdo.torch.set_reading_switch_interval.
@@ -204,7 +216,7 @@ class FileStream:
                     if buffer.unpin is not None:
                         buffer.unpin()
                 raise
-            self.reads = self.make_reads(self.reader, READERS)
+            self.reads = self.make_reads(self.reader, reader_threads())
             self.buffers = made
         return self.buffers
 
