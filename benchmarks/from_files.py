@@ -274,6 +274,7 @@ def child(args) -> dict:
 
             readers, mib, *buffers = (int(n) for n in args.ring.split("x"))
             _torch_stream.READERS = readers
+            _torch_stream.reader_threads = lambda: readers  # whatever the host's CPUs
             _torch_stream.RING_BUFFERS = buffers[0] if buffers else 2 * readers
             _torch_stream.RING_BUFFER_BYTES = mib << 20
         handle = atorch.offload(
