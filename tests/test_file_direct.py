@@ -16,7 +16,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import aimdo  # noqa: E402
 import aimdo.torch as atorch  # noqa: E402
-from aimdo import _torch_stream  # noqa: E402
+from aimdo import _torch_stream, _torch_tiers  # noqa: E402
 from aimdo._safetensors import read_checkpoint, stamp  # noqa: E402
 from aimdo._torch_checkpoint import DIRECT_ALIGN, NativeReads, Reader  # noqa: E402
 from aimdo._torch_offload import offloaded_by  # noqa: E402
@@ -180,15 +180,15 @@ def test_o_direct_is_chosen_when_the_page_cache_could_not_keep_what_every_forwar
     tmp_path, monkeypatch, every, refused, expected
 ):
     path, _ = odd_file(tmp_path)
-    monkeypatch.setattr(_torch_stream, "available_host_bytes", lambda: 10 << 30)
+    monkeypatch.setattr(_torch_tiers, "available_host_bytes", lambda: 10 << 30)
     if refused:
         refuse_o_direct(monkeypatch)
-    assert _torch_stream.reads_direct(every, 2 << 30, path) == expected
+    assert _torch_tiers.reads_direct(every, 2 << 30, path) == expected
 
 
 def test_without_o_direct_the_files_are_read_through_the_page_cache(monkeypatch):
     monkeypatch.delattr(os, "O_DIRECT", raising=False)
-    assert _torch_stream.reads_direct(1 << 40, 0) == (
+    assert _torch_tiers.reads_direct(1 << 40, 0) == (
         False,
         "through the page cache (no O_DIRECT here)",
     )

@@ -28,7 +28,7 @@ from . import _core
 from . import torch as atorch
 from ._manager import Manager, resolve_backend
 from ._sizes import format_size
-from ._torch_stream import available_host_bytes
+from ._torch_tiers import available_host_bytes
 from .sim import SimBackend
 
 

@@ -21,13 +21,8 @@ from ._torch_host import HostWeights
 from ._torch_layout import Binding, lay_out
 from ._torch_offload import _ABSENT, Runner, _TorchExecutor, make_forward
 from ._torch_options import declared_order, forced_tiers
-from ._torch_stream import (
-    FileStream,
-    host_limit_bytes,
-    left_in_files,
-    read_bandwidth,
-    reads_direct,
-)
+from ._torch_stream import FileStream
+from ._torch_tiers import host_limit_bytes, left_in_files, read_bandwidth, reads_direct
 from ._torch_tune import START, PrefetchTuner
 from .sim import SimBackend
 

@@ -10,7 +10,6 @@ never take the GIL.
 
 from __future__ import annotations
 
-import mmap
 import os
 import sys
 import threading
@@ -22,8 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from ._core import InvalidStateError
-from ._sizes import format_size
-from ._torch_checkpoint import DIRECT_ALIGN, NativeReads, Reader, open_direct
+from ._torch_checkpoint import DIRECT_ALIGN, NativeReads, Reader
 from ._torch_host import pin_tensor
 
 #: The ring: this many buffers of this many bytes (pinned on CUDA), and this many native
@@ -461,161 +459,6 @@ class FileStream:
         step(self.reader.close)
         if failure is not None:
             raise failure
-
-
-#: host_limit="auto" pins at most this fraction of the host memory available when the
-#: module is offloaded (MemAvailable), leaving the rest to the process and the page cache.
-AUTO_HOST_FRACTION = 0.5
-
-
-def available_host_bytes() -> int:
-    """The host memory available now (Linux: MemAvailable), or the free pages' bytes."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def host_limit_bytes(host_limit, weights: int) -> tuple[int, str]:
-    """The bytes of weights to pin for `host_limit` (None: all; "auto"; bytes), and why."""
-    if host_limit is None:
-        return weights, "host_limit=None pins every weight"
-    if host_limit == "auto":
-        available = available_host_bytes()
-        limit = int(available * AUTO_HOST_FRACTION)
-        if weights <= limit:
-            return weights, (
-                f"host_limit='auto': the weights fit in {AUTO_HOST_FRACTION:.0%} of the "
-                f"{format_size(available)} of host memory available"
-            )
-        return limit, (
-            f"host_limit='auto': {AUTO_HOST_FRACTION:.0%} of the {format_size(available)} of "
-            "host memory available"
-        )
-    return host_limit, f"host_limit={format_size(host_limit)}"
-
-
-#: Bytes read to measure how fast the checkpoint's files read (in reads of PROBE_READ).
-PROBE_BYTES = 64 << 20
-PROBE_READ = 8 << 20
-
-
-def read_bandwidth(blocks, direct: bool = False) -> float | None:
-    """Bytes a second that reading `blocks`' sources from their files gives now (from the
-    page cache where the files are there, else the disk; with `direct`, O_DIRECT where the
-    file system has it): PROBE_BYTES of the largest tensor's file, read in order from that
-    tensor's first byte (its aligned block, with `direct`). None when nothing reads."""
-    sources = [w.source for block in blocks for w in block.weights if w.source is not None]
-    if not sources:
-        return None
-    largest = max(sources, key=lambda t: t.nbytes)
-    want = min(PROBE_BYTES, largest.nbytes)
-    first = largest.offset - largest.offset % DIRECT_ALIGN if direct else largest.offset
-    fd = open_direct(largest.path) if direct else None  # None: as the stream will, cached
-    try:
-        if fd is None:
-            fd = os.open(largest.path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        buffer = mmap.mmap(-1, PROBE_READ)  # page-aligned, as O_DIRECT needs
-    except OSError:
-        os.close(fd)
-        return None
-    try:
-        began, done = time.perf_counter(), 0
-        while done < want:
-            got = os.preadv(fd, [buffer], first + done)
-            if got == 0:
-                break
-            done += got
-        seconds = time.perf_counter() - began
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-        buffer.close()
-    return done / seconds if done and seconds > 0 else None
-
-
-def reads_direct(
-    every: int, pinned: int, path: str | None = None, forced: str = "auto"
-) -> tuple[bool, str]:
-    """Whether the files are read with O_DIRECT (past the page cache), and why. `every`:
-    the bytes read from the files at every forward (the streamed blocks placed beyond the
-    VRAM budget; the others are read again only after an eviction); `pinned`: the bytes
-    pinned; `path`: a file of the checkpoint, to ask its file system. Through the page
-    cache, what is read at every forward comes from memory once cached (35 GB/s on an
-    H200's host against 1.5 GB/s from its disk: benchmarks/RESULTS.md); that pays when the
-    cache can keep it. When it exceeds the host memory available beside the pinned
-    weights, the cache cannot: every read goes to the disk anyway, and through the cache
-    it would also copy each byte once more and push out the pages of everything else.
-    Then O_DIRECT, where the platform and the file system have it. `forced`: offload's
-    file_reads ("cached" or "direct" decide; "auto" chooses as above)."""
-    if forced == "cached":
-        return False, "through the page cache (file_reads='cached')"
-    if forced == "direct":
-        return True, "with O_DIRECT where the file system takes it (file_reads='direct')"
-    if not hasattr(os, "O_DIRECT"):
-        return False, "through the page cache (no O_DIRECT here)"
-    room = available_host_bytes() - pinned
-    if every <= room:
-        return False, (
-            f"through the page cache, which can keep the {format_size(every)} read at every "
-            f"forward ({format_size(room)} of host memory available beside the pinned weights)"
-        )
-    if path is not None:
-        fd = open_direct(path)
-        if fd is None:
-            return False, "through the page cache (its file system refuses O_DIRECT)"
-        os.close(fd)
-    return True, (
-        f"with O_DIRECT: the page cache could not keep the {format_size(every)} read at "
-        f"every forward (the host has {format_size(max(room, 0))} available beside the "
-        "pinned weights)"
-    )
-
-
-def streamable(block) -> bool:
-    """Whether every weight of `block` is a meta weight with a checkpoint source."""
-    return bool(block.weights) and all(
-        w.source is not None and w.tensor.device.type == "meta" for w in block.weights
-    )
-
-
-def left_in_files(placed: list, limit: int, forced=None) -> list:
-    """The blocks (of `placed`, in placement order) that stay in their files for a pinned
-    budget of `limit` bytes: the blocks that cannot stream, or are forced pinned
-    (`forced`: {block: "pinned" or "file"}), are pinned first, and those forced into the
-    files stay there; then those placed last, which the VBAR offloads first and so are
-    copied at every forward, are pinned while they fit; the rest (placed first: resident
-    in VRAM, read again only after an eviction) stream. ValueError for a block forced
-    into the files that cannot stream."""
-    forced = forced or {}
-    for block, tier in forced.items():
-        if tier == "file" and not streamable(block):
-            raise ValueError(
-                f"host_tiers: {block.name or 'the root module'!r} cannot stay in the files: "
-                "a weight of it is the module's own, not read from the checkpoint"
-            )
-    pinned = [b for b in placed if not streamable(b) or forced.get(b) == "pinned"]
-    left = limit - sum(block.nbytes for block in pinned)
-    files = []
-    for block in reversed(placed):
-        tier = forced.get(block)
-        if not streamable(block) or tier == "pinned":
-            continue
-        if tier == "file":
-            files.append(block)
-        elif block.nbytes <= left:
-            left -= block.nbytes
-        else:
-            files.append(block)
-    return files[::-1]
 
 
 def drain_after_failure(drain) -> None:
