@@ -158,10 +158,10 @@ class Reader:
                 self.direct_files[tensor.path] = open_direct(tensor.path)
             return self.direct_files[tensor.path]
 
-    def _check(self, tensor: Tensor, fd: int | None = None) -> int:
-        """The file's descriptor (`fd`, else the one read through the page cache), once
-        its stamp is checked on it."""
-        fd = self._open(tensor) if fd is None else fd
+    def _check(self, tensor: Tensor) -> int:
+        """The file's descriptor (read through the page cache), once its stamp is checked
+        on it."""
+        fd = self._open(tensor)
         if stamp(fd) != self.stamps.get(tensor.path):
             raise _changed(tensor)
         return fd
