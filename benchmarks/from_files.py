@@ -29,6 +29,8 @@ every limit that reads the files once per ring, READERSxMiB[xBUFFERS] (that many
 threads, that many buffers of that many MiB: twice the readers unless given), instead of
 once with the library's own. ``--switch-interval S`` sets Python's switch interval for
 each run; ``--reading-switch S|none`` sets aimdo.torch.set_reading_switch_interval.
+``--prefetch 2,4,8`` runs every aimdo limit once per prefetch depth (offload's
+``prefetch``; default: the library's own), named ``LIMIT@RING/pN``.
 """
 
 from __future__ import annotations
@@ -284,6 +286,7 @@ def child(args) -> dict:
             checkpoint=args.dir,  # the folder: its one index
             host_limit=host_limit,
             file_reads=args.direct,
+            **({"prefetch": args.prefetch_depth} if args.prefetch_depth is not None else {}),
         )
         stats = {"pinned_bytes": handle.pinned_bytes, "streamed_bytes": handle.streamed_bytes}
     step = step_of(args, model, device)
@@ -364,6 +367,8 @@ def main() -> int:
         default="",
         help="seconds or none: aimdo.torch.set_reading_switch_interval in each run",
     )
+    parser.add_argument("--prefetch", default="", help="N,...: prefetch depths to compare")
+    parser.add_argument("--prefetch-depth", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None)
     parser.add_argument(
@@ -407,18 +412,22 @@ def main() -> int:
         flush=True,
     )
     rings = args.rings.split(",") if args.rings else [""]
+    depths = [int(n) for n in args.prefetch.split(",")] if args.prefetch else [None]
     runs = [
-        (limit, ring)
+        (limit, ring, depth)
         for limit in args.limits.split(",")
         for ring in (rings if limit != "none" else [""])
+        for depth in depths
     ]
-    runs += [("accelerate", "")] if args.accelerate and not args.tiny else []
-    for limit, ring in runs:
+    runs += [("accelerate", "", None)] if args.accelerate and not args.tiny else []
+    for limit, ring, depth in runs:
         name = f"{limit}@{ring}" if ring else limit
+        name += f"/p{depth}" if depth is not None else ""
         if limit.endswith("-cold"):
             drop_cache(args.dir)
         command = [sys.executable, "-m", "benchmarks.from_files", "--child", limit]
         command += ["--ring", ring] if ring else []
+        command += ["--prefetch-depth", str(depth)] if depth is not None else []
         command += ["--model", args.model, "--direct", args.direct, "--log", args.log]
         command += ["--blocks", str(args.blocks), "--hidden", str(args.hidden)]
         command += ["--tokens", str(args.tokens), "--vram-limit", str(args.vram_limit)]

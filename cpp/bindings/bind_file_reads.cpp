@@ -98,8 +98,11 @@ class PyFileReads {
     return ticket;
   }
 
+  // A read done already is answered with the GIL held: letting it go would hand it to
+  // the forward's thread, and taking it back can cost the caller a whole switch interval.
   bool wait(const IntArg& ticket) {
     const std::uint64_t t = ticket_of(ticket);
+    if (reads_->done(t)) return true;
     nb::gil_scoped_release released;
     return reads_->wait(t);
   }
@@ -148,7 +151,8 @@ void bind_file_reads(nb::module_& m) {
            "returns its ticket.")
       .def("wait", &PyFileReads::wait, "ticket"_a,
            "Wait (GIL released) until the ticket's read is done (True) or poke() was "
-           "called since the last wait returned (False).")
+           "called since the last wait returned (False). A read done already returns "
+           "True at once, the GIL kept.")
       .def("poke", &PyFileReads::poke, "Wake the wait in progress, or the next one.")
       .def("take", &PyFileReads::take, "ticket"_a,
            "A done read's (status, errno, lead, direct_refused), forgotten once taken; "

@@ -156,6 +156,15 @@ bool FileReads::wait(std::uint64_t ticket) {
   return false;
 }
 
+bool FileReads::done(std::uint64_t ticket) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto found = tickets_.find(ticket);
+  if (found == tickets_.end()) {
+    throw InvalidArgumentError("read " + std::to_string(ticket) + " is not queued");
+  }
+  return found->second.first;
+}
+
 void FileReads::poke() {
   std::lock_guard<std::mutex> lock(mutex_);
   poked_ = true;

@@ -66,6 +66,9 @@ class FileReads {
   // wait returned (false). InvalidArgumentError for a ticket not queued, or taken (by
   // another thread) while this one waited.
   bool wait(std::uint64_t ticket);
+  // Whether the ticket's read is done, without waiting. InvalidArgumentError for a ticket
+  // not queued or taken already.
+  bool done(std::uint64_t ticket) const;
   // Wake the wait in progress (or the next one): there is other work for its caller.
   void poke();
   // The result of a done read, forgotten once taken. InvalidArgumentError for a ticket
