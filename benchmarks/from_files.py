@@ -29,8 +29,9 @@ every limit that reads the files once per ring, READERSxMiB[xBUFFERS] (that many
 threads, that many buffers of that many MiB: twice the readers unless given), instead of
 once with the library's own. ``--switch-interval S`` sets Python's switch interval for
 each run; ``--reading-switch S|none`` sets aimdo.torch.set_reading_switch_interval.
-``--prefetch 2,4,8`` runs every aimdo limit once per prefetch depth (offload's
-``prefetch``; default: the library's own), named ``LIMIT@RING/pN``.
+``--prefetch 2,4,auto`` runs every aimdo limit once per prefetch depth (offload's
+``prefetch``; default: the library's own), named ``LIMIT@RING/pN``; with ``auto``, the
+steps the offload takes to choose run untimed, after the first.
 """
 
 from __future__ import annotations
@@ -217,6 +218,10 @@ def memory_now(manager, cuda: bool) -> dict:
     }
 
 
+#: Steps run, at most, untimed while offload(prefetch="auto") still chooses its depth.
+TRIAL_STEPS = 32
+
+
 def settle(manager, run_step) -> int:
     """Untimed steps until two of the Manager's polls have passed since the first step:
     the budget's measured figure is read at most once per poll_interval (2 s), so the
@@ -230,6 +235,11 @@ def settle(manager, run_step) -> int:
         run_step()
         steps += 1
     return steps
+
+
+def depth_of(text: str):
+    """A --prefetch depth: an int, or "auto"."""
+    return text if text == "auto" else int(text)
 
 
 def child(args) -> dict:
@@ -286,7 +296,7 @@ def child(args) -> dict:
             checkpoint=args.dir,  # the folder: its one index
             host_limit=host_limit,
             file_reads=args.direct,
-            **({"prefetch": args.prefetch_depth} if args.prefetch_depth is not None else {}),
+            **({"prefetch": depth_of(args.prefetch_depth)} if args.prefetch_depth else {}),
         )
         stats = {"pinned_bytes": handle.pinned_bytes, "streamed_bytes": handle.streamed_bytes}
     step = step_of(args, model, device)
@@ -307,6 +317,13 @@ def child(args) -> dict:
                 memory.append(memory_now(manager, cuda=not args.tiny))
             if index == 0 and manager is not None:
                 settling = settle(manager, lambda: (one_step(), sync(device)))
+                trials = 0  # prefetch="auto": the depths it tries run untimed
+                while handle.prefetch_choosing and trials < TRIAL_STEPS:
+                    one_step()
+                    sync(device)
+                    trials += 1
+                if trials:
+                    settling += trials + settle(manager, lambda: (one_step(), sync(device)))
                 memory.append(memory_now(manager, cuda=not args.tiny))
             start = time.perf_counter()
     result = {
@@ -368,7 +385,7 @@ def main() -> int:
         help="seconds or none: aimdo.torch.set_reading_switch_interval in each run",
     )
     parser.add_argument("--prefetch", default="", help="N,...: prefetch depths to compare")
-    parser.add_argument("--prefetch-depth", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--prefetch-depth", default="", help=argparse.SUPPRESS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None)
     parser.add_argument(
@@ -412,7 +429,7 @@ def main() -> int:
         flush=True,
     )
     rings = args.rings.split(",") if args.rings else [""]
-    depths = [int(n) for n in args.prefetch.split(",")] if args.prefetch else [None]
+    depths = [depth_of(n) for n in args.prefetch.split(",")] if args.prefetch else [None]
     runs = [
         (limit, ring, depth)
         for limit in args.limits.split(",")

@@ -172,6 +172,10 @@ def per_token(runs: dict) -> float:
 FORWARDS_PER_STEP = {"guidance as two batch-1 calls": 2}
 
 
+#: Steps run, at most, untimed while offload(prefetch="auto") still chooses its depth.
+TRIAL_STEPS = 32
+
+
 def run_aimdo(model, forms, args, device, reference, compute, bandwidth, prefetch) -> dict:
     backend = aimdo.SimBackend("1x8GiB", real_bytes=True) if args.tiny else "cuda"
     results = {}
@@ -183,6 +187,10 @@ def run_aimdo(model, forms, args, device, reference, compute, bandwidth, prefetc
         handle = atorch.offload(model, 0, manager=manager, prefetch=prefetch, **staging)
         try:
             for name, run in forms.items():
+                trials = 0  # prefetch="auto": the depths it tries run untimed, in this form
+                while handle.prefetch_choosing and trials < TRIAL_STEPS:
+                    time_steps(run, model, 1, device)
+                    trials += 1
                 times, out = time_steps(run, model, args.steps, device)
                 stats = handle.last_stats
                 step = steady_median(times)
@@ -205,6 +213,8 @@ def run_aimdo(model, forms, args, device, reference, compute, bandwidth, prefetc
                     "staging_bytes": handle.staging_bytes,
                     "prefetch": handle.prefetch,
                     "prefetch_predictions": handle.prefetch_predictions,
+                    "prefetch_measured": handle.prefetch_measured,
+                    "trial_steps": trials,
                 }
             results["host"] = {  # before any trace: loading one grows the process
                 "pinned_bytes": handle.pinned_bytes,

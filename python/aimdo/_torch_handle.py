@@ -319,6 +319,22 @@ class Offload:
         return None if tuner is None else tuner.predicted
 
     @property
+    def prefetch_choosing(self) -> bool:
+        """With ``prefetch="auto"``, True until the depth is chosen for good: while the
+        forwards are timed, predicted and tried (a forward on trial synchronizes the device
+        before and after it); else False."""
+        tuner = self._runner.tuner
+        return tuner is not None and not tuner.done
+
+    @property
+    def prefetch_measured(self) -> dict[int, float] | None:
+        """With ``prefetch="auto"``: the measured seconds of a forward at each depth tried
+        for real so far (after the prediction, from the predicted depth deeper, one forward
+        each, while each is the fastest); else None."""
+        tuner = self._runner.tuner
+        return None if tuner is None else dict(tuner.measured)
+
+    @property
     def last_stats(self) -> ForwardStats:
         """What the last forward (or submodule called on its own) did."""
         return self._runner.last_stats

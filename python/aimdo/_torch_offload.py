@@ -21,6 +21,7 @@ from ._timings import Recorded
 from ._torch_layout import Binding, TorchBlock
 from ._torch_outputs import owned
 from ._torch_stream import Pending, drain_after_failure
+from ._torch_tune import signature
 from ._torch_views import as_tensor
 
 _log = logging.getLogger("aimdo")
@@ -320,11 +321,15 @@ class Runner:
             schedule = self.schedule
             executor = schedule.executor
             tuner = self.tuner if is_root else None
-            wants = tuner is not None and tuner.wants(schedule)
+            wants = tuner.wants(schedule) if tuner is not None else None
             # The forward's marks are this call's to take unless someone outside set them
             # (Offload.timed, around this call); the tuner and the timings share them.
             timed = is_root and self.timing
-            marking = (timed or wants) and schedule.marks is None
+            marking = (timed or wants == "blocks") and schedule.marks is None
+            began = None
+            if wants == "measure":  # a trial: the forward alone on the device, whole
+                executor.synchronize()
+                began = tuner.clock()
             if marking:
                 schedule.marks = [("start", None, executor.mark())]
                 if self.device.type != "cuda":
@@ -361,14 +366,22 @@ class Runner:
                         if timed and not failed:
                             clock = "cuda events" if self.device.type == "cuda" else "host clock"
                             self.recorded = Recorded(marks, copies, executor.elapsed, clock)
-                    if wants:
+                    if wants is not None:
                         on_device = (
                             torch.cuda.device(self.device)
                             if self.device.type == "cuda"
                             else _NO_CONTEXT
                         )
                         with on_device:
-                            tuner.after(schedule, failed, marks)
+                            if wants == "blocks":
+                                tuner.after(schedule, failed, marks)
+                            else:
+                                seconds = None
+                                if began is not None and not failed:
+                                    executor.synchronize()
+                                    seconds = tuner.clock() - began
+                                like = signature(args, kwargs)
+                                tuner.after_trial(schedule, failed, seconds, like)
         finally:
             self.owner = None
             self.lock.release()

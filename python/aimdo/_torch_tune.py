@@ -1,12 +1,15 @@
 """An offload that chooses its own prefetch depth (``offload(prefetch="auto")``; design.md
 §7): its first forward with the order known is timed block by block, and each depth of
 CANDIDATES is predicted on a simulator of this machine with those compute times; the
-fastest is kept (a deeper one only if it is MARGIN faster: it holds more staging) and the
-choice is logged. Needs PyTorch; imported by aimdo.torch only."""
+fastest is kept (a deeper one only if it is MARGIN faster: it holds more staging). Then
+the depths are tried for real, from the predicted one deeper, one forward each (after
+one that lets the new depth settle), for as long as each is the fastest measured; the
+fastest stays, and the choice is logged. Needs PyTorch; imported by aimdo.torch only."""
 
 from __future__ import annotations
 
 import logging
+import time
 
 from ._manager import Manager
 from ._schedule import Schedule, auto_staging_bytes, per_block, use_seconds
@@ -19,44 +22,136 @@ _log = logging.getLogger("aimdo")
 #: The depths tried, and the one the first forwards run with.
 CANDIDATES = (1, 2, 3, 4, 6, 8)
 START = 2
-#: A deeper prefetch is kept only if predicted this much faster than the shallowest
-#: within reach of the fastest (a fraction of a forward).
+#: A deeper prefetch is kept only if predicted (or measured) this much faster than the
+#: shallowest within reach of the fastest (a fraction of a forward).
 MARGIN = 0.01
+#: Forwards measured for the trials and found unlike the first measured (other shapes of
+#: tensors passed: a prefill among decodes) are not compared; after this many, the trials
+#: end with the depth measured fastest so far.
+UNLIKE_LIMIT = 8
+
+
+def signature(args, kwargs) -> tuple:
+    """What makes two forwards comparable for the trials: the shape and dtype of each
+    tensor passed (at the top level of the arguments)."""
+    found = []
+    for value in (*args, *kwargs.values()):
+        shape = getattr(value, "shape", None)
+        if shape is not None:
+            found.append((tuple(shape), str(getattr(value, "dtype", ""))))
+    return tuple(found)
 
 
 class PrefetchTuner:
     """The choice of one offload's prefetch depth: Runner.call asks wants() ahead of each
-    forward of the whole module, times it if so, and calls after() once it is over (its
-    blocks let go)."""
+    forward of the whole module: "blocks" (time it block by block, then call after() with
+    its marks), "settle" (run it, then call after_trial() with None), "measure" (time it
+    whole, the device synchronized before and after, then call after_trial() with its
+    seconds) or None (nothing)."""
 
     def __init__(self, manager: Manager, device: int, staging_bytes: int | None):
         self.manager = manager
         self.device = device
         self.staging_option = staging_bytes  # the user's cap on staging, or None (auto)
-        self.predicted = None  # {prefetch: predicted seconds of a forward}, once chosen
+        self.predicted = None  # {prefetch: predicted seconds of a forward}, once predicted
+        self.measured = {}  # {prefetch: measured seconds of a forward}, as tried
+        self.trying = None  # the depth on trial
+        self.settling = False  # the next forward runs at the depth on trial, not measured
+        self.like = None  # signature() of the first forward measured
+        self.unlike = 0  # forwards measured and not compared (unlike the first)
+        self.clock = time.perf_counter  # seconds (tests script it)
         self.done = False
 
-    def wants(self, schedule: Schedule) -> bool:
-        """Whether the next forward is to be timed: the order is known and nothing was
-        chosen yet."""
-        return not self.done and not schedule.learning
+    def wants(self, schedule: Schedule) -> str | None:
+        """What the next forward is for (see the class), once the order is known."""
+        if self.done or schedule.learning:
+            return None
+        if self.predicted is None:
+            return "blocks"
+        return "settle" if self.settling else "measure"
 
     def after(self, schedule: Schedule, failed: bool, marks) -> None:
-        """Choose from the forward just timed: `marks` are its Schedule.marks, from
+        """Predict from the forward just timed: `marks` are its Schedule.marks, from
         "start" to "end", or None when it was not timed (one that failed is timed again
-        next)."""
+        next); then start the trials."""
         if marks is None or failed:
             return
-        self.done = True
         try:
-            self._choose(schedule, use_seconds(marks, schedule.executor.elapsed))
+            chosen = self._choose(schedule, use_seconds(marks, schedule.executor.elapsed))
         except Exception as error:  # noqa: BLE001 - the offload runs on, at its depth
+            self.done = True
             _log.warning(
                 "aimdo: offload on device %s keeps prefetch %d: its prediction failed (%s)",
                 self.device,
                 schedule.prefetch,
                 error,
             )
+            return
+        if chosen is None:
+            self.done = True
+            return
+        self._try(schedule, chosen)
+
+    def after_trial(self, schedule: Schedule, failed: bool, seconds, like: tuple) -> None:
+        """After a forward of the trials: `seconds` it took when measured (None when it
+        settled, or failed: then it is run again), `like` its signature()."""
+        if failed:
+            return
+        if self.settling:
+            self.settling = False
+            return
+        if seconds is None:
+            return
+        if self.like is None:
+            self.like = like
+        elif like != self.like:
+            self.unlike += 1
+            if self.unlike >= UNLIKE_LIMIT:
+                self._finish(schedule, "the forwards measured were unlike each other")
+            return
+        self.measured[self.trying] = seconds
+        deeper = [p for p in CANDIDATES if p > self.trying]
+        if self._fastest() == self.trying and deeper:
+            self._try(schedule, deeper[0])
+        else:
+            self._finish(schedule, None)
+
+    def _fastest(self) -> int:
+        """The depth measured fastest: the shallowest within MARGIN of the fastest."""
+        best = min(self.measured.values())
+        return min(p for p, s in self.measured.items() if s <= best * (1 + MARGIN))
+
+    def _try(self, schedule: Schedule, prefetch: int) -> None:
+        """Run the next forwards at `prefetch`: one to settle (when it is a change), then
+        one measured."""
+        self.trying = prefetch
+        self.settling = prefetch != schedule.prefetch
+        if self.settling:
+            schedule.set_prefetch(prefetch, self.staging_for(schedule, prefetch))
+
+    def _finish(self, schedule: Schedule, why: str | None) -> None:
+        self.done = True
+        self.settling = False
+        if not self.measured:
+            _log.info(
+                "aimdo: offload on device %s keeps prefetch %d: %s",
+                self.device,
+                schedule.prefetch,
+                why,
+            )
+            return
+        chosen = self._fastest()
+        if chosen != schedule.prefetch:
+            schedule.set_prefetch(chosen, self.staging_for(schedule, chosen))
+        _log.info(
+            "aimdo: offload on device %s keeps prefetch %d, measured %.1f ms a forward "
+            "(tried %s)%s",
+            self.device,
+            chosen,
+            self.measured[chosen] * 1000,
+            ", ".join(f"{p}: {s * 1000:.1f} ms" for p, s in self.measured.items()),
+            f"; {why}" if why else "",
+        )
 
     def staging_for(self, schedule: Schedule, prefetch: int) -> int:
         if self.staging_option is not None:
@@ -64,11 +159,12 @@ class PrefetchTuner:
         sizes = [block.nbytes for block in schedule.blocks]
         return auto_staging_bytes(sizes, prefetch, self.manager.budget_bytes(self.device))
 
-    def _choose(self, schedule: Schedule, uses) -> None:
+    def _choose(self, schedule: Schedule, uses) -> int | None:
+        """The depth predicted fastest (None when no block was used)."""
         seconds = per_block(uses)
         order = list(seconds)
         if not order:
-            return
+            return None
         sizes = [block.nbytes for block in order]
         times = [seconds[block] for block in order]
         largest = max(sizes)
@@ -97,14 +193,14 @@ class PrefetchTuner:
         best = min(predicted.values())
         chosen = min(p for p, s in predicted.items() if s <= best * (1 + MARGIN))
         self.predicted = predicted
-        if chosen != schedule.prefetch:
-            schedule.set_prefetch(chosen, self.staging_for(schedule, chosen))
         _log.info(
-            "aimdo: offload on device %s takes prefetch %d, predicted %.1f ms a forward "
-            "(%s), from the compute of its blocks timed in one forward (%.1f ms)",
+            "aimdo: offload on device %s predicts prefetch %d fastest, %.1f ms a forward "
+            "(%s), from the compute of its blocks timed in one forward (%.1f ms); it tries "
+            "it and deeper depths for real, one forward each",
             self.device,
             chosen,
             predicted[chosen] * 1000,
             ", ".join(f"{p}: {s * 1000:.1f} ms" for p, s in predicted.items()),
             sum(times) * 1000,
         )
+        return chosen

@@ -141,9 +141,11 @@ def offload(
     layers) at the cost of staging memory; measured on an H200 (benchmarks/RESULTS.md).
     ``prefetch="auto"`` starts at 2, times the compute of each block in the first forward
     whose order is known, predicts a forward at each depth from 1 to 8 on a simulator of
-    this machine (its host link measured on CUDA) and keeps the fastest (a deeper one only
-    if 1% faster), logging the choice (logger ``aimdo``, INFO; ``Offload.prefetch`` and
-    ``Offload.prefetch_predictions`` tell).
+    this machine (its host link measured on CUDA), then tries the predicted depth and
+    deeper ones for real, one measured forward each (the device synchronized around it),
+    while each is the fastest so far, and keeps the fastest (a deeper one only if 1%
+    faster), logging the choice (logger ``aimdo``, INFO; ``Offload.prefetch``,
+    ``prefetch_predictions``, ``prefetch_measured`` and ``prefetch_choosing`` tell).
     ``staging_bytes`` (bytes or a size string) caps the staging buffers together; by
     default, enough for ``prefetch + 1`` buffers of the largest block, within 256 MiB or
     1/24 of the device's budget, whichever is more (``auto_staging_bytes``).
