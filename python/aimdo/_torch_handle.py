@@ -122,6 +122,16 @@ class Offload:
                     for mine, leaders in zip(own.weights, theirs.weights, strict=True):
                         mine.stride = leaders.stride  # as the leader's chunks hold them
             prefetch = options["prefetch"]
+            if prefetch is None:  # the default: see offload()'s prefetch
+                prefetch = "auto" if self._stream is not None and leader is None else START
+                if prefetch == "auto":
+                    _log.info(
+                        "aimdo: offload on device %s chooses its prefetch depth (prefetch="
+                        "'auto'): blocks read from the files need a deeper window than %d "
+                        "when they are many and small; prefetch=N fixes it",
+                        device,
+                        START,
+                    )
             tuner = None
             if prefetch == "auto":
                 prefetch = START
@@ -330,7 +340,7 @@ class Offload:
     def prefetch_measured(self) -> dict[int, float] | None:
         """With ``prefetch="auto"``: the measured seconds of a forward at each depth tried
         for real so far (after the prediction, from the predicted depth deeper, one forward
-        each, while each is the fastest); else None."""
+        each, until one is 10% slower than the fastest); else None."""
         tuner = self._runner.tuner
         return None if tuner is None else dict(tuner.measured)
 

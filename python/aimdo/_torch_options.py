@@ -103,8 +103,10 @@ def check_options(module, manager: Manager, device, options: dict) -> None:
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"offload takes a torch.nn.Module, not {type(module).__name__}")
     prefetch = options["prefetch"]
-    if prefetch != "auto" and (
-        isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0
+    if (
+        prefetch is not None
+        and prefetch != "auto"
+        and (isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0)
     ):
         raise ValueError(f"prefetch must be a non-negative int or 'auto', got {prefetch!r}")
     checkpoint = options.get("checkpoint")

@@ -116,7 +116,7 @@ def offload(
     device: int,
     *,
     manager: Manager | None = None,
-    prefetch: int | str = 2,
+    prefetch: int | str | None = None,
     order=None,
     spread: bool = True,
     staging_bytes: int | str | None = None,
@@ -136,15 +136,19 @@ def offload(
     interleaves the placement so the blocks that stay resident are spread over the
     forward; False places them in order, the first ones resident longest. Either way
     blocks under 1 MiB (norms, biases) are placed first, so they stay resident.
-    ``prefetch`` (default 2) is how many copies are kept in flight ahead of the compute:
-    more hides the copies of weights whose compute is short (Qwen-Image's modulation
-    layers) at the cost of staging memory; measured on an H200 (benchmarks/RESULTS.md).
+    ``prefetch`` is how many copies are kept in flight ahead of the compute: more hides
+    the copies of weights whose compute is short (Qwen-Image's modulation layers) at the
+    cost of staging memory; measured on an H200 (benchmarks/RESULTS.md). The default is
+    2, or ``"auto"`` when blocks stay in the checkpoint's files (``host_limit``): such a
+    block is read only once its copy is queued, so many small ones need a deeper window
+    (Qwen-Image at host_limit 8 GiB on an H200: 816 ms a step at 2, 554 ms at the depth
+    its trials found).
     ``prefetch="auto"`` starts at 2, times the compute of each block in the first forward
     whose order is known, predicts a forward at each depth from 1 to 8 on a simulator of
     this machine (its host link measured on CUDA), then tries the predicted depth and
     deeper ones for real, one measured forward each (the device synchronized around it),
-    while each is the fastest so far, and keeps the fastest (a deeper one only if 1%
-    faster), logging the choice (logger ``aimdo``, INFO; ``Offload.prefetch``,
+    until one is 10% slower than the fastest so far, and keeps the fastest (a deeper one
+    only if 1% faster), logging the choice (logger ``aimdo``, INFO; ``Offload.prefetch``,
     ``prefetch_predictions``, ``prefetch_measured`` and ``prefetch_choosing`` tell).
     ``staging_bytes`` (bytes or a size string) caps the staging buffers together; by
     default, enough for ``prefetch + 1`` buffers of the largest block, within 256 MiB or
