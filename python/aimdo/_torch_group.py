@@ -348,8 +348,10 @@ def offload_group(
             f"compute; got {donors!r}"
         )
     check_regime(regime)
-    if prefetch == "auto":
-        raise ValueError("prefetch='auto' is offload()'s; a group's members take a depth (an int)")
+    if prefetch is None or prefetch == "auto":
+        raise ValueError(
+            f"prefetch={prefetch!r} is offload()'s; a group's members take a depth (an int)"
+        )
     if regime in WITH_PEERS and not peers:
         raise ValueError(f"regime {regime!r} reads peers' pages, which peers=False forbids")
     if donors and regime not in ("auto", "donor"):

@@ -136,6 +136,7 @@ class Offload:
             if prefetch == "auto":
                 prefetch = START
                 tuner = PrefetchTuner(manager, device, options["staging_bytes"])
+                tuner.grow = _grower(weakref.ref(self))  # once chosen: grow back
             stream = torch.cuda.Stream(device=self.device) if sim is None and prefetch else None
             staging = options["staging_bytes"]
             if staging is None:
@@ -323,8 +324,9 @@ class Offload:
 
     @property
     def prefetch_predictions(self) -> dict[int, float] | None:
-        """With ``prefetch="auto"``, once chosen: the predicted seconds of a forward at
-        each depth tried (the choice is ``prefetch``); else None."""
+        """With ``prefetch="auto"``, once predicted (after the first forward whose order
+        is known): the predicted seconds of a forward at each depth of CANDIDATES (the
+        trials then measure some of them: ``prefetch_measured``); else None."""
         tuner = self._runner.tuner
         return None if tuner is None else tuner.predicted
 
@@ -333,6 +335,8 @@ class Offload:
         """With ``prefetch="auto"``, True until the depth is chosen for good: while the
         forwards are timed, predicted and tried (a forward on trial synchronizes the device
         before and after it); else False."""
+        if self.undone:
+            return False
         tuner = self._runner.tuner
         return tuner is not None and not tuner.done
 
@@ -461,7 +465,10 @@ class Offload:
 
     def _grow(self) -> None:
         """Raise the VBAR's watermark to the top (evictions lowered it), so that its
-        faults map pages again where the budget has room."""
+        faults map pages again where the budget has room. Prefetch trials in progress
+        settle again (resumed, or a budget grown: the residency they measured changes)."""
+        if self._runner is not None and self._runner.tuner is not None:
+            self._runner.tuner.disturbed()
         vbar = self.vbar
         device_paused = self._runner is not None and self._runner.device_paused
         if vbar is not None and not vbar.closed and not self.paused and not device_paused:

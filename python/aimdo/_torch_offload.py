@@ -321,7 +321,12 @@ class Runner:
             schedule = self.schedule
             executor = schedule.executor
             tuner = self.tuner if is_root else None
-            wants = tuner.wants(schedule) if tuner is not None else None
+            wants = None
+            if tuner is not None:
+                try:
+                    wants = tuner.wants(schedule)
+                except Exception as error:  # noqa: BLE001 - the forward runs on, untimed
+                    tuner.stop(schedule, error)
             # The forward's marks are this call's to take unless someone outside set them
             # (Offload.timed, around this call); the tuner and the timings share them.
             timed = is_root and self.timing
@@ -373,15 +378,18 @@ class Runner:
                             else _NO_CONTEXT
                         )
                         with on_device:
-                            if wants == "blocks":
-                                tuner.after(schedule, failed, marks)
-                            else:
-                                seconds = None
-                                if began is not None and not failed:
-                                    executor.synchronize()
-                                    seconds = tuner.clock() - began
-                                like = signature(args, kwargs)
-                                tuner.after_trial(schedule, failed, seconds, like)
+                            try:
+                                if wants == "blocks":
+                                    tuner.after(schedule, failed, marks)
+                                else:
+                                    seconds = like = None
+                                    if began is not None and not failed:
+                                        executor.synchronize()
+                                        seconds = tuner.clock() - began
+                                        like = signature(args, kwargs)
+                                    tuner.after_trial(schedule, failed, seconds, like)
+                            except Exception as error:  # noqa: BLE001 - the forward's result stands
+                                tuner.stop(schedule, error)
         finally:
             self.owner = None
             self.lock.release()

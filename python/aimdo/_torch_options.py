@@ -108,7 +108,9 @@ def check_options(module, manager: Manager, device, options: dict) -> None:
         and prefetch != "auto"
         and (isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0)
     ):
-        raise ValueError(f"prefetch must be a non-negative int or 'auto', got {prefetch!r}")
+        raise ValueError(
+            f"prefetch must be a non-negative int, 'auto' or None (the default), got {prefetch!r}"
+        )
     checkpoint = options.get("checkpoint")
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
         raise TypeError(f"checkpoint must be a path, got {type(checkpoint).__name__}")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
+
 from ._manager import Manager
 from ._schedule import Schedule, auto_staging_bytes, per_block, use_seconds
 from ._torch_regime import measure_links, predictor
@@ -31,21 +33,47 @@ MARGIN = 0.01
 #: but end at a depth measured this much slower than the fastest so far (a fraction of a
 #: forward): deeper ones would only take more staging from the resident weights.
 GIVE_UP = 0.1
-#: Forwards measured for the trials and found unlike the first measured (other shapes of
-#: tensors passed: a prefill among decodes) are not compared; after this many, the trials
-#: end with the depth measured fastest so far.
-UNLIKE_LIMIT = 8
+#: Forwards of the trials not compared (unlike the first measured, or disturbed: the
+#: module's watermark moved while it ran or since the last forward of the trials, or it
+#: was paused and resumed); after this many, the trials end with the depth measured
+#: fastest so far.
+NOT_COMPARED_LIMIT = 12
+#: Two forwards are alike, for the trials, when they pass tensors of the same dtypes and
+#: ranks, in the same places, each with a number of elements within this fraction of the
+#: first's: a decode's attention mask, one column longer at each token, is alike; a
+#: prefill among decodes is not.
+LIKE_TOLERANCE = 0.25
 
 
 def signature(args, kwargs) -> tuple:
-    """What makes two forwards comparable for the trials: the shape and dtype of each
-    tensor passed (at the top level of the arguments)."""
+    """What the trials compare forwards by: (place, dtype, rank, elements) of each tensor
+    passed at the top level of the arguments. Never raises: a tensor whose sizes cannot
+    be read (a nested tensor) is known by its place and dtype only."""
     found = []
-    for value in (*args, *kwargs.values()):
-        shape = getattr(value, "shape", None)
-        if shape is not None:
-            found.append((tuple(shape), str(getattr(value, "dtype", ""))))
+    places = [(index, value) for index, value in enumerate(args)]
+    places += [(name, value) for name, value in kwargs.items()]
+    for place, value in places:
+        if not isinstance(value, torch.Tensor):
+            continue
+        try:
+            found.append((place, str(value.dtype), value.dim(), value.numel()))
+        except Exception:  # noqa: BLE001 - no sizes to compare: its place and dtype only
+            found.append((place, str(value.dtype), -1, -1))
     return tuple(found)
+
+
+def alike(first: tuple, other: tuple) -> bool:
+    """Whether two signature()s are alike (see LIKE_TOLERANCE)."""
+    if len(first) != len(other):
+        return False
+    for (place, dtype, rank, count), (place2, dtype2, rank2, count2) in zip(
+        first, other, strict=True
+    ):
+        if (place, dtype, rank) != (place2, dtype2, rank2):
+            return False
+        if abs(count2 - count) > LIKE_TOLERANCE * count:
+            return False
+    return True
 
 
 class PrefetchTuner:
@@ -64,16 +92,27 @@ class PrefetchTuner:
         self.trying = None  # the depth on trial
         self.settling = False  # the next forward runs at the depth on trial, not measured
         self.like = None  # signature() of the first forward measured
-        self.unlike = 0  # forwards measured and not compared (unlike the first)
+        self.not_compared = 0  # forwards of the trials not compared (NOT_COMPARED_LIMIT)
         self.clock = time.perf_counter  # seconds (tests script it)
+        self.grow = None  # raises the offload's watermark (Offload._grow), once chosen
+        self.watermark = None  # the VBAR's watermark after the last forward of the trials
         self.done = False
 
     def wants(self, schedule: Schedule) -> str | None:
-        """What the next forward is for (see the class), once the order is known."""
+        """What the next forward is for (see the class), once the order is known. A
+        forward to be measured settles instead when the module's watermark moved since
+        the last forward of the trials (evictions for others' memory, a budget changed)."""
         if self.done or schedule.learning:
             return None
         if self.predicted is None:
             return "blocks"
+        now = schedule.vbar.watermark_bytes
+        if not self.settling and now != self.watermark:
+            self.settling = True
+            self._not_compared(schedule)
+            if self.done:
+                return None
+        self.watermark = now
         return "settle" if self.settling else "measure"
 
     def after(self, schedule: Schedule, failed: bool, marks) -> None:
@@ -96,24 +135,28 @@ class PrefetchTuner:
         if chosen is None:
             self.done = True
             return
+        self.watermark = schedule.vbar.watermark_bytes
         self._try(schedule, chosen)
 
-    def after_trial(self, schedule: Schedule, failed: bool, seconds, like: tuple) -> None:
+    def after_trial(self, schedule: Schedule, failed: bool, seconds, like) -> None:
         """After a forward of the trials: `seconds` it took when measured (None when it
-        settled, or failed: then it is run again), `like` its signature()."""
+        settled, failed, or was disturbed: then the step is run again), `like` its
+        signature() (None when not measured)."""
         if failed:
             return
+        moved = schedule.vbar.watermark_bytes != self.watermark
+        self.watermark = schedule.vbar.watermark_bytes
         if self.settling:
             self.settling = False
             return
-        if seconds is None:
+        if seconds is None or moved:  # disturbed while measured: settle again, measure
+            self.settling = True
+            self._not_compared(schedule)
             return
         if self.like is None:
             self.like = like
-        elif like != self.like:
-            self.unlike += 1
-            if self.unlike >= UNLIKE_LIMIT:
-                self._finish(schedule, "the forwards measured were unlike each other")
+        elif not alike(self.like, like):
+            self._not_compared(schedule)
             return
         self.measured[self.trying] = seconds
         deeper = [p for p in CANDIDATES if p > self.trying]
@@ -121,6 +164,31 @@ class PrefetchTuner:
             self._try(schedule, deeper[0])
         else:
             self._finish(schedule, None)
+
+    def disturbed(self) -> None:
+        """The module's memory changed between forwards (paused and resumed, its budget
+        grown): in the middle of the trials, the next forward settles again."""
+        if not self.done and self.predicted is not None:
+            self.settling = True
+
+    def stop(self, schedule: Schedule, error: BaseException) -> None:
+        """The trials failed (a bookkeeping error, not the forward's): they end here, the
+        module running on at its depth, and a warning says why."""
+        self.done = True
+        self.settling = False
+        _log.warning(
+            "aimdo: offload on device %s keeps prefetch %d: choosing it failed (%s)",
+            self.device,
+            schedule.prefetch,
+            error,
+        )
+
+    def _not_compared(self, schedule: Schedule) -> None:
+        self.not_compared += 1
+        if self.not_compared >= NOT_COMPARED_LIMIT:
+            self._finish(
+                schedule, f"{self.not_compared} forwards were unlike the first or disturbed"
+            )
 
     def _fastest(self) -> int:
         """The depth measured fastest: the shallowest within MARGIN of the fastest."""
@@ -130,25 +198,21 @@ class PrefetchTuner:
     def _try(self, schedule: Schedule, prefetch: int) -> None:
         """Run the next forwards at `prefetch`: one to settle (when it is a change), then
         one measured."""
-        self.trying = prefetch
-        self.settling = prefetch != schedule.prefetch
-        if self.settling:
+        if prefetch != schedule.prefetch:
             schedule.set_prefetch(prefetch, self.staging_for(schedule, prefetch))
+            self.settling = True
+        self.trying = prefetch
 
     def _finish(self, schedule: Schedule, why: str | None) -> None:
+        """Keep the depth measured fastest (at least one was measured), and let the
+        module's residency grow back into what the deeper depths' staging took."""
         self.done = True
         self.settling = False
-        if not self.measured:
-            _log.info(
-                "aimdo: offload on device %s keeps prefetch %d: %s",
-                self.device,
-                schedule.prefetch,
-                why,
-            )
-            return
         chosen = self._fastest()
         if chosen != schedule.prefetch:
             schedule.set_prefetch(chosen, self.staging_for(schedule, chosen))
+        if self.grow is not None:
+            self.grow()
         _log.info(
             "aimdo: offload on device %s keeps prefetch %d, measured %.1f ms a forward "
             "(tried %s)%s",

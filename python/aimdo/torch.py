@@ -139,10 +139,11 @@ def offload(
     ``prefetch`` is how many copies are kept in flight ahead of the compute: more hides
     the copies of weights whose compute is short (Qwen-Image's modulation layers) at the
     cost of staging memory; measured on an H200 (benchmarks/RESULTS.md). The default is
-    2, or ``"auto"`` when blocks stay in the checkpoint's files (``host_limit``): such a
-    block is read only once its copy is queued, so many small ones need a deeper window
-    (Qwen-Image at host_limit 8 GiB on an H200: 816 ms a step at 2, 554 ms at the depth
-    its trials found).
+    2, or ``"auto"`` when blocks stay in the checkpoint's files (by ``host_limit``, which
+    with its default "auto" depends on the host memory available when offloading, or by
+    ``host_tiers``): such a block is read only once its copy is queued, so many small
+    ones need a deeper window (Qwen-Image at host_limit 8 GiB on an H200: 816 ms a step
+    at 2, 554 ms at the depth its trials found); taking "auto" so is logged (INFO).
     ``prefetch="auto"`` starts at 2, times the compute of each block in the first forward
     whose order is known, predicts a forward at each depth from 1 to 8 on a simulator of
     this machine (its host link measured on CUDA), then tries the predicted depth and
