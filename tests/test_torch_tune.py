@@ -427,3 +427,27 @@ def test_an_undone_offload_is_not_choosing(make_manager):
     assert offloaded.prefetch_choosing
     offloaded.undo()
     assert not offloaded.prefetch_choosing
+
+
+def test_forwards_disturbed_before_any_is_measured_end_the_trials_at_the_depth(
+    make_manager, monkeypatch, caplog
+):
+    scripted(monkeypatch, chosen=tune.START)
+    model = stack(blocks=6)
+    x = torch.randn(2, 256)
+    expected = reference(model, x, 0)
+    manager = new_manager(make_manager, pages=4)
+    caplog.set_level(logging.INFO, logger="aimdo")
+    with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
+        measured = script_clock(offloaded, {2: 1.0})
+        for _ in range(2):  # learn; predict: 2 on trial
+            model(x.to(where(0)))
+        vbar = offloaded.vbar
+        for turn in range(tune.NOT_COMPARED_LIMIT):  # the watermark moves before each
+            vbar.set_watermark((2 + 2 * (turn % 2)) << 20)  # 2 and 4 MiB, in turn
+            assert torch.equal(model(x.to(where(0))), expected)
+        assert measured == [] and not offloaded.prefetch_choosing
+        assert offloaded.prefetch == tune.START and offloaded.prefetch_measured == {}
+    kept = [r.getMessage() for r in caplog.records if "keeps prefetch" in r.getMessage()]
+    assert len(kept) == 1 and "keeps prefetch 2, none measured: 12 forwards" in kept[0]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

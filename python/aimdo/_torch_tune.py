@@ -204,10 +204,18 @@ class PrefetchTuner:
         self.trying = prefetch
 
     def _finish(self, schedule: Schedule, why: str | None) -> None:
-        """Keep the depth measured fastest (at least one was measured), and let the
-        module's residency grow back into what the deeper depths' staging took."""
+        """Keep the depth measured fastest (or, none measured, the one it runs at), and
+        let the module's residency grow back into what the deeper depths' staging took."""
         self.done = True
         self.settling = False
+        if not self.measured:
+            _log.info(
+                "aimdo: offload on device %s keeps prefetch %d, none measured: %s",
+                self.device,
+                schedule.prefetch,
+                why,
+            )
+            return
         chosen = self._fastest()
         if chosen != schedule.prefetch:
             schedule.set_prefetch(chosen, self.staging_for(schedule, chosen))
