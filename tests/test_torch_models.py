@@ -193,3 +193,37 @@ def test_llama_with_tied_embeddings_generates_the_same_tokens(make_manager, page
         assert offloaded.last_stats.bytes_copied >= distinct_weight_bytes(model)
         assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), tokens)
     assert model.lm_head.weight is embedding and model.model.embed_tokens.weight is embedding
+
+
+def test_llama_decodes_through_the_prefetch_trials(make_manager, monkeypatch):
+    import aimdo._torch_tune as tune
+    from aimdo.predict import PredictedStep
+
+    def predict(manager, device, sizes, seconds, *, steps, prefetch, staging_bytes):
+        return [PredictedStep(seconds=0.5 if prefetch == tune.START else 1.0)]
+
+    monkeypatch.setattr(tune, "predict_offload", predict)
+    model = llama()
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 1024, (1, 40), generator=generator).to(where(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # padded on the left: the mask is passed at every decode, a column longer
+    plain = copy.deepcopy(model).to(where(0))
+    tokens = plain.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    manager = new_manager(make_manager, pages=1)
+    with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
+        seconds = {2: 1.0, 3: 0.875, 4: 2.0}
+        ticks = [0.0]
+
+        def clock() -> float:
+            read = ticks[0]
+            ticks[0] += seconds[offloaded.prefetch]
+            return read
+
+        offloaded._runner.tuner.clock = clock
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+        assert torch.equal(out, tokens)
+        # The prefill learns the order, the first decode is timed and predicted, the
+        # next six decodes try 2, 3 and 4 (alike: only the mask grew), and 3 stays.
+        assert offloaded.prefetch_measured == {2: 1.0, 3: 0.875, 4: 2.0}
+        assert offloaded.prefetch == 3 and not offloaded.prefetch_choosing
