@@ -300,7 +300,7 @@ def child(args) -> dict:
         )
         stats = {"pinned_bytes": handle.pinned_bytes, "streamed_bytes": handle.streamed_bytes}
     step = step_of(args, model, device)
-    times, out, memory, settling = [], None, [], 0
+    times, out, memory, settling, trials = [], None, [], 0, 0
     nocache = args.child.endswith("-nocache")
 
     def one_step():
@@ -338,6 +338,9 @@ def child(args) -> dict:
     }
     if manager is not None:
         result["pinned_bytes"] = handle.pinned_bytes  # with the ring, made by now
+        result["prefetch"] = handle.prefetch
+        result["prefetch_measured"] = handle.prefetch_measured
+        result["trial_steps"] = trials
         result["bytes_copied_per_step"] = handle.last_stats.bytes_copied
         result["bytes_from_files_per_step"] = handle.last_stats.bytes_from_files
         result["budget_bytes"] = manager.budget_bytes(0)
@@ -475,6 +478,19 @@ def main() -> int:
         )
         for line in run["log"]:
             print(f"  {line}", flush=True)
+        if "prefetch" in run:
+            tried = run.get("prefetch_measured")
+            print(
+                f"    prefetch {run['prefetch']}"
+                + (
+                    " (auto, in untimed steps it measured "
+                    + ", ".join(f"{p}: {s * 1000:.1f} ms" for p, s in tried.items())
+                    + ")"
+                    if tried
+                    else ""
+                ),
+                flush=True,
+            )
         if "usage_bytes" in run:
             print(
                 f"    budget {run['budget_bytes'] / GiB:.2f} GiB, usage "
