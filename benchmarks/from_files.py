@@ -341,6 +341,7 @@ def child(args) -> dict:
         result["prefetch"] = handle.prefetch
         result["prefetch_measured"] = handle.prefetch_measured
         result["trial_steps"] = trials
+        result["prefetch_choosing"] = handle.prefetch_choosing  # still, after TRIAL_STEPS
         result["bytes_copied_per_step"] = handle.last_stats.bytes_copied
         result["bytes_from_files_per_step"] = handle.last_stats.bytes_from_files
         result["budget_bytes"] = manager.budget_bytes(0)
@@ -487,6 +488,11 @@ def main() -> int:
                     + ", ".join(f"{p}: {s * 1000:.1f} ms" for p, s in tried.items())
                     + ")"
                     if tried
+                    else ""
+                )
+                + (
+                    " (auto: still choosing, its steps timed)"
+                    if run.get("prefetch_choosing")
                     else ""
                 ),
                 flush=True,

@@ -215,6 +215,7 @@ def run_aimdo(model, forms, args, device, reference, compute, bandwidth, prefetc
                     "prefetch_predictions": handle.prefetch_predictions,
                     "prefetch_measured": handle.prefetch_measured,
                     "trial_steps": trials,
+                    "prefetch_choosing": handle.prefetch_choosing,
                 }
             results["host"] = {  # before any trace: loading one grows the process
                 "pinned_bytes": handle.pinned_bytes,

@@ -394,7 +394,10 @@ def test_a_pause_or_a_moved_watermark_in_the_trials_settles_again(make_manager, 
         model(x.to(where(0)))  # 3 settles
         offloaded.pause()
         offloaded.resume()
-        model(x.to(where(0)))  # settles again: the pause gave its pages back
+        # Settles again: the pause gave its pages back, and the resume raised the
+        # watermark to the top, from which this forward's faults lower it to the budget.
+        model(x.to(where(0)))
+        model(x.to(where(0)))  # so this one settles too, its watermark still
         assert measured == [2]
         model(x.to(where(0)))
         assert measured == [2, 3]
@@ -451,3 +454,40 @@ def test_forwards_disturbed_before_any_is_measured_end_the_trials_at_the_depth(
     kept = [r.getMessage() for r in caplog.records if "keeps prefetch" in r.getMessage()]
     assert len(kept) == 1 and "keeps prefetch 2, none measured: 12 forwards" in kept[0]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_disturbance_is_not_measured_and_settles_again(make_manager, monkeypatch):
+    # The model fits its budget: its watermark stays at the top, so only disturbed()
+    # (a resume, a budget grown: Offload._grow) tells the trials.
+    scripted(monkeypatch, chosen=tune.START)
+    model = stack(blocks=6)
+    x = torch.randn(2, 256)
+    expected = reference(model, x, 0)
+    manager = new_manager(make_manager, pages=8)
+    with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
+        measured = script_clock(offloaded, {2: 1.0, 3: 0.875, 4: 2.0})
+        top = offloaded.vbar.watermark_bytes
+        for _ in range(3):  # learn; predict; 2 measured
+            model(x.to(where(0)))
+        model(x.to(where(0)))  # 3 settles
+        offloaded.pause()
+        offloaded.resume()
+        assert offloaded.vbar.watermark_bytes == top
+        model(x.to(where(0)))  # settles again (its pages given back by the pause)
+        assert measured == [2] and offloaded.prefetch_measured == {2: 1.0}
+        # The budget grown while a measured forward runs (as the Manager's grow-back
+        # would, from another thread): that forward is not compared.
+        hook = model[2].register_forward_pre_hook(lambda module, args: offloaded._grow())
+        assert torch.equal(model(x.to(where(0))), expected)
+        hook.remove()
+        assert offloaded.prefetch_measured == {2: 1.0}
+        model(x.to(where(0)))  # settles again
+        assert torch.equal(model(x.to(where(0))), expected)
+        assert offloaded.prefetch_measured == {2: 1.0, 3: 0.875}
+        assert offloaded._runner.tuner.not_compared == 2
+
+
+def test_a_tensor_without_sizes_is_alike_itself():
+    unknown = ((0, "torch.float32", -1, -1),)
+    assert tune.alike(unknown, unknown)
+    assert not tune.alike(unknown, ((0, "torch.float16", -1, -1),))

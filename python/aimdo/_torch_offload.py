@@ -333,8 +333,11 @@ class Runner:
             marking = (timed or wants == "blocks") and schedule.marks is None
             began = None
             if wants == "measure":  # a trial: the forward alone on the device, whole
-                executor.synchronize()
-                began = tuner.clock()
+                try:
+                    executor.synchronize()
+                    began = tuner.clock()
+                except Exception as error:  # noqa: BLE001 - the forward runs on, untimed
+                    tuner.stop(schedule, error)
             if marking:
                 schedule.marks = [("start", None, executor.mark())]
                 if self.device.type != "cuda":
@@ -383,11 +386,11 @@ class Runner:
                                     tuner.after(schedule, failed, marks)
                                 else:
                                     seconds = like = None
-                                    if began is not None and not failed:
+                                    if wants == "measure" and began is not None and not failed:
                                         executor.synchronize()
                                         seconds = tuner.clock() - began
                                         like = signature(args, kwargs)
-                                    tuner.after_trial(schedule, failed, seconds, like)
+                                    tuner.after_trial(schedule, wants, failed, seconds, like)
                             except Exception as error:  # noqa: BLE001 - the forward's result stands
                                 tuner.stop(schedule, error)
         finally:

@@ -71,7 +71,7 @@ def alike(first: tuple, other: tuple) -> bool:
     ):
         if (place, dtype, rank) != (place2, dtype2, rank2):
             return False
-        if abs(count2 - count) > LIKE_TOLERANCE * count:
+        if count2 != count and abs(count2 - count) > LIKE_TOLERANCE * count:
             return False
     return True
 
@@ -96,6 +96,9 @@ class PrefetchTuner:
         self.clock = time.perf_counter  # seconds (tests script it)
         self.grow = None  # raises the offload's watermark (Offload._grow), once chosen
         self.watermark = None  # the VBAR's watermark after the last forward of the trials
+        # disturbed() counts (from any thread); `seen`: the count a forward started with
+        self.disturbances = 0
+        self.seen = 0
         self.done = False
 
     def wants(self, schedule: Schedule) -> str | None:
@@ -106,13 +109,13 @@ class PrefetchTuner:
             return None
         if self.predicted is None:
             return "blocks"
-        now = schedule.vbar.watermark_bytes
-        if not self.settling and now != self.watermark:
+        now, count = schedule.vbar.watermark_bytes, self.disturbances
+        if not self.settling and (now != self.watermark or count != self.seen):
             self.settling = True
             self._not_compared(schedule)
             if self.done:
                 return None
-        self.watermark = now
+        self.watermark, self.seen = now, count
         return "settle" if self.settling else "measure"
 
     def after(self, schedule: Schedule, failed: bool, marks) -> None:
@@ -135,29 +138,33 @@ class PrefetchTuner:
         if chosen is None:
             self.done = True
             return
-        self.watermark = schedule.vbar.watermark_bytes
+        self.watermark, self.seen = schedule.vbar.watermark_bytes, self.disturbances
         self._try(schedule, chosen)
 
-    def after_trial(self, schedule: Schedule, failed: bool, seconds, like) -> None:
-        """After a forward of the trials: `seconds` it took when measured (None when it
-        settled, failed, or was disturbed: then the step is run again), `like` its
-        signature() (None when not measured)."""
-        if failed:
+    def after_trial(self, schedule: Schedule, kind: str, failed: bool, seconds, like) -> None:
+        """After a forward of the trials: `kind` what wants() said it was for ("settle" or
+        "measure"), `seconds` it took when measured (None when it settled or failed),
+        `like` its signature() (None when not measured). A failed forward's step is run
+        again; one disturbed while it ran (its watermark moved, or disturbed() was called)
+        is followed by a settling one."""
+        if failed or self.done:
             return
-        moved = schedule.vbar.watermark_bytes != self.watermark
-        self.watermark = schedule.vbar.watermark_bytes
-        if self.settling:
-            self.settling = False
-            return
-        if seconds is None or moved:  # disturbed while measured: settle again, measure
+        now, count = schedule.vbar.watermark_bytes, self.disturbances
+        moved = now != self.watermark or count != self.seen
+        self.watermark, self.seen = now, count
+        if moved:
             self.settling = True
             self._not_compared(schedule)
             return
-        if self.like is None:
-            self.like = like
-        elif not alike(self.like, like):
+        if kind == "settle":
+            self.settling = False
+            return
+        if seconds is None:  # not timed after all: measured again
+            return
+        if self.like is not None and not alike(self.like, like):
             self._not_compared(schedule)
             return
+        self.like = like  # the next is compared with this one: a decode's mask grows
         self.measured[self.trying] = seconds
         deeper = [p for p in CANDIDATES if p > self.trying]
         if deeper and seconds <= min(self.measured.values()) * (1 + GIVE_UP):
@@ -166,10 +173,10 @@ class PrefetchTuner:
             self._finish(schedule, None)
 
     def disturbed(self) -> None:
-        """The module's memory changed between forwards (paused and resumed, its budget
-        grown): in the middle of the trials, the next forward settles again."""
-        if not self.done and self.predicted is not None:
-            self.settling = True
+        """The module's memory changed (paused and resumed, its budget grown; from any
+        thread): in the middle of the trials, the forward running (if any) is not
+        compared, and the next one settles again."""
+        self.disturbances += 1
 
     def stop(self, schedule: Schedule, error: BaseException) -> None:
         """The trials failed (a bookkeeping error, not the forward's): they end here, the
@@ -219,8 +226,6 @@ class PrefetchTuner:
         chosen = self._fastest()
         if chosen != schedule.prefetch:
             schedule.set_prefetch(chosen, self.staging_for(schedule, chosen))
-        if self.grow is not None:
-            self.grow()
         _log.info(
             "aimdo: offload on device %s keeps prefetch %d, measured %.1f ms a forward "
             "(tried %s)%s",
@@ -230,6 +235,8 @@ class PrefetchTuner:
             ", ".join(f"{p}: {s * 1000:.1f} ms" for p, s in self.measured.items()),
             f"; {why}" if why else "",
         )
+        if self.grow is not None and chosen < max(self.measured):
+            self.grow()  # the deeper depths' staging took residency: let it grow back
 
     def staging_for(self, schedule: Schedule, prefetch: int) -> int:
         if self.staging_option is not None:
