@@ -170,7 +170,7 @@ def test_forwards_unlike_the_first_measured_are_not_compared(make_manager, monke
     kept = [r.getMessage() for r in caplog.records if "keeps prefetch" in r.getMessage()]
     assert len(kept) == 1
     assert kept[0].endswith(
-        f"{tune.NOT_COMPARED_LIMIT} forwards were unlike the first or disturbed"
+        f"{tune.NOT_COMPARED_LIMIT} forwards were disturbed or unlike the one before"
     )
 
 

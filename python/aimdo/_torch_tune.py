@@ -33,15 +33,16 @@ MARGIN = 0.01
 #: but end at a depth measured this much slower than the fastest so far (a fraction of a
 #: forward): deeper ones would only take more staging from the resident weights.
 GIVE_UP = 0.1
-#: Forwards of the trials not compared (unlike the first measured, or disturbed: the
+#: Forwards of the trials not compared (unlike the one measured before, or disturbed: the
 #: module's watermark moved while it ran or since the last forward of the trials, or it
 #: was paused and resumed); after this many, the trials end with the depth measured
 #: fastest so far.
 NOT_COMPARED_LIMIT = 12
 #: Two forwards are alike, for the trials, when they pass tensors of the same dtypes and
 #: ranks, in the same places, each with a number of elements within this fraction of the
-#: first's: a decode's attention mask, one column longer at each token, is alike; a
-#: prefill among decodes is not.
+#: other's (each measured forward is compared with the one measured before it): a
+#: decode's attention mask, one column longer at each token, is alike; a prefill among
+#: decodes is not.
 LIKE_TOLERANCE = 0.25
 
 
@@ -104,7 +105,8 @@ class PrefetchTuner:
     def wants(self, schedule: Schedule) -> str | None:
         """What the next forward is for (see the class), once the order is known. A
         forward to be measured settles instead when the module's watermark moved since
-        the last forward of the trials (evictions for others' memory, a budget changed)."""
+        the last forward of the trials (evictions for others' memory, a budget changed)
+        or disturbed() was called since."""
         if self.done or schedule.learning:
             return None
         if self.predicted is None:
@@ -194,7 +196,7 @@ class PrefetchTuner:
         self.not_compared += 1
         if self.not_compared >= NOT_COMPARED_LIMIT:
             self._finish(
-                schedule, f"{self.not_compared} forwards were unlike the first or disturbed"
+                schedule, f"{self.not_compared} forwards were disturbed or unlike the one before"
             )
 
     def _fastest(self) -> int:
