@@ -111,13 +111,11 @@ class PrefetchTuner:
             return None
         if self.predicted is None:
             return "blocks"
-        now, count = schedule.vbar.watermark_bytes, self.disturbances
-        if not self.settling and (now != self.watermark or count != self.seen):
+        if self._moved(schedule) and not self.settling:
             self.settling = True
             self._not_compared(schedule)
             if self.done:
                 return None
-        self.watermark, self.seen = now, count
         return "settle" if self.settling else "measure"
 
     def after(self, schedule: Schedule, failed: bool, marks) -> None:
@@ -140,7 +138,7 @@ class PrefetchTuner:
         if chosen is None:
             self.done = True
             return
-        self.watermark, self.seen = schedule.vbar.watermark_bytes, self.disturbances
+        self._moved(schedule)  # what the trials' first forward is compared with
         self._try(schedule, chosen)
 
     def after_trial(self, schedule: Schedule, kind: str, failed: bool, seconds, like) -> None:
@@ -151,10 +149,7 @@ class PrefetchTuner:
         is followed by a settling one."""
         if failed or self.done:
             return
-        now, count = schedule.vbar.watermark_bytes, self.disturbances
-        moved = now != self.watermark or count != self.seen
-        self.watermark, self.seen = now, count
-        if moved:
+        if self._moved(schedule):
             self.settling = True
             self._not_compared(schedule)
             return
@@ -173,6 +168,14 @@ class PrefetchTuner:
             self._try(schedule, deeper[0])
         else:
             self._finish(schedule, None)
+
+    def _moved(self, schedule: Schedule) -> bool:
+        """Whether the module's watermark or disturbed()'s count changed since this was
+        last asked; records both for the next asking."""
+        now, count = schedule.vbar.watermark_bytes, self.disturbances
+        moved = now != self.watermark or count != self.seen
+        self.watermark, self.seen = now, count
+        return moved
 
     def disturbed(self) -> None:
         """The module's memory changed (paused and resumed, its budget grown; from any
