@@ -55,6 +55,21 @@ def median(values) -> float:
     return ordered[len(ordered) // 2]
 
 
+#: Steps run, at most, untimed while offload(prefetch="auto") still chooses its depth.
+TRIAL_STEPS = 32
+
+
+def run_trials(handle, step) -> int:
+    """Call `step()` (one untimed step) while `handle` (an aimdo.torch Offload with
+    prefetch="auto") still chooses its depth, at most TRIAL_STEPS times; returns how
+    many ran."""
+    trials = 0
+    while handle.prefetch_choosing and trials < TRIAL_STEPS:
+        step()
+        trials += 1
+    return trials
+
+
 def steady_median(step_seconds: list) -> float:
     """The median step after the first (which maps, learns the order or warms up)."""
     return median(step_seconds[1:] or step_seconds)

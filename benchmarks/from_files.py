@@ -49,7 +49,7 @@ import aimdo.torch as atorch
 import torch
 from aimdo._manager import DEFAULTS
 
-from ._common import environment, show_log, steady_median, write
+from ._common import environment, run_trials, show_log, steady_median, write
 from .streaming import build, sync
 
 GiB = 1 << 30
@@ -218,10 +218,6 @@ def memory_now(manager, cuda: bool) -> dict:
     }
 
 
-#: Steps run, at most, untimed while offload(prefetch="auto") still chooses its depth.
-TRIAL_STEPS = 32
-
-
 def settle(manager, run_step) -> int:
     """Untimed steps until two of the Manager's polls have passed since the first step:
     the budget's measured figure is read at most once per poll_interval (2 s), so the
@@ -317,11 +313,8 @@ def child(args) -> dict:
                 memory.append(memory_now(manager, cuda=not args.tiny))
             if index == 0 and manager is not None:
                 settling = settle(manager, lambda: (one_step(), sync(device)))
-                trials = 0  # prefetch="auto": the depths it tries run untimed
-                while handle.prefetch_choosing and trials < TRIAL_STEPS:
-                    one_step()
-                    sync(device)
-                    trials += 1
+                # prefetch="auto": the depths it tries run untimed
+                trials = run_trials(handle, lambda: (one_step(), sync(device)))
                 if trials:
                     settling += trials + settle(manager, lambda: (one_step(), sync(device)))
                 memory.append(memory_now(manager, cuda=not args.tiny))
@@ -341,7 +334,7 @@ def child(args) -> dict:
         result["prefetch"] = handle.prefetch
         result["prefetch_measured"] = handle.prefetch_measured
         result["trial_steps"] = trials
-        result["prefetch_choosing"] = handle.prefetch_choosing  # still, after TRIAL_STEPS
+        result["prefetch_choosing"] = handle.prefetch_choosing  # still, after run_trials
         result["bytes_copied_per_step"] = handle.last_stats.bytes_copied
         result["bytes_from_files_per_step"] = handle.last_stats.bytes_from_files
         result["budget_bytes"] = manager.budget_bytes(0)

@@ -28,7 +28,7 @@ import aimdo
 import aimdo.torch as atorch
 import torch
 
-from ._common import environment, show_log, steady_median, write
+from ._common import environment, run_trials, show_log, steady_median, write
 from ._trace import profile_step
 from .streaming import pinned_bandwidth, time_steps
 
@@ -172,10 +172,6 @@ def per_token(runs: dict) -> float:
 FORWARDS_PER_STEP = {"guidance as two batch-1 calls": 2}
 
 
-#: Steps run, at most, untimed while offload(prefetch="auto") still chooses its depth.
-TRIAL_STEPS = 32
-
-
 def run_aimdo(model, forms, args, device, reference, compute, bandwidth, prefetch) -> dict:
     backend = aimdo.SimBackend("1x8GiB", real_bytes=True) if args.tiny else "cuda"
     results = {}
@@ -187,10 +183,8 @@ def run_aimdo(model, forms, args, device, reference, compute, bandwidth, prefetc
         handle = atorch.offload(model, 0, manager=manager, prefetch=prefetch, **staging)
         try:
             for name, run in forms.items():
-                trials = 0  # prefetch="auto": the depths it tries run untimed, in this form
-                while handle.prefetch_choosing and trials < TRIAL_STEPS:
-                    time_steps(run, model, 1, device)
-                    trials += 1
+                # prefetch="auto": the depths it tries run untimed, in this form
+                trials = run_trials(handle, lambda run=run: time_steps(run, model, 1, device))
                 times, out = time_steps(run, model, args.steps, device)
                 stats = handle.last_stats
                 step = steady_median(times)
