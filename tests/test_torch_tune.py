@@ -17,11 +17,28 @@ from aimdo.predict import PredictedStep  # noqa: E402
 from torch_support import new_manager, reference, stack, where  # noqa: E402
 
 
-def test_auto_prefetch_tries_the_fastest_predicted_depth_first(make_manager, caplog):
-    model = stack(blocks=6)  # 12 blocks of 1 MiB + 4 KiB, 6 small norms
+def six_blocks(make_manager, pages: int = 4):
+    """A stack of 6 blocks (12 of 1 MiB + 4 KiB, 6 small norms), an input, its plain
+    output on device 0, and a Manager of `pages` pages."""
+    model = stack(blocks=6)
     x = torch.randn(2, 256)
-    expected = reference(model, x, 0)
-    manager = new_manager(make_manager, pages=4)
+    return model, x, reference(model, x, 0), new_manager(make_manager, pages=pages)
+
+
+def failing(module):
+    """A pre-hook on `module` that raises RuntimeError("injected") while fail["now"]:
+    returns (fail, the hook's handle)."""
+    fail = {"now": False}
+
+    def hook(module, args):
+        if fail["now"]:
+            raise RuntimeError("injected")
+
+    return fail, module.register_forward_pre_hook(hook)
+
+
+def test_auto_prefetch_tries_the_fastest_predicted_depth_first(make_manager, caplog):
+    model, x, expected, manager = six_blocks(make_manager)
     caplog.set_level(logging.INFO, logger="aimdo")
     with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
         assert offloaded.prefetch == tune.START
@@ -81,10 +98,7 @@ def test_the_trials_go_deeper_until_one_is_much_slower_and_keep_the_fastest(
     make_manager, monkeypatch, caplog
 ):
     scripted(monkeypatch, chosen=2)
-    model = stack(blocks=6)
-    x = torch.randn(2, 256)
-    expected = reference(model, x, 0)
-    manager = new_manager(make_manager, pages=4)
+    model, x, expected, manager = six_blocks(make_manager)
     caplog.set_level(logging.INFO, logger="aimdo")
     with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
         measured = script_clock(offloaded, {2: 1.0, 3: 1.0, 4: 0.75, 6: 0.875, 8: 0.125})
@@ -116,9 +130,7 @@ def test_a_deeper_depth_within_the_margin_of_a_shallower_leaves_the_shallower(
     make_manager, monkeypatch
 ):
     scripted(monkeypatch, chosen=3)
-    model = stack(blocks=6)
-    x = torch.randn(2, 256)
-    manager = new_manager(make_manager, pages=4)
+    model, x, _, manager = six_blocks(make_manager)
     with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
         faster = 1.0 / (1 + tune.MARGIN / 2)  # faster than 3, but within the margin
         measured = script_clock(offloaded, {3: 1.0, 4: faster, 6: 1.0, 8: 1.0})
@@ -130,9 +142,7 @@ def test_a_deeper_depth_within_the_margin_of_a_shallower_leaves_the_shallower(
 
 def test_the_trials_end_at_the_deepest_depth(make_manager, monkeypatch):
     scripted(monkeypatch, chosen=4)
-    model = stack(blocks=6)
-    x = torch.randn(2, 256)
-    manager = new_manager(make_manager, pages=4)
+    model, x, _, manager = six_blocks(make_manager)
     with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
         measured = script_clock(offloaded, {4: 1.0, 6: 0.875, 8: 0.75})
         for _ in range(9):
@@ -183,9 +193,7 @@ def test_the_shallowest_depth_within_the_margin_of_the_fastest_is_kept(make_mana
         return [PredictedStep(seconds=table[prefetch])]
 
     monkeypatch.setattr(tune, "predict_offload", predict)
-    model = stack(blocks=6)
-    x = torch.randn(2, 256)
-    manager = new_manager(make_manager, pages=4)
+    model, x, _, manager = six_blocks(make_manager)
     with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
         for _ in range(2):
             model(x.to(where(0)))
@@ -203,9 +211,7 @@ def test_the_shallowest_depth_within_the_margin_of_the_fastest_is_kept(make_mana
 
 
 def test_a_declared_order_is_timed_on_the_first_forward(make_manager):
-    model = stack(blocks=6)
-    x = torch.randn(2, 256)
-    manager = new_manager(make_manager, pages=4)
+    model, x, _, manager = six_blocks(make_manager)
     order = [m for m in model.modules() if list(m.parameters(recurse=False))]
     with atorch.offload(model, 0, manager=manager, prefetch="auto", order=order) as offloaded:
         assert torch.equal(model(x.to(where(0))), reference(model, x, 0))
@@ -213,17 +219,8 @@ def test_a_declared_order_is_timed_on_the_first_forward(make_manager):
 
 
 def test_a_failed_forward_is_timed_again_by_the_next(make_manager):
-    model = stack(blocks=6)
-    x = torch.randn(2, 256)
-    expected = reference(model, x, 0)
-    manager = new_manager(make_manager, pages=4)
-    fail = {"now": False}
-
-    def hook(module, args):
-        if fail["now"]:
-            raise RuntimeError("injected")
-
-    handle = model[3].register_forward_pre_hook(hook)
+    model, x, expected, manager = six_blocks(make_manager)
+    fail, handle = failing(model[3])
     with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
         model(x.to(where(0)))
         fail["now"] = True
@@ -239,17 +236,8 @@ def test_a_failed_forward_is_timed_again_by_the_next(make_manager):
 
 def test_a_failed_forward_of_the_trials_is_run_again(make_manager, monkeypatch):
     scripted(monkeypatch, chosen=tune.START)  # measured at once, then 3 settles
-    model = stack(blocks=6)
-    x = torch.randn(2, 256)
-    expected = reference(model, x, 0)
-    manager = new_manager(make_manager, pages=4)
-    fail = {"now": False}
-
-    def hook(module, args):
-        if fail["now"]:
-            raise RuntimeError("injected")
-
-    handle = model[3].register_forward_pre_hook(hook)
+    model, x, expected, manager = six_blocks(make_manager)
+    fail, handle = failing(model[3])
     with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
         script_clock(offloaded, {2: 1.0, 3: 0.875, 4: 2.0})
         for _ in range(2):  # learn; predict: 2 on trial, measured next
@@ -277,10 +265,7 @@ def test_a_failed_prediction_keeps_the_depth_and_warns(make_manager, monkeypatch
         raise RuntimeError("no simulator today")
 
     monkeypatch.setattr(tune, "predict_offload", predict)
-    model = stack(blocks=6)
-    x = torch.randn(2, 256)
-    expected = reference(model, x, 0)
-    manager = new_manager(make_manager, pages=4)
+    model, x, expected, manager = six_blocks(make_manager)
     with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
         for _ in range(3):
             assert torch.equal(model(x.to(where(0))), expected)
@@ -356,10 +341,7 @@ def test_odd_arguments_leave_the_forwards_and_the_trials_working(make_manager, m
 
 def test_a_failure_of_the_trials_keeps_the_forward_and_the_depth(make_manager, monkeypatch, caplog):
     scripted(monkeypatch, chosen=tune.START)
-    model = stack(blocks=6)
-    x = torch.randn(2, 256)
-    expected = reference(model, x, 0)
-    manager = new_manager(make_manager, pages=4)
+    model, x, expected, manager = six_blocks(make_manager)
     with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
         script_clock(offloaded, {2: 1.0, 3: 0.875})
         for _ in range(2):
@@ -382,10 +364,7 @@ def test_a_failure_of_the_trials_keeps_the_forward_and_the_depth(make_manager, m
 
 def test_a_pause_or_a_moved_watermark_in_the_trials_settles_again(make_manager, monkeypatch):
     scripted(monkeypatch, chosen=tune.START)
-    model = stack(blocks=6)
-    x = torch.randn(2, 256)
-    expected = reference(model, x, 0)
-    manager = new_manager(make_manager, pages=4)
+    model, x, expected, manager = six_blocks(make_manager)
     with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
         measured = script_clock(offloaded, {2: 1.0, 3: 0.875, 4: 0.75, 6: 2.0})
         full = offloaded.vbar.watermark_bytes
@@ -436,10 +415,7 @@ def test_forwards_disturbed_before_any_is_measured_end_the_trials_at_the_depth(
     make_manager, monkeypatch, caplog
 ):
     scripted(monkeypatch, chosen=tune.START)
-    model = stack(blocks=6)
-    x = torch.randn(2, 256)
-    expected = reference(model, x, 0)
-    manager = new_manager(make_manager, pages=4)
+    model, x, expected, manager = six_blocks(make_manager)
     caplog.set_level(logging.INFO, logger="aimdo")
     with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
         measured = script_clock(offloaded, {2: 1.0})
@@ -460,10 +436,7 @@ def test_a_disturbance_is_not_measured_and_settles_again(make_manager, monkeypat
     # The model fits its budget: its watermark stays at the top, so only disturbed()
     # (a resume, a budget grown: Offload._grow) tells the trials.
     scripted(monkeypatch, chosen=tune.START)
-    model = stack(blocks=6)
-    x = torch.randn(2, 256)
-    expected = reference(model, x, 0)
-    manager = new_manager(make_manager, pages=8)
+    model, x, expected, manager = six_blocks(make_manager, pages=8)
     with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
         measured = script_clock(offloaded, {2: 1.0, 3: 0.875, 4: 2.0})
         top = offloaded.vbar.watermark_bytes
