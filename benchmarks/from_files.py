@@ -28,7 +28,7 @@ library's choice). ``--rings`` runs
 every limit that reads the files once per ring, READERSxMiB[xBUFFERS] (that many reader
 threads, that many buffers of that many MiB: twice the readers unless given), instead of
 once with the library's own. ``--switch-interval S`` sets Python's switch interval for
-each run; ``--reading-switch S|none`` sets aimdo.torch.set_reading_switch_interval.
+each run.
 ``--prefetch 2,4,auto`` runs every aimdo limit once per prefetch depth (offload's
 ``prefetch``; default: the library's own), named ``LIMIT@RING/pN``; with ``auto``, the
 steps the offload takes to choose run untimed, after the first.
@@ -376,11 +376,6 @@ def main() -> int:
         default=None,
         help="seconds: sys.setswitchinterval in each run (how long a thread waits for the GIL)",
     )
-    parser.add_argument(
-        "--reading-switch",
-        default="",
-        help="seconds or none: aimdo.torch.set_reading_switch_interval in each run",
-    )
     parser.add_argument("--prefetch", default="", help="N,...: prefetch depths to compare")
     parser.add_argument("--prefetch-depth", default="", help=argparse.SUPPRESS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -397,9 +392,6 @@ def main() -> int:
     if args.child is not None:
         if args.switch_interval is not None:
             sys.setswitchinterval(args.switch_interval)
-        if args.reading_switch:
-            setting = args.reading_switch
-            atorch.set_reading_switch_interval(None if setting == "none" else float(setting))
         print(json.dumps(child(args)))
         return 0
     os.makedirs(args.dir, exist_ok=True)
@@ -449,7 +441,6 @@ def main() -> int:
         command += ["--tiny"] if args.tiny else []
         if args.switch_interval is not None:
             command += ["--switch-interval", str(args.switch_interval)]
-        command += ["--reading-switch", args.reading_switch] if args.reading_switch else []
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             print(f"  {name}: failed\n{done.stderr[-3000:]}", flush=True)

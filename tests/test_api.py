@@ -595,6 +595,12 @@ def test_sim_backend_operations_are_the_cuda_names():
         "cuMemGetInfo",
         "cuCtxSynchronize",
         "cuMemcpyDtoDAsync",
+        "cuMemcpyHtoDAsync",
+        "cuEventCreate",
+        "cuEventDestroy",
+        "cuEventRecord",
+        "cuEventSynchronize",
+        "cuStreamWaitEvent",
     ):
         assert name in operations
 

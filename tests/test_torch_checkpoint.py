@@ -361,7 +361,7 @@ def test_host_limit_pins_the_blocks_placed_last_and_streams_the_rest(
     assert len(logged) == 1 and "host_limit=5.00 MiB" in logged[0] and "8 blocks" in logged[0]
 
 
-def test_blocks_in_the_files_are_read_by_a_thread_of_their_own_ahead_of_the_compute(
+def test_blocks_in_the_files_are_read_and_copied_by_native_threads_ahead_of_the_compute(
     make_manager, tmp_path, monkeypatch
 ):
     import threading
@@ -370,7 +370,6 @@ def test_blocks_in_the_files_are_read_by_a_thread_of_their_own_ahead_of_the_comp
 
     real, x, expected, path, model, manager = saved_stack(make_manager, tmp_path)
     calls = []  # (how the forward queued a block's copy, from which thread)
-    pieces = []  # the threads that queued the pieces' copies
     originals = {name: getattr(stream.FileStream, name) for name in ("copy_in", "copy_ahead")}
 
     def recording(name):
@@ -380,30 +379,25 @@ def test_blocks_in_the_files_are_read_by_a_thread_of_their_own_ahead_of_the_comp
 
         return call
 
-    copy_piece = stream.FileStream._copy
-
-    def piece(self, *args):
-        pieces.append(threading.current_thread().name)
-        return copy_piece(self, *args)
-
     for name in originals:
         monkeypatch.setattr(stream.FileStream, name, recording(name))
-    monkeypatch.setattr(stream.FileStream, "_copy", piece)
     forward_thread = threading.current_thread().name
+    python_threads = set(threading.enumerate())
     with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit=0) as o:
         assert torch.equal(model(x.to(where(0))), expected)
         # The first forward learns the order and copies in line: its thread waits.
         assert calls and set(calls) == {("copy_in", forward_thread)}
         calls.clear()
-        pieces.clear()
         for _ in range(2):
+            read = o._stream.pump.pieces_read
             assert torch.equal(model(x.to(where(0))), expected)
             assert o.last_stats.bytes_from_files > 0
-        # Then the copies are queued ahead, the forward going on; the stream's own thread
-        # reads them and queues every piece's copy.
+            assert o._stream.pump.pieces_read > read
+        # Then the copies are queued ahead, the forward going on; the pump's native
+        # threads read the pieces and queue their copies: no Python thread of its own.
         assert calls and set(calls) == {("copy_ahead", forward_thread)}
-        assert pieces and set(pieces) == {"aimdo-files_0"}
-    assert o._stream is None or o._stream.worker is None
+        assert set(threading.enumerate()) == python_threads
+    assert o._stream is None or o._stream.pump is None
 
 
 def test_host_tiers_force_blocks_into_the_files_or_into_pinned_memory(

@@ -10,6 +10,10 @@ int DeviceRoutes::device_of(const Call& call) const {
     const auto found = handles_.find(call.handle);
     return found == handles_.end() ? -1 : found->second;
   }
+  if (arguments.contains(Field::event)) {
+    const auto found = events_.find(call.event);
+    return found == events_.end() ? -1 : found->second;
+  }
   if (arguments.contains(Field::address)) {
     auto range = reservations_.upper_bound(call.address);
     if (range == reservations_.begin()) return -1;
@@ -40,6 +44,16 @@ void DeviceRoutes::learn(const Call& call, const DriverStatus& status) {
     case Operation::release_physical: {
       std::lock_guard<std::mutex> lock(mutex_);
       handles_.erase(call.handle);
+      return;
+    }
+    case Operation::event_create: {
+      std::lock_guard<std::mutex> lock(mutex_);
+      events_[call.event] = call.device;
+      return;
+    }
+    case Operation::event_destroy: {
+      std::lock_guard<std::mutex> lock(mutex_);
+      events_.erase(call.event);
       return;
     }
     default: return;

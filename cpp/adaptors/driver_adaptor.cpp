@@ -132,4 +132,51 @@ DriverStatus DriverAdaptor::copy_async(int device, DeviceAddress dst, DeviceAddr
   return intercept(call);
 }
 
+DriverStatus DriverAdaptor::copy_from_host_async(int device, DeviceAddress dst, std::uintptr_t src,
+                                                 std::size_t size_bytes, StreamHandle stream) {
+  Call call = call_of(Operation::copy_from_host_async);
+  call.device = device;
+  call.address = dst;
+  call.host_source = src;
+  call.size_bytes = size_bytes;
+  call.stream = stream;
+  return intercept(call);
+}
+
+DriverStatus DriverAdaptor::event_create(int device, EventHandle* out) {
+  Call call = call_of(Operation::event_create);
+  call.device = device;
+  const DriverStatus status = intercept(call);
+  if (status.ok()) *out = call.event;
+  return status;
+}
+
+DriverStatus DriverAdaptor::event_destroy(EventHandle event) {
+  Call call = call_of(Operation::event_destroy);
+  call.event = event;
+  return intercept(call);
+}
+
+DriverStatus DriverAdaptor::event_record(int device, EventHandle event, StreamHandle stream) {
+  Call call = call_of(Operation::event_record);
+  call.device = device;
+  call.event = event;
+  call.stream = stream;
+  return intercept(call);
+}
+
+DriverStatus DriverAdaptor::event_synchronize(EventHandle event) {
+  Call call = call_of(Operation::event_synchronize);
+  call.event = event;
+  return intercept(call);
+}
+
+DriverStatus DriverAdaptor::stream_wait_event(int device, StreamHandle stream, EventHandle event) {
+  Call call = call_of(Operation::stream_wait_event);
+  call.device = device;
+  call.stream = stream;
+  call.event = event;
+  return intercept(call);
+}
+
 }  // namespace aimdo::adaptors

@@ -49,6 +49,13 @@ class DriverAdaptor : public Driver {
   DriverStatus make_current(int device, ContextToken* previous) final;
   DriverStatus copy_async(int device, DeviceAddress dst, DeviceAddress src, std::size_t size_bytes,
                           StreamHandle stream) final;
+  DriverStatus copy_from_host_async(int device, DeviceAddress dst, std::uintptr_t src,
+                                    std::size_t size_bytes, StreamHandle stream) final;
+  DriverStatus event_create(int device, EventHandle* out) final;
+  DriverStatus event_destroy(EventHandle event) final;
+  DriverStatus event_record(int device, EventHandle event, StreamHandle stream) final;
+  DriverStatus event_synchronize(EventHandle event) final;
+  DriverStatus stream_wait_event(int device, StreamHandle stream, EventHandle event) final;
 
   // aimdo::Driver: the rest, straight to the upstream driver.
   const char* backend_name() const noexcept final { return upstream_->backend_name(); }

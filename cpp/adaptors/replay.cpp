@@ -1,7 +1,9 @@
 #include "replay.hpp"
 
 #include <algorithm>
+#include <cstdlib>
 #include <map>
+#include <memory>
 #include <unordered_map>
 #include <utility>
 
@@ -38,6 +40,10 @@ class Translation {
     const auto found = handles_.find(logged);
     return found == handles_.end() ? logged : found->second;
   }
+  EventHandle event(EventHandle logged) const {
+    const auto found = events_.find(logged);
+    return found == events_.end() ? logged : found->second;
+  }
 
   // After `call` answered `status`: what the logged line's raw outputs become, and what
   // its raw arguments no longer name once given back (the driver may reuse them).
@@ -65,6 +71,12 @@ class Translation {
       case Operation::release_physical:
         if (raw_value(&logged.text("handle"), &raw)) handles_.erase(raw);
         return;
+      case Operation::event_create:
+        if (raw_value(logged.output("ev"), &raw)) events_[raw] = call.event;
+        return;
+      case Operation::event_destroy:
+        if (raw_value(&logged.text("ev"), &raw)) events_.erase(raw);
+        return;
       default: return;
     }
   }
@@ -86,6 +98,36 @@ class Translation {
   std::map<DeviceAddress, std::pair<std::size_t, DeviceAddress>> reservations_;
   std::unordered_map<DeviceAddress, DeviceAddress> pointers_;
   std::unordered_map<PhysicalHandle, PhysicalHandle> handles_;
+  std::unordered_map<EventHandle, EventHandle> events_;
+};
+
+// The host memory a replayed host-to-device copy reads: the log does not carry the host
+// address or the bytes, so every such copy reads zeros from this buffer. It grows to the
+// largest copy replayed and is never written; calloc leaves a large one's pages
+// uncommitted until something reads them (the simulator does only with real bytes).
+class HostSource {
+ public:
+  // The address of at least `size_bytes` (and at least one) zero bytes, valid until the
+  // next call. InvalidArgumentError naming the size when the host cannot supply them.
+  std::uintptr_t of(std::size_t size_bytes) {
+    const std::size_t wanted = std::max<std::size_t>(size_bytes, 1);
+    if (wanted > size_bytes_) {
+      buffer_.reset(static_cast<unsigned char*>(std::calloc(wanted, 1)));
+      size_bytes_ = buffer_ == nullptr ? 0 : wanted;
+      if (buffer_ == nullptr) {
+        throw InvalidArgumentError("size=" + std::to_string(size_bytes) +
+                                   ": replay cannot allocate a host buffer that large");
+      }
+    }
+    return reinterpret_cast<std::uintptr_t>(buffer_.get());
+  }
+
+ private:
+  struct Free {
+    void operator()(unsigned char* p) const noexcept { std::free(p); }
+  };
+  std::unique_ptr<unsigned char, Free> buffer_;
+  std::size_t size_bytes_ = 0;
 };
 
 class Replayer {
@@ -108,6 +150,9 @@ class Replayer {
                                  "' is neither a driver call nor a simulator power");
     }
     Call call = read_call(operation, line);
+    if (operation == Operation::copy_from_host_async) {
+      call.host_source = host_source_.of(call.size_bytes);
+    }
     if (info(operation).arguments.contains(Field::current)) make_current(call.current);
     const DriverStatus status = invoke(*stack_.recorder, call);
     // Checked after the call: it only ran on the replay's stack, which the throw discards.
@@ -138,6 +183,7 @@ class Replayer {
         case Field::handle: call.handle = translation_.handle(line.hexadecimal(key)); break;
         case Field::pointer: call.pointer = translation_.pointer(key, line.text(key)); break;
         case Field::source: call.source = translation_.address(key, line.text(key)); break;
+        case Field::event: call.event = translation_.event(line.hexadecimal(key)); break;
         case Field::free_bytes:
         case Field::total_bytes: break;  // outputs only
       }
@@ -165,6 +211,7 @@ class Replayer {
 
   ReplayStack& stack_;
   Translation translation_;
+  HostSource host_source_;
 };
 
 // `line`'s name, answer and environment outputs, read leniently from text replay wrote or

@@ -18,9 +18,15 @@
 // Either way, a raw 0x-hex address is translated to the replayed stack's: by the logged
 // reservation it falls in (to the replayed reservation made by the same line, at the same
 // offset) or, for a stream-ordered pointer, the replayed allocation made by the line that
-// logged it; a handle likewise, by the line that logged it. Addresses named relative to a
-// simulator's regions ("r0+0x0") are read with the recorder's naming. Anything that
-// matches nothing is used as it is.
+// logged it; a physical allocation's or an event's handle likewise, by the line that
+// logged it (until the line that gave it back). Addresses named relative to a simulator's
+// regions ("r0+0x0") are read with the recorder's naming. Anything that matches nothing
+// is used as it is.
+//
+// A host-to-device copy (cuMemcpyHtoDAsync) is logged without its host address, so replay
+// copies zeros from a buffer of its own of the logged size: the bytes replayed differ from
+// those recorded, and a copy whose host address was refused (null) replays with a valid
+// one.
 //
 // Errors: InvalidArgumentError "cannot replay log line N ('<text>'): <why>" for a line
 // that is not as a recorder writes it (a field missing, extra or repeated; a number that

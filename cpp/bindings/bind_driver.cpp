@@ -13,6 +13,7 @@
 #include "aimdo/errors.hpp"
 #include "common.hpp"
 #include "cuda_driver.hpp"
+#include "log_line.hpp"
 
 namespace aimdo::bindings {
 namespace {
@@ -27,6 +28,121 @@ std::shared_ptr<Driver> load_cuda() {
     throw DriverError(load.message, -1, "load libcuda", load.status);
   }
   return load.driver;
+}
+
+// DriverError "<what> failed with <name>" for a call of the CUDA function `operation`
+// that answered `status`, unless it succeeded.
+void check(const DriverStatus& status, const std::string& what, int device, const char* operation) {
+  if (status.ok()) return;
+  throw DriverError(what + " failed with " + status.name, device, operation, status);
+}
+
+// Host-to-device copies and events (Driver::copy_from_host_async, event_*): each makes
+// `device` current for a context-dependent call, releases the GIL, and raises DriverError
+// naming the CUDA function when the driver refuses.
+void add_event_operations(nb::class_<Driver>& driver) {
+  using namespace nb::literals;
+  driver
+      .def(
+          "copy_from_host",
+          [](Driver& d, int device, std::uint64_t dst, std::uintptr_t src, std::int64_t size,
+             std::uintptr_t stream) {
+            const std::size_t bytes = to_size(size, "size");
+            DriverStatus status;
+            {
+              nb::gil_scoped_release release;
+              ScopedDevice guard(d, device);
+              status = guard.status().ok() ? d.copy_from_host_async(device, dst, src, bytes, stream)
+                                           : guard.status();
+            }
+            check(status,
+                  "cuMemcpyHtoDAsync of " + std::to_string(bytes) + " bytes on device " +
+                      std::to_string(device),
+                  device, "cuMemcpyHtoDAsync");
+          },
+          "device"_a, "dst"_a, "src"_a, "size"_a, "stream"_a = 0,
+          "Queue a copy of `size` bytes from host memory at `src` (pinned, for the copy to "
+          "be asynchronous) to device memory at `dst` on `stream` of `device` (made current "
+          "for the call). `src` must stay alive and unchanged until the copy is done (an "
+          "event recorded after it). DriverError when the driver refuses it.")
+      .def(
+          "event_create",
+          [](Driver& d, int device) {
+            EventHandle event = 0;
+            DriverStatus status;
+            {
+              nb::gil_scoped_release release;
+              ScopedDevice guard(d, device);
+              status = guard.status().ok() ? d.event_create(device, &event) : guard.status();
+            }
+            check(status, "cuEventCreate on device " + std::to_string(device), device,
+                  "cuEventCreate");
+            return event;
+          },
+          "device"_a,
+          "Make an event of `device` (made current for the call) that times nothing; its "
+          "handle. Give it back with event_destroy. DriverError when the driver refuses.")
+      .def(
+          "event_destroy",
+          [](Driver& d, EventHandle event) {
+            DriverStatus status;
+            {
+              nb::gil_scoped_release release;
+              status = d.event_destroy(event);
+            }
+            check(status, "cuEventDestroy of event " + hex(event), -1, "cuEventDestroy");
+          },
+          "event"_a,
+          "Destroy an event made by event_create. DriverError for a handle that names no "
+          "event.")
+      .def(
+          "event_record",
+          [](Driver& d, int device, EventHandle event, std::uintptr_t stream) {
+            DriverStatus status;
+            {
+              nb::gil_scoped_release release;
+              ScopedDevice guard(d, device);
+              status = guard.status().ok() ? d.event_record(device, event, stream) : guard.status();
+            }
+            check(status,
+                  "cuEventRecord of event " + hex(event) + " on device " + std::to_string(device),
+                  device, "cuEventRecord");
+          },
+          "device"_a, "event"_a, "stream"_a = 0,
+          "Record `event` at the end of the work queued on `stream` of `device` (made current "
+          "for the call) so far. DriverError when the driver refuses.")
+      .def(
+          "event_synchronize",
+          [](Driver& d, EventHandle event) {
+            DriverStatus status;
+            {
+              nb::gil_scoped_release release;
+              status = d.event_synchronize(event);
+            }
+            check(status, "cuEventSynchronize of event " + hex(event), -1, "cuEventSynchronize");
+          },
+          "event"_a,
+          "Wait, without the GIL, until the work `event` last recorded is done (at once if it "
+          "was never recorded). DriverError when the driver refuses.")
+      .def(
+          "stream_wait_event",
+          [](Driver& d, int device, std::uintptr_t stream, EventHandle event) {
+            DriverStatus status;
+            {
+              nb::gil_scoped_release release;
+              ScopedDevice guard(d, device);
+              status =
+                  guard.status().ok() ? d.stream_wait_event(device, stream, event) : guard.status();
+            }
+            check(
+                status,
+                "cuStreamWaitEvent on event " + hex(event) + " on device " + std::to_string(device),
+                device, "cuStreamWaitEvent");
+          },
+          "device"_a, "stream"_a, "event"_a,
+          "Make the work queued on `stream` of `device` (made current for the call) from now "
+          "on wait for the work `event` last recorded; the host does not wait. DriverError "
+          "when the driver refuses.");
 }
 
 // Raw driver operations, for the driver-contract tests that hold both backends to the same
@@ -97,6 +213,41 @@ void add_raw_memory_operations(nb::class_<Driver>& driver) {
             return status_tuple(d.copy_async(device, dst, src, to_size(size, "size"), stream));
           },
           "device"_a, "dst"_a, "src"_a, "size"_a, "stream"_a = 0, release_gil());
+}
+
+// Host-to-device copies and the events' context-dependent calls, without a guard: the
+// calling thread's current device is what the test made it.
+void add_raw_event_operations(nb::class_<Driver>& driver) {
+  using namespace nb::literals;
+  driver
+      .def(
+          "raw_copy_from_host",
+          [](Driver& d, int device, std::uint64_t dst, std::uintptr_t src, std::int64_t size,
+             std::uintptr_t stream) {
+            return status_tuple(
+                d.copy_from_host_async(device, dst, src, to_size(size, "size"), stream));
+          },
+          "device"_a, "dst"_a, "src"_a, "size"_a, "stream"_a = 0, release_gil())
+      .def(
+          "raw_event_create",
+          [](Driver& d, int device) {
+            EventHandle event = 0;
+            const DriverStatus s = d.event_create(device, &event);
+            return std::make_tuple(s.code, std::string(s.name), event);
+          },
+          release_gil())
+      .def(
+          "raw_event_record",
+          [](Driver& d, int device, EventHandle event, std::uintptr_t stream) {
+            return status_tuple(d.event_record(device, event, stream));
+          },
+          "device"_a, "event"_a, "stream"_a = 0, release_gil())
+      .def(
+          "raw_stream_wait_event",
+          [](Driver& d, int device, std::uintptr_t stream, EventHandle event) {
+            return status_tuple(d.stream_wait_event(device, stream, event));
+          },
+          release_gil());
 }
 
 // Contexts and queries.
@@ -194,7 +345,9 @@ void bind_driver(nb::module_& m) {
           "DriverError when the driver refuses it.")
       .def("current_device", &Driver::current_device, release_gil(),
            "The device whose context is current on the calling thread, or -1.");
+  add_event_operations(driver);
   add_raw_memory_operations(driver);
+  add_raw_event_operations(driver);
   add_raw_context_operations(driver);
 }
 

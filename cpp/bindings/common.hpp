@@ -65,5 +65,6 @@ void bind_sim(nb::module_& m);         // SimDriver, replay on it
 void bind_vbar(nb::module_& m);        // Signature, Allocation, Vbar
 void bind_manager(nb::module_& m);     // DeviceOptions, Manager
 void bind_file_reads(nb::module_& m);  // FileReads: checkpoint reads without the GIL
+void bind_file_pump(nb::module_& m);   // FilePump: reads and copies to a device, no GIL
 
 }  // namespace aimdo::bindings

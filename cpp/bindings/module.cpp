@@ -25,4 +25,5 @@ NB_MODULE(_core, m) {
   bind_vbar(m);
   bind_manager(m);
   bind_file_reads(m);
+  bind_file_pump(m);
 }

@@ -23,6 +23,7 @@ using CUresult = int;
 using CUdevice = int;
 using CUcontext = struct CUctx_st*;
 using CUstream = struct CUstream_st*;
+using CUevent = struct CUevent_st*;
 using CUdeviceptr = unsigned long long;
 using CUmemGenericAllocationHandle = unsigned long long;
 using cuuint64_t = std::uint64_t;
@@ -65,6 +66,9 @@ enum CUdriverProcAddressQueryResult : int {
 
 constexpr cuuint64_t CU_GET_PROC_ADDRESS_DEFAULT = 0;
 
+// cuEventCreate's flags (CUevent_flags).
+constexpr unsigned int CU_EVENT_DISABLE_TIMING = 0x2;
+
 // Recent headers put `id` in a union with a 2-byte `localized` struct; the size and the
 // offset of `id` are unchanged, so this shorter form is the same ABI.
 struct CUmemLocation {
@@ -106,6 +110,7 @@ static_assert(sizeof(CUdeviceptr) == sizeof(DeviceAddress), "DeviceAddress holds
 static_assert(sizeof(CUmemGenericAllocationHandle) == sizeof(PhysicalHandle),
               "PhysicalHandle holds a CUmemGenericAllocationHandle");
 static_assert(sizeof(CUstream) == sizeof(StreamHandle), "StreamHandle holds a CUstream");
+static_assert(sizeof(CUevent) == sizeof(EventHandle), "EventHandle holds a CUevent");
 
 // cuGetProcAddress_v2 (CUDA 12.0+ drivers) and the original cuGetProcAddress (11.3+).
 using GetProcAddressV2 = CUresult(const char* symbol, void** function, int cuda_version,
@@ -124,6 +129,9 @@ constexpr int kOldestProcAddressVersion = 11030;
 // ---------------------------------------------------------------------------------------
 // The entry-point table: name, required or optional, signature at kEntryPointVersion.
 // cuGetErrorName comes first so that later failures can be named by the driver itself.
+// Each is asked for by its base name: cuGetProcAddress answers the variant of that
+// version (cuMemcpyHtoDAsync_v2, cuEventDestroy_v2), and with CU_GET_PROC_ADDRESS_DEFAULT
+// the legacy-default-stream one, never a per-thread (_ptsz) one.
 #define AIMDO_CUDA_ENTRY_POINTS(X)                                                                \
   X(cuGetErrorName, required, CUresult(CUresult, const char**))                                   \
   X(cuDriverGetVersion, required, CUresult(int*))                                                 \
@@ -159,7 +167,13 @@ constexpr int kOldestProcAddressVersion = 11030;
   X(cuMemFreeAsync, optional, CUresult(CUdeviceptr, CUstream))                                    \
   X(cuDeviceCanAccessPeer, optional, CUresult(int*, CUdevice, CUdevice))                          \
   X(cuDeviceGetP2PAttribute, optional, CUresult(int*, CUdevice_P2PAttribute, CUdevice, CUdevice)) \
-  X(cuMemcpyDtoDAsync, optional, CUresult(CUdeviceptr, CUdeviceptr, std::size_t, CUstream))
+  X(cuMemcpyDtoDAsync, optional, CUresult(CUdeviceptr, CUdeviceptr, std::size_t, CUstream))       \
+  X(cuMemcpyHtoDAsync, optional, CUresult(CUdeviceptr, const void*, std::size_t, CUstream))       \
+  X(cuEventCreate, optional, CUresult(CUevent*, unsigned int))                                    \
+  X(cuEventDestroy, optional, CUresult(CUevent))                                                  \
+  X(cuEventRecord, optional, CUresult(CUevent, CUstream))                                         \
+  X(cuEventSynchronize, optional, CUresult(CUevent))                                              \
+  X(cuStreamWaitEvent, optional, CUresult(CUstream, CUevent, unsigned int))
 
 enum class Need : std::uint8_t { required, optional };
 

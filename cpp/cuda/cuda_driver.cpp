@@ -195,6 +195,50 @@ class CudaDriver final : public Driver {
     return check(api_.cuMemcpyDtoDAsync(dst, src, size_bytes, reinterpret_cast<CUstream>(stream)));
   }
 
+  // As copy_async: the stream (or the current context) decides the copy engine.
+  DriverStatus copy_from_host_async(int device, DeviceAddress dst, std::uintptr_t src,
+                                    std::size_t size_bytes, StreamHandle stream) override {
+    if (!valid(device)) return code_status(driver_code::invalid_device);
+    if (api_.cuMemcpyHtoDAsync == nullptr) return code_status(driver_code::not_supported);
+    return check(api_.cuMemcpyHtoDAsync(dst, reinterpret_cast<const void*>(src), size_bytes,
+                                        reinterpret_cast<CUstream>(stream)));
+  }
+
+  // The event belongs to the current context, which the caller made `device`'s.
+  DriverStatus event_create(int device, EventHandle* out) override {
+    if (out == nullptr) return code_status(driver_code::invalid_value);
+    if (!valid(device)) return code_status(driver_code::invalid_device);
+    if (api_.cuEventCreate == nullptr) return code_status(driver_code::not_supported);
+    CUevent event = nullptr;
+    const DriverStatus s = check(api_.cuEventCreate(&event, CU_EVENT_DISABLE_TIMING));
+    if (s.ok()) *out = reinterpret_cast<EventHandle>(event);
+    return s;
+  }
+
+  DriverStatus event_destroy(EventHandle event) override {
+    if (api_.cuEventDestroy == nullptr) return code_status(driver_code::not_supported);
+    return check(api_.cuEventDestroy(reinterpret_cast<CUevent>(event)));
+  }
+
+  DriverStatus event_record(int device, EventHandle event, StreamHandle stream) override {
+    if (!valid(device)) return code_status(driver_code::invalid_device);
+    if (api_.cuEventRecord == nullptr) return code_status(driver_code::not_supported);
+    return check(
+        api_.cuEventRecord(reinterpret_cast<CUevent>(event), reinterpret_cast<CUstream>(stream)));
+  }
+
+  DriverStatus event_synchronize(EventHandle event) override {
+    if (api_.cuEventSynchronize == nullptr) return code_status(driver_code::not_supported);
+    return check(api_.cuEventSynchronize(reinterpret_cast<CUevent>(event)));
+  }
+
+  DriverStatus stream_wait_event(int device, StreamHandle stream, EventHandle event) override {
+    if (!valid(device)) return code_status(driver_code::invalid_device);
+    if (api_.cuStreamWaitEvent == nullptr) return code_status(driver_code::not_supported);
+    return check(api_.cuStreamWaitEvent(reinterpret_cast<CUstream>(stream),
+                                        reinterpret_cast<CUevent>(event), /*flags=*/0));
+  }
+
   DriverStatus synchronize(int device) override {
     if (!valid(device)) return code_status(driver_code::invalid_device);
     return check(api_.cuCtxSynchronize());

@@ -27,6 +27,15 @@ DriverStatus invoke(Driver& driver, Call& call) {
     case Operation::copy_async:
       return driver.copy_async(call.device, call.address, call.source, call.size_bytes,
                                call.stream);
+    case Operation::copy_from_host_async:
+      return driver.copy_from_host_async(call.device, call.address, call.host_source,
+                                         call.size_bytes, call.stream);
+    case Operation::event_create: return driver.event_create(call.device, &call.event);
+    case Operation::event_destroy: return driver.event_destroy(call.event);
+    case Operation::event_record: return driver.event_record(call.device, call.event, call.stream);
+    case Operation::event_synchronize: return driver.event_synchronize(call.event);
+    case Operation::stream_wait_event:
+      return driver.stream_wait_event(call.device, call.stream, call.event);
   }
   return DriverStatus{driver_code::invalid_value, driver_code::name(driver_code::invalid_value),
                       false};

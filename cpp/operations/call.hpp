@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 #include "aimdo/driver.hpp"
 #include "operations.hpp"
@@ -25,7 +26,11 @@ struct Call {
   PhysicalHandle handle = 0;  // in, or out of create_physical
   DeviceAddress pointer = 0;  // in to stream_free, or out of stream_alloc
   DeviceAddress source = 0;   // in to copy_async (its `address` is the destination)
-  StreamHandle stream = 0;    // not logged: replay uses the default stream
+  EventHandle event = 0;      // in, or out of event_create
+  // In to copy_from_host_async (its `address` is the destination). Not logged: replay
+  // copies from a buffer of its own.
+  std::uintptr_t host_source = 0;
+  StreamHandle stream = 0;  // not logged: replay uses the default stream
   // The device current on the calling thread when the call was made (-1: none). Not an
   // argument of any Driver method: the event log carries it for the context-dependent
   // calls, and replay makes it current again before making the call.

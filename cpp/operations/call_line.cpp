@@ -15,6 +15,7 @@ std::string value_text(Field field, const Call& call, const AddressNaming& namin
     case Field::handle: return hex(call.handle);
     case Field::pointer: return naming.name(call.pointer);
     case Field::source: return naming.name(call.source);
+    case Field::event: return hex(call.event);
     case Field::free_bytes: return std::to_string(call.free_bytes);
     case Field::total_bytes: return std::to_string(call.total_bytes);
   }

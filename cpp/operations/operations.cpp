@@ -14,6 +14,7 @@ const char* field_key(Field field) noexcept {
     case Field::handle: return "handle";
     case Field::pointer: return "ptr";
     case Field::source: return "src";
+    case Field::event: return "ev";
     case Field::free_bytes: return "free";
     case Field::total_bytes: return "total";
   }

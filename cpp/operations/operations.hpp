@@ -11,7 +11,10 @@
 // - `default_cost_ns`: the virtual time the simulator charges a successful call by
 //   default, in nanoseconds (measured on 2 x H100 80GB with 32 MiB pages,
 //   docs/measurements.md; the H200 figures there agree), or
-//   kNoCost for an operation that costs nothing and whose cost cannot be set.
+//   kNoCost for an operation that costs nothing and whose cost cannot be set. The rows
+//   from cuMemcpyHtoDAsync on are not measured: they are launch costs of the order the
+//   measured asynchronous calls show (cuMemAllocAsync, cuMemcpyDtoDAsync), and a copy's
+//   transfer is charged apart from its launch (the simulator's copy engine).
 // - `arguments`, `outputs`: the fields its event-log line carries before "->" and after
 //   the answer's name, in the order they are written (log_line.hpp says how each reads).
 //
@@ -40,8 +43,14 @@ enum class Operation : std::uint8_t {
   stream_free,
   make_current,
   copy_async,
+  copy_from_host_async,
+  event_create,
+  event_destroy,
+  event_record,
+  event_synchronize,
+  stream_wait_event,
 };
-inline constexpr std::size_t kOperationCount = 13;
+inline constexpr std::size_t kOperationCount = 19;
 
 constexpr std::size_t index_of(Operation operation) noexcept {
   return static_cast<std::size_t>(operation);
@@ -58,6 +67,7 @@ enum class Field : std::uint8_t {
   handle,       // "handle": a physical allocation's handle, 0x-hex
   pointer,      // "ptr": a stream-ordered allocation's address (address_naming.hpp)
   source,       // "src": the address a copy reads (address_naming.hpp)
+  event,        // "ev": an event's handle, 0x-hex
   free_bytes,   // "free": bytes free on the device, decimal (an output, environment)
   total_bytes,  // "total": the device's bytes, decimal (an output, environment)
 };
@@ -131,6 +141,20 @@ inline constexpr std::array<OperationInfo, kOperationCount> kOperations = {{
    {Field::device}, {}},
   {Operation::copy_async, "copy_async", "cuMemcpyDtoDAsync", 2'000,
    {Field::device, Field::current, Field::address, Field::source, Field::size}, {}},
+  // The host address a copy reads is not logged (as no stream is): replay copies from a
+  // buffer of its own.
+  {Operation::copy_from_host_async, "copy_from_host_async", "cuMemcpyHtoDAsync", 2'000,
+   {Field::device, Field::current, Field::address, Field::size}, {}},
+  {Operation::event_create, "event_create", "cuEventCreate", 1'000,
+   {Field::device, Field::current}, {Field::event}},
+  {Operation::event_destroy, "event_destroy", "cuEventDestroy", 1'000,
+   {Field::event}, {}},
+  {Operation::event_record, "event_record", "cuEventRecord", 1'000,
+   {Field::device, Field::current, Field::event}, {}},
+  {Operation::event_synchronize, "event_synchronize", "cuEventSynchronize", 1'000,
+   {Field::event}, {}},
+  {Operation::stream_wait_event, "stream_wait_event", "cuStreamWaitEvent", 1'000,
+   {Field::device, Field::current, Field::event}, {}},
 }};
 // clang-format on
 
@@ -141,7 +165,7 @@ constexpr bool table_is_in_enum_order() noexcept {
   return true;
 }
 static_assert(table_is_in_enum_order(), "kOperations must list every Operation in enum order");
-static_assert(index_of(Operation::copy_async) + 1 == kOperationCount,
+static_assert(index_of(Operation::stream_wait_event) + 1 == kOperationCount,
               "kOperationCount must count every Operation");
 
 constexpr const OperationInfo& info(Operation operation) noexcept {

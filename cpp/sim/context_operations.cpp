@@ -1,6 +1,6 @@
 // The operations that need or change the calling thread's current context (free memory,
-// synchronize, stream-ordered allocation, make_current), the device queries, and the
-// table of current contexts.
+// synchronize, stream-ordered allocation, make_current), events (see "Streams and events"
+// in sim_driver.hpp), the device queries, and the table of current contexts.
 #include <functional>
 
 #include "aimdo/errors.hpp"
@@ -73,10 +73,7 @@ DriverStatus SimDriver::synchronize(int device) {
                if (current_device() != device) return failure(driver_code::invalid_context);
                // The host waits for both engines; the device's clock moves past both.
                d.clock_ns = std::max(d.clock_ns, d.copy_engine_ns) + cost_ns;
-               std::int64_t seen = state_->host_clock_ns.load(std::memory_order_relaxed);
-               while (seen < d.clock_ns && !state_->host_clock_ns.compare_exchange_weak(
-                                               seen, d.clock_ns, std::memory_order_relaxed)) {
-               }
+               host_waits_until(d.clock_ns);
                return DriverStatus::success();
              });
 }
@@ -120,6 +117,88 @@ DriverStatus SimDriver::stream_free(int device, DeviceAddress ptr, StreamHandle)
                  d.pending_bytes += it->second;
                }
                d.streams.erase(it);
+               return DriverStatus::success();
+             });
+}
+
+// --- events ----------------------------------------------------------------------------------
+
+DriverStatus SimDriver::event_create(int device, EventHandle* out) {
+  return run(Operation::event_create, device, driver_code::invalid_device,
+             [&](DeviceState& d, std::int64_t cost_ns) {
+               if (current_device() != device) return failure(driver_code::invalid_context);
+               // The count must stay below the device bits of the handle.
+               if (d.next_event >= (std::uint64_t{1} << kHandleDeviceShift)) {
+                 return failure(driver_code::out_of_memory);
+               }
+               const EventHandle event = event_handle(device, d.next_event++);
+               d.events.emplace(event, SimEvent{});
+               *out = event;
+               d.clock_ns += cost_ns;
+               return DriverStatus::success();
+             });
+}
+
+DriverStatus SimDriver::event_destroy(EventHandle event) {
+  const int device = device_of_event(event, devices_.size());
+  return run(Operation::event_destroy, device, driver_code::invalid_handle,
+             [&](DeviceState& d, std::int64_t cost_ns) {
+               if (d.events.erase(event) == 0) return failure(driver_code::invalid_handle);
+               d.clock_ns += cost_ns;
+               return DriverStatus::success();
+             });
+}
+
+DriverStatus SimDriver::event_record(int device, EventHandle event, StreamHandle) {
+  return run(Operation::event_record, device, driver_code::invalid_device,
+             [&](DeviceState& d, std::int64_t cost_ns) {
+               if (current_device() != device) return failure(driver_code::invalid_context);
+               const auto found = d.events.find(event);
+               if (found == d.events.end()) return failure(driver_code::invalid_handle);
+               d.clock_ns += cost_ns;
+               found->second.recorded = true;
+               found->second.done_ns = std::max<std::int64_t>(d.clock_ns, d.copy_engine_ns);
+               return DriverStatus::success();
+             });
+}
+
+DriverStatus SimDriver::event_synchronize(EventHandle event) {
+  const int device = device_of_event(event, devices_.size());
+  return run(Operation::event_synchronize, device, driver_code::invalid_handle,
+             [&](DeviceState& d, std::int64_t cost_ns) {
+               const auto found = d.events.find(event);
+               if (found == d.events.end()) return failure(driver_code::invalid_handle);
+               if (!found->second.recorded) {
+                 d.clock_ns += cost_ns;  // nothing to wait for: the host goes on at once
+                 return DriverStatus::success();
+               }
+               // The host waits for the recorded moment; the device's clock moves past it.
+               d.clock_ns = std::max<std::int64_t>(d.clock_ns, found->second.done_ns) + cost_ns;
+               host_waits_until(d.clock_ns);
+               return DriverStatus::success();
+             });
+}
+
+DriverStatus SimDriver::stream_wait_event(int device, StreamHandle, EventHandle event) {
+  const int owner = device_of_event(event, devices_.size());
+  if (owner >= 0 && owner != device) {
+    // Another device's event, looked up under its own device's lock only (never two
+    // devices' locks at once), as copy_async reads its source.
+    if (!state_->process.current()) return failure(driver_code::not_initialized);
+    if (device < 0 || device >= device_total()) return failure(driver_code::invalid_device);
+    const DeviceState& o = *state_->devices[static_cast<std::size_t>(owner)];
+    std::lock_guard<std::mutex> lock(o.mutex);
+    if (o.events.count(event) == 0) return failure(driver_code::invalid_handle);
+  }
+  return run(Operation::stream_wait_event, device, driver_code::invalid_device,
+             [&](DeviceState& d, std::int64_t cost_ns) {
+               if (current_device() != device) return failure(driver_code::invalid_context);
+               if (owner < 0 || (owner == device && d.events.count(event) == 0)) {
+                 return failure(driver_code::invalid_handle);
+               }
+               // Nothing to order: the device's later copies already start after all the
+               // work queued so far, and another device's work is not waited for.
+               d.clock_ns += cost_ns;
                return DriverStatus::success();
              });
 }

@@ -161,6 +161,31 @@ std::int64_t SimDriver::host_copy_ns(int device, std::size_t bytes) const {
       options_.topology.host_latency_ns);
 }
 
+void SimDriver::queue_host_copy(int device, DeviceState& d, std::size_t bytes) noexcept {
+  const double ns = static_cast<double>(bytes) /
+                    devices_[static_cast<std::size_t>(device)].host_to_device_bytes_per_s * 1e9;
+  // 2^63 exactly: every double below it converts to an int64.
+  const std::int64_t transfer_ns =
+      ns < 9223372036854775808.0
+          ? saturating_sum_ns(std::llround(ns), options_.topology.host_latency_ns)
+          : kEndOfTimeNs;
+  HostLink* link = host_link(device);
+  std::unique_lock<std::mutex> link_lock;
+  if (link != nullptr) link_lock = std::unique_lock<std::mutex>(link->mutex);
+  std::int64_t start_ns = std::max<std::int64_t>(d.copy_engine_ns, d.clock_ns);
+  if (link != nullptr) start_ns = std::max<std::int64_t>(start_ns, link->busy_until_ns);
+  d.copy_engine_ns = start_ns;
+  d.copy_engine_ns += transfer_ns;
+  if (link != nullptr) link->busy_until_ns = d.copy_engine_ns;
+}
+
+void SimDriver::host_waits_until(std::int64_t ns) noexcept {
+  std::int64_t seen = state_->host_clock_ns.load(std::memory_order_relaxed);
+  while (seen < ns &&
+         !state_->host_clock_ns.compare_exchange_weak(seen, ns, std::memory_order_relaxed)) {
+  }
+}
+
 HostLink* SimDriver::host_link(int device) const noexcept {
   const auto& links = options_.topology.host_links;
   if (links.empty()) return nullptr;

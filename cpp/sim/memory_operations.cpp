@@ -69,6 +69,17 @@ bool adopted_covers(const DeviceState& d, DeviceAddress va, std::size_t size_byt
   return offset < it->second && size_bytes <= it->second - offset;
 }
 
+// Whether [ptr, ptr + bytes) meets any device's regions (`bytes` > 0, no overflow).
+bool meets_a_region(const AddressNaming& naming, std::uintptr_t ptr, std::size_t bytes) {
+  for (std::size_t i = 0; i < naming.device_count(); ++i) {
+    const AddressRegions& regions = naming.regions(static_cast<int>(i));
+    for (const DeviceAddress start : {regions.reservations, regions.streams}) {
+      if (ptr < start + kRegionBytes && start < ptr + bytes) return true;
+    }
+  }
+  return false;
+}
+
 }  // namespace
 
 void SimDriver::adopt(int device, std::uintptr_t ptr, std::size_t bytes) {
@@ -76,13 +87,8 @@ void SimDriver::adopt(int device, std::uintptr_t ptr, std::size_t bytes) {
   if (ptr == 0 || bytes == 0 || bytes > UINTPTR_MAX - ptr) {
     throw InvalidArgumentError("adopt needs a non-empty range of host memory");
   }
-  for (std::size_t i = 0; i < state_->naming.device_count(); ++i) {
-    const AddressRegions& regions = state_->naming.regions(static_cast<int>(i));
-    for (const DeviceAddress start : {regions.reservations, regions.streams}) {
-      if (ptr < start + kRegionBytes && start < ptr + bytes) {
-        throw InvalidArgumentError("adopt takes host memory, not the simulator's own regions");
-      }
-    }
+  if (meets_a_region(state_->naming, ptr, bytes)) {
+    throw InvalidArgumentError("adopt takes host memory, not the simulator's own regions");
   }
   DeviceState& d = *state_->devices[static_cast<std::size_t>(device)];
   std::lock_guard<std::mutex> lock(d.mutex);
@@ -401,6 +407,41 @@ DriverStatus SimDriver::copy_async(int device, DeviceAddress dst, DeviceAddress 
                d.clock_ns += cost_ns;
                d.copy_engine_ns = std::max<std::int64_t>(d.copy_engine_ns, d.clock_ns);
                d.copy_engine_ns += transfer_ns;
+               return DriverStatus::success();
+             });
+}
+
+DriverStatus SimDriver::copy_from_host_async(int device, DeviceAddress dst, std::uintptr_t src,
+                                             std::size_t size_bytes, StreamHandle) {
+  return run(Operation::copy_from_host_async, device, driver_code::invalid_device,
+             [&](DeviceState& d, std::int64_t cost_ns) {
+               if (size_bytes == 0) return failure(driver_code::invalid_value);
+               if (current_device() != device) return failure(driver_code::invalid_context);
+               // The destination as copy_async's: the device's own memory, mapped with access
+               // for it, or host memory it adopted.
+               bool dst_stream = false;
+               std::size_t offset = 0;
+               Reservation* reservation = find_reservation(d, dst, &offset);
+               const bool mapped =
+                   state_->naming.device_of(dst, &dst_stream) == device && !dst_stream &&
+                   reservation != nullptr &&
+                   covered(*reservation, offset, size_bytes, access_bit(device), nullptr);
+               if (!mapped && !adopted_covers(d, dst, size_bytes)) {
+                 return failure(driver_code::invalid_value);
+               }
+               if (src == 0 || size_bytes > UINTPTR_MAX - src ||
+                   meets_a_region(state_->naming, src, size_bytes)) {
+                 return failure(driver_code::invalid_value);
+               }
+               // With real bytes the source is read now, under the device's lock: a caller
+               // that changes it before the copy is done, wrong on a GPU, goes unnoticed
+               // here. memmove: an adopted destination may overlap it.
+               if (state_->host) {
+                 std::memmove(reinterpret_cast<void*>(static_cast<std::uintptr_t>(dst)),
+                              reinterpret_cast<const void*>(src), size_bytes);
+               }
+               d.clock_ns += cost_ns;
+               queue_host_copy(device, d, size_bytes);
                return DriverStatus::success();
              });
 }

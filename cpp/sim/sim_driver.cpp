@@ -240,6 +240,10 @@ std::vector<std::string> SimDriver::leaks() const {
       out.push_back(prefix + "stream-ordered allocation of " + std::to_string(size) + " bytes at " +
                     hex(va));
     }
+    for (const auto& [event, state] : d.events) {
+      out.push_back(prefix + "event " + hex(event) +
+                    (state.recorded ? " (recorded)" : " (never recorded)"));
+    }
   }
   return out;
 }

@@ -16,9 +16,9 @@
 // driver operation costs time on its device's clock (SimCosts; defaults in the operations
 // table, operations.hpp); a workload declares its copies (bytes / the device's
 // host-to-device bandwidth) and its compute. The host clock moves to a device's clock
-// when the host waits for that device (synchronize) and with advance(). The budget's poll
-// interval runs on the device clocks. Nothing here reads the wall clock, but wait_held,
-// which bounds a test's wait for a held call.
+// when the host waits for that device (synchronize, event_synchronize) and with
+// advance(). The budget's poll interval runs on the device clocks. Nothing here reads the
+// wall clock, but wait_held, which bounds a test's wait for a held call.
 //
 // Virtual time is int64 nanoseconds from 0 and ends about 292 years in (INT64_MAX ns).
 // advance, compute, copy_to_device and the async ones refuse work that would take a
@@ -35,15 +35,29 @@
 // crosses a shared link at a time) and a matrix of peer links (bandwidth, latency, or none).
 // A peer reads a device's mapped memory once set_access opened it to that peer, and
 // copy_async copies between device memory (with real bytes, the bytes themselves).
+// copy_from_host_async copies host memory into a device's (with real bytes, the bytes
+// themselves) on its copy engine, over its host link.
+//
+// Streams and events. There are no streams: every copy a driver call queues on a device
+// runs on its copy engine after the work queued before it (so stream_wait_event on an
+// event of the same device has nothing left to order), and the stream a call names is
+// ignored. An event (event_create) belongs to the device current when it was made;
+// event_record marks the moment both of its device's engines are done with the work
+// queued so far; event_synchronize is the host waiting for that moment: the device's clock
+// (and the host's) moves to it, as synchronize moves them past both engines. An event
+// never recorded is waited for at once. Live events are listed by leaks().
 //
 // What it does not model: kernels and their data, the host's own time between calls
 // (driver calls cost time on the device's clock, not the host's), partial unmaps,
-// copies into or out of stream-ordered allocations, contention on a peer link.
+// copies into or out of stream-ordered allocations, contention on a peer link, streams
+// (above), and one device's work waiting for another device's event (stream_wait_event
+// checks such an event and orders nothing).
 //
 // Addresses and handles. Each device owns two 1 TiB regions of address space (one for
 // reservations, one for stream-ordered allocations; address_naming() describes them),
-// and a handle carries its device in its top bits, so every address and handle names its
-// device without a global table.
+// and a physical allocation's or an event's handle carries its device in its top bits
+// (an event's under a tag of its own, 0xee: sim_state.hpp), so every address and handle
+// names its device without a global table.
 //
 // Events. Given an event log, each successful use of a power that changes what later
 // calls answer (external usage, advance, compute, copies) is written to it while it
@@ -145,7 +159,8 @@ struct SimOptions {
   bool real_bytes = false;
 };
 
-struct HostLink;  // sim_state.hpp
+struct HostLink;     // sim_state.hpp
+struct DeviceState;  // sim_state.hpp
 
 class SimDriver final : public Driver {
  public:
@@ -174,6 +189,19 @@ class SimDriver final : public Driver {
   DriverStatus peer_link(int device, int peer, PeerLink* out) override;
   DriverStatus copy_async(int device, DeviceAddress dst, DeviceAddress src, std::size_t size_bytes,
                           StreamHandle stream) override;
+  // Stricter than the driver: `src` may not lie in the simulator's own address regions
+  // (a device address passed as a host one), CUDA_ERROR_INVALID_VALUE.
+  DriverStatus copy_from_host_async(int device, DeviceAddress dst, std::uintptr_t src,
+                                    std::size_t size_bytes, StreamHandle stream) override;
+  // Events (see "Streams and events"). A handle that names no live event of the
+  // simulator answers CUDA_ERROR_INVALID_HANDLE; so does, to event_record, an event of
+  // another device than the one named. event_create answers CUDA_ERROR_OUT_OF_MEMORY once
+  // a device has made 2^48 - 1 events.
+  DriverStatus event_create(int device, EventHandle* out) override;
+  DriverStatus event_destroy(EventHandle event) override;
+  DriverStatus event_record(int device, EventHandle event, StreamHandle stream) override;
+  DriverStatus event_synchronize(EventHandle event) override;
+  DriverStatus stream_wait_event(int device, StreamHandle stream, EventHandle event) override;
   DriverStatus synchronize(int device) override;
   DriverStatus stream_alloc(int device, std::size_t size_bytes, StreamHandle stream,
                             DeviceAddress* out) override;
@@ -201,8 +229,8 @@ class SimDriver final : public Driver {
   // True when every byte of [va, va + size) is mapped with access set for its own device
   // (`from` -1) or for device `from`.
   bool is_accessible(DeviceAddress va, std::size_t size_bytes, int from = -1) const;
-  // One readable line per live reservation, physical allocation, mapping and
-  // stream-ordered allocation; empty when nothing leaks.
+  // One readable line per live reservation, physical allocation, mapping, stream-ordered
+  // allocation and event; empty when nothing leaks.
   std::vector<std::string> leaks() const;
 
   // Host memory [ptr, ptr + bytes) taken as `device`'s memory, a destination copy_async may
@@ -289,6 +317,13 @@ class SimDriver final : public Driver {
   // past the end of time), and the shared host link it crosses (null: its own).
   std::int64_t host_copy_ns(int device, std::size_t bytes) const;
   HostLink* host_link(int device) const noexcept;
+  // Queues a driver call's host-to-device copy of `bytes` on `device`'s copy engine, after
+  // the work queued before it on either engine and on a shared host link. The caller holds
+  // the device's lock (`d`). A driver call cannot refuse: past the end of virtual time
+  // the engine stops there.
+  void queue_host_copy(int device, DeviceState& d, std::size_t bytes) noexcept;
+  // Moves the host's clock to `ns`, if it is behind: the host waited until then.
+  void host_waits_until(std::int64_t ns) noexcept;
   void note(std::string line) const;  // appends an event line (see "Events")
 
   const SimOptions options_;

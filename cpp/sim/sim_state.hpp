@@ -92,6 +92,13 @@ struct Physical {
   bool released = false;  // released while mapped: freed at the last unmap
 };
 
+// An event (event_create). The simulator has no streams: recording one marks the moment
+// all the work queued on its device so far is done, on both engines.
+struct SimEvent {
+  bool recorded = false;
+  std::int64_t done_ns = 0;  // when the work it last recorded is done (if recorded)
+};
+
 struct DeviceState {
   mutable std::mutex mutex;  // guards everything below
   std::size_t physical_bytes = 0;
@@ -104,8 +111,10 @@ struct DeviceState {
   std::map<DeviceAddress, std::size_t> streams;
   // Host memory adopted as this device's (SimDriver::adopt): start -> bytes.
   std::map<std::uintptr_t, std::size_t> adopted;
+  std::map<EventHandle, SimEvent> events;  // live events (event_create), by handle
   DeviceAddress next_stream_va = 0;
   std::uint64_t next_handle = 1;
+  std::uint64_t next_event = 1;
   // Stream-ordered frees not reusable yet: (when, bytes), in order of `when`.
   std::vector<std::pair<std::int64_t, std::size_t>> pending_frees;
   std::size_t pending_bytes = 0;
@@ -154,6 +163,26 @@ class ContextTable {
 // allocations (always synthetic). A handle carries its device + 1 from this bit up.
 inline constexpr DeviceAddress kRegionBytes = DeviceAddress{1} << 40;
 inline constexpr int kHandleDeviceShift = 48;
+// An event's handle: this tag in its top byte (no address or physical handle has it),
+// its device + 1 from kHandleDeviceShift up to the tag, and its device's count below:
+// the first event of device 0 is 0xee01000000000001.
+inline constexpr int kEventTagShift = 56;
+inline constexpr EventHandle kEventTag = 0xee;
+static_assert(sizeof(EventHandle) == 8, "an event handle has 64 bits to carry its tag");
+
+constexpr EventHandle event_handle(int device, std::uint64_t number) noexcept {
+  return (kEventTag << kEventTagShift) |
+         (static_cast<EventHandle>(device + 1) << kHandleDeviceShift) | number;
+}
+
+// The device whose event `event` may be, or -1 for a value no event of `device_count`
+// devices has.
+inline int device_of_event(EventHandle event, std::size_t device_count) noexcept {
+  if (event >> kEventTagShift != kEventTag) return -1;
+  const EventHandle encoded = (event >> kHandleDeviceShift) & 0xff;
+  if (encoded == 0 || encoded > device_count) return -1;
+  return static_cast<int>(encoded - 1);
+}
 
 struct SimDriver::State {
   std::vector<std::unique_ptr<DeviceState>> devices;

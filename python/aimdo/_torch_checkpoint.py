@@ -123,6 +123,21 @@ def _truncated(tensor: Tensor) -> CheckpointError:
     )
 
 
+def raise_for_read(status: str, error: int, tensor: Tensor) -> None:
+    """A native read's outcome (aimdo._core.FileReads, FilePump): nothing for "done", else
+    the CheckpointError naming the file and the tensor (ValueError for "invalid", a
+    request the ring should never make)."""
+    if status == "done":
+        return
+    if status == "changed":
+        raise _changed(tensor)
+    if status == "truncated":
+        raise _truncated(tensor)
+    if status == "failed":
+        raise _read_failed(tensor, OSError(error, os.strerror(error)))
+    raise ValueError("an O_DIRECT read needs an aligned buffer of count + 2 x 4096 bytes")
+
+
 class Reader:
     """Reads tensors' bytes from their files, each file opened once, checking before every
     read that the file is what its stamp says (its size and modification time, from the
@@ -166,14 +181,15 @@ class Reader:
             raise _changed(tensor)
         return fd
 
-    def _retire_direct(self, tensor: Tensor, direct: int) -> None:
-        """The file system took the O_DIRECT open of the tensor's file but refused a read:
-        the file's next reads go through the page cache (the descriptor is closed at
-        close, other readers may be in it)."""
+    def _retire_direct(self, direct: int) -> None:
+        """The file system took the O_DIRECT open of a file but refused a read through the
+        descriptor `direct`: the file's next reads go through the page cache (the
+        descriptor is closed at close, other readers may be in it)."""
         with self._opening:
-            if self.direct_files.get(tensor.path) == direct:
-                self.direct_files[tensor.path] = None
-                self.retired.append(direct)
+            for path, fd in self.direct_files.items():
+                if fd == direct:
+                    self.direct_files[path] = None
+                    self.retired.append(direct)
 
     def read(self, tensor: Tensor, into: torch.Tensor, start: int = 0) -> None:
         """Fill the uint8 tensor `into` (contiguous) with the tensor's bytes from byte
@@ -254,16 +270,9 @@ class NativeReads:
         number, tensor, direct = ticket
         status, error, lead, refused = self.reads.take(number)
         if refused:
-            self.reader._retire_direct(tensor, direct)
-        if status == "done":
-            return lead
-        if status == "changed":
-            raise _changed(tensor)
-        if status == "truncated":
-            raise _truncated(tensor)
-        if status == "failed":
-            raise _read_failed(tensor, OSError(error, os.strerror(error)))
-        raise ValueError("an O_DIRECT read needs an aligned buffer of count + 2 x 4096 bytes")
+            self.reader._retire_direct(direct)
+        raise_for_read(status, error, tensor)
+        return lead
 
     def close(self) -> None:
         self.reads.close()

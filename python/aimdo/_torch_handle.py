@@ -11,7 +11,7 @@ import weakref
 
 import torch
 
-from . import _core, _torch_stream
+from . import _core
 from ._manager import Manager
 from ._placement import place, placement_order
 from ._schedule import ForwardStats, Schedule, auto_staging_bytes, use_seconds
@@ -92,12 +92,17 @@ class Offload:
         if stamps is not None:
             budget = manager.budget_bytes(device)
             self._leave_in_files(
-                device, placed, options, rotation, stamps, sim is None, forced, budget
+                device, placed, options, rotation, stamps, sim is None, forced, budget, backend
             )
         elif leader is not None and leader._stream is not None:
             theirs = leader._stream
             self._stream = FileStream(
-                theirs.reader.stamps, sim is None, theirs.buffer_bytes, theirs.direct
+                theirs.reader.stamps,
+                sim is None,
+                theirs.buffer_bytes,
+                theirs.direct,
+                backend.driver,
+                device,
             )
         # A group's other members copy from the leader's host chunks (one host copy).
         if leader is None:
@@ -166,7 +171,7 @@ class Offload:
             raise
 
     def _leave_in_files(
-        self, device, placed, options, rotation, stamps, pin, forced, budget
+        self, device, placed, options, rotation, stamps, pin, forced, budget, backend
     ) -> None:
         """Decide which blocks stay in the checkpoint files (host_limit, host_tiers) and
         log it."""
@@ -196,17 +201,11 @@ class Offload:
             direct, how = reads_direct(
                 every, weights - streamed, path, options.get("file_reads", "auto")
             )
-            self._stream = FileStream(stamps, pin, largest, direct)
+            self._stream = FileStream(stamps, pin, largest, direct, backend.driver, device)
             for block in files:
                 block.file_runs = [(w.offset, w.source) for w in block.weights]
                 block.stream = self._stream
             cost = f"; they are read {how}"
-            switch = _torch_stream.READING_SWITCH_INTERVAL
-            if switch is not None:
-                cost += (
-                    "; while they are read, the interpreter's switch interval is at most "
-                    f"{switch * 1000:g} ms (set_reading_switch_interval)"
-                )
             bandwidth = read_bandwidth(files, direct)
             if bandwidth:
                 cost += (

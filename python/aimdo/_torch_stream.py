@@ -3,25 +3,23 @@ design.md §7): each copy reads them again, through a small ring of pinned buffe
 pieces read in parallel and each copied to the device once read. Needs PyTorch; imported
 by aimdo.torch only.
 
-A FileStream is called from one thread at a time (its Offload's forward); the copies are
-queued by a thread of its own, and the reads run on native threads (NativeReads) that
-never take the GIL.
+A FileStream is called from one thread at a time (its Offload's forward); the reads and
+the copies run on the native threads of aimdo._core.FilePump, which never take the GIL:
+the forward's thread hands it one job per block and never waits for their Python, nor
+they for its.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import threading
-import time
+import warnings
 import weakref
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from . import _core
 from ._core import InvalidStateError
-from ._torch_checkpoint import DIRECT_ALIGN, NativeReads, Reader
+from ._torch_checkpoint import DIRECT_ALIGN, Reader, raise_for_read
 from ._torch_host import pin_tensor
 
 #: The ring: this many buffers of this many bytes (pinned on CUDA), and this many native
@@ -46,65 +44,19 @@ def reader_threads() -> int:
     return max(1, min(READERS, cpus // 2))
 
 
-#: While a FileStream's pump runs, the interpreter's switch interval is lowered to this
-#: many seconds, when it is longer; None (the default) leaves it alone. Why, and what it
-#: did on an H200: aimdo.torch.set_reading_switch_interval.
-DEFAULT_READING_SWITCH_INTERVAL = None
-READING_SWITCH_INTERVAL: float | None = DEFAULT_READING_SWITCH_INTERVAL
-
-
-class _SwitchInterval:
-    """The switch interval lowered while any pump runs: the first to start lowers it, the
-    last to end puts back what it was, unless someone set another meanwhile."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._holders = 0
-        self._saved = None  # (what it was, what we set), while lowered
-
-    def hold(self):
-        """Count a pump in (lowering the interval if it is the first); returns its release,
-        which counts it out once however often it is called."""
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            with self._lock:
-                if released:
-                    return
-                released = True
-                self._holders -= 1
-                if self._holders or self._saved is None:
-                    return
-                before, ours = self._saved
-                self._saved = None
-                if sys.getswitchinterval() == ours:
-                    sys.setswitchinterval(before)
-
-        with self._lock:
-            self._holders += 1
-            wanted = READING_SWITCH_INTERVAL
-            if self._holders == 1 and wanted is not None:
-                current = sys.getswitchinterval()
-                if current > wanted:
-                    sys.setswitchinterval(wanted)
-                    self._saved = (current, sys.getswitchinterval())
-        return release
-
-
-_switch = _SwitchInterval()
-
-
 def set_reading_switch_interval(seconds: float | None) -> None:
-    """See aimdo.torch.set_reading_switch_interval."""
-    global READING_SWITCH_INTERVAL
+    """See aimdo.torch.set_reading_switch_interval: deprecated, does nothing."""
     if seconds is not None:
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
             raise TypeError(f"the switch interval is seconds or None, got {seconds!r}")
         if not 0 < seconds < float("inf"):
             raise ValueError(f"the switch interval must be positive seconds, got {seconds!r}")
-        seconds = float(seconds)
-    READING_SWITCH_INTERVAL = seconds
+    warnings.warn(
+        "aimdo.torch.set_reading_switch_interval does nothing any more: the checkpoint's "
+        "reads and copies run on native threads, which never take the GIL",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
 class _Buffer:
@@ -115,91 +67,100 @@ class _Buffer:
         self.tensor = tensor  # reads land here; with O_DIRECT, an aligned view of `whole`
         self.nbytes = whole.numel()  # bytes held (pinned on CUDA)
         self.unpin = unpin  # gives the pinning back (None on a simulator)
-        self.free = None  # a CUDA event: the copy that last read it is done (None: free)
 
 
 class Pending:
     """A block's copy queued on a FileStream (the Executor's token for it): `result()`
     waits until its pieces are read and their copies queued, and returns (the event the
     copy's end records on CUDA, else None; the start and end marks when timed, else None).
-    A failed read raises there, in the forward's thread."""
+    A failed read raises there, in the forward's thread: CheckpointError naming the file
+    and the tensor, or DriverError when the driver refused a copy."""
 
-    __slots__ = ("future",)
+    __slots__ = ("_stream", "_number", "_tensors", "_keep", "_timed", "_outcome")
 
-    def __init__(self, future):
-        self.future = future
+    def __init__(self, stream, number, tensors, keep, timed: bool, outcome=None):
+        self._stream = stream  # the FileStream (None once settled)
+        self._number = number  # the pump's job
+        self._tensors = tensors  # the checkpoint tensors its pieces index
+        self._keep = keep  # (storage, after, start, done): alive until it is settled
+        self._timed = timed
+        self._outcome = outcome  # (True, result) or (False, error), once settled
 
     def result(self):
-        return self.future.result()
-
-
-class _Job:
-    """One block's copy: its pieces still to read, where they go, and its Future."""
-
-    __slots__ = ("pieces", "storage", "stream", "after", "timed", "future", "reads")
-    __slots__ += ("exhausted", "started", "start", "error")
-
-    def __init__(self, block, storage, stream, after, timed: bool, piece: int):
-        self.pieces = iter(
-            [
-                (offset + start, tensor, start, min(piece, tensor.nbytes - start))
-                for offset, tensor in block.file_runs
-                for start in range(0, tensor.nbytes, piece)
-            ]
-        )
-        self.storage, self.stream, self.after, self.timed = storage, stream, after, timed
-        self.future = Future()
-        self.reads = 0  # its pieces being read now
-        self.exhausted = False  # every piece of it handed to a reader (or dropped)
-        self.started = False  # its first copy queued (`after` waited for first)
-        self.start = None  # timed: the mark its first copy starts at
-        self.error = None  # the first read of it that failed
+        if self._outcome is None:
+            try:
+                self._outcome = (True, self._stream._settle(self))
+            except KeyboardInterrupt:
+                raise  # not settled: a later call waits again
+            except BaseException as error:  # noqa: BLE001 - raised below, and again later
+                self._outcome = (False, error)
+            self._stream = None
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        return value
 
 
 class FileStream:
     """Copies blocks from their checkpoint files (``TorchBlock.file_runs``) into device
-    memory: each run cut into pieces of at most one buffer, read by READERS native threads
-    into the ring's buffers (a buffer handed to a read once the copy that last read it is
-    done), each piece's copy queued as soon as its read is done, in order.
+    memory: each run cut into pieces of at most one buffer, read by the pump's native
+    threads into the ring's buffers (a buffer read into again once the copy that last read
+    it is done), each piece's copy queued as soon as its read is done, in order.
 
     One pipeline for every block queued (design.md §7, host tiers): the blocks' copies are
-    queued in order by one thread of the stream's own, which keeps the ring's buffers all
-    reading, from one block into the next, so that no block's reads wait for the copies of
-    the block before it to drain."""
+    queued in order by one native thread, which keeps the ring's buffers all reading, from
+    one block into the next, so that no block's reads wait for the copies of the block
+    before it to drain."""
 
-    def __init__(self, stamps, pin: bool, largest: int | None = None, direct: bool = False):
+    def __init__(
+        self,
+        stamps,
+        pin: bool,
+        largest: int | None = None,
+        direct: bool = False,
+        driver=None,
+        device: int = 0,
+    ):
         self.reader = Reader(stamps, direct)
         self.pin = pin
-        self.direct = direct  # read with O_DIRECT (NativeReads), past the page cache
+        self.direct = direct  # read with O_DIRECT, past the page cache
+        self.driver = driver  # the backend's: the pump copies and records events through it
+        self.device = device
         # Each buffer: RING_BUFFER_BYTES, or the largest tensor read when that is smaller.
         self.buffer_bytes = (
             RING_BUFFER_BYTES if largest is None else min(RING_BUFFER_BYTES, max(1, largest))
         )
-        self.buffers: list[_Buffer] = []
-        self.reads = None  # the ring's reads, made with the ring
-        self.make_reads = NativeReads  # (reader, threads): the ring's reads (a test's fake)
-        self.turn = 0  # the buffer the next piece takes
-        self.worker = None  # one thread: the pump, queueing the copies in order
-        self._lock = threading.Lock()
-        self._queued: deque[_Job] = deque()  # jobs the pump has not taken yet
-        self._pumping = False  # a pump runs (or is submitted) and will take what is queued
-        self.bytes_read = 0  # since the last take_bytes_read
+        self._held = _Held(self.reader)  # the pump and the ring, made at the first copy
+        self.ring_buffers = RING_BUFFERS
+        self._pieces: dict[int, tuple] = {}  # id(block) -> (block, pieces, tensors)
         self.closed = False
-        # A stream dropped without close (its module dropped without undo) still gives
-        # its files back; its buffers unpin themselves as they die.
-        weakref.finalize(self, self.reader.close)
+        # A stream dropped without close (its module dropped without undo) still stops
+        # its pump, then gives its ring and its files back.
+        weakref.finalize(self, self._held.close_quietly)
+
+    @property
+    def pump(self):
+        """The native pump (aimdo._core.FilePump), or None before the first copy."""
+        return self._held.pump
+
+    @property
+    def buffers(self) -> list[_Buffer]:
+        return self._held.buffers
 
     @property
     def nbytes(self) -> int:
         """Bytes of the ring's buffers held now."""
         return sum(buffer.nbytes for buffer in self.buffers)
 
-    def _ring(self) -> list[_Buffer]:
-        """The ring, made at the first copy: all of it, or (pinning failed) none of it."""
-        if not self.buffers:
+    def _ring(self):
+        """The pump and its ring, made at the first copy: all of it, or (pinning failed)
+        none of it."""
+        if self.pump is None:
+            if self.driver is None:
+                raise InvalidStateError("this checkpoint stream has no driver to copy with")
             made = []
             try:
-                for _ in range(RING_BUFFERS):
+                for _ in range(self.ring_buffers):
                     # With O_DIRECT: room to align the start, and two alignments to read.
                     slack = 3 * DIRECT_ALIGN if self.direct else 0
                     whole = torch.empty(self.buffer_bytes + slack, dtype=torch.uint8)
@@ -209,14 +170,51 @@ class FileStream:
                         start = -whole.data_ptr() % DIRECT_ALIGN
                         tensor = whole[start : start + self.buffer_bytes + 2 * DIRECT_ALIGN]
                     made.append(_Buffer(whole, tensor, unpin))
+                ring = [(buffer.tensor.data_ptr(), buffer.tensor.numel()) for buffer in made]
+                self._held.pump = _core.FilePump(self.driver, self.device, ring, reader_threads())
             except BaseException:
                 for buffer in made:
                     if buffer.unpin is not None:
                         buffer.unpin()
                 raise
-            self.reads = self.make_reads(self.reader, reader_threads())
-            self.buffers = made
-        return self.buffers
+            self._held.buffers = made
+        return self.pump
+
+    def _pieces_of(self, block):
+        """The block's pieces as the pump takes them (each file opened once, here), and the
+        checkpoint tensors they index. CheckpointError for a file that cannot be opened."""
+        known = self._pieces.get(id(block))
+        if known is not None and known[0] is block:
+            return known[1], known[2]
+        reader, piece = self.reader, self.buffer_bytes
+        pieces, tensors = [], []
+        for offset, tensor in block.file_runs:
+            fd = reader._open(tensor)
+            direct = reader._open_direct(tensor) if reader.direct else None
+            expected = reader.stamps.get(tensor.path)
+            # No stamp: the read fails as changed, as Reader._check has it.
+            size, mtime_ns, inode = (
+                (expected.size, expected.mtime_ns, expected.inode) if expected else (-1, 0, 0)
+            )
+            index = len(tensors)
+            tensors.append(tensor)
+            for start in range(0, tensor.nbytes, piece):
+                count = min(piece, tensor.nbytes - start)
+                pieces.append(
+                    (
+                        fd,
+                        -1 if direct is None else direct,
+                        tensor.offset + start,
+                        count,
+                        size,
+                        mtime_ns,
+                        inode,
+                        offset + start,
+                        index,
+                    )
+                )
+        self._pieces[id(block)] = (block, pieces, tensors)
+        return pieces, tensors
 
     def copy_in(self, block, storage: torch.Tensor) -> None:
         """Queue the copy of `block`'s file runs into `storage` on the current stream and
@@ -227,7 +225,7 @@ class FileStream:
         before it are left to finish. Interrupted or failed, it returns only once nothing
         queued still writes (as the Executor's _settled does for copies ahead)."""
         stream = torch.cuda.current_stream(storage.device) if storage.is_cuda else None
-        pending = self._queue(_Job(block, storage, stream, None, False, self.buffer_bytes))
+        pending = self._queue(block, storage, stream, None, False)
         try:
             pending.result()
         except BaseException:
@@ -237,204 +235,92 @@ class FileStream:
     def copy_ahead(self, block, storage: torch.Tensor, stream, after, timed: bool) -> Pending:
         """Queue the copy of `block`'s file runs into `storage` (on CUDA, on `stream`, or
         the current one when None, after the event `after`, or nothing), read and queued
-        by the stream's own threads while the forward's thread goes on queueing compute.
+        by the pump's threads while the forward's thread goes on queueing compute.
         Blocks are copied in the order queued. Returns the Pending the block's compute
         waits for."""
         if storage.is_cuda and stream is None:
             stream = torch.cuda.current_stream(storage.device)
-        return self._queue(_Job(block, storage, stream, after, timed, self.buffer_bytes))
+        return self._queue(block, storage, stream, after, timed)
 
-    def _queue(self, job: _Job) -> Pending:
+    def _queue(self, block, storage: torch.Tensor, stream, after, timed: bool) -> Pending:
         if self.closed:
             raise InvalidStateError("this offload's checkpoint stream is closed (undone)")
-        self._ring()
-        if self.worker is None:
-            self.worker = ThreadPoolExecutor(1, thread_name_prefix="aimdo-files")
-        with self._lock:
-            self._queued.append(job)
-            start = not self._pumping
-            self._pumping = True
-        self.reads.poke()  # a pump waiting on a read takes the job at once
-        if start:
-            release = None
-            try:
-                release = _switch.hold()  # the pump releases it as it ends
-                self.worker.submit(self._pump, release)
-            except BaseException:
-                # No pump will run (an interrupt, or shutting down): take the job back,
-                # so that the next job starts a pump and drain() waits for nothing. (Had
-                # the pump been queued after all, its own release then counts nothing: a
-                # release counts once.)
-                with self._lock:
-                    if job in self._queued:
-                        self._queued.remove(job)
-                    self._pumping = False
-                if release is not None:
-                    release()
-                raise
-        return Pending(job.future)
-
-    def _pump(self, release) -> None:
-        """Read and copy the queued jobs' pieces, as many at once as the ring has buffers,
-        until nothing is queued or reading; then end (a new job starts a new pump), giving
-        back its hold on the switch interval."""
+        pump = self._ring()
         try:
-            self._pump_jobs()
-        finally:
-            release()
+            pieces, tensors = self._pieces_of(block)
+        except Exception as error:  # noqa: BLE001 - its own block's (a file not opened)
+            return Pending(None, None, (), None, timed, (False, error))
+        if stream is None:  # a simulator: the device's memory is the host's
+            number = pump.queue(pieces, storage.data_ptr(), 0, 0, 0, 0, timed)
+            return Pending(self, number, tensors, (storage,), timed)
+        with torch.cuda.device(storage.device):
+            # Recorded once here, so that PyTorch makes their CUDA events; the pump records
+            # them again after (start: before) the block's copies. Nothing waits on them
+            # before result() returns, which is after the pump's record.
+            done = torch.cuda.Event(enable_timing=timed)
+            done.record(stream)
+            start = None
+            if timed:
+                start = torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+        number = pump.queue(
+            pieces,
+            storage.data_ptr(),
+            stream.cuda_stream,
+            0 if after is None else after.cuda_event,
+            0 if start is None else start.cuda_event,
+            done.cuda_event,
+            timed,
+        )
+        return Pending(self, number, tensors, (storage, after, start, done), timed)
 
-    def _pump_jobs(self) -> None:
-        ring = self.buffers
-        reading: deque = deque()  # (job, offset in storage, bytes, buffer, read's ticket)
-        jobs: deque[_Job] = deque()  # taken, not yet finished, in order
-        try:
-            while True:
-                with self._lock:
-                    jobs.extend(self._queued)
-                    self._queued.clear()
-                    if not jobs:  # every job finished (so none reading): done
-                        self._pumping = False
-                        return
-                # Hand pieces to the readers, from the first job with pieces left.
-                while len(reading) < len(ring):
-                    job = next((job for job in jobs if not job.exhausted), None)
-                    if job is None:
-                        break
-                    piece = next(job.pieces, None) if job.error is None else None
-                    if piece is None:
-                        job.exhausted = True
-                        continue
-                    offset, tensor, start, count = piece
-                    buffer = ring[self.turn]
-                    self.turn = (self.turn + 1) % len(ring)
-                    self._wait_free(job, buffer)
-                    try:
-                        ticket = self.reads.submit(tensor, buffer.tensor, start, count)
-                    except Exception as error:  # noqa: BLE001 - the job's (a file not opened)
-                        job.error = job.error or error
-                        job.exhausted = True  # its pieces not read yet are dropped
-                        continue
-                    job.reads += 1
-                    reading.append((job, offset, count, buffer, ticket))
-                if reading:
-                    # Until the first read ends, or a job is queued (a poke).
-                    if not self.reads.wait(reading[0][-1]):
-                        continue  # hand the new job's pieces out first
-                    job, offset, count, buffer, ticket = reading.popleft()
-                    job.reads -= 1
-                    lead = 0
-                    try:
-                        lead = self.reads.take(ticket)
-                    except Exception as error:  # noqa: BLE001 - the job's, raised by take()
-                        job.error = job.error or error
-                        job.exhausted = True  # its pieces not read yet are dropped
-                    if job.error is None:
-                        self._copy(job, offset, count, buffer, lead)
-                # Finish, in order, the jobs whose pieces are all read and copied (each
-                # left in `jobs` until settled: a failure below still fails it).
-                while jobs and jobs[0].exhausted and jobs[0].reads == 0:
-                    self._finish(jobs[0])
-                    jobs.popleft()
-        except BaseException as error:
-            # Not a read's failure (those fail their job): fail every job taken or queued,
-            # once no reader writes into the ring any more.
-            for entry in reading:
-                while not self.reads.wait(entry[-1]):
-                    pass  # a poke: the read is still running
-                try:
-                    self.reads.take(entry[-1])
-                except Exception:  # noqa: BLE001, S110 - the jobs fail with `error` below
-                    pass
-            with self._lock:
-                jobs.extend(self._queued)
-                self._queued.clear()
-                self._pumping = False
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(error)
-
-    @staticmethod
-    def _wait_free(job: _Job, buffer: _Buffer) -> None:
-        """Before a piece is read into `buffer`: wait for the copy that last read it (it
-        is queued already: pieces are copied in the order read, the ring reused in that
-        order). Never waits on a job not finished: the copies ahead of it on the stream
-        wait only for the compute of blocks whose jobs came first."""
-        busy, buffer.free = buffer.free, None
-        if busy is not None and not busy.query():
-            with torch.cuda.device(job.storage.device):
-                busy.synchronize()  # without the GIL
-
-    def _copy(self, job: _Job, offset: int, count: int, buffer: _Buffer, lead: int) -> None:
-        """Queue one piece's copy, from `buffer` (its bytes from `lead` on) into `job`'s
-        storage at `offset`."""
-        target = job.storage[offset : offset + count]
-        source = buffer.tensor[lead : lead + count]
-        if job.stream is None:  # a simulator: the copy is done when it returns
-            if not job.started and job.timed:
-                job.start = time.perf_counter()
-            job.started = True
-            target.copy_(source)
-        else:
-            with torch.cuda.device(job.storage.device), torch.cuda.stream(job.stream):
-                self._begin(job)
-                free = torch.cuda.Event()  # made first: once the copy is queued, it records
-                target.copy_(source, non_blocking=True)
-                buffer.free = free
-                free.record(job.stream)
-        with self._lock:
-            self.bytes_read += count
-
-    @staticmethod
-    def _begin(job: _Job) -> None:
-        """Before a job's first copy (on its stream, device current): wait for `after`,
-        and mark the start when timed."""
-        if job.started:
-            return
-        job.started = True
-        if job.after is not None:
-            job.stream.wait_event(job.after)
-        if job.timed:
-            job.start = torch.cuda.Event(enable_timing=True)
-            job.start.record(job.stream)
-
-    def _finish(self, job: _Job) -> None:
-        """Settle `job`'s future: its error, or its end (an event recorded after its
-        copies on CUDA) and, timed, its marks."""
-        if job.error is not None:
-            job.future.set_exception(job.error)
-            return
-        if job.stream is None:
-            end = time.perf_counter() if job.timed else None
-            start = job.start if job.start is not None else end
-            job.future.set_result((None, start, end))
-            return
-        with torch.cuda.device(job.storage.device), torch.cuda.stream(job.stream):
-            self._begin(job)  # nothing was copied: still after `after`
-            done = torch.cuda.Event(enable_timing=job.timed)
-            done.record(job.stream)
-        if job.timed:
-            start = job.start if job.start is not None else done
-            job.future.set_result((done, start, done))
-        else:
-            job.future.set_result((done, None, None))
+    def _settle(self, pending: Pending):
+        """Wait for the pending job (the GIL released) and make its result or its error."""
+        status, error, index, start_ns, end_ns, refused = self.pump.result(pending._number)
+        for fd in refused:
+            self.reader._retire_direct(fd)
+        if status != "done":
+            raise_for_read(status, error, pending._tensors[index])
+        keep = pending._keep
+        if len(keep) == 1:  # a simulator: the host's clock, as time.perf_counter
+            if not pending._timed:
+                return (None, None, None)
+            return (None, start_ns / 1e9, end_ns / 1e9)
+        _storage, _after, start, done = keep
+        if pending._timed:
+            return (done, start, done)
+        return (done, None, None)
 
     def drain(self) -> None:
         """Return once every copy queued is queued on its stream (its reads done), failed
         or not."""
-        if self.worker is not None:
-            self.worker.submit(_nothing).result()
+        if self.pump is not None:
+            self.pump.drain()
 
     def take_bytes_read(self) -> int:
-        with self._lock:
-            taken, self.bytes_read = self.bytes_read, 0
-        return taken
+        return 0 if self.pump is None else self.pump.take_bytes_copied()
 
     def close(self) -> None:
-        """Wait for the copies that read the ring, stop the readers, give the ring and the
+        """Wait for the copies that read the ring, stop the pump, give the ring and the
         files back; the stream takes no copy after. The caller has synchronized the device
         already, or does not mind. Every step is taken even if one fails; the first
         failure is raised at the end."""
         self.closed = True
+        self._pieces.clear()
+        self._held.close()
+
+
+class _Held:
+    """What a FileStream must give back in order: the pump (its jobs end, its threads stop,
+    the copies reading the ring are waited for), then the ring, then the files."""
+
+    def __init__(self, reader: Reader):
+        self.reader = reader
+        self.pump = None
+        self.buffers: list[_Buffer] = []
+
+    def close(self) -> None:
+        """Every step is taken even if one fails; the first failure is raised at the end."""
         failure = None
 
         def step(action) -> None:
@@ -444,21 +330,22 @@ class FileStream:
             except BaseException as error:  # noqa: BLE001 - raised below, after the rest
                 failure = failure or error
 
-        if self.worker is not None:
-            step(lambda: self.worker.shutdown(wait=True))
-            self.worker = None
+        if self.pump is not None:
+            step(self.pump.close)
+            self.pump = None
         for buffer in self.buffers:
-            if buffer.free is not None:
-                step(buffer.free.synchronize)
             if buffer.unpin is not None:
                 step(buffer.unpin)
         self.buffers = []
-        if self.reads is not None:
-            step(self.reads.close)
-            self.reads = None
         step(self.reader.close)
         if failure is not None:
             raise failure
+
+    def close_quietly(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001, S110 - at collection, nothing to tell
+            pass
 
 
 def drain_after_failure(drain) -> None:
@@ -474,7 +361,3 @@ def drain_after_failure(drain) -> None:
             continue
         except Exception:  # noqa: BLE001 - the caller raises the first failure
             return
-
-
-def _nothing() -> None:
-    return None

@@ -15,9 +15,10 @@ those too.
 
 Replay on the simulator translates what differs between two machines by nature: the
 recording's addresses and handles become the simulator's (each reservation, physical
-allocation and stream-ordered allocation is matched with the one the same log line makes
-on replay). A log recorded on another backend is compared by answer codes; the values a
-device reported about itself (free memory) are listed as notes (``replay_report``).
+allocation, stream-ordered allocation and event is matched with the one the same log line
+makes on replay); a host-to-device copy, whose host address is not logged, copies zeros.
+A log recorded on another backend is compared by answer codes; the values a device
+reported about itself (free memory) are listed as notes (``replay_report``).
 """
 
 from __future__ import annotations

@@ -69,7 +69,8 @@ __all__ = [
 _OPERATIONS = _core.operations()
 #: Driver functions whose simulated cost ``SimBackend(costs=...)`` can set.
 COST_NAMES = tuple(name for name, _, cost_ns, _, _ in _OPERATIONS if cost_ns is not None)
-#: Their default costs in seconds (measured on H100s: docs/measurements.md).
+#: Their default costs in seconds (measured on H100s: docs/measurements.md; those of
+#: cuMemcpyHtoDAsync and the event functions are launch costs, not measured).
 DEFAULT_COSTS = {
     name: cost_ns / 1e9 for name, _, cost_ns, _, _ in _OPERATIONS if cost_ns is not None
 }
@@ -232,10 +233,11 @@ class SimBackend:
 
     def adopt(self, device: int, tensor) -> None:
         """Take a contiguous CPU ``torch.Tensor``'s memory as ``device``'s, so that a
-        device-to-device copy (``Driver.copy``) may write it: on the simulator, what a CUDA
-        tensor is on a real GPU (aimdo.torch adopts its staging buffers so). It is given
-        back when the tensor is freed. TypeError for anything else; ValueError for an
-        empty tensor or memory adopted already."""
+        device-to-device or host-to-device copy (``Driver.copy``, ``Driver.copy_from_host``)
+        may write it: on the simulator, what a CUDA tensor is on a real GPU (aimdo.torch
+        adopts its staging buffers so). It is given back when the tensor is freed.
+        TypeError for anything else; ValueError for an empty tensor or memory adopted
+        already."""
         import torch  # only aimdo.torch, which has it, adopts
 
         if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
@@ -274,8 +276,8 @@ class SimBackend:
         return list(self._stack.gpu.violations())
 
     def leaks(self) -> list[str]:
-        """One readable line per live reservation, physical allocation, mapping and
-        stream-ordered allocation; empty when nothing leaks."""
+        """One readable line per live reservation, physical allocation, mapping,
+        stream-ordered allocation and event; empty when nothing leaks."""
         return list(self._stack.gpu.leaks())
 
     # -- fault injection --------------------------------------------------------------

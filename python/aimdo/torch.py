@@ -53,18 +53,12 @@ __all__ = [
 
 
 def set_reading_switch_interval(seconds: float | None) -> None:
-    """Lower the interpreter's switch interval (``sys.setswitchinterval``) to ``seconds``
-    while an offload reads weights from its checkpoint's files; ``None`` (the default)
-    leaves it alone. The thread that queues the copies of what was read takes the GIL for
-    each piece, and at Python's default of 5 ms a forward's thread that holds it keeps that
-    thread waiting. Measured on an H200 while the reads were still Python threads too
-    (benchmarks/RESULTS.md), 0.5 ms helped a model of few large layers (a step at
-    host_limit 0: 560 -> 435 ms) and hurt Qwen-Image, a forward of 1,087 small modules
-    (host_limit 8 GiB: 857 -> 909 ms, one run each); the reads are native threads now,
-    which never take the GIL. When an offload starts reading while none other does, an
-    interval longer than ``seconds`` is lowered to it; once none reads, it is put back
-    unless it was changed meanwhile. A new setting applies from the next such start.
-    TypeError or ValueError for anything but positive seconds or None."""
+    """Deprecated; does nothing but warn (DeprecationWarning). It lowered the interpreter's
+    switch interval while an offload read weights from its checkpoint's files, because a
+    Python thread queued the copies of what was read and took the GIL for each piece.
+    Those copies are queued by aimdo's native pump now, whose threads never take the GIL
+    (design.md §7, host tiers). TypeError or ValueError, as before, for anything but
+    positive seconds or None."""
     _torch_stream.set_reading_switch_interval(seconds)
 
 
@@ -183,7 +177,7 @@ def offload(
     page cache, ``"direct"`` past it (O_DIRECT, where the file system takes it), or
     ``"auto"`` (default): O_DIRECT only when what a forward reads from the files exceeds
     the host memory available beside the pinned weights (the cache could not keep it).
-    The choice is logged with the others (see also set_reading_switch_interval).
+    The choice is logged with the others.
     ``timings`` (default False) times every forward of the whole module, block by block
     (``Offload.last_timings``, a ForwardTimings; ``Offload.timings`` switches it).
 

@@ -26,6 +26,7 @@ namespace aimdo {
 using DeviceAddress = std::uint64_t;   // CUdeviceptr
 using PhysicalHandle = std::uint64_t;  // CUmemGenericAllocationHandle
 using StreamHandle = std::uintptr_t;   // CUstream; 0 is the legacy default stream
+using EventHandle = std::uintptr_t;    // CUevent
 
 // CUresult values that aimdo names. Other codes pass through untouched.
 namespace driver_code {
@@ -155,6 +156,32 @@ class Driver {
   // Context-dependent.
   virtual DriverStatus copy_async(int device, DeviceAddress dst, DeviceAddress src,
                                   std::size_t size_bytes, StreamHandle stream) = 0;
+
+  // Queue a copy of `size_bytes` from host memory at `src` to device memory at `dst` on
+  // `stream` of `device` (cuMemcpyHtoDAsync). `dst` is memory `device` may access (its
+  // own mapped range; on the simulator also memory it adopted). `src` should be pinned
+  // for the copy to run asynchronously; the caller keeps it alive and unchanged until
+  // the copy is done (an event recorded after it). Context-dependent.
+  virtual DriverStatus copy_from_host_async(int device, DeviceAddress dst, std::uintptr_t src,
+                                            std::size_t size_bytes, StreamHandle stream) = 0;
+
+  // Events mark a point of a stream's work (cuEventCreate and friends). An event made by
+  // event_create times nothing (CU_EVENT_DISABLE_TIMING); record, wait and synchronize
+  // also take an event PyTorch made on the same device (a `torch.cuda.Event`'s
+  // `cuda_event`, once recorded), which the CUDA backend cannot tell apart.
+  // Make an event for `device`. Context-dependent.
+  virtual DriverStatus event_create(int device, EventHandle* out) = 0;
+  // Destroy an event made by event_create. Work that records it may still be queued.
+  virtual DriverStatus event_destroy(EventHandle event) = 0;
+  // Record `event` at the end of the work queued on `stream` of `device` so far.
+  // Context-dependent.
+  virtual DriverStatus event_record(int device, EventHandle event, StreamHandle stream) = 0;
+  // Wait on the host until the work `event` last recorded is done (at once if it was
+  // never recorded).
+  virtual DriverStatus event_synchronize(EventHandle event) = 0;
+  // Make the work queued on `stream` of `device` from now on wait for the work `event`
+  // last recorded (cuStreamWaitEvent); the host does not wait. Context-dependent.
+  virtual DriverStatus stream_wait_event(int device, StreamHandle stream, EventHandle event) = 0;
 
   // Wait until all work queued on `device` has finished. Context-dependent.
   virtual DriverStatus synchronize(int device) = 0;

@@ -1,0 +1,184 @@
+// FilePump as Python sees it (aimdo.torch's FileStream): the ring's buffers and the
+// pieces' destinations are addresses the caller keeps alive until close() returns (the
+// ring) or the job's copies are done (the destinations). Waits and close release the
+// GIL; a wait lets Ctrl-C through every few milliseconds.
+#include <nanobind/stl/shared_ptr.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "aimdo/errors.hpp"
+#include "aimdo/file_pump.hpp"
+#include "common.hpp"
+
+namespace aimdo::bindings {
+namespace {
+
+// (fd, direct_fd or -1, file offset, bytes, file size, mtime_ns, inode, destination offset,
+// tensor index)
+using PieceTuple = std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t,
+                              std::int64_t, std::int64_t, std::int64_t, std::int64_t>;
+// (status, errno, tensor index, start ns, end ns, O_DIRECT descriptors refused)
+using ResultTuple = std::tuple<std::string, int, int, std::int64_t, std::int64_t, std::vector<int>>;
+
+// How long a wait holds the GIL released before it looks for a signal (Ctrl-C).
+constexpr std::int64_t kSignalCheckNs = 20'000'000;
+
+const char* status_name(PumpStatus status) {
+  switch (status) {
+    case PumpStatus::kDone: return "done";
+    case PumpStatus::kChanged: return "changed";
+    case PumpStatus::kTruncated: return "truncated";
+    case PumpStatus::kFailed: return "failed";
+    case PumpStatus::kInvalid: return "invalid";
+    case PumpStatus::kDriver: return "driver";
+  }
+  return "invalid";
+}
+
+int descriptor(std::int64_t value, bool may_be_none) {
+  if (value < (may_be_none ? -1 : 0) || value > INT32_MAX) {
+    throw InvalidArgumentError("a piece's file descriptor is out of range");
+  }
+  return static_cast<int>(value);
+}
+
+class PyFilePump {
+ public:
+  PyFilePump(std::shared_ptr<Driver> driver, const IntArg& device,
+             const std::vector<std::tuple<std::uint64_t, std::int64_t>>& ring,
+             const IntArg& readers)
+      : device_(to_device(device)) {
+    if (readers.overflow != 0 || readers.value < 1 || readers.value > 1024) {
+      throw InvalidArgumentError("readers must be from 1 to 1024");
+    }
+    std::vector<PumpBuffer> buffers;
+    for (const auto& [address, capacity] : ring) {
+      buffers.push_back({static_cast<std::uintptr_t>(address), to_size(capacity, "capacity")});
+    }
+    nb::gil_scoped_release released;
+    pump_ = std::make_unique<FilePump>(std::move(driver), device_, std::move(buffers),
+                                       static_cast<int>(readers.value));
+  }
+
+  // Dropped with the GIL held: the pump's threads never take it, so closing here is safe.
+  ~PyFilePump() {
+    nb::gil_scoped_release released;
+    pump_.reset();
+  }
+
+  std::uint64_t queue(const std::vector<PieceTuple>& pieces, std::uint64_t base,
+                      std::uintptr_t stream, std::uintptr_t after, std::uintptr_t start,
+                      std::uintptr_t done, bool timed) {
+    PumpJob job;
+    job.pieces.reserve(pieces.size());
+    for (const auto& [fd, direct, offset, count, size, mtime, inode, at, tensor] : pieces) {
+      PumpPiece piece;
+      piece.read.fd = descriptor(fd, false);
+      piece.read.direct_fd = descriptor(direct, true);
+      if (offset < 0 || count <= 0 || at < 0 || inode < 0 || tensor < 0 || tensor > INT32_MAX) {
+        throw InvalidArgumentError("a piece's offset, bytes, inode or tensor is out of range");
+      }
+      piece.read.offset = offset;
+      piece.read.count = static_cast<std::size_t>(count);
+      piece.read.size = size;
+      piece.read.mtime_ns = mtime;
+      piece.read.inode = static_cast<std::uint64_t>(inode);
+      piece.destination = base + static_cast<std::uint64_t>(at);
+      piece.tensor = static_cast<int>(tensor);
+      job.pieces.push_back(piece);
+    }
+    job.stream = stream;
+    job.after = after;
+    job.start = start;
+    job.done = done;
+    job.timed = timed;
+    return pump_->queue(std::move(job));
+  }
+
+  // Waits until the job ended (the GIL released unless it has), then its result: a
+  // driver's refusal is raised as DriverError, a read's failure is returned.
+  ResultTuple result(std::uint64_t job) {
+    while (!pump_->wait(job, 0)) {
+      bool ended = false;
+      {
+        nb::gil_scoped_release released;
+        ended = pump_->wait(job, kSignalCheckNs);
+      }
+      if (ended) break;
+      if (PyErr_CheckSignals() != 0) throw nb::python_error();
+    }
+    PumpResult result = pump_->take(job);
+    if (result.status == PumpStatus::kDriver) {
+      throw DriverError(std::string("copying checkpoint bytes to device ") +
+                            std::to_string(device_) + ": " + result.operation + " failed with " +
+                            result.driver.name,
+                        device_, result.operation, result.driver);
+    }
+    return {status_name(result.status),
+            result.error,
+            result.tensor,
+            result.start_ns,
+            result.end_ns,
+            std::move(result.refused_direct)};
+  }
+
+  void drain() {
+    nb::gil_scoped_release released;
+    pump_->drain();
+  }
+
+  std::size_t take_bytes_copied() { return pump_->take_bytes_copied(); }
+  std::uint64_t pieces_read() const { return pump_->pieces_read(); }
+
+  void close() {
+    nb::gil_scoped_release released;
+    pump_->close();
+  }
+
+  bool closed() const { return pump_->closed(); }
+
+ private:
+  int device_;
+  std::unique_ptr<FilePump> pump_;
+};
+
+}  // namespace
+
+void bind_file_pump(nb::module_& m) {
+  nb::class_<PyFilePump>(m, "FilePump",
+                         "Reads checkpoint pieces into a ring of pinned buffers and queues "
+                         "their copies to a device, on threads that never take the GIL "
+                         "(aimdo.torch's FileStream).")
+      .def(nb::init<std::shared_ptr<Driver>, const IntArg&,
+                    const std::vector<std::tuple<std::uint64_t, std::int64_t>>&, const IntArg&>(),
+           "driver"_a, "device"_a, "ring"_a, "readers"_a,
+           "Copies to `device` through `driver`, reading into the ring's (address, bytes) "
+           "buffers with `readers` threads; the caller keeps the ring alive until close().")
+      .def("queue", &PyFilePump::queue, "pieces"_a, "base"_a, "stream"_a, "after"_a, "start"_a,
+           "done"_a, "timed"_a,
+           "Queue one job: its pieces (fd, direct fd or -1, file offset, bytes, the file's "
+           "size, mtime_ns and inode, offset from `base` of the destination, tensor index), "
+           "copied on `stream` after the event `after` (0: none), `start` recorded before "
+           "the first copy and `done` after the last (0: none); returns its number.")
+      .def("result", &PyFilePump::result, "job"_a,
+           "Wait until the job ended, then its (status, errno, tensor index, start ns, end ns, "
+           "O_DIRECT descriptors refused); status is 'done', 'changed', 'truncated', "
+           "'failed' or 'invalid'. DriverError when the driver refused its copy or events.")
+      .def("drain", &PyFilePump::drain, "Return once every job queued so far has ended.")
+      .def("take_bytes_copied", &PyFilePump::take_bytes_copied,
+           "Bytes whose copies were queued since the last call.")
+      .def_prop_ro("pieces_read", &PyFilePump::pieces_read)
+      .def("close", &PyFilePump::close,
+           "End the jobs queued, stop the threads, wait for the copies reading the ring and "
+           "destroy its events; then the ring may be given back.")
+      .def_prop_ro("closed", &PyFilePump::closed);
+}
+
+}  // namespace aimdo::bindings

@@ -1,0 +1,407 @@
+#include "aimdo/file_pump.hpp"
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <exception>
+#include <string>
+#include <utility>
+
+#include "aimdo/errors.hpp"
+
+namespace aimdo {
+
+// One job as the pump keeps it. The queuer thread alone touches the fields above `ended`
+// until the job has ended; `ended` and `result` are read under the pump's mutex after.
+struct FilePump::Active {
+  PumpJob job;
+  std::size_t next = 0;    // its next piece to hand to a reader
+  int reads = 0;           // its pieces being read now
+  bool exhausted = false;  // every piece handed out (or dropped)
+  bool started = false;    // `after` waited for, `start` recorded
+  bool failed = false;     // a read or a driver call of it failed: `result` says which
+  bool ended = false;
+  PumpResult result;
+};
+
+namespace {
+
+std::int64_t steady_now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+PumpStatus status_of(ReadStatus status) {
+  switch (status) {
+    case ReadStatus::kDone: return PumpStatus::kDone;
+    case ReadStatus::kChanged: return PumpStatus::kChanged;
+    case ReadStatus::kTruncated: return PumpStatus::kTruncated;
+    case ReadStatus::kFailed: return PumpStatus::kFailed;
+    case ReadStatus::kInvalid: return PumpStatus::kInvalid;
+  }
+  return PumpStatus::kInvalid;
+}
+
+std::vector<PumpBuffer> checked_ring(std::vector<PumpBuffer> ring) {
+  if (ring.empty()) throw InvalidArgumentError("a file pump needs at least one ring buffer");
+  for (const PumpBuffer& buffer : ring) {
+    if (buffer.address == 0 || buffer.capacity == 0) {
+      throw InvalidArgumentError("a ring buffer needs memory (an address and a capacity)");
+    }
+  }
+  return ring;
+}
+
+}  // namespace
+
+FilePump::FilePump(std::shared_ptr<Driver> driver, int device, std::vector<PumpBuffer> ring,
+                   int readers)
+    : driver_(std::move(driver)),
+      device_(device),
+      ring_(checked_ring(std::move(ring))),
+      reads_(readers) {
+  if (!driver_) throw InvalidArgumentError("a file pump needs a driver");
+  const auto undo = [this] {
+    for (const EventHandle event : free_) driver_->event_destroy(event);
+    free_.clear();
+    reads_.close();
+  };
+  DriverStatus status;
+  {
+    ScopedDevice guard(*driver_, device_);
+    status = guard.status();
+    while (status.ok() && free_.size() < ring_.size()) {
+      EventHandle event = 0;
+      status = driver_->event_create(device_, &event);
+      if (status.ok()) free_.push_back(event);
+    }
+  }
+  if (!status.ok()) {
+    undo();
+    throw DriverError("cannot make the events of a file pump's ring on device " +
+                          std::to_string(device_) + ": " + status.name,
+                      device_, "cuEventCreate", status);
+  }
+  recorded_.assign(ring_.size(), false);
+  unsure_.assign(ring_.size(), false);
+  try {
+    queuer_ = std::thread([this] { run(); });
+  } catch (...) {
+    undo();
+    throw;
+  }
+}
+
+FilePump::~FilePump() {
+  try {
+    close();
+  } catch (const std::exception&) {  // NOLINT(bugprone-empty-catch): nothing to tell
+  }
+}
+
+std::uint64_t FilePump::queue(PumpJob job) {
+  std::size_t smallest = ring_.front().capacity;
+  for (const PumpBuffer& buffer : ring_) smallest = std::min(smallest, buffer.capacity);
+  for (const PumpPiece& piece : job.pieces) {
+    const std::size_t room =
+        piece.read.direct_fd >= 0 ? smallest - std::min(smallest, 2 * kDirectReadAlign) : smallest;
+    if (piece.read.count == 0 || piece.read.count > room) {
+      throw InvalidArgumentError("a piece of " + std::to_string(piece.read.count) +
+                                 " bytes does not fit a ring buffer of " +
+                                 std::to_string(smallest) + " bytes");
+    }
+  }
+  auto active = std::make_unique<Active>();
+  active->job = std::move(job);
+  std::uint64_t number = 0;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (closing_) throw InvalidStateError("this file pump is closed");
+    number = next_++;
+    queued_.push_back(active.get());
+    jobs_.emplace(number, std::move(active));
+    ++unended_;
+    work_.notify_one();
+  }
+  reads_.poke();  // a queuer waiting on a read hands this job's pieces out at once
+  return number;
+}
+
+bool FilePump::wait(std::uint64_t job, std::int64_t timeout_ns) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  const auto state = [&] {  // -1: not queued (or taken), 0: running, 1: ended
+    const auto found = jobs_.find(job);
+    return found == jobs_.end() ? -1 : found->second->ended ? 1 : 0;
+  };
+  int now = state();
+  if (now < 0) throw InvalidArgumentError("job " + std::to_string(job) + " is not queued");
+  ended_.wait_for(lock, std::chrono::nanoseconds(std::max<std::int64_t>(0, timeout_ns)), [&] {
+    now = state();
+    return now != 0;
+  });
+  if (now < 0) throw InvalidArgumentError("job " + std::to_string(job) + " was taken");
+  return now == 1;
+}
+
+PumpResult FilePump::take(std::uint64_t job) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto found = jobs_.find(job);
+  if (found == jobs_.end() || !found->second->ended) {
+    throw InvalidArgumentError("job " + std::to_string(job) + " has not ended");
+  }
+  PumpResult result = std::move(found->second->result);
+  jobs_.erase(found);
+  return result;
+}
+
+void FilePump::drain() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  ended_.wait(lock, [this] { return unended_ == 0; });
+}
+
+std::size_t FilePump::take_bytes_copied() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return std::exchange(bytes_copied_, 0);
+}
+
+std::uint64_t FilePump::pieces_read() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return pieces_read_;
+}
+
+bool FilePump::closed() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return closing_;
+}
+
+void FilePump::close() {
+  std::lock_guard<std::mutex> closing(close_mutex_);  // a second close waits for the first
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (closed_) return;
+    closing_ = true;
+    work_.notify_all();
+  }
+  reads_.poke();
+  if (queuer_.joinable()) queuer_.join();  // it ends the jobs queued first
+  DriverStatus failed{};
+  const char* operation = "";
+  const auto step = [&](const char* name, const DriverStatus& status) {
+    if (!status.ok() && failed.ok()) {
+      failed = status;
+      operation = name;
+    }
+  };
+  for (std::size_t i = 0; i < free_.size(); ++i) {
+    if (unsure_[i]) {
+      ScopedDevice guard(*driver_, device_);
+      step("cuCtxSynchronize",
+           guard.status().ok() ? driver_->synchronize(device_) : guard.status());
+    } else if (recorded_[i]) {
+      step("cuEventSynchronize", driver_->event_synchronize(free_[i]));
+    }
+    step("cuEventDestroy", driver_->event_destroy(free_[i]));
+  }
+  free_.clear();
+  reads_.close();
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    closed_ = true;
+  }
+  if (!failed.ok()) {
+    throw DriverError(std::string("closing a file pump on device ") + std::to_string(device_) +
+                          ": " + operation + " failed with " + failed.name,
+                      device_, operation, failed);
+  }
+}
+
+void FilePump::fail_driver(Active& job, const char* operation, const DriverStatus& status) {
+  if (!job.failed) {
+    job.result.status = PumpStatus::kDriver;
+    job.result.driver = status;
+    job.result.operation = operation;
+  }
+  job.failed = true;
+}
+
+bool FilePump::begin(Active& job) {
+  if (job.started) return !job.failed;
+  job.started = true;
+  if (!context_.ok()) {
+    fail_driver(job, "cuCtxSetCurrent", context_);
+    return false;
+  }
+  if (job.job.after != 0) {
+    const DriverStatus status = driver_->stream_wait_event(device_, job.job.stream, job.job.after);
+    if (!status.ok()) {
+      fail_driver(job, "cuStreamWaitEvent", status);
+      return false;
+    }
+  }
+  if (job.job.timed) job.result.start_ns = steady_now_ns();
+  if (job.job.start != 0) {
+    const DriverStatus status = driver_->event_record(device_, job.job.start, job.job.stream);
+    if (!status.ok()) {
+      fail_driver(job, "cuEventRecord", status);
+      return false;
+    }
+  }
+  return true;
+}
+
+bool FilePump::free_buffer(Active& job, std::size_t buffer) {
+  if (unsure_[buffer]) {
+    // Its last copy was queued but its event not recorded: wait for everything.
+    const DriverStatus status = context_.ok() ? driver_->synchronize(device_) : context_;
+    if (!status.ok()) {
+      fail_driver(job, "cuCtxSynchronize", status);
+      return false;
+    }
+    unsure_[buffer] = false;
+  } else if (recorded_[buffer]) {
+    const DriverStatus status = driver_->event_synchronize(free_[buffer]);
+    if (!status.ok()) {
+      fail_driver(job, "cuEventSynchronize", status);
+      return false;
+    }
+  }
+  recorded_[buffer] = false;
+  return true;
+}
+
+void FilePump::copy(Active& job, std::size_t piece, std::size_t buffer, std::size_t lead) {
+  if (!begin(job)) return;
+  const PumpPiece& what = job.job.pieces[piece];
+  DriverStatus status = driver_->copy_from_host_async(
+      device_, what.destination, ring_[buffer].address + lead, what.read.count, job.job.stream);
+  if (!status.ok()) {
+    fail_driver(job, "cuMemcpyHtoDAsync", status);
+    return;
+  }
+  status = driver_->event_record(device_, free_[buffer], job.job.stream);
+  if (status.ok()) {
+    recorded_[buffer] = true;
+  } else {
+    unsure_[buffer] = true;
+    fail_driver(job, "cuEventRecord", status);
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  bytes_copied_ += what.read.count;
+}
+
+void FilePump::finish(Active& job) {
+  if (!job.failed && begin(job) && job.job.done != 0) {
+    const DriverStatus status = driver_->event_record(device_, job.job.done, job.job.stream);
+    if (!status.ok()) fail_driver(job, "cuEventRecord", status);
+  }
+  if (job.job.timed) {
+    job.result.end_ns = steady_now_ns();
+    if (job.result.start_ns == 0) job.result.start_ns = job.result.end_ns;
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  job.ended = true;
+  --unended_;
+  ended_.notify_all();
+}
+
+void FilePump::hand_out(std::deque<Active*>& active) {
+  while (reading_.size() < ring_.size()) {
+    Active* job = nullptr;
+    for (Active* candidate : active) {
+      if (!candidate->exhausted) {
+        job = candidate;
+        break;
+      }
+    }
+    if (job == nullptr) return;
+    if (job->failed || job->next == job->job.pieces.size()) {
+      job->exhausted = true;  // its pieces not read yet are dropped, if it failed
+      continue;
+    }
+    const std::size_t piece = job->next++;
+    const std::size_t buffer = turn_;
+    turn_ = (turn_ + 1) % ring_.size();
+    if (!free_buffer(*job, buffer)) continue;  // failed: the job's next turn exhausts it
+    ReadRequest request = job->job.pieces[piece].read;
+    request.into = ring_[buffer].address;
+    request.capacity = ring_[buffer].capacity;
+    if (request.direct_fd >= 0 && refused_.count(request.direct_fd) != 0) request.direct_fd = -1;
+    const std::uint64_t ticket = reads_.submit(request);
+    ++job->reads;
+    reading_.push_back({job, piece, buffer, ticket});
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++pieces_read_;
+  }
+}
+
+void FilePump::run() {
+  ScopedDevice guard(*driver_, device_);  // for the pump's driver calls, all on this thread
+  context_ = guard.status();
+  std::deque<Active*> active;  // taken, not ended, in order
+  while (true) {
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      if (active.empty()) work_.wait(lock, [this] { return closing_ || !queued_.empty(); });
+      while (!queued_.empty()) {
+        active.push_back(queued_.front());
+        queued_.pop_front();
+      }
+      if (active.empty()) return;  // closing, and every job ended
+    }
+    try {
+      hand_out(active);
+      if (!reading_.empty()) {
+        if (!reads_.wait(reading_.front().ticket)) continue;  // poked: a job was queued
+        const Reading read = reading_.front();
+        reading_.pop_front();
+        Active& job = *read.job;
+        --job.reads;
+        const ReadResult result = reads_.take(read.ticket);
+        if (result.direct_refused) {
+          const int fd = job.job.pieces[read.piece].read.direct_fd;
+          refused_.insert(fd);
+          job.result.refused_direct.push_back(fd);
+        }
+        if (result.status != ReadStatus::kDone) {
+          if (!job.failed) {
+            job.result.status = status_of(result.status);
+            job.result.error = result.error;
+            job.result.tensor = job.job.pieces[read.piece].tensor;
+          }
+          job.failed = true;
+        } else if (!job.failed) {
+          copy(job, read.piece, read.buffer, result.lead);
+        }
+      }
+    } catch (const std::exception&) {
+      // Not a read's failure nor the driver's (those fail their job): memory, or a broken
+      // invariant. Every job taken fails, once no reader writes into the ring any more.
+      for (const Reading& read : reading_) {
+        try {
+          while (!reads_.wait(read.ticket)) {
+          }
+          reads_.take(read.ticket);
+        } catch (const std::exception&) {  // NOLINT(bugprone-empty-catch): ended already
+        }
+        --read.job->reads;
+      }
+      reading_.clear();
+      for (Active* job : active) {
+        if (!job->failed) {
+          job->result.status = PumpStatus::kFailed;
+          job->result.error = ENOMEM;
+        }
+        job->failed = true;
+        job->exhausted = true;
+      }
+    }
+    while (!active.empty() && active.front()->exhausted && active.front()->reads == 0) {
+      Active* job = active.front();
+      active.pop_front();
+      finish(*job);
+    }
+  }
+}
+
+}  // namespace aimdo
