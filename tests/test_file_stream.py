@@ -373,10 +373,13 @@ def test_a_ring_buffer_is_no_larger_than_the_largest_tensor_read(largest, expect
     assert stream.FileStream({}, pin=False, largest=largest).buffer_bytes == expected_bytes
 
 
-@pytest.mark.parametrize(("cpus", "threads"), [(1, 1), (2, 1), (6, 3), (16, 8), (64, 8)])
-def test_the_ring_reads_with_at_most_half_the_cpus(monkeypatch, cpus, threads):
+@pytest.mark.parametrize(
+    ("cpus", "threads"), [(1, 1), (2, 1), (4, 2), (6, 3), (8, 4), (12, 8), (16, 12), (64, 12)]
+)
+def test_the_ring_reads_with_the_cpus_the_rest_of_the_process_can_spare(monkeypatch, cpus, threads):
     monkeypatch.setattr(stream.os, "sched_getaffinity", lambda _pid: set(range(cpus)))
-    assert stream.reader_threads() == threads and stream.READERS == 8
+    assert stream.reader_threads() == threads
+    assert (stream.READERS, stream.RING_BUFFERS, stream.SPARE_CPUS) == (12, 24, 4)
 
 
 def test_the_reading_switch_interval_is_deprecated_and_changes_nothing():

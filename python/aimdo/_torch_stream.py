@@ -22,26 +22,32 @@ from ._core import InvalidStateError
 from ._torch_checkpoint import DIRECT_ALIGN, Reader, raise_for_read
 from ._torch_host import pin_tensor
 
-#: The ring: this many buffers of this many bytes (pinned on CUDA), and this many native
-#: threads reading into them at once. Twice as many buffers as readers: while the readers fill
-#: half of them, the copies of the pieces read before drain from the other half. Eight
-#: readers of 16 MiB read the page cache at 35 GB/s on an H200's host, twice what four
-#: did; larger buffers were slower (benchmarks/RESULTS.md, weights from disk).
-READERS = 8
+#: The ring: this many buffers of this many bytes (pinned on CUDA), and up to this many
+#: native threads reading into them at once. Twice as many buffers as readers: while the
+#: readers fill half of them, the copies of the pieces read before drain from the other
+#: half. Larger buffers were slower (benchmarks/RESULTS.md, weights from disk). With the
+#: copies queued natively, 12 readers against 8 took the 35 GiB synthetic model at
+#: host_limit 8 GiB from 339 to 315 ms a step on an H200's 16-core host (16: 316 ms), and
+#: Qwen-Image from 501 to 485 ms with 16 (benchmarks/RESULTS.md, the native pump).
+READERS = 12
 RING_BUFFERS = 2 * READERS
 RING_BUFFER_BYTES = 16 << 20
+#: Cores left to the rest of the process (the forward's thread, the pump, PyTorch's own).
+SPARE_CPUS = 4
 
 
 def reader_threads() -> int:
-    """The ring's reader threads: READERS, but at most half the CPUs this process may run
-    on (at least one). A native reader copies from the page cache with the CPU and never
-    waits for the GIL, so on a small host eight of them would take the cores the forward's
-    thread runs on (benchmarks/RESULTS.md, native readers beside a busy Python thread)."""
+    """The ring's reader threads: READERS, but no more than the CPUs this process may run
+    on less SPARE_CPUS, nor than half of them where that is more (at least one). A native
+    reader copies from the page cache with the CPU and never waits for the GIL, so on a
+    small host many of them would take the cores the forward's thread runs on: on two
+    cores, eight left a busy Python thread a quarter of its speed (benchmarks/RESULTS.md,
+    native readers beside a busy Python thread)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 2
-    return max(1, min(READERS, cpus // 2))
+    return max(1, min(READERS, max(cpus // 2, cpus - SPARE_CPUS)))
 
 
 def set_reading_switch_interval(seconds: float | None) -> None:
