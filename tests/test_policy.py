@@ -637,6 +637,21 @@ def test_deficit_combines_accounting_and_the_polled_figure():
 
 
 @pytest.mark.sim_only
+def test_a_fresh_poll_sees_memory_given_back_before_the_interval_has_passed():
+    sim = aimdo.SimBackend("1x1GiB")
+    with aimdo.Manager(sim, [0], vram_limit=64 * MiB, headroom=0, poll_interval=2.0) as m:
+        sim.add_external_usage(0, 30 * MiB)
+        sim.advance(2.0)
+        assert m.deficit_bytes(0, 0) == -34 * MiB  # the 30 MiB seen at the due poll
+        sim.remove_external_usage(0, 30 * MiB)
+        assert m.poll(0)["free_bytes"] == 1024 * MiB - 30 * MiB  # not due: the cached one
+        assert m.deficit_bytes(0, 0) == -34 * MiB
+        assert m.poll(0, fresh=True)["free_bytes"] == 1024 * MiB
+        assert m.deficit_bytes(0, 0) == -64 * MiB
+        assert m.stats(0)["polls"] == 2  # the due one and the fresh one
+
+
+@pytest.mark.sim_only
 def test_poll_interval_zero_reads_free_memory_on_every_evaluation():
     sim = aimdo.SimBackend("1x1GiB")
     with aimdo.Manager(sim, [0], poll_interval=0) as manager:

@@ -397,9 +397,11 @@ def test_a_pause_or_a_moved_watermark_in_the_trials_settles_again(make_manager, 
         model(x.to(where(0)))
         assert offloaded.prefetch_measured == {2: 1.0, 3: 0.875, 4: 0.75}
         model(x.to(where(0)))  # 6 settles
+        polls = manager.stats(0)["polls"]
         model(x.to(where(0)))  # 6 measured: more than GIVE_UP slower, the trials end at 4
         assert offloaded.prefetch == 4 and not offloaded.prefetch_choosing
-        assert vbar.watermark_bytes == full  # grown back once chosen
+        assert vbar.watermark_bytes == full  # grown back once chosen...
+        assert manager.stats(0)["polls"] == polls + 1  # ...the budget polled afresh first
 
 
 def test_an_undone_offload_is_not_choosing(make_manager):

@@ -138,11 +138,11 @@ void add_manager_figures(nb::class_<Manager>& manager) {
           "device"_a, "nbytes"_a, release_gil())
       .def(
           "poll",
-          [](Manager& mgr, IntArg d) {
+          [](Manager& mgr, IntArg d, bool fresh) {
             Device::PollRecord record;
             {
               nb::gil_scoped_release release;
-              record = mgr.device(to_device(d))->poll();
+              record = mgr.device(to_device(d))->poll(fresh);
             }
             nb::dict out;
             out["time"] = static_cast<double>(record.time_ns) / 1e9;
@@ -150,7 +150,7 @@ void add_manager_figures(nb::class_<Manager>& manager) {
             out["usage_bytes"] = record.usage_bytes;
             return out;
           },
-          "device"_a)
+          "device"_a, "fresh"_a = false)
       .def(
           "memory_info",
           [](Manager& mgr, IntArg d) { return mgr.device(to_device(d))->memory_info(); },

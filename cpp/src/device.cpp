@@ -189,8 +189,8 @@ std::pair<std::size_t, std::size_t> Device::query_memory_locked() {
   return {free_bytes, total_bytes};
 }
 
-void Device::poll_locked() {
-  if (!poll_due_locked()) return;
+void Device::poll_locked(bool fresh) {
+  if (!fresh && !poll_due_locked()) return;
   const std::int64_t now = driver_->now_ns(ordinal_);
   const std::size_t free_bytes = query_memory_locked().first;
   stats_.add(&DeviceStats::polls);
@@ -201,9 +201,9 @@ void Device::poll_locked() {
   stream_freed_since_poll_bytes_ = 0;
 }
 
-Device::PollRecord Device::poll() {
+Device::PollRecord Device::poll(bool fresh) {
   std::lock_guard<std::mutex> lock(mutex_);
-  poll_locked();
+  poll_locked(fresh);
   return PollRecord{polled_, last_poll_ns_, free_at_poll_bytes_, usage_at_poll_bytes_};
 }
 

@@ -462,12 +462,14 @@ class Manager:
         """Set the floor of every VBAR on ``device`` (every device when None) to 0."""
         self._core.reset_floors(device)
 
-    def poll(self, device: int) -> dict:
+    def poll(self, device: int, fresh: bool = False) -> dict:
         """The free-memory figure the budget uses on ``device``: read from the driver now
-        if the poll interval has passed (or it never was), else the cached one. Returns
+        if the poll interval has passed (or it never was), or whatever the interval says
+        when ``fresh`` (memory given back by others, to count before the next poll is
+        due), else the cached one. Returns
         ``time`` (seconds on the backend's clock), ``free_bytes`` (what the driver
         reported) and ``usage_bytes`` (what aimdo had in use then)."""
-        return dict(self._core.poll(device))
+        return dict(self._core.poll(device, fresh))
 
     def memory_info(self, device: int) -> tuple[int, int]:
         """(free, total) bytes of ``device`` as the driver reports them now."""

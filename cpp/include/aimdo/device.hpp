@@ -73,8 +73,10 @@ class Device : public std::enable_shared_from_this<Device> {
     std::size_t free_bytes = 0;   // what the driver reported free
     std::size_t usage_bytes = 0;  // what aimdo had in use then
   };
-  // Poll now if the interval has passed (or never polled), and return the figures in use.
-  PollRecord poll();
+  // Poll now if the interval has passed (or never polled), or whatever the interval says
+  // if `fresh` (memory others gave back, to be seen before the next poll is due), and
+  // return the figures in use.
+  PollRecord poll(bool fresh = false);
   // The driver's free and total memory of this device now (not the cached poll).
   std::pair<std::size_t, std::size_t> memory_info();
   std::size_t limit_bytes() const;
@@ -99,7 +101,7 @@ class Device : public std::enable_shared_from_this<Device> {
   // Everything below: caller holds mutex_.
   BudgetInputs budget_inputs_locked(std::size_t usage);
   std::int64_t deficit_locked(std::size_t size_bytes);
-  void poll_locked();
+  void poll_locked(bool fresh = false);
   bool poll_due_locked() const;
   // The driver's (free, total) now, under this device's context.
   std::pair<std::size_t, std::size_t> query_memory_locked();
