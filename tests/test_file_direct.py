@@ -18,8 +18,9 @@ import aimdo  # noqa: E402
 import aimdo.torch as atorch  # noqa: E402
 from aimdo import _torch_stream, _torch_tiers  # noqa: E402
 from aimdo._safetensors import read_checkpoint, stamp  # noqa: E402
-from aimdo._torch_checkpoint import DIRECT_ALIGN, NativeReads, Reader  # noqa: E402
+from aimdo._torch_checkpoint import DIRECT_ALIGN, Reader  # noqa: E402
 from aimdo._torch_offload import offloaded_by  # noqa: E402
+from native_reads import NativeReads  # noqa: E402
 from torch_support import new_manager, reference, stack, where  # noqa: E402
 
 

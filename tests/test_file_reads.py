@@ -1,5 +1,6 @@
-"""Checkpoint reads on native threads (aimdo._core.FileReads, and NativeReads, which gives
-them a Reader's descriptors, stamps and errors; issue 14): the bytes read are the file's,
+"""Checkpoint reads on native threads (aimdo._core.FileReads, and NativeReads of
+tests/native_reads.py, which gives them a Reader's descriptors, stamps and errors; issue
+14): the bytes read are the file's,
 through the page cache or with the aligned arithmetic of O_DIRECT; a changed, truncated or
 unreadable file comes back as the Reader's CheckpointError; bad requests are refused with
 a clear error before anything is read; close reads what is queued and refuses more."""
@@ -19,7 +20,8 @@ torch = pytest.importorskip("torch")  # the test extra installs it: a skip here 
 import aimdo  # noqa: E402
 from aimdo import _core  # noqa: E402
 from aimdo._safetensors import stamp  # noqa: E402
-from aimdo._torch_checkpoint import DIRECT_ALIGN, NativeReads, Reader  # noqa: E402
+from aimdo._torch_checkpoint import DIRECT_ALIGN, Reader  # noqa: E402
+from native_reads import NativeReads  # noqa: E402
 from test_file_direct import aligned_buffer, odd_file  # noqa: E402
 
 FILE_BYTES = 3 * DIRECT_ALIGN + 123
