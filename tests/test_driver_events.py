@@ -518,3 +518,23 @@ def test_the_operations_table_lists_the_new_calls_with_their_log_fields():
     assert rows["cuEventRecord"] == ("event_record", ["dev", "cur", "ev"], [])
     assert rows["cuEventSynchronize"] == ("event_synchronize", ["ev"], [])
     assert rows["cuStreamWaitEvent"] == ("stream_wait_event", ["dev", "cur", "ev"], [])
+
+
+@pytest.mark.sim_only
+def test_replay_makes_an_event_for_one_the_log_never_made():
+    # A CUDA recording of an offload reading from files: its pump waits on and records
+    # PyTorch's events, which no cuEventCreate line made.
+    torch_event = 0x55D0C0FFEE00
+    log = "\n".join(
+        [
+            "@recording backend=cuda",
+            "@device dev=0 total=1073741824 granularity=2097152 integrated=0",
+            "cuCtxSetCurrent dev=0 -> CUDA_SUCCESS",
+            f"cuStreamWaitEvent dev=0 cur=0 ev={torch_event:#x} -> CUDA_SUCCESS",
+            f"cuEventRecord dev=0 cur=0 ev={torch_event:#x} -> CUDA_SUCCESS",
+            f"cuEventSynchronize ev={torch_event:#x} -> CUDA_SUCCESS",
+        ]
+    )
+    backend = SimBackend()
+    assert backend.replay(log) == []
+    assert backend.leaks() == []  # the event made for it is gone with the replay

@@ -289,11 +289,20 @@ def test_copy_in_waits_for_the_copies_queued_before_it(small_ring, sim, tmp_path
 
 
 def test_a_wait_can_be_interrupted_and_waited_again(small_ring, sim, tmp_path):
+    import signal
+
+    # Ctrl-C as Python handles it by default (a pytest-xdist worker may ignore SIGINT,
+    # and then interrupt_main does nothing).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     files = Files(tmp_path)
     a = files.block("a", 1)
     (into_a,) = targets_of(sim, a)
     s = new_stream(sim, files)
-    with sim.hold(COPY, 0) as held:
+    held = sim.hold(COPY, 0)
+    # Never a hang: the copy is let go after WAIT whatever happens.
+    watchdog = threading.Timer(WAIT, held.release)
+    watchdog.start()
+    try:
         pending = s.copy_ahead(a, into_a, None, None, False)
         assert held.wait_arrived(WAIT)
         timer = threading.Timer(0.05, _thread.interrupt_main)
@@ -301,6 +310,11 @@ def test_a_wait_can_be_interrupted_and_waited_again(small_ring, sim, tmp_path):
         with pytest.raises(KeyboardInterrupt):
             pending.result()
         timer.join()
+        assert watchdog.is_alive()  # interrupted, not released by the watchdog
+    finally:
+        held.release()
+        watchdog.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert settled(pending) == (None, None, None)  # not settled by the interrupt
     assert torch.equal(into_a, expected(a))
     s.close()
@@ -415,3 +429,130 @@ def test_the_pump_refuses_bad_arguments(sim):
         pump.close()
     with pytest.raises(aimdo.InvalidStateError, match="closed"):
         pump.queue([], 0, 0, 0, 0, 0, False)
+
+
+def test_a_failed_buffer_wait_fails_its_block_and_the_next_piece_waits_for_that_buffer(
+    small_ring, sim, tmp_path
+):
+    files = Files(tmp_path)
+    a, b = files.block("a", RING + 1), files.block("b", 1)
+    into_a, into_b = targets_of(sim, a, b)
+    s = new_stream(sim, files)
+    # a's fifth piece takes buffer 0 again, after waiting for its first piece's copy: that
+    # wait fails. b's piece must then wait for buffer 0 too, not take buffer 1, whose read
+    # may still be running.
+    sim.fail("cuEventSynchronize", device=0, error="error")
+    first = s.copy_ahead(a, into_a, None, None, False)
+    second = s.copy_ahead(b, into_b, None, None, False)
+    with pytest.raises(aimdo.DriverError, match="cuEventSynchronize"):
+        settled(first)
+    assert settled(second) == (None, None, None)
+    assert torch.equal(into_b, expected(b))
+    waits = [line for line in sim.log().splitlines() if line.startswith("cuEventSynchronize")]
+    assert len(waits) == 2 and waits[0].endswith("CUDA_ERROR_UNKNOWN")
+    assert waits[1].split()[1] == waits[0].split()[1]  # the same buffer's event
+    s.close()
+
+
+def test_the_copies_wait_for_after_and_record_start_and_done_around_them(sim, tmp_path):
+    files = Files(tmp_path)
+    a = files.block("a", 2)
+    (into_a,) = targets_of(sim, a)
+    driver = sim.driver
+    after, start, done = (driver.event_create(0) for _ in range(3))
+    ring = [torch.zeros(PIECE, dtype=torch.uint8) for _ in range(2)]
+    pump = aimdo._core.FilePump(driver, 0, [(t.data_ptr(), PIECE) for t in ring], 1)
+    try:
+        path = a.file_runs[0][1].path
+        fd = os.open(path, os.O_RDONLY)
+        s = files.stamps[path]
+        pieces = [(fd, -1, at, PIECE, s.size, s.mtime_ns, s.inode, at, 0) for at in (0, PIECE)]
+        job = pump.queue(pieces, into_a.data_ptr(), 0, after, start, done, True, into_a)
+        status, _, _, start_ns, end_ns, _ = pump.result(job)
+        assert status == "done" and 0 < start_ns <= end_ns
+        assert pump.result(job)[0] == "done"  # asked again: the same, until forgotten
+        pump.forget(job)
+        with pytest.raises(ValueError, match="not queued"):
+            pump.result(job)
+        empty = pump.queue([], 0, 0, after, 0, done, False)  # nothing to copy: still ordered
+        assert pump.result(empty)[0] == "done"
+        pump.forget(empty)
+        assert pump.kept == 0
+    finally:
+        pump.close()
+        os.close(fd)
+    assert torch.equal(into_a, expected(a))
+    calls = [
+        " ".join(line.split()[:1] + [w for w in line.split() if w.startswith("ev=")])
+        for line in sim.log().splitlines()
+        if line.startswith(("cuStreamWaitEvent", "cuEventRecord", "cuMemcpyHtoDAsync"))
+    ]
+    ring_events = {w for line in calls for w in line.split()[1:]} - {
+        f"ev={e:#x}" for e in (after, start, done)
+    }
+    mine = [c for c in calls if not any(e in c for e in ring_events)]
+    assert mine == [
+        f"cuStreamWaitEvent ev={after:#x}",
+        f"cuEventRecord ev={start:#x}",
+        "cuMemcpyHtoDAsync",
+        "cuMemcpyHtoDAsync",
+        f"cuEventRecord ev={done:#x}",
+        f"cuStreamWaitEvent ev={after:#x}",  # the empty job
+        f"cuEventRecord ev={done:#x}",
+    ]
+    for event in (after, start, done):
+        driver.event_destroy(event)
+
+
+def test_a_settled_copy_lets_go_of_its_storage_and_a_dropped_one_is_kept_until_drained(
+    small_ring, sim, tmp_path
+):
+    import gc
+    import weakref
+
+    files = Files(tmp_path)
+    a, b = files.block("a", 2), files.block("b", 2)
+    s = new_stream(sim, files)
+    into_a, into_b = targets_of(sim, a, b)
+    gone_a, gone_b = weakref.ref(into_a), weakref.ref(into_b)
+    pending = s.copy_ahead(a, into_a, None, None, False)
+    with sim.hold(COPY, 0) as held:
+        dropped = s.copy_ahead(b, into_b, None, None, False)
+        del into_b, dropped  # the caller let go while its copy is queued
+        gc.collect()
+        assert gone_b() is not None  # the pump still writes into it: kept alive
+        held.wait_arrived(WAIT)
+    settled(pending)
+    del into_a, pending
+    gc.collect()
+    assert gone_a() is None  # settled: nothing of the stream holds it
+    s.drain()
+    gc.collect()
+    assert gone_b() is None and s.pump.kept == 0
+    s.close()
+
+
+def test_a_forked_child_can_drop_a_stream_whose_pump_ran(small_ring, sim, tmp_path):
+    files = Files(tmp_path)
+    a = files.block("a", 2)
+    (into_a,) = targets_of(sim, a)
+    s = new_stream(sim, files)
+    s.copy_in(a, into_a)
+    pid = os.fork()
+    if pid == 0:  # the child: its copy of the pump has no threads
+        try:
+            s.close()
+            os._exit(0)
+        except BaseException:  # noqa: BLE001 - any failure is the child's exit code
+            os._exit(1)
+    deadline = time.monotonic() + WAIT
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the child hung dropping its stream")
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    s.copy_in(a, into_a)  # the parent's pump runs on
+    assert torch.equal(into_a, expected(a))
+    s.close()

@@ -6,6 +6,7 @@
 #include <memory>
 #include <unordered_map>
 #include <utility>
+#include <vector>
 
 #include "aimdo/errors.hpp"
 #include "call.hpp"
@@ -44,6 +45,10 @@ class Translation {
     const auto found = events_.find(logged);
     return found == events_.end() ? logged : found->second;
   }
+  bool knows_event(EventHandle logged) const { return events_.count(logged) != 0; }
+  // An event the log uses without having made it (PyTorch's, which aimdo's pump records
+  // and waits on): from now on, `made` stands for it.
+  void adopt_event(EventHandle logged, EventHandle made) { events_[logged] = made; }
 
   // After `call` answered `status`: what the logged line's raw outputs become, and what
   // its raw arguments no longer name once given back (the driver may reuse them).
@@ -133,6 +138,12 @@ class HostSource {
 class Replayer {
  public:
   explicit Replayer(ReplayStack& stack) : stack_(stack), translation_(stack.recorder->naming()) {}
+  Replayer(const Replayer&) = delete;
+  Replayer& operator=(const Replayer&) = delete;
+  // The events made for foreign ones are destroyed, unlogged, as the replay ends.
+  ~Replayer() {
+    for (const EventHandle made : adopted_) stack_.context->event_destroy(made);
+  }
 
   // Replays one line; InvalidArgumentError (without the line's number) when it cannot.
   void line(LogLine& line) {
@@ -154,6 +165,9 @@ class Replayer {
       call.host_source = host_source_.of(call.size_bytes);
     }
     if (info(operation).arguments.contains(Field::current)) make_current(call.current);
+    if (operation == Operation::event_record || operation == Operation::stream_wait_event) {
+      adopt_foreign_event(line, &call);
+    }
     const DriverStatus status = invoke(*stack_.recorder, call);
     // Checked after the call: it only ran on the replay's stack, which the throw discards.
     line.require_all_read();
@@ -209,9 +223,23 @@ class Replayer {
     stack_.context->restore_current(none);
   }
 
+  // A record or wait of an event the log never made (a logged run's PyTorch events): the
+  // replay makes one on the call's device, unlogged below the recorder, so that the call
+  // answers as it did. An event that failed or that the driver may not make stays raw.
+  void adopt_foreign_event(LogLine& line, Call* call) {
+    const EventHandle logged = line.hexadecimal(field_key(Field::event));
+    if (logged == 0 || translation_.knows_event(logged) || line.answer() != kSuccess) return;
+    EventHandle made = 0;
+    if (!stack_.context->event_create(call->device, &made).ok()) return;
+    adopted_.push_back(made);
+    translation_.adopt_event(logged, made);
+    call->event = made;
+  }
+
   ReplayStack& stack_;
   Translation translation_;
   HostSource host_source_;
+  std::vector<EventHandle> adopted_;
 };
 
 // `line`'s name, answer and environment outputs, read leniently from text replay wrote or

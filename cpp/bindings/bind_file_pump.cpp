@@ -1,16 +1,23 @@
-// FilePump as Python sees it (aimdo.torch's FileStream): the ring's buffers and the
-// pieces' destinations are addresses the caller keeps alive until close() returns (the
-// ring) or the job's copies are done (the destinations). Waits and close release the
-// GIL; a wait lets Ctrl-C through every few milliseconds.
+// FilePump as Python sees it (aimdo.torch's FileStream): the ring's buffers are addresses
+// the caller keeps alive until close() returns. A job's destination and events are kept
+// alive here (`keep`, any Python object holding them) until the job has ended and is
+// forgotten, drained or closed: the pump writes and records them until it ends, whatever
+// happens to the caller meanwhile (an interrupt, a Pending dropped). Waits and close
+// release the GIL; a wait lets Ctrl-C through every few milliseconds, and its result
+// stays until forget(), so an interrupted caller can ask again.
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <unistd.h>
+
 #include <cstdint>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include "aimdo/errors.hpp"
@@ -38,6 +45,7 @@ const char* status_name(PumpStatus status) {
     case PumpStatus::kFailed: return "failed";
     case PumpStatus::kInvalid: return "invalid";
     case PumpStatus::kDriver: return "driver";
+    case PumpStatus::kInternal: return "internal";
   }
   return "invalid";
 }
@@ -68,14 +76,23 @@ class PyFilePump {
   }
 
   // Dropped with the GIL held: the pump's threads never take it, so closing here is safe.
+  // What the jobs kept alive goes after the pump has stopped.
+  // In a child made by fork(), the pump is let go unfreed: its threads are the parent's,
+  // and destroying its copies of their locks and condition variables can wait for ever.
   ~PyFilePump() {
-    nb::gil_scoped_release released;
-    pump_.reset();
+    if (static_cast<long>(::getpid()) != creator_) {
+      pump_->close();  // lets the threads' handles go, nothing more
+      (void)pump_.release();
+    } else {
+      nb::gil_scoped_release released;
+      pump_.reset();
+    }
+    kept_.clear();
   }
 
   std::uint64_t queue(const std::vector<PieceTuple>& pieces, std::uint64_t base,
                       std::uintptr_t stream, std::uintptr_t after, std::uintptr_t start,
-                      std::uintptr_t done, bool timed) {
+                      std::uintptr_t done, bool timed, nb::object keep) {
     PumpJob job;
     job.pieces.reserve(pieces.size());
     for (const auto& [fd, direct, offset, count, size, mtime, inode, at, tensor] : pieces) {
@@ -99,11 +116,14 @@ class PyFilePump {
     job.start = start;
     job.done = done;
     job.timed = timed;
-    return pump_->queue(std::move(job));
+    const std::uint64_t number = pump_->queue(std::move(job));
+    kept_.emplace(number, std::move(keep));
+    return number;
   }
 
-  // Waits until the job ended (the GIL released unless it has), then its result: a
-  // driver's refusal is raised as DriverError, a read's failure is returned.
+  // Waits until the job ended (the GIL released unless it has), then its result, as often
+  // as asked until forget(): a driver's refusal is raised as DriverError, a read's
+  // failure is returned.
   ResultTuple result(std::uint64_t job) {
     while (!pump_->wait(job, 0)) {
       bool ended = false;
@@ -114,7 +134,7 @@ class PyFilePump {
       if (ended) break;
       if (PyErr_CheckSignals() != 0) throw nb::python_error();
     }
-    PumpResult result = pump_->take(job);
+    PumpResult result = pump_->result(job);
     if (result.status == PumpStatus::kDriver) {
       throw DriverError(std::string("copying checkpoint bytes to device ") +
                             std::to_string(device_) + ": " + result.operation + " failed with " +
@@ -129,24 +149,48 @@ class PyFilePump {
             std::move(result.refused_direct)};
   }
 
-  void drain() {
-    nb::gil_scoped_release released;
-    pump_->drain();
+  // Forget an ended job: its result, and what it kept alive.
+  void forget(std::uint64_t job) {
+    pump_->forget(job);
+    kept_.erase(job);
   }
+
+  // Waits until every job queued so far has ended; lets go of what they kept alive (their
+  // results stay until forgotten).
+  void drain() {
+    {
+      nb::gil_scoped_release released;
+      pump_->drain();
+    }
+    release_ended();
+  }
+
+  std::size_t kept() const { return kept_.size(); }
 
   std::size_t take_bytes_copied() { return pump_->take_bytes_copied(); }
   std::uint64_t pieces_read() const { return pump_->pieces_read(); }
 
   void close() {
-    nb::gil_scoped_release released;
-    pump_->close();
+    {
+      nb::gil_scoped_release released;
+      pump_->close();
+    }
+    kept_.clear();  // every job has ended: nothing writes or records any more
   }
 
   bool closed() const { return pump_->closed(); }
 
  private:
+  void release_ended() {
+    for (auto it = kept_.begin(); it != kept_.end();) {
+      it = pump_->ended(it->first) ? kept_.erase(it) : std::next(it);
+    }
+  }
+
   int device_;
+  long creator_ = static_cast<long>(::getpid());
   std::unique_ptr<FilePump> pump_;
+  std::unordered_map<std::uint64_t, nb::object> kept_;  // job -> what it keeps alive
 };
 
 }  // namespace
@@ -162,16 +206,22 @@ void bind_file_pump(nb::module_& m) {
            "Copies to `device` through `driver`, reading into the ring's (address, bytes) "
            "buffers with `readers` threads; the caller keeps the ring alive until close().")
       .def("queue", &PyFilePump::queue, "pieces"_a, "base"_a, "stream"_a, "after"_a, "start"_a,
-           "done"_a, "timed"_a,
+           "done"_a, "timed"_a, "keep"_a = nb::none(),
            "Queue one job: its pieces (fd, direct fd or -1, file offset, bytes, the file's "
            "size, mtime_ns and inode, offset from `base` of the destination, tensor index), "
            "copied on `stream` after the event `after` (0: none), `start` recorded before "
-           "the first copy and `done` after the last (0: none); returns its number.")
+           "the first copy and `done` after the last (0: none); `keep` is held until the "
+           "job has ended and is forgotten, drained or closed; returns its number.")
       .def("result", &PyFilePump::result, "job"_a,
            "Wait until the job ended, then its (status, errno, tensor index, start ns, end ns, "
            "O_DIRECT descriptors refused); status is 'done', 'changed', 'truncated', "
-           "'failed' or 'invalid'. DriverError when the driver refused its copy or events.")
-      .def("drain", &PyFilePump::drain, "Return once every job queued so far has ended.")
+           "'failed', 'invalid' or 'internal'. DriverError when the driver refused its copy "
+           "or events. Answered again until forget().")
+      .def("forget", &PyFilePump::forget, "job"_a,
+           "Forget an ended job: its result and what it kept alive.")
+      .def_prop_ro("kept", &PyFilePump::kept, "Jobs whose `keep` is still held.")
+      .def("drain", &PyFilePump::drain,
+           "Return once every job queued so far has ended, letting go of what they kept.")
       .def("take_bytes_copied", &PyFilePump::take_bytes_copied,
            "Bytes whose copies were queued since the last call.")
       .def_prop_ro("pieces_read", &PyFilePump::pieces_read)

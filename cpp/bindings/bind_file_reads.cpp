@@ -3,6 +3,7 @@
 // never writes into memory Python has let go. Waits and close release the GIL.
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
+#include <unistd.h>
 
 #include <cstdint>
 #include <memory>
@@ -54,8 +55,10 @@ class PyFileReads {
 
   // Dropped with the GIL held (at worst at the interpreter's exit): the reads in flight
   // end, then their buffers are released. The readers never take the GIL.
+  // In a child made by fork(), the reads are let go unfreed (see ~PyFilePump).
   ~PyFileReads() {
     reads_->close();
+    if (static_cast<long>(::getpid()) != creator_) (void)reads_.release();
     held_.clear();
   }
 
@@ -132,6 +135,7 @@ class PyFileReads {
     return static_cast<std::uint64_t>(ticket.value);
   }
 
+  long creator_ = static_cast<long>(::getpid());
   std::unique_ptr<FileReads> reads_;
   std::unordered_map<std::uint64_t, std::unique_ptr<HeldBuffer>> held_;
 };

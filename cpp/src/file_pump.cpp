@@ -7,7 +7,10 @@
 #include <string>
 #include <utility>
 
+#include <unistd.h>
+
 #include "aimdo/errors.hpp"
+#include "aimdo/process.hpp"
 
 namespace aimdo {
 
@@ -60,7 +63,8 @@ FilePump::FilePump(std::shared_ptr<Driver> driver, int device, std::vector<PumpB
     : driver_(std::move(driver)),
       device_(device),
       ring_(checked_ring(std::move(ring))),
-      reads_(readers) {
+      reads_(readers),
+      creator_(static_cast<long>(::getpid())) {
   if (!driver_) throw InvalidArgumentError("a file pump needs a driver");
   const auto undo = [this] {
     for (const EventHandle event : free_) driver_->event_destroy(event);
@@ -140,19 +144,32 @@ bool FilePump::wait(std::uint64_t job, std::int64_t timeout_ns) {
     now = state();
     return now != 0;
   });
-  if (now < 0) throw InvalidArgumentError("job " + std::to_string(job) + " was taken");
+  if (now < 0) throw InvalidArgumentError("job " + std::to_string(job) + " was forgotten");
   return now == 1;
 }
 
-PumpResult FilePump::take(std::uint64_t job) {
+bool FilePump::ended(std::uint64_t job) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto found = jobs_.find(job);
+  return found == jobs_.end() || found->second->ended;
+}
+
+PumpResult FilePump::result(std::uint64_t job) const {
   std::lock_guard<std::mutex> lock(mutex_);
   const auto found = jobs_.find(job);
   if (found == jobs_.end() || !found->second->ended) {
     throw InvalidArgumentError("job " + std::to_string(job) + " has not ended");
   }
-  PumpResult result = std::move(found->second->result);
+  return found->second->result;
+}
+
+void FilePump::forget(std::uint64_t job) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto found = jobs_.find(job);
+  if (found == jobs_.end() || !found->second->ended) {
+    throw InvalidArgumentError("job " + std::to_string(job) + " has not ended");
+  }
   jobs_.erase(found);
-  return result;
 }
 
 void FilePump::drain() {
@@ -176,6 +193,13 @@ bool FilePump::closed() const {
 }
 
 void FilePump::close() {
+  if (static_cast<long>(::getpid()) != creator_) {
+    // A forked child: the threads are the parent's, and so may be any lock held at the
+    // fork. Let the handles go (no join), touch no lock and call no driver.
+    if (queuer_.joinable()) queuer_.detach();
+    reads_.abandon();
+    return;
+  }
   std::lock_guard<std::mutex> closing(close_mutex_);  // a second close waits for the first
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -187,13 +211,14 @@ void FilePump::close() {
   if (queuer_.joinable()) queuer_.join();  // it ends the jobs queued first
   DriverStatus failed{};
   const char* operation = "";
+  const bool exiting = process_exiting();  // the driver may be gone: the OS reclaims all
   const auto step = [&](const char* name, const DriverStatus& status) {
     if (!status.ok() && failed.ok()) {
       failed = status;
       operation = name;
     }
   };
-  for (std::size_t i = 0; i < free_.size(); ++i) {
+  for (std::size_t i = 0; i < free_.size() && !exiting; ++i) {
     if (unsure_[i]) {
       ScopedDevice guard(*driver_, device_);
       step("cuCtxSynchronize",
@@ -320,16 +345,24 @@ void FilePump::hand_out(std::deque<Active*>& active) {
       continue;
     }
     const std::size_t piece = job->next++;
+    // The ring is taken in order, each buffer once the read before it in the ring was
+    // handed out: a buffer whose wait failed is tried again by the next piece (its job
+    // fails), never skipped, or a later read could land in a buffer still being read.
     const std::size_t buffer = turn_;
-    turn_ = (turn_ + 1) % ring_.size();
     if (!free_buffer(*job, buffer)) continue;  // failed: the job's next turn exhausts it
+    turn_ = (turn_ + 1) % ring_.size();
     ReadRequest request = job->job.pieces[piece].read;
     request.into = ring_[buffer].address;
     request.capacity = ring_[buffer].capacity;
     if (request.direct_fd >= 0 && refused_.count(request.direct_fd) != 0) request.direct_fd = -1;
-    const std::uint64_t ticket = reads_.submit(request);
+    reading_.push_back({job, piece, buffer, 0});  // room first: a read queued is tracked
+    try {
+      reading_.back().ticket = reads_.submit(request);
+    } catch (...) {
+      reading_.pop_back();
+      throw;
+    }
     ++job->reads;
-    reading_.push_back({job, piece, buffer, ticket});
     std::lock_guard<std::mutex> lock(mutex_);
     ++pieces_read_;
   }
@@ -340,16 +373,16 @@ void FilePump::run() {
   context_ = guard.status();
   std::deque<Active*> active;  // taken, not ended, in order
   while (true) {
-    {
-      std::unique_lock<std::mutex> lock(mutex_);
-      if (active.empty()) work_.wait(lock, [this] { return closing_ || !queued_.empty(); });
-      while (!queued_.empty()) {
-        active.push_back(queued_.front());
-        queued_.pop_front();
-      }
-      if (active.empty()) return;  // closing, and every job ended
-    }
     try {
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        if (active.empty()) work_.wait(lock, [this] { return closing_ || !queued_.empty(); });
+        while (!queued_.empty()) {
+          active.push_back(queued_.front());
+          queued_.pop_front();
+        }
+        if (active.empty()) return;  // closing, and every job ended
+      }
       hand_out(active);
       if (!reading_.empty()) {
         if (!reads_.wait(reading_.front().ticket)) continue;  // poked: a job was queued
@@ -374,7 +407,7 @@ void FilePump::run() {
           copy(job, read.piece, read.buffer, result.lead);
         }
       }
-    } catch (const std::exception&) {
+    } catch (...) {
       // Not a read's failure nor the driver's (those fail their job): memory, or a broken
       // invariant. Every job taken fails, once no reader writes into the ring any more.
       for (const Reading& read : reading_) {
@@ -388,10 +421,7 @@ void FilePump::run() {
       }
       reading_.clear();
       for (Active* job : active) {
-        if (!job->failed) {
-          job->result.status = PumpStatus::kFailed;
-          job->result.error = ENOMEM;
-        }
+        if (!job->failed) job->result.status = PumpStatus::kInternal;
         job->failed = true;
         job->exhausted = true;
       }

@@ -112,7 +112,7 @@ ReadResult read_piece(const ReadRequest& request) {
   return request.direct_fd >= 0 ? read_direct(request) : read_cached(request);
 }
 
-FileReads::FileReads(int threads) {
+FileReads::FileReads(int threads) : creator_(static_cast<long>(::getpid())) {
   if (threads < 1) throw InvalidArgumentError("FileReads needs at least one thread");
   threads_.reserve(static_cast<std::size_t>(threads));
   try {
@@ -182,7 +182,17 @@ ReadResult FileReads::take(std::uint64_t ticket) {
   return result;
 }
 
+void FileReads::abandon() noexcept {
+  for (auto& thread : threads_) {
+    if (thread.joinable()) thread.detach();
+  }
+}
+
 void FileReads::close() {
+  if (static_cast<long>(::getpid()) != creator_) {
+    abandon();
+    return;
+  }
   std::unique_lock<std::mutex> lock(mutex_);
   closing_ = true;
   work_.notify_all();

@@ -80,27 +80,30 @@ class Pending:
     waits until its pieces are read and their copies queued, and returns (the event the
     copy's end records on CUDA, else None; the start and end marks when timed, else None).
     A failed read raises there, in the forward's thread: CheckpointError naming the file
-    and the tensor, or DriverError when the driver refused a copy."""
+    and the tensor, or DriverError when the driver refused a copy. Settled once; an
+    interrupted wait (KeyboardInterrupt) leaves it unsettled, to be waited for again."""
 
-    __slots__ = ("_stream", "_number", "_tensors", "_keep", "_timed", "_outcome")
+    __slots__ = ("_stream", "_number", "_tensors", "_events", "_outcome")
 
-    def __init__(self, stream, number, tensors, keep, timed: bool, outcome=None):
+    def __init__(self, stream, number, tensors, events, outcome=None):
         self._stream = stream  # the FileStream (None once settled)
         self._number = number  # the pump's job
         self._tensors = tensors  # the checkpoint tensors its pieces index
-        self._keep = keep  # (storage, after, start, done): alive until it is settled
-        self._timed = timed
+        self._events = events  # CUDA: (start or None, done); a simulator: None
         self._outcome = outcome  # (True, result) or (False, error), once settled
 
     def result(self):
         if self._outcome is None:
+            stream = self._stream
             try:
-                self._outcome = (True, self._stream._settle(self))
+                outcome = (True, stream._settle(self))
             except KeyboardInterrupt:
-                raise  # not settled: a later call waits again
+                raise  # not settled: the pump keeps the result until forgotten
             except BaseException as error:  # noqa: BLE001 - raised below, and again later
-                self._outcome = (False, error)
-            self._stream = None
+                outcome = (False, error)
+            self._outcome = outcome
+            self._stream = self._tensors = self._events = None
+            stream._forget(self._number)
         ok, value = self._outcome
         if not ok:
             raise value
@@ -255,10 +258,11 @@ class FileStream:
         try:
             pieces, tensors = self._pieces_of(block)
         except Exception as error:  # noqa: BLE001 - its own block's (a file not opened)
-            return Pending(None, None, (), None, timed, (False, error))
+            return Pending(None, None, (), None, (False, error))
         if stream is None:  # a simulator: the device's memory is the host's
-            number = pump.queue(pieces, storage.data_ptr(), 0, 0, 0, 0, timed)
-            return Pending(self, number, tensors, (storage,), timed)
+            # The pump keeps the storage alive until the job ends (and is forgotten).
+            number = pump.queue(pieces, storage.data_ptr(), 0, 0, 0, 0, timed, storage)
+            return Pending(self, number, tensors, None)
         with torch.cuda.device(storage.device):
             # Recorded once here, so that PyTorch makes their CUDA events; the pump records
             # them again after (start: before) the block's copies. Nothing waits on them
@@ -277,25 +281,30 @@ class FileStream:
             0 if start is None else start.cuda_event,
             done.cuda_event,
             timed,
+            (storage, stream, after, start, done),  # alive until the job ends: the pump's
         )
-        return Pending(self, number, tensors, (storage, after, start, done), timed)
+        return Pending(self, number, tensors, (start, done))
 
     def _settle(self, pending: Pending):
         """Wait for the pending job (the GIL released) and make its result or its error."""
+        if self.pump is None:
+            raise InvalidStateError("this offload's checkpoint stream is closed (undone)")
         status, error, index, start_ns, end_ns, refused = self.pump.result(pending._number)
         for fd in refused:
             self.reader._retire_direct(fd)
+        if status == "internal":
+            raise MemoryError("aimdo's file pump failed (out of memory) queueing this copy")
         if status != "done":
             raise_for_read(status, error, pending._tensors[index])
-        keep = pending._keep
-        if len(keep) == 1:  # a simulator: the host's clock, as time.perf_counter
-            if not pending._timed:
-                return (None, None, None)
-            return (None, start_ns / 1e9, end_ns / 1e9)
-        _storage, _after, start, done = keep
-        if pending._timed:
-            return (done, start, done)
-        return (done, None, None)
+        if pending._events is None:  # a simulator: the host's clock, as time.perf_counter
+            return (None, start_ns / 1e9, end_ns / 1e9) if end_ns else (None, None, None)
+        start, done = pending._events
+        return (done, start, done) if start is not None else (done, None, None)
+
+    def _forget(self, number: int) -> None:
+        """The pump's record of a settled job, and what it kept alive, let go."""
+        if number is not None and self.pump is not None:
+            self.pump.forget(number)
 
     def drain(self) -> None:
         """Return once every copy queued is queued on its stream (its reads done), failed

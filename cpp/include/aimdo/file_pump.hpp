@@ -68,6 +68,7 @@ enum class PumpStatus {
   kFailed,     // a read failed: `error` is its errno
   kInvalid,    // a read's request was wrong (an O_DIRECT buffer too small or misaligned)
   kDriver,     // the driver refused a copy or an event: `driver`, `operation`
+  kInternal,   // the pump itself failed (memory): every job it had taken fails so
 };
 
 struct PumpResult {
@@ -101,9 +102,14 @@ class FilePump {
   // Wait up to `timeout_ns` until the job has ended: true when it has. InvalidArgumentError
   // for a job not queued or taken already.
   bool wait(std::uint64_t job, std::int64_t timeout_ns);
-  // The result of an ended job, forgotten once taken. InvalidArgumentError for a job not
-  // ended, not queued or taken already.
-  PumpResult take(std::uint64_t job);
+  // Whether the job has ended (true too for a job forgotten or never queued).
+  bool ended(std::uint64_t job) const;
+  // The result of an ended job, as often as asked until forget(). InvalidArgumentError for
+  // a job not ended, not queued or forgotten.
+  PumpResult result(std::uint64_t job) const;
+  // Forget an ended job and its result. InvalidArgumentError for a job not ended, not
+  // queued or forgotten already.
+  void forget(std::uint64_t job);
   // Return once every job queued so far has ended (its copies queued, or failed).
   void drain();
   // Bytes copied (queued) since the last call.
@@ -113,6 +119,9 @@ class FilePump {
   // End the jobs queued, stop the threads, wait until the copies that read the ring are
   // done and destroy its events: then the caller may give the ring back. Idempotent.
   // DriverError for the first of those driver calls that failed (the others are made).
+  // In a child made by fork() (whose copy of the pump has no threads, and whose copy of
+  // a lock may be held for ever) it only lets the threads' handles go; while the process
+  // exits, it makes no driver call.
   void close();
   bool closed() const;
 
@@ -152,7 +161,7 @@ class FilePump {
   std::condition_variable work_;   // a job queued, or closing
   std::condition_variable ended_;  // a job ended
   std::deque<Active*> queued_;     // not taken by the queuer yet (jobs_ owns them)
-  std::unordered_map<std::uint64_t, std::unique_ptr<Active>> jobs_;  // queued, not taken
+  std::unordered_map<std::uint64_t, std::unique_ptr<Active>> jobs_;  // not forgotten
   std::uint64_t next_ = 1;
   std::size_t unended_ = 0;  // jobs queued and not ended
   std::size_t bytes_copied_ = 0;
@@ -160,6 +169,7 @@ class FilePump {
   bool closing_ = false;
   bool closed_ = false;
   std::thread queuer_;
+  const long creator_;  // the process that made the pump (getpid)
 };
 
 }  // namespace aimdo

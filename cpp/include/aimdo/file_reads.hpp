@@ -78,6 +78,10 @@ class FileReads {
   // whichever thread calls it. Idempotent.
   void close();
   bool closed() const;
+  // In a child made by fork(): let the threads' handles go without joining them (they are
+  // the parent's) and touch no lock (the parent's threads may have held one at the fork).
+  // The reads are forgotten. close() and the destructor call it themselves in a child.
+  void abandon() noexcept;
 
  private:
   void run();
@@ -95,6 +99,7 @@ class FileReads {
   bool joined_ = false;   // they are joined
   std::condition_variable joined_cv_;
   std::vector<std::thread> threads_;
+  const long creator_;  // the process that made them (getpid)
 };
 
 }  // namespace aimdo
