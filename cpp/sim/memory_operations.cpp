@@ -69,6 +69,19 @@ bool adopted_covers(const DeviceState& d, DeviceAddress va, std::size_t size_byt
   return offset < it->second && size_bytes <= it->second - offset;
 }
 
+// Whether a copy on `device` may write [dst, dst + size): the device's own memory, mapped
+// with access for it, or host memory it adopted (`d` is the device's state, locked).
+bool writable(const AddressNaming& naming, DeviceState& d, int device, DeviceAddress dst,
+              std::size_t size_bytes) {
+  bool stream = false;
+  std::size_t offset = 0;
+  Reservation* reservation = find_reservation(d, dst, &offset);
+  const bool mapped = naming.device_of(dst, &stream) == device && !stream &&
+                      reservation != nullptr &&
+                      covered(*reservation, offset, size_bytes, access_bit(device), nullptr);
+  return mapped || adopted_covers(d, dst, size_bytes);
+}
+
 // Whether [ptr, ptr + bytes) meets any device's regions (`bytes` > 0, no overflow).
 bool meets_a_region(const AddressNaming& naming, std::uintptr_t ptr, std::size_t bytes) {
   for (std::size_t i = 0; i < naming.device_count(); ++i) {
@@ -382,14 +395,7 @@ DriverStatus SimDriver::copy_async(int device, DeviceAddress dst, DeviceAddress 
   return run(Operation::copy_async, device, driver_code::invalid_device,
              [&](DeviceState& d, std::int64_t cost_ns) {
                if (current_device() != device) return failure(driver_code::invalid_context);
-               bool dst_stream = false;
-               std::size_t offset = 0;
-               Reservation* reservation = find_reservation(d, dst, &offset);
-               const bool mapped =
-                   state_->naming.device_of(dst, &dst_stream) == device && !dst_stream &&
-                   reservation != nullptr &&
-                   covered(*reservation, offset, size_bytes, access_bit(device), nullptr);
-               if (!mapped && !adopted_covers(d, dst, size_bytes)) {
+               if (!writable(state_->naming, d, device, dst, size_bytes)) {
                  return failure(driver_code::invalid_value);
                }
                if (state_->host) {
@@ -417,16 +423,7 @@ DriverStatus SimDriver::copy_from_host_async(int device, DeviceAddress dst, std:
              [&](DeviceState& d, std::int64_t cost_ns) {
                if (size_bytes == 0) return failure(driver_code::invalid_value);
                if (current_device() != device) return failure(driver_code::invalid_context);
-               // The destination as copy_async's: the device's own memory, mapped with access
-               // for it, or host memory it adopted.
-               bool dst_stream = false;
-               std::size_t offset = 0;
-               Reservation* reservation = find_reservation(d, dst, &offset);
-               const bool mapped =
-                   state_->naming.device_of(dst, &dst_stream) == device && !dst_stream &&
-                   reservation != nullptr &&
-                   covered(*reservation, offset, size_bytes, access_bit(device), nullptr);
-               if (!mapped && !adopted_covers(d, dst, size_bytes)) {
+               if (!writable(state_->naming, d, device, dst, size_bytes)) {
                  return failure(driver_code::invalid_value);
                }
                if (src == 0 || size_bytes > UINTPTR_MAX - src ||
