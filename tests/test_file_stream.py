@@ -521,14 +521,18 @@ def test_a_settled_copy_lets_go_of_its_storage_and_a_dropped_one_is_kept_until_d
         del into_b, dropped  # the caller let go while its copy is queued
         gc.collect()
         assert gone_b() is not None  # the pump still writes into it: kept alive
-        held.wait_arrived(WAIT)
-    settled(pending)
-    del into_a, pending
+        assert held.wait_arrived(WAIT)
+    assert settled(pending) == (None, None, None)
+    del into_a  # the settled Pending is still here: it must not hold the storage
     gc.collect()
-    assert gone_a() is None  # settled: nothing of the stream holds it
+    assert gone_a() is None
     s.drain()
     gc.collect()
     assert gone_b() is None and s.pump.kept == 0
+    # The dropped job is forgotten at the next copy queued, and so leaves the pump.
+    (into_c,) = targets_of(sim, a)
+    assert settled(s.copy_ahead(a, into_c, None, None, False)) == (None, None, None)
+    assert s._abandoned == []
     s.close()
 
 
@@ -541,7 +545,17 @@ def test_a_forked_child_can_drop_a_stream_whose_pump_ran(small_ring, sim, tmp_pa
     pid = os.fork()
     if pid == 0:  # the child: its copy of the pump has no threads
         try:
+            # Threads of the child's own first: glibc may give them the stacks (and so the
+            # handles) of the parent's threads, which the inherited pump must not touch.
+            ticker = threading.Thread(target=time.sleep, args=(0.2,))
+            ticker.start()
+            own = new_stream(sim, files)
+            own_target = torch.zeros(a.nbytes, dtype=torch.uint8)
+            with pytest.raises(aimdo.InvalidStateError, match="fork"):
+                s.copy_in(a, own_target)  # the inherited pump refuses work in the child
             s.close()
+            del own, own_target
+            ticker.join()
             os._exit(0)
         except BaseException:  # noqa: BLE001 - any failure is the child's exit code
             os._exit(1)

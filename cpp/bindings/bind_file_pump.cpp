@@ -13,7 +13,6 @@
 #include <unistd.h>
 
 #include <cstdint>
-#include <iterator>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -59,6 +58,13 @@ int descriptor(std::int64_t value, bool may_be_none) {
 
 class PyFilePump {
  public:
+  // In a child made by fork() the pump has no threads, and its locks may be held for ever.
+  void require_creator() const {
+    if (static_cast<long>(::getpid()) != creator_) {
+      throw InvalidStateError("a file pump cannot be used in a child made by fork()");
+    }
+  }
+
   PyFilePump(std::shared_ptr<Driver> driver, const IntArg& device,
              const std::vector<std::tuple<std::uint64_t, std::int64_t>>& ring,
              const IntArg& readers)
@@ -87,12 +93,13 @@ class PyFilePump {
       nb::gil_scoped_release released;
       pump_.reset();
     }
-    kept_.clear();
+    let_go_of_kept();
   }
 
   std::uint64_t queue(const std::vector<PieceTuple>& pieces, std::uint64_t base,
                       std::uintptr_t stream, std::uintptr_t after, std::uintptr_t start,
                       std::uintptr_t done, bool timed, nb::object keep) {
+    require_creator();
     PumpJob job;
     job.pieces.reserve(pieces.size());
     for (const auto& [fd, direct, offset, count, size, mtime, inode, at, tensor] : pieces) {
@@ -116,6 +123,7 @@ class PyFilePump {
     job.start = start;
     job.done = done;
     job.timed = timed;
+    kept_.reserve(kept_.size() + 1);
     const std::uint64_t number = pump_->queue(std::move(job));
     kept_.emplace(number, std::move(keep));
     return number;
@@ -125,6 +133,7 @@ class PyFilePump {
   // as asked until forget(): a driver's refusal is raised as DriverError, a read's
   // failure is returned.
   ResultTuple result(std::uint64_t job) {
+    require_creator();
     while (!pump_->wait(job, 0)) {
       bool ended = false;
       {
@@ -151,13 +160,24 @@ class PyFilePump {
 
   // Forget an ended job: its result, and what it kept alive.
   void forget(std::uint64_t job) {
+    require_creator();
     pump_->forget(job);
-    kept_.erase(job);
+    const auto found = kept_.find(job);
+    if (found != kept_.end()) {
+      nb::object gone = std::move(found->second);  // dropped after the map is consistent
+      kept_.erase(found);
+    }
+  }
+
+  bool ended(std::uint64_t job) {
+    require_creator();
+    return pump_->ended(job);
   }
 
   // Waits until every job queued so far has ended; lets go of what they kept alive (their
   // results stay until forgotten).
   void drain() {
+    require_creator();
     {
       nb::gil_scoped_release released;
       pump_->drain();
@@ -170,21 +190,38 @@ class PyFilePump {
   std::size_t take_bytes_copied() { return pump_->take_bytes_copied(); }
   std::uint64_t pieces_read() const { return pump_->pieces_read(); }
 
+  // Every job has ended once the pump is closed: nothing writes or records any more.
   void close() {
-    {
+    try {
       nb::gil_scoped_release released;
       pump_->close();
+    } catch (...) {
+      let_go_of_kept();
+      throw;
     }
-    kept_.clear();  // every job has ended: nothing writes or records any more
+    let_go_of_kept();
   }
 
-  bool closed() const { return pump_->closed(); }
+  bool closed() const { return static_cast<long>(::getpid()) != creator_ || pump_->closed(); }
 
  private:
+  // What the ended jobs kept alive, let go. The objects are dropped once the map is
+  // consistent again: dropping one may run Python, which may call this pump.
   void release_ended() {
+    std::vector<nb::object> gone;
     for (auto it = kept_.begin(); it != kept_.end();) {
-      it = pump_->ended(it->first) ? kept_.erase(it) : std::next(it);
+      if (pump_->ended(it->first)) {
+        gone.push_back(std::move(it->second));
+        it = kept_.erase(it);
+      } else {
+        ++it;
+      }
     }
+  }
+
+  void let_go_of_kept() {
+    std::unordered_map<std::uint64_t, nb::object> gone;
+    gone.swap(kept_);
   }
 
   int device_;
@@ -219,6 +256,8 @@ void bind_file_pump(nb::module_& m) {
            "or events. Answered again until forget().")
       .def("forget", &PyFilePump::forget, "job"_a,
            "Forget an ended job: its result and what it kept alive.")
+      .def("ended", &PyFilePump::ended, "job"_a,
+           "Whether the job has ended (True for one forgotten or never queued).")
       .def_prop_ro("kept", &PyFilePump::kept, "Jobs whose `keep` is still held.")
       .def("drain", &PyFilePump::drain,
            "Return once every job queued so far has ended, letting go of what they kept.")

@@ -158,7 +158,8 @@ PumpResult FilePump::result(std::uint64_t job) const {
   std::lock_guard<std::mutex> lock(mutex_);
   const auto found = jobs_.find(job);
   if (found == jobs_.end() || !found->second->ended) {
-    throw InvalidArgumentError("job " + std::to_string(job) + " has not ended");
+    throw InvalidArgumentError("job " + std::to_string(job) +
+                               " has not ended, or is not queued, or was forgotten");
   }
   return found->second->result;
 }
@@ -167,7 +168,8 @@ void FilePump::forget(std::uint64_t job) {
   std::lock_guard<std::mutex> lock(mutex_);
   const auto found = jobs_.find(job);
   if (found == jobs_.end() || !found->second->ended) {
-    throw InvalidArgumentError("job " + std::to_string(job) + " has not ended");
+    throw InvalidArgumentError("job " + std::to_string(job) +
+                               " has not ended, or is not queued, or was forgotten");
   }
   jobs_.erase(found);
 }
@@ -195,8 +197,10 @@ bool FilePump::closed() const {
 void FilePump::close() {
   if (static_cast<long>(::getpid()) != creator_) {
     // A forked child: the threads are the parent's, and so may be any lock held at the
-    // fork. Let the handles go (no join), touch no lock and call no driver.
-    if (queuer_.joinable()) queuer_.detach();
+    // fork. Their handles are left unjoined and undetached (moved out and never freed: in
+    // the child a stale handle may name a thread of the child's own), no lock is taken
+    // and no driver called.
+    if (queuer_.joinable()) new std::thread(std::move(queuer_));  // NOLINT: leaked on purpose
     reads_.abandon();
     return;
   }

@@ -183,9 +183,10 @@ ReadResult FileReads::take(std::uint64_t ticket) {
 }
 
 void FileReads::abandon() noexcept {
-  for (auto& thread : threads_) {
-    if (thread.joinable()) thread.detach();
-  }
+  // Moved out and never freed: neither joined nor detached (in a forked child a stale
+  // handle may name a thread of the child's own). Moving a std::thread calls nothing.
+  if (!threads_.empty()) new std::vector<std::thread>(std::move(threads_));  // NOLINT
+  threads_.clear();
 }
 
 void FileReads::close() {

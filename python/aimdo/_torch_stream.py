@@ -95,10 +95,11 @@ class Pending:
     def result(self):
         if self._outcome is None:
             stream = self._stream
+            # Anything raised while waiting (Ctrl-C, or whatever a signal handler raises)
+            # leaves the job unsettled: the pump keeps its result until it is forgotten.
+            ended = stream._wait(self)
             try:
-                outcome = (True, stream._settle(self))
-            except KeyboardInterrupt:
-                raise  # not settled: the pump keeps the result until forgotten
+                outcome = (True, stream._settle(self, ended))
             except BaseException as error:  # noqa: BLE001 - raised below, and again later
                 outcome = (False, error)
             self._outcome = outcome
@@ -108,6 +109,13 @@ class Pending:
         if not ok:
             raise value
         return value
+
+    def __del__(self):
+        # Dropped unsettled (a forward that failed after queueing it): the stream forgets
+        # the job once it has ended.
+        stream = getattr(self, "_stream", None)
+        if stream is not None and self._outcome is None:
+            stream._abandoned.append(self._number)
 
 
 class FileStream:
@@ -142,6 +150,7 @@ class FileStream:
         self._held = _Held(self.reader)  # the pump and the ring, made at the first copy
         self.ring_buffers = RING_BUFFERS
         self._pieces: dict[int, tuple] = {}  # id(block) -> (block, pieces, tensors)
+        self._abandoned: list[int] = []  # jobs whose Pendings were dropped unsettled
         self.closed = False
         # A stream dropped without close (its module dropped without undo) still stops
         # its pump, then gives its ring and its files back.
@@ -255,6 +264,8 @@ class FileStream:
         if self.closed:
             raise InvalidStateError("this offload's checkpoint stream is closed (undone)")
         pump = self._ring()
+        if self._abandoned:
+            self._forget_abandoned()
         try:
             pieces, tensors = self._pieces_of(block)
         except Exception as error:  # noqa: BLE001 - its own block's (a file not opened)
@@ -285,15 +296,26 @@ class FileStream:
         )
         return Pending(self, number, tensors, (start, done))
 
-    def _settle(self, pending: Pending):
-        """Wait for the pending job (the GIL released) and make its result or its error."""
+    def _wait(self, pending: Pending):
+        """Wait for the pending job (the GIL released): its (status, errno, tensor index,
+        start ns, end ns, O_DIRECT descriptors refused), or the DriverError that ended it.
+        Anything else raised here (an interrupt; the stream closed) leaves it unsettled."""
         if self.pump is None:
             raise InvalidStateError("this offload's checkpoint stream is closed (undone)")
-        status, error, index, start_ns, end_ns, refused = self.pump.result(pending._number)
+        try:
+            return self.pump.result(pending._number)
+        except _core.DriverError as error:
+            return error
+
+    def _settle(self, pending: Pending, ended):
+        """The ended job's result, or its error raised."""
+        if isinstance(ended, BaseException):
+            raise ended
+        status, error, index, start_ns, end_ns, refused = ended
         for fd in refused:
             self.reader._retire_direct(fd)
         if status == "internal":
-            raise MemoryError("aimdo's file pump failed (out of memory) queueing this copy")
+            raise MemoryError("aimdo's file pump failed queueing this copy (out of memory?)")
         if status != "done":
             raise_for_read(status, error, pending._tensors[index])
         if pending._events is None:  # a simulator: the host's clock, as time.perf_counter
@@ -305,6 +327,15 @@ class FileStream:
         """The pump's record of a settled job, and what it kept alive, let go."""
         if number is not None and self.pump is not None:
             self.pump.forget(number)
+
+    def _forget_abandoned(self) -> None:
+        """Forget the ended jobs whose Pendings were dropped unsettled."""
+        pending, self._abandoned = self._abandoned, []
+        for number in pending:
+            if self.pump.ended(number):
+                self._forget(number)
+            else:
+                self._abandoned.append(number)
 
     def drain(self) -> None:
         """Return once every copy queued is queued on its stream (its reads done), failed

@@ -68,7 +68,7 @@ enum class PumpStatus {
   kFailed,     // a read failed: `error` is its errno
   kInvalid,    // a read's request was wrong (an O_DIRECT buffer too small or misaligned)
   kDriver,     // the driver refused a copy or an event: `driver`, `operation`
-  kInternal,   // the pump itself failed (memory): every job it had taken fails so
+  kInternal,   // the pump itself failed (memory, or a broken invariant): its jobs fail so
 };
 
 struct PumpResult {
@@ -100,7 +100,7 @@ class FilePump {
   // for a piece larger than a buffer.
   std::uint64_t queue(PumpJob job);
   // Wait up to `timeout_ns` until the job has ended: true when it has. InvalidArgumentError
-  // for a job not queued or taken already.
+  // for a job not queued or forgotten already.
   bool wait(std::uint64_t job, std::int64_t timeout_ns);
   // Whether the job has ended (true too for a job forgotten or never queued).
   bool ended(std::uint64_t job) const;

@@ -78,8 +78,9 @@ class FileReads {
   // whichever thread calls it. Idempotent.
   void close();
   bool closed() const;
-  // In a child made by fork(): let the threads' handles go without joining them (they are
-  // the parent's) and touch no lock (the parent's threads may have held one at the fork).
+  // In a child made by fork(): let the threads' handles go without joining or detaching
+  // them (they are the parent's; a stale handle may name a thread of the child's own) and
+  // touch no lock (the parent's threads may have held one at the fork).
   // The reads are forgotten. close() and the destructor call it themselves in a child.
   void abandon() noexcept;
 
