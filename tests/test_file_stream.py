@@ -461,13 +461,14 @@ def test_the_copies_wait_for_after_and_record_start_and_done_around_them(sim, tm
     driver = sim.driver
     after, start, done = (driver.event_create(0) for _ in range(3))
     ring = [torch.zeros(PIECE, dtype=torch.uint8) for _ in range(2)]
+    path = a.file_runs[0][1].path
+    fd = os.open(path, os.O_RDONLY)
     pump = aimdo._core.FilePump(driver, 0, [(t.data_ptr(), PIECE) for t in ring], 1)
     try:
-        path = a.file_runs[0][1].path
-        fd = os.open(path, os.O_RDONLY)
         s = files.stamps[path]
         pieces = [(fd, -1, at, PIECE, s.size, s.mtime_ns, s.inode, at, 0) for at in (0, PIECE)]
         job = pump.queue(pieces, into_a.data_ptr(), 0, after, start, done, True, into_a)
+        wait_until(lambda: pump.ended(job))  # bounded: a hang fails the test
         status, _, _, start_ns, end_ns, _ = pump.result(job)
         assert status == "done" and 0 < start_ns <= end_ns
         assert pump.result(job)[0] == "done"  # asked again: the same, until forgotten
@@ -475,6 +476,7 @@ def test_the_copies_wait_for_after_and_record_start_and_done_around_them(sim, tm
         with pytest.raises(ValueError, match="not queued"):
             pump.result(job)
         empty = pump.queue([], 0, 0, after, 0, done, False)  # nothing to copy: still ordered
+        wait_until(lambda: pump.ended(empty))
         assert pump.result(empty)[0] == "done"
         pump.forget(empty)
         assert pump.kept == 0
