@@ -521,9 +521,10 @@ def _regrower(reference):
     (holding the offload weakly): the deeper depths' staging buffers, dropped already, go
     back to the driver (PyTorch's cache would keep them, counted as others' memory), the
     budget is polled afresh to see them gone, and the watermark raised to the top, so the
-    residency grows back into them. Without this, a synthetic 35 GiB model on an H200 kept
-    19.78 GiB resident, not 20.78, and a step read 0.8 GiB more from its checkpoint
-    (benchmarks/RESULTS.md, the copies queued natively)."""
+    residency grows back into them. Before this (only the watermark raised), a synthetic
+    35 GiB model on an H200 kept 19.78 GiB resident, not 20.78, and a step read 0.8 GiB
+    more from its checkpoint (benchmarks/RESULTS.md, the copies queued natively); this
+    is not measured on a GPU yet."""
 
     def grow() -> None:
         offload = reference()
