@@ -123,9 +123,15 @@ class PyFilePump {
     job.start = start;
     job.done = done;
     job.timed = timed;
+    // Everything keeping `keep` may need is allocated before the job is queued: once it is,
+    // nothing may fail to hold what the pump writes into.
+    std::unordered_map<std::uint64_t, nb::object> made;
+    made.emplace(0, std::move(keep));
+    auto node = made.extract(made.begin());
     kept_.reserve(kept_.size() + 1);
     const std::uint64_t number = pump_->queue(std::move(job));
-    kept_.emplace(number, std::move(keep));
+    node.key() = number;
+    kept_.insert(std::move(node));
     return number;
   }
 
