@@ -37,6 +37,15 @@ void check(const DriverStatus& status, const std::string& what, int device, cons
   throw DriverError(what + " failed with " + status.name, device, operation, status);
 }
 
+// `call()` with `device` made current on the calling thread and the GIL released: what it
+// answers, or what making the device current answered.
+template <typename Call>
+DriverStatus on_device(Driver& d, int device, Call call) {
+  nb::gil_scoped_release release;
+  ScopedDevice guard(d, device);
+  return guard.status().ok() ? call() : guard.status();
+}
+
 // Host-to-device copies and events (Driver::copy_from_host_async, event_*): each makes
 // `device` current for a context-dependent call, releases the GIL, and raises DriverError
 // naming the CUDA function when the driver refuses.
@@ -48,13 +57,8 @@ void add_event_operations(nb::class_<Driver>& driver) {
           [](Driver& d, int device, std::uint64_t dst, std::uintptr_t src, std::int64_t size,
              std::uintptr_t stream) {
             const std::size_t bytes = to_size(size, "size");
-            DriverStatus status;
-            {
-              nb::gil_scoped_release release;
-              ScopedDevice guard(d, device);
-              status = guard.status().ok() ? d.copy_from_host_async(device, dst, src, bytes, stream)
-                                           : guard.status();
-            }
+            const DriverStatus status = on_device(
+                d, device, [&] { return d.copy_from_host_async(device, dst, src, bytes, stream); });
             check(status,
                   "cuMemcpyHtoDAsync of " + std::to_string(bytes) + " bytes on device " +
                       std::to_string(device),
@@ -69,12 +73,8 @@ void add_event_operations(nb::class_<Driver>& driver) {
           "event_create",
           [](Driver& d, int device) {
             EventHandle event = 0;
-            DriverStatus status;
-            {
-              nb::gil_scoped_release release;
-              ScopedDevice guard(d, device);
-              status = guard.status().ok() ? d.event_create(device, &event) : guard.status();
-            }
+            const DriverStatus status =
+                on_device(d, device, [&] { return d.event_create(device, &event); });
             check(status, "cuEventCreate on device " + std::to_string(device), device,
                   "cuEventCreate");
             return event;
@@ -98,12 +98,8 @@ void add_event_operations(nb::class_<Driver>& driver) {
       .def(
           "event_record",
           [](Driver& d, int device, EventHandle event, std::uintptr_t stream) {
-            DriverStatus status;
-            {
-              nb::gil_scoped_release release;
-              ScopedDevice guard(d, device);
-              status = guard.status().ok() ? d.event_record(device, event, stream) : guard.status();
-            }
+            const DriverStatus status =
+                on_device(d, device, [&] { return d.event_record(device, event, stream); });
             check(status,
                   "cuEventRecord of event " + hex(event) + " on device " + std::to_string(device),
                   device, "cuEventRecord");
@@ -127,13 +123,8 @@ void add_event_operations(nb::class_<Driver>& driver) {
       .def(
           "stream_wait_event",
           [](Driver& d, int device, std::uintptr_t stream, EventHandle event) {
-            DriverStatus status;
-            {
-              nb::gil_scoped_release release;
-              ScopedDevice guard(d, device);
-              status =
-                  guard.status().ok() ? d.stream_wait_event(device, stream, event) : guard.status();
-            }
+            const DriverStatus status =
+                on_device(d, device, [&] { return d.stream_wait_event(device, stream, event); });
             check(
                 status,
                 "cuStreamWaitEvent on event " + hex(event) + " on device " + std::to_string(device),
@@ -326,19 +317,12 @@ void bind_driver(nb::module_& m) {
           [](Driver& d, int device, std::uint64_t dst, std::uint64_t src, std::int64_t size,
              std::uintptr_t stream) {
             const std::size_t bytes = to_size(size, "size");
-            DriverStatus status;
-            {
-              nb::gil_scoped_release release;
-              ScopedDevice guard(d, device);
-              status = guard.status().ok() ? d.copy_async(device, dst, src, bytes, stream)
-                                           : guard.status();
-            }
-            if (!status.ok()) {
-              throw DriverError("cuMemcpyDtoDAsync of " + std::to_string(bytes) +
-                                    " bytes on device " + std::to_string(device) + " failed with " +
-                                    status.name,
-                                device, "cuMemcpyDtoDAsync", status);
-            }
+            const DriverStatus status =
+                on_device(d, device, [&] { return d.copy_async(device, dst, src, bytes, stream); });
+            check(status,
+                  "cuMemcpyDtoDAsync of " + std::to_string(bytes) + " bytes on device " +
+                      std::to_string(device),
+                  device, "cuMemcpyDtoDAsync");
           },
           "device"_a, "dst"_a, "src"_a, "size"_a, "stream"_a = 0,
           "Queue a device-to-device copy on `stream` of `device` (made current for the call). "
