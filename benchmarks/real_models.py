@@ -218,7 +218,8 @@ def run_aimdo(model, forms, args, device, reference, compute, bandwidth, prefetc
             }
             if args.trace:
                 for index, (name, run) in enumerate(forms.items()):
-                    path = f"{args.trace}/trace-{args.model}-p{prefetch}-{index}.json.gz"
+                    depth = "default" if prefetch is None else prefetch
+                    path = f"{args.trace}/trace-{args.model}-p{depth}-{index}.json.gz"
                     results[name]["trace"] = profile_step(run, model, device, path)
         finally:
             handle.undo()
@@ -296,9 +297,9 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32, help="llama: tokens to generate")
     parser.add_argument(
         "--prefetch",
-        default="2",
-        help="aimdo's prefetch (a depth, or auto); a comma-separated list runs one offload for "
-        "each",
+        default="default",
+        help="aimdo's prefetch (a depth, auto, or default: offload's own); a comma-separated "
+        "list runs one offload for each",
     )
     parser.add_argument("--trace", default=None, help="folder: profile one step of each form")
     parser.add_argument(
@@ -358,7 +359,10 @@ def main() -> int:
     result["pinned_h2d_bytes_per_s"] = bandwidth
 
     weights = result["weight_bytes"]
-    prefetches = [p if p == "auto" else int(p) for p in str(args.prefetch).split(",")]
+    prefetches = [
+        None if p == "default" else p if p == "auto" else int(p)
+        for p in str(args.prefetch).split(",")
+    ]
     for prefetch in prefetches:
         key = "aimdo" if prefetch == prefetches[0] else f"aimdo prefetch {prefetch}"
         result["runs"][key] = run_aimdo(

@@ -516,31 +516,19 @@ def test_a_group_streams_through_a_ring_per_member(make_manager, tmp_path):
         assert streams[0] is not streams[1] and all(s.nbytes for s in streams)
 
 
-def test_the_default_prefetch_is_chosen_when_blocks_stay_in_the_files(
-    make_manager, tmp_path, caplog
-):
+def test_the_default_prefetch_is_chosen_when_blocks_stay_in_the_files(make_manager, tmp_path):
     from aimdo._torch_tune import START
 
     real, x, expected, path, model, manager = saved_stack(make_manager, tmp_path)
-    caplog.set_level(logging.INFO, logger="aimdo")
-    # Blocks in the files: the depth is chosen (prefetch="auto"), and the log says why.
+    # Blocks in the files: the depth is chosen (prefetch="auto", the default).
     with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit=0) as o:
+        assert o.streamed_bytes > 0
         assert o.prefetch == START and o.prefetch_choosing
         for _ in range(2):  # learns the order; times it and predicts
             assert torch.equal(model(x.to(where(0))), expected)
         assert o.prefetch_predictions is not None
-    said = [
-        r.getMessage() for r in caplog.records if "chooses its prefetch depth" in r.getMessage()
-    ]
-    assert len(said) == 1
-    # Every block pinned: 2, nothing chosen.
-    with atorch.offload(on_meta(), 0, manager=manager, checkpoint=path, host_limit=None) as o:
-        assert o.streamed_bytes == 0
-        assert o.prefetch == START and not o.prefetch_choosing
-        assert o.prefetch_predictions is None
     # A depth given is kept, files or not.
     with atorch.offload(
         on_meta(), 0, manager=manager, checkpoint=path, host_limit=0, prefetch=3
     ) as o:
         assert o.prefetch == 3 and not o.prefetch_choosing
-    assert len([r for r in caplog.records if "chooses its prefetch" in r.getMessage()]) == 1

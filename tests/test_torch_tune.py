@@ -404,6 +404,39 @@ def test_a_pause_or_a_moved_watermark_in_the_trials_settles_again(make_manager, 
         assert manager.stats(0)["polls"] == polls + 1  # ...the budget polled afresh first
 
 
+def test_the_default_prefetch_is_auto_and_a_given_depth_is_kept(make_manager):
+    model, x, expected, manager = six_blocks(make_manager)
+    with atorch.offload(model, 0, manager=manager) as offloaded:
+        assert offloaded.prefetch == tune.START and offloaded.prefetch_choosing
+        for _ in range(2):  # learns the order; times it and predicts
+            assert torch.equal(model(x.to(where(0))), expected)
+        assert offloaded.last_stats.bytes_copied > 0
+        assert sorted(offloaded.prefetch_predictions) == list(tune.CANDIDATES)
+        assert offloaded.prefetch_choosing  # on trial
+    with atorch.offload(model, 0, manager=manager, prefetch=3) as offloaded:
+        assert offloaded.prefetch == 3 and not offloaded.prefetch_choosing
+        assert torch.equal(model(x.to(where(0))), expected)
+        assert offloaded.prefetch == 3 and offloaded.prefetch_predictions is None
+
+
+def test_a_forward_that_copies_nothing_ends_the_choice_at_its_depth(make_manager, caplog):
+    model, x, expected, manager = six_blocks(make_manager, pages=8)  # room for every block
+    caplog.set_level(logging.INFO, logger="aimdo")
+    with atorch.offload(model, 0, manager=manager) as offloaded:
+        for _ in range(2):  # learns the order; then the forward to time copies nothing
+            assert torch.equal(model(x.to(where(0))), expected)
+        assert offloaded.last_stats.bytes_copied == 0
+        assert offloaded.prefetch == tune.START and not offloaded.prefetch_choosing
+        assert offloaded.prefetch_predictions is None and offloaded.prefetch_measured == {}
+        said = [r.getMessage() for r in caplog.records if "copied nothing" in r.getMessage()]
+        assert said == [
+            f"aimdo: offload on device 0 keeps prefetch {tune.START}: its forward copied "
+            "nothing (every block resident), so no depth is tried"
+        ]
+        assert torch.equal(model(x.to(where(0))), expected)
+        assert offloaded.prefetch == tune.START
+
+
 def test_an_undone_offload_is_not_choosing(make_manager):
     model = stack(blocks=6)
     manager = new_manager(make_manager, pages=4)
@@ -436,8 +469,11 @@ def test_forwards_disturbed_before_any_is_measured_end_the_trials_at_the_depth(
 
 def test_a_disturbance_is_not_measured_and_settles_again(make_manager, monkeypatch):
     # The model fits its budget: its watermark stays at the top, so only disturbed()
-    # (a resume, a budget grown: Offload._grow) tells the trials.
+    # (a resume, a budget grown: Offload._grow) tells the trials. A forward that copies
+    # nothing would end them at once (test_a_forward_that_copies_nothing_ends_...): here
+    # they run as for a model that copies.
     scripted(monkeypatch, chosen=tune.START)
+    monkeypatch.setattr(tune, "copied_nothing", lambda schedule: False)
     model, x, expected, manager = six_blocks(make_manager, pages=8)
     with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
         measured = script_clock(offloaded, {2: 1.0, 3: 0.875, 4: 2.0})

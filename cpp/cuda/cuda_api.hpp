@@ -67,6 +67,7 @@ enum CUdriverProcAddressQueryResult : int {
 constexpr cuuint64_t CU_GET_PROC_ADDRESS_DEFAULT = 0;
 
 // cuEventCreate's flags (CUevent_flags).
+constexpr unsigned int CU_EVENT_BLOCKING_SYNC = 0x1;
 constexpr unsigned int CU_EVENT_DISABLE_TIMING = 0x2;
 
 // Recent headers put `id` in a union with a 2-byte `localized` struct; the size and the

@@ -204,13 +204,19 @@ class CudaDriver final : public Driver {
                                         reinterpret_cast<CUstream>(stream)));
   }
 
-  // The event belongs to the current context, which the caller made `device`'s.
+  // The event belongs to the current context, which the caller made `device`'s. A host
+  // thread waiting on it sleeps (CU_EVENT_BLOCKING_SYNC) rather than spinning, as a
+  // primary context otherwise does while it has fewer users than there are CPUs: the
+  // thread that waits on these (the file pump's queuer) shares the CPUs with the readers
+  // that copy from the page cache, and a ring buffer's copy takes hundreds of
+  // microseconds, against a wake-up of tens.
   DriverStatus event_create(int device, EventHandle* out) override {
     if (out == nullptr) return code_status(driver_code::invalid_value);
     if (!valid(device)) return code_status(driver_code::invalid_device);
     if (api_.cuEventCreate == nullptr) return code_status(driver_code::not_supported);
     CUevent event = nullptr;
-    const DriverStatus s = check(api_.cuEventCreate(&event, CU_EVENT_DISABLE_TIMING));
+    const DriverStatus s =
+        check(api_.cuEventCreate(&event, CU_EVENT_DISABLE_TIMING | CU_EVENT_BLOCKING_SYNC));
     if (s.ok()) *out = reinterpret_cast<EventHandle>(event);
     return s;
   }

@@ -128,15 +128,7 @@ class Offload:
                         mine.stride = leaders.stride  # as the leader's chunks hold them
             prefetch = options["prefetch"]
             if prefetch is None:  # the default: see offload()'s prefetch
-                prefetch = "auto" if self._stream is not None and leader is None else START
-                if prefetch == "auto":
-                    _log.info(
-                        "aimdo: offload on device %s chooses its prefetch depth (prefetch="
-                        "'auto'): blocks read from the files need a deeper window than %d "
-                        "when they are many and small; prefetch=N fixes it",
-                        device,
-                        START,
-                    )
+                prefetch = "auto" if leader is None else START
             tuner = None
             if prefetch == "auto":
                 prefetch = START

@@ -77,6 +77,11 @@ def alike(first: tuple, other: tuple) -> bool:
     return True
 
 
+def copied_nothing(schedule: Schedule) -> bool:
+    """Whether the forward just run copied no block (all of them resident)."""
+    return schedule.stats.bytes_copied == 0
+
+
 class PrefetchTuner:
     """The choice of one offload's prefetch depth: Runner.call asks wants() ahead of each
     forward of the whole module: "blocks" (time it block by block, then call after() with
@@ -121,8 +126,18 @@ class PrefetchTuner:
     def after(self, schedule: Schedule, failed: bool, marks) -> None:
         """Predict from the forward just timed: `marks` are its Schedule.marks, from
         "start" to "end", or None when it was not timed (one that failed is timed again
-        next); then start the trials."""
+        next); then start the trials, unless that forward copied nothing (every block
+        resident), which keeps the depth it runs at."""
         if marks is None or failed:
+            return
+        if copied_nothing(schedule):  # every block resident: no copy to hide
+            self.done = True
+            _log.info(
+                "aimdo: offload on device %s keeps prefetch %d: its forward copied nothing "
+                "(every block resident), so no depth is tried",
+                self.device,
+                schedule.prefetch,
+            )
             return
         try:
             chosen = self._choose(schedule, use_seconds(marks, schedule.executor.elapsed))

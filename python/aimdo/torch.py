@@ -133,18 +133,18 @@ def offload(
     ``prefetch`` is how many copies are kept in flight ahead of the compute: more hides
     the copies of weights whose compute is short (Qwen-Image's modulation layers) at the
     cost of staging memory; measured on an H200 (benchmarks/RESULTS.md). The default is
-    2, or ``"auto"`` when blocks stay in the checkpoint's files (by ``host_limit``, which
-    with its default "auto" depends on the host memory available when offloading, or by
-    ``host_tiers``): such a block is read only once its copy is queued, so many small
-    ones need a deeper window (Qwen-Image at host_limit 8 GiB on an H200: 816 ms a step
-    at 2, 554 ms at the depth its trials found); taking "auto" so is logged (INFO).
+    ``"auto"`` (a depth given, from 0, is kept): Qwen-Image at a 24 GiB budget on an H200
+    measured 414 ms a step at 2 and 403 ms at 4; blocks read from a checkpoint's files
+    (``host_limit``) need a deeper window still (816 ms at 2, 554 ms at the depth its
+    trials found), as such a block is read only once its copy is queued.
     ``prefetch="auto"`` starts at 2, times the compute of each block in the first forward
     whose order is known, predicts a forward at each depth from 1 to 8 on a simulator of
     this machine (its host link measured on CUDA), then tries the predicted depth and
     deeper ones for real, one measured forward each (the device synchronized around it),
     until one is 10% slower than the fastest so far, and keeps the fastest (a deeper one
     only if 1% faster), logging the choice (logger ``aimdo``, INFO; ``Offload.prefetch``,
-    ``prefetch_predictions``, ``prefetch_measured`` and ``prefetch_choosing`` tell).
+    ``prefetch_predictions``, ``prefetch_measured`` and ``prefetch_choosing`` tell); a
+    forward that copies nothing (every block resident) ends the choice at 2.
     ``staging_bytes`` (bytes or a size string) caps the staging buffers together; by
     default, enough for ``prefetch + 1`` buffers of the largest block, within 256 MiB or
     1/24 of the device's budget, whichever is more (``auto_staging_bytes``).
@@ -162,7 +162,8 @@ def offload(
     checkpoint's values).
     ``host_limit`` (bytes or a size string) caps the host memory the weights of such a
     module are pinned in; the blocks that do not fit stay in the files and are read again
-    at each copy, through a ring of 16 pinned buffers of 16 MiB, by 8 threads. The blocks
+    at each copy, through a ring of 24 pinned buffers of 16 MiB, by up to 12 native threads
+    (fewer on a host of few cores: aimdo._torch_stream.reader_threads). The blocks
     pinned first are those the VBAR places last (offloaded, so copied at every forward);
     those placed first (resident in VRAM, read again only after an eviction) stream.
     ``"auto"`` (default) pins every weight when they fit in half of the host memory

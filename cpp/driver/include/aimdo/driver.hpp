@@ -166,9 +166,11 @@ class Driver {
                                             std::size_t size_bytes, StreamHandle stream) = 0;
 
   // Events mark a point of a stream's work (cuEventCreate and friends). An event made by
-  // event_create times nothing (CU_EVENT_DISABLE_TIMING); record, wait and synchronize
-  // also take an event PyTorch made on the same device (a `torch.cuda.Event`'s
-  // `cuda_event`, once recorded), which the CUDA backend cannot tell apart.
+  // event_create times nothing (CU_EVENT_DISABLE_TIMING), and event_synchronize on it puts
+  // the host thread to sleep rather than spinning (CU_EVENT_BLOCKING_SYNC). Record, wait
+  // and synchronize also take an event PyTorch made on the same device (a
+  // `torch.cuda.Event`'s `cuda_event`, once recorded), which the CUDA backend cannot tell
+  // apart.
   // Make an event for `device`. Context-dependent.
   virtual DriverStatus event_create(int device, EventHandle* out) = 0;
   // Destroy an event made by event_create. Work that records it may still be queued.
