@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 
 import aimdo
 import aimdo.torch as atorch
@@ -316,6 +317,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     show_log(args.log)
+    if args.trace:
+        os.makedirs(args.trace, exist_ok=True)  # the profiler writes into it, not making it
     if args.vram_limit is None:
         args.vram_limit = (24 if args.model == "qwen-image" else 6) * GiB
     if args.tiny:
