@@ -25,9 +25,10 @@ files, ``0-cold`` the same with the files' pages dropped before the run, ``0-noc
 the same with them dropped before every step (a host whose page cache cannot keep the
 files). ``--direct cached|direct`` forces offload's ``file_reads`` (default: auto, the
 library's choice). ``--rings`` runs
-every limit that reads the files once per ring, READERSxMiB[xBUFFERS] (that many reader
-threads, that many buffers of that many MiB: twice the readers unless given), instead of
-once with the library's own. ``--switch-interval S`` sets Python's switch interval for
+every limit that reads the files once per ring, READERSxMiB[xBUFFERS[xAHEAD]] (that many
+reader threads, that many buffers of that many MiB: twice the readers unless given; AHEAD
+MiB read ahead of the copies queued, 0 for none: the ring's bytes unless given), instead
+of once with the library's own. ``--switch-interval S`` sets Python's switch interval for
 each run.
 ``--prefetch 2,4,auto`` runs every aimdo limit once per prefetch depth (offload's
 ``prefetch``; default: the library's own), named ``LIMIT@RING/pN``; with ``auto``, the
@@ -280,10 +281,10 @@ def child(args) -> dict:
         if args.ring:
             from aimdo import _torch_stream
 
-            readers, mib, *buffers = (int(n) for n in args.ring.split("x"))
+            readers, mib, *more = (int(n) for n in args.ring.split("x"))
             _torch_stream.READERS = readers
             _torch_stream.reader_threads = lambda: readers  # whatever the host's CPUs
-            _torch_stream.RING_BUFFERS = buffers[0] if buffers else 2 * readers
+            _torch_stream.RING_BUFFERS = more[0] if more else 2 * readers
             _torch_stream.RING_BUFFER_BYTES = mib << 20
         handle = atorch.offload(
             model,
@@ -295,6 +296,8 @@ def child(args) -> dict:
             **({"prefetch": depth_of(args.prefetch_depth)} if args.prefetch_depth else {}),
         )
         stats = {"pinned_bytes": handle.pinned_bytes, "streamed_bytes": handle.streamed_bytes}
+        if args.ring and len(more) > 1 and handle._stream is not None:
+            handle._stream.read_ahead_bytes = more[1] << 20  # MiB read ahead (0: none)
     step = step_of(args, model, device)
     times, out, memory, settling, trials = [], None, [], 0, 0
     nocache = args.child.endswith("-nocache")
@@ -337,6 +340,9 @@ def child(args) -> dict:
         result["prefetch_choosing"] = handle.prefetch_choosing  # still, after run_trials
         result["bytes_copied_per_step"] = handle.last_stats.bytes_copied
         result["bytes_from_files_per_step"] = handle.last_stats.bytes_from_files
+        if handle._stream is not None:  # blocks read ahead of their copies, in every step
+            result["read_ahead_used"] = handle._stream.read_ahead_used
+            result["read_ahead_dropped"] = handle._stream.read_ahead_dropped
         result["budget_bytes"] = manager.budget_bytes(0)
         result["resident_bytes"] = manager.resident_bytes(0)
         # Where the budget went: the VBAR's pages, the staging buffers, torch's own pool.
@@ -461,6 +467,12 @@ def main() -> int:
             f"{run['identical']}",
             flush=True,
         )
+        if "read_ahead_used" in run:
+            print(
+                f"    read ahead: {run['read_ahead_used']} copies found their block read "
+                f"already, {run['read_ahead_dropped']} blocks read ahead were dropped",
+                flush=True,
+            )
         for line in run["log"]:
             print(f"  {line}", flush=True)
         if "prefetch" in run:

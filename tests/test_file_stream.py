@@ -10,6 +10,7 @@ through its driver (cuMemcpyHtoDAsync), which a test can hold or fail."""
 from __future__ import annotations
 
 import _thread
+import collections
 import os
 import threading
 import time
@@ -572,3 +573,170 @@ def test_a_forked_child_can_drop_a_stream_whose_pump_ran(small_ring, sim, tmp_pa
     s.copy_in(a, into_a)  # the parent's pump runs on
     assert torch.equal(into_a, expected(a))
     s.close()
+
+
+def round_of(s, blocks, targets) -> None:
+    """Queue each block's copy, in order, and see each land."""
+    for block, target in zip(blocks, targets, strict=True):
+        assert settled(s.copy_ahead(block, target, None, None, False)) == (None, None, None)
+        assert torch.equal(target, expected(block))
+
+
+def test_the_blocks_foreseen_are_read_ahead_and_copied_once_queued(small_ring, sim, tmp_path):
+    files = Files(tmp_path)
+    blocks = [files.block(name, 1) for name in "abc"]
+    s = new_stream(sim, files)
+    for _ in range(2):  # learns the order, then sees it again: nothing read ahead yet
+        round_of(s, blocks, targets_of(sim, *blocks))
+    assert s.pump.pieces_read == 6 and not s._ahead
+    a, b, c = blocks
+    into_a, into_b, into_c = targets_of(sim, *blocks)
+    settled(s.copy_ahead(a, into_a, None, None, False))
+    # b and c, foreseen after a, are read (the ring holds 4 pieces), not copied.
+    wait_until(lambda: s.pump.pieces_read == 6 + 1 + 2)
+    assert [block for block, _, _ in s._ahead] == [b, c]
+    time.sleep(0.05)
+    assert torch.count_nonzero(into_b) == 0 and torch.count_nonzero(into_c) == 0
+    assert s.take_bytes_read() == 7 * PIECE  # copied: two rounds and a
+    pending = s.copy_ahead(b, into_b, None, None, False)  # b's job, read already, attached
+    assert settled(pending) == (None, None, None)
+    assert torch.equal(into_b, expected(b))
+    # Then a, foreseen after c (the next round), is read ahead too.
+    wait_until(lambda: s.pump.pieces_read == 6 + 1 + 2 + 1)
+    assert [block for block, _, _ in s._ahead] == [c, a]
+    assert settled(s.copy_ahead(c, into_c, None, None, False)) == (None, None, None)
+    assert torch.equal(into_c, expected(c))
+    wait_until(lambda: s.pump.pieces_read == 11)  # and b, foreseen after a
+    assert [block for block, _, _ in s._ahead] == [a, b]
+    assert s.take_bytes_read() == 2 * PIECE
+    assert (s.read_ahead_used, s.read_ahead_dropped) == (2, 0)
+    s.drain()  # the reads ahead of a and b are dropped
+    assert s._ahead == collections.deque() and s.pump.kept == 0
+    assert (s.read_ahead_used, s.read_ahead_dropped) == (2, 2)
+    s.close()
+
+
+def test_a_block_not_foreseen_drops_the_blocks_read_ahead(small_ring, sim, tmp_path):
+    files = Files(tmp_path)
+    blocks = [files.block(name, 1) for name in "abc"]
+    s = new_stream(sim, files)
+    for _ in range(2):
+        round_of(s, blocks, targets_of(sim, *blocks))
+    a, b, c = blocks
+    into_a, into_b, into_c = targets_of(sim, *blocks)
+    settled(s.copy_ahead(a, into_a, None, None, False))
+    wait_until(lambda: len(s._ahead) == 2 and s.pump.pieces_read == 9)
+    held = [number for _, number, _ in s._ahead]
+    # c comes before b this time: b and c read ahead are dropped, c read again.
+    assert settled(s.copy_ahead(c, into_c, None, None, False)) == (None, None, None)
+    assert torch.equal(into_c, expected(c)) and torch.count_nonzero(into_b) == 0
+    assert all(s.pump.ended(number) for number in held)
+    assert s.take_bytes_read() == 7 * PIECE + PIECE
+    assert (s.read_ahead_used, s.read_ahead_dropped) == (0, 2)
+    # The order learned now: c after a, a after c (the round before): a is foreseen.
+    wait_until(lambda: [block for block, _, _ in s._ahead] == [a])
+    assert settled(s.copy_ahead(b, into_b, None, None, False)) == (None, None, None)
+    assert torch.equal(into_b, expected(b))
+    s.drain()
+    assert not s._ahead and s.pump.kept == 0
+    s.close()
+
+
+def test_a_failed_read_ahead_fails_its_block_when_queued_and_no_other(small_ring, sim, tmp_path):
+    files = Files(tmp_path)
+    blocks = [files.block(name, 1) for name in "abc"]
+    s = new_stream(sim, files)
+    for _ in range(2):
+        round_of(s, blocks, targets_of(sim, *blocks))
+    a, b, c = blocks
+    into_a, into_b, into_c = targets_of(sim, *blocks)
+    path = b.file_runs[0][1].path
+    before = os.stat(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    settled(s.copy_ahead(a, into_a, None, None, False))
+    wait_until(lambda: s.pump.pieces_read == 9)  # b's read ahead fails: nothing says so yet
+    with pytest.raises(CheckpointError, match="b.safetensors: changed since its header"):
+        settled(s.copy_ahead(b, into_b, None, None, False))
+    assert torch.count_nonzero(into_b) == 0
+    assert settled(s.copy_ahead(c, into_c, None, None, False)) == (None, None, None)
+    assert torch.equal(into_c, expected(c))
+    # Read ahead and dropped (c before b), its failure is never raised.
+    settled(s.copy_ahead(a, into_a, None, None, False))
+    wait_until(lambda: [block for block, _, _ in s._ahead] == [b, c])
+    assert settled(s.copy_ahead(c, into_c, None, None, False)) == (None, None, None)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert settled(s.copy_ahead(b, into_b, None, None, False)) == (None, None, None)
+    assert torch.equal(into_b, expected(b))
+    s.close()
+
+
+def test_no_read_ahead_when_its_bytes_are_zero(small_ring, sim, tmp_path):
+    files = Files(tmp_path)
+    blocks = [files.block(name, 1) for name in "abc"]
+    s = new_stream(sim, files)
+    s.read_ahead_bytes = 0
+    for _ in range(3):
+        round_of(s, blocks, targets_of(sim, *blocks))
+    assert s.pump.pieces_read == 9 and not s._ahead
+    s.close()
+
+
+def test_a_stream_reading_ahead_drains_and_closes(small_ring, sim, tmp_path):
+    files = Files(tmp_path)
+    blocks = [files.block(name, 2) for name in "abc"]
+    s = new_stream(sim, files)
+    for _ in range(2):
+        round_of(s, blocks, targets_of(sim, *blocks))
+    settled(s.copy_ahead(blocks[0], targets_of(sim, blocks[0])[0], None, None, False))
+    wait_until(lambda: s.pump.pieces_read == 12 + 2 + 4)  # b's and c's fill the ring
+    assert len(s._ahead) == 2
+    pump = s.pump
+    closed = threading.Event()
+    threading.Thread(target=lambda: (s.close(), closed.set()), daemon=True).start()
+    assert closed.wait(WAIT), "a stream holding blocks read ahead never closed"
+    assert pump.closed and pump.kept == 0
+    assert sim.leaks() == []
+
+
+def test_the_pump_holds_a_job_until_attached_and_refuses_bad_attaches(sim, tmp_path):
+    files = Files(tmp_path)
+    a, b = files.block("a", 1), files.block("b", 1)
+    into_a, into_b = targets_of(sim, a, b)
+    ring = [torch.zeros(PIECE, dtype=torch.uint8) for _ in range(4)]
+    pump = aimdo._core.FilePump(sim.driver, 0, [(r.data_ptr(), PIECE) for r in ring], 2)
+    s = new_stream(sim, files)
+    try:
+        pieces_a, _ = s._pieces_of(a)
+        pieces_b, _ = s._pieces_of(b)
+        held = pump.queue_held(pieces_a)
+        after = pump.queue(pieces_b, into_b.data_ptr(), 0, 0, 0, 0, False, into_b)
+        wait_until(lambda: pump.pieces_read == 2)
+        time.sleep(0.05)
+        # b, queued after the held a, waits behind it; nothing is copied.
+        assert not pump.ended(held) and not pump.ended(after)
+        assert torch.count_nonzero(into_a) == 0 and torch.count_nonzero(into_b) == 0
+        with pytest.raises(ValueError, match="not a held job"):
+            pump.attach(after, into_a.data_ptr(), 0, 0, 0, 0, False)
+        with pytest.raises(ValueError, match="not a held job"):
+            pump.cancel(after)
+        pump.attach(held, into_a.data_ptr(), 0, 0, 0, 0, False, into_a)
+        assert pump.result(held)[0] == "done" and pump.result(after)[0] == "done"
+        assert torch.equal(into_a, expected(a)) and torch.equal(into_b, expected(b))
+        with pytest.raises(ValueError, match="attached or cancelled already"):
+            pump.attach(held, into_a.data_ptr(), 0, 0, 0, 0, False)
+        with pytest.raises(ValueError, match="was attached"):
+            pump.cancel(held)
+        dropped = pump.queue_held(pieces_a)
+        pump.cancel(dropped)
+        pump.cancel(dropped)  # again: nothing
+        assert pump.result(dropped)[0] == "cancelled"
+        with pytest.raises(ValueError, match="attached or cancelled already"):
+            pump.attach(dropped, into_a.data_ptr(), 0, 0, 0, 0, False)
+        for number in (held, after, dropped):
+            pump.forget(number)
+        assert pump.kept == 0 and pump.take_bytes_copied() == 2 * PIECE
+        unattached = pump.queue_held(pieces_b)
+    finally:
+        pump.close()
+        s.close()
+    assert pump.ended(unattached)  # closing cancelled it

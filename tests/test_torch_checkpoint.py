@@ -335,6 +335,20 @@ def test_host_limit_zero_reads_every_block_from_the_files_at_each_copy(make_mana
     assert o.pinned_bytes == 0
 
 
+def test_the_blocks_a_forward_copies_from_the_files_are_read_ahead(make_manager, tmp_path):
+    real, x, expected, path, model, manager = saved_stack(make_manager, tmp_path)
+    with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit=0, prefetch=2) as o:
+        used = []
+        for _ in range(5):
+            assert torch.equal(model(x.to(where(0))), expected)
+            used.append(o._stream.read_ahead_used)
+        # The first forward copies every block in line; the second, in the schedule's
+        # order, learns it; the third sees it again and reads the next forward's blocks
+        # ahead; from the fourth, each of its 5 copies finds its block read already.
+        assert o.last_stats.offloaded_layers == 5 and o.last_stats.copied_layers == 0
+        assert used == [0, 0, 0, 5, 10] and o._stream.read_ahead_dropped == 0
+
+
 def test_host_limit_pins_the_blocks_placed_last_and_streams_the_rest(
     make_manager, tmp_path, caplog
 ):

@@ -45,6 +45,7 @@ const char* status_name(PumpStatus status) {
     case PumpStatus::kInvalid: return "invalid";
     case PumpStatus::kDriver: return "driver";
     case PumpStatus::kInternal: return "internal";
+    case PumpStatus::kCancelled: return "cancelled";
   }
   return "invalid";
 }
@@ -100,6 +101,54 @@ class PyFilePump {
                       std::uintptr_t stream, std::uintptr_t after, std::uintptr_t start,
                       std::uintptr_t done, bool timed, nb::object keep) {
     require_creator();
+    PumpJob job = job_of(pieces);
+    job.base = base;
+    job.stream = stream;
+    job.after = after;
+    job.start = start;
+    job.done = done;
+    job.timed = timed;
+    return queued(std::move(job), std::move(keep));
+  }
+
+  // A held job: read ahead, its destination and events given later by attach().
+  std::uint64_t queue_held(const std::vector<PieceTuple>& pieces) {
+    require_creator();
+    PumpJob job = job_of(pieces);
+    job.held = true;
+    return queued(std::move(job), nb::none());
+  }
+
+  void attach(std::uint64_t number, std::uint64_t base, std::uintptr_t stream, std::uintptr_t after,
+              std::uintptr_t start, std::uintptr_t done, bool timed, nb::object keep) {
+    require_creator();
+    PumpJob targets;
+    targets.base = base;
+    targets.stream = stream;
+    targets.after = after;
+    targets.start = start;
+    targets.done = done;
+    targets.timed = timed;
+    const auto found = kept_.find(number);  // made when it was queued: nothing allocated
+    if (found == kept_.end()) {
+      throw InvalidArgumentError("job " + std::to_string(number) + " is not a held job queued");
+    }
+    nb::object before = std::exchange(found->second, std::move(keep));
+    try {
+      pump_->attach(number, targets);
+    } catch (...) {
+      std::swap(found->second, before);  // not attached: it keeps nothing new
+      throw;
+    }
+  }
+
+  void cancel(std::uint64_t number) {
+    require_creator();
+    pump_->cancel(number);
+  }
+
+ private:
+  static PumpJob job_of(const std::vector<PieceTuple>& pieces) {
     PumpJob job;
     job.pieces.reserve(pieces.size());
     for (const auto& [fd, direct, offset, count, size, mtime, inode, at, tensor] : pieces) {
@@ -114,15 +163,14 @@ class PyFilePump {
       piece.read.size = size;
       piece.read.mtime_ns = mtime;
       piece.read.inode = static_cast<std::uint64_t>(inode);
-      piece.destination = base + static_cast<std::uint64_t>(at);
+      piece.destination = static_cast<std::uint64_t>(at);
       piece.tensor = static_cast<int>(tensor);
       job.pieces.push_back(piece);
     }
-    job.stream = stream;
-    job.after = after;
-    job.start = start;
-    job.done = done;
-    job.timed = timed;
+    return job;
+  }
+
+  std::uint64_t queued(PumpJob job, nb::object keep) {
     // Everything keeping `keep` may need is allocated before the job is queued: once it is,
     // nothing may fail to hold what the pump writes into.
     std::unordered_map<std::uint64_t, nb::object> made;
@@ -135,6 +183,7 @@ class PyFilePump {
     return number;
   }
 
+ public:
   // Waits until the job ended (the GIL released unless it has), then its result, as often
   // as asked until forget(): a driver's refusal is raised as DriverError, a read's
   // failure is returned.
@@ -255,10 +304,23 @@ void bind_file_pump(nb::module_& m) {
            "copied on `stream` after the event `after` (0: none), `start` recorded before "
            "the first copy and `done` after the last (0: none); `keep` is held until the "
            "job has ended and is forgotten, drained or closed; returns its number.")
+      .def("queue_held", &PyFilePump::queue_held, "pieces"_a,
+           "Queue a held job (read ahead): its pieces (as queue's, their destinations "
+           "offsets from the base attach gives) are read into the ring, where they and the "
+           "jobs after them wait until attach() or cancel(); returns its number.")
+      .def("attach", &PyFilePump::attach, "job"_a, "base"_a, "stream"_a, "after"_a, "start"_a,
+           "done"_a, "timed"_a, "keep"_a = nb::none(),
+           "Give a held job its destination `base`, stream and events (as queue's): its "
+           "pieces are copied, those read already first. ValueError for a job not queued "
+           "held, or attached or cancelled already.")
+      .def("cancel", &PyFilePump::cancel, "job"_a,
+           "Drop a held job not attached: its reads end, nothing is copied, and its result "
+           "is 'cancelled'. ValueError for a job not queued held, or attached.")
       .def("result", &PyFilePump::result, "job"_a,
            "Wait until the job ended, then its (status, errno, tensor index, start ns, end ns, "
            "O_DIRECT descriptors refused); status is 'done', 'changed', 'truncated', "
-           "'failed', 'invalid' or 'internal'. DriverError when the driver refused its copy "
+           "'failed', 'invalid', 'internal' or 'cancelled'. DriverError when the driver refused "
+           "its copy "
            "or events. Answered again until forget().")
       .def("forget", &PyFilePump::forget, "job"_a,
            "Forget an ended job: its result and what it kept alive.")

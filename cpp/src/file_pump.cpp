@@ -1,6 +1,7 @@
 #include "aimdo/file_pump.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <exception>
@@ -25,6 +26,11 @@ struct FilePump::Active {
   bool failed = false;     // a read or a driver call of it failed: `result` says which
   bool ended = false;
   PumpResult result;
+  // A held job's: set under the pump's mutex (attach, cancel), read by the queuer without
+  // it. `attached` is stored after the fields attach() sets, which the queuer reads only
+  // once it has seen it.
+  std::atomic<bool> attached{false};
+  std::atomic<bool> cancelled{false};
 };
 
 namespace {
@@ -132,6 +138,57 @@ std::uint64_t FilePump::queue(PumpJob job) {
   return number;
 }
 
+void FilePump::attach(std::uint64_t number, const PumpJob& targets) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (closing_) throw InvalidStateError("this file pump is closed");
+  const auto found = jobs_.find(number);
+  if (found == jobs_.end() || !found->second->job.held) {
+    throw InvalidArgumentError("job " + std::to_string(number) + " is not a held job queued");
+  }
+  Active& job = *found->second;
+  if (job.attached.load() || job.cancelled.load()) {
+    throw InvalidArgumentError("job " + std::to_string(number) +
+                               " was attached or cancelled already");
+  }
+  job.job.base = targets.base;
+  job.job.stream = targets.stream;
+  job.job.after = targets.after;
+  job.job.start = targets.start;
+  job.job.done = targets.done;
+  job.job.timed = targets.timed;
+  job.attached.store(true, std::memory_order_release);
+  work_.notify_all();
+}
+
+void FilePump::cancel(std::uint64_t number) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto found = jobs_.find(number);
+    if (found == jobs_.end() || !found->second->job.held) {
+      throw InvalidArgumentError("job " + std::to_string(number) + " is not a held job queued");
+    }
+    Active& job = *found->second;
+    if (job.attached.load()) {
+      throw InvalidArgumentError("job " + std::to_string(number) + " was attached: it copies");
+    }
+    job.cancelled.store(true, std::memory_order_release);
+    work_.notify_all();
+  }
+  reads_.poke();
+}
+
+void FilePump::cancel_unattached() {
+  for (auto& [number, job] : jobs_) {
+    if (job->job.held && !job->attached.load()) job->cancelled.store(true);
+  }
+  work_.notify_all();
+}
+
+bool FilePump::waits_for_attach(const Active& job) {
+  return job.job.held && !job.attached.load(std::memory_order_acquire) &&
+         !job.cancelled.load(std::memory_order_acquire);
+}
+
 bool FilePump::wait(std::uint64_t job, std::int64_t timeout_ns) {
   std::unique_lock<std::mutex> lock(mutex_);
   const auto state = [&] {  // -1: not queued (or taken), 0: running, 1: ended
@@ -175,6 +232,11 @@ void FilePump::forget(std::uint64_t job) {
 }
 
 void FilePump::drain() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    cancel_unattached();
+  }
+  reads_.poke();
   std::unique_lock<std::mutex> lock(mutex_);
   ended_.wait(lock, [this] { return unended_ == 0; });
 }
@@ -209,7 +271,7 @@ void FilePump::close() {
     std::lock_guard<std::mutex> lock(mutex_);
     if (closed_) return;
     closing_ = true;
-    work_.notify_all();
+    cancel_unattached();
   }
   reads_.poke();
   if (queuer_.joinable()) queuer_.join();  // it ends the jobs queued first
@@ -302,8 +364,9 @@ bool FilePump::free_buffer(Active& job, std::size_t buffer) {
 void FilePump::copy(Active& job, std::size_t piece, std::size_t buffer, std::size_t lead) {
   if (!begin(job)) return;
   const PumpPiece& what = job.job.pieces[piece];
-  DriverStatus status = driver_->copy_from_host_async(
-      device_, what.destination, ring_[buffer].address + lead, what.read.count, job.job.stream);
+  DriverStatus status =
+      driver_->copy_from_host_async(device_, job.job.base + what.destination,
+                                    ring_[buffer].address + lead, what.read.count, job.job.stream);
   if (!status.ok()) {
     fail_driver(job, "cuMemcpyHtoDAsync", status);
     return;
@@ -320,7 +383,10 @@ void FilePump::copy(Active& job, std::size_t piece, std::size_t buffer, std::siz
 }
 
 void FilePump::finish(Active& job) {
-  if (!job.failed && begin(job) && job.job.done != 0) {
+  if (job.job.held && !job.attached.load(std::memory_order_acquire)) {
+    job.result.status = PumpStatus::kCancelled;  // a failed read of it is not reported
+    job.failed = true;
+  } else if (!job.failed && begin(job) && job.job.done != 0) {
     const DriverStatus status = driver_->event_record(device_, job.job.done, job.job.stream);
     if (!status.ok()) fail_driver(job, "cuEventRecord", status);
   }
@@ -344,7 +410,8 @@ void FilePump::hand_out(std::deque<Active*>& active) {
       }
     }
     if (job == nullptr) return;
-    if (job->failed || job->next == job->job.pieces.size()) {
+    if (job->failed || job->cancelled.load(std::memory_order_acquire) ||
+        job->next == job->job.pieces.size()) {
       job->exhausted = true;  // its pieces not read yet are dropped, if it failed
       continue;
     }
@@ -372,6 +439,11 @@ void FilePump::hand_out(std::deque<Active*>& active) {
   }
 }
 
+void FilePump::wait_for_attach(const Active& job) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  work_.wait(lock, [&] { return !waits_for_attach(job) || closing_ || !queued_.empty(); });
+}
+
 void FilePump::run() {
   ScopedDevice guard(*driver_, device_);  // for the pump's driver calls, all on this thread
   context_ = guard.status();
@@ -390,6 +462,12 @@ void FilePump::run() {
       hand_out(active);
       if (!reading_.empty()) {
         if (!reads_.wait(reading_.front().ticket)) continue;  // poked: a job was queued
+        if (waits_for_attach(*reading_.front().job)) {
+          // Read ahead: its piece stays in its buffer until the job is attached (or
+          // cancelled); a job queued meanwhile is taken, to be read into the ring's rest.
+          wait_for_attach(*reading_.front().job);
+          continue;
+        }
         const Reading read = reading_.front();
         reading_.pop_front();
         Active& job = *read.job;
@@ -407,7 +485,7 @@ void FilePump::run() {
             job.result.tensor = job.job.pieces[read.piece].tensor;
           }
           job.failed = true;
-        } else if (!job.failed) {
+        } else if (!job.failed && !job.cancelled.load(std::memory_order_acquire)) {
           copy(job, read.piece, read.buffer, result.lead);
         }
       }
@@ -430,10 +508,15 @@ void FilePump::run() {
         job->exhausted = true;
       }
     }
-    while (!active.empty() && active.front()->exhausted && active.front()->reads == 0) {
+    while (!active.empty() && active.front()->exhausted && active.front()->reads == 0 &&
+           !waits_for_attach(*active.front())) {
       Active* job = active.front();
       active.pop_front();
       finish(*job);
+    }
+    // Every piece read, and the first job not ended waits for attach() (or cancel()).
+    if (reading_.empty() && !active.empty() && waits_for_attach(*active.front())) {
+      wait_for_attach(*active.front());
     }
   }
 }

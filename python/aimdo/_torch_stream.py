@@ -11,6 +11,8 @@ they for its.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import warnings
 import weakref
@@ -151,6 +153,17 @@ class FileStream:
         self.ring_buffers = RING_BUFFERS
         self._pieces: dict[int, tuple] = {}  # id(block) -> (block, pieces, tensors)
         self._abandoned: list[int] = []  # jobs whose Pendings were dropped unsettled
+        # Read-ahead: the block queued after each (id(block) -> (block, the next, whether
+        # the same next followed it the time before too)), learned from the order blocks
+        # were queued in; the held jobs reading the blocks foreseen before they are queued,
+        # in order ((block, job, bytes)); at most read_ahead_bytes of them (None: the
+        # ring's bytes; 0: none).
+        self.read_ahead_bytes: int | None = None
+        self._next: dict[int, tuple] = {}
+        self._last = None
+        self._ahead: collections.deque = collections.deque()
+        self.read_ahead_used = 0  # copies queued whose block was read ahead
+        self.read_ahead_dropped = 0  # blocks read ahead and dropped (the order changed)
         self.closed = False
         # A stream dropped without close (its module dropped without undo) still stops
         # its pump, then gives its ring and its files back.
@@ -266,13 +279,40 @@ class FileStream:
         pump = self._ring()
         if self._abandoned:
             self._forget_abandoned()
+        self._learn(block)
+        held = None
+        if self._ahead and self._ahead[0][0] is block:
+            held = self._ahead.popleft()[1]  # read ahead already: attached below
+            self.read_ahead_used += 1
+        else:
+            self._cancel_ahead()  # not the block foreseen: the order changed
         try:
             pieces, tensors = self._pieces_of(block)
         except Exception as error:  # noqa: BLE001 - its own block's (a file not opened)
             return Pending(None, None, (), None, (False, error))
+        try:
+            pending = self._queued(pump, held, pieces, tensors, storage, stream, after, timed)
+        except BaseException:
+            if held is not None:  # never left holding up the jobs after it
+                with contextlib.suppress(Exception):  # attached after all: it copies
+                    pump.cancel(held)
+                self._abandoned.append(held)
+            raise
+        self._read_ahead()
+        return pending
+
+    def _queued(self, pump, held, pieces, tensors, storage, stream, after, timed) -> Pending:
+        """The block's job: the held one attached (read ahead), or one queued now."""
+
+        def queue(*targets) -> int:
+            if held is None:
+                return pump.queue(pieces, *targets)
+            pump.attach(held, *targets)
+            return held
+
         if stream is None:  # a simulator: the device's memory is the host's
             # The pump keeps the storage alive until the job ends (and is forgotten).
-            number = pump.queue(pieces, storage.data_ptr(), 0, 0, 0, 0, timed, storage)
+            number = queue(storage.data_ptr(), 0, 0, 0, 0, timed, storage)
             return Pending(self, number, tensors, None)
         with torch.cuda.device(storage.device):
             # Recorded once here, so that PyTorch makes their CUDA events; the pump records
@@ -284,8 +324,7 @@ class FileStream:
             if timed:
                 start = torch.cuda.Event(enable_timing=True)
                 start.record(stream)
-        number = pump.queue(
-            pieces,
+        number = queue(
             storage.data_ptr(),
             stream.cuda_stream,
             0 if after is None else after.cuda_event,
@@ -295,6 +334,52 @@ class FileStream:
             (storage, stream, after, start, done),  # alive until the job ends: the pump's
         )
         return Pending(self, number, tensors, (start, done))
+
+    def _learn(self, block) -> None:
+        """Note `block` as the one queued after the block queued before it."""
+        last, self._last = self._last, block
+        if last is not None:
+            known = self._next.get(id(last))
+            again = known is not None and known[0] is last and known[1] is block
+            self._next[id(last)] = (last, block, again)
+
+    def _foreseen(self, block):
+        """The block queued after `block` the last two times it was queued, or None: an
+        order seen once (a first forward, copying every block in line) is not read ahead."""
+        known = self._next.get(id(block))
+        return known[1] if known is not None and known[0] is block and known[2] else None
+
+    def _read_ahead(self) -> None:
+        """Queue held jobs for the blocks foreseen after the last one queued, until they
+        hold read_ahead_bytes (the ring's bytes by default: more could not be read ahead)
+        or the order comes back to a block queued or held already."""
+        limit = self.read_ahead_bytes
+        if limit is None:
+            limit = self.ring_buffers * self.buffer_bytes
+        held = sum(nbytes for _, _, nbytes in self._ahead)
+        block = self._ahead[-1][0] if self._ahead else self._last
+        seen = {id(self._last)} | {id(b) for b, _, _ in self._ahead}
+        while held < limit:
+            block = self._foreseen(block)
+            if block is None or id(block) in seen:
+                return
+            try:
+                pieces, _ = self._pieces_of(block)
+                number = self.pump.queue_held(pieces)
+            except Exception:  # noqa: BLE001 - its own copy raises it, if it comes
+                return
+            nbytes = sum(piece[3] for piece in pieces)
+            self._ahead.append((block, number, nbytes))
+            seen.add(id(block))
+            held += nbytes
+
+    def _cancel_ahead(self) -> None:
+        """Drop the held jobs: their reads end, and they are forgotten once ended."""
+        while self._ahead:
+            _, number, _ = self._ahead.popleft()
+            self.pump.cancel(number)
+            self._abandoned.append(number)
+            self.read_ahead_dropped += 1
 
     def _wait(self, pending: Pending):
         """Wait for the pending job (the GIL released): its (status, errno, tensor index,
@@ -339,8 +424,9 @@ class FileStream:
 
     def drain(self) -> None:
         """Return once every copy queued is queued on its stream (its reads done), failed
-        or not."""
+        or not; the blocks read ahead are dropped."""
         if self.pump is not None:
+            self._cancel_ahead()
             self.pump.drain()
 
     def take_bytes_read(self) -> int:
@@ -353,6 +439,9 @@ class FileStream:
         failure is raised at the end."""
         self.closed = True
         self._pieces.clear()
+        self._next.clear()
+        self._ahead.clear()  # the pump cancels them as it closes
+        self._last = None
         self._held.close()
 
 

@@ -18,6 +18,10 @@
 // - a read that fails fails its own job, once that job's reads have ended; its pieces not
 //   read yet are dropped; the jobs before and after it go on. A driver failure likewise
 //   fails its own job only.
+// - a held job (read-ahead: queued before its copies' destination is known) is read like
+//   any other, but its pieces wait in the ring, and the jobs after it wait behind them,
+//   until attach() gives it a destination, a stream and events; cancel() drops it (its
+//   reads end, nothing is copied). drain() and close() cancel the held jobs not attached.
 // Thread-safety: every method may be called from any thread.
 #pragma once
 
@@ -53,12 +57,14 @@ struct PumpPiece {
 };
 
 struct PumpJob {
-  std::vector<PumpPiece> pieces;
+  std::vector<PumpPiece> pieces;  // each piece's destination is `base` + its own
+  DeviceAddress base = 0;
   StreamHandle stream = 0;
   EventHandle after = 0;  // recorded already (0: none): the first copy waits for it
   EventHandle start = 0;  // recorded before the first copy (0: none)
   EventHandle done = 0;   // recorded after the last copy (0: none)
   bool timed = false;     // note the host clock at the first copy and at the end
+  bool held = false;      // read ahead: copied once attach() gives the fields above
 };
 
 enum class PumpStatus {
@@ -69,6 +75,7 @@ enum class PumpStatus {
   kInvalid,    // a read's request was wrong (an O_DIRECT buffer too small or misaligned)
   kDriver,     // the driver refused a copy or an event: `driver`, `operation`
   kInternal,   // the pump itself failed (memory, or a broken invariant): its jobs fail so
+  kCancelled,  // a held job cancelled (or not attached by drain() or close()): nothing copied
 };
 
 struct PumpResult {
@@ -99,6 +106,15 @@ class FilePump {
   // Queue a job; returns its number. InvalidStateError once closed; InvalidArgumentError
   // for a piece larger than a buffer.
   std::uint64_t queue(PumpJob job);
+  // Give a held job what its copies need (the job's base, stream, after, start, done and
+  // timed), so that its pieces are copied, those read already first. InvalidArgumentError
+  // for a job not queued held, or attached or cancelled already; InvalidStateError once
+  // closed.
+  void attach(std::uint64_t job, const PumpJob& targets);
+  // Drop a held job not attached: its reads in flight end, nothing is copied, and it ends
+  // as kCancelled (a failed read of it is not reported). Nothing for one cancelled already;
+  // InvalidArgumentError for a job not queued held, or attached.
+  void cancel(std::uint64_t job);
   // Wait up to `timeout_ns` until the job has ended: true when it has. InvalidArgumentError
   // for a job not queued or forgotten already.
   bool wait(std::uint64_t job, std::int64_t timeout_ns);
@@ -110,7 +126,8 @@ class FilePump {
   // Forget an ended job and its result. InvalidArgumentError for a job not ended, not
   // queued or forgotten already.
   void forget(std::uint64_t job);
-  // Return once every job queued so far has ended (its copies queued, or failed).
+  // Return once every job queued so far has ended (its copies queued, or failed), the held
+  // jobs not attached cancelled.
   void drain();
   // Bytes copied (queued) since the last call.
   std::size_t take_bytes_copied();
@@ -134,6 +151,9 @@ class FilePump {
   void finish(Active& job);
   bool free_buffer(Active& job, std::size_t buffer);
   void fail_driver(Active& job, const char* operation, const DriverStatus& status);
+  void cancel_unattached();                 // with mutex_ held
+  void wait_for_attach(const Active& job);  // or for a job queued, or closing
+  static bool waits_for_attach(const Active& job);
 
   std::shared_ptr<Driver> driver_;
   const int device_;
