@@ -740,3 +740,27 @@ def test_the_pump_holds_a_job_until_attached_and_refuses_bad_attaches(sim, tmp_p
         pump.close()
         s.close()
     assert pump.ended(unattached)  # closing cancelled it
+
+
+def test_a_block_ends_before_the_pump_waits_for_the_one_read_ahead_after_it(
+    small_ring, sim, tmp_path, monkeypatch
+):
+    # One buffer: a's only piece fills the ring, so nothing marks a's pieces all handed
+    # out until b's piece (read ahead) is handed out after it. The pump must still end a
+    # before it waits for b's attach: the forward waits for a before it queues b.
+    monkeypatch.setattr(stream, "RING_BUFFERS", 1)
+    files = Files(tmp_path)
+    a, b = files.block("a", 1), files.block("b", 1)
+    s = new_stream(sim, files)
+    for _ in range(2):
+        round_of(s, [a, b], targets_of(sim, a, b))
+    into_a, into_b = targets_of(sim, a, b)
+    with sim.hold(COPY, 0) as copying:
+        pending = s.copy_ahead(a, into_a, None, None, False)
+        assert [block for block, _, _ in s._ahead] == [b]  # held before a's copy is queued
+        assert copying.wait_arrived(WAIT)
+    assert settled(pending) == (None, None, None)
+    assert torch.equal(into_a, expected(a))
+    assert settled(s.copy_ahead(b, into_b, None, None, False)) == (None, None, None)
+    assert torch.equal(into_b, expected(b)) and s.read_ahead_used == 1
+    s.close()

@@ -444,6 +444,22 @@ void FilePump::wait_for_attach(const Active& job) {
   work_.wait(lock, [&] { return !waits_for_attach(job) || closing_ || !queued_.empty(); });
 }
 
+void FilePump::finish_ended(std::deque<Active*>& active) {
+  // Whether each piece of the job was handed out or dropped: hand_out marks it so only
+  // when it looks for the next piece, which a full ring keeps it from doing.
+  const auto handed = [](const Active& job) {
+    return job.exhausted || job.failed || job.cancelled.load(std::memory_order_acquire) ||
+           job.next == job.job.pieces.size();
+  };
+  while (!active.empty() && handed(*active.front()) && active.front()->reads == 0 &&
+         !waits_for_attach(*active.front())) {
+    Active* job = active.front();
+    active.pop_front();
+    job->exhausted = true;
+    finish(*job);
+  }
+}
+
 void FilePump::run() {
   ScopedDevice guard(*driver_, device_);  // for the pump's driver calls, all on this thread
   context_ = guard.status();
@@ -465,6 +481,9 @@ void FilePump::run() {
         if (waits_for_attach(*reading_.front().job)) {
           // Read ahead: its piece stays in its buffer until the job is attached (or
           // cancelled); a job queued meanwhile is taken, to be read into the ring's rest.
+          // The jobs before it end first: the caller may be waiting for one of them
+          // before it attaches this one.
+          finish_ended(active);
           wait_for_attach(*reading_.front().job);
           continue;
         }
@@ -508,12 +527,7 @@ void FilePump::run() {
         job->exhausted = true;
       }
     }
-    while (!active.empty() && active.front()->exhausted && active.front()->reads == 0 &&
-           !waits_for_attach(*active.front())) {
-      Active* job = active.front();
-      active.pop_front();
-      finish(*job);
-    }
+    finish_ended(active);
     // Every piece read, and the first job not ended waits for attach() (or cancel()).
     if (reading_.empty() && !active.empty() && waits_for_attach(*active.front())) {
       wait_for_attach(*active.front());

@@ -151,8 +151,9 @@ class FilePump {
   void finish(Active& job);
   bool free_buffer(Active& job, std::size_t buffer);
   void fail_driver(Active& job, const char* operation, const DriverStatus& status);
-  void cancel_unattached();                 // with mutex_ held
-  void wait_for_attach(const Active& job);  // or for a job queued, or closing
+  void cancel_unattached();                        // with mutex_ held
+  void wait_for_attach(const Active& job);         // or for a job queued, or closing
+  void finish_ended(std::deque<Active*>& active);  // the first jobs whose pieces are all done
   static bool waits_for_attach(const Active& job);
 
   std::shared_ptr<Driver> driver_;
