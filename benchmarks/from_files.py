@@ -234,6 +234,13 @@ def settle(manager, run_step) -> int:
     return steps
 
 
+def read_ahead(handle) -> tuple[int, int]:
+    """The offload's copies that found their block read ahead, and its blocks read ahead
+    and dropped, so far ((0, 0) with no block in the files)."""
+    stream = handle._stream
+    return (0, 0) if stream is None else (stream.read_ahead_used, stream.read_ahead_dropped)
+
+
 def depth_of(text: str):
     """A --prefetch depth: an int, or "auto"."""
     return text if text == "auto" else int(text)
@@ -321,6 +328,7 @@ def child(args) -> dict:
                 if trials:
                     settling += trials + settle(manager, lambda: (one_step(), sync(device)))
                 memory.append(memory_now(manager, cuda=not args.tiny))
+                ahead = read_ahead(handle)  # before the timed steps
             start = time.perf_counter()
     result = {
         "first_step_seconds": times[0],  # from the files to the first finished step
@@ -340,9 +348,10 @@ def child(args) -> dict:
         result["prefetch_choosing"] = handle.prefetch_choosing  # still, after run_trials
         result["bytes_copied_per_step"] = handle.last_stats.bytes_copied
         result["bytes_from_files_per_step"] = handle.last_stats.bytes_from_files
-        if handle._stream is not None:  # blocks read ahead of their copies, in every step
-            result["read_ahead_used"] = handle._stream.read_ahead_used
-            result["read_ahead_dropped"] = handle._stream.read_ahead_dropped
+        if handle._stream is not None:  # blocks read ahead of their copies, in timed steps
+            now = read_ahead(handle)
+            result["read_ahead_used"] = now[0] - ahead[0]
+            result["read_ahead_dropped"] = now[1] - ahead[1]
         result["budget_bytes"] = manager.budget_bytes(0)
         result["resident_bytes"] = manager.resident_bytes(0)
         # Where the budget went: the VBAR's pages, the staging buffers, torch's own pool.
@@ -469,8 +478,9 @@ def main() -> int:
         )
         if "read_ahead_used" in run:
             print(
-                f"    read ahead: {run['read_ahead_used']} copies found their block read "
-                f"already, {run['read_ahead_dropped']} blocks read ahead were dropped",
+                f"    read ahead, in the timed steps: {run['read_ahead_used']} copies found "
+                f"their block read already, {run['read_ahead_dropped']} blocks read ahead "
+                "were dropped",
                 flush=True,
             )
         for line in run["log"]:

@@ -87,8 +87,13 @@ def targets_of(sim, *blocks) -> list[torch.Tensor]:
     return made
 
 
-def new_stream(sim, files: Files, pin: bool = False) -> stream.FileStream:
-    return stream.FileStream(files.stamps, pin=pin, driver=sim.driver, device=0)
+def new_stream(sim, files: Files, pin: bool = False, ahead: bool = False) -> stream.FileStream:
+    """A stream over the files; `ahead`: reading ahead up to the ring's bytes (off by
+    default)."""
+    made = stream.FileStream(files.stamps, pin=pin, driver=sim.driver, device=0)
+    if ahead:
+        made.read_ahead_bytes = None
+    return made
 
 
 def settled(pending):
@@ -585,7 +590,7 @@ def round_of(s, blocks, targets) -> None:
 def test_the_blocks_foreseen_are_read_ahead_and_copied_once_queued(small_ring, sim, tmp_path):
     files = Files(tmp_path)
     blocks = [files.block(name, 1) for name in "abc"]
-    s = new_stream(sim, files)
+    s = new_stream(sim, files, ahead=True)
     for _ in range(2):  # learns the order, then sees it again: nothing read ahead yet
         round_of(s, blocks, targets_of(sim, *blocks))
     assert s.pump.pieces_read == 6 and not s._ahead
@@ -616,27 +621,30 @@ def test_the_blocks_foreseen_are_read_ahead_and_copied_once_queued(small_ring, s
     s.close()
 
 
-def test_a_block_not_foreseen_drops_the_blocks_read_ahead(small_ring, sim, tmp_path):
+def test_a_block_not_foreseen_drops_the_blocks_read_ahead_before_it(small_ring, sim, tmp_path):
     files = Files(tmp_path)
     blocks = [files.block(name, 1) for name in "abc"]
-    s = new_stream(sim, files)
+    s = new_stream(sim, files, ahead=True)
     for _ in range(2):
         round_of(s, blocks, targets_of(sim, *blocks))
     a, b, c = blocks
     into_a, into_b, into_c = targets_of(sim, *blocks)
     settled(s.copy_ahead(a, into_a, None, None, False))
     wait_until(lambda: len(s._ahead) == 2 and s.pump.pieces_read == 9)
-    held = [number for _, number, _ in s._ahead]
-    # c comes before b this time: b and c read ahead are dropped, c read again.
+    (_, dropped, _), _ = s._ahead
+    # c comes before b this time: b, read ahead before c, is dropped; c's read is used.
     assert settled(s.copy_ahead(c, into_c, None, None, False)) == (None, None, None)
     assert torch.equal(into_c, expected(c)) and torch.count_nonzero(into_b) == 0
-    assert all(s.pump.ended(number) for number in held)
-    assert s.take_bytes_read() == 7 * PIECE + PIECE
-    assert (s.read_ahead_used, s.read_ahead_dropped) == (0, 2)
-    # The order learned now: c after a, a after c (the round before): a is foreseen.
-    wait_until(lambda: [block for block, _, _ in s._ahead] == [a])
+    wait_until(lambda: [block for block, _, _ in s._ahead] == [a] and s.pump.pieces_read >= 10)
+    assert s.pump.pieces_read == 10  # a read ahead again, c not read again
+    assert (s.read_ahead_used, s.read_ahead_dropped) == (1, 1)
+    assert s.pump.result(dropped)[0] == "cancelled"
+    assert s.take_bytes_read() == 7 * PIECE + PIECE  # b copied nothing
+    # Learned now: c after a, and a after c (from the round before): a is foreseen, and
+    # b, coming instead, drops it and is read.
     assert settled(s.copy_ahead(b, into_b, None, None, False)) == (None, None, None)
     assert torch.equal(into_b, expected(b))
+    assert (s.read_ahead_used, s.read_ahead_dropped) == (1, 2)
     s.drain()
     assert not s._ahead and s.pump.kept == 0
     s.close()
@@ -645,7 +653,7 @@ def test_a_block_not_foreseen_drops_the_blocks_read_ahead(small_ring, sim, tmp_p
 def test_a_failed_read_ahead_fails_its_block_when_queued_and_no_other(small_ring, sim, tmp_path):
     files = Files(tmp_path)
     blocks = [files.block(name, 1) for name in "abc"]
-    s = new_stream(sim, files)
+    s = new_stream(sim, files, ahead=True)
     for _ in range(2):
         round_of(s, blocks, targets_of(sim, *blocks))
     a, b, c = blocks
@@ -670,21 +678,24 @@ def test_a_failed_read_ahead_fails_its_block_when_queued_and_no_other(small_ring
     s.close()
 
 
-def test_no_read_ahead_when_its_bytes_are_zero(small_ring, sim, tmp_path):
+@pytest.mark.parametrize("ahead", [stream.READ_AHEAD_BYTES, 0])
+def test_no_read_ahead_by_default_or_when_its_bytes_are_zero(small_ring, sim, tmp_path, ahead):
     files = Files(tmp_path)
     blocks = [files.block(name, 1) for name in "abc"]
     s = new_stream(sim, files)
-    s.read_ahead_bytes = 0
+    assert s.read_ahead_bytes == stream.READ_AHEAD_BYTES == 0  # off: see READ_AHEAD_BYTES
+    s.read_ahead_bytes = ahead
     for _ in range(3):
         round_of(s, blocks, targets_of(sim, *blocks))
     assert s.pump.pieces_read == 9 and not s._ahead
+    assert (s.read_ahead_used, s.read_ahead_dropped) == (0, 0)
     s.close()
 
 
-def test_a_stream_reading_ahead_drains_and_closes(small_ring, sim, tmp_path):
+def test_a_stream_holding_blocks_read_ahead_closes(small_ring, sim, tmp_path):
     files = Files(tmp_path)
     blocks = [files.block(name, 2) for name in "abc"]
-    s = new_stream(sim, files)
+    s = new_stream(sim, files, ahead=True)
     for _ in range(2):
         round_of(s, blocks, targets_of(sim, *blocks))
     settled(s.copy_ahead(blocks[0], targets_of(sim, blocks[0])[0], None, None, False))
@@ -704,7 +715,7 @@ def test_the_pump_holds_a_job_until_attached_and_refuses_bad_attaches(sim, tmp_p
     into_a, into_b = targets_of(sim, a, b)
     ring = [torch.zeros(PIECE, dtype=torch.uint8) for _ in range(4)]
     pump = aimdo._core.FilePump(sim.driver, 0, [(r.data_ptr(), PIECE) for r in ring], 2)
-    s = new_stream(sim, files)
+    s = new_stream(sim, files, ahead=True)
     try:
         pieces_a, _ = s._pieces_of(a)
         pieces_b, _ = s._pieces_of(b)
@@ -751,7 +762,7 @@ def test_a_block_ends_before_the_pump_waits_for_the_one_read_ahead_after_it(
     monkeypatch.setattr(stream, "RING_BUFFERS", 1)
     files = Files(tmp_path)
     a, b = files.block("a", 1), files.block("b", 1)
-    s = new_stream(sim, files)
+    s = new_stream(sim, files, ahead=True)
     for _ in range(2):
         round_of(s, [a, b], targets_of(sim, a, b))
     into_a, into_b = targets_of(sim, a, b)
@@ -764,3 +775,72 @@ def test_a_block_ends_before_the_pump_waits_for_the_one_read_ahead_after_it(
     assert settled(s.copy_ahead(b, into_b, None, None, False)) == (None, None, None)
     assert torch.equal(into_b, expected(b)) and s.read_ahead_used == 1
     s.close()
+
+
+class InterruptedAfterQueueHeld:
+    """A pump whose queue_held raises KeyboardInterrupt once the job is queued (a signal
+    landing just after the native call, before the stream notes the job)."""
+
+    def __init__(self, pump):
+        self._pump = pump
+
+    def __getattr__(self, name):
+        return getattr(self._pump, name)
+
+    def queue_held(self, pieces):
+        self._pump.queue_held(pieces)
+        raise KeyboardInterrupt
+
+
+def test_an_interrupt_while_reading_ahead_leaves_no_held_job_behind(small_ring, sim, tmp_path):
+    # (Found by review: the held job, queued and not noted, held up every copy after it.)
+    files = Files(tmp_path)
+    blocks = [files.block(name, 1) for name in "abc"]
+    a, b, c = blocks
+    s = new_stream(sim, files, ahead=True)
+    for _ in range(2):
+        round_of(s, blocks, targets_of(sim, *blocks))
+    into_a, into_b, into_c = targets_of(sim, *blocks)
+    real = s.pump
+    s._held.pump = InterruptedAfterQueueHeld(real)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            s.copy_in(a, into_a)  # in line: nothing drains after it
+    finally:
+        s._held.pump = real
+    assert not s._ahead
+    assert settled(s.copy_ahead(c, into_c, None, None, False)) == (None, None, None)
+    assert torch.equal(into_c, expected(c))
+    s.close()
+
+
+def test_the_pump_drops_held_jobs_on_drain_and_reads_no_more_of_one_cancelled(
+    small_ring, sim, tmp_path
+):
+    files = Files(tmp_path)
+    a = files.block("a", 3)
+    ring = [torch.zeros(PIECE, dtype=torch.uint8)]  # one buffer: one piece read at a time
+    pump = aimdo._core.FilePump(sim.driver, 0, [(r.data_ptr(), PIECE) for r in ring], 1)
+    s = new_stream(sim, files)
+    try:
+        pieces, _ = s._pieces_of(a)
+        copies = len([line for line in sim.log().splitlines() if line.startswith(COPY)])
+        first = pump.queue_held(pieces)
+        wait_until(lambda: pump.pieces_read == 1)  # its first piece waits in the buffer
+        pump.cancel(first)
+        assert pump.result(first)[0] == "cancelled"
+        assert pump.pieces_read == 1  # the other two never read
+        second = pump.queue_held(pieces)
+        third = pump.queue_held(pieces)
+        pump.cancel_held()  # both, though the caller named neither
+        assert [pump.result(n)[0] for n in (second, third)] == ["cancelled"] * 2
+        fourth = pump.queue_held(pieces)
+        pump.drain()  # returns: the held job not attached is cancelled
+        assert pump.result(fourth)[0] == "cancelled"
+        for number in (first, second, third, fourth):
+            pump.forget(number)
+        assert pump.kept == 0 and pump.take_bytes_copied() == 0
+        assert len([line for line in sim.log().splitlines() if line.startswith(COPY)]) == copies
+    finally:
+        pump.close()
+        s.close()

@@ -335,7 +335,12 @@ def test_host_limit_zero_reads_every_block_from_the_files_at_each_copy(make_mana
     assert o.pinned_bytes == 0
 
 
-def test_the_blocks_a_forward_copies_from_the_files_are_read_ahead(make_manager, tmp_path):
+def test_the_blocks_a_forward_copies_from_the_files_are_read_ahead(
+    make_manager, tmp_path, monkeypatch
+):
+    import aimdo._torch_stream as stream
+
+    monkeypatch.setattr(stream, "READ_AHEAD_BYTES", None)  # on: the ring's bytes
     real, x, expected, path, model, manager = saved_stack(make_manager, tmp_path)
     with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit=0, prefetch=2) as o:
         used = []

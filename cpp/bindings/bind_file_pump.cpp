@@ -147,6 +147,11 @@ class PyFilePump {
     pump_->cancel(number);
   }
 
+  void cancel_held() {
+    require_creator();
+    pump_->cancel_held();
+  }
+
  private:
   static PumpJob job_of(const std::vector<PieceTuple>& pieces) {
     PumpJob job;
@@ -327,8 +332,11 @@ void bind_file_pump(nb::module_& m) {
       .def("ended", &PyFilePump::ended, "job"_a,
            "Whether the job has ended (True for one forgotten or never queued).")
       .def_prop_ro("kept", &PyFilePump::kept, "Jobs whose `keep` is still held.")
+      .def("cancel_held", &PyFilePump::cancel_held,
+           "Cancel every held job not attached (as cancel() each); returns at once.")
       .def("drain", &PyFilePump::drain,
-           "Return once every job queued so far has ended, letting go of what they kept.")
+           "Return once every job queued so far has ended, letting go of what they kept; the "
+           "held jobs not attached are cancelled.")
       .def("take_bytes_copied", &PyFilePump::take_bytes_copied,
            "Bytes whose copies were queued since the last call.")
       .def_prop_ro("pieces_read", &PyFilePump::pieces_read)

@@ -177,6 +177,14 @@ void FilePump::cancel(std::uint64_t number) {
   reads_.poke();
 }
 
+void FilePump::cancel_held() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    cancel_unattached();
+  }
+  reads_.poke();
+}
+
 void FilePump::cancel_unattached() {
   for (auto& [number, job] : jobs_) {
     if (job->job.held && !job->attached.load()) job->cancelled.store(true);

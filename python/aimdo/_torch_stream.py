@@ -36,6 +36,13 @@ RING_BUFFERS = 2 * READERS
 RING_BUFFER_BYTES = 16 << 20
 #: Cores left to the rest of the process (the forward's thread, the pump, PyTorch's own).
 SPARE_CPUS = 4
+#: Bytes of the blocks foreseen read ahead of their copies (FileStream.read_ahead_bytes;
+#: None: the ring's bytes; 0: none). Off: on an H200 at host_limit 8 GiB, reading the
+#: ring's bytes ahead took the 35 GiB synthetic model from 339.8 to 348.3 ms a step and
+#: Qwen-Image from about 483 to 594.3 ms, a quarter of its blocks read ahead being
+#: dropped (benchmarks/RESULTS.md, read-ahead; measured before a block held but not first
+#: dropped only the held jobs before it).
+READ_AHEAD_BYTES: int | None = 0
 
 
 def reader_threads() -> int:
@@ -158,7 +165,7 @@ class FileStream:
         # were queued in; the held jobs reading the blocks foreseen before they are queued,
         # in order ((block, job, bytes)); at most read_ahead_bytes of them (None: the
         # ring's bytes; 0: none).
-        self.read_ahead_bytes: int | None = None
+        self.read_ahead_bytes: int | None = READ_AHEAD_BYTES
         self._next: dict[int, tuple] = {}
         self._last = None
         self._ahead: collections.deque = collections.deque()
@@ -279,25 +286,36 @@ class FileStream:
         pump = self._ring()
         if self._abandoned:
             self._forget_abandoned()
+        try:
+            return self._queue_reading_ahead(pump, block, storage, stream, after, timed)
+        except BaseException:
+            # Interrupted anywhere (a held job may be queued and not yet in _ahead, or taken
+            # from it and not attached): every held job not attached is dropped, so that
+            # none is left holding up the jobs after it.
+            with contextlib.suppress(Exception):
+                self._ahead.clear()
+                pump.cancel_held()
+            raise
+
+    def _queue_reading_ahead(self, pump, block, storage, stream, after, timed) -> Pending:
         self._learn(block)
         held = None
-        if self._ahead and self._ahead[0][0] is block:
-            held = self._ahead.popleft()[1]  # read ahead already: attached below
-            self.read_ahead_used += 1
+        at = next((i for i, (b, _, _) in enumerate(self._ahead) if b is block), None)
+        if at is not None:  # read ahead already: attached below, the ones before dropped
+            self._cancel_ahead(at)
+            held = self._ahead.popleft()[1]
         else:
-            self._cancel_ahead()  # not the block foreseen: the order changed
+            self._cancel_ahead()  # not foreseen: the order changed
         try:
             pieces, tensors = self._pieces_of(block)
         except Exception as error:  # noqa: BLE001 - its own block's (a file not opened)
-            return Pending(None, None, (), None, (False, error))
-        try:
-            pending = self._queued(pump, held, pieces, tensors, storage, stream, after, timed)
-        except BaseException:
-            if held is not None:  # never left holding up the jobs after it
-                with contextlib.suppress(Exception):  # attached after all: it copies
-                    pump.cancel(held)
+            if held is not None:
+                pump.cancel(held)
                 self._abandoned.append(held)
-            raise
+            return Pending(None, None, (), None, (False, error))
+        pending = self._queued(pump, held, pieces, tensors, storage, stream, after, timed)
+        if held is not None:
+            self.read_ahead_used += 1
         self._read_ahead()
         return pending
 
@@ -373,9 +391,10 @@ class FileStream:
             seen.add(id(block))
             held += nbytes
 
-    def _cancel_ahead(self) -> None:
-        """Drop the held jobs: their reads end, and they are forgotten once ended."""
-        while self._ahead:
+    def _cancel_ahead(self, count: int | None = None) -> None:
+        """Drop the first `count` held jobs (all by default): their reads end, and they
+        are forgotten once ended."""
+        for _ in range(len(self._ahead) if count is None else count):
             _, number, _ = self._ahead.popleft()
             self.pump.cancel(number)
             self._abandoned.append(number)

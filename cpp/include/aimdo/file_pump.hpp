@@ -115,6 +115,8 @@ class FilePump {
   // as kCancelled (a failed read of it is not reported). Nothing for one cancelled already;
   // InvalidArgumentError for a job not queued held, or attached.
   void cancel(std::uint64_t job);
+  // cancel() every held job not attached, those the caller lost track of too.
+  void cancel_held();
   // Wait up to `timeout_ns` until the job has ended: true when it has. InvalidArgumentError
   // for a job not queued or forgotten already.
   bool wait(std::uint64_t job, std::int64_t timeout_ns);
