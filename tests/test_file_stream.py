@@ -700,12 +700,12 @@ def test_a_stream_holding_blocks_read_ahead_closes(small_ring, sim, tmp_path):
         round_of(s, blocks, targets_of(sim, *blocks))
     settled(s.copy_ahead(blocks[0], targets_of(sim, blocks[0])[0], None, None, False))
     wait_until(lambda: s.pump.pieces_read == 12 + 2 + 4)  # b's and c's fill the ring
-    assert len(s._ahead) == 2
+    assert len(s._ahead) == 2 and s.read_ahead_dropped == 0
     pump = s.pump
     closed = threading.Event()
     threading.Thread(target=lambda: (s.close(), closed.set()), daemon=True).start()
     assert closed.wait(WAIT), "a stream holding blocks read ahead never closed"
-    assert pump.closed and pump.kept == 0
+    assert pump.closed and pump.kept == 0 and s.read_ahead_dropped == 2
     assert sim.leaks() == []
 
 

@@ -459,6 +459,7 @@ class FileStream:
         self.closed = True
         self._pieces.clear()
         self._next.clear()
+        self.read_ahead_dropped += len(self._ahead)
         self._ahead.clear()  # the pump cancels them as it closes
         self._last = None
         self._held.close()
