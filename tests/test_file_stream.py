@@ -587,12 +587,19 @@ def round_of(s, blocks, targets) -> None:
         assert torch.equal(target, expected(block))
 
 
-def test_the_blocks_foreseen_are_read_ahead_and_copied_once_queued(small_ring, sim, tmp_path):
+def order_learned(sim, tmp_path, pieces: int):
+    """A stream reading ahead, and blocks a, b and c of `pieces` pieces each, copied in
+    that order twice: the order is learned, nothing read ahead yet."""
     files = Files(tmp_path)
-    blocks = [files.block(name, 1) for name in "abc"]
+    blocks = [files.block(name, pieces) for name in "abc"]
     s = new_stream(sim, files, ahead=True)
-    for _ in range(2):  # learns the order, then sees it again: nothing read ahead yet
+    for _ in range(2):
         round_of(s, blocks, targets_of(sim, *blocks))
+    return s, blocks
+
+
+def test_the_blocks_foreseen_are_read_ahead_and_copied_once_queued(small_ring, sim, tmp_path):
+    s, blocks = order_learned(sim, tmp_path, pieces=1)
     assert s.pump.pieces_read == 6 and not s._ahead
     a, b, c = blocks
     into_a, into_b, into_c = targets_of(sim, *blocks)
@@ -622,11 +629,7 @@ def test_the_blocks_foreseen_are_read_ahead_and_copied_once_queued(small_ring, s
 
 
 def test_a_block_not_foreseen_drops_the_blocks_read_ahead_before_it(small_ring, sim, tmp_path):
-    files = Files(tmp_path)
-    blocks = [files.block(name, 1) for name in "abc"]
-    s = new_stream(sim, files, ahead=True)
-    for _ in range(2):
-        round_of(s, blocks, targets_of(sim, *blocks))
+    s, blocks = order_learned(sim, tmp_path, pieces=1)
     a, b, c = blocks
     into_a, into_b, into_c = targets_of(sim, *blocks)
     settled(s.copy_ahead(a, into_a, None, None, False))
@@ -651,11 +654,7 @@ def test_a_block_not_foreseen_drops_the_blocks_read_ahead_before_it(small_ring, 
 
 
 def test_a_failed_read_ahead_fails_its_block_when_queued_and_no_other(small_ring, sim, tmp_path):
-    files = Files(tmp_path)
-    blocks = [files.block(name, 1) for name in "abc"]
-    s = new_stream(sim, files, ahead=True)
-    for _ in range(2):
-        round_of(s, blocks, targets_of(sim, *blocks))
+    s, blocks = order_learned(sim, tmp_path, pieces=1)
     a, b, c = blocks
     into_a, into_b, into_c = targets_of(sim, *blocks)
     path = b.file_runs[0][1].path
@@ -693,11 +692,7 @@ def test_no_read_ahead_by_default_or_when_its_bytes_are_zero(small_ring, sim, tm
 
 
 def test_a_stream_holding_blocks_read_ahead_closes(small_ring, sim, tmp_path):
-    files = Files(tmp_path)
-    blocks = [files.block(name, 2) for name in "abc"]
-    s = new_stream(sim, files, ahead=True)
-    for _ in range(2):
-        round_of(s, blocks, targets_of(sim, *blocks))
+    s, blocks = order_learned(sim, tmp_path, pieces=2)
     settled(s.copy_ahead(blocks[0], targets_of(sim, blocks[0])[0], None, None, False))
     wait_until(lambda: s.pump.pieces_read == 12 + 2 + 4)  # b's and c's fill the ring
     assert len(s._ahead) == 2 and s.read_ahead_dropped == 0
@@ -794,12 +789,8 @@ class InterruptedAfterQueueHeld:
 
 def test_an_interrupt_while_reading_ahead_leaves_no_held_job_behind(small_ring, sim, tmp_path):
     # (Found by review: the held job, queued and not noted, held up every copy after it.)
-    files = Files(tmp_path)
-    blocks = [files.block(name, 1) for name in "abc"]
+    s, blocks = order_learned(sim, tmp_path, pieces=1)
     a, b, c = blocks
-    s = new_stream(sim, files, ahead=True)
-    for _ in range(2):
-        round_of(s, blocks, targets_of(sim, *blocks))
     into_a, into_b, into_c = targets_of(sim, *blocks)
     real = s.pump
     s._held.pump = InterruptedAfterQueueHeld(real)

@@ -502,3 +502,41 @@ def test_a_tensor_without_sizes_is_alike_itself():
     unknown = ((0, "torch.float32", -1, -1),)
     assert tune.alike(unknown, unknown)
     assert not tune.alike(unknown, ((0, "torch.float16", -1, -1),))
+
+
+def test_forwards_timed_from_outside_still_let_the_depth_be_chosen(make_manager):
+    # Offload.timed around every forward holds the forward's marks: the tuner reads them.
+    model, x, expected, manager = six_blocks(make_manager)
+    with atorch.offload(model, 0, manager=manager) as offloaded:
+        for _ in range(2):  # learns the order; times it and predicts
+            out, uses = offloaded.timed(lambda: model(x.to(where(0))))
+            assert torch.equal(out, expected)
+        assert len(uses) == offloaded.last_stats.layers
+        assert sorted(offloaded.prefetch_predictions) == list(tune.CANDIDATES)
+        for _ in range(2 * len(tune.CANDIDATES) + 2):  # every trial, each timed too
+            out, uses = offloaded.timed(lambda: model(x.to(where(0))))
+            assert torch.equal(out, expected) and len(uses) == offloaded.last_stats.layers
+        assert not offloaded.prefetch_choosing and offloaded.prefetch_measured
+
+
+def test_a_forward_whose_end_fails_is_not_measured_by_the_trials(make_manager, monkeypatch):
+    scripted(monkeypatch, chosen=2)
+    model, x, expected, manager = six_blocks(make_manager)
+    with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
+        script_clock(offloaded, {2: 1.0, 3: 0.875, 4: 2.0})
+        for _ in range(2):  # learn; predict: 2 on trial, measured next
+            model(x.to(where(0)))
+        schedule = offloaded._runner.schedule
+        end_forward = schedule.end_forward
+
+        def failing_end():
+            end_forward()
+            raise RuntimeError("injected at the end")
+
+        monkeypatch.setattr(schedule, "end_forward", failing_end)
+        with pytest.raises(RuntimeError, match="injected at the end"):
+            model(x.to(where(0)))  # the measured forward's end fails
+        monkeypatch.setattr(schedule, "end_forward", end_forward)
+        assert offloaded.prefetch_measured == {} and offloaded.prefetch == 2
+        assert torch.equal(model(x.to(where(0))), expected)  # measured again
+        assert offloaded.prefetch_measured == {2: 1.0} and offloaded.prefetch == 3

@@ -102,12 +102,7 @@ class PyFilePump {
                       std::uintptr_t done, bool timed, nb::object keep) {
     require_creator();
     PumpJob job = job_of(pieces);
-    job.base = base;
-    job.stream = stream;
-    job.after = after;
-    job.start = start;
-    job.done = done;
-    job.timed = timed;
+    aim(job, base, stream, after, start, done, timed);
     return queued(std::move(job), std::move(keep));
   }
 
@@ -123,12 +118,7 @@ class PyFilePump {
               std::uintptr_t start, std::uintptr_t done, bool timed, nb::object keep) {
     require_creator();
     PumpJob targets;
-    targets.base = base;
-    targets.stream = stream;
-    targets.after = after;
-    targets.start = start;
-    targets.done = done;
-    targets.timed = timed;
+    aim(targets, base, stream, after, start, done, timed);
     const auto found = kept_.find(number);  // made when it was queued: nothing allocated
     if (found == kept_.end()) {
       throw InvalidArgumentError("job " + std::to_string(number) + " is not a held job queued");
@@ -153,6 +143,17 @@ class PyFilePump {
   }
 
  private:
+  // Where a job's copies go and what orders them (queue's and attach's arguments).
+  static void aim(PumpJob& job, std::uint64_t base, std::uintptr_t stream, std::uintptr_t after,
+                  std::uintptr_t start, std::uintptr_t done, bool timed) {
+    job.base = base;
+    job.stream = stream;
+    job.after = after;
+    job.start = start;
+    job.done = done;
+    job.timed = timed;
+  }
+
   static PumpJob job_of(const std::vector<PieceTuple>& pieces) {
     PumpJob job;
     job.pieces.reserve(pieces.size());

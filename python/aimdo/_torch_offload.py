@@ -331,6 +331,8 @@ class Runner:
             # (Offload.timed, around this call); the tuner and the timings share them.
             timed = is_root and self.timing
             marking = (timed or wants == "blocks") and schedule.marks is None
+            # Marks set outside (Offload.timed around this call): the tuner reads them too.
+            outside = schedule.marks if wants == "blocks" and not marking else None
             began = None
             if wants == "measure":  # a trial: the forward alone on the device, whole
                 try:
@@ -357,6 +359,9 @@ class Runner:
             finally:
                 try:
                     schedule.end_forward()
+                except BaseException:
+                    failed = True  # not timed, nor measured by the trials
+                    raise
                 finally:
                     executor.release_peer_pins(wait=True)
                     schedule.stats.bytes_from_peers = executor.take_peer_bytes()
@@ -383,6 +388,8 @@ class Runner:
                         with on_device:
                             try:
                                 if wants == "blocks":
+                                    if marks is None and outside is not None and not failed:
+                                        marks = [*outside, ("end", None, executor.mark())]
                                     tuner.after(schedule, failed, marks)
                                 else:
                                     seconds = like = None
