@@ -293,7 +293,9 @@ class FileStream:
             # from it and not attached): every held job not attached is dropped, so that
             # none is left holding up the jobs after it.
             with contextlib.suppress(Exception):
-                self._ahead.clear()
+                while self._ahead:  # forgotten once ended
+                    self._abandoned.append(self._ahead.popleft()[1])
+                    self.read_ahead_dropped += 1
                 pump.cancel_held()
             raise
 
@@ -313,7 +315,12 @@ class FileStream:
                 pump.cancel(held)
                 self._abandoned.append(held)
             return Pending(None, None, (), None, (False, error))
-        pending = self._queued(pump, held, pieces, tensors, storage, stream, after, timed)
+        try:
+            pending = self._queued(pump, held, pieces, tensors, storage, stream, after, timed)
+        except BaseException:
+            if held is not None:  # attached or not (then _queue cancels it): forgotten once ended
+                self._abandoned.append(held)
+            raise
         if held is not None:
             self.read_ahead_used += 1
         self._read_ahead()
@@ -374,6 +381,8 @@ class FileStream:
         limit = self.read_ahead_bytes
         if limit is None:
             limit = self.ring_buffers * self.buffer_bytes
+        if limit <= 0:
+            return
         held = sum(nbytes for _, _, nbytes in self._ahead)
         block = self._ahead[-1][0] if self._ahead else self._last
         seen = {id(self._last)} | {id(b) for b, _, _ in self._ahead}
