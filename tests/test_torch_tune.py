@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")  # the test extra installs it: a skip here 
 import aimdo._torch_tune as tune  # noqa: E402
 import aimdo.torch as atorch  # noqa: E402
 from aimdo.predict import PredictedStep  # noqa: E402
+from conftest import PAGE  # noqa: E402
 from torch_support import new_manager, reference, stack, where  # noqa: E402
 
 
@@ -419,22 +420,80 @@ def test_the_default_prefetch_is_auto_and_a_given_depth_is_kept(make_manager):
         assert offloaded.prefetch == 3 and offloaded.prefetch_predictions is None
 
 
-def test_a_forward_that_copies_nothing_ends_the_choice_at_its_depth(make_manager, caplog):
+def test_a_model_that_fits_chooses_no_depth_until_a_block_is_offloaded(make_manager, caplog):
     model, x, expected, manager = six_blocks(make_manager, pages=8)  # room for every block
     caplog.set_level(logging.INFO, logger="aimdo")
+    limit = manager.limit_bytes(0)
     with atorch.offload(model, 0, manager=manager) as offloaded:
-        for _ in range(2):  # learns the order; then the forward to time copies nothing
+        for _ in range(2):  # learns the order; then the forward to time offloads nothing
             assert torch.equal(model(x.to(where(0))), expected)
-        assert offloaded.last_stats.bytes_copied == 0
+        assert offloaded.last_stats.offloaded_layers == 0
         assert offloaded.prefetch == tune.START and not offloaded.prefetch_choosing
         assert offloaded.prefetch_predictions is None and offloaded.prefetch_measured == {}
-        said = [r.getMessage() for r in caplog.records if "copied nothing" in r.getMessage()]
+        said = [r.getMessage() for r in caplog.records if "offloaded nothing" in r.getMessage()]
         assert said == [
-            f"aimdo: offload on device 0 keeps prefetch {tune.START}: its forward copied "
-            "nothing (every block resident), so no depth is tried"
+            f"aimdo: offload on device 0 keeps prefetch {tune.START}: its forward offloaded "
+            "nothing (every block fits), so no depth is tried until one does"
         ]
         assert torch.equal(model(x.to(where(0))), expected)
-        assert offloaded.prefetch == tune.START
+        assert offloaded.prefetch_predictions is None and not offloaded.prefetch_choosing
+        # Others take memory: blocks are offloaded, and the depth is chosen after all.
+        manager.set_budget(0, vram_limit=limit - 4 * PAGE)
+        assert torch.equal(model(x.to(where(0))), expected)  # offloads; timed next
+        assert offloaded.last_stats.offloaded_layers > 0 and offloaded.prefetch_choosing
+        assert torch.equal(model(x.to(where(0))), expected)
+        assert sorted(offloaded.prefetch_predictions) == list(tune.CANDIDATES)
+        assert any("chooses its prefetch depth again" in r.getMessage() for r in caplog.records)
+
+
+def test_a_model_that_fits_once_its_pages_are_filled_again_tries_no_depth(make_manager):
+    # The forward timed fills pages (after a pause): not copies to hide.
+    model, x, expected, manager = six_blocks(make_manager, pages=8)
+    with atorch.offload(model, 0, manager=manager) as offloaded:
+        assert torch.equal(model(x.to(where(0))), expected)  # learns the order
+        offloaded.pause()
+        offloaded.resume()
+        assert torch.equal(model(x.to(where(0))), expected)  # timed: fills its pages again
+        assert offloaded.last_stats.copied_layers > 0
+        assert offloaded.last_stats.offloaded_layers == 0
+        assert not offloaded.prefetch_choosing and offloaded.prefetch_predictions is None
+
+
+def test_trials_failing_one_after_another_end_at_the_depth_measured_fastest(
+    make_manager, monkeypatch, caplog
+):
+    scripted(monkeypatch, chosen=2)
+    model, x, expected, manager = six_blocks(make_manager)
+    fail, handle = failing(model[3])
+    caplog.set_level(logging.WARNING, logger="aimdo")
+    with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
+        script_clock(offloaded, {2: 1.0, 3: 0.875, 4: 2.0})
+        for _ in range(3):  # learn; predict; 2 measured
+            model(x.to(where(0)))
+        assert offloaded.prefetch_measured == {2: 1.0} and offloaded.prefetch == 3
+        fail["now"] = True  # as a depth whose staging cannot be had
+        for _ in range(tune.FAILED_LIMIT):
+            with pytest.raises(RuntimeError, match="injected"):
+                model(x.to(where(0)))
+        assert not offloaded.prefetch_choosing and offloaded.prefetch == 2
+        warned = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+        assert warned == [
+            f"aimdo: offload on device 0 keeps prefetch 2: {tune.FAILED_LIMIT} forwards of its "
+            "trials failed one after another (at prefetch 3)"
+        ]
+        fail["now"] = False
+        assert torch.equal(model(x.to(where(0))), expected)
+    handle.remove()
+
+
+def test_a_staging_cap_given_keeps_the_default_depth(make_manager):
+    model, x, expected, manager = six_blocks(make_manager)
+    with atorch.offload(model, 0, manager=manager, staging_bytes=3 << 20) as offloaded:
+        assert offloaded.prefetch == tune.START and not offloaded.prefetch_choosing
+    with atorch.offload(
+        model, 0, manager=manager, staging_bytes=3 << 20, prefetch="auto"
+    ) as offloaded:
+        assert offloaded.prefetch_choosing  # asked for: chosen within the cap
 
 
 def test_an_undone_offload_is_not_choosing(make_manager):
@@ -469,11 +528,11 @@ def test_forwards_disturbed_before_any_is_measured_end_the_trials_at_the_depth(
 
 def test_a_disturbance_is_not_measured_and_settles_again(make_manager, monkeypatch):
     # The model fits its budget: its watermark stays at the top, so only disturbed()
-    # (a resume, a budget grown: Offload._grow) tells the trials. A forward that copies
-    # nothing would end them at once (test_a_forward_that_copies_nothing_ends_...): here
-    # they run as for a model that copies.
+    # (a resume, a budget grown: Offload._grow) tells the trials. A model that fits would
+    # choose nothing (test_a_model_that_fits_chooses_no_depth_...): here the trials run
+    # as for one that offloads.
     scripted(monkeypatch, chosen=tune.START)
-    monkeypatch.setattr(tune, "copied_nothing", lambda schedule: False)
+    monkeypatch.setattr(tune, "fits", lambda schedule: False)
     model, x, expected, manager = six_blocks(make_manager, pages=8)
     with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
         measured = script_clock(offloaded, {2: 1.0, 3: 0.875, 4: 2.0})
@@ -504,18 +563,46 @@ def test_a_tensor_without_sizes_is_alike_itself():
     assert not tune.alike(unknown, ((0, "torch.float16", -1, -1),))
 
 
-def test_forwards_timed_from_outside_still_let_the_depth_be_chosen(make_manager):
-    # Offload.timed around every forward holds the forward's marks: the tuner reads them.
+def test_forwards_timed_from_outside_still_let_the_depth_be_chosen(make_manager, monkeypatch):
+    # Offload.timed around the forwards holds their marks: the tuner reads the marks of
+    # its own forward only (timed() may hold several), and timed() ends its marks at the
+    # end mark the forward took before the tuner's prediction ran.
+    import aimdo._torch_handle as handle_module
+
     model, x, expected, manager = six_blocks(make_manager)
+    chosen_with = []  # (uses the tuner got, the forward's end mark when it predicted)
+    choose = tune.PrefetchTuner._choose
+    timed_marks = []
+    use_seconds = handle_module.use_seconds
+    monkeypatch.setattr(
+        handle_module,
+        "use_seconds",
+        lambda marks, elapsed: (timed_marks.append(list(marks)), use_seconds(marks, elapsed))[1],
+    )
     with atorch.offload(model, 0, manager=manager) as offloaded:
-        for _ in range(2):  # learns the order; times it and predicts
-            out, uses = offloaded.timed(lambda: model(x.to(where(0))))
-            assert torch.equal(out, expected)
-        assert len(uses) == offloaded.last_stats.layers
+
+        def spy(self, schedule, uses):
+            chosen_with.append((len(uses), offloaded._runner.outside_end))
+            return choose(self, schedule, uses)
+
+        monkeypatch.setattr(tune.PrefetchTuner, "_choose", spy)
+
+        def two_forwards():
+            assert torch.equal(model(x.to(where(0))), expected)  # learns the order
+            return model(x.to(where(0)))  # timed for the choice
+
+        out, uses = offloaded.timed(two_forwards)
+        assert torch.equal(out, expected)
+        layers = offloaded.last_stats.layers
+        assert len(uses) == 2 * layers
+        [(used, end)] = chosen_with
+        assert used == layers and end is not None
         assert sorted(offloaded.prefetch_predictions) == list(tune.CANDIDATES)
+        ends = [mark for mark in timed_marks[0] if mark[0] == "end"]
+        assert len(ends) == 1 and ends[0][2] is end  # taken before the prediction ran
         for _ in range(2 * len(tune.CANDIDATES) + 2):  # every trial, each timed too
             out, uses = offloaded.timed(lambda: model(x.to(where(0))))
-            assert torch.equal(out, expected) and len(uses) == offloaded.last_stats.layers
+            assert torch.equal(out, expected) and len(uses) == layers
         assert not offloaded.prefetch_choosing and offloaded.prefetch_measured
 
 

@@ -127,8 +127,10 @@ class Offload:
                     for mine, leaders in zip(own.weights, theirs.weights, strict=True):
                         mine.stride = leaders.stride  # as the leader's chunks hold them
             prefetch = options["prefetch"]
-            if prefetch is None:  # the default: see offload()'s prefetch
-                prefetch = "auto" if leader is None else START
+            if prefetch is None:  # the default (a group's members take an int)
+                # A cap on staging given: a deeper depth would cut it into buffers smaller
+                # than the blocks, which then go through temporary buffers outside the cap.
+                prefetch = "auto" if options["staging_bytes"] is None else START
             tuner = None
             if prefetch == "auto":
                 prefetch = START
@@ -325,11 +327,12 @@ class Offload:
     def prefetch_choosing(self) -> bool:
         """With ``prefetch="auto"``, True until the depth is chosen for good: while the
         forwards are timed, predicted and tried (a forward on trial synchronizes the device
-        before and after it); else False."""
+        before and after it); else False. False too while every block fits (the forward
+        timed for the choice offloaded none): it is chosen once one is offloaded."""
         if self.undone:
             return False
         tuner = self._runner.tuner
-        return tuner is not None and not tuner.done
+        return tuner is not None and tuner.choosing(self._runner.schedule)
 
     @property
     def prefetch_measured(self) -> dict[int, float] | None:
@@ -409,13 +412,17 @@ class Offload:
         events on the compute stream; the host's clock on a simulator): its result, and
         (block index, compute seconds) per use in run order, copies left out (see
         aimdo._schedule.use_seconds)."""
-        schedule, executor = self._runner.schedule, self._executor
+        runner = self._runner
+        schedule, executor = runner.schedule, self._executor
         marks = schedule.marks = [("start", None, executor.mark())]
         if self.device.type != "cuda":
             executor.inline_marks = marks  # copies in line are the host's, not compute
+        runner.outside_end = None
         try:
             result = call()
-            marks.append(("end", None, executor.mark()))
+            # The last forward's end (before the prefetch tuner's work after it), or now.
+            end = runner.outside_end
+            marks.append(("end", None, executor.mark() if end is None else end))
         finally:
             schedule.marks = executor.inline_marks = None
         index = {block: i for i, block in enumerate(self._blocks)}

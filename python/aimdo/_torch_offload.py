@@ -297,6 +297,9 @@ class Runner:
         self.manager_ref = lambda: None  # the Manager, weakly (set by the Offload)
         self.timing = False  # Offload.timings: time every forward of the whole module
         self.recorded = None  # the last timed forward's marks (aimdo._timings.Recorded)
+        # Under Offload.timed: the mark at the end of the last forward of the whole module,
+        # taken before the prefetch tuner's own work (Offload.timed ends its marks there).
+        self.outside_end = None
 
     def call(self, forward, is_root: bool, args, kwargs):
         """Run `forward` (an offloaded module's) as a forward of its own: the whole
@@ -331,8 +334,12 @@ class Runner:
             # (Offload.timed, around this call); the tuner and the timings share them.
             timed = is_root and self.timing
             marking = (timed or wants == "blocks") and schedule.marks is None
-            # Marks set outside (Offload.timed around this call): the tuner reads them too.
-            outside = schedule.marks if wants == "blocks" and not marking else None
+            # Marks set outside (Offload.timed around this call, which may hold several
+            # forwards): the tuner reads this forward's, from a start mark of its own.
+            outside = schedule.marks if is_root and not marking else None
+            own = None
+            if outside is not None and wants == "blocks":
+                own = (len(outside), executor.mark())
             began = None
             if wants == "measure":  # a trial: the forward alone on the device, whole
                 try:
@@ -379,6 +386,11 @@ class Runner:
                         if timed and not failed:
                             clock = "cuda events" if self.device.type == "cuda" else "host clock"
                             self.recorded = Recorded(marks, copies, executor.elapsed, clock)
+                    elif outside is not None:
+                        end = self.outside_end = executor.mark()
+                        if own is not None and not failed:
+                            first, start = own
+                            marks = [("start", None, start), *outside[first:], ("end", None, end)]
                     if wants is not None:
                         on_device = (
                             torch.cuda.device(self.device)
@@ -388,8 +400,6 @@ class Runner:
                         with on_device:
                             try:
                                 if wants == "blocks":
-                                    if marks is None and outside is not None and not failed:
-                                        marks = [*outside, ("end", None, executor.mark())]
                                     tuner.after(schedule, failed, marks)
                                 else:
                                     seconds = like = None

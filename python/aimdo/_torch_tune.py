@@ -38,6 +38,9 @@ GIVE_UP = 0.1
 #: was paused and resumed); after this many, the trials end with the depth measured
 #: fastest so far.
 NOT_COMPARED_LIMIT = 12
+#: Forwards of the trials failing one after another that end them, back at the depth
+#: measured fastest (or START): a depth whose staging cannot be had fails every forward.
+FAILED_LIMIT = 2
 #: Two forwards are alike, for the trials, when they pass tensors of the same dtypes and
 #: ranks, in the same places, each with a number of elements within this fraction of the
 #: other's (each measured forward is compared with the one measured before it): a
@@ -77,9 +80,11 @@ def alike(first: tuple, other: tuple) -> bool:
     return True
 
 
-def copied_nothing(schedule: Schedule) -> bool:
-    """Whether the forward just run copied no block (all of them resident)."""
-    return schedule.stats.bytes_copied == 0
+def fits(schedule: Schedule) -> bool:
+    """Whether the forward just run took no block through staging or a temporary buffer:
+    every block it used fits the budget (pages it filled once, after a pause or an
+    eviction, are not copies to hide)."""
+    return schedule.stats.offloaded_layers == 0
 
 
 class PrefetchTuner:
@@ -106,6 +111,15 @@ class PrefetchTuner:
         self.disturbances = 0
         self.seen = 0
         self.done = False
+        # The last forward timed for the choice offloaded nothing: no choice until one
+        # does (a model that fits now may not once others take memory).
+        self.fitting = False
+        self.failures = 0  # forwards of the trials failed one after another
+
+    def choosing(self, schedule: Schedule) -> bool:
+        """Whether the depth is still to be chosen: not chosen for good, nor waiting while
+        every block fits (as the last forward found)."""
+        return not self.done and not (self.fitting and fits(schedule))
 
     def wants(self, schedule: Schedule) -> str | None:
         """What the next forward is for (see the class), once the order is known. A
@@ -114,6 +128,15 @@ class PrefetchTuner:
         or disturbed() was called since."""
         if self.done or schedule.learning:
             return None
+        if self.fitting:
+            if fits(schedule):  # the last forward's
+                return None
+            self.fitting = False
+            _log.info(
+                "aimdo: offload on device %s offloads blocks now: it chooses its prefetch "
+                "depth again",
+                self.device,
+            )
         if self.predicted is None:
             return "blocks"
         if self._moved(schedule) and not self.settling:
@@ -126,15 +149,15 @@ class PrefetchTuner:
     def after(self, schedule: Schedule, failed: bool, marks) -> None:
         """Predict from the forward just timed: `marks` are its Schedule.marks, from
         "start" to "end", or None when it was not timed (one that failed is timed again
-        next); then start the trials, unless that forward copied nothing (every block
-        resident), which keeps the depth it runs at."""
+        next); then start the trials, unless that forward offloaded nothing (every block
+        fits): then no depth is tried until a forward offloads one (wants())."""
         if marks is None or failed:
             return
-        if copied_nothing(schedule):  # every block resident: no copy to hide
-            self.done = True
+        if fits(schedule):  # no copy to hide
+            self.fitting = True
             _log.info(
-                "aimdo: offload on device %s keeps prefetch %d: its forward copied nothing "
-                "(every block resident), so no depth is tried",
+                "aimdo: offload on device %s keeps prefetch %d: its forward offloaded "
+                "nothing (every block fits), so no depth is tried until one does",
                 self.device,
                 schedule.prefetch,
             )
@@ -160,10 +183,17 @@ class PrefetchTuner:
         """After a forward of the trials: `kind` what wants() said it was for ("settle" or
         "measure"), `seconds` it took when measured (None when it settled or failed),
         `like` its signature() (None when not measured). A failed forward's step is run
-        again; one disturbed while it ran (its watermark moved, or disturbed() was called)
-        is followed by a settling one."""
-        if failed or self.done:
+        again (FAILED_LIMIT failing one after another end the trials: _give_up); one
+        disturbed while it ran (its watermark moved, or disturbed() was called) is followed
+        by a settling one."""
+        if self.done:
             return
+        if failed:
+            self.failures += 1
+            if self.failures >= FAILED_LIMIT:
+                self._give_up(schedule)
+            return
+        self.failures = 0
         if self._moved(schedule):
             self.settling = True
             self._not_compared(schedule)
@@ -209,6 +239,25 @@ class PrefetchTuner:
             schedule.prefetch,
             error,
         )
+
+    def _give_up(self, schedule: Schedule) -> None:
+        """End the trials after FAILED_LIMIT failed forwards, back at the depth measured
+        fastest, or START when none was."""
+        self.done = True
+        self.settling = False
+        depth = self._fastest() if self.measured else START
+        if depth != schedule.prefetch:
+            schedule.set_prefetch(depth, self.staging_for(schedule, depth))
+        _log.warning(
+            "aimdo: offload on device %s keeps prefetch %d: %d forwards of its trials failed "
+            "one after another (at prefetch %s)",
+            self.device,
+            depth,
+            self.failures,
+            self.trying,
+        )
+        if self.grow is not None and self.trying is not None and depth < self.trying:
+            self.grow()  # the deeper depth's staging took residency: let it grow back
 
     def _not_compared(self, schedule: Schedule) -> None:
         self.not_compared += 1

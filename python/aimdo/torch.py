@@ -133,8 +133,10 @@ def offload(
     ``prefetch`` is how many copies are kept in flight ahead of the compute: more hides
     the copies of weights whose compute is short (Qwen-Image's modulation layers) at the
     cost of staging memory; measured on an H200 (benchmarks/RESULTS.md). The default is
-    ``"auto"`` (a depth given, from 0, is kept): Qwen-Image at a 24 GiB budget on an H200
-    measured 414 ms a step at 2 and 403 ms at 4; blocks read from a checkpoint's files
+    ``"auto"`` (2 when ``staging_bytes`` is given, which a deeper depth would cut into
+    buffers smaller than the blocks; a depth given, from 0, is kept). In one run on an
+    H200, Qwen-Image at a 24 GiB budget, batch 2, measured 417.1 ms a step at 2 and
+    402.4 ms at the 6 its trials kept; blocks read from a checkpoint's files
     (``host_limit``) need a deeper window still (816 ms at 2, 554 ms at the depth its
     trials found), as such a block is read only once its copy is queued.
     ``prefetch="auto"`` starts at 2, times the compute of each block in the first forward
@@ -143,8 +145,13 @@ def offload(
     deeper ones for real, one measured forward each (the device synchronized around it),
     until one is 10% slower than the fastest so far, and keeps the fastest (a deeper one
     only if 1% faster), logging the choice (logger ``aimdo``, INFO; ``Offload.prefetch``,
-    ``prefetch_predictions``, ``prefetch_measured`` and ``prefetch_choosing`` tell); a
-    forward that copies nothing (every block resident) ends the choice at 2.
+    ``prefetch_predictions``, ``prefetch_measured`` and ``prefetch_choosing`` tell). When
+    it keeps a shallower depth than one it tried, it empties PyTorch's CUDA cache
+    (``torch.cuda.empty_cache``, the whole device's) so that the residency the deeper
+    staging took grows back. While every block fits (the forward timed takes none
+    through staging), no depth is tried, until a forward offloads one. Two forwards of
+    the trials failing one after another (a depth whose staging cannot be had) end them
+    at the depth measured fastest, or 2.
     ``staging_bytes`` (bytes or a size string) caps the staging buffers together; by
     default, enough for ``prefetch + 1`` buffers of the largest block, within 256 MiB or
     1/24 of the device's budget, whichever is more (``auto_staging_bytes``).
