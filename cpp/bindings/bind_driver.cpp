@@ -46,6 +46,19 @@ DriverStatus on_device(Driver& d, int device, Call call) {
   return guard.status().ok() ? call() : guard.status();
 }
 
+// A binding of `operation`, a call on one event that needs no current device: the GIL
+// released, and DriverError naming the CUDA function `name` when the driver refuses.
+auto on_event(DriverStatus (Driver::*operation)(EventHandle), const char* name) {
+  return [operation, name](Driver& d, EventHandle event) {
+    DriverStatus status;
+    {
+      nb::gil_scoped_release release;
+      status = (d.*operation)(event);
+    }
+    check(status, std::string(name) + " of event " + hex(event), -1, name);
+  };
+}
+
 // Host-to-device copies and events (Driver::copy_from_host_async, event_*): each makes
 // `device` current for a context-dependent call, releases the GIL, and raises DriverError
 // naming the CUDA function when the driver refuses.
@@ -82,19 +95,9 @@ void add_event_operations(nb::class_<Driver>& driver) {
           "device"_a,
           "Make an event of `device` (made current for the call) that times nothing; its "
           "handle. Give it back with event_destroy. DriverError when the driver refuses.")
-      .def(
-          "event_destroy",
-          [](Driver& d, EventHandle event) {
-            DriverStatus status;
-            {
-              nb::gil_scoped_release release;
-              status = d.event_destroy(event);
-            }
-            check(status, "cuEventDestroy of event " + hex(event), -1, "cuEventDestroy");
-          },
-          "event"_a,
-          "Destroy an event made by event_create. DriverError for a handle that names no "
-          "event.")
+      .def("event_destroy", on_event(&Driver::event_destroy, "cuEventDestroy"), "event"_a,
+           "Destroy an event made by event_create. DriverError for a handle that names no "
+           "event.")
       .def(
           "event_record",
           [](Driver& d, int device, EventHandle event, std::uintptr_t stream) {
@@ -107,19 +110,10 @@ void add_event_operations(nb::class_<Driver>& driver) {
           "device"_a, "event"_a, "stream"_a = 0,
           "Record `event` at the end of the work queued on `stream` of `device` (made current "
           "for the call) so far. DriverError when the driver refuses.")
-      .def(
-          "event_synchronize",
-          [](Driver& d, EventHandle event) {
-            DriverStatus status;
-            {
-              nb::gil_scoped_release release;
-              status = d.event_synchronize(event);
-            }
-            check(status, "cuEventSynchronize of event " + hex(event), -1, "cuEventSynchronize");
-          },
-          "event"_a,
-          "Wait, without the GIL, until the work `event` last recorded is done (at once if it "
-          "was never recorded). DriverError when the driver refuses.")
+      .def("event_synchronize", on_event(&Driver::event_synchronize, "cuEventSynchronize"),
+           "event"_a,
+           "Wait, without the GIL, until the work `event` last recorded is done (at once if it "
+           "was never recorded). DriverError when the driver refuses.")
       .def(
           "stream_wait_event",
           [](Driver& d, int device, std::uintptr_t stream, EventHandle event) {

@@ -300,7 +300,8 @@ class FileStream:
             raise
 
     def _queue_reading_ahead(self, pump, block, storage, stream, after, timed) -> Pending:
-        self._learn(block)
+        if self.read_ahead_bytes != 0:  # off (the default): no order to learn
+            self._learn(block)
         held = None
         at = next((i for i, (b, _, _) in enumerate(self._ahead) if b is block), None)
         if at is not None:  # read ahead already: attached below, the ones before dropped

@@ -243,11 +243,8 @@ class PrefetchTuner:
     def _give_up(self, schedule: Schedule) -> None:
         """End the trials after FAILED_LIMIT failed forwards, back at the depth measured
         fastest, or START when none was."""
-        self.done = True
-        self.settling = False
         depth = self._fastest() if self.measured else START
-        if depth != schedule.prefetch:
-            schedule.set_prefetch(depth, self.staging_for(schedule, depth))
+        self._end_at(schedule, depth)
         _log.warning(
             "aimdo: offload on device %s keeps prefetch %d: %d forwards of its trials failed "
             "one after another (at prefetch %s)",
@@ -258,6 +255,13 @@ class PrefetchTuner:
         )
         if self.grow is not None and self.trying is not None and depth < self.trying:
             self.grow()  # the deeper depth's staging took residency: let it grow back
+
+    def _end_at(self, schedule: Schedule, depth: int) -> None:
+        """End the trials, the module running on at `depth` from its next forward."""
+        self.done = True
+        self.settling = False
+        if depth != schedule.prefetch:
+            schedule.set_prefetch(depth, self.staging_for(schedule, depth))
 
     def _not_compared(self, schedule: Schedule) -> None:
         self.not_compared += 1
@@ -282,9 +286,8 @@ class PrefetchTuner:
     def _finish(self, schedule: Schedule, why: str | None) -> None:
         """Keep the depth measured fastest (or, none measured, the one it runs at), and
         let the module's residency grow back into what the deeper depths' staging took."""
-        self.done = True
-        self.settling = False
         if not self.measured:
+            self._end_at(schedule, schedule.prefetch)
             _log.info(
                 "aimdo: offload on device %s keeps prefetch %d, none measured: %s",
                 self.device,
@@ -293,8 +296,7 @@ class PrefetchTuner:
             )
             return
         chosen = self._fastest()
-        if chosen != schedule.prefetch:
-            schedule.set_prefetch(chosen, self.staging_for(schedule, chosen))
+        self._end_at(schedule, chosen)
         _log.info(
             "aimdo: offload on device %s keeps prefetch %d, measured %.1f ms a forward "
             "(tried %s)%s",
