@@ -15,7 +15,7 @@ import aimdo  # noqa: E402
 import aimdo.torch as atorch  # noqa: E402
 from aimdo._sizes import format_size  # noqa: E402
 from conftest import PAGE  # noqa: E402
-from torch_support import new_manager, one_page_layers, reference, where  # noqa: E402
+from torch_support import new_manager, one_page_layers, reference, stack, where  # noqa: E402
 
 
 def offloaded(make_manager, layers: int, pages: int):
@@ -309,3 +309,87 @@ def test_a_pause_that_fails_part_way_still_stops_the_offloads_and_resume_undoes_
         assert not manager.paused(0) and handle.vbar.watermark_bytes == 4 * PAGE
         for _ in range(2):
             assert torch.equal(model(x), expected)
+
+
+@pytest.mark.sim_only
+def test_residency_evictions_took_grows_back_once_others_give_the_memory_back(make_manager):
+    sim, manager, model, x, expected = on_simulator(make_manager, 8, pages=8, poll_interval=0)
+    with atorch.offload(model, 0, manager=manager, prefetch=2) as handle:
+        for _ in range(2):
+            assert torch.equal(model(x), expected)
+        sim.add_external_usage(0, 3 * PAGE)
+        try:
+            for _ in range(2):  # evicted at the first; no room after either
+                assert torch.equal(model(x), expected)
+                assert manager.resident_bytes(0) == 5 * PAGE
+                assert handle.vbar.watermark_bytes == 5 * PAGE
+        finally:
+            sim.remove_external_usage(0, 3 * PAGE)
+        # The forward after the memory came back ends by raising the watermark by the
+        # room (3 pages); the one after it maps them.
+        assert torch.equal(model(x), expected)
+        assert handle.vbar.watermark_bytes == 8 * PAGE
+        assert manager.resident_bytes(0) == 5 * PAGE and handle.last_stats.offloaded_layers == 3
+        assert torch.equal(model(x), expected)
+        assert manager.resident_bytes(0) == 8 * PAGE and handle.last_stats.offloaded_layers == 0
+        assert handle.last_stats.copied_layers == 3 and handle.last_stats.hits == 5
+
+
+@pytest.mark.sim_only
+def test_a_raise_the_next_forward_undoes_waits_for_more_room(make_manager):
+    # Others' memory that comes during each forward and goes at its end (as a pool
+    # emptied after every step would): the room seen between forwards is not there when
+    # the faults need it. One raise is tried; once undone, none until the room grows.
+    sim, manager, model, x, expected = on_simulator(make_manager, 8, pages=8, poll_interval=0)
+    transient = {"on": False}
+
+    def take(module, args):
+        if transient["on"]:
+            sim.add_external_usage(0, 3 * PAGE)
+
+    def give(module, args, output):
+        if transient["on"]:
+            sim.remove_external_usage(0, 3 * PAGE)
+
+    first, last = model[0].register_forward_pre_hook(take), model[7].register_forward_hook(give)
+    try:
+        with atorch.offload(model, 0, manager=manager, prefetch=2) as handle:
+            for _ in range(2):
+                assert torch.equal(model(x), expected)
+            transient["on"] = True
+            assert torch.equal(model(x), expected)  # evicted 3 pages; room at its end: raised
+            assert handle.vbar.watermark_bytes == 8 * PAGE
+            assert torch.equal(model(x), expected)  # the raise undone
+            assert handle.vbar.watermark_bytes == 5 * PAGE
+            evicted = manager.stats(0)["evicted_bytes"]
+            for _ in range(3):  # no raise: the room is what the undone one had
+                assert torch.equal(model(x), expected)
+                assert handle.vbar.watermark_bytes == 5 * PAGE
+            assert manager.stats(0)["evicted_bytes"] == evicted
+            assert manager.resident_bytes(0) == 5 * PAGE
+    finally:
+        first.remove()
+        last.remove()
+
+
+def test_a_resume_fills_the_whole_budget_again(make_manager):
+    # From the top, the first forward after a resume fills in the order of use, and a fault
+    # can find the room held by a less important block its window pins: it lowers the
+    # watermark to its own start, below the budget (here to half of it). The next raise,
+    # by the room, fills the budget.
+    model = stack(blocks=6)
+    x = torch.randn(2, 256)
+    expected = reference(model, x, 0)
+    manager = new_manager(make_manager, pages=4)
+    with atorch.offload(model, 0, manager=manager, prefetch=2) as handle:
+        for _ in range(3):
+            assert torch.equal(model(x.to(where(0))), expected)
+        assert manager.resident_bytes(0) == 4 * PAGE
+        handle.pause()
+        handle.resume()
+        assert torch.equal(model(x.to(where(0))), expected)
+        assert manager.resident_bytes(0) == 2 * PAGE
+        assert handle.vbar.watermark_bytes == 4 * PAGE  # raised again, by the room
+        assert torch.equal(model(x.to(where(0))), expected)
+        assert manager.resident_bytes(0) == 4 * PAGE
+        assert handle.vbar.watermark_bytes == 4 * PAGE

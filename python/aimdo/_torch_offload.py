@@ -5,6 +5,7 @@ PyTorch; imported by aimdo.torch only."""
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import inspect
 import logging
@@ -300,6 +301,11 @@ class Runner:
         # Under Offload.timed: the mark at the end of the last forward of the whole module,
         # taken before the prefetch tuner's own work (Offload.timed ends its marks there).
         self.outside_end = None
+        self._block_ends = None  # the end of every block's allocation, sorted (made once)
+        # _grow_into_room: (watermark, room) of a raise the next forward judges; the room
+        # a futile raise had (the next waits for more)
+        self._raised = None
+        self._futile_room = None
 
     def call(self, forward, is_root: bool, args, kwargs):
         """Run `forward` (an offloaded module's) as a forward of its own: the whole
@@ -410,6 +416,8 @@ class Runner:
                                     tuner.after_trial(schedule, wants, failed, seconds, like)
                             except Exception as error:  # noqa: BLE001 - the forward's result stands
                                 tuner.stop(schedule, error)
+                    if is_root and not failed:
+                        self._grow_into_room(schedule)
         finally:
             self.owner = None
             self.lock.release()
@@ -425,6 +433,58 @@ class Runner:
                 self.schedule.drop_staging()
             finally:
                 self.lock.release()
+
+    def _grow_into_room(self, schedule: Schedule) -> None:
+        """After a forward of the whole that ended with the VBAR's watermark below its
+        top: raise it by the room the budget has now, when that room holds the block just
+        above it (others gave memory back: PyTorch's cache emptied, staging dropped,
+        another model's pages freed), so that residency an eviction took grows back by
+        itself. Raised by the room, not to the top: from the top, the next forward's
+        faults fill in the order of use, and a fault for a block the budget has room for
+        can find the room held by pages a less important block pins in the window, and
+        lower the watermark to its own start (§3.2), below where it was. Still, a raise is
+        judged by the next forward's watermark: not higher (the room was others' memory
+        between two polls), and the next raise waits for more room than this one had. Not
+        while the prefetch trials run: they measure residency as it stands, and grow it
+        back themselves when they end."""
+        vbar = schedule.vbar
+        manager = self.manager_ref()
+        if manager is None or vbar.closed or self.paused or self.device_paused:
+            return
+        watermark, top = vbar.watermark_bytes, vbar.size
+        raised, self._raised = self._raised, None
+        if raised is not None:
+            before, room = raised
+            self._futile_room = None if watermark > before else room
+        if watermark >= top:
+            return
+        if self._block_ends is None:
+            self._block_ends = sorted(
+                b.allocation.offset + b.allocation.size for b in schedule.blocks
+            )
+        at = bisect.bisect_right(self._block_ends, watermark)
+        if at == len(self._block_ends):
+            return  # no block above the watermark (only pages of padding)
+        try:
+            room = -manager.deficit_bytes(vbar.device)
+        except _core.InvalidStateError:  # the manager closed meanwhile
+            return
+        page = vbar.page_size
+        raise_to = (watermark + max(room, 0)) // page * page
+        if raise_to < -(-self._block_ends[at] // page) * page:
+            return  # not room for the next block
+        if self._futile_room is not None and room < self._futile_room + page:
+            return
+        _log.debug(
+            "aimdo: device %d: the budget has room again: the watermark is raised from %s to %s",
+            vbar.device,
+            format_size(watermark),
+            format_size(raise_to),
+        )
+        self._raised = (watermark, room)
+        if self.tuner is not None:
+            self.tuner.disturbed()
+        vbar.set_watermark(min(raise_to, top))
 
     def _watch_watermark(self, schedule: Schedule) -> None:
         """After a forward of the whole: say (INFO) when evictions for memory others took
