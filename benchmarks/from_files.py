@@ -360,6 +360,9 @@ def child(args) -> dict:
         result["watermark_bytes"] = [v["watermark_bytes"] for v in report["vbars"]]
         result["staging_bytes"] = handle.staging_bytes
         result["torch_reserved_bytes"] = torch.cuda.memory_reserved(0) if not args.tiny else 0
+        # The room the budget sees now (negative: a deficit), from its last poll.
+        result["room_bytes"] = -manager.deficit_bytes(0)
+        result["last_poll"] = manager.poll(0)
         handle.timings = True  # one more step, timed, outside the median's
         with torch.no_grad():
             step(model)
@@ -508,7 +511,10 @@ def main() -> int:
                 f"    budget {run['budget_bytes'] / GiB:.2f} GiB, usage "
                 f"{run['usage_bytes'] / GiB:.2f} GiB, staging {run['staging_bytes'] / GiB:.2f} "
                 f"GiB, torch reserved {run['torch_reserved_bytes'] / GiB:.2f} GiB, watermark "
-                f"{[round(w / GiB, 2) for w in run['watermark_bytes']]} GiB",
+                f"{[round(w / GiB, 2) for w in run['watermark_bytes']]} GiB, room "
+                f"{run['room_bytes'] / GiB:.2f} GiB (last poll: "
+                f"{run['last_poll']['free_bytes'] / GiB:.2f} GiB free, aimdo's usage "
+                f"{run['last_poll']['usage_bytes'] / GiB:.2f} GiB)",
                 flush=True,
             )
         for i, m in enumerate(run.get("memory_after_steps", [])):

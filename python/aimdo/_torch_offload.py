@@ -474,6 +474,13 @@ class Runner:
         if raise_to < -(-self._block_ends[at] // page) * page:
             return  # not room for the next block
         if self._futile_room is not None and room < self._futile_room + page:
+            _log.debug(
+                "aimdo: device %d: the budget has room (%s), but no more than a raise the "
+                "next forward undid had: the watermark stays at %s",
+                vbar.device,
+                format_size(room),
+                format_size(watermark),
+            )
             return
         _log.debug(
             "aimdo: device %d: the budget has room again: the watermark is raised from %s to %s",
