@@ -383,9 +383,7 @@ def test_a_pause_or_a_moved_watermark_in_the_trials_settles_again(make_manager, 
         assert measured == [2, 3]
         vbar = offloaded.vbar
         model(x.to(where(0)))  # 4 settles
-        # Memory others take evicts: the watermark moves. (Given back below, it counts as
-        # used until the budget polls again, which the trials do as they end: no room
-        # opens before then for the watermark to grow back into.)
+        # Memory others take evicts: the watermark moves.
         taken = [manager.external_alloc(0, 2 * PAGE)]
         try:
             model(x.to(where(0)))  # settles again
@@ -401,7 +399,13 @@ def test_a_pause_or_a_moved_watermark_in_the_trials_settles_again(make_manager, 
             for allocation in taken:
                 manager.external_free(allocation)
         assert measured == [2, 3, 4] and offloaded.prefetch_measured == {2: 1.0, 3: 0.875}
-        model(x.to(where(0)))  # settles again
+        lowered = vbar.watermark_bytes
+        # Settles again; the budget, polled afresh after it, sees the memory given back,
+        # and the watermark grows into it: one more forward settles that.
+        model(x.to(where(0)))
+        assert vbar.watermark_bytes > lowered
+        model(x.to(where(0)))
+        assert measured == [2, 3, 4]
         model(x.to(where(0)))
         assert offloaded.prefetch_measured == {2: 1.0, 3: 0.875, 4: 0.75}
         model(x.to(where(0)))  # 6 settles
@@ -634,3 +638,28 @@ def test_a_forward_whose_end_fails_is_not_measured_by_the_trials(make_manager, m
         assert offloaded.prefetch_measured == {} and offloaded.prefetch == 2
         assert torch.equal(model(x.to(where(0))), expected)  # measured again
         assert offloaded.prefetch_measured == {2: 1.0} and offloaded.prefetch == 3
+
+
+@pytest.mark.sim_only
+def test_each_depth_is_measured_at_the_residency_its_staging_leaves(make_manager, monkeypatch):
+    # Memory others took while a depth settles (as that depth's new staging buffers are,
+    # for the budget, until its next poll): the budget is polled afresh after the settling
+    # forward and evicts at once, so the measured forward runs at the residency the depth
+    # keeps, undisturbed. Here the poll interval is long: nothing else would see it.
+    scripted(monkeypatch, chosen=tune.START)
+    model, x, expected, manager = six_blocks(make_manager)
+    with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
+        measured = script_clock(offloaded, {2: 1.0, 3: 0.875, 4: 0.75, 6: 2.0})
+        for _ in range(3):  # learn; predict; 2 measured
+            model(x.to(where(0)))
+        assert measured == [2] and offloaded.vbar.watermark_bytes == 4 * PAGE
+        manager.backend.add_external_usage(0, PAGE)
+        try:
+            assert torch.equal(model(x.to(where(0))), expected)  # 3 settles
+            assert offloaded.vbar.watermark_bytes == 3 * PAGE
+            assert manager.resident_bytes(0) == 3 * PAGE
+            assert torch.equal(model(x.to(where(0))), expected)  # 3 measured, undisturbed
+            assert measured == [2, 3] and offloaded.prefetch_measured == {2: 1.0, 3: 0.875}
+            assert offloaded.vbar.watermark_bytes == 3 * PAGE
+        finally:
+            manager.backend.remove_external_usage(0, PAGE)

@@ -136,6 +136,7 @@ class Offload:
                 prefetch = START
                 tuner = PrefetchTuner(manager, device, options["staging_bytes"])
                 tuner.grow = _regrower(weakref.ref(self))  # once chosen: grow back
+                tuner.steady = _steadier(weakref.ref(self))  # each depth tried: its residency
             stream = torch.cuda.Stream(device=self.device) if sim is None and prefetch else None
             staging = options["staging_bytes"]
             if staging is None:
@@ -538,6 +539,27 @@ def _regrower(reference):
         offload._grow()
 
     return grow
+
+
+def _steadier(reference):
+    """What the prefetch trials call after the forward that settles a depth (holding the
+    offload weakly): the budget polled afresh, so that it counts the staging buffers that
+    depth made (PyTorch's memory, which the budget sees only at a poll), and the deficit
+    evicted at once. Without it, the measured forward ran at a residency the depth could
+    not keep (its eviction due at a poll up to 2 s later), or was disturbed by it and
+    settled again."""
+
+    def steady() -> None:
+        offload = reference()
+        if offload is None or offload.undone or offload.vbar is None:
+            return
+        manager = offload._manager_ref()
+        if manager is not None:
+            device = offload.vbar.device
+            manager.poll(device, fresh=True)
+            manager.reclaim(device, 0)
+
+    return steady
 
 
 def _pauser(reference):

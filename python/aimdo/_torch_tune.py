@@ -106,6 +106,9 @@ class PrefetchTuner:
         self.not_compared = 0  # forwards of the trials not compared (NOT_COMPARED_LIMIT)
         self.clock = time.perf_counter  # seconds (tests script it)
         self.grow = None  # raises the offload's watermark (Offload._grow), once chosen
+        # Evicts now what the staging of the depth on trial displaced (_steadier), so that
+        # its measured forward runs at the residency that depth keeps.
+        self.steady = None
         self.watermark = None  # the VBAR's watermark after the last forward of the trials
         # disturbed() counts (from any thread); `seen`: the count a forward started with
         self.disturbances = 0
@@ -200,6 +203,13 @@ class PrefetchTuner:
             return
         if kind == "settle":
             self.settling = False
+            if self.steady is not None:
+                # The staging this forward made is others' memory the budget sees at its
+                # next poll, up to 2 s away: poll now and evict, and record the watermark
+                # that leaves, so the measured forward neither runs above it nor is
+                # disturbed by that eviction.
+                self.steady()
+                self._moved(schedule)
             return
         if seconds is None:  # not timed after all: measured again
             return
