@@ -88,8 +88,8 @@ def targets_of(sim, *blocks) -> list[torch.Tensor]:
 
 
 def new_stream(sim, files: Files, pin: bool = False, ahead: bool = False) -> stream.FileStream:
-    """A stream over the files; `ahead`: reading ahead up to the ring's bytes (off by
-    default)."""
+    """A stream over the files; `ahead`: reading ahead up to the ring's bytes (by
+    default none here: no offload sets the stream's window)."""
     made = stream.FileStream(files.stamps, pin=pin, driver=sim.driver, device=0)
     if ahead:
         made.read_ahead_bytes = None
@@ -677,17 +677,29 @@ def test_a_failed_read_ahead_fails_its_block_when_queued_and_no_other(small_ring
     s.close()
 
 
-@pytest.mark.parametrize("ahead", [stream.READ_AHEAD_BYTES, 0])
-def test_no_read_ahead_by_default_or_when_its_bytes_are_zero(small_ring, sim, tmp_path, ahead):
+@pytest.mark.parametrize(
+    "window, ahead, blocks_ahead",
+    [(None, "auto", 0), (1, "auto", 1), (2, "auto", 1), (3, "auto", 0), (1, 0, 0), (3, None, 2)],
+)
+def test_by_default_a_shallow_window_reads_ahead_half_the_ring(
+    small_ring, sim, tmp_path, window, ahead, blocks_ahead
+):
+    # Blocks of 2 pieces, a ring of 4: half the ring holds one block, the whole ring two.
     files = Files(tmp_path)
-    blocks = [files.block(name, 1) for name in "abc"]
+    blocks = [files.block(name, 2) for name in "abc"]
     s = new_stream(sim, files)
-    assert s.read_ahead_bytes == stream.READ_AHEAD_BYTES == 0  # off: see READ_AHEAD_BYTES
-    s.read_ahead_bytes = ahead
-    for _ in range(3):
+    assert stream.READ_AHEAD_BYTES == s.read_ahead_bytes == "auto"
+    s.read_ahead_bytes, s.window = ahead, window
+    for _ in range(2):  # the order learned, nothing read ahead yet
         round_of(s, blocks, targets_of(sim, *blocks))
-    assert s.pump.pieces_read == 9 and not s._ahead
-    assert (s.read_ahead_used, s.read_ahead_dropped) == (0, 0)
+    assert s.pump.pieces_read == 12 and not s._ahead
+    a, b, c = blocks
+    settled(s.copy_ahead(a, targets_of(sim, a)[0], None, None, False))
+    wait_until(lambda: s.pump.pieces_read == 12 + 2 + 2 * blocks_ahead)
+    time.sleep(0.05)  # and no more
+    assert s.pump.pieces_read == 12 + 2 + 2 * blocks_ahead
+    assert [block for block, _, _ in s._ahead] == [b, c][:blocks_ahead]
+    assert s.read_ahead_used == 0
     s.close()
 
 

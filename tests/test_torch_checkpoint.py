@@ -354,6 +354,30 @@ def test_the_blocks_a_forward_copies_from_the_files_are_read_ahead(
         assert used == [0, 0, 0, 5, 10] and o._stream.read_ahead_dropped == 0
 
 
+def test_by_default_the_files_are_read_ahead_while_the_prefetch_window_is_shallow(
+    make_manager, tmp_path
+):
+    import aimdo._torch_stream as stream
+
+    real, x, expected, path, model, manager = saved_stack(make_manager, tmp_path)
+    with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit=0, prefetch=2) as o:
+        s = o._stream
+        ring = s.ring_buffers * s.buffer_bytes
+        assert s.read_ahead_bytes == "auto" and s.window == 2
+        assert s.read_ahead_limit() == int(ring * stream.READ_AHEAD_SHARE)
+        for _ in range(4):
+            assert torch.equal(model(x.to(where(0))), expected)
+        assert s.read_ahead_used == 5  # the fourth forward's copies, as with the ring's bytes
+        o._runner.schedule.set_prefetch(stream.READ_AHEAD_WINDOW + 1, 1 << 30)
+        assert s.window == stream.READ_AHEAD_WINDOW + 1 and s.read_ahead_limit() == 0
+        # The next forward uses the blocks read ahead before the change, and reads none.
+        assert torch.equal(model(x.to(where(0))), expected)
+        used = s.read_ahead_used
+        assert used > 5 and not s._ahead
+        assert torch.equal(model(x.to(where(0))), expected)
+        assert s.read_ahead_used == used and s.read_ahead_dropped == 0
+
+
 def test_host_limit_pins_the_blocks_placed_last_and_streams_the_rest(
     make_manager, tmp_path, caplog
 ):

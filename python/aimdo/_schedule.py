@@ -325,6 +325,9 @@ class Schedule:
         self.drop_staging()
         self.prefetch = prefetch
         self.slot_limit_bytes = staging_bytes // (prefetch + 1)
+        stream = getattr(self.executor, "file_stream", None)
+        if stream is not None:  # its read-ahead follows the window (READ_AHEAD_BYTES)
+            stream.window = prefetch
         self._update_staging()
 
     def drop_staging(self) -> None:

@@ -144,6 +144,8 @@ class Offload:
                 staging = auto_staging_bytes(sizes, prefetch, manager.budget_bytes(device))
             self._executor = _TorchExecutor(self.device, stream, device, backend)
             self._executor.file_stream = self._stream
+            if self._stream is not None:
+                self._stream.window = prefetch  # read-ahead follows it (READ_AHEAD_BYTES)
             schedule = Schedule(
                 self._executor,
                 self.vbar,

@@ -36,13 +36,20 @@ RING_BUFFERS = 2 * READERS
 RING_BUFFER_BYTES = 16 << 20
 #: Cores left to the rest of the process (the forward's thread, the pump, PyTorch's own).
 SPARE_CPUS = 4
-#: Bytes of the blocks foreseen read ahead of their copies (FileStream.read_ahead_bytes;
-#: None: the ring's bytes; 0: none). Off: on an H200 at host_limit 8 GiB, reading the
-#: ring's bytes ahead took the 35 GiB synthetic model from 339.8 to 348.3 ms a step and
-#: Qwen-Image from about 483 to 594.3 ms, a quarter of its blocks read ahead being
-#: dropped (benchmarks/RESULTS.md, read-ahead; measured before a block held but not first
-#: dropped only the held jobs before it).
-READ_AHEAD_BYTES: int | None = 0
+#: Bytes of the blocks foreseen read ahead of their copies (FileStream.read_ahead_bytes:
+#: None, the ring's bytes; 0, none; "auto", READ_AHEAD_SHARE of the ring's bytes while the
+#: offload's prefetch window (FileStream.window) is at most READ_AHEAD_WINDOW copies, else
+#: none). Read-ahead extends a shallow window's reads without staging memory, and competes
+#: with a deep window's copies for the ring: a block read ahead holds its buffers until its
+#: copy is queued, and the ring is taken in order. Measured on an H200, the 35 GiB
+#: synthetic model at host_limit 8 GiB, one run (benchmarks/RESULTS.md, seventh session):
+#: 192 MiB read ahead took prefetch 1 from 344.0 to 309.9 ms a step and prefetch 4 from
+#: 328.5 to 343.3 ms (all pinned: 282.1 and 293.0); with the depth chosen (2), 294.6 ms
+#: against 270.5 all pinned. The ring's whole 384 MiB ahead of every depth had taken
+#: Qwen-Image from about 483 to 594 ms (sixth session).
+READ_AHEAD_BYTES: int | str | None = "auto"
+READ_AHEAD_WINDOW = 2
+READ_AHEAD_SHARE = 0.5
 
 
 def reader_threads() -> int:
@@ -165,7 +172,10 @@ class FileStream:
         # were queued in; the held jobs reading the blocks foreseen before they are queued,
         # in order ((block, job, bytes)); at most read_ahead_bytes of them (None: the
         # ring's bytes; 0: none).
-        self.read_ahead_bytes: int | None = READ_AHEAD_BYTES
+        self.read_ahead_bytes: int | str | None = READ_AHEAD_BYTES
+        # The offload's prefetch depth (Schedule.set_prefetch keeps it), for "auto";
+        # None (a stream no offload drives): no read-ahead under "auto".
+        self.window: int | None = None
         self._next: dict[int, tuple] = {}
         self._last = None
         self._ahead: collections.deque = collections.deque()
@@ -300,7 +310,7 @@ class FileStream:
             raise
 
     def _queue_reading_ahead(self, pump, block, storage, stream, after, timed) -> Pending:
-        if self.read_ahead_bytes != 0:  # off (the default): no order to learn
+        if self.read_ahead_bytes != 0:  # off: no order to learn (kept under "auto")
             self._learn(block)
         held = None
         at = next((i for i, (b, _, _) in enumerate(self._ahead) if b is block), None)
@@ -375,13 +385,24 @@ class FileStream:
         known = self._next.get(id(block))
         return known[1] if known is not None and known[0] is block and known[2] else None
 
+    def read_ahead_limit(self) -> int:
+        """The bytes read ahead at most now (read_ahead_bytes, resolved)."""
+        limit = self.read_ahead_bytes
+        ring = self.ring_buffers * self.buffer_bytes
+        if limit is None:
+            return ring
+        if limit == "auto":
+            window = self.window
+            if window is None or window > READ_AHEAD_WINDOW:
+                return 0
+            return int(ring * READ_AHEAD_SHARE)
+        return limit
+
     def _read_ahead(self) -> None:
         """Queue held jobs for the blocks foreseen after the last one queued, until they
-        hold read_ahead_bytes (the ring's bytes by default: more could not be read ahead)
+        hold read_ahead_limit() (at most the ring's bytes: more could not be read ahead)
         or the order comes back to a block queued or held already."""
-        limit = self.read_ahead_bytes
-        if limit is None:
-            limit = self.ring_buffers * self.buffer_bytes
+        limit = self.read_ahead_limit()
         if limit <= 0:
             return
         held = sum(nbytes for _, _, nbytes in self._ahead)
