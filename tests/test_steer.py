@@ -367,6 +367,14 @@ def test_a_raise_the_next_forward_undoes_waits_for_more_room(make_manager):
                 assert handle.vbar.watermark_bytes == 5 * PAGE
             assert manager.stats(0)["evicted_bytes"] == evicted
             assert manager.resident_bytes(0) == 5 * PAGE
+            # Nor does it wait for ever: FUTILE_WAIT forwards after the undone raise, the
+            # same room is tried again, and holds once the others' memory stopped coming.
+            transient["on"] = False
+            assert torch.equal(model(x), expected)
+            assert handle.vbar.watermark_bytes == 8 * PAGE
+            assert torch.equal(model(x), expected)
+            assert manager.resident_bytes(0) == 8 * PAGE
+            assert handle.vbar.watermark_bytes == 8 * PAGE
     finally:
         first.remove()
         last.remove()
@@ -393,3 +401,90 @@ def test_a_resume_fills_the_whole_budget_again(make_manager):
         assert torch.equal(model(x.to(where(0))), expected)
         assert manager.resident_bytes(0) == 4 * PAGE
         assert handle.vbar.watermark_bytes == 4 * PAGE
+
+
+@pytest.mark.sim_only
+def test_a_raise_pending_when_the_watermark_goes_to_the_top_is_not_judged(make_manager):
+    # A raise, then a resume (the watermark to the top) before the next forward: that
+    # forward, filling from the top, ends lower (the window's pins), and must not count
+    # as the raise undone, or the room would wait behind it.
+    model = stack(blocks=6)
+    x = torch.randn(2, 256)
+    expected = reference(model, x, 0)
+    manager = new_manager(make_manager, pages=4, poll_interval=0)
+    with atorch.offload(model, 0, manager=manager, prefetch=2) as handle:
+        for _ in range(3):
+            assert torch.equal(model(x), expected)
+        manager.backend.add_external_usage(0, 2 * PAGE)
+        assert torch.equal(model(x), expected)
+        assert handle.vbar.watermark_bytes == 2 * PAGE
+        manager.backend.remove_external_usage(0, 2 * PAGE)
+        assert torch.equal(model(x), expected)
+        assert handle.vbar.watermark_bytes == 4 * PAGE  # raised, not judged yet
+        handle.pause()
+        handle.resume()
+        assert torch.equal(model(x), expected)  # from the top: ends at half, raised again
+        assert handle.vbar.watermark_bytes == 4 * PAGE
+        assert torch.equal(model(x), expected)
+        assert manager.resident_bytes(0) == 4 * PAGE
+
+
+def two_page_layers(count: int) -> torch.nn.Module:
+    """`count` bias-free float32 Linear layers of exactly two pages each."""
+    wide = 2 * PAGE // 4 // 1024
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        *[
+            torch.nn.Linear(wide, 1024, bias=False)
+            if i % 2 == 0
+            else torch.nn.Linear(1024, wide, bias=False)
+            for i in range(count)
+        ]
+    ).eval()
+
+
+@pytest.mark.sim_only
+def test_no_raise_for_room_smaller_than_the_block_above(make_manager):
+    sim = aimdo.SimBackend("2x1GiB", real_bytes=True)
+    manager = make_manager(pages=8, sim=sim, poll_interval=0)
+    model = two_page_layers(4)
+    x = torch.randn(2, model[0].in_features)
+    expected = reference(model, x, 0)
+    with atorch.offload(model, 0, manager=manager, prefetch=2) as handle:
+        for _ in range(2):
+            assert torch.equal(model(x), expected)
+        assert manager.resident_bytes(0) == 8 * PAGE
+        sim.add_external_usage(0, 4 * PAGE)
+        assert torch.equal(model(x), expected)
+        assert handle.vbar.watermark_bytes == 4 * PAGE
+        sim.remove_external_usage(0, PAGE)  # room for one page; the block above has two
+        for _ in range(2):
+            assert torch.equal(model(x), expected)
+            assert handle.vbar.watermark_bytes == 4 * PAGE
+        sim.remove_external_usage(0, PAGE)  # now room for it
+        assert torch.equal(model(x), expected)
+        assert handle.vbar.watermark_bytes == 6 * PAGE
+        assert torch.equal(model(x), expected)
+        assert manager.resident_bytes(0) == 6 * PAGE
+        sim.remove_external_usage(0, 2 * PAGE)
+
+
+@pytest.mark.sim_only
+def test_a_failure_while_growing_back_leaves_the_forward_s_result(make_manager, monkeypatch):
+    sim, manager, model, x, expected = on_simulator(make_manager, 8, pages=8, poll_interval=0)
+    with atorch.offload(model, 0, manager=manager, prefetch=2) as handle:
+        for _ in range(2):
+            assert torch.equal(model(x), expected)
+        sim.add_external_usage(0, 3 * PAGE)
+        assert torch.equal(model(x), expected)
+        sim.remove_external_usage(0, 3 * PAGE)
+
+        def closed(device, nbytes=0):  # as when another thread closes the Manager
+            raise aimdo.InvalidStateError("closed meanwhile")
+
+        monkeypatch.setattr(manager, "deficit_bytes", closed)
+        assert torch.equal(model(x), expected)
+        assert handle.vbar.watermark_bytes == 5 * PAGE  # not raised, nothing raised
+        monkeypatch.undo()
+        assert torch.equal(model(x), expected)
+        assert handle.vbar.watermark_bytes == 8 * PAGE

@@ -468,8 +468,10 @@ class Offload:
         """Raise the VBAR's watermark to the top (evictions lowered it), so that its
         faults map pages again where the budget has room. Prefetch trials in progress
         settle again (resumed, or a budget grown: the residency they measured changes)."""
-        if self._runner is not None and self._runner.tuner is not None:
-            self._runner.tuner.disturbed()
+        if self._runner is not None:
+            self._runner.forget_raise()
+            if self._runner.tuner is not None:
+                self._runner.tuner.disturbed()
         vbar = self.vbar
         device_paused = self._runner is not None and self._runner.device_paused
         if vbar is not None and not vbar.closed and not self.paused and not device_paused:

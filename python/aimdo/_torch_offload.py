@@ -303,9 +303,12 @@ class Runner:
         self.outside_end = None
         self._block_ends = None  # the end of every block's allocation, sorted (made once)
         # _grow_into_room: (watermark, room) of a raise the next forward judges; the room
-        # a futile raise had (the next waits for more)
+        # the last futile raise had (the next waits for more, or for _futile_wait more
+        # forwards), and how many were futile in a row
         self._raised = None
         self._futile_room = None
+        self._futile_raises = 0
+        self._futile_wait = 0
 
     def call(self, forward, is_root: bool, args, kwargs):
         """Run `forward` (an offloaded module's) as a forward of its own: the whole
@@ -442,11 +445,19 @@ class Runner:
         itself. Raised by the room, not to the top: from the top, the next forward's
         faults fill in the order of use, and a fault for a block the budget has room for
         can find the room held by pages a less important block pins in the window, and
-        lower the watermark to its own start (§3.2), below where it was. Still, a raise is
-        judged by the next forward's watermark: not higher (the room was others' memory
-        between two polls), and the next raise waits for more room than this one had. Not
-        while the prefetch trials run: they measure residency as it stands, and grow it
-        back themselves when they end."""
+        lower the watermark to its own start (§3.2), below where it was. A raise is judged
+        by the next forward's watermark: not higher (the room was others' memory between
+        two polls), and the next raise waits for more room than this one had, or for
+        FUTILE_WAIT forwards, twice as many after each futile raise in a row. The prefetch
+        trials count a raise as a disturbance (their next forward settles). Only an
+        optimization: a failure here (the VBAR closed by another thread) is logged, and
+        the forward's result stands."""
+        try:
+            self._grow_step(schedule)
+        except Exception as error:  # noqa: BLE001 - the forward's result stands
+            _log.debug("aimdo: growing back after a forward failed: %s", error)
+
+    def _grow_step(self, schedule: Schedule) -> None:
         vbar = schedule.vbar
         manager = self.manager_ref()
         if manager is None or vbar.closed or self.paused or self.device_paused:
@@ -455,7 +466,14 @@ class Runner:
         raised, self._raised = self._raised, None
         if raised is not None:
             before, room = raised
-            self._futile_room = None if watermark > before else room
+            if watermark > before:
+                self._futile_room, self._futile_raises = None, 0
+            else:
+                self._futile_room = room
+                self._futile_raises += 1
+                self._futile_wait = FUTILE_WAIT << min(self._futile_raises - 1, 6)
+        elif self._futile_wait > 0:
+            self._futile_wait -= 1
         if watermark >= top:
             return
         if self._block_ends is None:
@@ -465,33 +483,46 @@ class Runner:
         at = bisect.bisect_right(self._block_ends, watermark)
         if at == len(self._block_ends):
             return  # no block above the watermark (only pages of padding)
-        try:
-            room = -manager.deficit_bytes(vbar.device)
-        except _core.InvalidStateError:  # the manager closed meanwhile
-            return
+        room = -manager.deficit_bytes(vbar.device)
         page = vbar.page_size
-        raise_to = (watermark + max(room, 0)) // page * page
-        if raise_to < -(-self._block_ends[at] // page) * page:
+        raise_to = min((watermark + max(room, 0)) // page * page, top)
+        if raise_to < min(-(-self._block_ends[at] // page) * page, top):
             return  # not room for the next block
-        if self._futile_room is not None and room < self._futile_room + page:
+        futile = self._futile_room
+        if futile is not None and room < futile + page and self._futile_wait > 0:
             _log.debug(
                 "aimdo: device %d: the budget has room (%s), but no more than a raise the "
-                "next forward undid had: the watermark stays at %s",
+                "next forward undid had: the watermark stays at %s for %d more forwards",
                 vbar.device,
                 format_size(room),
                 format_size(watermark),
+                self._futile_wait,
             )
             return
-        _log.debug(
-            "aimdo: device %d: the budget has room again: the watermark is raised from %s to %s",
-            vbar.device,
-            format_size(watermark),
-            format_size(raise_to),
-        )
-        self._raised = (watermark, room)
-        if self.tuner is not None:
-            self.tuner.disturbed()
-        vbar.set_watermark(min(raise_to, top))
+        # Under the Manager's pause lock, so that a pause of the device (which lowers the
+        # watermark to 0 under it) is not undone; and only upwards (a budget grown may
+        # have raised it to the top meanwhile).
+        with manager._pause_lock:
+            if self.device_paused or vbar.watermark_bytes >= raise_to:
+                return
+            _log.debug(
+                "aimdo: device %d: the budget has room again: the watermark is raised from "
+                "%s to %s",
+                vbar.device,
+                format_size(watermark),
+                format_size(raise_to),
+            )
+            self._raised = (watermark, room)
+            if self.tuner is not None:
+                self.tuner.disturbed()
+            vbar.set_watermark(raise_to)
+
+    def forget_raise(self) -> None:
+        """The watermark was raised to the top (Offload._grow: a resume, a budget grown,
+        the trials' end): a raise pending is not judged by the next forward, and a futile
+        one no longer holds the next back."""
+        self._raised = self._futile_room = None
+        self._futile_raises = self._futile_wait = 0
 
     def _watch_watermark(self, schedule: Schedule) -> None:
         """After a forward of the whole: say (INFO) when evictions for memory others took
@@ -521,6 +552,10 @@ class Runner:
 
 
 _NO_CONTEXT = contextlib.nullcontext()
+
+#: Forwards a raise of the watermark waits after a futile one (twice as many after each
+#: futile one in a row, up to 64 times), unless the room grew (Runner._grow_into_room).
+FUTILE_WAIT = 4
 
 
 def make_forward(runner: Runner, module: torch.nn.Module, binding: Binding, is_root: bool):
