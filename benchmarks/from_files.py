@@ -27,7 +27,7 @@ files). ``--direct cached|direct`` forces offload's ``file_reads`` (default: aut
 library's choice). ``--rings`` runs
 every limit that reads the files once per ring, READERSxMiB[xBUFFERS[xAHEAD]] (that many
 reader threads, that many buffers of that many MiB: twice the readers unless given; AHEAD
-MiB read ahead of the copies queued, 0 for none: the ring's bytes unless given), instead
+MiB read ahead of the copies queued, 0 for none: the library's "auto" unless given), instead
 of once with the library's own. ``--switch-interval S`` sets Python's switch interval for
 each run.
 ``--prefetch 2,4,auto`` runs every aimdo limit once per prefetch depth (offload's

@@ -679,26 +679,34 @@ def test_a_failed_read_ahead_fails_its_block_when_queued_and_no_other(small_ring
 
 @pytest.mark.parametrize(
     "window, ahead, blocks_ahead",
-    [(None, "auto", 0), (1, "auto", 1), (2, "auto", 1), (3, "auto", 0), (1, 0, 0), (3, None, 2)],
+    [
+        (None, "auto", 0),
+        (0, "auto", 2),
+        (1, "auto", 2),
+        (2, "auto", 2),
+        (3, "auto", 0),
+        (1, 0, 0),
+        (3, None, 4),
+    ],
 )
 def test_by_default_a_shallow_window_reads_ahead_half_the_ring(
     small_ring, sim, tmp_path, window, ahead, blocks_ahead
 ):
-    # Blocks of 2 pieces, a ring of 4: half the ring holds one block, the whole ring two.
+    # Blocks of 1 piece, a ring of 4: half the ring holds two blocks, the whole ring four.
     files = Files(tmp_path)
-    blocks = [files.block(name, 2) for name in "abc"]
+    blocks = [files.block(name, 1) for name in "abcde"]
     s = new_stream(sim, files)
     assert stream.READ_AHEAD_BYTES == s.read_ahead_bytes == "auto"
     s.read_ahead_bytes, s.window = ahead, window
     for _ in range(2):  # the order learned, nothing read ahead yet
         round_of(s, blocks, targets_of(sim, *blocks))
-    assert s.pump.pieces_read == 12 and not s._ahead
-    a, b, c = blocks
+    assert s.pump.pieces_read == 10 and not s._ahead
+    a, *after = blocks
     settled(s.copy_ahead(a, targets_of(sim, a)[0], None, None, False))
-    wait_until(lambda: s.pump.pieces_read == 12 + 2 + 2 * blocks_ahead)
+    wait_until(lambda: s.pump.pieces_read == 10 + 1 + blocks_ahead)
     time.sleep(0.05)  # and no more
-    assert s.pump.pieces_read == 12 + 2 + 2 * blocks_ahead
-    assert [block for block, _, _ in s._ahead] == [b, c][:blocks_ahead]
+    assert s.pump.pieces_read == 10 + 1 + blocks_ahead
+    assert [block for block, _, _ in s._ahead] == after[:blocks_ahead]
     assert s.read_ahead_used == 0
     s.close()
 

@@ -11,6 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")  # the test extra installs it: a skip here is a setup error
 
+import aimdo  # noqa: E402
 import aimdo._torch_tune as tune  # noqa: E402
 import aimdo.torch as atorch  # noqa: E402
 from aimdo.predict import PredictedStep  # noqa: E402
@@ -663,3 +664,49 @@ def test_each_depth_is_measured_at_the_residency_its_staging_leaves(make_manager
             assert offloaded.vbar.watermark_bytes == 3 * PAGE
         finally:
             manager.backend.remove_external_usage(0, PAGE)
+
+
+def test_a_budget_grown_while_a_depth_settles_is_seen(make_manager, monkeypatch):
+    # A budget grown from another thread while the residency of the depth on trial is
+    # settled (here: right after it): the watermark rises, and the next forward, filling
+    # into it, settles again instead of being measured.
+    scripted(monkeypatch, chosen=tune.START)
+    model, x, expected, manager = six_blocks(make_manager)
+    limit = manager.limit_bytes(0)
+    with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
+        measured = script_clock(offloaded, {2: 1.0, 3: 0.875, 4: 0.75, 6: 2.0})
+        tuner = offloaded._runner.tuner
+        settle = tuner.steady
+
+        def and_grow():
+            settle()
+            tuner.steady = settle
+            manager.set_budget(0, vram_limit=limit + 64 * PAGE)
+
+        for _ in range(3):  # learn; predict; 2 measured
+            model(x.to(where(0)))
+        tuner.steady = and_grow
+        model(x.to(where(0)))  # 3 settles; the budget grows as it ends
+        model(x.to(where(0)))  # settles again, filling the budget grown
+        assert measured == [2]
+        model(x.to(where(0)))
+        assert measured == [2, 3]
+
+
+def test_a_failure_settling_a_depth_keeps_the_trials_going(make_manager, monkeypatch):
+    scripted(monkeypatch, chosen=tune.START)
+    model, x, expected, manager = six_blocks(make_manager)
+    with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
+        measured = script_clock(offloaded, {2: 1.0, 3: 0.875, 4: 0.75, 6: 2.0})
+        for _ in range(3):  # learn; predict; 2 measured
+            model(x.to(where(0)))
+
+        def broken(device, fresh=False):
+            raise aimdo.DriverError("injected")
+
+        monkeypatch.setattr(manager, "poll", broken)
+        assert torch.equal(model(x.to(where(0))), expected)  # 3 settles, its poll fails
+        monkeypatch.undo()
+        assert offloaded.prefetch_choosing and offloaded.prefetch == 3
+        model(x.to(where(0)))
+        assert measured == [2, 3] and offloaded.prefetch_measured == {2: 1.0, 3: 0.875}

@@ -560,8 +560,11 @@ def _steadier(reference):
         manager = offload._manager_ref()
         if manager is not None:
             device = offload.vbar.device
-            manager.poll(device, fresh=True)
-            manager.reclaim(device, 0)
+            try:
+                manager.poll(device, fresh=True)
+                manager.reclaim(device, 0)
+            except Exception as error:  # noqa: BLE001 - only a better measurement lost
+                _log.debug("aimdo: settling the residency of a prefetch trial failed: %s", error)
 
     return steady
 

@@ -170,8 +170,8 @@ class FileStream:
         # Read-ahead: the block queued after each (id(block) -> (block, the next, whether
         # the same next followed it the time before too)), learned from the order blocks
         # were queued in; the held jobs reading the blocks foreseen before they are queued,
-        # in order ((block, job, bytes)); at most read_ahead_bytes of them (None: the
-        # ring's bytes; 0: none).
+        # in order ((block, job, bytes)); at most read_ahead_limit() bytes of them
+        # (read_ahead_bytes: None, the ring's bytes; 0, none; "auto", see READ_AHEAD_BYTES).
         self.read_ahead_bytes: int | str | None = READ_AHEAD_BYTES
         # The offload's prefetch depth (Schedule.set_prefetch keeps it), for "auto";
         # None (a stream no offload drives): no read-ahead under "auto".

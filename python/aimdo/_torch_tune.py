@@ -209,7 +209,9 @@ class PrefetchTuner:
                 # that leaves, so the measured forward neither runs above it nor is
                 # disturbed by that eviction.
                 self.steady()
-                self._moved(schedule)
+                # The watermark it leaves, not the disturbances: one counted meanwhile
+                # (a budget grown from another thread) still makes the next forward settle.
+                self.watermark = schedule.vbar.watermark_bytes
             return
         if seconds is None:  # not timed after all: measured again
             return
