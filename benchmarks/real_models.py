@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import os
+import re
 
 import aimdo
 import aimdo.torch as atorch
@@ -173,6 +174,26 @@ def per_token(runs: dict) -> float:
 FORWARDS_PER_STEP = {"guidance as two batch-1 calls": 2}
 
 
+#: --keep-first's groups: patterns of the names of Qwen-Image's weights whose compute is
+#: short for their bytes (the modulation layers, applied to one vector per sample; the
+#: text stream's weights, applied to its 512 tokens against the image's 4096).
+KEEP_FIRST = {
+    "modulation": r"\.(img|txt)_mod\.1$",
+    "text": r"\.(txt_mlp\.net\.(0\.proj|2)|attn\.(add_[qkv]_proj|to_add_out))$",
+}
+
+
+def kept_first(model, groups: str) -> list:
+    """The names of `model`'s weight-owning modules in --keep-first's groups, group by
+    group, each in the model's order (an empty list: offload's default placement)."""
+    names = [name for name, m in model.named_modules() if any(True for _ in m.parameters(False))]
+    kept = []
+    for group in filter(None, groups.split(",")):
+        pattern = re.compile(KEEP_FIRST[group])
+        kept += [name for name in names if pattern.search(name) and name not in kept]
+    return kept
+
+
 def run_aimdo(model, forms, args, device, reference, compute, bandwidth, prefetch) -> dict:
     backend = aimdo.SimBackend("1x8GiB", real_bytes=True) if args.tiny else "cuda"
     results = {}
@@ -181,7 +202,16 @@ def run_aimdo(model, forms, args, device, reference, compute, bandwidth, prefetc
     ) as manager:
         before = rss_bytes()
         staging = {} if args.staging is None else {"staging_bytes": args.staging}
-        handle = atorch.offload(model, 0, manager=manager, prefetch=prefetch, **staging)
+        kept = kept_first(model, args.keep_first)
+        if kept:
+            modules = dict(model.named_modules())
+            nbytes = sum(
+                p.numel() * p.element_size() for n in kept for p in modules[n].parameters(False)
+            )
+            print(f"  keep_first: {len(kept)} modules, {nbytes / GiB:.2f} GiB", flush=True)
+        handle = atorch.offload(
+            model, 0, manager=manager, prefetch=prefetch, keep_first=kept, **staging
+        )
         try:
             for name, run in forms.items():
                 # prefetch="auto": the depths it tries run untimed, in this form
@@ -309,6 +339,11 @@ def main() -> int:
         default=None,
         help="aimdo's staging_bytes (default: offload's own)",
     )
+    parser.add_argument(
+        "--keep-first",
+        default="",
+        help=f"offload's keep_first: a comma-separated list of {sorted(KEEP_FIRST)} (qwen-image)",
+    )
     parser.add_argument("--baselines", default="resident,group-offload,dispatch,cpu-offload")
     parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU simulator")
     parser.add_argument("--out", default=None)
@@ -316,6 +351,9 @@ def main() -> int:
         "--log", default="warning", help="aimdo's log level shown (info: its choices)"
     )
     args = parser.parse_args()
+    unknown = [g for g in filter(None, args.keep_first.split(",")) if g not in KEEP_FIRST]
+    if unknown:
+        parser.error(f"--keep-first: unknown {unknown}; known: {sorted(KEEP_FIRST)}")
     show_log(args.log)
     if args.trace:
         os.makedirs(args.trace, exist_ok=True)  # the profiler writes into it, not making it

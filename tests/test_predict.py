@@ -75,6 +75,23 @@ def test_a_staging_buffer_is_reused_only_after_the_compute_that_read_it(make_man
     assert (steps[1].hits, steps[1].offloaded_layers) == (1, 3)
 
 
+def test_the_blocks_listed_first_are_placed_first_and_stay_resident(make_manager):
+    # A budget of two pages, in order: without `first` blocks 0 and 1 stay resident;
+    # listing 3 and 2 first (offload's keep_first) keeps those, and 0 and 1 are copied.
+    manager = page_copy_manager(make_manager, copy_ms=2)
+    plain = predict_offload(manager, 0, [PAGE] * 4, [1 * MS] * 4, steps=2, spread=False)
+    kept = predict_offload(
+        manager, 0, [PAGE] * 4, [1 * MS] * 4, steps=2, spread=False, first=[3, 2]
+    )
+    copies = [{e for e in step[-1].schedule if e.startswith("copy")} for step in (plain, kept)]
+    assert copies == [{"copy2", "copy3"}, {"copy0", "copy1"}]
+    assert plain[-1].hits == kept[-1].hits == 2
+    for bad in ([4], [1, 1], [-1], [True]):
+        with pytest.raises(ValueError, match="distinct indices of the 4 blocks"):
+            predict_offload(manager, 0, [PAGE] * 4, [MS] * 4, steps=1, first=bad)
+    assert manager.vbar_count(0) == 0
+
+
 def test_two_devices_predict_independently(make_manager):
     sim = aimdo.SimBackend([{"capacity": "1GiB", "bandwidth": PAGE / MS}] * 2)
     manager = make_manager(pages=2, devices=(0, 1), sim=sim)

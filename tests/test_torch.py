@@ -163,6 +163,39 @@ def test_weights_are_placed_spread_or_in_order_and_as_declared(make_manager):
         atorch.offload(model, 0, manager=manager, spread=1)
 
 
+def test_keep_first_places_the_weights_listed_ahead_of_the_rest(make_manager):
+    model = stack(blocks=3)
+    manager = new_manager(make_manager, pages=64)
+    x = torch.randn(2, 256).to(where(0))
+    expected = reference(model, x, 0)
+    norms = ["0.norm", "1.norm", "2.norm"]
+    # Listed by module or by name; spread among themselves, then the rest spread.
+    kept = [model[2].down, "1.down", model[0].down]
+    with atorch.offload(model, 0, manager=manager, keep_first=kept) as offloaded:
+        names = [name for name, _, _ in offloaded.placement()]
+        assert names == norms + ["2.down", "0.down", "1.down"] + ["0.up", "2.up", "1.up"]
+        assert torch.equal(model(x), expected)
+    with atorch.offload(model, 0, manager=manager, keep_first=kept, spread=False) as offloaded:
+        names = [name for name, _, _ in offloaded.placement()]
+        assert names == norms + ["2.down", "1.down", "0.down"] + ["0.up", "1.up", "2.up"]
+        assert torch.equal(model(x), expected)
+    # A small block listed stays with the small ones, first.
+    with atorch.offload(model, 0, manager=manager, keep_first=["1.norm", "2.up"]) as offloaded:
+        names = [name for name, _, _ in offloaded.placement()]
+        assert names[:4] == norms + ["2.up"]
+    for bad, error, match in [
+        (["3.up"], ValueError, "'3.up' is no module of this model"),
+        ([torch.nn.Linear(2, 2)], ValueError, "'Linear' is no module of this model"),
+        ([model[0].up, "0.up"], ValueError, "lists '?0.up'? twice"),
+        ([3], TypeError, "modules or their names, not int"),
+    ]:
+        with pytest.raises(error, match=match):
+            atorch.offload(model, 0, manager=manager, keep_first=bad)
+        assert manager.vbar_count(0) == 0  # nothing made, nothing changed
+    with atorch.offload(model, 0, manager=manager):
+        assert torch.equal(model(x), expected)
+
+
 @pytest.mark.sim_only  # on CUDA the staging buffers are other usage and move the budget
 @pytest.mark.parametrize(
     "spread, prefetch, resident, schedule",

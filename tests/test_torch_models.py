@@ -199,7 +199,7 @@ def test_llama_decodes_through_the_prefetch_trials(make_manager, monkeypatch):
     import aimdo._torch_tune as tune
     from aimdo.predict import PredictedStep
 
-    def predict(manager, device, sizes, seconds, *, steps, prefetch, staging_bytes):
+    def predict(manager, device, sizes, seconds, *, steps, prefetch, staging_bytes, first=()):
         return [PredictedStep(seconds=0.5 if prefetch == tune.START else 1.0)]
 
     monkeypatch.setattr(tune, "predict_offload", predict)

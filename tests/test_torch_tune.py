@@ -69,7 +69,7 @@ def test_auto_prefetch_tries_the_fastest_predicted_depth_first(make_manager, cap
 def scripted(monkeypatch, chosen: int):
     """Make the prediction choose `chosen`."""
 
-    def predict(manager, device, sizes, seconds, *, steps, prefetch, staging_bytes):
+    def predict(manager, device, sizes, seconds, *, steps, prefetch, staging_bytes, first=()):
         return [PredictedStep(seconds=1.0 if prefetch != chosen else 0.5)]
 
     monkeypatch.setattr(tune, "predict_offload", predict)
@@ -190,7 +190,7 @@ def test_the_shallowest_depth_within_the_margin_of_the_fastest_is_kept(make_mana
     table = {1: 1.0, 2: 0.9, 3: 0.85, 4: 0.849, 6: 0.86, 8: 0.9}
     asked = []
 
-    def predict(manager, device, sizes, seconds, *, steps, prefetch, staging_bytes):
+    def predict(manager, device, sizes, seconds, *, steps, prefetch, staging_bytes, first=()):
         asked.append((prefetch, staging_bytes))
         return [PredictedStep(seconds=table[prefetch])]
 
@@ -710,3 +710,20 @@ def test_a_failure_settling_a_depth_keeps_the_trials_going(make_manager, monkeyp
         assert offloaded.prefetch_choosing and offloaded.prefetch == 3
         model(x.to(where(0)))
         assert measured == [2, 3] and offloaded.prefetch_measured == {2: 1.0, 3: 0.875}
+
+
+def test_the_prediction_places_the_blocks_kept_first_as_the_module_does(make_manager, monkeypatch):
+    asked = []
+
+    def predict(manager, device, sizes, seconds, *, steps, prefetch, staging_bytes, first=()):
+        asked.append(list(first))
+        return [PredictedStep(seconds=0.5 if prefetch == tune.START else 1.0)]
+
+    monkeypatch.setattr(tune, "predict_offload", predict)
+    model, x, expected, manager = six_blocks(make_manager)
+    kept = [model[2].up, model[0].down]
+    with atorch.offload(model, 0, manager=manager, prefetch="auto", keep_first=kept):
+        for _ in range(2):  # learn; timed and predicted
+            assert torch.equal(model(x.to(where(0))), expected)
+    # In the order of use: 0.norm 0.up 0.down 1.norm 1.up 1.down 2.norm 2.up ...
+    assert asked and all(first == [7, 2] for first in asked)

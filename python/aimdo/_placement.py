@@ -25,17 +25,22 @@ def spread_order(items: list) -> list:
     return [items[i] for i in sorted(range(len(items)), key=lambda i: (i * _GOLDEN) % 1.0)]
 
 
-def placement_order(blocks: list, spread: bool, rotation: float = 0.0) -> list:
+def placement_order(blocks: list, spread: bool, rotation: float = 0.0, first=()) -> list:
     """The order ``blocks`` (each with ``nbytes``) take in the VBAR: those smaller than
-    SMALL_BLOCK_BYTES first, in their order, then the rest in theirs, spread (see
-    spread_order) when ``spread``, and rotated left by ``rotation`` (a fraction) of their
-    count: the devices of a group rotate by 0, 1/N, 2/N..., so that the blocks each keeps
-    resident complement the others' (design.md §4.4)."""
+    SMALL_BLOCK_BYTES first, in their order; then those of ``first`` (blocks of
+    ``blocks``: offload's ``keep_first``), in their order, spread when ``spread``; then the
+    rest in theirs, spread (see spread_order) when ``spread``, and rotated left by
+    ``rotation`` (a fraction) of their count: the devices of a group rotate by 0, 1/N,
+    2/N..., so that the blocks each keeps resident complement the others' (design.md
+    §4.4)."""
     small = [block for block in blocks if block.nbytes < SMALL_BLOCK_BYTES]
-    large = [block for block in blocks if block.nbytes >= SMALL_BLOCK_BYTES]
-    large = spread_order(large) if spread else large
+    ahead = {id(block) for block in first}
+    kept = [block for block in first if block.nbytes >= SMALL_BLOCK_BYTES]
+    large = [b for b in blocks if b.nbytes >= SMALL_BLOCK_BYTES and id(b) not in ahead]
+    if spread:
+        kept, large = spread_order(kept), spread_order(large)
     turn = round(len(large) * rotation) % len(large) if large else 0
-    return small + large[turn:] + large[:turn]
+    return small + kept + large[turn:] + large[:turn]
 
 
 def link_peers(manager, members) -> None:
@@ -61,11 +66,11 @@ def link_peers(manager, members) -> None:
             block.peers = tuple(theirs[position] for _, _, theirs, _ in ranked)
 
 
-def place(manager, device: int, blocks: list, spread: bool, rotation: float = 0.0):
+def place(manager, device: int, blocks: list, spread: bool, rotation: float = 0.0, first=()):
     """A new VBAR on ``device`` holding one allocation per block (a block has ``nbytes``
     and gets ``allocation``), placed in placement_order. The VBAR is sized for every block
     with the VBAR's allocation alignment; it is closed again if an allocation fails."""
-    placed = placement_order(blocks, spread, rotation)
+    placed = placement_order(blocks, spread, rotation, first)
     align = ALLOCATION_ALIGNMENT_BYTES
     total = sum((block.nbytes + align - 1) // align * align for block in placed)
     vbar = manager.create_vbar(max(total, 1), device)

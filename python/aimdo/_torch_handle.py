@@ -20,7 +20,7 @@ from ._torch_checkpoint import attach
 from ._torch_host import HostWeights
 from ._torch_layout import Binding, lay_out
 from ._torch_offload import _ABSENT, Runner, _TorchExecutor, make_forward
-from ._torch_options import declared_order, forced_tiers
+from ._torch_options import declared_order, forced_tiers, kept_first
 from ._torch_stream import FileStream
 from ._torch_tiers import host_limit_bytes, left_in_files, read_bandwidth, reads_direct
 from ._torch_tune import START, PrefetchTuner
@@ -81,6 +81,7 @@ class Offload:
         blocks, bindings = lay_out(module, options["whole"], self.device, checkpoint is not None)
         declared = declared_order(options["order"], bindings)
         forced = forced_tiers(options.get("host_tiers"), module, blocks, bindings)
+        self._first = kept_first(options.get("keep_first"), blocks, bindings)
         # Read and checked before anything changes; a group's other members copy from the
         # leader's chunks, which its checkpoint filled.
         stamps = attach(blocks, checkpoint) if checkpoint is not None and leader is None else None
@@ -116,7 +117,7 @@ class Offload:
         self._in_group = False  # a member of an OffloadGroup: undone with the group only
         self.vbar = None
         try:
-            self.vbar = place(manager, device, placed, options["spread"], rotation)
+            self.vbar = place(manager, device, placed, options["spread"], rotation, self._first)
             if leader is None:
                 self._host.move_in()
             else:
@@ -135,6 +136,7 @@ class Offload:
             if prefetch == "auto":
                 prefetch = START
                 tuner = PrefetchTuner(manager, device, options["staging_bytes"])
+                tuner.first = self._first
                 tuner.grow = _regrower(weakref.ref(self))  # once chosen: grow back
                 tuner.steady = _steadier(weakref.ref(self))  # each depth tried: its residency
             stream = torch.cuda.Stream(device=self.device) if sim is None and prefetch else None
@@ -180,7 +182,7 @@ class Offload:
                 f"; host_tiers forces {tiers.count('pinned')} blocks pinned and "
                 f"{tiers.count('file')} in the files"
             )
-        order = placement_order(placed, options["spread"], rotation)
+        order = placement_order(placed, options["spread"], rotation, self._first)
         files = left_in_files(order, limit, forced)
         streamed = sum(block.nbytes for block in files)
         cost = ""

@@ -42,6 +42,34 @@ def forced_tiers(host_tiers, module, blocks, bindings) -> dict:
     return forced
 
 
+def kept_first(keep_first, blocks, bindings) -> list:
+    """offload's `keep_first` as blocks, in its order: modules of the model with weights
+    of their own, or their names in it. ValueError for one that has none, or a block
+    listed twice; TypeError for something that is neither a module nor a name."""
+    if not keep_first:
+        return []
+    by_name = {block.name: block for block in blocks}
+    own = {id(m): binding.own for m, binding in bindings if binding.own is not None}
+    kept, seen = [], set()
+    for key in keep_first:
+        if isinstance(key, torch.nn.Module):
+            block = own.get(id(key))
+        elif isinstance(key, str):
+            block = by_name.get(key)
+        else:
+            raise TypeError(f"keep_first lists modules or their names, not {type(key).__name__}")
+        shown = key if isinstance(key, str) else type(key).__name__
+        if block is None:
+            raise ValueError(
+                f"keep_first: {shown!r} is no module of this model with weights of its own"
+            )
+        if id(block) in seen:
+            raise ValueError(f"keep_first lists {block.name or shown!r} twice")
+        seen.add(id(block))
+        kept.append(block)
+    return kept
+
+
 def declared_order(order, bindings) -> list:
     """The blocks of the modules `order` lists, in that order."""
     if order is None:
@@ -74,6 +102,7 @@ def offload_options(
     host_tiers,
     timings,
     file_reads="auto",
+    keep_first=None,
 ) -> dict:
     """offload's and offload_group's arguments as an Offload takes them (sizes parsed;
     check_options then checks them)."""
@@ -88,6 +117,7 @@ def offload_options(
         "host_tiers": host_tiers,
         "timings": timings,
         "file_reads": file_reads,
+        "keep_first": None if keep_first is None else list(keep_first),
     }
 
 

@@ -106,6 +106,7 @@ class PrefetchTuner:
         self.not_compared = 0  # forwards of the trials not compared (NOT_COMPARED_LIMIT)
         self.clock = time.perf_counter  # seconds (tests script it)
         self.grow = None  # raises the offload's watermark (Offload._grow), once chosen
+        self.first = []  # the offload's keep_first blocks: the prediction places them so
         # Evicts now what the staging of the depth on trial displaced (_steadier), so that
         # its measured forward runs at the residency that depth keeps.
         self.steady = None
@@ -335,6 +336,8 @@ class PrefetchTuner:
             return None
         sizes = [block.nbytes for block in order]
         times = [seconds[block] for block in order]
+        index = {id(block): i for i, block in enumerate(order)}
+        first = [index[id(block)] for block in self.first if id(block) in index]
         largest = max(sizes)
         held_now = schedule.staging_bytes
         # The links are measured once (on CUDA), for every depth's prediction.
@@ -356,6 +359,7 @@ class PrefetchTuner:
                     steps=2,
                     prefetch=prefetch,
                     staging_bytes=staging,
+                    first=first,
                 )
             predicted[prefetch] = steps[-1].seconds
         best = min(predicted.values())

@@ -209,15 +209,25 @@ def predict_offload(
     prefetch: int = 2,
     spread: bool = True,
     staging_bytes: int | None = None,
+    first=(),
 ) -> list[PredictedStep]:
     """Predict ``steps`` forwards of a model whose blocks (modules with weights, in the
     order they run) have ``block_bytes`` of weights and take ``block_seconds`` of compute
     each, offloaded to ``device`` with ``prefetch``, ``spread`` and ``staging_bytes`` as in
-    ``aimdo.torch.offload``. ``manager`` must run on a SimBackend; its VBAR is closed
-    afterwards. Returns one PredictedStep per forward (the first one learns the order)."""
+    ``aimdo.torch.offload``; ``first``: the indices of the blocks its ``keep_first`` lists,
+    in that order. ``manager`` must run on a SimBackend; its VBAR is closed afterwards.
+    Returns one PredictedStep per forward (the first one learns the order)."""
     block_bytes, block_seconds = _checked(manager, block_bytes, block_seconds, prefetch, steps)
+    first = list(first)
+    if len(set(first)) != len(first) or any(
+        isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(block_bytes)
+        for i in first
+    ):
+        raise ValueError(
+            f"first must list distinct indices of the {len(block_bytes)} blocks, got {first!r}"
+        )
     blocks, vbar, engines, schedule = _member(
-        manager, device, block_bytes, block_seconds, prefetch, spread, staging_bytes
+        manager, device, block_bytes, block_seconds, prefetch, spread, staging_bytes, first=first
     )
     try:
         return [_step(schedule, engines, blocks) for _ in range(steps)]
@@ -225,7 +235,9 @@ def predict_offload(
         vbar.close()
 
 
-def _member(manager, device, block_bytes, block_seconds, prefetch, spread, staging, rotation=0.0):
+def _member(
+    manager, device, block_bytes, block_seconds, prefetch, spread, staging, rotation=0.0, first=()
+):
     """The model's blocks placed in a new VBAR on ``device`` (rotated as a group's member
     ``rotation`` of the way round), the device's engines, and the Schedule an offload
     would run there: (blocks, vbar, engines, schedule). The blocks run in the order given;
@@ -237,7 +249,7 @@ def _member(manager, device, block_bytes, block_seconds, prefetch, spread, stagi
     blocks = [
         _Block(i, n, s) for i, (n, s) in enumerate(zip(block_bytes, block_seconds, strict=True))
     ]
-    vbar = place(manager, device, blocks, bool(spread), rotation)
+    vbar = place(manager, device, blocks, bool(spread), rotation, [blocks[i] for i in first])
     engines = _Engines(manager.backend, device)
     schedule = Schedule(
         engines, vbar, blocks, prefetch, order=[], learning=True, staging_bytes=staging

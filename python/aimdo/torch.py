@@ -120,6 +120,7 @@ def offload(
     host_tiers=None,
     timings: bool = False,
     file_reads: str = "auto",
+    keep_first=None,
 ) -> Offload:
     """Make ``module`` run on ``device`` with its weights streamed through aimdo, in place
     (see Offload); returns the Offload, whose ``undo()`` puts it back.
@@ -130,6 +131,11 @@ def offload(
     interleaves the placement so the blocks that stay resident are spread over the
     forward; False places them in order, the first ones resident longest. Either way
     blocks under 1 MiB (norms, biases) are placed first, so they stay resident.
+    ``keep_first``, a sequence of ``module``'s submodules with weights of their own (or
+    their names in it), places their weights next, ahead of the rest (spread among
+    themselves when ``spread``), so they stay resident longest: weights whose compute is
+    short for their bytes (Qwen-Image's modulation layers, applied to one vector; a text
+    stream's few tokens), whose copies the compute cannot hide. Not measured on a GPU yet.
     ``prefetch`` is how many copies are kept in flight ahead of the compute: more hides
     the copies of weights whose compute is short (Qwen-Image's modulation layers) at the
     cost of staging memory; measured on an H200 (benchmarks/RESULTS.md). The default is
@@ -209,6 +215,7 @@ def offload(
         host_tiers=host_tiers,
         timings=timings,
         file_reads=file_reads,
+        keep_first=keep_first,
     )
     check_options(module, manager, device, options)
     return Offload(module, device, manager, options)
