@@ -188,6 +188,9 @@ def test_keep_first_places_the_weights_listed_ahead_of_the_rest(make_manager):
         ([torch.nn.Linear(2, 2)], ValueError, "'Linear' is no module of this model"),
         ([model[0].up, "0.up"], ValueError, "lists '?0.up'? twice"),
         ([3], TypeError, "modules or their names, not int"),
+        ("0.up", TypeError, "put one in a list"),
+        (model[0].up, TypeError, "put one in a list"),
+        (3, TypeError, "sequence of modules or their names, not int"),
     ]:
         with pytest.raises(error, match=match):
             atorch.offload(model, 0, manager=manager, keep_first=bad)

@@ -117,8 +117,21 @@ def offload_options(
         "host_tiers": host_tiers,
         "timings": timings,
         "file_reads": file_reads,
-        "keep_first": None if keep_first is None else list(keep_first),
+        "keep_first": None if keep_first is None else sequence_of(keep_first, "keep_first"),
     }
+
+
+def sequence_of(value, name: str) -> list:
+    """`value`, a sequence of modules or names, as a list; TypeError for one module or
+    name given alone (iterating a name would list its characters) or no sequence at all."""
+    if isinstance(value, (str, torch.nn.Module)):
+        raise TypeError(f"{name} takes a sequence of modules or their names: put one in a list")
+    try:
+        return list(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} takes a sequence of modules or their names, not {type(value).__name__}"
+        ) from None
 
 
 def host_limit_option(host_limit):
