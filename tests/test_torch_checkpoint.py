@@ -402,6 +402,8 @@ def test_host_limit_pins_the_blocks_placed_last_and_streams_the_rest(
         assert o.pinned_bytes - ring <= limit
     logged = [r.getMessage() for r in caplog.records if "stay in the checkpoint" in r.getMessage()]
     assert len(logged) == 1 and "host_limit=5.00 MiB" in logged[0] and "8 blocks" in logged[0]
+    assert "read ahead of their copies (up to " in logged[0]
+    assert "ring) while the prefetch window is at most 2 copies" in logged[0]
 
 
 def test_blocks_in_the_files_are_read_and_copied_by_native_threads_ahead_of_the_compute(

@@ -11,7 +11,7 @@ import weakref
 
 import torch
 
-from . import _core
+from . import _core, _torch_stream
 from ._manager import Manager
 from ._placement import place, placement_order
 from ._schedule import ForwardStats, Schedule, auto_staging_bytes, use_seconds
@@ -205,6 +205,14 @@ class Offload:
                 block.file_runs = [(w.offset, w.source) for w in block.weights]
                 block.stream = self._stream
             cost = f"; they are read {how}"
+            if self._stream.read_ahead_bytes == "auto":
+                ring = self._stream.ring_buffers * self._stream.buffer_bytes
+                ahead = int(ring * _torch_stream.READ_AHEAD_SHARE)
+                cost += (
+                    f", and read ahead of their copies (up to {format_size(ahead)} of the "
+                    f"{format_size(ring)} ring) while the prefetch window is at most "
+                    f"{_torch_stream.READ_AHEAD_WINDOW} copies"
+                )
             bandwidth = read_bandwidth(files, direct)
             if bandwidth:
                 cost += (
