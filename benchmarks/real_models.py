@@ -194,7 +194,7 @@ def kept_first(model, groups: str) -> list:
     return kept
 
 
-def run_aimdo(model, forms, args, device, reference, compute, bandwidth, prefetch) -> dict:
+def run_aimdo(model, forms, args, device, reference, compute, bandwidth, prefetch, keep) -> dict:
     backend = aimdo.SimBackend("1x8GiB", real_bytes=True) if args.tiny else "cuda"
     results = {}
     with aimdo.Manager(
@@ -202,7 +202,7 @@ def run_aimdo(model, forms, args, device, reference, compute, bandwidth, prefetc
     ) as manager:
         before = rss_bytes()
         staging = {} if args.staging is None else {"staging_bytes": args.staging}
-        kept = kept_first(model, args.keep_first)
+        kept = kept_first(model, keep)
         if kept:
             modules = dict(model.named_modules())
             nbytes = sum(
@@ -342,7 +342,8 @@ def main() -> int:
     parser.add_argument(
         "--keep-first",
         default="",
-        help=f"offload's keep_first: a comma-separated list of {sorted(KEEP_FIRST)} (qwen-image)",
+        help=f"offload's keep_first: a comma-separated list of {sorted(KEEP_FIRST)} (qwen-image); "
+        "several, separated by ';', run one offload each (empty: the default placement)",
     )
     parser.add_argument("--baselines", default="resident,group-offload,dispatch,cpu-offload")
     parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU simulator")
@@ -351,7 +352,7 @@ def main() -> int:
         "--log", default="warning", help="aimdo's log level shown (info: its choices)"
     )
     args = parser.parse_args()
-    unknown = [g for g in filter(None, args.keep_first.split(",")) if g not in KEEP_FIRST]
+    unknown = [g for g in filter(None, re.split("[,;]", args.keep_first)) if g not in KEEP_FIRST]
     if unknown:
         parser.error(f"--keep-first: unknown {unknown}; known: {sorted(KEEP_FIRST)}")
     show_log(args.log)
@@ -404,10 +405,16 @@ def main() -> int:
         None if p == "default" else p if p == "auto" else int(p)
         for p in str(args.prefetch).split(",")
     ]
-    for prefetch in prefetches:
-        key = "aimdo" if prefetch == prefetches[0] else f"aimdo prefetch {prefetch}"
+    placements = args.keep_first.split(";")  # one offload for each, after the depths
+    runs = [(p, placements[0]) for p in prefetches] + [(prefetches[0], k) for k in placements[1:]]
+    for prefetch, keep in runs:
+        key = "aimdo"
+        if prefetch != prefetches[0]:
+            key += f" prefetch {prefetch}"
+        if keep != placements[0]:
+            key += f" keep_first {keep or 'none'}"
         result["runs"][key] = run_aimdo(
-            model, forms, args, device, reference, compute, bandwidth, prefetch
+            model, forms, args, device, reference, compute, bandwidth, prefetch, keep
         )
         report(key, result["runs"][key], forms, weights)
     aimdo_results = result["runs"]["aimdo"]
