@@ -5,6 +5,7 @@ the prediction alone kept Qwen-Image at 2 where 4 and 6 measured faster)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -641,19 +642,30 @@ def test_a_forward_whose_end_fails_is_not_measured_by_the_trials(make_manager, m
         assert offloaded.prefetch_measured == {2: 1.0} and offloaded.prefetch == 3
 
 
-@pytest.mark.sim_only
-def test_each_depth_is_measured_at_the_residency_its_staging_leaves(make_manager, monkeypatch):
-    # Memory others took while a depth settles (as that depth's new staging buffers are,
-    # for the budget, until its next poll): the budget is polled afresh after the settling
-    # forward and evicts at once, so the measured forward runs at the residency the depth
-    # keeps, undisturbed. Here the poll interval is long: nothing else would see it.
+@contextlib.contextmanager
+def start_measured(make_manager, monkeypatch):
+    """six_blocks offloaded with prefetch="auto", the prediction choosing START and the
+    clock scripted, after the forwards that learn, predict and measure START: yields
+    (model, x, expected, manager, offloaded, the depths measured)."""
     scripted(monkeypatch, chosen=tune.START)
     model, x, expected, manager = six_blocks(make_manager)
     with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
         measured = script_clock(offloaded, {2: 1.0, 3: 0.875, 4: 0.75, 6: 2.0})
         for _ in range(3):  # learn; predict; 2 measured
             model(x.to(where(0)))
-        assert measured == [2] and offloaded.vbar.watermark_bytes == 4 * PAGE
+        assert measured == [tune.START]
+        yield model, x, expected, manager, offloaded, measured
+
+
+@pytest.mark.sim_only
+def test_each_depth_is_measured_at_the_residency_its_staging_leaves(make_manager, monkeypatch):
+    # Memory others took while a depth settles (as that depth's new staging buffers are,
+    # for the budget, until its next poll): the budget is polled afresh after the settling
+    # forward and evicts at once, so the measured forward runs at the residency the depth
+    # keeps, undisturbed. Here the poll interval is long: nothing else would see it.
+    with start_measured(make_manager, monkeypatch) as started:
+        model, x, expected, manager, offloaded, measured = started
+        assert offloaded.vbar.watermark_bytes == 4 * PAGE
         manager.backend.add_external_usage(0, PAGE)
         try:
             assert torch.equal(model(x.to(where(0))), expected)  # 3 settles
@@ -670,11 +682,9 @@ def test_a_budget_grown_while_a_depth_settles_is_seen(make_manager, monkeypatch)
     # A budget grown from another thread while the residency of the depth on trial is
     # settled (here: right after it): the watermark rises, and the next forward, filling
     # into it, settles again instead of being measured.
-    scripted(monkeypatch, chosen=tune.START)
-    model, x, expected, manager = six_blocks(make_manager)
-    limit = manager.limit_bytes(0)
-    with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
-        measured = script_clock(offloaded, {2: 1.0, 3: 0.875, 4: 0.75, 6: 2.0})
+    with start_measured(make_manager, monkeypatch) as started:
+        model, x, expected, manager, offloaded, measured = started
+        limit = manager.limit_bytes(0)
         tuner = offloaded._runner.tuner
         settle = tuner.steady
 
@@ -683,8 +693,6 @@ def test_a_budget_grown_while_a_depth_settles_is_seen(make_manager, monkeypatch)
             tuner.steady = settle
             manager.set_budget(0, vram_limit=limit + 64 * PAGE)
 
-        for _ in range(3):  # learn; predict; 2 measured
-            model(x.to(where(0)))
         tuner.steady = and_grow
         model(x.to(where(0)))  # 3 settles; the budget grows as it ends
         model(x.to(where(0)))  # settles again, filling the budget grown
@@ -694,12 +702,8 @@ def test_a_budget_grown_while_a_depth_settles_is_seen(make_manager, monkeypatch)
 
 
 def test_a_failure_settling_a_depth_keeps_the_trials_going(make_manager, monkeypatch):
-    scripted(monkeypatch, chosen=tune.START)
-    model, x, expected, manager = six_blocks(make_manager)
-    with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
-        measured = script_clock(offloaded, {2: 1.0, 3: 0.875, 4: 0.75, 6: 2.0})
-        for _ in range(3):  # learn; predict; 2 measured
-            model(x.to(where(0)))
+    with start_measured(make_manager, monkeypatch) as started:
+        model, x, expected, manager, offloaded, measured = started
 
         def broken(device, fresh=False):
             raise aimdo.DriverError("injected")
