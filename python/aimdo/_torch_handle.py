@@ -479,7 +479,7 @@ class Offload:
         faults map pages again where the budget has room. Prefetch trials in progress
         settle again (resumed, or a budget grown: the residency they measured changes)."""
         if self._runner is not None:
-            self._runner.forget_raise()
+            self._runner.grow_back.forget()
             if self._runner.tuner is not None:
                 self._runner.tuner.disturbed()
         vbar = self.vbar

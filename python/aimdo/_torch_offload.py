@@ -5,7 +5,6 @@ PyTorch; imported by aimdo.torch only."""
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import inspect
 import logging
@@ -19,6 +18,7 @@ from ._executor import IN_LINE, PAGES, TEMPORARY, Executor
 from ._schedule import ForwardStats, Schedule, pin_peer_copy, unpin_peer
 from ._sizes import format_size
 from ._timings import Recorded
+from ._torch_grow import GrowBack
 from ._torch_layout import Binding, TorchBlock
 from ._torch_outputs import owned
 from ._torch_stream import Pending, drain_after_failure
@@ -301,14 +301,7 @@ class Runner:
         # Under Offload.timed: the mark at the end of the last forward of the whole module,
         # taken before the prefetch tuner's own work (Offload.timed ends its marks there).
         self.outside_end = None
-        self._block_ends = None  # the end of every block's allocation, sorted (made once)
-        # _grow_into_room: (watermark, room) of a raise the next forward judges; the room
-        # the last futile raise had (the next waits for more, or for _futile_wait more
-        # forwards), and how many were futile in a row
-        self._raised = None
-        self._futile_room = None
-        self._futile_raises = 0
-        self._futile_wait = 0
+        self.grow_back = GrowBack()  # raises the watermark into room others gave back
 
     def call(self, forward, is_root: bool, args, kwargs):
         """Run `forward` (an offloaded module's) as a forward of its own: the whole
@@ -420,7 +413,7 @@ class Runner:
                             except Exception as error:  # noqa: BLE001 - the forward's result stands
                                 tuner.stop(schedule, error)
                     if is_root and not failed:
-                        self._grow_into_room(schedule)
+                        self.grow_back.after_forward(self, schedule)
         finally:
             self.owner = None
             self.lock.release()
@@ -436,93 +429,6 @@ class Runner:
                 self.schedule.drop_staging()
             finally:
                 self.lock.release()
-
-    def _grow_into_room(self, schedule: Schedule) -> None:
-        """After a forward of the whole that ended with the VBAR's watermark below its
-        top: raise it by the room the budget has now, when that room holds the block just
-        above it (others gave memory back: PyTorch's cache emptied, staging dropped,
-        another model's pages freed), so that residency an eviction took grows back by
-        itself. Raised by the room, not to the top: from the top, the next forward's
-        faults fill in the order of use, and a fault for a block the budget has room for
-        can find the room held by pages a less important block pins in the window, and
-        lower the watermark to its own start (§3.2), below where it was. A raise is judged
-        by the next forward's watermark: not higher (the room was others' memory between
-        two polls), and the next raise waits for more room than this one had, or for
-        FUTILE_WAIT forwards, twice as many after each futile raise in a row. The prefetch
-        trials count a raise as a disturbance (their next forward settles). Only an
-        optimization: a failure here (the VBAR closed by another thread) is logged, and
-        the forward's result stands."""
-        try:
-            self._grow_step(schedule)
-        except Exception as error:  # noqa: BLE001 - the forward's result stands
-            _log.debug("aimdo: growing back after a forward failed: %s", error)
-
-    def _grow_step(self, schedule: Schedule) -> None:
-        vbar = schedule.vbar
-        manager = self.manager_ref()
-        if manager is None or vbar.closed or self.paused or self.device_paused:
-            return
-        watermark, top = vbar.watermark_bytes, vbar.size
-        raised, self._raised = self._raised, None
-        if raised is not None:
-            before, room = raised
-            if watermark > before:
-                self._futile_room, self._futile_raises = None, 0
-            else:
-                self._futile_room = room
-                self._futile_raises += 1
-                self._futile_wait = FUTILE_WAIT << min(self._futile_raises - 1, 6)
-        elif self._futile_wait > 0:
-            self._futile_wait -= 1
-        if watermark >= top:
-            return
-        if self._block_ends is None:
-            self._block_ends = sorted(
-                b.allocation.offset + b.allocation.size for b in schedule.blocks
-            )
-        at = bisect.bisect_right(self._block_ends, watermark)
-        if at == len(self._block_ends):
-            return  # no block above the watermark (only pages of padding)
-        room = -manager.deficit_bytes(vbar.device)
-        page = vbar.page_size
-        raise_to = min((watermark + max(room, 0)) // page * page, top)
-        if raise_to < min(-(-self._block_ends[at] // page) * page, top):
-            return  # not room for the next block
-        futile = self._futile_room
-        if futile is not None and room < futile + page and self._futile_wait > 0:
-            _log.debug(
-                "aimdo: device %d: the budget has room (%s), but no more than a raise the "
-                "next forward undid had: the watermark stays at %s for %d more forwards",
-                vbar.device,
-                format_size(room),
-                format_size(watermark),
-                self._futile_wait,
-            )
-            return
-        # Under the Manager's pause lock, so that a pause of the device (which lowers the
-        # watermark to 0 under it) is not undone; and only upwards (a budget grown may
-        # have raised it to the top meanwhile).
-        with manager._pause_lock:
-            if self.device_paused or vbar.watermark_bytes >= raise_to:
-                return
-            _log.debug(
-                "aimdo: device %d: the budget has room again: the watermark is raised from "
-                "%s to %s",
-                vbar.device,
-                format_size(watermark),
-                format_size(raise_to),
-            )
-            self._raised = (watermark, room)
-            if self.tuner is not None:
-                self.tuner.disturbed()
-            vbar.set_watermark(raise_to)
-
-    def forget_raise(self) -> None:
-        """The watermark was raised to the top (Offload._grow: a resume, a budget grown,
-        the trials' end): a raise pending is not judged by the next forward, and a futile
-        one no longer holds the next back."""
-        self._raised = self._futile_room = None
-        self._futile_raises = self._futile_wait = 0
 
     def _watch_watermark(self, schedule: Schedule) -> None:
         """After a forward of the whole: say (INFO) when evictions for memory others took
@@ -552,10 +458,6 @@ class Runner:
 
 
 _NO_CONTEXT = contextlib.nullcontext()
-
-#: Forwards a raise of the watermark waits after a futile one (twice as many after each
-#: futile one in a row, up to 64 times), unless the room grew (Runner._grow_into_room).
-FUTILE_WAIT = 4
 
 
 def make_forward(runner: Runner, module: torch.nn.Module, binding: Binding, is_root: bool):
