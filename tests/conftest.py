@@ -116,6 +116,15 @@ def make_manager(backend_name):
             poll_interval=poll_interval,
             page_size=page_size,
         )
+        if backend_name == "cuda":
+            # A fresh poll on a GPU reads what every process uses it for: other xdist
+            # workers' memory, and this test's own PyTorch memory, which the simulator
+            # keeps on the host. The tests script fault sequences at the budget this
+            # Manager's one poll set, so on a GPU the library's fresh polls (the prefetch
+            # trials' steady step, the residency grown back) read that poll again. Tests
+            # of what a fresh poll sees script others' memory on the simulator (sim_only).
+            read = manager.poll
+            manager.poll = lambda device, fresh=False: read(device, False)
         manager.sim = manager.backend if isinstance(manager.backend, SimBackend) else None
         manager.baseline = baseline
         return manager

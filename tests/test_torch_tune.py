@@ -16,7 +16,7 @@ import aimdo  # noqa: E402
 import aimdo._torch_tune as tune  # noqa: E402
 import aimdo.torch as atorch  # noqa: E402
 from aimdo.predict import PredictedStep  # noqa: E402
-from conftest import BACKEND, PAGE  # noqa: E402
+from conftest import PAGE  # noqa: E402
 from torch_support import new_manager, reference, stack, where  # noqa: E402
 
 
@@ -94,28 +94,7 @@ def script_clock(offloaded, seconds: dict) -> list:
         return read
 
     offloaded._runner.tuner.clock = clock
-    if BACKEND == "cuda":
-        # The scripts count staging outside the budget, as the simulator does (its staging
-        # is host memory). On a GPU the steady step's fresh poll would count this test's
-        # staging (and other workers' memory on a shared GPU) and move the watermark at
-        # forwards the script does not expect: there it reads the budget's last poll (the
-        # Manager's only one here). The fresh poll is tested on the simulator.
-        offloaded._runner.tuner.steady = last_poll_steady(offloaded)
     return measured
-
-
-def last_poll_steady(offloaded):
-    """The steady step at the budget's last poll: poll (not fresh), then reclaim."""
-    manager, device = offloaded._manager_ref(), offloaded.vbar.device
-
-    def steady() -> None:
-        try:
-            manager.poll(device)
-            manager.reclaim(device, 0)
-        except Exception:  # noqa: BLE001 - as the steady step: a failure is not fatal
-            pass
-
-    return steady
 
 
 def test_the_trials_go_deeper_until_one_is_much_slower_and_keep_the_fastest(
@@ -386,6 +365,7 @@ def test_a_failure_of_the_trials_keeps_the_forward_and_the_depth(make_manager, m
     assert "keeps prefetch 2: choosing it failed (no staging today)" in warned[0]
 
 
+@pytest.mark.sim_only  # the steady step's fresh poll sees the memory given back
 def test_a_pause_or_a_moved_watermark_in_the_trials_settles_again(make_manager, monkeypatch):
     scripted(monkeypatch, chosen=tune.START)
     model, x, expected, manager = six_blocks(make_manager)
