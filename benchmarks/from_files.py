@@ -205,6 +205,39 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def process_device_bytes() -> dict[str, int]:
+    """The device memory each process holds on GPU 0 as nvidia-smi reports it (contexts
+    included), keyed "self" for this one, or its pid; {} when nvidia-smi cannot say."""
+    try:
+        uuid = subprocess.run(
+            ["nvidia-smi", "-i", "0", "--query-gpu=uuid", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.strip()
+        listed = subprocess.run(
+            [
+                "nvidia-smi",
+                "--query-compute-apps=gpu_uuid,pid,used_memory",
+                "--format=csv,noheader,nounits",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    held = {}
+    for line in listed.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) == 3 and fields[0] == uuid and fields[2].isdigit():
+            key = "self" if fields[1] == str(os.getpid()) else fields[1]
+            held[key] = int(fields[2]) << 20  # MiB
+    return held
+
+
 def memory_now(manager, cuda: bool) -> dict:
     """After a step: the VBAR's watermark, torch's pool (now and its peak; 0 on the
     simulator), the device's free memory and the core's counters so far; a watermark
@@ -363,6 +396,9 @@ def child(args) -> dict:
         # The room the budget sees now (negative: a deficit), from its last poll.
         result["room_bytes"] = -manager.deficit_bytes(0)
         result["last_poll"] = manager.poll(0)
+        if not args.tiny:  # who holds the device's memory beside torch's pool and aimdo's
+            result["device_total_bytes"] = torch.cuda.mem_get_info(0)[1]
+            result["process_device_bytes"] = process_device_bytes()
         handle.timings = True  # one more step, timed, outside the median's
         with torch.no_grad():
             step(model)
@@ -515,6 +551,20 @@ def main() -> int:
                 f"{run['room_bytes'] / GiB:.2f} GiB (last poll: "
                 f"{run['last_poll']['free_bytes'] / GiB:.2f} GiB free, aimdo's usage "
                 f"{run['last_poll']['usage_bytes'] / GiB:.2f} GiB)",
+                flush=True,
+            )
+        if run.get("process_device_bytes"):
+            held = run["process_device_bytes"]
+            used = run["device_total_bytes"] - run["last_poll"]["free_bytes"]
+            mine, torch_held = held.get("self", 0), run["torch_reserved_bytes"]
+            if "self" not in held:  # nvidia-smi lists pids of another namespace
+                print(f"    device memory by process (pids unmatched): {held}", flush=True)
+            print(
+                f"    device memory: {used / GiB:.2f} GiB used at the last poll; this "
+                f"process holds {mine / GiB:.2f} GiB now, of it beside aimdo's "
+                f"{run['usage_bytes'] / GiB:.2f} and torch's {torch_held / GiB:.2f}:"
+                f" {(mine - run['usage_bytes'] - torch_held) / GiB:.2f} GiB; "
+                f"other processes {sum(v for k, v in held.items() if k != 'self') / GiB:.2f} GiB",
                 flush=True,
             )
         for i, m in enumerate(run.get("memory_after_steps", [])):
