@@ -26,6 +26,15 @@ class GrowBack:
         self.futile_room = None
         self.futile_raises = 0
         self.wait = 0
+        # A fresh poll of the budget asked for (poll_after_next): "next" until the forward
+        # that asked ends, "due" until the one after it ends.
+        self.fresh = None
+
+    def poll_after_next(self) -> None:
+        """Poll the budget afresh after the next forward of the whole, before its room is
+        read: memory given back now (PyTorch's cache emptied) is seen without counting as
+        room what that forward takes again (its staging, its activations)."""
+        self.fresh = "next"
 
     def forget(self) -> None:
         """The watermark was raised to the top (Offload._grow: a resume, a budget grown,
@@ -55,6 +64,8 @@ class GrowBack:
             _log.debug("aimdo: growing back after a forward failed: %s", error)
 
     def _step(self, runner, schedule) -> None:
+        fresh = self.fresh == "due"
+        self.fresh = "due" if self.fresh == "next" else None
         vbar = schedule.vbar
         manager = runner.manager_ref()
         if manager is None or vbar.closed or runner.paused or runner.device_paused:
@@ -80,6 +91,8 @@ class GrowBack:
         at = bisect.bisect_right(self.block_ends, watermark)
         if at == len(self.block_ends):
             return  # no block above the watermark (only pages of padding)
+        if fresh:
+            manager.poll(vbar.device, fresh=True)
         room = -manager.deficit_bytes(vbar.device)
         page = vbar.page_size
         raise_to = min((watermark + max(room, 0)) // page * page, top)

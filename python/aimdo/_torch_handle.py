@@ -533,24 +533,21 @@ def _grower(reference):
 def _regrower(reference):
     """What the prefetch trials call once they kept a depth shallower than one they tried
     (holding the offload weakly): the deeper depths' staging buffers, dropped already, go
-    back to the driver (PyTorch's cache would keep them, counted as others' memory), the
-    budget is polled afresh to see them gone, and the watermark raised to the top, so the
-    residency grows back into them. Before this (only the watermark raised), a synthetic
-    35 GiB model on an H200 kept 19.78 GiB resident, not 20.78, and a step read 0.8 GiB
-    more from its checkpoint (benchmarks/RESULTS.md, the copies queued natively); this
-    is not measured on a GPU yet."""
+    back to the driver (PyTorch's cache would keep them, counted as others' memory), and
+    growing back (GrowBack) polls the budget afresh after the next forward, then raises
+    the watermark into the room they left. Not at once: right after the cache is emptied
+    PyTorch's pool lacks the forward's own staging and activations, which the next forward
+    takes again. On an H200 a fresh poll at once let a synthetic 35 GiB model fill 0.57
+    GiB above its 24 GiB limit until the next due poll (benchmarks/RESULTS.md)."""
 
     def grow() -> None:
         offload = reference()
-        if offload is None or offload.undone:
+        if offload is None or offload.undone or offload._runner is None:
             return
         if offload.device.type == "cuda":
             with torch.cuda.device(offload.device):
                 torch.cuda.empty_cache()
-        manager = offload._manager_ref()
-        if manager is not None and offload.vbar is not None:
-            manager.poll(offload.vbar.device, fresh=True)
-        offload._grow()
+        offload._runner.grow_back.poll_after_next()
 
     return grow
 
