@@ -737,14 +737,23 @@ def test_the_prediction_places_the_blocks_kept_first_as_the_module_does(make_man
 
 
 @contextlib.contextmanager
-def ended_shallower(make_manager, monkeypatch, *, taken_again: bool):
+def ended_shallower(
+    make_manager, monkeypatch, *, taken_again: bool, due_poll: bool = False, futile: bool = False
+):
     """six_blocks at 4 pages, one of them others' memory the trials' steady step saw; the
     trials measure 2, then 3 much slower, and keep 2. As they end (tuner.grow) the page is
     given back (PyTorch's cache emptied); with `taken_again`, the next forward takes it
-    again (its own staging and activations, back in PyTorch's pool). Yields (model, x,
-    expected, manager, offloaded) after the forward that ends the trials."""
+    again (its own staging and activations, back in PyTorch's pool); with `due_poll`, the
+    budget's poll (every 2 s) falls due as they end; with `futile`, a raise before them
+    was undone (growing back waits for more room, or for forwards). Yields (model, x,
+    expected, manager, offloaded, the Manager's polls before the forward that ends the
+    trials) after it."""
     scripted(monkeypatch, chosen=tune.START)
-    model, x, expected, manager = six_blocks(make_manager)
+    model = stack(blocks=6)
+    x = torch.randn(2, 256)
+    expected = reference(model, x, 0)
+    options = {"poll_interval": 2.0} if due_poll else {}
+    manager = new_manager(make_manager, pages=4, **options)
     with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
         measured = script_clock(offloaded, {2: 1.0, 3: 2.0})
         tuner = offloaded._runner.tuner
@@ -754,6 +763,8 @@ def ended_shallower(make_manager, monkeypatch, *, taken_again: bool):
         def and_give_back():
             manager.backend.remove_external_usage(0, PAGE)
             given_back.append(True)
+            if due_poll:
+                manager.backend.advance(2.0)
             grow()
 
         tuner.grow = and_give_back
@@ -763,10 +774,12 @@ def ended_shallower(make_manager, monkeypatch, *, taken_again: bool):
                 assert torch.equal(model(x.to(where(0))), expected)
             assert offloaded.vbar.watermark_bytes == 3 * PAGE
             polls = manager.stats(0)["polls"]
+            if futile:
+                grow_back = offloaded._runner.grow_back
+                grow_back.futile_room, grow_back.futile_raises, grow_back.wait = PAGE, 3, 16
             assert torch.equal(model(x.to(where(0))), expected)  # 3 measured: keeps 2
             assert measured == [2, 3] and offloaded.prefetch == 2 and given_back
             assert not offloaded.prefetch_choosing
-            assert manager.stats(0)["polls"] == polls  # not polled at once
             if taken_again:
 
                 def take(module, args):
@@ -775,24 +788,23 @@ def ended_shallower(make_manager, monkeypatch, *, taken_again: bool):
                     hook.remove()
 
                 hook = model[0].register_forward_pre_hook(take)
-            yield model, x, expected, manager, offloaded
+            yield model, x, expected, manager, offloaded, polls
         finally:
             if taken or not given_back:
                 manager.backend.remove_external_usage(0, PAGE)
 
 
 @pytest.mark.sim_only
+@pytest.mark.parametrize("futile", [False, True], ids=["alone", "after-a-futile-raise"])
 def test_kept_shallower_the_budget_is_polled_after_the_next_forward_and_grows_back(
-    make_manager, monkeypatch
+    make_manager, monkeypatch, futile
 ):
-    with ended_shallower(make_manager, monkeypatch, taken_again=False) as (
-        model,
-        x,
-        expected,
-        manager,
-        offloaded,
-    ):
-        polls = manager.stats(0)["polls"]
+    # A futile raise before (others' memory between two polls) does not hold back what
+    # the trials gave back.
+    with ended_shallower(make_manager, monkeypatch, taken_again=False, futile=futile) as started:
+        model, x, expected, manager, offloaded, polls = started
+        assert manager.stats(0)["polls"] == polls  # not at once
+        assert offloaded.vbar.watermark_bytes == 3 * PAGE
         assert torch.equal(model(x.to(where(0))), expected)
         assert manager.stats(0)["polls"] == polls + 1  # afresh, as this forward ended
         assert offloaded.vbar.watermark_bytes == 4 * PAGE  # raised into the page given back
@@ -801,16 +813,15 @@ def test_kept_shallower_the_budget_is_polled_after_the_next_forward_and_grows_ba
 
 
 @pytest.mark.sim_only
-def test_kept_shallower_memory_the_next_forward_takes_again_is_not_room(make_manager, monkeypatch):
-    # Polled at once, the budget saw the page given back as room and the watermark rose:
-    # the next forward, taking the page again, filled above the limit until a due poll.
-    with ended_shallower(make_manager, monkeypatch, taken_again=True) as (
-        model,
-        x,
-        expected,
-        manager,
-        offloaded,
-    ):
+@pytest.mark.parametrize("due_poll", [False, True], ids=["no-poll-due", "poll-due"])
+def test_kept_shallower_memory_the_next_forward_takes_again_is_not_room(
+    make_manager, monkeypatch, due_poll
+):
+    # Polled as the trials end (afresh, or a poll falling due), the budget saw the page
+    # given back as room and the watermark rose: the next forward, taking the page again,
+    # filled above the limit until the next poll.
+    with ended_shallower(make_manager, monkeypatch, taken_again=True, due_poll=due_poll) as started:
+        model, x, expected, manager, offloaded, _ = started
         for _ in range(3):
             assert torch.equal(model(x.to(where(0))), expected)
             assert manager.resident_bytes(0) <= 3 * PAGE

@@ -26,20 +26,24 @@ class GrowBack:
         self.futile_room = None
         self.futile_raises = 0
         self.wait = 0
-        # A fresh poll of the budget asked for (poll_after_next): "next" until the forward
-        # that asked ends, "due" until the one after it ends.
-        self.fresh = None
+        self.begun = 0  # forwards of the whole begun (Runner.call counts them)
+        # poll_after_next: the forwards begun when it was asked (a fresh poll is due as
+        # the first forward begun after that ends); None, none asked.
+        self.fresh_after = None
 
     def poll_after_next(self) -> None:
-        """Poll the budget afresh after the next forward of the whole, before its room is
-        read: memory given back now (PyTorch's cache emptied) is seen without counting as
-        room what that forward takes again (its staging, its activations)."""
-        self.fresh = "next"
+        """Poll the budget afresh as the next forward of the whole to begin ends, and read
+        no room before: memory given back now (PyTorch's cache emptied) is seen without
+        counting as room what that forward takes again (its staging, its activations),
+        which a poll in the forward running now (due, or fresh) would. What earlier raises
+        taught no longer holds the next back."""
+        self.forget()
+        self.fresh_after = self.begun
 
     def forget(self) -> None:
-        """The watermark was raised to the top (Offload._grow: a resume, a budget grown,
-        the trials' end): a raise pending is not judged by the next forward, and a futile
-        one no longer holds the next back."""
+        """The watermark was raised to the top (Offload._grow: a resume, a budget grown),
+        or a fresh poll was asked (poll_after_next): a raise pending is not judged by the
+        next forward, and a futile one no longer holds the next back."""
         self.raised = self.futile_room = None
         self.futile_raises = self.wait = 0
 
@@ -64,8 +68,10 @@ class GrowBack:
             _log.debug("aimdo: growing back after a forward failed: %s", error)
 
     def _step(self, runner, schedule) -> None:
-        fresh = self.fresh == "due"
-        self.fresh = "due" if self.fresh == "next" else None
+        asked = self.fresh_after is not None
+        fresh = asked and self.begun > self.fresh_after
+        if fresh:
+            self.fresh_after = None
         vbar = schedule.vbar
         manager = runner.manager_ref()
         if manager is None or vbar.closed or runner.paused or runner.device_paused:
@@ -82,6 +88,8 @@ class GrowBack:
                 self.wait = FUTILE_WAIT << min(self.futile_raises - 1, 6)
         elif self.wait > 0:
             self.wait -= 1
+        if asked and not fresh:
+            return  # PyTorch's cache was emptied in this forward: no room read until the next
         if watermark >= top:
             return
         if self.block_ends is None:

@@ -534,11 +534,12 @@ def _regrower(reference):
     """What the prefetch trials call once they kept a depth shallower than one they tried
     (holding the offload weakly): the deeper depths' staging buffers, dropped already, go
     back to the driver (PyTorch's cache would keep them, counted as others' memory), and
-    growing back (GrowBack) polls the budget afresh after the next forward, then raises
-    the watermark into the room they left. Not at once: right after the cache is emptied
-    PyTorch's pool lacks the forward's own staging and activations, which the next forward
-    takes again. On an H200 a fresh poll at once let a synthetic 35 GiB model fill 0.57
-    GiB above its 24 GiB limit until the next due poll (benchmarks/RESULTS.md)."""
+    growing back (GrowBack.poll_after_next) polls the budget afresh as the next forward
+    ends, then raises the watermark into the room they left. Not at once: right after the
+    cache is emptied PyTorch's pool lacks the forward's own staging and activations, which
+    the next forward takes again. On an H200 a fresh poll at once let a synthetic 35 GiB
+    model fill 0.57 GiB above its 24 GiB limit until the next due poll
+    (benchmarks/RESULTS.md, eighth session)."""
 
     def grow() -> None:
         offload = reference()

@@ -332,6 +332,8 @@ class Runner:
                     wants = tuner.wants(schedule)
                 except Exception as error:  # noqa: BLE001 - the forward runs on, untimed
                     tuner.stop(schedule, error)
+            if is_root:  # after wants(): the trials it ends ask growing back to poll after this
+                self.grow_back.begun += 1
             # The forward's marks are this call's to take unless someone outside set them
             # (Offload.timed, around this call); the tuner and the timings share them.
             timed = is_root and self.timing
@@ -349,6 +351,8 @@ class Runner:
                     began = tuner.clock()
                 except Exception as error:  # noqa: BLE001 - the forward runs on, untimed
                     tuner.stop(schedule, error)
+            if is_root:  # after wants(): the trials it ends ask growing back to poll after this
+                self.grow_back.begun += 1
             if marking:
                 schedule.marks = [("start", None, executor.mark())]
                 if self.device.type != "cuda":

@@ -105,7 +105,7 @@ class PrefetchTuner:
         self.like = None  # signature() of the first forward measured
         self.not_compared = 0  # forwards of the trials not compared (NOT_COMPARED_LIMIT)
         self.clock = time.perf_counter  # seconds (tests script it)
-        self.grow = None  # raises the offload's watermark (Offload._grow), once chosen
+        self.grow = None  # lets the residency grow back (_regrower), once kept shallower
         self.first = []  # the offload's keep_first blocks: the prediction places them so
         # Evicts now what the staging of the depth on trial displaced (_steadier), so that
         # its measured forward runs at the residency that depth keeps.
