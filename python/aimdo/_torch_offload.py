@@ -351,8 +351,6 @@ class Runner:
                     began = tuner.clock()
                 except Exception as error:  # noqa: BLE001 - the forward runs on, untimed
                     tuner.stop(schedule, error)
-            if is_root:  # after wants(): the trials it ends ask growing back to poll after this
-                self.grow_back.begun += 1
             if marking:
                 schedule.marks = [("start", None, executor.mark())]
                 if self.device.type != "cuda":
