@@ -244,6 +244,7 @@ class Schedule:
         if not learning:
             self._index_uses()
         self.slot_limit_bytes = staging_bytes // (prefetch + 1)
+        self._tell_window()
         self.slots = []  # staging buffers, kept between forwards
         self.free_slots = []  # oldest released first
         self.step = 0  # position in order of the next use
@@ -325,10 +326,15 @@ class Schedule:
         self.drop_staging()
         self.prefetch = prefetch
         self.slot_limit_bytes = staging_bytes // (prefetch + 1)
-        stream = getattr(self.executor, "file_stream", None)
-        if stream is not None:  # its read-ahead follows the window (READ_AHEAD_BYTES)
-            stream.window = prefetch
+        self._tell_window()
         self._update_staging()
+
+    def _tell_window(self) -> None:
+        # The executor's file stream (aimdo.torch's, when blocks stay in files): its
+        # read-ahead follows the prefetch window (READ_AHEAD_BYTES).
+        stream = getattr(self.executor, "file_stream", None)
+        if stream is not None:
+            stream.window = self.prefetch
 
     def drop_staging(self) -> None:
         """Give the staging buffers back (between forwards only: nothing reads them)."""

@@ -145,9 +145,7 @@ class Offload:
                 sizes = [block.nbytes for block in blocks]
                 staging = auto_staging_bytes(sizes, prefetch, manager.budget_bytes(device))
             self._executor = _TorchExecutor(self.device, stream, device, backend)
-            self._executor.file_stream = self._stream
-            if self._stream is not None:
-                self._stream.window = prefetch  # read-ahead follows it (READ_AHEAD_BYTES)
+            self._executor.file_stream = self._stream  # the Schedule tells it the window
             schedule = Schedule(
                 self._executor,
                 self.vbar,
@@ -206,8 +204,7 @@ class Offload:
                 block.stream = self._stream
             cost = f"; they are read {how}"
             if self._stream.read_ahead_bytes == "auto":
-                ring = self._stream.ring_buffers * self._stream.buffer_bytes
-                ahead = int(ring * _torch_stream.READ_AHEAD_SHARE)
+                ahead, ring = self._stream.auto_read_ahead_bytes(), self._stream.ring_bytes
                 cost += (
                     f", and read ahead of their copies (up to {format_size(ahead)} of the "
                     f"{format_size(ring)} ring) while the prefetch window is at most "

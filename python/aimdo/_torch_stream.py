@@ -385,17 +385,25 @@ class FileStream:
         known = self._next.get(id(block))
         return known[1] if known is not None and known[0] is block and known[2] else None
 
+    @property
+    def ring_bytes(self) -> int:
+        """Bytes of the ring's buffers, made or not."""
+        return self.ring_buffers * self.buffer_bytes
+
+    def auto_read_ahead_bytes(self) -> int:
+        """What "auto" reads ahead behind a window of at most READ_AHEAD_WINDOW copies."""
+        return int(self.ring_bytes * READ_AHEAD_SHARE)
+
     def read_ahead_limit(self) -> int:
         """The bytes read ahead at most now (read_ahead_bytes, resolved)."""
         limit = self.read_ahead_bytes
-        ring = self.ring_buffers * self.buffer_bytes
         if limit is None:
-            return ring
+            return self.ring_bytes
         if limit == "auto":
             window = self.window
             if window is None or window > READ_AHEAD_WINDOW:
                 return 0
-            return int(ring * READ_AHEAD_SHARE)
+            return self.auto_read_ahead_bytes()
         return limit
 
     def _read_ahead(self) -> None:
