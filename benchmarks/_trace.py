@@ -76,6 +76,7 @@ def summarize(events: list[dict], top: int = 12) -> dict:
         "span_us": span_end - span_start,
         "compute_busy_us": busy,
         "copy_busy_us": sum(b - a for a, b in copy_busy),
+        "copy_idle_us": (span_end - span_start) - sum(b - a for a, b in copy_busy),
         "copies": len(copies),
         "compute_gaps": len(gaps),
         "compute_idle_us": sum(g[0] for g in gaps),

@@ -51,6 +51,7 @@ import torch
 from aimdo._manager import DEFAULTS
 
 from ._common import environment, run_trials, show_log, steady_median, write
+from ._trace import profile_step
 from .streaming import build, sync
 
 GiB = 1 << 30
@@ -288,6 +289,7 @@ def child_arguments(args, child: str) -> list[str]:
     command += ["--tokens", str(args.tokens), "--vram-limit", str(args.vram_limit)]
     command += ["--steps", str(args.steps), "--dir", args.dir]
     command += ["--tiny"] if args.tiny else []
+    command += ["--trace", args.trace] if args.trace else []
     if args.switch_interval is not None:
         command += ["--switch-interval", str(args.switch_interval)]
     return command
@@ -413,11 +415,25 @@ def child(args) -> dict:
         if not args.tiny:  # who holds the device's memory beside torch's pool and aimdo's
             result["device_total_bytes"] = torch.cuda.mem_get_info(0)[1]
             result["process_device_bytes"] = process_device_bytes()
+        if args.trace:  # one more step under the profiler, outside the median's
+            path = f"{args.trace}/trace-{args.model}-{args.child}.json.gz"
+            result["trace"] = profile_step(step, model, device, path)
         handle.timings = True  # one more step, timed, outside the median's
         with torch.no_grad():
             step(model)
         timed = handle.last_timings.as_dict()
         result["last_step_timings"] = {k: timed[k] for k in timed if k not in ("blocks", "spans")}
+        stalls: dict = {}  # the timed step's stall by where the stalled block's copy read
+        for b in timed["blocks"]:
+            stalls[b["source"] or "none"] = (
+                stalls.get(b["source"] or "none", 0) + b["stall_seconds"]
+            )
+        result["stall_by_source"] = stalls
+        ranked = sorted(timed["blocks"], key=lambda b: -b["stall_seconds"])[:6]
+        result["most_stalled"] = [
+            [b["name"], b["nbytes"], b["source"], b["stall_seconds"], b["compute_seconds"]]
+            for b in ranked
+        ]
         handle.undo()
         manager.close()
     return result
@@ -449,10 +465,15 @@ def main() -> int:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None)
     parser.add_argument(
+        "--trace", default=None, help="folder: profile one more step of each aimdo run"
+    )
+    parser.add_argument(
         "--log", default="warning", help="aimdo's log level shown (info: its choices)"
     )
     args = parser.parse_args()
     show_log(args.log)
+    if args.tiny and args.trace:
+        parser.error("--trace profiles CUDA: not with --tiny")
     if args.tiny:
         args.blocks, args.hidden, args.tokens, args.steps = 4, 128, 16, 3
         args.vram_limit = 4 << 20
@@ -466,6 +487,8 @@ def main() -> int:
         print(json.dumps(child(args)))
         return 0
     os.makedirs(args.dir, exist_ok=True)
+    if args.trace:
+        os.makedirs(args.trace, exist_ok=True)  # the profiler writes into it, not making it
     if not os.path.exists(f"{args.dir}/out.pt"):  # written last
         # In a process of its own, as every run is: this one never holds a CUDA context
         # (about 0.73 GiB on an H200), which each run's budget would count as others'.
@@ -600,6 +623,20 @@ def main() -> int:
                 f"{t['stall_seconds'] * 1000:.1f} ms, copies {t['copy_seconds'] * 1000:.1f} ms",
                 flush=True,
             )
+        if "stall_by_source" in run:
+            print(
+                "    timed step's stall by source: "
+                + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in run["stall_by_source"].items())
+                + "; most stalled: "
+                + "; ".join(
+                    f"{n} ({b / 2**20:.0f} MiB, {src}) {st * 1000:.1f} ms stalled, "
+                    f"{c * 1000:.1f} ms compute"
+                    for n, b, src, st, c in run["most_stalled"]
+                ),
+                flush=True,
+            )
+        if "trace" in run:
+            print(f"    trace: {json.dumps(run['trace'])}", flush=True)
     write("from_files", result, args.out, keep=not args.tiny)
     return 0 if all(r.get("identical", False) for r in result["runs"].values()) else 1
 
