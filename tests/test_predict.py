@@ -60,6 +60,29 @@ def test_predicted_steps_are_the_stream_schedule_worked_by_hand(
     assert manager.resident_bytes(0) == 0
 
 
+def test_small_blocks_ride_in_the_room_a_staging_buffer_has_left(make_manager):
+    # Three one-page blocks of 0.1 ms, then one of four pages and 6 ms, twice; nothing
+    # resident, prefetch 1, one page copied a millisecond. The staging buffers grow to
+    # four pages; a small block staged in one leaves room in it, where the next small ones
+    # ride: their copies are queued ahead beyond the one copy of prefetch, at no buffer's
+    # cost. So the large block's copy is queued before the first small block runs, and the
+    # small blocks after it are copied while it computes.
+    sim = aimdo.SimBackend([{"capacity": "1GiB", "bandwidth": PAGE / MS}, "1GiB"])
+    manager = make_manager(pages=0, sim=sim, headroom=PAGE)  # a budget of no page
+    sizes, seconds = [PAGE, PAGE, PAGE, 4 * PAGE] * 2, [0.1 * MS] * 3 + [6 * MS]
+    steps = predict_offload(manager, 0, sizes, seconds * 2, steps=4, prefetch=1, spread=False)
+    for step in steps[2:]:
+        assert step.offloaded_layers == 8
+        assert " ".join(step.schedule) == (
+            "copy0 copy1 copy2 copy3 run0 run1 run2 copy4 copy5 copy6 run3 copy7 "
+            "run4 run5 run6 run7"
+        )
+        assert step.staging_bytes == 2 * 4 * PAGE  # prefetch + 1 buffers of the largest
+        # Without the riders each small block waits for a buffer of its own, its copy
+        # queued only after the compute before it: 24 ms a step (measured before them).
+        assert step.seconds == pytest.approx(20 * MS, abs=1e-9)
+
+
 def test_a_staging_buffer_is_reused_only_after_the_compute_that_read_it(make_manager):
     # A budget of one page: block 0 stays resident, blocks 1-3 are offloaded. prefetch 1
     # makes two buffers, A and B; a copy takes 2 ms.

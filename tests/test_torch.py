@@ -282,7 +282,9 @@ def test_prefetch_does_not_pin_resident_blocks_ahead_of_their_turn(make_manager)
 
 
 @pytest.mark.sim_only  # the staging buffers' bookkeeping, on the CPU
-def test_staging_buffers_are_at_most_prefetch_plus_one_and_grow_to_fit(make_manager, monkeypatch):
+def test_staging_buffers_are_at_most_prefetch_plus_one_grow_to_fit_and_share_room(
+    make_manager, monkeypatch
+):
     torch.manual_seed(0)
     width = PAGE // 4 // 256  # a Linear(256, width) without bias is one page
     model = torch.nn.Sequential(
@@ -303,22 +305,27 @@ def test_staging_buffers_are_at_most_prefetch_plus_one_and_grow_to_fit(make_mana
 
     original = Schedule.take_slot
 
-    def recording(self, nbytes):
-        slot = original(self, nbytes)
-        taken.append((nbytes, None if slot is None else slot.nbytes, len(self.slots)))
+    def recording(self, block):
+        slot = original(self, block)
+        assert slot is not None
+        taken.append((block.nbytes, slot.nbytes, block.staged_at, len(self.slots)))
         return slot
 
     monkeypatch.setattr(Schedule, "take_slot", recording)
     for _ in range(3):
-        assert torch.equal(model(x), expected)
+        assert torch.equal(model(x), expected)  # read where each block was staged
     assert offloaded.last_stats.offloaded_layers == 4
-    # The first forward learns the order without staging; the next two stage all four.
-    assert [nbytes for nbytes, _, _ in taken] == [PAGE, PAGE, 3 * PAGE, 3 * PAGE] * 2
-    assert all(size >= nbytes for nbytes, size, _ in taken)
-    assert max(count for _, _, count in taken) == 2
-    # Both buffers grew to the largest block: three pages each, kept for the next forward.
-    assert taken[-2:] == [(3 * PAGE, 3 * PAGE, 2), (3 * PAGE, 3 * PAGE, 2)]
-    assert taken[4:6] == [(PAGE, 3 * PAGE, 2), (PAGE, 3 * PAGE, 2)]
+    # The first forward learns the order without staging. In the second, each block takes
+    # a buffer of its own (none has room for the next), and the two buffers grow to the
+    # largest block: three pages each.
+    assert taken[:4] == [(PAGE, PAGE, 0, 1), (PAGE, PAGE, 0, 2)] + [(3 * PAGE, 3 * PAGE, 0, 2)] * 2
+    # In the third, the second block rides in the room the first left in its buffer (one
+    # page on, so the prefetch of one copy goes on to the third block), and the third and
+    # fourth take a buffer each.
+    assert (
+        taken[4:]
+        == [(PAGE, 3 * PAGE, 0, 2), (PAGE, 3 * PAGE, PAGE, 2)] + [(3 * PAGE, 3 * PAGE, 0, 2)] * 2
+    )
     assert offloaded.staging_bytes == 6 * PAGE
     assert offloaded.last_stats.peak_temporary_bytes == 0
 

@@ -16,7 +16,7 @@ import bisect
 import logging
 from dataclasses import dataclass
 
-from ._core import InvalidStateError
+from ._core import ALLOCATION_ALIGNMENT_BYTES, InvalidStateError
 from ._executor import IN_LINE, PAGES, TEMPORARY, Executor
 
 _log = logging.getLogger("aimdo")
@@ -75,6 +75,8 @@ class Block:
         "slot",
         "temporary",
         "queued",
+        "rides",
+        "staged_at",
         "offloaded",
         "resident",
         "users",
@@ -91,8 +93,10 @@ class Block:
         self.pinned = False  # its last fault pinned its pages: unpin at release
         self.ready = None  # the executor's token for its queued copy; None: nothing to wait for
         self.slot = None  # the staging buffer holding its weights, if staged
+        self.staged_at = 0  # where in that buffer its weights start
         self.temporary = False  # its weights are in a temporary buffer of its own
         self.queued = False  # loaded ahead with a copy queued, not used yet
+        self.rides = False  # queued ahead in the room a block before it left in its buffer
         self.offloaded = False  # its last fault said offloaded
         self.resident = False  # its last fault found its weights in place
         self.users = 0  # uses in progress: before() calls not yet matched by release()
@@ -202,13 +206,28 @@ def per_block(uses) -> dict:
     return seconds
 
 
+#: Where a block staged after another in one staging buffer starts: the end of the one
+#: before, rounded up to this (the VBAR's allocation alignment, as in the block's pages).
+STAGING_ALIGNMENT = ALLOCATION_ALIGNMENT_BYTES
+
+
 class Slot:
-    """A staging buffer for offloaded weights, kept from one forward to the next."""
+    """A staging buffer for offloaded weights, kept from one forward to the next. Blocks
+    staged one after another share it while they fit (Schedule.take_slot): `filled` bytes
+    of it are taken, by `holders` blocks not let go yet."""
 
     def __init__(self, buffer, nbytes: int, free):
         self.buffer = buffer  # the executor's (Executor.new_buffer)
         self.nbytes = nbytes
         self.free = free  # token: the compute that last read it is done
+        self.filled = 0
+        self.holders = 0
+
+    def room(self, nbytes: int) -> int | None:
+        """Where `nbytes` more would start in it (aligned after those taken), or None if
+        they do not fit."""
+        start = -(-self.filled // STAGING_ALIGNMENT) * STAGING_ALIGNMENT
+        return start if start + nbytes <= self.nbytes else None
 
 
 class Schedule:
@@ -247,9 +266,10 @@ class Schedule:
         self._tell_window()
         self.slots = []  # staging buffers, kept between forwards
         self.free_slots = []  # oldest released first
+        self.current_slot = None  # the one taken last, while a block holds it
         self.step = 0  # position in order of the next use
         self.horizon = 0  # position of the first use not walked by the prefetch window
-        self.in_flight = 0  # blocks loaded ahead with their copy queued, not used yet
+        self.in_flight = 0  # blocks loaded ahead with their copy queued, not used yet (no rider)
         self.unresident = len(self.blocks)  # blocks whose last fault did not find them in place
         self.standalone = False  # a call outside a forward: no order, no prefetch
         self.temporary_bytes = 0
@@ -338,7 +358,7 @@ class Schedule:
 
     def drop_staging(self) -> None:
         """Give the staging buffers back (between forwards only: nothing reads them)."""
-        self.slots, self.free_slots = [], []
+        self.slots, self.free_slots, self.current_slot = [], [], None
 
     def before(self, block: Block) -> None:
         """Make `block`'s weights current in block.storage for the compute queued next, and
@@ -357,7 +377,7 @@ class Schedule:
             self.load(block, ahead=False)
             if block.queued:
                 block.queued = False
-                self.in_flight -= 1
+                self.in_flight -= not block.rides
             if block.ready is not None:
                 ready, block.ready = block.ready, None
                 try:
@@ -398,39 +418,79 @@ class Schedule:
 
     def _fill_window(self, position: int) -> None:
         """Load the blocks used after `position` until `prefetch` copies are queued ahead,
-        looking at most LOOKAHEAD_PER_COPY x prefetch uses ahead. Blocks found resident at
-        their last fault are left to their turn (nothing to copy ahead, so they are not
-        pinned before it); a block that finds no free staging buffer ends the walk."""
+        looking at most LOOKAHEAD_PER_COPY x prefetch uses ahead; past those, the blocks
+        that ride in the room left in the staging buffer taken last (see take_slot) are
+        loaded too. Blocks found resident at their last fault are left to their turn
+        (nothing to copy ahead, so they are not pinned before it); a block that finds no
+        free staging buffer ends the walk."""
         prefetch = self.prefetch
-        if self.in_flight >= prefetch:
+        if self.in_flight >= prefetch and self.current_slot is None:
             return
         order = self.order
         index = max(position + 1, self.horizon)
         limit = min(len(order), position + 1 + LOOKAHEAD_PER_COPY * prefetch)
-        while index < limit and self.in_flight < prefetch:
+        while index < limit:
             ahead = order[index]
-            if not ahead.loaded and not ahead.resident and not self.load(ahead, ahead=True):
-                break
+            if not ahead.loaded and not ahead.resident:
+                if self.in_flight >= prefetch and not self._would_ride(ahead):
+                    break
+                if not self.load(ahead, ahead=True):
+                    break
             index += 1
         self.horizon = max(self.horizon, index)
 
-    def slot_obtainable(self) -> bool:
+    def _would_ride(self, block: Block) -> bool:
+        """Whether `block`, offloaded at its last fault, would be staged in the room left
+        in the staging buffer taken last."""
+        current = self.current_slot
+        return (
+            block.offloaded
+            and current is not None
+            and self.staging
+            and block.nbytes <= self.slot_limit_bytes
+            and current.room(block.nbytes) is not None
+        )
+
+    def slot_obtainable(self, nbytes: int) -> bool:
+        current = self.current_slot
+        if current is not None and current.room(nbytes) is not None:
+            return True
         return bool(self.free_slots) or len(self.slots) <= self.prefetch
 
-    def take_slot(self, nbytes: int) -> Slot | None:
-        """A staging buffer of at least `nbytes` (at most slot_limit_bytes): the one
-        released first (its compute is the earliest done), replaced by a bigger one if too
-        small; a new one while fewer than prefetch + 1 exist; None if all are in use."""
+    def take_slot(self, block: Block) -> Slot | None:
+        """A staging buffer for `block` (at most slot_limit_bytes), setting where in it the
+        block starts (block.staged_at) and whether it rides (block.rides): the room left
+        in the one taken last, while a block holds it and the block fits there (aligned
+        after the blocks in it: a small block costs no buffer of its own, and a copy queued
+        there counts in no prefetch); else the one released first (its compute is the
+        earliest done), replaced by a bigger one if too small; a new one while fewer than
+        prefetch + 1 exist; None if all are in use. Buffers grow to the largest block they
+        stage, as many blocks in one as fit."""
+        nbytes = block.nbytes
+        current = self.current_slot
+        if current is not None:
+            start = current.room(nbytes)
+            if start is not None:
+                current.filled = start + nbytes
+                current.holders += 1
+                block.staged_at, block.rides = start, True
+                return current
         if self.free_slots:
             slot = self.free_slots.pop(0)
-            if slot.nbytes >= nbytes:
-                return slot
-            self.slots.remove(slot)  # too small: replaced by a bigger one below
+            if slot.nbytes < nbytes:
+                self.slots.remove(slot)  # too small: replaced by a bigger one below
+                slot = None
         elif len(self.slots) > self.prefetch:
             return None
-        buffer = self.executor.new_buffer(nbytes)
-        slot = Slot(buffer, nbytes, self.executor.compute_point())
-        self.slots.append(slot)
+        else:
+            slot = None
+        if slot is None:
+            buffer = self.executor.new_buffer(nbytes)
+            slot = Slot(buffer, nbytes, self.executor.compute_point())
+            self.slots.append(slot)
+        slot.filled, slot.holders = nbytes, 1
+        self.current_slot = slot
+        block.staged_at, block.rides = 0, False
         return slot
 
     def load(self, block: Block, ahead: bool) -> bool:
@@ -443,7 +503,7 @@ class Schedule:
         if block.loaded:
             return True
         stageable = self.staging and block.nbytes <= self.slot_limit_bytes
-        if ahead and stageable and block.offloaded and not self.slot_obtainable():
+        if ahead and stageable and block.offloaded and not self.slot_obtainable(block.nbytes):
             return False
         signature = self.vbar.fault(block.allocation)
         block.pinned = signature is not None
@@ -475,7 +535,7 @@ class Schedule:
         try:
             into = PAGES
             if signature is None:
-                into = self.take_slot(block.nbytes) if stageable else TEMPORARY
+                into = self.take_slot(block) if stageable else TEMPORARY
                 if into is None:  # every buffer in use (by blocks ahead, or enclosing ones)
                     if ahead:
                         return False
@@ -487,7 +547,7 @@ class Schedule:
             block.ready = self.executor.copy(block, block.storage, self._copy_after(into))
             if ahead:
                 block.queued = True
-                self.in_flight += 1
+                self.in_flight += not block.rides
             block.signature = signature
             return True
         except BaseException:
@@ -544,9 +604,15 @@ class Schedule:
     def _let_go_buffer(self, block: Block) -> None:
         block.unbind()  # pages' views stay valid for the next hit; a buffer's go with it
         slot, block.slot = block.slot, None
+        block.rides = False
         if slot is not None:
-            slot.free = self.executor.compute_point()
-            self.free_slots.append(slot)
+            slot.holders -= 1
+            if slot.holders == 0:  # the last block in it: free once their compute is done
+                slot.free = self.executor.compute_point()
+                slot.filled = 0
+                if slot is self.current_slot:
+                    self.current_slot = None
+                self.free_slots.append(slot)
         if block.temporary:
             block.temporary = False
             self.temporary_bytes -= block.nbytes
@@ -576,7 +642,7 @@ class Schedule:
                     failure = error
         if block.queued:
             block.queued = False
-            self.in_flight -= 1
+            self.in_flight -= not block.rides
         if block.slot is not None or block.temporary:
             self._let_go_buffer(block)
         pinned, block.pinned = block.pinned, False

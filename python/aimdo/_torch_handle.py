@@ -54,7 +54,8 @@ class Offload:
     is False; from the second forward on (the first learns the order, unless declared)
     ``prefetch`` copies are kept in flight ahead of the compute; offloaded blocks go
     through ``prefetch + 1`` staging buffers of at most ``staging_bytes // (prefetch + 1)``
-    each (``staging_bytes``: held now). ``last_stats`` tells what the last forward did.
+    each, smaller ones riding in the room a buffer has left (``staging_bytes``: held now).
+    ``last_stats`` tells what the last forward did.
 
     Inference only (forwards run under torch.no_grad()). Thread-safety: one forward at a
     time; a call or an undo from a second thread during one raises aimdo.InvalidStateError

@@ -31,12 +31,13 @@ _ABSENT = object()
 
 
 class _Staging:
-    """A staging buffer: the uint8 tensor, and per block the views made of it (kept while
-    the buffer lives, so a block staged in it again makes none)."""
+    """A staging buffer: the uint8 tensor, and per block where it was staged in it last and
+    the views made there (kept while the buffer lives, so a block staged there again makes
+    none)."""
 
     def __init__(self, tensor: torch.Tensor):
         self.tensor = tensor
-        self.views: dict[TorchBlock, tuple] = {}
+        self.views: dict[TorchBlock, tuple[int, tuple]] = {}
 
 
 class _TorchExecutor(Executor):
@@ -100,11 +101,14 @@ class _TorchExecutor(Executor):
             storage = self._device_tensor(block.nbytes)
             kept = (storage, block.make_views(storage), storage.data_ptr())
         else:
-            kept = into.buffer.views.get(block)
-            if kept is None:
-                storage = into.buffer.tensor[: block.nbytes]
+            at = block.staged_at
+            found = into.buffer.views.get(block)
+            if found is not None and found[0] == at:
+                kept = found[1]
+            else:
+                storage = into.buffer.tensor[at : at + block.nbytes]
                 kept = (storage, block.make_views(storage), storage.data_ptr())
-                into.buffer.views[block] = kept
+                into.buffer.views[block] = (at, kept)
         storage, block.views, block.start = kept
         block.end = block.start + block.nbytes
         return storage

@@ -137,7 +137,8 @@ def offload(
     short for their bytes (Qwen-Image's modulation layers, applied to one vector; a text
     stream's few tokens), whose copies the compute cannot hide. On Qwen-Image at batch 2
     on an H200 it measured as fast as the default placement, not faster.
-    ``prefetch`` is how many copies are kept in flight ahead of the compute: more hides
+    ``prefetch`` is how many copies are kept in flight ahead of the compute (besides those
+    of smaller blocks riding in the room a staging buffer has left): more hides
     the copies of weights whose compute is short (Qwen-Image's modulation layers) at the
     cost of staging memory; measured on an H200 (benchmarks/RESULTS.md). The default is
     ``"auto"`` (2 when ``staging_bytes`` is given, which a deeper depth would cut into
