@@ -30,7 +30,10 @@ from ._torch_host import pin_tensor
 #: half. Larger buffers were slower (benchmarks/RESULTS.md, weights from disk). With the
 #: copies queued natively, 12 readers against 8 took the 35 GiB synthetic model at
 #: host_limit 8 GiB from 339 to 315 ms a step on an H200's 16-core host (16: 316 ms), and
-#: Qwen-Image from 501 to 485 ms with 16 (benchmarks/RESULTS.md, the native pump).
+#: Qwen-Image from 501 to 485 ms with 16 (benchmarks/RESULTS.md, the native pump). Beside
+#: pinned copies, 12 readers take 14% of the copies' bandwidth and read no faster than 8
+#: (benchmarks.dma_beside_reads), yet in the pipeline, where a block's reads start only
+#: once its copy is queued, 12 still beat 8 (314.7 against 324.7 ms; ninth session).
 READERS = 12
 RING_BUFFERS = 2 * READERS
 RING_BUFFER_BYTES = 16 << 20
