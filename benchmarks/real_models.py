@@ -35,12 +35,16 @@ from ._trace import profile_step
 from .streaming import pinned_bandwidth, time_steps
 
 GiB = 1 << 30
+#: The parts of the resident set reported beside it (/proc/self/status: RssAnon, ...).
+PARTS = ("anon", "file", "shmem")
 
 
-def rss_bytes() -> int:
+def rss_bytes(field: str = "VmRSS") -> int:
+    """A resident-set figure of this process from /proc/self/status (VmRSS: all of it;
+    RssAnon, RssFile, RssShmem: its anonymous, file-backed and shared parts), or 0."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -246,6 +250,8 @@ def run_aimdo(model, forms, args, device, reference, compute, bandwidth, prefetc
                 "pinned_bytes": handle.pinned_bytes,
                 "rss_bytes": rss_bytes(),
                 "rss_before_offload_bytes": before,
+                # The parts: the libraries' code and data are file-backed (RssFile).
+                **{f"rss_{part}_bytes": rss_bytes(f"Rss{part.title()}") for part in PARTS},
             }
             if args.trace:
                 for index, (name, run) in enumerate(forms.items()):
@@ -278,9 +284,11 @@ def report(key: str, results: dict, forms, weights: int) -> None:
         if "trace" in r:
             print(f"    trace: {json.dumps(r['trace'])}", flush=True)
     host = results["host"]
+    parts = ", ".join(f"{part} {host.get(f'rss_{part}_bytes', 0) / GiB:.2f}" for part in PARTS)
     print(
         f"  host: pinned {host['pinned_bytes'] / weights:.3f}x the weights, RSS "
-        f"{host['rss_bytes'] / GiB:.2f} GiB",
+        f"{host['rss_bytes'] / GiB:.2f} GiB ({host['rss_bytes'] / weights:.3f}x the weights; "
+        f"{parts} GiB; {host['rss_before_offload_bytes'] / GiB:.2f} GiB before the offload)",
         flush=True,
     )
 
