@@ -330,6 +330,131 @@ def test_staging_buffers_are_at_most_prefetch_plus_one_grow_to_fit_and_share_roo
     assert offloaded.last_stats.peak_temporary_bytes == 0
 
 
+class _Pages(torch.nn.Module):
+    """A residual layer of `pages` pages of weights (a Linear(256, pages * width))."""
+
+    def __init__(self, pages: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(256, pages * (PAGE // 4 // 256), bias=False)
+
+    def forward(self, x):
+        return x + self.linear(x)[..., :256]
+
+
+def _record_takes(monkeypatch):
+    """Each staging buffer taken, as (the buffer's id, the block's name, its offset)."""
+    from aimdo._schedule import Schedule
+
+    original, taken = Schedule.take_slot, []
+
+    def recording(self, block):
+        slot = original(self, block)
+        if slot is not None:
+            taken.append((id(slot), block.name, block.staged_at))
+        return slot
+
+    monkeypatch.setattr(Schedule, "take_slot", recording)
+    return taken
+
+
+@pytest.mark.sim_only  # the staging buffers' bookkeeping, on the CPU
+def test_a_block_staged_at_another_offset_of_a_buffer_reads_its_own_bytes(
+    make_manager, monkeypatch
+):
+    # Blocks of 3, 1, 2, 4, 3 and 3 pages, none resident, prefetch 1: riders make the
+    # blocks fall at other offsets of the same buffer from one forward to the next, and
+    # the views made of a buffer for a block must follow its offset.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[_Pages(p) for p in (3, 1, 2, 4, 3, 3)]).eval()
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        expected = model(x)
+    manager = new_manager(make_manager, pages=0, headroom=PAGE)
+    taken = _record_takes(monkeypatch)
+    with atorch.offload(model, 0, manager=manager, prefetch=1):
+        for _ in range(6):
+            assert torch.equal(model(x), expected)
+    offsets = {}
+    for slot, name, at in taken:
+        offsets.setdefault((slot, name), set()).add(at)
+    assert any(len(seen) > 1 for seen in offsets.values())
+
+
+class _Twice(torch.nn.Module):
+    """x, s1, s2, x again, t: a module called twice in a forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.x, self.s1, self.s2, self.t = _Pages(4), _Pages(2), _Pages(1), _Pages(4)
+
+    def forward(self, v):
+        return self.t(self.x(self.s2(self.s1(self.x(v)))))
+
+
+@pytest.mark.sim_only  # the prefetch window's walk, on the CPU
+def test_the_second_use_of_a_module_called_twice_is_copied_ahead(make_manager, monkeypatch):
+    # Nothing resident, prefetch 1. While x runs the first time, s1 is copied ahead and
+    # s2 rides in s1's buffer; the walk must end at x's second use (x is in use, so it is
+    # let go and copied again after), not step over it: then x is copied ahead while s2
+    # runs, instead of in its turn.
+    from aimdo._schedule import Schedule
+
+    torch.manual_seed(2)
+    model = _Twice().eval()
+    v = torch.randn(2, 256)
+    with torch.no_grad():
+        expected = model(v)
+    manager = new_manager(make_manager, pages=0, headroom=PAGE)
+    original, found_loaded = Schedule.before, []
+
+    def before(self, block):
+        found_loaded.append((block.name, block.loaded))
+        return original(self, block)
+
+    monkeypatch.setattr(Schedule, "before", before)
+    with atorch.offload(model, 0, manager=manager, prefetch=1):
+        for _ in range(4):
+            found_loaded.clear()
+            assert torch.equal(model(v), expected)
+    # The last forward: every use after the first found its block copied ahead.
+    assert found_loaded == [("x.linear", False)] + [
+        (f"{name}.linear", True) for name in ("s1", "s2", "x", "t")
+    ]
+
+
+@pytest.mark.sim_only  # the prefetch window's count, on the CPU
+def test_riders_add_at_most_one_copy_beyond_prefetch_when_blocks_fit_again(
+    make_manager, monkeypatch
+):
+    # Eleven blocks, one of four pages among one-page ones, none resident, prefetch 1;
+    # then the budget grows by eight pages. Blocks whose last fault said offloaded may fault
+    # into their pages now: such a block, reached as a rider, takes a copy of its own, and
+    # the walk ends after it.
+    from aimdo._schedule import Schedule
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[_Pages(p) for p in (1, 1, 4) + (1,) * 8]).eval()
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        expected = model(x)
+    manager = new_manager(make_manager, pages=0, headroom=PAGE)
+    original, in_flight = Schedule.load, []
+
+    def load(self, block, ahead):
+        loaded = original(self, block, ahead)
+        in_flight.append(self.in_flight)
+        return loaded
+
+    monkeypatch.setattr(Schedule, "load", load)
+    with atorch.offload(model, 0, manager=manager, prefetch=1) as offloaded:
+        for step in range(6):
+            if step == 3:
+                manager.set_budget(0, vram_limit=manager.limit_bytes(0) + 8 * PAGE)
+            assert torch.equal(model(x), expected)
+        assert offloaded.last_stats.hits > 0  # the budget's room was taken
+    assert max(in_flight) == 2
+
+
 def test_undo_leaves_the_module_as_it_was(make_manager):
     model = stack(blocks=2)
     before = {name: (t, t.clone()) for name, t in model.state_dict(keep_vars=True).items()}

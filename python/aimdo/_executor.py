@@ -44,7 +44,7 @@ class Executor(ABC):
     def destination(self, block, into):
         """Where `block`'s weights go and are read from this forward (kept in
         block.storage): into is PAGES (valid from the fault to the unpin), a Slot (its
-        first block.nbytes bytes), or TEMPORARY (a new buffer of block.nbytes).
+        block.nbytes bytes from block.staged_at), or TEMPORARY (a new buffer of block.nbytes).
 
         A VBAR's addresses never move, so the PAGES destination of a block stays what it
         was while its allocation lives: after the first, the Schedule reuses it on a hit

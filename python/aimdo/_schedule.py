@@ -420,21 +420,36 @@ class Schedule:
         """Load the blocks used after `position` until `prefetch` copies are queued ahead,
         looking at most LOOKAHEAD_PER_COPY x prefetch uses ahead; past those, the blocks
         that ride in the room left in the staging buffer taken last (see take_slot) are
-        loaded too. Blocks found resident at their last fault are left to their turn
-        (nothing to copy ahead, so they are not pinned before it); a block that finds no
-        free staging buffer ends the walk."""
+        loaded too, until one does not (one whose last fault said offloaded may fault into
+        its pages now: then it is the one copy in flight beyond prefetch). Blocks found
+        resident at their last fault are left to their turn (nothing to copy ahead, so
+        they are not pinned before it); a block that finds no free staging buffer ends
+        the walk."""
         prefetch = self.prefetch
-        if self.in_flight >= prefetch and self.current_slot is None:
-            return
+        if self.in_flight >= prefetch:
+            current = self.current_slot
+            if current is None or current.filled >= current.nbytes:
+                return  # no room for a rider
         order = self.order
         index = max(position + 1, self.horizon)
         limit = min(len(order), position + 1 + LOOKAHEAD_PER_COPY * prefetch)
         while index < limit:
             ahead = order[index]
-            if not ahead.loaded and not ahead.resident:
-                if self.in_flight >= prefetch and not self._would_ride(ahead):
+            if self.in_flight < prefetch:
+                if not ahead.loaded and not ahead.resident and not self.load(ahead, ahead=True):
                     break
-                if not self.load(ahead, ahead=True):
+            elif ahead.loaded:
+                if not ahead.queued:
+                    # In use now (a module called twice, a tied weight): its next use is
+                    # the window's again once it is let go, so the walk ends before it.
+                    break
+            elif not ahead.resident:
+                if not self._would_ride(ahead) or not self.load(ahead, ahead=True):
+                    break
+                if not ahead.rides:
+                    # It faulted into its pages (a copy of its own, or none): the room is
+                    # still there, but this one took a copy beyond prefetch; no more.
+                    index += 1
                     break
             index += 1
         self.horizon = max(self.horizon, index)
@@ -446,7 +461,6 @@ class Schedule:
         return (
             block.offloaded
             and current is not None
-            and self.staging
             and block.nbytes <= self.slot_limit_bytes
             and current.room(block.nbytes) is not None
         )

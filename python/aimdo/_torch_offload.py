@@ -48,9 +48,9 @@ class _TorchExecutor(Executor):
 
     A destination is a uint8 tensor holding each weight at its offset: the block's pages
     (viewed once, since a VBAR's addresses never move, and reused while the allocation
-    lives), a staging buffer's first bytes, or a temporary tensor. It also sets the
-    block's views and address range. IN_LINE: the copy runs on the compute stream, so the
-    compute needs no event."""
+    lives), a stretch of a staging buffer (from block.staged_at), or a temporary tensor.
+    It also sets the block's views and address range. IN_LINE: the copy runs on the
+    compute stream, so the compute needs no event."""
 
     def __init__(self, device: torch.device, copy_stream, ordinal: int = 0, backend=None):
         self._device = device
