@@ -30,6 +30,9 @@ reader threads, that many buffers of that many MiB: twice the readers unless giv
 MiB read ahead of the copies queued, 0 for none: the library's "auto" unless given), instead
 of once with the library's own. ``--switch-interval S`` sets Python's switch interval for
 each run.
+``--trace DIR`` profiles one more step of each aimdo run (torch.profiler, after the timed
+steps; benchmarks/_trace.py), its trace saved in DIR and its summary (the compute and copy
+streams' busy and idle time, the largest gaps) in the results.
 ``--prefetch 2,4,auto`` runs every aimdo limit once per prefetch depth (offload's
 ``prefetch``; default: the library's own), named ``LIMIT@RING/pN``; with ``auto``, the
 steps the offload takes to choose run untimed, after the first.
