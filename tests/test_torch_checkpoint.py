@@ -16,7 +16,16 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import aimdo  # noqa: E402
 import aimdo.torch as atorch  # noqa: E402
-from torch_support import new_manager, reference, stack, weight_bytes, where  # noqa: E402
+from conftest import PAGE  # noqa: E402
+from torch_support import (  # noqa: E402
+    count_copies,
+    mixed_pages,
+    new_manager,
+    reference,
+    stack,
+    weight_bytes,
+    where,
+)
 
 
 def on_meta(blocks: int = 6, width: int = 256) -> torch.nn.Module:
@@ -577,3 +586,29 @@ def test_the_default_prefetch_is_chosen_when_blocks_stay_in_the_files(make_manag
         on_meta(), 0, manager=manager, checkpoint=path, host_limit=0, prefetch=3
     ) as o:
         assert o.prefetch == 3 and not o.prefetch_choosing
+
+
+@pytest.mark.sim_only  # which copies ride: the schedule's bookkeeping, on the CPU
+def test_blocks_read_from_the_files_ride_in_the_room_of_a_staging_buffer(
+    make_manager, tmp_path, monkeypatch
+):
+    # Every block in the files, none resident, prefetch 1: the one-page blocks after a
+    # one-page block read into the room its three-page staging buffer has left, through
+    # the file stream, and the outputs stay the model's.
+    torch.manual_seed(0)
+    real = mixed_pages()
+    x = torch.randn(2, 256)
+    expected = reference(real, x, 0)
+    path = checkpoint_of(real, tmp_path)
+    with torch.device("meta"):
+        model = mixed_pages()
+    manager = new_manager(make_manager, pages=0, headroom=PAGE)
+    counted = count_copies(monkeypatch)
+    with atorch.offload(
+        model, 0, manager=manager, checkpoint=path, host_limit=0, prefetch=1
+    ) as offloaded:
+        for _ in range(4):
+            assert torch.equal(model(x.to(where(0))), expected)
+        assert offloaded.last_stats.bytes_from_files == offloaded.last_stats.bytes_copied
+    assert counted.get(("file", True), 0) > 0
+    assert set(counted) <= {("file", True), ("file", False)}

@@ -12,7 +12,15 @@ torch = pytest.importorskip("torch")  # the test extra installs it: a skip here 
 import aimdo  # noqa: E402
 import aimdo.torch as atorch  # noqa: E402
 from conftest import BACKEND  # noqa: E402
-from torch_support import new_manager, reference, stack, weight_bytes, where  # noqa: E402
+from torch_support import (  # noqa: E402
+    count_copies,
+    mixed_pages,
+    new_manager,
+    reference,
+    stack,
+    weight_bytes,
+    where,
+)
 
 
 def group_manager(make_manager, pages: int, topology: str = "h200-nvlink"):
@@ -70,6 +78,24 @@ def test_each_device_pulls_what_it_lacks_from_the_others_pages(make_manager):
     # Undone: the model is back, on the host, whole.
     with torch.no_grad():
         assert torch.equal(model(x), on_host)
+
+
+@pytest.mark.sim_only  # which copies ride: the schedule's bookkeeping, on the CPU
+def test_blocks_copied_from_a_peer_ride_in_the_room_of_a_staging_buffer(make_manager, monkeypatch):
+    # 32 pages of blocks of 1 and 3 pages, 6 pages of budget on each device, prefetch 1:
+    # a device copies what it lacks from the other's pages, and the small blocks after a
+    # small one ride in the room its staging buffer has left.
+    torch.manual_seed(0)
+    model = mixed_pages(repeats=4)
+    x = torch.randn(2, 256)
+    expected = [reference(model, x, device) for device in (0, 1)]
+    manager = group_manager(make_manager, pages=6)
+    counted = count_copies(monkeypatch)
+    with atorch.offload_group(model, [0, 1], manager=manager, prefetch=1) as group:
+        for _ in range(4):
+            for device in (0, 1):
+                assert torch.equal(group[device](x.to(where(device))), expected[device])
+    assert counted.get(("peer", True), 0) > 0
 
 
 def test_two_threads_run_the_two_devices_at_once(make_manager):

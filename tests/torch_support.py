@@ -74,3 +74,36 @@ def one_page_layers(count: int, log: list) -> torch.nn.Module:
 
     torch.manual_seed(0)
     return torch.nn.Sequential(*[Layer(i) for i in range(count)]).eval()
+
+
+def mixed_pages(repeats: int = 2) -> torch.nn.Module:
+    """Linear layers of 1, 1, 3 and 3 pages (no bias), `repeats` times over: blocks of
+    mixed sizes, so that the small ones ride in the room a staging buffer grown to three
+    pages has left (aimdo._schedule.Schedule.take_slot)."""
+    width = PAGE // 4 // 256  # a Linear(256, width) without bias is one page
+    layers = []
+    for _ in range(repeats):
+        layers += [
+            torch.nn.Linear(256, width, bias=False),
+            torch.nn.Linear(width, 256, bias=False),
+            torch.nn.Linear(256, 3 * width, bias=False),
+            torch.nn.Linear(3 * width, 256, bias=False),
+        ]
+    return torch.nn.Sequential(*layers).eval()
+
+
+def count_copies(monkeypatch) -> dict:
+    """Patch aimdo.torch's executor to count its copies by (source, whether the block
+    rides in another's staging buffer): source "peer", "file" or "host"."""
+    from aimdo import _torch_offload
+
+    counted: dict = {}
+    original = _torch_offload._TorchExecutor.copy
+
+    def counting(self, block, storage, after):
+        source = "peer" if block.peers else "file" if block.file_runs else "host"
+        counted[(source, block.rides)] = counted.get((source, block.rides), 0) + 1
+        return original(self, block, storage, after)
+
+    monkeypatch.setattr(_torch_offload._TorchExecutor, "copy", counting)
+    return counted
