@@ -428,9 +428,8 @@ def child(args) -> dict:
         result["last_step_timings"] = {k: timed[k] for k in timed if k not in ("blocks", "spans")}
         stalls: dict = {}  # the timed step's stall by where the stalled block's copy read
         for b in timed["blocks"]:
-            stalls[b["source"] or "none"] = (
-                stalls.get(b["source"] or "none", 0) + b["stall_seconds"]
-            )
+            source = b["source"] or "none"
+            stalls[source] = stalls.get(source, 0) + b["stall_seconds"]
         result["stall_by_source"] = stalls
         ranked = sorted(timed["blocks"], key=lambda b: -b["stall_seconds"])[:6]
         result["most_stalled"] = [

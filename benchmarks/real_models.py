@@ -39,14 +39,22 @@ GiB = 1 << 30
 PARTS = ("anon", "file", "shmem")
 
 
-def rss_bytes(field: str = "VmRSS") -> int:
-    """A resident-set figure of this process from /proc/self/status (VmRSS: all of it;
-    RssAnon, RssFile, RssShmem: its anonymous, file-backed and shared parts), or 0."""
+def memory_status() -> dict[str, int]:
+    """This process's memory figures from one read of /proc/self/status, in bytes: VmRSS
+    (its resident set) and RssAnon, RssFile, RssShmem (its anonymous, file-backed and
+    shared parts), among others."""
+    found = {}
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
+            name, _, value = line.partition(":")
+            fields = value.split()
+            if len(fields) == 2 and fields[1] == "kB":
+                found[name] = int(fields[0]) * 1024
+    return found
+
+
+def rss_bytes() -> int:
+    return memory_status().get("VmRSS", 0)
 
 
 def weight_bytes(model) -> int:
@@ -246,12 +254,13 @@ def run_aimdo(model, forms, args, device, reference, compute, bandwidth, prefetc
                     "trial_steps": trials,
                     "prefetch_choosing": handle.prefetch_choosing,
                 }
+            status = memory_status()  # one snapshot: the parts add up to the whole
             results["host"] = {  # before any trace: loading one grows the process
                 "pinned_bytes": handle.pinned_bytes,
-                "rss_bytes": rss_bytes(),
+                "rss_bytes": status.get("VmRSS", 0),
                 "rss_before_offload_bytes": before,
                 # The parts: the libraries' code and data are file-backed (RssFile).
-                **{f"rss_{part}_bytes": rss_bytes(f"Rss{part.title()}") for part in PARTS},
+                **{f"rss_{part}_bytes": status.get(f"Rss{part.title()}", 0) for part in PARTS},
             }
             if args.trace:
                 for index, (name, run) in enumerate(forms.items()):
