@@ -387,13 +387,16 @@ def test_by_default_the_files_are_read_ahead_while_the_prefetch_window_is_shallo
         assert s.read_ahead_used == used and s.read_ahead_dropped == 0
 
 
-def test_host_limit_pins_the_blocks_placed_last_and_streams_the_rest(
+def test_host_limit_with_a_depth_given_pins_the_blocks_placed_last_and_streams_the_rest(
     make_manager, tmp_path, caplog
 ):
     real, x, expected, path, model, manager = saved_stack(make_manager, tmp_path)
     limit = 5 << 20  # the 6 norms (small, placed first) and 4 of the 12 large blocks
     caplog.set_level(logging.INFO, logger="aimdo")
-    with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit="5MiB") as o:
+    # A depth given: no forward is timed to choose it, so the tiers are chosen here.
+    with atorch.offload(
+        model, 0, manager=manager, checkpoint=path, host_limit="5MiB", prefetch=2
+    ) as o:
         placed = [name for name, _, _ in o.placement()]  # by offset: placement order
         sizes = {block.name: block.nbytes for block in o._blocks}
         left, pinned = limit, set()
@@ -413,6 +416,127 @@ def test_host_limit_pins_the_blocks_placed_last_and_streams_the_rest(
     assert len(logged) == 1 and "host_limit=5.00 MiB" in logged[0] and "8 blocks" in logged[0]
     assert "read ahead of their copies (up to " in logged[0]
     assert "ring) while the prefetch window is at most 2 copies" in logged[0]
+
+
+def scripted_compute(monkeypatch, per_byte: dict) -> None:
+    """Make the forward timed block by block report, for each block, its bytes times
+    per_byte[its name's last part] seconds of compute (the tiers' choice reads them)."""
+    import aimdo._torch_handle as handle
+
+    def use_seconds(marks, elapsed):
+        used = [block for _, block, _ in marks if block is not None]
+        once = list(dict.fromkeys(used))
+        return [(b, b.nbytes * per_byte[b.name.rsplit(".", 1)[-1]]) for b in once]
+
+    monkeypatch.setattr(handle, "use_seconds", use_seconds)
+
+
+def copied_at_every_forward(o) -> list:
+    """The names of the blocks the saved_stack's 8 MiB budget leaves out (their end is
+    beyond it), placed last first: the order the placement rule pins them in."""
+    placed = o.placement()  # (name, offset, bytes), by offset: the placement order
+    return [name for name, at, nbytes in reversed(placed) if at + nbytes > 4 * (2 << 20)]
+
+
+def test_host_limit_pins_the_copied_blocks_with_the_least_compute_per_byte_once_timed(
+    make_manager, tmp_path, caplog, monkeypatch
+):
+    real, x, expected, path, model, manager = saved_stack(make_manager, tmp_path)
+    # The down projections have a tenth of the ups' compute per byte (as a modulation
+    # layer, applied to one vector, has against a block applied to every token).
+    scripted_compute(monkeypatch, {"norm": 1e-9, "up": 1e-9, "down": 1e-10})
+    caplog.set_level(logging.INFO, logger="aimdo")
+    with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit="5MiB") as o:
+        sizes = {block.name: block.nbytes for block in o._blocks}
+        # Until a forward is timed every block is in the files, none pinned.
+        assert o.streamed_bytes == sum(sizes.values())
+        assert o.pinned_bytes == o._stream.nbytes
+        copied = copied_at_every_forward(o)
+        downs = [name for name in copied if name.endswith("down")]
+        ups = [name for name in copied if name.endswith("up")]
+        norms = [name for name in sizes if name.endswith("norm")]
+        assert len(downs) == 3 and len(ups) == 2  # ups 1 MiB + 4 KiB, downs 1 MiB + 1 KiB
+        assert torch.equal(model(x.to(where(0))), expected)  # learns the order
+        assert o.streamed_bytes == sum(sizes.values())
+        assert torch.equal(model(x.to(where(0))), expected)  # timed block by block
+        pinned = {block.name for block in o._blocks if not block.file_runs}
+        # 5 MiB: the copied downs first, then the up placed last, then the norms; the
+        # other copied up does not fit. The placement rule would have pinned both ups
+        # and two of the downs (placed last first).
+        assert pinned == {*downs, ups[0], *norms}
+        assert sum(sizes[n] for n in pinned) + sizes[ups[1]] > 5 << 20
+        assert o.pinned_bytes - o._stream.nbytes == sum(sizes[name] for name in pinned)
+        assert o.streamed_bytes == sum(sizes.values()) - sum(sizes[name] for name in pinned)
+        for _ in range(2):
+            assert torch.equal(model(x.to(where(0))), expected)
+    assert o.pinned_bytes == 0
+    logged = [r.getMessage() for r in caplog.records if "it read from the files" in r.getMessage()]
+    assert len(logged) == 1 and "pins 10 blocks (4.02 MiB)" in logged[0]
+    assert "4 (4.01 MiB) copied at every forward" in logged[0]
+    assert "6 others; 8 blocks (8.02 MiB) stay in the files" in logged[0]
+
+
+def test_host_limit_with_little_room_pins_the_copied_blocks_of_least_compute_per_byte(
+    make_manager, tmp_path, monkeypatch
+):
+    real, x, expected, path, model, manager = saved_stack(make_manager, tmp_path)
+    scripted_compute(monkeypatch, {"norm": 1e-9, "up": 1e-9, "down": 1e-10})
+    with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit="2MiB") as o:
+        copied = copied_at_every_forward(o)
+        norms = {block.name for block in o._blocks if block.name.endswith("norm")}
+        for _ in range(3):
+            assert torch.equal(model(x.to(where(0))), expected)
+        pinned = {block.name for block in o._blocks if not block.file_runs}
+        # 2 MiB: one copied down (placed last of them; two are 2 KiB too many), then the
+        # norms. The placement rule would have pinned the up placed last instead.
+        first_down = next(name for name in copied if name.endswith("down"))
+        assert copied[0].endswith("up")
+        assert pinned == {first_down} | norms
+
+
+def test_pinning_chosen_blocks_that_fails_leaves_them_in_the_files(
+    make_manager, tmp_path, caplog, monkeypatch
+):
+    import aimdo._torch_handle as handle
+
+    real, x, expected, path, model, manager = saved_stack(make_manager, tmp_path)
+    scripted_compute(monkeypatch, {"norm": 1e-9, "up": 1e-9, "down": 1e-10})
+    caplog.set_level(logging.INFO, logger="aimdo")
+    with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit="5MiB") as o:
+        total = o.streamed_bytes
+
+        def refused(self):
+            raise aimdo.OutOfMemoryError("no host memory (scripted)")
+
+        monkeypatch.setattr(handle.HostWeights, "move_in", refused)
+        for _ in range(4):
+            assert torch.equal(model(x.to(where(0))), expected)
+        assert o.streamed_bytes == total and o.pinned_bytes == o._stream.nbytes
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "no host memory (scripted)" in warned[0]
+    assert "leaves 4.02 MiB of weights in the files" in warned[0]
+
+
+def test_the_tiers_choice_takes_the_copied_blocks_of_least_compute_per_byte_first():
+    from aimdo._torch_tiers import pinned_by_compute
+
+    class B:
+        def __init__(self, name, nbytes):
+            self.name, self.nbytes = name, nbytes
+
+    a, b, c, d, e = B("a", 4), B("b", 4), B("c", 2), B("d", 4), B("e", 1)
+    candidates = [a, b, c, d, e]  # the placement rule's order: placed last first
+    every = {a, b, c, d}
+    seconds = {a: 4.0, b: 0.4, c: 2.1, d: 4.2}  # per byte: 1, 0.1, 1.05, 1.05; e: none
+    # b first (least per byte); a, c and d alike (within a factor 2): candidates' order.
+    assert pinned_by_compute(candidates, every, seconds, 8) == [a, b]
+    assert pinned_by_compute(candidates, every, seconds, 10) == [a, b, c]
+    assert pinned_by_compute(candidates, every, seconds, 11) == [a, b, c, e]
+    assert pinned_by_compute(candidates, every, seconds, 3) == [c, e]
+    # A block that did not run (no compute) is pinned before any that did.
+    assert pinned_by_compute(candidates, every, {b: 0.4}, 4) == [a]
+    assert pinned_by_compute(candidates, set(), seconds, 5) == [a, e]
+    assert pinned_by_compute(candidates, every, seconds, 0) == []
 
 
 def test_blocks_in_the_files_are_read_and_copied_by_native_threads_ahead_of_the_compute(

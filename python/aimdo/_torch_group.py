@@ -385,7 +385,8 @@ def offload_group(
     try:
         for index, (member, device) in enumerate(zip(modules, devices, strict=True)):
             leader = offloads[0] if offloads else None
-            offloads.append(Offload(member, device, manager, options, leader, index / len(devices)))
+            rotation = index / len(devices)
+            offloads.append(Offload(member, device, manager, options, leader, rotation, True))
         if peers:
             members = zip(devices, offloads, strict=True)
             link_peers(manager, [(device, made._blocks, made.vbar) for device, made in members])

@@ -14,7 +14,7 @@ import torch
 from . import _core, _torch_stream
 from ._manager import Manager
 from ._placement import place, placement_order
-from ._schedule import ForwardStats, Schedule, auto_staging_bytes, use_seconds
+from ._schedule import ForwardStats, Schedule, auto_staging_bytes, per_block, use_seconds
 from ._sizes import format_size
 from ._torch_checkpoint import attach
 from ._torch_host import HostWeights
@@ -22,7 +22,14 @@ from ._torch_layout import Binding, lay_out
 from ._torch_offload import _ABSENT, Runner, _TorchExecutor, make_forward
 from ._torch_options import declared_order, forced_tiers, kept_first
 from ._torch_stream import FileStream
-from ._torch_tiers import host_limit_bytes, left_in_files, read_bandwidth, reads_direct
+from ._torch_tiers import (
+    host_limit_bytes,
+    left_in_files,
+    pinned_by_compute,
+    read_bandwidth,
+    reads_direct,
+    streamable,
+)
 from ._torch_tune import START, PrefetchTuner
 from .sim import SimBackend
 
@@ -74,10 +81,12 @@ class Offload:
         options: dict,
         leader: Offload | None = None,
         rotation: float = 0.0,
+        grouped: bool = False,
     ):
         backend = manager.backend
         sim = backend if isinstance(backend, SimBackend) else None
         self.device = torch.device("cpu") if sim else torch.device("cuda", device)
+        self._index = device  # the Manager's device number
         checkpoint = options.get("checkpoint")
         blocks, bindings = lay_out(module, options["whole"], self.device, checkpoint is not None)
         declared = declared_order(options["order"], bindings)
@@ -91,10 +100,31 @@ class Offload:
         listed = set(declared)
         placed = declared + [block for block in blocks if block not in listed]
         self._stream = None  # reads the blocks left in the checkpoint files
+        # Blocks that stay in the files until a timed forward tells which of them to pin
+        # (_pin_by_compute), or None; the chunks it pins them in.
+        self._tier_plan = self._later = None
+        self._stamps = stamps
+        prefetch = options["prefetch"]
+        if prefetch is None:  # the default (a group's members take an int)
+            # A cap on staging given: a deeper depth would cut it into buffers smaller
+            # than the blocks, which then go through temporary buffers outside the cap.
+            prefetch = "auto" if options["staging_bytes"] is None else START
         if stamps is not None:
             budget = manager.budget_bytes(device)
+            # Only an offload that times a forward (to choose its prefetch) and whose
+            # blocks no other device copies from (a group's) chooses its tiers by compute.
+            defer = prefetch == "auto" and not grouped
             self._leave_in_files(
-                device, placed, options, rotation, stamps, sim is None, forced, budget, backend
+                device,
+                placed,
+                options,
+                rotation,
+                stamps,
+                sim is None,
+                forced,
+                budget,
+                backend,
+                defer,
             )
         elif leader is not None and leader._stream is not None:
             theirs = leader._stream
@@ -128,11 +158,6 @@ class Offload:
                         own.file_runs, own.stream = theirs.file_runs, self._stream
                     for mine, leaders in zip(own.weights, theirs.weights, strict=True):
                         mine.stride = leaders.stride  # as the leader's chunks hold them
-            prefetch = options["prefetch"]
-            if prefetch is None:  # the default (a group's members take an int)
-                # A cap on staging given: a deeper depth would cut it into buffers smaller
-                # than the blocks, which then go through temporary buffers outside the cap.
-                prefetch = "auto" if options["staging_bytes"] is None else START
             tuner = None
             if prefetch == "auto":
                 prefetch = START
@@ -158,6 +183,8 @@ class Offload:
             )
             self._runner = Runner(schedule, self.device)
             self._runner.tuner = tuner
+            if self._tier_plan is not None:  # with the tuner's first forward timed
+                self._runner.pin_by_compute = _tier_chooser(weakref.ref(self))
             self._runner.timing = options.get("timings", False)
             self._runner.manager_ref = weakref.ref(manager)
             self._manager_ref = weakref.ref(manager)
@@ -169,10 +196,12 @@ class Offload:
             raise
 
     def _leave_in_files(
-        self, device, placed, options, rotation, stamps, pin, forced, budget, backend
+        self, device, placed, options, rotation, stamps, pin, forced, budget, backend, defer
     ) -> None:
         """Decide which blocks stay in the checkpoint files (host_limit, host_tiers) and
-        log it."""
+        log it. With `defer`, when the limit leaves some in the files, every block that
+        may stream stays there until a timed forward tells which to pin
+        (_pin_by_compute)."""
         weights = sum(block.nbytes for block in placed)
         limit, why = host_limit_bytes(options["host_limit"], weights)
         if forced:
@@ -183,17 +212,32 @@ class Offload:
             )
         order = placement_order(placed, options["spread"], rotation, self._first)
         files = left_in_files(order, limit, forced)
-        streamed = sum(block.nbytes for block in files)
+        streamed, count = sum(block.nbytes for block in files), len(files)
+        # What a forward reads from the files: the streamed blocks placed beyond the
+        # budget are offloaded, so read at every forward.
+        at, beyond = 0, set()
+        for block in order:
+            if at + block.nbytes > budget:
+                beyond.add(block)
+            at += block.nbytes
+        every = sum(block.nbytes for block in files if block in beyond)
+        which = ": those placed first, kept resident in VRAM and read again only after an eviction"
+        candidates = [b for b in reversed(order) if streamable(b) and b not in forced]
+        if defer and any(block in candidates for block in files):
+            held = sum(b.nbytes for b in order if not streamable(b) or forced.get(b) == "pinned")
+            if limit > held:
+                self._tier_plan = (candidates, beyond & set(candidates), limit - held)
+                # In the files until then; which ones then (_pin_by_compute) moves the
+                # same bytes, so `streamed` and `every` are what they will be.
+                files = [b for b in order if streamable(b) and forced.get(b) != "pinned"]
+                which = (
+                    f": which ones is chosen after its first forward timed block by block "
+                    f"(until then every block that can is read from the files, "
+                    f"{format_size(held)} pinned): those copied at every forward with the "
+                    "least compute per byte are pinned first"
+                )
         cost = ""
         if files:
-            # What a forward reads from the files: the streamed blocks placed beyond the
-            # budget are offloaded, so read at every forward.
-            at, every = 0, 0
-            in_files = set(files)
-            for block in order:
-                if at + block.nbytes > budget and block in in_files:
-                    every += block.nbytes
-                at += block.nbytes
             largest = max(w.source.nbytes for block in files for w in block.weights)
             path = files[0].weights[0].source.path
             direct, how = reads_direct(
@@ -221,15 +265,64 @@ class Offload:
                 )
         _log.info(
             "aimdo: offload on device %s pins %s of its %s of weights in host memory (%s); "
-            "%d blocks (%s) stay in the checkpoint's files, read again at each copy: those "
-            "placed first, kept resident in VRAM and read again only after an eviction%s",
+            "%d blocks (%s) stay in the checkpoint's files, read again at each copy%s%s",
             device,
             format_size(weights - streamed),
             format_size(weights),
             why,
-            len(files),
+            count,
             format_size(streamed),
+            which,
             cost,
+        )
+
+    def _pin_by_compute(self, schedule, marks) -> None:
+        """After the first forward timed block by block (`marks`, Schedule.marks): pin
+        the blocks pinned_by_compute chooses of those left in the files for it
+        (_tier_plan), reading them into chunks of their own, and log what it chose. On a
+        failure (host memory, a file) they stay in the files, and a warning says why."""
+        candidates, every, left = self._tier_plan
+        self._tier_plan = None
+        seconds = per_block(use_seconds(marks, schedule.executor.elapsed))
+        chosen = pinned_by_compute(candidates, every, seconds, left)
+        if not chosen:
+            return
+        host = HostWeights(chosen, pin=self._host.pin, stamps=self._stamps)
+        try:
+            host.move_in()
+        except Exception as error:  # noqa: BLE001 - the offload runs on, reading them
+            _log.warning(
+                "aimdo: offload on device %s leaves %s of weights in the files it was to pin: %s",
+                self._index,
+                format_size(sum(block.nbytes for block in chosen)),
+                error,
+            )
+            return
+        self._later = host
+        self._stream.forget_order()  # the order read ahead had them; no longer read
+        for block in chosen:
+            block.file_runs, block.stream = [], None
+        copied = [block for block in chosen if block in every]
+        rest = [block for block in candidates if block.file_runs]
+        _log.info(
+            "aimdo: offload on device %s pins %d blocks (%s) it read from the files until "
+            "its first forward timed block by block: %d (%s) copied at every forward, "
+            "those with the least compute per byte first (from %.2f to %.2f ms a GB; those "
+            "left in the files have %.2f ms a GB and more), and %d others; %d blocks (%s) "
+            "stay in the files",
+            self._index,
+            len(chosen),
+            format_size(sum(block.nbytes for block in chosen)),
+            len(copied),
+            format_size(sum(block.nbytes for block in copied)),
+            *_per_gigabyte_range(copied, seconds),
+            min(
+                (_per_gigabyte(b, seconds) for b in rest if b in every),
+                default=float("nan"),
+            ),
+            len(chosen) - len(copied),
+            len(rest),
+            format_size(sum(block.nbytes for block in rest)),
         )
 
     @property
@@ -274,6 +367,8 @@ class Offload:
             block.page_storage = block.page_views = block.in_pages = None
             block.unbind()
         self._host.give_back()
+        if self._later is not None:
+            self._later.give_back()
         manager = getattr(self, "_manager_ref", lambda: None)()
         if manager is not None and self.vbar is not None:
             manager._stop_growing(self.vbar.device, id(self))
@@ -388,7 +483,8 @@ class Offload:
         that blocks left in the checkpoint's files are read through. Weights already
         pinned, used in place, are not counted. 0 once undone."""
         ring = self._stream.nbytes if self._stream is not None else 0
-        return self._host.pinned_bytes + ring
+        later = self._later.pinned_bytes if self._later is not None else 0
+        return self._host.pinned_bytes + later + ring
 
     @property
     def staging_bytes(self) -> int:
@@ -502,6 +598,16 @@ class Offload:
 _NO_DEVICE = contextlib.nullcontext()
 
 
+def _per_gigabyte(block, seconds) -> float:
+    """A block's compute (`seconds`: per block) in milliseconds per 10^9 of its bytes."""
+    return seconds.get(block, 0.0) * 1e3 / (max(block.nbytes, 1) / 1e9)
+
+
+def _per_gigabyte_range(blocks, seconds) -> tuple[float, float]:
+    values = [_per_gigabyte(block, seconds) for block in blocks]
+    return (min(values), max(values)) if values else (float("nan"), float("nan"))
+
+
 class _SharedHost:
     """The host weights of a group member other than its leader: the leader's, which it
     neither holds nor gives back (it only drops its blocks' references to them)."""
@@ -514,6 +620,18 @@ class _SharedHost:
     def give_back(self) -> None:
         for block in self.blocks:
             block.runs = []
+
+
+def _tier_chooser(reference):
+    """What the Runner calls after the first forward timed block by block: the
+    offload's _pin_by_compute, holding the offload weakly."""
+
+    def choose(schedule, marks) -> None:
+        offload = reference()
+        if offload is not None:
+            offload._pin_by_compute(schedule, marks)
+
+    return choose
 
 
 def _grower(reference):

@@ -296,6 +296,9 @@ class Runner:
         self.last_stats = ForwardStats()
         self.undone = False
         self.tuner = None  # chooses the prefetch depth (offload(prefetch="auto"))
+        # Called once with (schedule, marks) after the tuner's forward timed block by
+        # block: pins the blocks the Offload left in the files until then, or None.
+        self.pin_by_compute = None
         self.paused = False  # Offload.pause(): its memory given back until resume()
         self.device_paused = False  # Manager.pause(device), until Manager.resume(device)
         self.watermark = None  # the VBAR's watermark after the last forward of the whole
@@ -408,6 +411,7 @@ class Runner:
                         with on_device:
                             try:
                                 if wants == "blocks":
+                                    self._choose_tiers(schedule, failed, marks)
                                     tuner.after(schedule, failed, marks)
                                 else:
                                     seconds = like = None
@@ -425,6 +429,20 @@ class Runner:
             self.lock.release()
             if self.device_paused:  # paused during this call: give the staging back now
                 self.give_back_staging()
+
+    def _choose_tiers(self, schedule, failed: bool, marks) -> None:
+        """Call pin_by_compute once, after a forward timed block by block that did not
+        fail; a failure of its own is logged (the forward's result and the tuner's
+        choice stand; the blocks stay in the files)."""
+        if self.pin_by_compute is None or failed or marks is None:
+            return
+        choose, self.pin_by_compute = self.pin_by_compute, None
+        try:
+            choose(schedule, marks)
+        except Exception as error:  # noqa: BLE001 - the offload runs on, reading them
+            _log.warning(
+                "aimdo: choosing which blocks to pin failed (%s): they stay in the files", error
+            )
 
     def give_back_staging(self) -> None:
         """Drop the staging buffers (synchronizing first) unless a forward runs; one that

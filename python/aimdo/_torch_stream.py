@@ -490,6 +490,15 @@ class FileStream:
             self._cancel_ahead()
             self.pump.drain()
 
+    def forget_order(self) -> None:
+        """Forget the order of copies learned for reading ahead, dropping what was read
+        ahead: blocks leave the stream (pinned after all) between forwards."""
+        if self.pump is not None:
+            self._cancel_ahead()
+        self._next.clear()
+        self._last = None
+        self._pieces.clear()  # made again for the blocks that stay
+
     def take_bytes_read(self) -> int:
         return 0 if self.pump is None else self.pump.take_bytes_copied()
 
