@@ -418,40 +418,42 @@ def test_host_limit_with_a_depth_given_pins_the_blocks_placed_last_and_streams_t
     assert "ring) while the prefetch window is at most 2 copies" in logged[0]
 
 
-def scripted_compute(monkeypatch, per_byte: dict) -> None:
-    """Make the forward timed block by block report, for each block, its bytes times
-    per_byte[its name's last part] seconds of compute (the tiers' choice reads them)."""
+def scripted_stalls(monkeypatch, per_byte: dict) -> None:
+    """Make the forward timed block by block report, for each block it used, its bytes
+    times per_byte[its name's last part] seconds of the compute waiting for it (the
+    tiers' choice reads them)."""
     import aimdo._torch_handle as handle
 
-    def use_seconds(marks, elapsed):
-        used = [block for _, block, _ in marks if block is not None]
-        once = list(dict.fromkeys(used))
-        return [(b, b.nbytes * per_byte[b.name.rsplit(".", 1)[-1]]) for b in once]
+    def stall_seconds(marks, elapsed):
+        used = dict.fromkeys(block for _, block, _ in marks if block is not None)
+        return {b: b.nbytes * per_byte[b.name.rsplit(".", 1)[-1]] for b in used}
 
-    monkeypatch.setattr(handle, "use_seconds", use_seconds)
+    monkeypatch.setattr(handle, "stall_seconds", stall_seconds)
 
 
-def copied_at_every_forward(o) -> list:
-    """The names of the blocks the saved_stack's 8 MiB budget leaves out (their end is
-    beyond it), placed last first: the order the placement rule pins them in."""
+def copied_at_every_forward(o, manager) -> list:
+    """The names of the blocks the budget leaves out (their end is beyond it: 8 MiB on
+    the saved_stack's Manager), placed last first: the order the placement rule pins
+    them in."""
+    budget = manager.budget_bytes(0)
     placed = o.placement()  # (name, offset, bytes), by offset: the placement order
-    return [name for name, at, nbytes in reversed(placed) if at + nbytes > 4 * (2 << 20)]
+    return [name for name, at, nbytes in reversed(placed) if at + nbytes > budget]
 
 
-def test_host_limit_pins_the_copied_blocks_with_the_least_compute_per_byte_once_timed(
+def test_host_limit_pins_the_copied_blocks_the_compute_waited_for_most_once_timed(
     make_manager, tmp_path, caplog, monkeypatch
 ):
     real, x, expected, path, model, manager = saved_stack(make_manager, tmp_path)
-    # The down projections have a tenth of the ups' compute per byte (as a modulation
-    # layer, applied to one vector, has against a block applied to every token).
-    scripted_compute(monkeypatch, {"norm": 1e-9, "up": 1e-9, "down": 1e-10})
+    # The compute waited ten times as long per byte for the down projections as for the
+    # ups (reads the compute around them could not hide).
+    scripted_stalls(monkeypatch, {"norm": 0.0, "up": 1e-9, "down": 1e-8})
     caplog.set_level(logging.INFO, logger="aimdo")
     with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit="5MiB") as o:
         sizes = {block.name: block.nbytes for block in o._blocks}
         # Until a forward is timed every block is in the files, none pinned.
         assert o.streamed_bytes == sum(sizes.values())
         assert o.pinned_bytes == o._stream.nbytes
-        copied = copied_at_every_forward(o)
+        copied = copied_at_every_forward(o, manager)
         downs = [name for name in copied if name.endswith("down")]
         ups = [name for name in copied if name.endswith("up")]
         norms = [name for name in sizes if name.endswith("norm")]
@@ -476,13 +478,13 @@ def test_host_limit_pins_the_copied_blocks_with_the_least_compute_per_byte_once_
     assert "6 others; 8 blocks (8.02 MiB) stay in the files" in logged[0]
 
 
-def test_host_limit_with_little_room_pins_the_copied_blocks_of_least_compute_per_byte(
+def test_host_limit_with_little_room_pins_the_copied_blocks_waited_for_most(
     make_manager, tmp_path, monkeypatch
 ):
     real, x, expected, path, model, manager = saved_stack(make_manager, tmp_path)
-    scripted_compute(monkeypatch, {"norm": 1e-9, "up": 1e-9, "down": 1e-10})
+    scripted_stalls(monkeypatch, {"norm": 0.0, "up": 1e-9, "down": 1e-8})
     with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit="2MiB") as o:
-        copied = copied_at_every_forward(o)
+        copied = copied_at_every_forward(o, manager)
         norms = {block.name for block in o._blocks if block.name.endswith("norm")}
         for _ in range(3):
             assert torch.equal(model(x.to(where(0))), expected)
@@ -500,7 +502,7 @@ def test_pinning_chosen_blocks_that_fails_leaves_them_in_the_files(
     import aimdo._torch_handle as handle
 
     real, x, expected, path, model, manager = saved_stack(make_manager, tmp_path)
-    scripted_compute(monkeypatch, {"norm": 1e-9, "up": 1e-9, "down": 1e-10})
+    scripted_stalls(monkeypatch, {"norm": 0.0, "up": 1e-9, "down": 1e-8})
     caplog.set_level(logging.INFO, logger="aimdo")
     with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit="5MiB") as o:
         total = o.streamed_bytes
@@ -517,8 +519,8 @@ def test_pinning_chosen_blocks_that_fails_leaves_them_in_the_files(
     assert "leaves 4.02 MiB of weights in the files" in warned[0]
 
 
-def test_the_tiers_choice_takes_the_copied_blocks_of_least_compute_per_byte_first():
-    from aimdo._torch_tiers import pinned_by_compute
+def test_the_tiers_choice_takes_the_copied_blocks_waited_for_most_per_byte_first():
+    from aimdo._torch_tiers import STALL_FLOOR, pinned_by_stall
 
     class B:
         def __init__(self, name, nbytes):
@@ -527,16 +529,17 @@ def test_the_tiers_choice_takes_the_copied_blocks_of_least_compute_per_byte_firs
     a, b, c, d, e = B("a", 4), B("b", 4), B("c", 2), B("d", 4), B("e", 1)
     candidates = [a, b, c, d, e]  # the placement rule's order: placed last first
     every = {a, b, c, d}
-    seconds = {a: 4.0, b: 0.4, c: 2.1, d: 4.2}  # per byte: 1, 0.1, 1.05, 1.05; e: none
-    # b first (least per byte); a, c and d alike (within a factor 2): candidates' order.
-    assert pinned_by_compute(candidates, every, seconds, 8) == [a, b]
-    assert pinned_by_compute(candidates, every, seconds, 10) == [a, b, c]
-    assert pinned_by_compute(candidates, every, seconds, 11) == [a, b, c, e]
-    assert pinned_by_compute(candidates, every, seconds, 3) == [c, e]
-    # A block that did not run (no compute) is pinned before any that did.
-    assert pinned_by_compute(candidates, every, {b: 0.4}, 4) == [a]
-    assert pinned_by_compute(candidates, set(), seconds, 5) == [a, e]
-    assert pinned_by_compute(candidates, every, seconds, 0) == []
+    ms = 1e-3
+    stalls = {b: 4 * ms, c: 4 * ms, d: STALL_FLOOR / 2, e: 9 * ms}  # per byte: c, b
+    # c then b (most waiting per byte), then a and d (no stall: candidates' order); e is
+    # not copied at every forward, so after them all.
+    assert pinned_by_stall(candidates, every, stalls, 6) == [b, c]
+    assert pinned_by_stall(candidates, every, stalls, 9) == [b, c, e]
+    assert pinned_by_stall(candidates, every, stalls, 10) == [a, b, c]
+    assert pinned_by_stall(candidates, every, stalls, 3) == [c, e]
+    assert pinned_by_stall(candidates, every, {}, 5) == [a, e]  # no stall: the order
+    assert pinned_by_stall(candidates, set(), stalls, 5) == [a, e]
+    assert pinned_by_stall(candidates, every, stalls, 0) == []
 
 
 def test_blocks_in_the_files_are_read_and_copied_by_native_threads_ahead_of_the_compute(

@@ -197,6 +197,17 @@ def use_seconds(marks, elapsed) -> list[tuple[Block, float]]:
     return [(block, seconds) for block, seconds in uses]
 
 
+def stall_seconds(marks, elapsed) -> dict:
+    """The seconds the compute stalled for each block in a forward timed with
+    Schedule.marks (the "stall" stretches of mark_stretches: waiting for its copy), per
+    block; blocks that never stalled are absent."""
+    stalls = {}
+    for lane, block, _, mark, following in mark_stretches(marks, []):
+        if lane == "stall" and block is not None:
+            stalls[block] = stalls.get(block, 0.0) + elapsed(mark, following)
+    return stalls
+
+
 def per_block(uses) -> dict:
     """The seconds of `uses` (pairs of a block, or its index, and seconds, as use_seconds
     gives them) summed per block, the blocks in the order of their first use."""

@@ -14,7 +14,7 @@ import torch
 from . import _core, _torch_stream
 from ._manager import Manager
 from ._placement import place, placement_order
-from ._schedule import ForwardStats, Schedule, auto_staging_bytes, per_block, use_seconds
+from ._schedule import ForwardStats, Schedule, auto_staging_bytes, stall_seconds, use_seconds
 from ._sizes import format_size
 from ._torch_checkpoint import attach
 from ._torch_host import HostWeights
@@ -23,9 +23,10 @@ from ._torch_offload import _ABSENT, Runner, _TorchExecutor, make_forward
 from ._torch_options import declared_order, forced_tiers, kept_first
 from ._torch_stream import FileStream
 from ._torch_tiers import (
+    STALL_FLOOR,
     host_limit_bytes,
     left_in_files,
-    pinned_by_compute,
+    pinned_by_stall,
     read_bandwidth,
     reads_direct,
     streamable,
@@ -101,7 +102,7 @@ class Offload:
         placed = declared + [block for block in blocks if block not in listed]
         self._stream = None  # reads the blocks left in the checkpoint files
         # Blocks that stay in the files until a timed forward tells which of them to pin
-        # (_pin_by_compute), or None; the chunks it pins them in.
+        # (_pin_by_stall), or None; the chunks it pins them in.
         self._tier_plan = self._later = None
         self._stamps = stamps
         prefetch = options["prefetch"]
@@ -184,7 +185,7 @@ class Offload:
             self._runner = Runner(schedule, self.device)
             self._runner.tuner = tuner
             if self._tier_plan is not None:  # with the tuner's first forward timed
-                self._runner.pin_by_compute = _tier_chooser(weakref.ref(self))
+                self._runner.pin_by_stall = _tier_chooser(weakref.ref(self))
             self._runner.timing = options.get("timings", False)
             self._runner.manager_ref = weakref.ref(manager)
             self._manager_ref = weakref.ref(manager)
@@ -201,7 +202,7 @@ class Offload:
         """Decide which blocks stay in the checkpoint files (host_limit, host_tiers) and
         log it. With `defer`, when the limit leaves some in the files, every block that
         may stream stays there until a timed forward tells which to pin
-        (_pin_by_compute)."""
+        (_pin_by_stall)."""
         weights = sum(block.nbytes for block in placed)
         limit, why = host_limit_bytes(options["host_limit"], weights)
         if forced:
@@ -227,14 +228,14 @@ class Offload:
             held = sum(b.nbytes for b in order if not streamable(b) or forced.get(b) == "pinned")
             if limit > held:
                 self._tier_plan = (candidates, beyond & set(candidates), limit - held)
-                # In the files until then; which ones then (_pin_by_compute) moves the
+                # In the files until then; which ones then (_pin_by_stall) moves the
                 # same bytes, so `streamed` and `every` are what they will be.
                 files = [b for b in order if streamable(b) and forced.get(b) != "pinned"]
                 which = (
                     f": which ones is chosen after its first forward timed block by block "
                     f"(until then every block that can is read from the files, "
                     f"{format_size(held)} pinned): those copied at every forward with the "
-                    "least compute per byte are pinned first"
+                    "most waiting for them per byte in that forward are pinned first"
                 )
         cost = ""
         if files:
@@ -276,15 +277,16 @@ class Offload:
             cost,
         )
 
-    def _pin_by_compute(self, schedule, marks) -> None:
-        """After the first forward timed block by block (`marks`, Schedule.marks): pin
-        the blocks pinned_by_compute chooses of those left in the files for it
-        (_tier_plan), reading them into chunks of their own, and log what it chose. On a
-        failure (host memory, a file) they stay in the files, and a warning says why."""
+    def _pin_by_stall(self, schedule, marks) -> None:
+        """After the first forward timed block by block (`marks`, Schedule.marks), which
+        read every block that can stream from the files: pin the blocks pinned_by_stall
+        chooses of those (_tier_plan), reading them into chunks of their own, and log what
+        it chose. On a failure (host memory, a file) they stay in the files, and a warning
+        says why."""
         candidates, every, left = self._tier_plan
         self._tier_plan = None
-        seconds = per_block(use_seconds(marks, schedule.executor.elapsed))
-        chosen = pinned_by_compute(candidates, every, seconds, left)
+        stalls = stall_seconds(marks, schedule.executor.elapsed)
+        chosen = pinned_by_stall(candidates, every, stalls, left)
         if not chosen:
             return
         host = HostWeights(chosen, pin=self._host.pin, stamps=self._stamps)
@@ -303,23 +305,22 @@ class Offload:
         for block in chosen:
             block.file_runs, block.stream = [], None
         copied = [block for block in chosen if block in every]
+        stalled = [block for block in copied if stalls.get(block, 0.0) >= STALL_FLOOR]
         rest = [block for block in candidates if block.file_runs]
         _log.info(
             "aimdo: offload on device %s pins %d blocks (%s) it read from the files until "
             "its first forward timed block by block: %d (%s) copied at every forward, "
-            "those with the least compute per byte first (from %.2f to %.2f ms a GB; those "
-            "left in the files have %.2f ms a GB and more), and %d others; %d blocks (%s) "
-            "stay in the files",
+            "%d of them those the compute waited for most per byte in that forward "
+            "(%.1f ms of its %.1f ms of waiting), and %d others; %d blocks (%s) stay in "
+            "the files",
             self._index,
             len(chosen),
             format_size(sum(block.nbytes for block in chosen)),
             len(copied),
             format_size(sum(block.nbytes for block in copied)),
-            *_per_gigabyte_range(copied, seconds),
-            min(
-                (_per_gigabyte(b, seconds) for b in rest if b in every),
-                default=float("nan"),
-            ),
+            len(stalled),
+            sum(stalls[block] for block in stalled) * 1000,
+            sum(stalls.values()) * 1000,
             len(chosen) - len(copied),
             len(rest),
             format_size(sum(block.nbytes for block in rest)),
@@ -598,16 +599,6 @@ class Offload:
 _NO_DEVICE = contextlib.nullcontext()
 
 
-def _per_gigabyte(block, seconds) -> float:
-    """A block's compute (`seconds`: per block) in milliseconds per 10^9 of its bytes."""
-    return seconds.get(block, 0.0) * 1e3 / (max(block.nbytes, 1) / 1e9)
-
-
-def _per_gigabyte_range(blocks, seconds) -> tuple[float, float]:
-    values = [_per_gigabyte(block, seconds) for block in blocks]
-    return (min(values), max(values)) if values else (float("nan"), float("nan"))
-
-
 class _SharedHost:
     """The host weights of a group member other than its leader: the leader's, which it
     neither holds nor gives back (it only drops its blocks' references to them)."""
@@ -624,12 +615,12 @@ class _SharedHost:
 
 def _tier_chooser(reference):
     """What the Runner calls after the first forward timed block by block: the
-    offload's _pin_by_compute, holding the offload weakly."""
+    offload's _pin_by_stall, holding the offload weakly."""
 
     def choose(schedule, marks) -> None:
         offload = reference()
         if offload is not None:
-            offload._pin_by_compute(schedule, marks)
+            offload._pin_by_stall(schedule, marks)
 
     return choose
 

@@ -298,7 +298,7 @@ class Runner:
         self.tuner = None  # chooses the prefetch depth (offload(prefetch="auto"))
         # Called once with (schedule, marks) after the tuner's forward timed block by
         # block: pins the blocks the Offload left in the files until then, or None.
-        self.pin_by_compute = None
+        self.pin_by_stall = None
         self.paused = False  # Offload.pause(): its memory given back until resume()
         self.device_paused = False  # Manager.pause(device), until Manager.resume(device)
         self.watermark = None  # the VBAR's watermark after the last forward of the whole
@@ -431,12 +431,12 @@ class Runner:
                 self.give_back_staging()
 
     def _choose_tiers(self, schedule, failed: bool, marks) -> None:
-        """Call pin_by_compute once, after a forward timed block by block that did not
+        """Call pin_by_stall once, after a forward timed block by block that did not
         fail; a failure of its own is logged (the forward's result and the tuner's
         choice stand; the blocks stay in the files)."""
-        if self.pin_by_compute is None or failed or marks is None:
+        if self.pin_by_stall is None or failed or marks is None:
             return
-        choose, self.pin_by_compute = self.pin_by_compute, None
+        choose, self.pin_by_stall = self.pin_by_stall, None
         try:
             choose(schedule, marks)
         except Exception as error:  # noqa: BLE001 - the offload runs on, reading them

@@ -6,7 +6,6 @@ Imported by aimdo.torch only."""
 
 from __future__ import annotations
 
-import math
 import mmap
 import os
 import time
@@ -169,39 +168,31 @@ def left_in_files(placed: list, limit: int, forced=None) -> list:
     return files[::-1]
 
 
-#: The compute per byte of blocks, to pinned_by_compute, counts in bands this wide (a
-#: factor), one of them centred on the median block's: blocks within a band keep the
-#: placement rule's order, so that a timed forward's noise does not reorder blocks of one
-#: kind (the synthetic model's matrix products, alike per byte).
-COMPUTE_BAND = 2.0
+#: A block the compute waited for less than this (seconds) in the timed forward did not
+#: stall it, to pinned_by_stall: timing noise, not a read left unhidden.
+STALL_FLOOR = 20e-6
 
 
-def pinned_by_compute(candidates: list, every, seconds: dict, left: int) -> list:
-    """The blocks of `candidates` to pin in `left` bytes, once a forward timed their
-    compute (`seconds`: {block: its compute in that forward}; a block not in it had
-    none). `candidates` are the blocks that may stream, in the order left_in_files
-    pins them (placed last first); `every`: those of them copied at every forward. Those
-    of `every` are pinned first, the least compute per byte first (by COMPUTE_BAND,
-    within a band in the candidates' order): a block read from the files is read, then
-    copied, and a block of little compute per byte (a modulation layer, applied to one
-    vector) sits where the copies have the least compute to hide behind; then the
-    others, in the candidates' order; each while it fits. Returns them in the
-    candidates' order."""
+def pinned_by_stall(candidates: list, every, stalls: dict, left: int) -> list:
+    """The blocks of `candidates` to pin in `left` bytes, once a forward that read them all
+    from the files was timed (`stalls`: {block: seconds the compute waited for it}).
+    `candidates` are the blocks that may stream, in the order left_in_files pins them
+    (placed last first); `every`: those of them copied at every forward. Those of `every`
+    are pinned first, the most stall per byte first (a read the compute around the
+    block could not hide: pinning it takes that read away), then those that did not
+    stall (under STALL_FLOOR), then the others, both in the candidates' order; each
+    while it fits. Returns them in the candidates' order."""
     rank = {id(block): index for index, block in enumerate(candidates)}
-    copied = [block for block in candidates if block in every]
-    per_byte = {id(b): seconds.get(b, 0.0) / max(b.nbytes, 1) for b in copied}
-    known = sorted(value for value in per_byte.values() if value > 0)
-    middle = known[len(known) // 2] if known else 1.0
 
-    def band(block) -> float:
-        value = per_byte[id(block)]
-        if value <= 0:
-            return -math.inf  # no compute at all: first
-        return math.floor(math.log(value / middle, COMPUTE_BAND) + 0.5)
+    def key(block) -> tuple:
+        stall = stalls.get(block, 0.0)
+        if stall < STALL_FLOOR:
+            return (1, 0.0, rank[id(block)])
+        return (0, -stall / max(block.nbytes, 1), rank[id(block)])
 
+    copied = sorted((block for block in candidates if block in every), key=key)
     chosen = set()
-    ordered = sorted(copied, key=lambda block: (band(block), rank[id(block)]))
-    for block in ordered + [block for block in candidates if block not in every]:
+    for block in copied + [block for block in candidates if block not in every]:
         if block.nbytes <= left:
             left -= block.nbytes
             chosen.add(id(block))
