@@ -440,6 +440,7 @@ def copied_at_every_forward(o, manager) -> list:
     return [name for name, at, nbytes in reversed(placed) if at + nbytes > budget]
 
 
+@pytest.mark.sim_only  # the budget to the byte: the 4 pages of the simulator
 def test_host_limit_pins_the_copied_blocks_the_compute_waited_for_most_once_timed(
     make_manager, tmp_path, caplog, monkeypatch
 ):
@@ -478,6 +479,7 @@ def test_host_limit_pins_the_copied_blocks_the_compute_waited_for_most_once_time
     assert "6 others; 8 blocks (8.02 MiB) stay in the files" in logged[0]
 
 
+@pytest.mark.sim_only  # the budget to the byte: the 4 pages of the simulator
 def test_host_limit_with_little_room_pins_the_copied_blocks_waited_for_most(
     make_manager, tmp_path, monkeypatch
 ):

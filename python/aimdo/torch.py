@@ -183,7 +183,8 @@ def offload(
     those placed first (resident in VRAM, read again only after an eviction) stream.
     With ``prefetch="auto"`` (the default) the choice among the blocks copied at every
     forward waits for the forward timed to choose the depth: until then they are read
-    from the files, then those the compute waited for most per byte are pinned first.
+    from the files, then those the compute waited for most per byte are pinned first
+    (a depth given, or ``host_tiers``, keeps the choice made here, by placement).
     ``"auto"`` (default) pins every weight when they fit in half of the host memory
     available (MemAvailable), else half of it; ``None`` pins every weight; ``0`` streams
     every block that can (a block with a weight of the module's own is pinned). The
