@@ -482,7 +482,9 @@ class Offload:
         """Bytes of host memory this offload holds for the weights (pinned on CUDA; on a
         simulator plain memory, counted the same): the chunks, and the ring of buffers
         that blocks left in the checkpoint's files are read through. Weights already
-        pinned, used in place, are not counted. 0 once undone."""
+        pinned, used in place, are not counted. 0 once undone. With the tiers chosen
+        after the first forward timed block by block (``host_limit``), the chunks that
+        choice pins are counted from then on."""
         ring = self._stream.nbytes if self._stream is not None else 0
         later = self._later.pinned_bytes if self._later is not None else 0
         return self._host.pinned_bytes + later + ring
