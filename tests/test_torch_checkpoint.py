@@ -498,6 +498,69 @@ def test_host_limit_with_little_room_pins_the_copied_blocks_waited_for_most(
         assert pinned == {first_down} | norms
 
 
+@pytest.mark.sim_only  # the budget to the byte: the 4 pages of the simulator
+def test_blocks_left_in_the_files_after_the_choice_are_still_read_ahead(
+    make_manager, tmp_path, caplog, monkeypatch
+):
+    real, x, expected, path, model, manager = saved_stack(make_manager, tmp_path)
+    scripted_stalls(monkeypatch, {"norm": 0.0, "up": 1e-9, "down": 1e-8})
+    caplog.set_level(logging.INFO, logger="aimdo")
+    kept = {"1.norm": "file"}  # forced into the files: counted among those left there
+    with atorch.offload(
+        model, 0, manager=manager, checkpoint=path, host_limit="2MiB", host_tiers=kept
+    ) as o:
+        s = o._stream
+        s.read_ahead_bytes = None  # the ring's bytes at any depth the trials try
+        for _ in range(2):  # learns the order; timed: one down and the norms pinned
+            assert torch.equal(model(x.to(where(0))), expected)
+        assert o._later is not None
+        streamed = [block for block in o._blocks if block.file_runs]
+        assert len(streamed) == 12 and any(block.name == "1.norm" for block in streamed)
+        # The order learned in the timed forward stays, without the pinned block: the
+        # second forward after it (the first that saw the order twice) finds the three
+        # offloaded blocks left in the files after the first of them read ahead, as it
+        # would have had nothing moved (the order forgotten, it would take one more).
+        seen = []
+        for _ in range(2):
+            assert torch.equal(model(x.to(where(0))), expected)
+            seen.append(s.read_ahead_used)
+        assert seen == [0, 3]
+    logged = [r.getMessage() for r in caplog.records if "it read from the files" in r.getMessage()]
+    assert len(logged) == 1 and "; 12 blocks (" in logged[0] and "stay in the files" in logged[0]
+
+
+@pytest.mark.sim_only  # the budget to the byte: the 4 pages of the simulator
+def test_an_interrupted_choice_of_the_pinned_blocks_is_made_at_the_next_timed_forward(
+    make_manager, tmp_path, monkeypatch
+):
+    import aimdo._torch_handle as handle
+
+    real, x, expected, path, model, manager = saved_stack(make_manager, tmp_path)
+    scripted_stalls(monkeypatch, {"norm": 0.0, "up": 1e-9, "down": 1e-8})
+    move_in = handle.HostWeights.move_in
+    calls = []
+
+    def interrupted_once(self):
+        calls.append(self)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        move_in(self)
+
+    with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit="2MiB") as o:
+        monkeypatch.setattr(handle.HostWeights, "move_in", interrupted_once)
+        total = o.streamed_bytes
+        assert torch.equal(model(x.to(where(0))), expected)  # learns the order
+        with pytest.raises(KeyboardInterrupt):
+            model(x.to(where(0)))  # timed; its choice interrupted
+        assert o.streamed_bytes == total and o.pinned_bytes == o._stream.nbytes
+        assert torch.equal(model(x.to(where(0))), expected)  # timed again: chosen
+        assert len(calls) == 2 and o._later is not None
+        pinned = {block.name for block in o._blocks if not block.file_runs}
+        assert len(pinned) == 7 and sum(1 for n in pinned if n.endswith("down")) == 1
+        for _ in range(2):
+            assert torch.equal(model(x.to(where(0))), expected)
+
+
 def test_pinning_chosen_blocks_that_fails_leaves_them_in_the_files(
     make_manager, tmp_path, caplog, monkeypatch
 ):

@@ -222,28 +222,36 @@ class Offload:
                 beyond.add(block)
             at += block.nbytes
         every = sum(block.nbytes for block in files if block in beyond)
-        which = ": those placed first, kept resident in VRAM and read again only after an eviction"
+        pinned = weights - streamed
+        tiers = (
+            f"pins {format_size(pinned)} of its {format_size(weights)} of weights in host "
+            f"memory ({why}); {count} blocks ({format_size(streamed)}) stay in the "
+            "checkpoint's files, read again at each copy: those placed first, kept resident "
+            "in VRAM and read again only after an eviction"
+        )
         candidates = [b for b in reversed(order) if streamable(b) and b not in forced]
         if defer and any(block in candidates for block in files):
             held = sum(b.nbytes for b in order if not streamable(b) or forced.get(b) == "pinned")
             if limit > held:
-                self._tier_plan = (candidates, beyond & set(candidates), limit - held)
-                # In the files until then; which ones then (_pin_by_stall) moves the
-                # same bytes, so `streamed` and `every` are what they will be.
+                self._tier_plan = (candidates, limit - held)
+                # In the files until then. The reads' figures below are the placement
+                # rule's (`streamed`, `every`): the choice then pins about as much.
                 files = [b for b in order if streamable(b) and forced.get(b) != "pinned"]
-                which = (
-                    f": which ones is chosen after its first forward timed block by block "
-                    f"(until then every block that can is read from the files, "
-                    f"{format_size(held)} pinned): those copied at every forward with the "
-                    "most waiting for them per byte in that forward are pinned first"
+                tiers = (
+                    f"pins {format_size(held)} of its {format_size(weights)} of weights in "
+                    f"host memory now ({why}): until its first forward timed block by block "
+                    f"that offloads a block, its {len(files)} blocks that can stream "
+                    f"({format_size(sum(b.nbytes for b in files))}) are read from the "
+                    f"checkpoint's files at each copy; then up to {format_size(limit - held)} "
+                    "of them are pinned, the blocks copied at every forward that the compute "
+                    "waited for most per byte first (about "
+                    f"{format_size(streamed)} stay in the files)"
                 )
         cost = ""
         if files:
             largest = max(w.source.nbytes for block in files for w in block.weights)
             path = files[0].weights[0].source.path
-            direct, how = reads_direct(
-                every, weights - streamed, path, options.get("file_reads", "auto")
-            )
+            direct, how = reads_direct(every, pinned, path, options.get("file_reads", "auto"))
             self._stream = FileStream(stamps, pin, largest, direct, backend.driver, device)
             for block in files:
                 block.file_runs = [(w.offset, w.source) for w in block.weights]
@@ -260,53 +268,51 @@ class Offload:
             if bandwidth:
                 cost += (
                     f"; the files read at {bandwidth / 1e9:.1f} GB/s now, so the "
-                    f"{format_size(every)} of them beyond the VRAM budget add up to "
+                    f"{format_size(every)} of them placed beyond the VRAM budget add up to "
                     f"{every / bandwidth * 1000:.0f} ms "
                     "of reading to a forward, overlapped with its compute"
                 )
-        _log.info(
-            "aimdo: offload on device %s pins %s of its %s of weights in host memory (%s); "
-            "%d blocks (%s) stay in the checkpoint's files, read again at each copy%s%s",
-            device,
-            format_size(weights - streamed),
-            format_size(weights),
-            why,
-            count,
-            format_size(streamed),
-            which,
-            cost,
-        )
+        _log.info("aimdo: offload on device %s %s%s", device, tiers, cost)
 
-    def _pin_by_stall(self, schedule, marks) -> None:
-        """After the first forward timed block by block (`marks`, Schedule.marks), which
-        read every block that can stream from the files: pin the blocks pinned_by_stall
-        chooses of those (_tier_plan), reading them into chunks of their own, and log what
-        it chose. On a failure (host memory, a file) they stay in the files, and a warning
-        says why."""
-        candidates, every, left = self._tier_plan
-        self._tier_plan = None
+    def _pin_by_stall(self, schedule, marks) -> bool:
+        """After a forward timed block by block (`marks`, Schedule.marks), which read
+        every block that can stream from the files: pin the blocks pinned_by_stall
+        chooses of those (_tier_plan), the blocks that forward offloaded counting as
+        copied at every forward, reading them into chunks of their own, and log what it
+        chose. Returns whether the choice is made: not when that forward offloaded
+        nothing (every block fits: no wait to learn from; the next forward timed so
+        chooses). On a failure (host memory, a file) they stay in the files, and a
+        warning says why; interrupted, nothing changes and the next timed forward tries
+        again."""
+        candidates, left = self._tier_plan
+        every = {block for block in candidates if block.offloaded}
+        if not any(block.offloaded for block in self._blocks):
+            return False
         stalls = stall_seconds(marks, schedule.executor.elapsed)
         chosen = pinned_by_stall(candidates, every, stalls, left)
         if not chosen:
-            return
+            self._tier_plan = None
+            return True
         host = HostWeights(chosen, pin=self._host.pin, stamps=self._stamps)
         try:
-            host.move_in()
+            host.move_in()  # gives back what it pinned on any failure
         except Exception as error:  # noqa: BLE001 - the offload runs on, reading them
+            self._tier_plan = None
             _log.warning(
                 "aimdo: offload on device %s leaves %s of weights in the files it was to pin: %s",
                 self._index,
                 format_size(sum(block.nbytes for block in chosen)),
                 error,
             )
-            return
+            return True
+        self._tier_plan = None
         self._later = host
-        self._stream.forget_order()  # the order read ahead had them; no longer read
+        self._stream.leave(chosen)  # no longer read: out of the order read ahead
         for block in chosen:
             block.file_runs, block.stream = [], None
         copied = [block for block in chosen if block in every]
         stalled = [block for block in copied if stalls.get(block, 0.0) >= STALL_FLOOR]
-        rest = [block for block in candidates if block.file_runs]
+        rest = [block for block in self._blocks if block.file_runs]
         _log.info(
             "aimdo: offload on device %s pins %d blocks (%s) it read from the files until "
             "its first forward timed block by block: %d (%s) copied at every forward, "
@@ -325,6 +331,7 @@ class Offload:
             len(rest),
             format_size(sum(block.nbytes for block in rest)),
         )
+        return True
 
     @property
     def streamed_bytes(self) -> int:
@@ -619,10 +626,9 @@ def _tier_chooser(reference):
     """What the Runner calls after the first forward timed block by block: the
     offload's _pin_by_stall, holding the offload weakly."""
 
-    def choose(schedule, marks) -> None:
+    def choose(schedule, marks) -> bool:
         offload = reference()
-        if offload is not None:
-            offload._pin_by_stall(schedule, marks)
+        return offload is None or offload._pin_by_stall(schedule, marks)
 
     return choose
 

@@ -296,8 +296,9 @@ class Runner:
         self.last_stats = ForwardStats()
         self.undone = False
         self.tuner = None  # chooses the prefetch depth (offload(prefetch="auto"))
-        # Called once with (schedule, marks) after the tuner's forward timed block by
-        # block: pins the blocks the Offload left in the files until then, or None.
+        # Called with (schedule, marks) after each of the tuner's forwards timed block by
+        # block until it returns True: pins the blocks the Offload left in the files
+        # until then; or None.
         self.pin_by_stall = None
         self.paused = False  # Offload.pause(): its memory given back until resume()
         self.device_paused = False  # Manager.pause(device), until Manager.resume(device)
@@ -431,15 +432,17 @@ class Runner:
                 self.give_back_staging()
 
     def _choose_tiers(self, schedule, failed: bool, marks) -> None:
-        """Call pin_by_stall once, after a forward timed block by block that did not
-        fail; a failure of its own is logged (the forward's result and the tuner's
-        choice stand; the blocks stay in the files)."""
+        """Call pin_by_stall after a forward timed block by block that did not fail,
+        until it says the choice is made; a failure of its own is logged (the forward's
+        result and the tuner's choice stand; the blocks stay in the files). Interrupted,
+        it is called again after the next such forward."""
         if self.pin_by_stall is None or failed or marks is None:
             return
-        choose, self.pin_by_stall = self.pin_by_stall, None
         try:
-            choose(schedule, marks)
+            if self.pin_by_stall(schedule, marks):
+                self.pin_by_stall = None
         except Exception as error:  # noqa: BLE001 - the offload runs on, reading them
+            self.pin_by_stall = None
             _log.warning(
                 "aimdo: choosing which blocks to pin failed (%s): they stay in the files", error
             )

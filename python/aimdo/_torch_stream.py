@@ -490,14 +490,46 @@ class FileStream:
             self._cancel_ahead()
             self.pump.drain()
 
-    def forget_order(self) -> None:
-        """Forget the order of copies learned for reading ahead, dropping what was read
-        ahead: blocks leave the stream (pinned after all) between forwards."""
-        if self.pump is not None:
-            self._cancel_ahead()
-        self._next.clear()
-        self._last = None
-        self._pieces.clear()  # made again for the blocks that stay
+    def leave(self, blocks) -> None:
+        """`blocks` are no longer read through this stream (pinned after all; called
+        between forwards): they leave the order learned for reading ahead (a block that
+        one of them followed is now followed by the block after it, foreseen only if both
+        links were seen twice), and what was read ahead for them is dropped; what was
+        read ahead for the others stays."""
+        gone = {id(block) for block in blocks}
+        for key, (last, following, again) in list(self._next.items()):
+            if key in gone:
+                continue
+            passed = set()
+            while following is not None and id(following) in gone:
+                if id(following) in passed:  # a loop of blocks gone: nothing follows
+                    following = None
+                    break
+                passed.add(id(following))
+                entry = self._next.get(id(following))
+                if entry is None or entry[0] is not following:
+                    following = None
+                    break
+                again = again and entry[2]
+                following = entry[1]
+            if following is None:
+                del self._next[key]
+            else:
+                self._next[key] = (last, following, again)
+        for key in gone:
+            self._next.pop(key, None)
+            self._pieces.pop(key, None)
+        if self._last is not None and id(self._last) in gone:
+            self._last = None
+        kept = collections.deque()
+        for entry in self._ahead:
+            if id(entry[0]) in gone:
+                self.pump.cancel(entry[1])
+                self._abandoned.append(entry[1])  # forgotten once ended
+                self.read_ahead_dropped += 1
+            else:
+                kept.append(entry)
+        self._ahead = kept
 
     def take_bytes_read(self) -> int:
         return 0 if self.pump is None else self.pump.take_bytes_copied()

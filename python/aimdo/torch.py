@@ -184,7 +184,8 @@ def offload(
     With ``prefetch="auto"`` (the default) the choice among the blocks copied at every
     forward waits for the forward timed to choose the depth: until then they are read
     from the files, then those the compute waited for most per byte are pinned first
-    (a depth given, or ``host_tiers``, keeps the choice made here, by placement).
+    (a depth given keeps the choice by placement, made here; blocks ``host_tiers``
+    forces stay in their tier either way).
     ``"auto"`` (default) pins every weight when they fit in half of the host memory
     available (MemAvailable), else half of it; ``None`` pins every weight; ``0`` streams
     every block that can (a block with a weight of the module's own is pinned). The
