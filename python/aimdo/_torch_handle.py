@@ -113,7 +113,8 @@ class Offload:
         if stamps is not None:
             budget = manager.budget_bytes(device)
             # Only an offload that times a forward (to choose its prefetch) and whose
-            # blocks no other device copies from (a group's) chooses its tiers by compute.
+            # blocks no other device copies from (a group's) chooses its tiers by where
+            # that forward's compute waited.
             defer = prefetch == "auto" and not grouped
             self._leave_in_files(
                 device,
@@ -623,8 +624,9 @@ class _SharedHost:
 
 
 def _tier_chooser(reference):
-    """What the Runner calls after the first forward timed block by block: the
-    offload's _pin_by_stall, holding the offload weakly."""
+    """What the Runner calls after each forward timed block by block until the choice
+    is made: the offload's _pin_by_stall, holding the offload weakly (True once the
+    offload is gone)."""
 
     def choose(schedule, marks) -> bool:
         offload = reference()
