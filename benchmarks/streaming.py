@@ -124,7 +124,7 @@ def empty_host_cache() -> None:
     tensors are freed (it keeps each block, rounded up to a power of two, for reuse): a
     1 GiB buffer pinned to measure the bandwidth would otherwise stay in the process's
     resident set and be counted against the offload's host memory."""
-    memory = getattr(torch.accelerator, "memory", None)
+    memory = getattr(getattr(torch, "accelerator", None), "memory", None)
     empty = getattr(memory, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
     if empty is not None:
         empty()

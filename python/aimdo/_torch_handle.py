@@ -186,7 +186,7 @@ class Offload:
             self._runner = Runner(schedule, self.device)
             self._runner.tuner = tuner
             if self._tier_plan is not None:  # with the tuner's first forward timed
-                self._runner.pin_by_stall = _tier_chooser(weakref.ref(self))
+                self._runner.pin_by_stall = weakref.WeakMethod(self._pin_by_stall)
             self._runner.timing = options.get("timings", False)
             self._runner.manager_ref = weakref.ref(manager)
             self._manager_ref = weakref.ref(manager)
@@ -231,7 +231,7 @@ class Offload:
             "in VRAM and read again only after an eviction"
         )
         candidates = [b for b in reversed(order) if streamable(b) and b not in forced]
-        if defer and any(block in candidates for block in files):
+        if defer and not set(candidates).isdisjoint(files):
             held = sum(b.nbytes for b in order if not streamable(b) or forced.get(b) == "pinned")
             if limit > held:
                 self._tier_plan = (candidates, limit - held)
@@ -621,18 +621,6 @@ class _SharedHost:
     def give_back(self) -> None:
         for block in self.blocks:
             block.runs = []
-
-
-def _tier_chooser(reference):
-    """What the Runner calls after each forward timed block by block until the choice
-    is made: the offload's _pin_by_stall, holding the offload weakly (True once the
-    offload is gone)."""
-
-    def choose(schedule, marks) -> bool:
-        offload = reference()
-        return offload is None or offload._pin_by_stall(schedule, marks)
-
-    return choose
 
 
 def _grower(reference):

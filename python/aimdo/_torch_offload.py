@@ -296,9 +296,10 @@ class Runner:
         self.last_stats = ForwardStats()
         self.undone = False
         self.tuner = None  # chooses the prefetch depth (offload(prefetch="auto"))
-        # Called with (schedule, marks) after each of the tuner's forwards timed block by
-        # block until it returns True: pins the blocks the Offload left in the files
-        # until then; or None.
+        # The Offload's _pin_by_stall, weakly (a weakref.WeakMethod), called with
+        # (schedule, marks) after each of the tuner's forwards timed block by block until
+        # it returns True: pins the blocks the Offload left in the files until then; or
+        # None.
         self.pin_by_stall = None
         self.paused = False  # Offload.pause(): its memory given back until resume()
         self.device_paused = False  # Manager.pause(device), until Manager.resume(device)
@@ -438,8 +439,9 @@ class Runner:
         it is called again after the next such forward."""
         if self.pin_by_stall is None or failed or marks is None:
             return
+        choose = self.pin_by_stall()
         try:
-            if self.pin_by_stall(schedule, marks):
+            if choose is None or choose(schedule, marks):  # None: the Offload is gone
                 self.pin_by_stall = None
         except Exception as error:  # noqa: BLE001 - the offload runs on, reading them
             self.pin_by_stall = None
