@@ -452,8 +452,9 @@ class Offload:
     @property
     def prefetch_measured(self) -> dict[int, float] | None:
         """With ``prefetch="auto"``: the measured seconds of a forward at each depth tried
-        for real so far (after the prediction, from the predicted depth deeper, one forward
-        each, until one is 10% slower than the fastest); else None."""
+        for real so far, the fastest of its measurements (after the prediction, from the
+        predicted depth deeper, one forward each, until one is 10% slower than the
+        fastest; then the two fastest once more); else None."""
         tuner = self._runner.tuner
         return None if tuner is None else dict(tuner.measured)
 

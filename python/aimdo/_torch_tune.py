@@ -4,8 +4,10 @@ CANDIDATES is predicted on a simulator of this machine with those compute times 
 one counts as faster only if MARGIN faster: it holds more staging). Then the depths are
 tried for real, from the one predicted fastest deeper, one forward each (after
 one that lets the new depth settle), until one is much slower than the fastest measured
-(GIVE_UP) or none is left; the fastest stays, and the choice is logged. Needs PyTorch;
-imported by aimdo.torch only."""
+(GIVE_UP) or none is left; then the CONFIRMED fastest are measured once more (a forward
+slowed by something else, once, must not decide), and the fastest of all the
+measurements stays, and the choice is logged. Needs PyTorch; imported by aimdo.torch
+only."""
 
 from __future__ import annotations
 
@@ -33,6 +35,15 @@ MARGIN = 0.01
 #: but end at a depth measured this much slower than the fastest so far (a fraction of a
 #: forward): deeper ones would only take more staging from the resident weights.
 GIVE_UP = 0.1
+#: Once the sweep of the depths ends, this many depths measured fastest are measured once
+#: more (a settling forward first, unless the module runs at it already), and each counts
+#: with the fastest of its measurements: a forward is only ever slowed by what else the
+#: machine did meanwhile (a page cache written back, a read from the disk, another
+#: process), so one slowed that way would otherwise decide. On an H200, Qwen-Image at
+#: host_limit 8 GiB measured 550.5, 541.6, 489.1 and 598.8 ms at 2, 3, 4 and 6 in one run
+#: and kept 4 (495.8 ms a step), where the runs before and after measured 3 at 432.6-458.6
+#: ms and kept it (426.2-459.3 ms a step; benchmarks/RESULTS.md, eleventh session).
+CONFIRMED = 2
 #: Forwards of the trials not compared (unlike the one measured before, or disturbed: the
 #: module's watermark moved while it ran or since the last forward of the trials, or it
 #: was paused and resumed); after this many, the trials end with the depth measured
@@ -99,7 +110,11 @@ class PrefetchTuner:
         self.device = device
         self.staging_option = staging_bytes  # the user's cap on staging, or None (auto)
         self.predicted = None  # {prefetch: predicted seconds of a forward}, once predicted
-        self.measured = {}  # {prefetch: measured seconds of a forward}, as tried
+        self.measured = {}  # {prefetch: the fastest measured seconds of a forward}
+        self.trials = []  # (prefetch, measured seconds), in the order measured
+        # The depths still to measure again once the sweep ended (CONFIRMED), or None
+        # while it goes on.
+        self.confirming = None
         self.trying = None  # the depth on trial
         self.settling = False  # the next forward runs at the depth on trial, not measured
         self.like = None  # signature() of the first forward measured
@@ -220,12 +235,29 @@ class PrefetchTuner:
             self._not_compared(schedule)
             return
         self.like = like  # the next is compared with this one: a decode's mask grows
-        self.measured[self.trying] = seconds
-        deeper = [p for p in CANDIDATES if p > self.trying]
-        if deeper and seconds <= min(self.measured.values()) * (1 + GIVE_UP):
-            self._try(schedule, deeper[0])
+        self.trials.append((self.trying, seconds))
+        self.measured[self.trying] = min(seconds, self.measured.get(self.trying, seconds))
+        if self.confirming is None:
+            deeper = [p for p in CANDIDATES if p > self.trying]
+            if deeper and seconds <= min(self.measured.values()) * (1 + GIVE_UP):
+                self._try(schedule, deeper[0])
+                return
+            self.confirming = self._to_confirm(schedule.prefetch)
+        if self.confirming:
+            self._try(schedule, self.confirming.pop(0))
         else:
             self._finish(schedule, None)
+
+    def _to_confirm(self, now: int) -> list:
+        """The depths to measure again once the sweep ended: the CONFIRMED measured fastest
+        (the shallower first among equals) that were measured once, none when only one
+        depth was; the one the module runs at (`now`) first, as it needs no settling
+        forward, else the fastest last."""
+        if len(self.measured) < 2:  # no choice to confirm
+            return []
+        ranked = sorted(self.measured, key=lambda p: (self.measured[p], p))[:CONFIRMED]
+        once = [p for p in ranked if sum(1 for q, _ in self.trials if q == p) < 2]
+        return sorted(once[::-1], key=lambda p: p != now)
 
     def _moved(self, schedule: Schedule) -> bool:
         """Whether the module's watermark or disturbed()'s count changed since this was
@@ -316,11 +348,19 @@ class PrefetchTuner:
             self.device,
             chosen,
             self.measured[chosen] * 1000,
-            ", ".join(f"{p}: {s * 1000:.1f} ms" for p, s in self.measured.items()),
+            self._tried(),
             f"; {why}" if why else "",
         )
         if self.grow is not None and chosen < max(self.measured):
             self.grow()  # the deeper depths' staging took residency: let it grow back
+
+    def _tried(self) -> str:
+        """The measurements of each depth tried, for the log: "2: 441.5 ms, 3: 432.6 and
+        440.1 ms", in the order first measured."""
+        each: dict = {}
+        for prefetch, seconds in self.trials:
+            each.setdefault(prefetch, []).append(f"{seconds * 1000:.1f}")
+        return ", ".join(f"{p}: {' and '.join(times)} ms" for p, times in each.items())
 
     def staging_for(self, schedule: Schedule, prefetch: int) -> int:
         if self.staging_option is not None:
@@ -368,7 +408,7 @@ class PrefetchTuner:
         _log.info(
             "aimdo: offload on device %s predicts prefetch %d fastest, %.1f ms a forward "
             "(%s), from the compute of its blocks timed in one forward (%.1f ms); it tries "
-            "it and deeper depths for real, one forward each",
+            "it and deeper depths for real, one forward each, then the fastest of them again",
             self.device,
             chosen,
             predicted[chosen] * 1000,

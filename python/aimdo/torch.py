@@ -149,17 +149,18 @@ def offload(
     trials found), as such a block is read only once its copy is queued.
     ``prefetch="auto"`` starts at 2, times the compute of each block in the first forward
     whose order is known, predicts a forward at each depth from 1 to 8 on a simulator of
-    this machine (its host link measured on CUDA), then tries the predicted depth and
-    deeper ones for real, one measured forward each (the device synchronized around it),
-    until one is 10% slower than the fastest so far, and keeps the fastest (a deeper one
-    only if 1% faster), logging the choice (logger ``aimdo``, INFO; ``Offload.prefetch``,
-    ``prefetch_predictions``, ``prefetch_measured`` and ``prefetch_choosing`` tell). When
-    it keeps a shallower depth than one it tried, it empties PyTorch's CUDA cache
-    (``torch.cuda.empty_cache``, the whole device's) so that the residency the deeper
-    staging took grows back. While every block fits (the forward timed takes none
-    through staging), no depth is tried, until a forward offloads one. Two forwards of
-    the trials failing one after another (a depth whose staging cannot be had) end them
-    at the depth measured fastest, or 2.
+    this machine (its host link measured on CUDA), then tries the predicted depth and deeper
+    ones for real, one measured forward each (the device synchronized around it), until one
+    is 10% slower than the fastest so far, measures the two fastest once more (a forward
+    slowed once by something else must not decide), and keeps the fastest of all the
+    measurements (a deeper one only if 1% faster), logging the choice (logger ``aimdo``,
+    INFO; ``Offload.prefetch``, ``prefetch_predictions``, ``prefetch_measured`` and
+    ``prefetch_choosing`` tell). When it keeps a shallower depth than one it tried, it
+    empties PyTorch's CUDA cache (``torch.cuda.empty_cache``, the whole device's) so that
+    the residency the deeper staging took grows back. While every block fits (the forward
+    timed takes none through staging), no depth is tried, until a forward offloads one. Two
+    forwards of the trials failing one after another (a depth whose staging cannot be had)
+    end them at the depth measured fastest, or 2.
     ``staging_bytes`` (bytes or a size string) caps the staging buffers together; by
     default, enough for ``prefetch + 1`` buffers of the largest block, within 256 MiB or
     1/24 of the device's budget, whichever is more (``auto_staging_bytes``).
