@@ -56,7 +56,8 @@ def test_auto_prefetch_tries_the_fastest_predicted_depth_first(make_manager, cap
         assert offloaded.prefetch_measured == {}
         logged = [r.getMessage() for r in caplog.records if "predicts prefetch" in r.getMessage()]
         assert len(logged) == 1 and f"predicts prefetch {offloaded.prefetch} fastest" in logged[0]
-        for _ in range(2 * len(tune.CANDIDATES) + 2):  # every trial, then on at the choice
+        # Every trial (a settling forward and a measured one), the fastest again, then on.
+        for _ in range(2 * len(tune.CANDIDATES) + 2 * tune.CONFIRMED + 2):
             assert torch.equal(model(x.to(where(0))), expected)
         assert offloaded.prefetch_predictions is predicted
         measured = offloaded.prefetch_measured
@@ -670,7 +671,8 @@ def test_forwards_timed_from_outside_still_let_the_depth_be_chosen(make_manager,
         assert sorted(offloaded.prefetch_predictions) == list(tune.CANDIDATES)
         ends = [mark for mark in timed_marks[0] if mark[0] == "end"]
         assert len(ends) == 1 and ends[0][2] is end  # taken before the prediction ran
-        for _ in range(2 * len(tune.CANDIDATES) + 2):  # every trial, each timed too
+        # Every trial, the fastest again, each timed too.
+        for _ in range(2 * len(tune.CANDIDATES) + 2 * tune.CONFIRMED + 2):
             out, uses = offloaded.timed(lambda: model(x.to(where(0))))
             assert torch.equal(out, expected) and len(uses) == layers
         assert not offloaded.prefetch_choosing and offloaded.prefetch_measured
