@@ -41,8 +41,8 @@ GIVE_UP = 0.1
 #: machine did meanwhile (a page cache written back, a read from the disk, another
 #: process), so one slowed that way would otherwise decide. On an H200, Qwen-Image at
 #: host_limit 8 GiB measured 550.5, 541.6, 489.1 and 598.8 ms at 2, 3, 4 and 6 in one run
-#: and kept 4 (495.8 ms a step), where the runs before and after measured 3 at 432.6-458.6
-#: ms and kept it (426.2-459.3 ms a step; benchmarks/RESULTS.md, eleventh session).
+#: and kept 4 (495.8 ms a step), where four other runs that day measured 3 at 432.6-463.3
+#: ms and kept it (426.2-462.1 ms a step; benchmarks/RESULTS.md, eleventh session).
 CONFIRMED = 2
 #: Forwards of the trials not compared (unlike the one measured before, or disturbed: the
 #: module's watermark moved while it ran or since the last forward of the trials, or it
