@@ -33,6 +33,10 @@ each run.
 ``--trace DIR`` profiles one more step of each aimdo run (torch.profiler, after the timed
 steps; benchmarks/_trace.py), its trace saved in DIR and its summary (the compute and copy
 streams' busy and idle time, the largest gaps) in the results.
+``--repeat N`` runs each of them N times, one after another (named ``NAME#2`` on), and
+prints each limit's median step of its runs and their spread, against the median of
+``none``'s: one run of the synthetic model at 8 GiB measured 291.4 to 320.7 ms on two
+machines (benchmarks/RESULTS.md, eleventh session).
 ``--prefetch 2,4,auto`` runs every aimdo limit once per prefetch depth (offload's
 ``prefetch``; default: the library's own), named ``LIMIT@RING/pN``; with ``auto``, the
 steps the offload takes to choose run untimed, after the first.
@@ -44,6 +48,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -441,6 +446,20 @@ def child(args) -> dict:
     return result
 
 
+def repeated(runs: dict) -> dict:
+    """Each run name's steps over its repeats (NAME, NAME#2, ...): {name: {"steps": their
+    median steps, "median": the median of them, "of_none": that against none's}}."""
+    steps: dict = {}
+    for name, run in runs.items():
+        if "median_step_seconds" in run:
+            steps.setdefault(name.split("#")[0], []).append(run["median_step_seconds"])
+    out = {name: {"steps": each, "median": statistics.median(each)} for name, each in steps.items()}
+    if "none" in out:
+        for each in out.values():
+            each["of_none"] = each["median"] / out["none"]["median"]
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(NO_SPLIT), default="synthetic")
@@ -462,6 +481,7 @@ def main() -> int:
         default=None,
         help="seconds: sys.setswitchinterval in each run (how long a thread waits for the GIL)",
     )
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each, one after another")
     parser.add_argument("--prefetch", default="", help="N,...: prefetch depths to compare")
     parser.add_argument("--prefetch-depth", default="", help=argparse.SUPPRESS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -473,6 +493,8 @@ def main() -> int:
         "--log", default="warning", help="aimdo's log level shown (info: its choices)"
     )
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat: at least 1")
     show_log(args.log)
     if args.tiny and args.trace:
         parser.error("--trace profiles CUDA: not with --tiny")
@@ -518,15 +540,17 @@ def main() -> int:
     rings = args.rings.split(",") if args.rings else [""]
     depths = [depth_of(n) for n in args.prefetch.split(",")] if args.prefetch else [None]
     runs = [
-        (limit, ring, depth)
+        (limit, ring, depth, turn)
         for limit in args.limits.split(",")
         for ring in (rings if limit != "none" else [""])
         for depth in depths
+        for turn in range(1, args.repeat + 1)
     ]
-    runs += [("accelerate", "", None)] if args.accelerate and not args.tiny else []
-    for limit, ring, depth in runs:
+    runs += [("accelerate", "", None, 1)] if args.accelerate and not args.tiny else []
+    for limit, ring, depth, turn in runs:
         name = f"{limit}@{ring}" if ring else limit
         name += f"/p{depth}" if depth is not None else ""
+        name += f"#{turn}" if turn > 1 else ""
         if limit.endswith("-cold"):
             drop_cache(args.dir)
         command = [sys.executable, *child_arguments(args, limit)]
@@ -639,6 +663,15 @@ def main() -> int:
             )
         if "trace" in run:
             print(f"    trace: {json.dumps(run['trace'])}", flush=True)
+    if args.repeat > 1:
+        result["repeated"] = repeated(result["runs"])
+        for name, each in result["repeated"].items():
+            print(
+                f"  {name}, {len(each['steps'])} runs: median step {each['median'] * 1000:.1f} "
+                f"ms ({', '.join(f'{t * 1000:.1f}' for t in each['steps'])})"
+                + (f", {each['of_none']:.3f}x none's" if "of_none" in each else ""),
+                flush=True,
+            )
     write("from_files", result, args.out, keep=not args.tiny)
     return 0 if all(r.get("identical", False) for r in result["runs"].values()) else 1
 
