@@ -441,9 +441,28 @@ def child(args) -> dict:
             [b["name"], b["nbytes"], b["source"], b["stall_seconds"], b["compute_seconds"]]
             for b in ranked
         ]
+        # The tiers in the order the copies ran (H host, F file, P peer), and the blocks
+        # read from the files by the source of the copy before theirs: a block read right
+        # after another has only that one's copy to hide its reads behind.
+        result["copy_sources"], result["file_copies_after"] = copy_order(timed["blocks"])
         handle.undo()
         manager.close()
     return result
+
+
+def copy_order(blocks: list) -> tuple[str, dict]:
+    """From a timed forward's blocks (as_dict, in the order of their first use): the
+    sources of its copies in that order (H host, F file, P peer), and {the source of the
+    copy before: [the blocks read from the files after such a copy, their stall
+    seconds]} ("none" for the first copy)."""
+    copied = [b for b in blocks if b["source"] is not None]
+    after: dict = {}
+    for before, b in zip([None, *copied], copied, strict=False):  # each, the one before
+        if b["source"] == "file":
+            entry = after.setdefault(before["source"] if before else "none", [0, 0.0])
+            entry[0] += 1
+            entry[1] += b["stall_seconds"]
+    return "".join(b["source"][0].upper() for b in copied), after
 
 
 def repeated(runs: dict) -> dict:
@@ -659,6 +678,16 @@ def main() -> int:
                     f"{c * 1000:.1f} ms compute"
                     for n, b, src, st, c in run["most_stalled"]
                 ),
+                flush=True,
+            )
+        if run.get("file_copies_after"):
+            print(
+                "    copies from the files, by the copy before: "
+                + ", ".join(
+                    f"after {k}: {n} ({st * 1000:.1f} ms stalled)"
+                    for k, (n, st) in run["file_copies_after"].items()
+                )
+                + f" (of {len(run['copy_sources'])} copies)",
                 flush=True,
             )
         if "trace" in run:
