@@ -33,6 +33,10 @@ each run.
 ``--trace DIR`` profiles one more step of each aimdo run (torch.profiler, after the timed
 steps; benchmarks/_trace.py), its trace saved in DIR and its summary (the compute and copy
 streams' busy and idle time, the largest gaps) in the results.
+After its timed steps each aimdo run times one more step block by block: its stall by
+the source of the stalled block's copy, the blocks it stalled on most, the tiers in the
+order its copies ran (``copy_sources``) and the stall of the blocks read from the files
+by the source of the copy before theirs (``file_copies_after``).
 ``--repeat N`` runs each of them N times, one after another (named ``NAME#2`` on), and
 prints each limit's median step of its runs and their spread, against the median of
 ``none``'s: one run of the synthetic model at 8 GiB measured 291.4 to 320.7 ms on two
