@@ -188,8 +188,8 @@ def test_a_deeper_depth_within_the_margin_of_a_shallower_leaves_the_shallower(
         measured = script_clock(offloaded, {3: 1.0, 4: faster, 6: 1.0, 8: 1.0})
         for _ in range(14):
             model(x.to(where(0)))
-        # The sweep, then the two fastest again: 3 (the shallowest of those at 1.0), 4.
-        assert measured == [3, 4, 6, 8, 3, 4]
+        # The sweep, then again the fastest of the others (4), and 3, kept by then.
+        assert measured == [3, 4, 6, 8, 4, 3]
         assert offloaded.prefetch == 3 and not offloaded.prefetch_choosing
 
 
@@ -555,6 +555,49 @@ def test_trials_failing_one_after_another_end_at_the_depth_measured_fastest(
         fail["now"] = False
         assert torch.equal(model(x.to(where(0))), expected)
     handle.remove()
+
+
+def test_failures_measuring_again_end_the_trials_and_let_the_deeper_staging_go(
+    make_manager, monkeypatch
+):
+    scripted(monkeypatch, chosen=2)
+    model, x, expected, manager = six_blocks(make_manager)
+    fail, handle = failing(model[3])
+    with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
+        measured = script_clock(offloaded, {2: 1.0, 3: 0.875, 4: 0.75, 6: 2.0})
+        tuner = offloaded._runner.tuner
+        grown, grow = [], tuner.grow
+        tuner.grow = lambda: (grown.append(offloaded.prefetch), grow())
+        for _ in range(9):  # learn; predict; the sweep 2, 3, 4, 6 (much slower: it ends)
+            model(x.to(where(0)))
+        assert measured == [2, 3, 4, 6] and offloaded.prefetch == 3  # 3 to measure again
+        fail["now"] = True
+        for _ in range(tune.FAILED_LIMIT):
+            with pytest.raises(RuntimeError, match="injected"):
+                model(x.to(where(0)))
+        # Back at the fastest, 4; 6 was tried, deeper than both: its staging goes back.
+        assert not offloaded.prefetch_choosing and offloaded.prefetch == 4
+        assert grown == [4]
+        fail["now"] = False
+        assert torch.equal(model(x.to(where(0))), expected)
+    handle.remove()
+
+
+def test_a_disturbance_while_measuring_again_settles_first(make_manager, monkeypatch):
+    scripted(monkeypatch, chosen=2)
+    model, x, expected, manager = six_blocks(make_manager)
+    with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
+        measured = script_clock(offloaded, {2: 1.0, 3: 0.875, 4: 0.75, 6: 2.0})
+        for _ in range(10):  # learn; predict; the sweep 2, 3, 4, 6; 3 settles
+            model(x.to(where(0)))
+        assert measured == [2, 3, 4, 6] and offloaded.prefetch == 3
+        offloaded._runner.tuner.disturbed()  # its memory changed (a resume, a budget grown)
+        model(x.to(where(0)))  # not measured: settles again
+        assert measured == [2, 3, 4, 6] and offloaded.prefetch_choosing
+        for _ in range(4):  # 3 measured; 4 settles, measured: 4 stays
+            assert torch.equal(model(x.to(where(0))), expected)
+        assert measured == [2, 3, 4, 6, 3, 4]
+        assert offloaded.prefetch == 4 and not offloaded.prefetch_choosing
 
 
 def test_a_staging_cap_given_keeps_the_default_depth(make_manager):

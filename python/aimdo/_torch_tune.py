@@ -2,12 +2,12 @@
 §7): its first forward with the order known is timed block by block, and each depth of
 CANDIDATES is predicted on a simulator of this machine with those compute times (a deeper
 one counts as faster only if MARGIN faster: it holds more staging). Then the depths are
-tried for real, from the one predicted fastest deeper, one forward each (after
-one that lets the new depth settle), until one is much slower than the fastest measured
-(GIVE_UP) or none is left; then the CONFIRMED fastest are measured once more (a forward
-slowed by something else, once, must not decide), and the fastest of all the
-measurements stays, and the choice is logged. Needs PyTorch; imported by aimdo.torch
-only."""
+tried for real, from the one predicted fastest deeper, one forward each (after one that
+lets the new depth settle), until one is much slower than the fastest measured (GIVE_UP)
+or none is left; then CONFIRMED of them are measured once more (a forward slowed by
+something else, once, must not decide; not when a single depth was measured), the
+fastest of all the measurements stays, and the choice is logged. Needs PyTorch;
+imported by aimdo.torch only."""
 
 from __future__ import annotations
 
@@ -35,14 +35,18 @@ MARGIN = 0.01
 #: but end at a depth measured this much slower than the fastest so far (a fraction of a
 #: forward): deeper ones would only take more staging from the resident weights.
 GIVE_UP = 0.1
-#: Once the sweep of the depths ends, this many depths measured fastest are measured once
-#: more (a settling forward first, unless the module runs at it already), and each counts
+#: Once the sweep of the depths ends, this many depths are measured once more (the one
+#: kept by then and the fastest of the others; a settling forward first, unless the module
+#: runs at it already, each at the staging the budget gives it then), and each counts
 #: with the fastest of its measurements: a forward is only ever slowed by what else the
 #: machine did meanwhile (a page cache written back, a read from the disk, another
-#: process), so one slowed that way would otherwise decide. On an H200, Qwen-Image at
+#: process), so one slowed that way would otherwise decide. None is measured again when
+#: a single depth was, nor when the trials end on failures or disturbances
+#: (FAILED_LIMIT, NOT_COMPARED_LIMIT). On an H200, Qwen-Image at
 #: host_limit 8 GiB measured 550.5, 541.6, 489.1 and 598.8 ms at 2, 3, 4 and 6 in one run
-#: and kept 4 (495.8 ms a step), where four other runs that day measured 3 at 432.6-463.3
-#: ms and kept it (426.2-462.1 ms a step; benchmarks/RESULTS.md, eleventh session).
+#: and kept 4 (495.8 ms a step), where four other runs at 79dad59 measured 3 at
+#: 432.6-463.3 ms and kept it (426.2-462.1 ms a step; benchmarks/RESULTS.md, eleventh
+#: session).
 CONFIRMED = 2
 #: Forwards of the trials not compared (unlike the one measured before, or disturbed: the
 #: module's watermark moved while it ran or since the last forward of the trials, or it
@@ -249,15 +253,19 @@ class PrefetchTuner:
             self._finish(schedule, None)
 
     def _to_confirm(self, now: int) -> list:
-        """The depths to measure again once the sweep ended: the CONFIRMED measured fastest
-        (the shallower first among equals) that were measured once, none when only one
-        depth was; the one the module runs at (`now`) first, as it needs no settling
-        forward, else the fastest last."""
+        """The depths to measure again once the sweep ended (each was measured once): the
+        one _fastest() keeps now and the fastest of the others (CONFIRMED in all; the
+        shallower first among equals), none when only one depth was measured; the one
+        the module runs at (`now`) first, as it needs no settling forward, else the one
+        kept now last."""
         if len(self.measured) < 2:  # no choice to confirm
             return []
-        ranked = sorted(self.measured, key=lambda p: (self.measured[p], p))[:CONFIRMED]
-        once = [p for p in ranked if sum(1 for q, _ in self.trials if q == p) < 2]
-        return sorted(once[::-1], key=lambda p: p != now)
+        kept = self._fastest()
+        others = sorted(
+            (p for p in self.measured if p != kept), key=lambda p: (self.measured[p], p)
+        )
+        chosen = [*others[: CONFIRMED - 1][::-1], kept]
+        return sorted(chosen, key=lambda p: p != now)
 
     def _moved(self, schedule: Schedule) -> bool:
         """Whether the module's watermark or disturbed()'s count changed since this was
@@ -298,7 +306,10 @@ class PrefetchTuner:
             self.failures,
             self.trying,
         )
-        if self.grow is not None and self.trying is not None and depth < self.trying:
+        # The deepest depth tried (measured, or failing now): measuring the fastest again
+        # may fail at a shallower one than the sweep reached.
+        tried = [*self.measured, *([self.trying] if self.trying is not None else [])]
+        if self.grow is not None and tried and depth < max(tried):
             self.grow()  # the deeper depth's staging took residency: let it grow back
 
     def _end_at(self, schedule: Schedule, depth: int) -> None:
@@ -408,7 +419,7 @@ class PrefetchTuner:
         _log.info(
             "aimdo: offload on device %s predicts prefetch %d fastest, %.1f ms a forward "
             "(%s), from the compute of its blocks timed in one forward (%.1f ms); it tries "
-            "it and deeper depths for real, one forward each, then the fastest of them again",
+            "it and deeper depths for real, one forward each, then the two fastest again",
             self.device,
             chosen,
             predicted[chosen] * 1000,
