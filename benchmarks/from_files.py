@@ -37,6 +37,8 @@ After its timed steps each aimdo run times one more step block by block: its sta
 the source of the stalled block's copy, the blocks it stalled on most, the tiers in the
 order its copies ran (``copy_sources``) and the stall of the blocks read from the files
 by the source of the copy before theirs (``file_copies_after``).
+``--splits 0,2`` runs every limit that reads the files once per size of the parts a piece
+is read in (MiB; 0: whole; ``_torch_stream.READ_SPLIT_BYTES``), named ``LIMIT/splitS``.
 ``--repeat N`` runs each of them N times, one after another (named ``NAME#2`` on), and
 prints each limit's median step of its runs and their spread, against the median of
 ``none``'s: one run of the synthetic model at 8 GiB measured 291.4 to 320.7 ms on two
@@ -354,6 +356,10 @@ def child(args) -> dict:
             _torch_stream.reader_threads = lambda: readers  # whatever the host's CPUs
             _torch_stream.RING_BUFFERS = more[0] if more else 2 * readers
             _torch_stream.RING_BUFFER_BYTES = mib << 20
+        if args.split:
+            from aimdo import _torch_stream
+
+            _torch_stream.READ_SPLIT_BYTES = int(float(args.split) * 2**20)
         handle = atorch.offload(
             model,
             0,
@@ -505,6 +511,10 @@ def main() -> int:
         help="seconds: sys.setswitchinterval in each run (how long a thread waits for the GIL)",
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs of each, one after another")
+    parser.add_argument(
+        "--splits", default="", help="MiB,...: the parts pieces are read in, to compare (0: whole)"
+    )
+    parser.add_argument("--split", default="", help=argparse.SUPPRESS)
     parser.add_argument("--prefetch", default="", help="N,...: prefetch depths to compare")
     parser.add_argument("--prefetch-depth", default="", help=argparse.SUPPRESS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -562,23 +572,27 @@ def main() -> int:
     )
     rings = args.rings.split(",") if args.rings else [""]
     depths = [depth_of(n) for n in args.prefetch.split(",")] if args.prefetch else [None]
+    splits = args.splits.split(",") if args.splits else [""]
     runs = [
-        (limit, ring, depth, turn)
+        (limit, ring, depth, split, turn)
         for limit in args.limits.split(",")
         for ring in (rings if limit != "none" else [""])
         for depth in depths
+        for split in (splits if limit != "none" else [""])
         for turn in range(1, args.repeat + 1)
     ]
-    runs += [("accelerate", "", None, 1)] if args.accelerate and not args.tiny else []
-    for limit, ring, depth, turn in runs:
+    runs += [("accelerate", "", None, "", 1)] if args.accelerate and not args.tiny else []
+    for limit, ring, depth, split, turn in runs:
         name = f"{limit}@{ring}" if ring else limit
         name += f"/p{depth}" if depth is not None else ""
+        name += f"/split{split}" if split else ""
         name += f"#{turn}" if turn > 1 else ""
         if limit.endswith("-cold"):
             drop_cache(args.dir)
         command = [sys.executable, *child_arguments(args, limit)]
         command += ["--ring", ring] if ring else []
         command += ["--prefetch-depth", str(depth)] if depth is not None else []
+        command += ["--split", split] if split else []
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             print(f"  {name}: failed\n{done.stderr[-3000:]}", flush=True)

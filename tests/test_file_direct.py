@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 
 import pytest
 
@@ -140,6 +141,43 @@ def test_a_truncated_file_read_directly_is_a_checkpoint_error(tmp_path, monkeypa
     with pytest.raises(aimdo.CheckpointError, match="ends inside tensor c"):
         read_into(reader, last, aligned_buffer(last.nbytes), 0, last.nbytes)
     reader.close()
+
+
+@pytest.mark.sim_only  # the device's memory is the host's
+def test_a_split_pump_reads_a_cached_piece_in_parts_and_a_direct_one_whole(tmp_path):
+    path, found = odd_file(tmp_path)
+    tensor = found["c"]  # 12,289 bytes: three whole parts of 4,096 and one of 1
+    sim = aimdo.SimBackend("1x1GiB", real_bytes=True)
+    into = torch.zeros(2 * tensor.nbytes, dtype=torch.uint8)
+    sim.adopt(0, into)
+    ring = [aligned_buffer(tensor.nbytes) for _ in range(2)]
+    fd = os.open(path, os.O_RDONLY)
+    s = stamp(path)
+    # The direct one on a plain descriptor: aligned reads all the same (tmpfs refuses
+    # O_DIRECT itself).
+    pieces = [
+        (fd, direct, tensor.offset, tensor.nbytes, s.size, s.mtime_ns, s.inode, at, 0)
+        for direct, at in ((-1, 0), (fd, tensor.nbytes))
+    ]
+    pump = aimdo._core.FilePump(sim.driver, 0, [(b.data_ptr(), b.numel()) for b in ring], 2, 4096)
+    try:
+        job = pump.queue(pieces, into.data_ptr(), 0, 0, 0, 0, False, into)
+        deadline = time.monotonic() + 10.0  # a hang fails the test
+        while not pump.ended(job):
+            assert time.monotonic() < deadline, "the pump never ended the job"
+            time.sleep(0.001)
+        assert pump.result(job)[0] == "done"
+        assert pump.pieces_read == 2 and pump.reads == 4 + 1
+    finally:
+        pump.close()
+        os.close(fd)
+    want = torch.empty(tensor.nbytes, dtype=torch.uint8)
+    cached = Reader({path: s})
+    try:
+        cached.read(tensor, want, 0)
+    finally:
+        cached.close()
+    assert torch.equal(into[: tensor.nbytes], want) and torch.equal(into[tensor.nbytes :], want)
 
 
 def test_a_direct_ring_has_aligned_buffers_with_room_for_the_alignment(monkeypatch):

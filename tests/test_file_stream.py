@@ -37,12 +37,21 @@ def byte_of(name: str, at: int) -> int:
     return (sum(map(ord, name)) + at // PIECE) % 250 + 1  # never 0
 
 
-@pytest.fixture
-def small_ring(monkeypatch):
-    """A ring of RING buffers of PIECE bytes, read by 2 threads whatever the host's CPUs."""
+#: Bytes of the parts a piece is read in, for the tests run with split reads: not a
+#: divisor of PIECE, so that a piece's last part is shorter.
+PART = 5
+
+
+@pytest.fixture(params=[0, PART], ids=["whole", "parts"])
+def small_ring(monkeypatch, request):
+    """A ring of RING buffers of PIECE bytes, read by 2 threads whatever the host's CPUs;
+    each piece read whole, or in parts of PART bytes (READ_SPLIT_BYTES): every rule of
+    the pipeline holds either way."""
     monkeypatch.setattr(stream, "RING_BUFFERS", RING)
     monkeypatch.setattr(stream, "RING_BUFFER_BYTES", PIECE)
     monkeypatch.setattr(stream, "reader_threads", lambda: 2)
+    monkeypatch.setattr(stream, "READ_SPLIT_BYTES", request.param)
+    return request.param
 
 
 @pytest.fixture
@@ -198,6 +207,46 @@ def test_a_truncated_file_fails_its_own_block_and_the_others_land(small_ring, si
     # b's first piece landed; nothing after it did.
     assert torch.equal(targets[1][:PIECE], expected(blocks[1])[:PIECE])
     assert torch.count_nonzero(targets[1][PIECE:]) == 0
+    s.close()
+
+
+def test_a_piece_read_in_parts_is_copied_once_whole(small_ring, sim, tmp_path):
+    files = Files(tmp_path)
+    blocks = [files.block("a", 3), files.block("b", 2)]
+    targets = targets_of(sim, *blocks)
+    s = new_stream(sim, files)
+    pending = [s.copy_ahead(b, t, None, None, False) for b, t in zip(blocks, targets, strict=True)]
+    assert [settled(p) for p in pending] == [(None, None, None)] * 2
+    for block, target in zip(blocks, targets, strict=True):
+        assert torch.equal(target, expected(block))
+    # One copy a piece, whether it was read whole or in parts (of PART bytes: 4 a piece).
+    assert sim.call_count(COPY, 0) == s.pump.pieces_read == 5
+    assert s.pump.reads == (5 * -(-PIECE // PART) if small_ring else 5)
+    assert s.take_bytes_read() == 5 * PIECE
+    s.close()
+
+
+def test_a_file_ending_inside_a_piece_fails_its_block_and_copies_none_of_that_piece(
+    small_ring, sim, tmp_path
+):
+    files = Files(tmp_path)
+    a, b = files.block("a", 3), files.block("b", 1)
+    path = a.file_runs[0][1].path
+    os.truncate(path, PIECE + PART + 2)  # inside the second piece: its third part is cut
+    files.stamps[path] = stamp(path)
+    into_a, into_b = targets_of(sim, a, b)
+    s = new_stream(sim, files)
+    pending = [
+        s.copy_ahead(a, into_a, None, None, False),
+        s.copy_ahead(b, into_b, None, None, False),
+    ]
+    with pytest.raises(CheckpointError, match="a.safetensors: ends inside tensor a"):
+        settled(pending[0])
+    assert settled(pending[1]) == (None, None, None)
+    assert torch.equal(into_b, expected(b))
+    # The first piece landed; the second, read in part, was not copied, nor the third.
+    assert torch.equal(into_a[:PIECE], expected(a)[:PIECE])
+    assert torch.count_nonzero(into_a[PIECE:]) == 0
     s.close()
 
 
@@ -423,6 +472,8 @@ def test_the_pump_refuses_bad_arguments(sim):
     buffer = torch.zeros(PIECE, dtype=torch.uint8)
     with pytest.raises(ValueError, match="readers"):
         aimdo._core.FilePump(sim.driver, 0, [(buffer.data_ptr(), PIECE)], 0)
+    with pytest.raises(ValueError, match="split must not be negative"):
+        aimdo._core.FilePump(sim.driver, 0, [(buffer.data_ptr(), PIECE)], 1, -1)
     pump = aimdo._core.FilePump(sim.driver, 0, [(buffer.data_ptr(), PIECE)], 1)
     try:
         with pytest.raises(ValueError, match="does not fit a ring buffer"):

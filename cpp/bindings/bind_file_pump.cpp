@@ -68,18 +68,19 @@ class PyFilePump {
 
   PyFilePump(std::shared_ptr<Driver> driver, const IntArg& device,
              const std::vector<std::tuple<std::uint64_t, std::int64_t>>& ring,
-             const IntArg& readers)
+             const IntArg& readers, const IntArg& split)
       : device_(to_device(device)) {
     if (readers.overflow != 0 || readers.value < 1 || readers.value > 1024) {
       throw InvalidArgumentError("readers must be from 1 to 1024");
     }
+    const std::size_t part = to_size(split, "split");
     std::vector<PumpBuffer> buffers;
     for (const auto& [address, capacity] : ring) {
       buffers.push_back({static_cast<std::uintptr_t>(address), to_size(capacity, "capacity")});
     }
     nb::gil_scoped_release released;
     pump_ = std::make_unique<FilePump>(std::move(driver), device_, std::move(buffers),
-                                       static_cast<int>(readers.value));
+                                       static_cast<int>(readers.value), part);
   }
 
   // Dropped with the GIL held: the pump's threads never take it, so closing here is safe.
@@ -250,6 +251,7 @@ class PyFilePump {
 
   std::size_t take_bytes_copied() { return pump_->take_bytes_copied(); }
   std::uint64_t pieces_read() const { return pump_->pieces_read(); }
+  std::uint64_t reads() const { return pump_->reads(); }
 
   // Every job has ended once the pump is closed: nothing writes or records any more.
   void close() {
@@ -299,10 +301,13 @@ void bind_file_pump(nb::module_& m) {
                          "their copies to a device, on threads that never take the GIL "
                          "(aimdo.torch's FileStream).")
       .def(nb::init<std::shared_ptr<Driver>, const IntArg&,
-                    const std::vector<std::tuple<std::uint64_t, std::int64_t>>&, const IntArg&>(),
-           "driver"_a, "device"_a, "ring"_a, "readers"_a,
+                    const std::vector<std::tuple<std::uint64_t, std::int64_t>>&, const IntArg&,
+                    const IntArg&>(),
+           "driver"_a, "device"_a, "ring"_a, "readers"_a, "split"_a = IntArg{0, 0},
            "Copies to `device` through `driver`, reading into the ring's (address, bytes) "
-           "buffers with `readers` threads; the caller keeps the ring alive until close().")
+           "buffers with `readers` threads; the caller keeps the ring alive until close(). "
+           "`split` > 0: a piece read through the page cache larger than that many bytes "
+           "is read as parts of at most that many, by the readers at once.")
       .def("queue", &PyFilePump::queue, "pieces"_a, "base"_a, "stream"_a, "after"_a, "start"_a,
            "done"_a, "timed"_a, "keep"_a = nb::none(),
            "Queue one job: its pieces (fd, direct fd or -1, file offset, bytes, the file's "
@@ -341,6 +346,7 @@ void bind_file_pump(nb::module_& m) {
       .def("take_bytes_copied", &PyFilePump::take_bytes_copied,
            "Bytes whose copies were queued since the last call.")
       .def_prop_ro("pieces_read", &PyFilePump::pieces_read)
+      .def_prop_ro("reads", &PyFilePump::reads)
       .def("close", &PyFilePump::close,
            "End the jobs queued, stop the threads, wait for the copies reading the ring and "
            "destroy its events; then the ring may be given back.")

@@ -65,10 +65,11 @@ std::vector<PumpBuffer> checked_ring(std::vector<PumpBuffer> ring) {
 }  // namespace
 
 FilePump::FilePump(std::shared_ptr<Driver> driver, int device, std::vector<PumpBuffer> ring,
-                   int readers)
+                   int readers, std::size_t split)
     : driver_(std::move(driver)),
       device_(device),
       ring_(checked_ring(std::move(ring))),
+      split_(split),
       reads_(readers),
       creator_(static_cast<long>(::getpid())) {
   if (!driver_) throw InvalidArgumentError("a file pump needs a driver");
@@ -259,6 +260,11 @@ std::uint64_t FilePump::pieces_read() const {
   return pieces_read_;
 }
 
+std::uint64_t FilePump::reads() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return reads_handed_;
+}
+
 bool FilePump::closed() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return closing_;
@@ -434,17 +440,49 @@ void FilePump::hand_out(std::deque<Active*>& active) {
     request.into = ring_[buffer].address;
     request.capacity = ring_[buffer].capacity;
     if (request.direct_fd >= 0 && refused_.count(request.direct_fd) != 0) request.direct_fd = -1;
-    reading_.push_back({job, piece, buffer, 0});  // room first: a read queued is tracked
+    reading_.push_back({job, piece, buffer, {}});  // room first: a read queued is tracked
+    ++job->reads;
+    std::vector<std::uint64_t>& tickets = reading_.back().tickets;
     try {
-      reading_.back().ticket = reads_.submit(request);
+      const std::size_t part =
+          split_ > 0 && request.direct_fd < 0 ? std::min(split_, request.count) : request.count;
+      tickets.reserve((request.count + part - 1) / part);
+      for (std::size_t at = 0; at < request.count; at += part) {
+        ReadRequest each = request;
+        each.offset += static_cast<std::int64_t>(at);
+        each.count = std::min(part, request.count - at);
+        each.into += at;
+        each.capacity -= at;
+        tickets.push_back(reads_.submit(each));
+      }
     } catch (...) {
-      reading_.pop_back();
+      if (tickets.empty()) {  // else its parts queued are waited for as every read is
+        --job->reads;
+        reading_.pop_back();
+      }
       throw;
     }
-    ++job->reads;
     std::lock_guard<std::mutex> lock(mutex_);
     ++pieces_read_;
+    reads_handed_ += tickets.size();
   }
+}
+
+bool FilePump::wait_front() {
+  for (const std::uint64_t ticket : reading_.front().tickets) {
+    if (!reads_.wait(ticket)) return false;  // a part read already returns at once after
+  }
+  return true;
+}
+
+ReadResult FilePump::take_front() {
+  const std::vector<std::uint64_t>& tickets = reading_.front().tickets;
+  ReadResult whole = reads_.take(tickets.front());  // a piece read whole: its lead
+  for (std::size_t part = 1; part < tickets.size(); ++part) {
+    const ReadResult result = reads_.take(tickets[part]);  // parts: cached, no lead
+    if (whole.status == ReadStatus::kDone && result.status != ReadStatus::kDone) whole = result;
+  }
+  return whole;
 }
 
 void FilePump::wait_for_attach(const Active& job) {
@@ -485,7 +523,7 @@ void FilePump::run() {
       }
       hand_out(active);
       if (!reading_.empty()) {
-        if (!reads_.wait(reading_.front().ticket)) continue;  // poked: a job was queued
+        if (!wait_front()) continue;  // poked: a job was queued
         if (waits_for_attach(*reading_.front().job)) {
           // Read ahead: its piece stays in its buffer until the job is attached (or
           // cancelled); a job queued meanwhile is taken, to be read into the ring's rest.
@@ -495,11 +533,11 @@ void FilePump::run() {
           wait_for_attach(*reading_.front().job);
           continue;
         }
-        const Reading read = reading_.front();
+        const ReadResult result = take_front();
+        const Reading read = std::move(reading_.front());
         reading_.pop_front();
         Active& job = *read.job;
         --job.reads;
-        const ReadResult result = reads_.take(read.ticket);
         if (result.direct_refused) {
           const int fd = job.job.pieces[read.piece].read.direct_fd;
           refused_.insert(fd);
@@ -520,11 +558,13 @@ void FilePump::run() {
       // Not a read's failure nor the driver's (those fail their job): memory, or a broken
       // invariant. Every job taken fails, once no reader writes into the ring any more.
       for (const Reading& read : reading_) {
-        try {
-          while (!reads_.wait(read.ticket)) {
+        for (const std::uint64_t ticket : read.tickets) {
+          try {
+            while (!reads_.wait(ticket)) {
+            }
+            reads_.take(ticket);
+          } catch (const std::exception&) {  // NOLINT(bugprone-empty-catch): ended already
           }
-          reads_.take(read.ticket);
-        } catch (const std::exception&) {  // NOLINT(bugprone-empty-catch): ended already
         }
         --read.job->reads;
       }

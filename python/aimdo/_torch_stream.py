@@ -39,6 +39,12 @@ RING_BUFFERS = 2 * READERS
 RING_BUFFER_BYTES = 16 << 20
 #: Cores left to the rest of the process (the forward's thread, the pump, PyTorch's own).
 SPARE_CPUS = 4
+#: Parts a piece read through the page cache is read in, each by whichever reader is free,
+#: so that the readers work on the first pieces of the ring together (FilePump's `split`);
+#: 0: each piece whole, by one reader. A reader copies a few GB/s from the page cache, so
+#: one 16 MiB piece takes it about 4-5 ms, and the twelve pieces being read at once take
+#: half the ring: the read-ahead holds the rest. Not measured on a GPU yet: off.
+READ_SPLIT_BYTES = 0
 #: Bytes of the blocks foreseen read ahead of their copies (FileStream.read_ahead_bytes:
 #: None, the ring's bytes; 0, none; "auto", READ_AHEAD_SHARE of the ring's bytes while the
 #: offload's prefetch window (FileStream.window) is at most READ_AHEAD_WINDOW copies, else
@@ -222,7 +228,9 @@ class FileStream:
                         tensor = whole[start : start + self.buffer_bytes + 2 * DIRECT_ALIGN]
                     made.append(_Buffer(whole, tensor, unpin))
                 ring = [(buffer.tensor.data_ptr(), buffer.tensor.numel()) for buffer in made]
-                self._held.pump = _core.FilePump(self.driver, self.device, ring, reader_threads())
+                self._held.pump = _core.FilePump(
+                    self.driver, self.device, ring, reader_threads(), READ_SPLIT_BYTES
+                )
             except BaseException:
                 for buffer in made:
                     if buffer.unpin is not None:

@@ -12,7 +12,8 @@
 //
 // Ordering, as on the stream before it (tests/test_file_stream.py states each rule):
 // - pieces are read and copied in the order queued, job after job; at most as many
-//   pieces are read at once as the ring has buffers;
+//   pieces are read at once as the ring has buffers (a piece split in parts counts once:
+//   its copy is queued once every part is read, and a part that fails fails its job);
 // - a job's first copy waits (on its stream) for its `after` event; its `done` event is
 //   recorded after its last copy (after `after`, when it copies nothing);
 // - a read that fails fails its own job, once that job's reads have ended; its pieces not
@@ -96,9 +97,16 @@ struct PumpResult {
 class FilePump {
  public:
   // Copies to `device` through `driver`, reading into `ring` with `readers` threads.
+  // With `split` > 0, a piece read through the page cache that is larger than `split`
+  // bytes is read as parts of at most that many, each by whichever reader is free (its
+  // copy still one, once every part is read): the readers then work on the first pieces
+  // of the ring together, and a piece is ready in about the time of one part, where one
+  // reader alone takes the whole piece's (a reader copies a few GB/s from the page
+  // cache). O_DIRECT reads are never split.
   // InvalidArgumentError for an empty ring, a buffer without memory, or readers < 1;
   // DriverError when the ring's events cannot be made (none is left made).
-  FilePump(std::shared_ptr<Driver> driver, int device, std::vector<PumpBuffer> ring, int readers);
+  FilePump(std::shared_ptr<Driver> driver, int device, std::vector<PumpBuffer> ring, int readers,
+           std::size_t split = 0);
   ~FilePump();
   FilePump(const FilePump&) = delete;
   FilePump& operator=(const FilePump&) = delete;
@@ -135,6 +143,8 @@ class FilePump {
   std::size_t take_bytes_copied();
   // Pieces handed to the readers so far (for tests: the ring bounds them).
   std::uint64_t pieces_read() const;
+  // Reads handed to the readers so far: one a piece, or one a part of a piece split.
+  std::uint64_t reads() const;
   // End the jobs queued, stop the threads, wait until the copies that read the ring are
   // done and destroy its events: then the caller may give the ring back. Idempotent.
   // DriverError for the first of those driver calls that failed (the others are made).
@@ -161,6 +171,7 @@ class FilePump {
   std::shared_ptr<Driver> driver_;
   const int device_;
   const std::vector<PumpBuffer> ring_;
+  const std::size_t split_;  // the largest part of a cached piece read alone (0: whole)
   FileReads reads_;
 
   // The queuer's own (touched by the queuer thread only, and by close() once it ended).
@@ -172,8 +183,12 @@ class FilePump {
     Active* job;
     std::size_t piece;
     std::size_t buffer;
-    std::uint64_t ticket;
+    std::vector<std::uint64_t> tickets;  // the reads of its parts, in order (one: whole)
   };
+  // Whether every part of the first piece being read is read (false: poked meanwhile).
+  bool wait_front();
+  // The first piece's parts' results taken, as one: the first that failed, else done.
+  ReadResult take_front();
   std::deque<Reading> reading_;
   std::set<int> refused_;  // O_DIRECT descriptors refused: read through the cache since
 
@@ -189,6 +204,7 @@ class FilePump {
   std::size_t unended_ = 0;  // jobs queued and not ended
   std::size_t bytes_copied_ = 0;
   std::uint64_t pieces_read_ = 0;
+  std::uint64_t reads_handed_ = 0;
   bool closing_ = false;
   bool closed_ = false;
   std::thread queuer_;
