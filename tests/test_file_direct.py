@@ -146,7 +146,7 @@ def test_a_truncated_file_read_directly_is_a_checkpoint_error(tmp_path, monkeypa
 @pytest.mark.sim_only  # the device's memory is the host's
 def test_a_split_pump_reads_a_cached_piece_in_parts_and_a_direct_one_whole(tmp_path):
     path, found = odd_file(tmp_path)
-    tensor = found["c"]  # 12,289 bytes: three whole parts of 4,096 and one of 1
+    tensor = found["c"]  # 12,289 bytes, four readers: three parts of 4,096 and one of 1
     sim = aimdo.SimBackend("1x1GiB", real_bytes=True)
     into = torch.zeros(2 * tensor.nbytes, dtype=torch.uint8)
     sim.adopt(0, into)
@@ -159,7 +159,7 @@ def test_a_split_pump_reads_a_cached_piece_in_parts_and_a_direct_one_whole(tmp_p
         (fd, direct, tensor.offset, tensor.nbytes, s.size, s.mtime_ns, s.inode, at, 0)
         for direct, at in ((-1, 0), (fd, tensor.nbytes))
     ]
-    pump = aimdo._core.FilePump(sim.driver, 0, [(b.data_ptr(), b.numel()) for b in ring], 2, 4096)
+    pump = aimdo._core.FilePump(sim.driver, 0, [(b.data_ptr(), b.numel()) for b in ring], 4, 4096)
     try:
         job = pump.queue(pieces, into.data_ptr(), 0, 0, 0, 0, False, into)
         deadline = time.monotonic() + 10.0  # a hang fails the test

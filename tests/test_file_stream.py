@@ -37,19 +37,21 @@ def byte_of(name: str, at: int) -> int:
     return (sum(map(ord, name)) + at // PIECE) % 250 + 1  # never 0
 
 
-#: Bytes of the parts a piece is read in, for the tests run with split reads: not a
-#: divisor of PIECE, so that a piece's last part is shorter.
+#: Bytes of the parts a piece is read in, for the tests run with split reads, and the
+#: readers of the small ring: 3 parts of 6, 6 and 4 bytes a piece (PART bytes each would
+#: be 4 parts, more than the readers).
 PART = 5
+READERS = 3
 
 
 @pytest.fixture(params=[0, PART], ids=["whole", "parts"])
 def small_ring(monkeypatch, request):
-    """A ring of RING buffers of PIECE bytes, read by 2 threads whatever the host's CPUs;
-    each piece read whole, or in parts of PART bytes (READ_SPLIT_BYTES): every rule of
-    the pipeline holds either way."""
+    """A ring of RING buffers of PIECE bytes, read by READERS threads whatever the host's
+    CPUs; each piece read whole, or in parts (READ_SPLIT_BYTES of PART): every rule of the
+    pipeline holds either way."""
     monkeypatch.setattr(stream, "RING_BUFFERS", RING)
     monkeypatch.setattr(stream, "RING_BUFFER_BYTES", PIECE)
-    monkeypatch.setattr(stream, "reader_threads", lambda: 2)
+    monkeypatch.setattr(stream, "reader_threads", lambda: READERS)
     monkeypatch.setattr(stream, "READ_SPLIT_BYTES", request.param)
     return request.param
 
@@ -219,9 +221,9 @@ def test_a_piece_read_in_parts_is_copied_once_whole(small_ring, sim, tmp_path):
     assert [settled(p) for p in pending] == [(None, None, None)] * 2
     for block, target in zip(blocks, targets, strict=True):
         assert torch.equal(target, expected(block))
-    # One copy a piece, whether it was read whole or in parts (of PART bytes: 4 a piece).
+    # One copy a piece, whether it was read whole or in parts (3 a piece: see PART).
     assert sim.call_count(COPY, 0) == s.pump.pieces_read == 5
-    assert s.pump.reads == (5 * -(-PIECE // PART) if small_ring else 5)
+    assert s.pump.reads == (5 * READERS if small_ring else 5)
     assert s.take_bytes_read() == 5 * PIECE
     s.close()
 
@@ -232,7 +234,7 @@ def test_a_file_ending_inside_a_piece_fails_its_block_and_copies_none_of_that_pi
     files = Files(tmp_path)
     a, b = files.block("a", 3), files.block("b", 1)
     path = a.file_runs[0][1].path
-    os.truncate(path, PIECE + PART + 2)  # inside the second piece: its third part is cut
+    os.truncate(path, PIECE + 8)  # inside the second piece: its second part (6-11) is cut
     files.stamps[path] = stamp(path)
     into_a, into_b = targets_of(sim, a, b)
     s = new_stream(sim, files)
@@ -882,7 +884,8 @@ def test_the_pump_drops_held_jobs_on_drain_and_reads_no_more_of_one_cancelled(
     files = Files(tmp_path)
     a = files.block("a", 3)
     ring = [torch.zeros(PIECE, dtype=torch.uint8)]  # one buffer: one piece read at a time
-    pump = aimdo._core.FilePump(sim.driver, 0, [(r.data_ptr(), PIECE) for r in ring], 1)
+    ring_arguments = [(r.data_ptr(), PIECE) for r in ring]
+    pump = aimdo._core.FilePump(sim.driver, 0, ring_arguments, READERS, small_ring)
     s = new_stream(sim, files)
     try:
         pieces, _ = s._pieces_of(a)

@@ -307,7 +307,8 @@ void bind_file_pump(nb::module_& m) {
            "Copies to `device` through `driver`, reading into the ring's (address, bytes) "
            "buffers with `readers` threads; the caller keeps the ring alive until close(). "
            "`split` > 0: a piece read through the page cache larger than that many bytes "
-           "is read as parts of at most that many, by the readers at once.")
+           "is read in parts of that many (in no more parts than `readers`), by the readers "
+           "at once.")
       .def("queue", &PyFilePump::queue, "pieces"_a, "base"_a, "stream"_a, "after"_a, "start"_a,
            "done"_a, "timed"_a, "keep"_a = nb::none(),
            "Queue one job: its pieces (fd, direct fd or -1, file offset, bytes, the file's "
@@ -346,7 +347,9 @@ void bind_file_pump(nb::module_& m) {
       .def("take_bytes_copied", &PyFilePump::take_bytes_copied,
            "Bytes whose copies were queued since the last call.")
       .def_prop_ro("pieces_read", &PyFilePump::pieces_read)
-      .def_prop_ro("reads", &PyFilePump::reads)
+      .def_prop_ro("reads", &PyFilePump::reads,
+                   "Reads handed to the readers so far: one a piece, or one a part of a piece "
+                   "read in parts (`split`).")
       .def("close", &PyFilePump::close,
            "End the jobs queued, stop the threads, wait for the copies reading the ring and "
            "destroy its events; then the ring may be given back.")

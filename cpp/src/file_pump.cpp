@@ -70,6 +70,7 @@ FilePump::FilePump(std::shared_ptr<Driver> driver, int device, std::vector<PumpB
       device_(device),
       ring_(checked_ring(std::move(ring))),
       split_(split),
+      readers_(static_cast<std::size_t>(std::max(readers, 1))),
       reads_(readers),
       creator_(static_cast<long>(::getpid())) {
   if (!driver_) throw InvalidArgumentError("a file pump needs a driver");
@@ -444,8 +445,14 @@ void FilePump::hand_out(std::deque<Active*>& active) {
     ++job->reads;
     std::vector<std::uint64_t>& tickets = reading_.back().tickets;
     try {
-      const std::size_t part =
-          split_ > 0 && request.direct_fd < 0 ? std::min(split_, request.count) : request.count;
+      std::size_t part = request.count;
+      if (split_ > 0 && request.direct_fd < 0) {
+        // No more parts than readers: more could not be read at once, and each costs a
+        // stamp check and a wake-up of its own.
+        const std::size_t fewest = (request.count + readers_ - 1) / readers_;
+        part = std::min(request.count, std::max(split_, fewest));
+      }
+      // Reserved first: once a part is queued, nothing here throws before it is tracked.
       tickets.reserve((request.count + part - 1) / part);
       for (std::size_t at = 0; at < request.count; at += part) {
         ReadRequest each = request;

@@ -39,11 +39,12 @@ RING_BUFFERS = 2 * READERS
 RING_BUFFER_BYTES = 16 << 20
 #: Cores left to the rest of the process (the forward's thread, the pump, PyTorch's own).
 SPARE_CPUS = 4
-#: Parts a piece read through the page cache is read in, each by whichever reader is free,
-#: so that the readers work on the first pieces of the ring together (FilePump's `split`);
-#: 0: each piece whole, by one reader. A reader copies a few GB/s from the page cache, so
-#: one 16 MiB piece takes it about 4-5 ms, and the twelve pieces being read at once take
-#: half the ring: the read-ahead holds the rest. Not measured on a GPU yet: off.
+#: Bytes of the parts a piece read through the page cache is read in (in no more parts
+#: than the ring has readers), each part by whichever reader is free, so that the readers
+#: work on the first pieces of the ring together (FilePump's `split`); 0: each piece whole,
+#: by one reader. A reader copies a few GB/s from the page cache, so one 16 MiB piece takes
+#: it about 4-5 ms, and the pieces being read at once (one a reader: twelve on an H200's
+#: host) hold half of the 384 MiB ring. Not measured on a GPU yet: off.
 READ_SPLIT_BYTES = 0
 #: Bytes of the blocks foreseen read ahead of their copies (FileStream.read_ahead_bytes:
 #: None, the ring's bytes; 0, none; "auto", READ_AHEAD_SHARE of the ring's bytes while the

@@ -98,11 +98,12 @@ class FilePump {
  public:
   // Copies to `device` through `driver`, reading into `ring` with `readers` threads.
   // With `split` > 0, a piece read through the page cache that is larger than `split`
-  // bytes is read as parts of at most that many, each by whichever reader is free (its
-  // copy still one, once every part is read): the readers then work on the first pieces
-  // of the ring together, and a piece is ready in about the time of one part, where one
-  // reader alone takes the whole piece's (a reader copies a few GB/s from the page
-  // cache). O_DIRECT reads are never split.
+  // bytes is read as parts of `split` bytes (the last one shorter), in no more parts than
+  // `readers` (larger ones then), each by whichever reader is free, its copy still one,
+  // once every part is read: the readers then work on the first pieces of the ring
+  // together, and a piece is ready in about the time of one part while readers are free,
+  // where one reader alone takes the whole piece's (a reader copies a few GB/s from the
+  // page cache). O_DIRECT reads are never split.
   // InvalidArgumentError for an empty ring, a buffer without memory, or readers < 1;
   // DriverError when the ring's events cannot be made (none is left made).
   FilePump(std::shared_ptr<Driver> driver, int device, std::vector<PumpBuffer> ring, int readers,
@@ -171,7 +172,8 @@ class FilePump {
   std::shared_ptr<Driver> driver_;
   const int device_;
   const std::vector<PumpBuffer> ring_;
-  const std::size_t split_;  // the largest part of a cached piece read alone (0: whole)
+  const std::size_t split_;    // the largest part of a cached piece read alone (0: whole)
+  const std::size_t readers_;  // the reader threads: the most parts a piece is read in
   FileReads reads_;
 
   // The queuer's own (touched by the queuer thread only, and by close() once it ended).
