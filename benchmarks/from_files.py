@@ -62,6 +62,7 @@ import time
 import aimdo
 import aimdo.torch as atorch
 import torch
+from aimdo import _torch_stream
 from aimdo._manager import DEFAULTS
 
 from ._common import environment, run_trials, show_log, steady_median, write
@@ -349,16 +350,12 @@ def child(args) -> dict:
         manager = aimdo.Manager(backend, [0], vram_limit=args.vram_limit, **options)
         model = make_model(args, "meta")
         if args.ring:
-            from aimdo import _torch_stream
-
             readers, mib, *more = (int(n) for n in args.ring.split("x"))
             _torch_stream.READERS = readers
             _torch_stream.reader_threads = lambda: readers  # whatever the host's CPUs
             _torch_stream.RING_BUFFERS = more[0] if more else 2 * readers
             _torch_stream.RING_BUFFER_BYTES = mib << 20
         if args.split:
-            from aimdo import _torch_stream
-
             _torch_stream.READ_SPLIT_BYTES = int(float(args.split) * 2**20)
         handle = atorch.offload(
             model,

@@ -24,6 +24,7 @@ from ._torch_options import declared_order, forced_tiers, kept_first
 from ._torch_stream import FileStream
 from ._torch_tiers import (
     STALL_FLOOR,
+    always_pinned,
     host_limit_bytes,
     left_in_files,
     pinned_by_stall,
@@ -232,12 +233,12 @@ class Offload:
         )
         candidates = [b for b in reversed(order) if streamable(b) and b not in forced]
         if defer and not set(candidates).isdisjoint(files):
-            held = sum(b.nbytes for b in order if not streamable(b) or forced.get(b) == "pinned")
+            held = sum(b.nbytes for b in order if always_pinned(b, forced))
             if limit > held:
                 self._tier_plan = (candidates, limit - held)
                 # In the files until then. The reads' figures below are the placement
                 # rule's (`streamed`, `every`): the choice then pins about as much.
-                files = [b for b in order if streamable(b) and forced.get(b) != "pinned"]
+                files = [b for b in order if not always_pinned(b, forced)]
                 tiers = (
                     f"pins {format_size(held)} of its {format_size(weights)} of weights in "
                     f"host memory now ({why}): until its first forward timed block by block "
@@ -285,10 +286,10 @@ class Offload:
         chooses). On a failure (host memory, a file) they stay in the files, and a
         warning says why; interrupted, nothing changes and the next timed forward tries
         again."""
-        candidates, left = self._tier_plan
-        every = {block for block in candidates if block.offloaded}
         if not any(block.offloaded for block in self._blocks):
             return False
+        candidates, left = self._tier_plan
+        every = {block for block in candidates if block.offloaded}
         stalls = stall_seconds(marks, schedule.executor.elapsed)
         chosen = pinned_by_stall(candidates, every, stalls, left)
         if not chosen:

@@ -443,13 +443,16 @@ class FileStream:
             held += nbytes
 
     def _cancel_ahead(self, count: int | None = None) -> None:
-        """Drop the first `count` held jobs (all by default): their reads end, and they
-        are forgotten once ended."""
+        """Drop the first `count` held jobs (all by default)."""
         for _ in range(len(self._ahead) if count is None else count):
-            _, number, _ = self._ahead.popleft()
-            self.pump.cancel(number)
-            self._abandoned.append(number)
-            self.read_ahead_dropped += 1
+            self._drop_held(self._ahead.popleft()[1])
+
+    def _drop_held(self, number: int) -> None:
+        """Drop a held job taken from _ahead: its reads end, and it is forgotten once
+        ended."""
+        self.pump.cancel(number)
+        self._abandoned.append(number)
+        self.read_ahead_dropped += 1
 
     def _wait(self, pending: Pending):
         """Wait for the pending job (the GIL released): its (status, errno, tensor index,
@@ -533,9 +536,7 @@ class FileStream:
         kept = collections.deque()
         for entry in self._ahead:
             if id(entry[0]) in gone:
-                self.pump.cancel(entry[1])
-                self._abandoned.append(entry[1])  # forgotten once ended
-                self.read_ahead_dropped += 1
+                self._drop_held(entry[1])
             else:
                 kept.append(entry)
         self._ahead = kept

@@ -137,6 +137,12 @@ def streamable(block) -> bool:
     )
 
 
+def always_pinned(block, forced: dict) -> bool:
+    """Whether `block` is pinned whatever the limit: it cannot stream, or host_tiers
+    (`forced`: {block: "pinned" or "file"}) forces it pinned."""
+    return not streamable(block) or forced.get(block) == "pinned"
+
+
 def left_in_files(placed: list, limit: int, forced=None) -> list:
     """The blocks (of `placed`, in placement order) that stay in their files for a pinned
     budget of `limit` bytes: the blocks that cannot stream, or are forced pinned
@@ -152,14 +158,13 @@ def left_in_files(placed: list, limit: int, forced=None) -> list:
                 f"host_tiers: {block.name or 'the root module'!r} cannot stay in the files: "
                 "a weight of it is the module's own, not read from the checkpoint"
             )
-    pinned = [b for b in placed if not streamable(b) or forced.get(b) == "pinned"]
+    pinned = [b for b in placed if always_pinned(b, forced)]
     left = limit - sum(block.nbytes for block in pinned)
     files = []
     for block in reversed(placed):
-        tier = forced.get(block)
-        if not streamable(block) or tier == "pinned":
+        if always_pinned(block, forced):
             continue
-        if tier == "file":
+        if forced.get(block) == "file":
             files.append(block)
         elif block.nbytes <= left:
             left -= block.nbytes

@@ -113,7 +113,6 @@ class PrefetchTuner:
         self.device = device
         self.staging_option = staging_bytes  # the user's cap on staging, or None (auto)
         self.predicted = None  # {prefetch: predicted seconds of a forward}, once predicted
-        self.measured = {}  # {prefetch: the fastest measured seconds of a forward}
         self.trials = []  # (prefetch, measured seconds), in the order measured
         # The depths still to measure again once the sweep ended (CONFIRMED), or None
         # while it goes on.
@@ -239,7 +238,6 @@ class PrefetchTuner:
             return
         self.like = like  # the next is compared with this one: a decode's mask grows
         self.trials.append((self.trying, seconds))
-        self.measured[self.trying] = min(seconds, self.measured.get(self.trying, seconds))
         if self.confirming is None:
             deeper = [p for p in CANDIDATES if p > self.trying]
             if deeper and seconds <= min(self.measured.values()) * (1 + GIVE_UP):
@@ -250,6 +248,14 @@ class PrefetchTuner:
             self._try(schedule, self.confirming.pop(0))
         else:
             self._finish(schedule, None)
+
+    @property
+    def measured(self) -> dict:
+        """{prefetch: the fastest of its measured seconds}, in the order first measured."""
+        fastest: dict = {}
+        for prefetch, seconds in self.trials:
+            fastest[prefetch] = min(seconds, fastest.get(prefetch, seconds))
+        return fastest
 
     def _to_confirm(self, now: int) -> list:
         """The depths to measure again once the sweep ended (each was measured once): the
