@@ -26,7 +26,7 @@ the same with them dropped before every step (a host whose page cache cannot kee
 files). ``--direct cached|direct`` forces offload's ``file_reads`` (default: auto, the
 library's choice). ``--rings`` runs
 every limit that reads the files once per ring, READERSxMiB[xBUFFERS[xAHEAD]] (that many
-reader threads, that many buffers of that many MiB: twice the readers unless given; AHEAD
+reader threads, exactly that many buffers of that many MiB: twice the readers unless given; AHEAD
 MiB read ahead of the copies queued, 0 for none: the library's "auto" unless given), instead
 of once with the library's own. ``--switch-interval S`` sets Python's switch interval for
 each run.
@@ -354,6 +354,7 @@ def child(args) -> dict:
             _torch_stream.READERS = readers
             _torch_stream.reader_threads = lambda: readers  # whatever the host's CPUs
             _torch_stream.RING_BUFFERS = more[0] if more else 2 * readers
+            _torch_stream.RING_BLOCKS = 0  # exactly these buffers, whatever the blocks
             _torch_stream.RING_BUFFER_BYTES = mib << 20
         if args.split:
             _torch_stream.READ_SPLIT_BYTES = int(float(args.split) * 2**20)

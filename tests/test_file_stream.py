@@ -445,6 +445,26 @@ def test_a_ring_buffer_is_no_larger_than_the_largest_tensor_read(largest, expect
 
 
 @pytest.mark.parametrize(
+    ("largest_block", "buffers"),
+    [
+        (0, 24),
+        (96 << 20, 24),  # four of them fill the 24 buffers of 16 MiB
+        ((96 << 20) + 1, 25),
+        (200 << 20, 50),  # the 35 GiB synthetic model's largest: 800 MiB
+        (256 << 20, 64),
+        (1 << 30, 64),  # never more than 64 buffers (1 GiB)
+    ],
+)
+def test_the_ring_holds_four_of_the_largest_block_streamed(largest_block, buffers):
+    s = stream.FileStream({}, pin=False, largest=1 << 30, largest_block=largest_block)
+    assert (s.ring_buffers, s.ring_bytes) == (buffers, buffers * (16 << 20))
+    # Half of it is read ahead: two of the largest blocks, where the ring could grow so.
+    if 0 < largest_block <= (256 << 20):
+        assert s.auto_read_ahead_bytes() >= 2 * largest_block
+    assert (stream.RING_BLOCKS, stream.RING_MOST_BUFFERS) == (4, 64)
+
+
+@pytest.mark.parametrize(
     ("cpus", "threads"), [(1, 1), (2, 1), (4, 2), (6, 3), (8, 4), (12, 8), (16, 12), (64, 12)]
 )
 def test_the_ring_reads_with_the_cpus_the_rest_of_the_process_can_spare(monkeypatch, cpus, threads):

@@ -138,6 +138,7 @@ class Offload:
                 theirs.direct,
                 backend.driver,
                 device,
+                theirs.largest_block,
             )
         # A group's other members copy from the leader's host chunks (one host copy).
         if leader is None:
@@ -254,7 +255,8 @@ class Offload:
             largest = max(w.source.nbytes for block in files for w in block.weights)
             path = files[0].weights[0].source.path
             direct, how = reads_direct(every, pinned, path, options.get("file_reads", "auto"))
-            self._stream = FileStream(stamps, pin, largest, direct, backend.driver, device)
+            biggest = max(block.nbytes for block in files)
+            self._stream = FileStream(stamps, pin, largest, direct, backend.driver, device, biggest)
             for block in files:
                 block.file_runs = [(w.offset, w.source) for w in block.weights]
                 block.stream = self._stream

@@ -37,6 +37,12 @@ from ._torch_host import pin_tensor
 READERS = 12
 RING_BUFFERS = 2 * READERS
 RING_BUFFER_BYTES = 16 << 20
+#: More buffers for models with large blocks: the ring holds at least this many of the
+#: largest block streamed, so that half of it (READ_AHEAD_SHARE) reads two of them ahead,
+#: in at most RING_MOST_BUFFERS buffers (1 GiB of 16 MiB ones). Blocks of up to 96 MiB
+#: keep the 384 MiB ring; the 35 GiB synthetic model's 200 MiB blocks take 800 MiB.
+RING_BLOCKS = 4
+RING_MOST_BUFFERS = 64
 #: Cores left to the rest of the process (the forward's thread, the pump, PyTorch's own).
 SPARE_CPUS = 4
 #: Bytes of the parts a piece read through the page cache is read in (in no more parts
@@ -60,6 +66,14 @@ READ_SPLIT_BYTES = 0
 READ_AHEAD_BYTES: int | str | None = "auto"
 READ_AHEAD_WINDOW = 2
 READ_AHEAD_SHARE = 0.5
+
+
+def ring_buffers(buffer_bytes: int, largest_block: int) -> int:
+    """The ring's buffers of buffer_bytes each: RING_BUFFERS, or enough to hold RING_BLOCKS
+    of the largest block streamed (largest_block bytes) where that is more, up to
+    RING_MOST_BUFFERS."""
+    wanted = -(-RING_BLOCKS * largest_block // buffer_bytes)
+    return max(RING_BUFFERS, min(wanted, RING_MOST_BUFFERS))
 
 
 def reader_threads() -> int:
@@ -163,6 +177,7 @@ class FileStream:
         direct: bool = False,
         driver=None,
         device: int = 0,
+        largest_block: int = 0,
     ):
         self.reader = Reader(stamps, direct)
         self.pin = pin
@@ -174,7 +189,8 @@ class FileStream:
             RING_BUFFER_BYTES if largest is None else min(RING_BUFFER_BYTES, max(1, largest))
         )
         self._held = _Held(self.reader)  # the pump and the ring, made at the first copy
-        self.ring_buffers = RING_BUFFERS
+        self.largest_block = largest_block  # bytes of the largest block streamed
+        self.ring_buffers = ring_buffers(self.buffer_bytes, largest_block)
         self._pieces: dict[int, tuple] = {}  # id(block) -> (block, pieces, tensors)
         self._abandoned: list[int] = []  # jobs whose Pendings were dropped unsettled
         # Read-ahead: the block queued after each (id(block) -> (block, the next, whether
