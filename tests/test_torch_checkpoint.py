@@ -344,6 +344,23 @@ def test_host_limit_zero_reads_every_block_from_the_files_at_each_copy(make_mana
     assert o.pinned_bytes == 0
 
 
+def test_the_ring_holds_four_of_the_largest_block_read_from_the_files(
+    make_manager, tmp_path, monkeypatch
+):
+    import aimdo._torch_stream as stream
+
+    monkeypatch.setattr(stream, "RING_BUFFERS", 2)  # fewer than four blocks' buffers
+    real, x, expected, path, model, manager = saved_stack(make_manager, tmp_path)
+    with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit=0) as o:
+        assert torch.equal(model(x.to(where(0))), expected)
+        largest_block = max(b.nbytes for b in o._blocks)
+        largest = max(t.numel() * t.element_size() for t in real.state_dict().values())
+        buffers = -(-4 * largest_block // largest)
+        assert o._stream.largest_block == largest_block and buffers > 2
+        assert o._stream.ring_buffers == buffers
+        assert o.pinned_bytes == buffers * largest
+
+
 def test_the_blocks_a_forward_copies_from_the_files_are_read_ahead(
     make_manager, tmp_path, monkeypatch
 ):
@@ -760,6 +777,9 @@ def test_a_group_streams_through_a_ring_per_member(make_manager, tmp_path):
                 assert torch.equal(group[device](x.to(where(device))), expected[device])
         streams = [offload._stream for offload in group.offloads]
         assert streams[0] is not streams[1] and all(s.nbytes for s in streams)
+        # The same ring for each: its buffers and its count (four of the largest block).
+        rings = {(s.largest_block, s.ring_buffers, s.buffer_bytes) for s in streams}
+        assert len(rings) == 1 and streams[0].largest_block > 0
 
 
 def test_the_default_prefetch_is_chosen_when_blocks_stay_in_the_files(make_manager, tmp_path):

@@ -570,14 +570,15 @@ def test_failures_measuring_again_end_the_trials_and_let_the_deeper_staging_go(
         tuner.grow = lambda: (grown.append(offloaded.prefetch), grow())
         for _ in range(9):  # learn; predict; the sweep 2, 3, 4, 6 (much slower: it ends)
             model(x.to(where(0)))
-        assert measured == [2, 3, 4, 6] and offloaded.prefetch == 3  # 3 to measure again
+        # 3 to measure again, shallower than 6: 6's staging went back already.
+        assert measured == [2, 3, 4, 6] and offloaded.prefetch == 3 and grown == [3]
         fail["now"] = True
         for _ in range(tune.FAILED_LIMIT):
             with pytest.raises(RuntimeError, match="injected"):
                 model(x.to(where(0)))
         # Back at the fastest, 4; 6 was tried, deeper than both: its staging goes back.
         assert not offloaded.prefetch_choosing and offloaded.prefetch == 4
-        assert grown == [4]
+        assert grown == [3, 4]
         fail["now"] = False
         assert torch.equal(model(x.to(where(0))), expected)
     handle.remove()
@@ -860,6 +861,8 @@ def ended_shallower(
         grow = tuner.grow
 
         def and_give_back():
+            if not tuner.done:  # 2 measured again after 3: nothing to give back yet
+                return grow()
             manager.backend.remove_external_usage(0, PAGE)
             given_back.append(True)
             if due_poll:
@@ -929,3 +932,42 @@ def test_kept_shallower_memory_the_next_forward_takes_again_is_not_room(
             assert torch.equal(model(x.to(where(0))), expected)
             assert manager.resident_bytes(0) <= 3 * PAGE
         assert offloaded.vbar.watermark_bytes == 3 * PAGE
+
+
+@pytest.mark.sim_only
+def test_a_depth_measured_again_after_a_deeper_one_is_measured_at_its_own_residency(
+    make_manager, monkeypatch
+):
+    # 3's staging (a page of others' memory here) took a page of residency; the sweep
+    # ends at 3, measured again at once; then 2, shallower, is measured again. Before,
+    # 2 was measured at the residency 3's staging had left (3 pages); now 3's staging
+    # goes back as 2 is set, the budget is polled as 2's settling forward ends, the
+    # watermark is raised into the page, and a second settling forward fills it.
+    scripted(monkeypatch, chosen=tune.START)
+    model, x, expected, manager = six_blocks(make_manager)
+    with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
+        measured = script_clock(offloaded, {2: 1.0, 3: 2.0})
+        tuner = offloaded._runner.tuner
+        grown, grow = [], tuner.grow
+
+        def and_give_back():
+            if not grown:  # 3's staging, dropped as 2 is set
+                manager.backend.remove_external_usage(0, PAGE)
+            grown.append(offloaded.prefetch)
+            grow()
+
+        tuner.grow = and_give_back
+        manager.backend.add_external_usage(0, PAGE)
+        for _ in range(6):  # learn; predict; 2 measured; 3 settles, measured, again
+            assert torch.equal(model(x.to(where(0))), expected)
+        assert measured == [2, 3, 3] and offloaded.prefetch == 2 and grown == [2]
+        assert offloaded.vbar.watermark_bytes == 3 * PAGE
+        assert torch.equal(model(x.to(where(0))), expected)  # 2 settles; polled as it ends
+        assert offloaded.vbar.watermark_bytes == 4 * PAGE  # raised into the page given back
+        assert torch.equal(model(x.to(where(0))), expected)  # settles again, filling it
+        assert measured == [2, 3, 3] and offloaded.prefetch_choosing
+        assert manager.resident_bytes(0) == 4 * PAGE
+        assert torch.equal(model(x.to(where(0))), expected)  # 2 measured at 4 pages
+        assert measured == [2, 3, 3, 2] and offloaded.vbar.watermark_bytes == 4 * PAGE
+        assert offloaded.prefetch == 2 and not offloaded.prefetch_choosing
+        assert grown == [2, 2]  # and once more as the trials keep 2 (nothing left to give)

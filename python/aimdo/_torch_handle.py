@@ -640,8 +640,9 @@ def _grower(reference):
 
 
 def _regrower(reference):
-    """What the prefetch trials call once they kept a depth shallower than one they tried
-    (holding the offload weakly): the deeper depths' staging buffers, dropped already, go
+    """What the prefetch trials call once they kept a depth shallower than one they tried,
+    or go on to measure one again (holding the offload weakly): the deeper depths' staging
+    buffers, dropped already, go
     back to the driver (PyTorch's cache would keep them, counted as others' memory), and
     growing back (GrowBack.poll_after_next) polls the budget afresh as the next forward
     ends, then raises the watermark into the room they left. Not at once: right after the

@@ -40,7 +40,9 @@ RING_BUFFER_BYTES = 16 << 20
 #: More buffers for models with large blocks: the ring holds at least this many of the
 #: largest block streamed, so that half of it (READ_AHEAD_SHARE) reads two of them ahead,
 #: in at most RING_MOST_BUFFERS buffers (1 GiB of 16 MiB ones). Blocks of up to 96 MiB
-#: keep the 384 MiB ring; the 35 GiB synthetic model's 200 MiB blocks take 800 MiB.
+#: keep the 384 MiB ring; the 35 GiB synthetic model's 200 MiB blocks take 800 MiB, which
+#: took its step at host_limit 8 GiB from 303.8 to 292.7 ms on an H200 (median of two runs
+#: each, all pinned 268.7 ms; benchmarks/RESULTS.md, twelfth session).
 RING_BLOCKS = 4
 RING_MOST_BUFFERS = 64
 #: Cores left to the rest of the process (the forward's thread, the pump, PyTorch's own).
@@ -50,7 +52,9 @@ SPARE_CPUS = 4
 #: work on the first pieces of the ring together (FilePump's `split`); 0: each piece whole,
 #: by one reader. A reader copies a few GB/s from the page cache, so one 16 MiB piece takes
 #: it about 4-5 ms, and the pieces being read at once (one a reader: twelve on an H200's
-#: host) hold half of the 384 MiB ring. Not measured on a GPU yet: off.
+#: host) hold half of the 384 MiB ring. Off: on an H200, parts of 2 MiB took the synthetic
+#: 35 GiB model at host_limit 8 GiB from 298.2 to 318.1 ms a step (median of two runs
+#: each; benchmarks/RESULTS.md, twelfth session).
 READ_SPLIT_BYTES = 0
 #: Bytes of the blocks foreseen read ahead of their copies (FileStream.read_ahead_bytes:
 #: None, the ring's bytes; 0, none; "auto", READ_AHEAD_SHARE of the ring's bytes while the

@@ -35,17 +35,17 @@ MARGIN = 0.01
 #: but end at a depth measured this much slower than the fastest so far (a fraction of a
 #: forward): deeper ones would only take more staging from the resident weights.
 GIVE_UP = 0.1
-#: Once the sweep of the depths ends, this many depths are measured once more (the one kept
-#: by then and the fastest of the others; a settling forward first, unless the module runs
-#: at it already, each at the staging the budget gives it then), and each counts with the
-#: fastest of its measurements: a forward is only ever slowed by what else the machine did
-#: meanwhile (a page cache written back, a read from the disk, another process), so one
-#: slowed that way would otherwise decide. None is measured again when a single depth was,
-#: nor when the trials end on failures or disturbances (FAILED_LIMIT, NOT_COMPARED_LIMIT).
-#: On an H200, Qwen-Image at host_limit 8 GiB measured 550.5, 541.6, 489.1 and 598.8 ms at
-#: 2, 3, 4 and 6 in one run and kept 4 (495.8 ms a step), where four other runs at 79dad59
-#: measured 3 at 432.6-463.3 ms and kept it (426.2-462.1 ms a step; benchmarks/RESULTS.md,
-#: eleventh session).
+#: Once the sweep of the depths ends, this many depths are measured once more (the one kept by then
+#: and the fastest of the others; a settling forward first, unless the module runs at it already,
+#: and, shallower than the depth it runs at, the residency the deeper one's staging took grown back
+#: (_try); each at the staging the budget gives it then), and each counts with the fastest of its
+#: measurements: a forward is only ever slowed by what else the machine did meanwhile (a page cache
+#: written back, a read from the disk, another process), so one slowed that way would otherwise
+#: decide. None is measured again when a single depth was, nor when the trials end on failures or
+#: disturbances (FAILED_LIMIT, NOT_COMPARED_LIMIT). On an H200, Qwen-Image at host_limit 8 GiB
+#: measured 550.5, 541.6, 489.1 and 598.8 ms at 2, 3, 4 and 6 in one run and kept 4 (495.8 ms a
+#: step), where four other runs at 79dad59 measured 3 at 432.6-463.3 ms and kept it (426.2-462.1 ms
+#: a step; benchmarks/RESULTS.md, eleventh session).
 CONFIRMED = 2
 #: Forwards of the trials not compared (unlike the one measured before, or disturbed: the
 #: module's watermark moved while it ran or since the last forward of the trials, or it
@@ -122,7 +122,7 @@ class PrefetchTuner:
         self.like = None  # signature() of the first forward measured
         self.not_compared = 0  # forwards of the trials not compared (NOT_COMPARED_LIMIT)
         self.clock = time.perf_counter  # seconds (tests script it)
-        self.grow = None  # lets the residency grow back (_regrower), once kept shallower
+        self.grow = None  # lets the residency grow back (_regrower), once shallower
         self.first = []  # the offload's keep_first blocks: the prediction places them so
         # Evicts now what the staging of the depth on trial displaced (_steadier), so that
         # its measured forward runs at the residency that depth keeps.
@@ -338,10 +338,20 @@ class PrefetchTuner:
 
     def _try(self, schedule: Schedule, prefetch: int) -> None:
         """Run the next forwards at `prefetch`: one to settle (when it is a change), then
-        one measured."""
+        one measured. Shallower than the depth it runs at (a depth measured again after a
+        deeper one), the residency the deeper staging took grows back first (grow: the
+        budget polled afresh as the settling forward ends, the watermark raised into the
+        room, and the forward after it settles again, filling it), so that each depth is
+        measured at the residency its own staging leaves. Measured again at the deeper
+        one's, the synthetic 35 GiB model's depths 1-3 took 15-25 ms (0.6-0.8 GiB more
+        copied) longer than at their first measurement on an H200 (benchmarks/RESULTS.md,
+        twelfth session)."""
         if prefetch != schedule.prefetch:
+            shallower = prefetch < schedule.prefetch
             schedule.set_prefetch(prefetch, self.staging_for(schedule, prefetch))
             self.settling = True
+            if shallower and self.grow is not None:
+                self.grow()
         self.trying = prefetch
 
     def _finish(self, schedule: Schedule, why: str | None) -> None:

@@ -178,8 +178,9 @@ def offload(
     checkpoint's values).
     ``host_limit`` (bytes or a size string) caps the host memory the weights of such a
     module are pinned in; the blocks that do not fit stay in the files and are read again
-    at each copy, through a ring of 24 pinned buffers of 16 MiB, by up to 12 native threads
-    (fewer on a host of few cores: aimdo._torch_stream.reader_threads). The blocks
+    at each copy, through a ring of 24 pinned buffers of 16 MiB (more for blocks over
+    96 MiB: four of the largest, up to 1 GiB), by up to 12 native threads (fewer on a host
+    of few cores: aimdo._torch_stream.reader_threads). The blocks
     pinned first are those the VBAR places last (offloaded, so copied at every forward);
     those placed first (resident in VRAM, read again only after an eviction) stream.
     With ``prefetch="auto"`` (the default) the choice among the blocks copied at every
