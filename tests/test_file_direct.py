@@ -204,7 +204,7 @@ def test_a_direct_ring_has_aligned_buffers_with_room_for_the_alignment(monkeypat
             (
                 False,
                 "through the page cache, which can keep the 4.00 GiB read at every forward "
-                "(8.00 GiB of host memory available beside the pinned weights)",
+                "(8.00 GiB of host memory available beside the pinned bytes)",
             ),
         ),
         (
@@ -213,7 +213,7 @@ def test_a_direct_ring_has_aligned_buffers_with_room_for_the_alignment(monkeypat
             (
                 True,
                 "with O_DIRECT: the page cache could not keep the 9.00 GiB read at every "
-                "forward (the host has 8.00 GiB available beside the pinned weights)",
+                "forward (the host has 8.00 GiB available beside the pinned bytes)",
             ),
         ),
         (9 << 30, True, (False, "through the page cache (its file system refuses O_DIRECT)")),
@@ -353,3 +353,26 @@ def test_file_reads_forces_either_way_and_bad_values_change_nothing(make_manager
         assert not o._stream.direct
     said = "they are read through the page cache (file_reads='cached')"
     assert any(said in r.getMessage() for r in caplog.records)
+
+
+def test_the_choice_of_o_direct_counts_the_ring_as_pinned(make_manager, tmp_path, monkeypatch):
+    import aimdo._torch_handle as handle
+
+    real = stack(blocks=6)
+    path = str(tmp_path / "model.safetensors")
+    safetensors_torch.save_file({k: v.contiguous() for k, v in real.state_dict().items()}, path)
+    asked = []
+    choose = handle.reads_direct
+    monkeypatch.setattr(
+        handle,
+        "reads_direct",
+        lambda every, pinned, *rest: asked.append(pinned) or choose(every, pinned, *rest),
+    )
+    with torch.device("meta"):
+        model = stack(blocks=6)
+    manager = new_manager(make_manager, pages=4)
+    with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit=0) as o:
+        # No weight pinned: only the ring, made at the first copy, is.
+        assert asked == [o._stream.ring_buffers * o._stream.buffer_bytes] and asked[0] > 0
+        model(torch.randn(2, 256).to(where(0)))
+        assert o.pinned_bytes == asked[0]

@@ -56,8 +56,8 @@ def test_auto_prefetch_tries_the_fastest_predicted_depth_first(make_manager, cap
         assert offloaded.prefetch_measured == {}
         logged = [r.getMessage() for r in caplog.records if "predicts prefetch" in r.getMessage()]
         assert len(logged) == 1 and f"predicts prefetch {offloaded.prefetch} fastest" in logged[0]
-        # Every trial (a settling forward and a measured one), the fastest again, then on.
-        for _ in range(2 * len(tune.CANDIDATES) + 2 * tune.CONFIRMED + 2):
+        until_chosen(offloaded, lambda: model(x.to(where(0))), expected)
+        for _ in range(2):  # then on
             assert torch.equal(model(x.to(where(0))), expected)
         assert offloaded.prefetch_predictions is predicted
         measured = offloaded.prefetch_measured
@@ -66,6 +66,20 @@ def test_auto_prefetch_tries_the_fastest_predicted_depth_first(make_manager, cap
         assert len(kept) == 1 and f"keeps prefetch {offloaded.prefetch}," in kept[0]
         assert offloaded.prefetch in measured
         assert offloaded.last_stats.layers == 18
+
+
+def until_chosen(offloaded, forward, expected) -> None:
+    """Run `forward` (its output must equal `expected`) until the depth is chosen, failing
+    past the most forwards the trials may take on a real clock: each candidate (a settling
+    forward and a measured one), the depths measured again (each after up to two settling
+    forwards: one more where residency grows back) and a first trial shallower than START
+    (one more), and the forwards the trials leave uncompared before they end."""
+    most = 2 * len(tune.CANDIDATES) + 3 * tune.CONFIRMED + 1 + tune.NOT_COMPARED_LIMIT
+    for _ in range(most):
+        if not offloaded.prefetch_choosing:
+            return
+        assert torch.equal(forward(), expected)
+    assert not offloaded.prefetch_choosing
 
 
 def scripted(monkeypatch, chosen: int):
@@ -715,10 +729,14 @@ def test_forwards_timed_from_outside_still_let_the_depth_be_chosen(make_manager,
         assert sorted(offloaded.prefetch_predictions) == list(tune.CANDIDATES)
         ends = [mark for mark in timed_marks[0] if mark[0] == "end"]
         assert len(ends) == 1 and ends[0][2] is end  # taken before the prediction ran
+
         # Every trial, the fastest again, each timed too.
-        for _ in range(2 * len(tune.CANDIDATES) + 2 * tune.CONFIRMED + 2):
+        def timed_forward():
             out, uses = offloaded.timed(lambda: model(x.to(where(0))))
-            assert torch.equal(out, expected) and len(uses) == layers
+            assert len(uses) == layers
+            return out
+
+        until_chosen(offloaded, timed_forward, expected)
         assert not offloaded.prefetch_choosing and offloaded.prefetch_measured
 
 
@@ -971,3 +989,23 @@ def test_a_depth_measured_again_after_a_deeper_one_is_measured_at_its_own_reside
         assert measured == [2, 3, 3, 2] and offloaded.vbar.watermark_bytes == 4 * PAGE
         assert offloaded.prefetch == 2 and not offloaded.prefetch_choosing
         assert grown == [2, 2]  # and once more as the trials keep 2 (nothing left to give)
+
+
+def test_a_first_trial_shallower_than_the_start_lets_the_residency_grow_back(
+    make_manager, monkeypatch
+):
+    # Predicted 1: START's staging (deeper) is dropped as 1 is set, so the residency it
+    # took grows back before 1 is measured, as for a depth measured again.
+    scripted(monkeypatch, chosen=1)
+    model, x, expected, manager = six_blocks(make_manager)
+    with atorch.offload(model, 0, manager=manager, prefetch="auto") as offloaded:
+        measured = script_clock(offloaded, {1: 1.0, 2: 2.0})
+        tuner = offloaded._runner.tuner
+        grown, grow = [], tuner.grow
+        tuner.grow = lambda: (grown.append(offloaded.prefetch), grow())
+        for _ in range(2):  # learn; timed and predicted: 1 on trial
+            assert torch.equal(model(x.to(where(0))), expected)
+        assert offloaded.prefetch == 1 and grown == [1] and measured == []
+        for _ in range(2):  # 1 settles, measured; then 2 (deeper: nothing grows back)
+            assert torch.equal(model(x.to(where(0))), expected)
+        assert measured == [1] and offloaded.prefetch == 2 and grown == [1]

@@ -21,7 +21,7 @@ from ._torch_host import HostWeights
 from ._torch_layout import Binding, lay_out
 from ._torch_offload import _ABSENT, Runner, _TorchExecutor, make_forward
 from ._torch_options import declared_order, forced_tiers, kept_first
-from ._torch_stream import FileStream
+from ._torch_stream import FileStream, buffer_bytes_for, ring_buffers
 from ._torch_tiers import (
     STALL_FLOOR,
     always_pinned,
@@ -167,7 +167,7 @@ class Offload:
                 prefetch = START
                 tuner = PrefetchTuner(manager, device, options["staging_bytes"])
                 tuner.first = self._first
-                tuner.grow = _regrower(weakref.ref(self))  # once chosen: grow back
+                tuner.grow = _regrower(weakref.ref(self))  # shallower: grow back
                 tuner.steady = _steadier(weakref.ref(self))  # each depth tried: its residency
             stream = torch.cuda.Stream(device=self.device) if sim is None and prefetch else None
             staging = options["staging_bytes"]
@@ -254,8 +254,11 @@ class Offload:
         if files:
             largest = max(w.source.nbytes for block in files for w in block.weights)
             path = files[0].weights[0].source.path
-            direct, how = reads_direct(every, pinned, path, options.get("file_reads", "auto"))
-            biggest = max(block.nbytes for block in files)
+            each = buffer_bytes_for(largest)
+            biggest = max(sum(w.source.nbytes for w in b.weights) for b in files)
+            ring = ring_buffers(each, biggest) * each  # pinned too, at the first copy
+            asked = options.get("file_reads", "auto")
+            direct, how = reads_direct(every, pinned + ring, path, asked)
             self._stream = FileStream(stamps, pin, largest, direct, backend.driver, device, biggest)
             for block in files:
                 block.file_runs = [(w.offset, w.source) for w in block.weights]
@@ -641,13 +644,13 @@ def _grower(reference):
 
 def _regrower(reference):
     """What the prefetch trials call once they kept a depth shallower than one they tried,
-    or go on to measure one again (holding the offload weakly): the deeper depths' staging
-    buffers, dropped already, go
-    back to the driver (PyTorch's cache would keep them, counted as others' memory), and
-    growing back (GrowBack.poll_after_next) polls the budget afresh as the next forward
-    ends, then raises the watermark into the room they left. Not at once: right after the
-    cache is emptied PyTorch's pool lacks the forward's own staging and activations, which
-    the next forward takes again. On an H200 a fresh poll at once let a synthetic 35 GiB
+    or go on to try one shallower than the one they run at (holding the offload weakly):
+    the deeper depths' staging buffers, dropped already, go back to the driver (PyTorch's
+    cache would keep them, counted as others' memory), and growing back
+    (GrowBack.poll_after_next) polls the budget afresh as the next forward ends, then
+    raises the watermark into the room they left. Not at once: right after the cache is
+    emptied PyTorch's pool lacks the forward's own staging and activations, which the next
+    forward takes again. On an H200 a fresh poll at once let a synthetic 35 GiB
     model fill 0.57 GiB above its 24 GiB limit until the next due poll
     (benchmarks/RESULTS.md, eighth session)."""
 

@@ -37,12 +37,17 @@ from ._torch_host import pin_tensor
 READERS = 12
 RING_BUFFERS = 2 * READERS
 RING_BUFFER_BYTES = 16 << 20
-#: More buffers for models with large blocks: the ring holds at least this many of the
-#: largest block streamed, so that half of it (READ_AHEAD_SHARE) reads two of them ahead,
-#: in at most RING_MOST_BUFFERS buffers (1 GiB of 16 MiB ones). Blocks of up to 96 MiB
-#: keep the 384 MiB ring; the 35 GiB synthetic model's 200 MiB blocks take 800 MiB, which
-#: took its step at host_limit 8 GiB from 303.8 to 292.7 ms on an H200 (median of two runs
-#: each, all pinned 268.7 ms; benchmarks/RESULTS.md, twelfth session).
+#: More buffers for models with large blocks: the ring's bytes are at least this many times
+#: the bytes of the largest block streamed, so that half of them (READ_AHEAD_SHARE, the
+#: bytes read ahead) take two such blocks, in at most RING_MOST_BUFFERS buffers (1 GiB of
+#: 16 MiB ones). Counted in bytes, not in pieces (a piece takes a whole buffer, and each
+#: tensor's last piece is smaller), the ring holds a little less than four such blocks. With
+#: 16 MiB buffers, blocks of up to 96 MiB keep the 24 buffers; the 35 GiB synthetic model's
+#: 200 MiB blocks take 50 (800 MiB), Qwen-Image's 108 MiB ones 28 (448 MiB). On an H200,
+#: rings of 768-800 MiB took the synthetic model's step at host_limit 8 GiB to a median
+#: 1.082x the all-pinned one over seven runs, against 1.106x over eight for 384 MiB; counted
+#: in pieces, Qwen-Image's ring (512 MiB) would have taken its peak RSS past host_limit +
+#: 2 GiB, where 448 MiB left it 61 MB (benchmarks/RESULTS.md, twelfth session).
 RING_BLOCKS = 4
 RING_MOST_BUFFERS = 64
 #: Cores left to the rest of the process (the forward's thread, the pump, PyTorch's own).
@@ -52,7 +57,7 @@ SPARE_CPUS = 4
 #: work on the first pieces of the ring together (FilePump's `split`); 0: each piece whole,
 #: by one reader. A reader copies a few GB/s from the page cache, so one 16 MiB piece takes
 #: it about 4-5 ms, and the pieces being read at once (one a reader: twelve on an H200's
-#: host) hold half of the 384 MiB ring. Off: on an H200, parts of 2 MiB took the synthetic
+#: host) hold half of a 384 MiB ring. Off: on an H200, parts of 2 MiB took the synthetic
 #: 35 GiB model at host_limit 8 GiB from 298.2 to 318.1 ms a step (median of two runs
 #: each; benchmarks/RESULTS.md, twelfth session).
 READ_SPLIT_BYTES = 0
@@ -72,10 +77,16 @@ READ_AHEAD_WINDOW = 2
 READ_AHEAD_SHARE = 0.5
 
 
+def buffer_bytes_for(largest: int | None) -> int:
+    """A ring buffer's bytes: RING_BUFFER_BYTES, or the largest tensor read (`largest`
+    bytes) when that is smaller."""
+    return RING_BUFFER_BYTES if largest is None else min(RING_BUFFER_BYTES, max(1, largest))
+
+
 def ring_buffers(buffer_bytes: int, largest_block: int) -> int:
-    """The ring's buffers of buffer_bytes each: RING_BUFFERS, or enough to hold RING_BLOCKS
-    of the largest block streamed (largest_block bytes) where that is more, up to
-    RING_MOST_BUFFERS."""
+    """The ring's buffers of buffer_bytes each: RING_BUFFERS, or as many as RING_BLOCKS
+    times the bytes of the largest block streamed (`largest_block`) where that is more, up
+    to RING_MOST_BUFFERS."""
     wanted = -(-RING_BLOCKS * largest_block // buffer_bytes)
     return max(RING_BUFFERS, min(wanted, RING_MOST_BUFFERS))
 
@@ -188,10 +199,7 @@ class FileStream:
         self.direct = direct  # read with O_DIRECT, past the page cache
         self.driver = driver  # the backend's: the pump copies and records events through it
         self.device = device
-        # Each buffer: RING_BUFFER_BYTES, or the largest tensor read when that is smaller.
-        self.buffer_bytes = (
-            RING_BUFFER_BYTES if largest is None else min(RING_BUFFER_BYTES, max(1, largest))
-        )
+        self.buffer_bytes = buffer_bytes_for(largest)
         self._held = _Held(self.reader)  # the pump and the ring, made at the first copy
         self.largest_block = largest_block  # bytes of the largest block streamed
         self.ring_buffers = ring_buffers(self.buffer_bytes, largest_block)

@@ -98,14 +98,15 @@ def reads_direct(
     """Whether the files are read with O_DIRECT (past the page cache), and why. `every`:
     the bytes read from the files at every forward (the streamed blocks placed beyond the
     VRAM budget; the others are read again only after an eviction); `pinned`: the bytes
-    pinned; `path`: a file of the checkpoint, to ask its file system. Through the page
-    cache, what is read at every forward comes from memory once cached (35 GB/s on an
-    H200's host against 1.5 GB/s from its disk: benchmarks/RESULTS.md); that pays when the
-    cache can keep it. When it exceeds the host memory available beside the pinned
-    weights, the cache cannot: every read goes to the disk anyway, and through the cache
-    it would also copy each byte once more and push out the pages of everything else.
-    Then O_DIRECT, where the platform and the file system have it. `forced`: offload's
-    file_reads ("cached" or "direct" decide; "auto" chooses as above)."""
+    pinned (the weights and the ring); `path`: a file of the checkpoint, to ask its file
+    system. Through the page cache, what is read at every forward comes from memory once
+    cached (35 GB/s on an H200's host against 1.5 GB/s from its disk:
+    benchmarks/RESULTS.md); that pays when the cache can keep it. When it exceeds the host
+    memory available beside the pinned bytes, the cache cannot: every read goes to the
+    disk anyway, and through the cache it would also copy each byte once more and push out
+    the pages of everything else. Then O_DIRECT, where the platform and the file system
+    have it. `forced`: offload's file_reads ("cached" or "direct" decide; "auto" chooses
+    as above)."""
     if forced == "cached":
         return False, "through the page cache (file_reads='cached')"
     if forced == "direct":
@@ -116,7 +117,7 @@ def reads_direct(
     if every <= room:
         return False, (
             f"through the page cache, which can keep the {format_size(every)} read at every "
-            f"forward ({format_size(room)} of host memory available beside the pinned weights)"
+            f"forward ({format_size(room)} of host memory available beside the pinned bytes)"
         )
     if path is not None:
         fd = open_direct(path)
@@ -126,7 +127,7 @@ def reads_direct(
     return True, (
         f"with O_DIRECT: the page cache could not keep the {format_size(every)} read at "
         f"every forward (the host has {format_size(max(room, 0))} available beside the "
-        "pinned weights)"
+        "pinned bytes)"
     )
 
 

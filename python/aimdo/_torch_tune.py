@@ -339,13 +339,14 @@ class PrefetchTuner:
     def _try(self, schedule: Schedule, prefetch: int) -> None:
         """Run the next forwards at `prefetch`: one to settle (when it is a change), then
         one measured. Shallower than the depth it runs at (a depth measured again after a
-        deeper one), the residency the deeper staging took grows back first (grow: the
-        budget polled afresh as the settling forward ends, the watermark raised into the
-        room, and the forward after it settles again, filling it), so that each depth is
-        measured at the residency its own staging leaves. Measured again at the deeper
-        one's, the synthetic 35 GiB model's depths 1-3 took 15-25 ms (0.6-0.8 GiB more
-        copied) longer than at their first measurement on an H200 (benchmarks/RESULTS.md,
-        twelfth session)."""
+        deeper one, or a first trial shallower than START), the residency the deeper
+        staging took grows back first (grow: the budget polled afresh as the settling
+        forward ends, the watermark raised into the room when it holds the next block, and
+        the forward after it settles again, filling it), so that each depth is measured at
+        the residency its own staging leaves. Measured again at the deeper one's, the
+        synthetic 35 GiB model's depths took 8-35 ms longer than at their first measurement
+        on an H200 (23-58 ms at host_limit 0; all pinned, 0.78 GiB less resident:
+        benchmarks/RESULTS.md, twelfth session)."""
         if prefetch != schedule.prefetch:
             shallower = prefetch < schedule.prefetch
             schedule.set_prefetch(prefetch, self.staging_for(schedule, prefetch))

@@ -178,9 +178,10 @@ def offload(
     checkpoint's values).
     ``host_limit`` (bytes or a size string) caps the host memory the weights of such a
     module are pinned in; the blocks that do not fit stay in the files and are read again
-    at each copy, through a ring of 24 pinned buffers of 16 MiB (more for blocks over
-    96 MiB: four of the largest, up to 1 GiB), by up to 12 native threads (fewer on a host
-    of few cores: aimdo._torch_stream.reader_threads). The blocks
+    at each copy, through a ring of 24 pinned buffers of up to 16 MiB (more for blocks of
+    more than 6 buffers' bytes: four such blocks' bytes, up to 64 buffers), by up to 12
+    native threads (fewer on a host of few cores: aimdo._torch_stream.reader_threads).
+    The blocks
     pinned first are those the VBAR places last (offloaded, so copied at every forward);
     those placed first (resident in VRAM, read again only after an eviction) stream.
     With ``prefetch="auto"`` (the default) the choice among the blocks copied at every
@@ -199,8 +200,8 @@ def offload(
     ``file_reads`` says how the blocks in the files are read: ``"cached"`` through the
     page cache, ``"direct"`` past it (O_DIRECT, where the file system takes it), or
     ``"auto"`` (default): O_DIRECT only when what a forward reads from the files exceeds
-    the host memory available beside the pinned weights (the cache could not keep it).
-    The choice is logged with the others.
+    the host memory available beside the pinned weights and the ring (the cache could not
+    keep it). The choice is logged with the others.
     ``timings`` (default False) times every forward of the whole module, block by block
     (``Offload.last_timings``, a ForwardTimings; ``Offload.timings`` switches it).
 
