@@ -825,3 +825,41 @@ def test_blocks_read_from_the_files_ride_in_the_room_of_a_staging_buffer(
         assert offloaded.last_stats.bytes_from_files == offloaded.last_stats.bytes_copied
     assert counted.get(("file", True), 0) > 0
     assert set(counted) <= {("file", True), ("file", False)}
+
+
+def test_the_tier_plan_streams_the_blocks_placed_first_and_defers_the_choice_when_asked():
+    from types import SimpleNamespace
+
+    from aimdo._torch_tiers import plan_tiers
+
+    meta = torch.empty(0, device="meta")
+
+    class Block:  # hashed by identity, as the layout's blocks are
+        def __init__(self, name, nbytes, streams):
+            self.name, self.nbytes = name, nbytes
+            self.weights = [SimpleNamespace(source=object() if streams else None, tensor=meta)]
+
+    def block(name, nbytes, streams=True):
+        return Block(name, nbytes, streams)
+
+    own, a, b, c = block("own", 2, streams=False), block("a", 4), block("b", 4), block("c", 4)
+    order = [own, a, b, c]  # placement order; a VRAM budget of 6 bytes holds own and a
+    # 6 bytes pinned: own (cannot stream), then c (placed last); a and b stream, b beyond
+    # the budget, so read at every forward.
+    plan = plan_tiers(order, 6, {}, 6, defer=False)
+    assert (plan.files, plan.every, plan.pinned, plan.deferred) == ([a, b], 4, 6, None)
+    assert plan.said.startswith("pins 6 B of its 14 B of weights in host memory (host_limit=6 B)")
+    # Deferred: everything that can stream is read from the files until the timed forward,
+    # then 4 bytes are pinned among the candidates (placed last first).
+    plan = plan_tiers(order, 6, {}, 6, defer=True)
+    assert (plan.files, plan.every, plan.pinned) == ([a, b, c], 4, 6)
+    assert plan.deferred == ([c, b, a], 4) and "pins 2 B of its 14 B" in plan.said
+    # c forced into the files: b is pinned instead, and c is no candidate.
+    plan = plan_tiers(order, 6, {c: "file"}, 6, defer=True)
+    assert plan.deferred == ([b, a], 4) and plan.files == [a, b, c]
+    assert "host_tiers forces 0 blocks pinned and 1 in the files" in plan.said
+    plan = plan_tiers(order, 6, {c: "file"}, 6, defer=False)
+    assert (plan.files, plan.every, plan.deferred) == ([a, c], 4, None)
+    # Everything pinned: nothing to defer.
+    plan = plan_tiers(order, None, {}, 6, defer=True)
+    assert (plan.files, plan.every, plan.pinned, plan.deferred) == ([], 0, 14, None)

@@ -24,13 +24,10 @@ from ._torch_options import declared_order, forced_tiers, kept_first
 from ._torch_stream import FileStream, buffer_bytes_for, ring_buffers
 from ._torch_tiers import (
     STALL_FLOOR,
-    always_pinned,
-    host_limit_bytes,
-    left_in_files,
     pinned_by_stall,
+    plan_tiers,
     read_bandwidth,
     reads_direct,
-    streamable,
 )
 from ._torch_tune import START, PrefetchTuner
 from .sim import SimBackend
@@ -206,50 +203,9 @@ class Offload:
         log it. With `defer`, when the limit leaves some in the files, every block that
         may stream stays there until a timed forward tells which to pin
         (_pin_by_stall)."""
-        weights = sum(block.nbytes for block in placed)
-        limit, why = host_limit_bytes(options["host_limit"], weights)
-        if forced:
-            tiers = list(forced.values())
-            why += (
-                f"; host_tiers forces {tiers.count('pinned')} blocks pinned and "
-                f"{tiers.count('file')} in the files"
-            )
         order = placement_order(placed, options["spread"], rotation, self._first)
-        files = left_in_files(order, limit, forced)
-        streamed, count = sum(block.nbytes for block in files), len(files)
-        # What a forward reads from the files: the streamed blocks placed beyond the
-        # budget are offloaded, so read at every forward.
-        at, beyond = 0, set()
-        for block in order:
-            if at + block.nbytes > budget:
-                beyond.add(block)
-            at += block.nbytes
-        every = sum(block.nbytes for block in files if block in beyond)
-        pinned = weights - streamed
-        tiers = (
-            f"pins {format_size(pinned)} of its {format_size(weights)} of weights in host "
-            f"memory ({why}); {count} blocks ({format_size(streamed)}) stay in the "
-            "checkpoint's files, read again at each copy: those placed first, kept resident "
-            "in VRAM and read again only after an eviction"
-        )
-        candidates = [b for b in reversed(order) if streamable(b) and b not in forced]
-        if defer and not set(candidates).isdisjoint(files):
-            held = sum(b.nbytes for b in order if always_pinned(b, forced))
-            if limit > held:
-                self._tier_plan = (candidates, limit - held)
-                # In the files until then. The reads' figures below are the placement
-                # rule's (`streamed`, `every`): the choice then pins about as much.
-                files = [b for b in order if not always_pinned(b, forced)]
-                tiers = (
-                    f"pins {format_size(held)} of its {format_size(weights)} of weights in "
-                    f"host memory now ({why}): until its first forward timed block by block "
-                    f"that offloads a block, its {len(files)} blocks that can stream "
-                    f"({format_size(sum(b.nbytes for b in files))}) are read from the "
-                    f"checkpoint's files at each copy; then up to {format_size(limit - held)} "
-                    "of them are pinned, the blocks copied at every forward that the compute "
-                    "waited for most per byte first (about "
-                    f"{format_size(streamed)} stay in the files)"
-                )
+        plan = plan_tiers(order, options["host_limit"], forced, budget, defer)
+        self._tier_plan, files, every = plan.deferred, plan.files, plan.every
         cost = ""
         if files:
             largest = max(w.source.nbytes for block in files for w in block.weights)
@@ -258,7 +214,7 @@ class Offload:
             biggest = max(sum(w.source.nbytes for w in b.weights) for b in files)
             ring = ring_buffers(each, biggest) * each  # pinned too, at the first copy
             asked = options.get("file_reads", "auto")
-            direct, how = reads_direct(every, pinned + ring, path, asked)
+            direct, how = reads_direct(every, plan.pinned + ring, path, asked)
             self._stream = FileStream(stamps, pin, largest, direct, backend.driver, device, biggest)
             for block in files:
                 block.file_runs = [(w.offset, w.source) for w in block.weights]
@@ -279,7 +235,7 @@ class Offload:
                     f"{every / bandwidth * 1000:.0f} ms "
                     "of reading to a forward, overlapped with its compute"
                 )
-        _log.info("aimdo: offload on device %s %s%s", device, tiers, cost)
+        _log.info("aimdo: offload on device %s %s%s", device, plan.said, cost)
 
     def _pin_by_stall(self, schedule, marks) -> bool:
         """After a forward timed block by block (`marks`, Schedule.marks), which read

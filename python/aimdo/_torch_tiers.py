@@ -6,6 +6,7 @@ Imported by aimdo.torch only."""
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import os
 import time
@@ -203,3 +204,69 @@ def pinned_by_stall(candidates: list, every, stalls: dict, left: int) -> list:
             left -= block.nbytes
             chosen.add(id(block))
     return [block for block in candidates if id(block) in chosen]
+
+
+@dataclasses.dataclass
+class TierPlan:
+    """What plan_tiers decided for an offload's blocks."""
+
+    files: list  # the blocks read from the files from the first copy, in placement order
+    every: int  # bytes of the streamed blocks placed beyond the VRAM budget (read at
+    # every forward), by the placement rule (left_in_files)
+    pinned: int  # bytes of weights pinned by that rule (the deferred choice pins about as
+    # much)
+    deferred: tuple | None  # (candidates, bytes left to pin) for pinned_by_stall, or None
+    said: str  # the choice and why, for the log
+
+
+def plan_tiers(order: list, host_limit, forced: dict, budget: int, defer: bool) -> TierPlan:
+    """Which of the blocks (`order`: placement order) stay in the checkpoint files for
+    `host_limit` and host_tiers (`forced`: {block: "pinned" or "file"}), the VRAM budget
+    being `budget` bytes. With `defer`, when the limit leaves some in the files, every
+    block that may stream stays there until a timed forward tells which to pin
+    (pinned_by_stall, over TierPlan.deferred). ValueError as left_in_files."""
+    weights = sum(block.nbytes for block in order)
+    limit, why = host_limit_bytes(host_limit, weights)
+    if forced:
+        tiers = list(forced.values())
+        why += (
+            f"; host_tiers forces {tiers.count('pinned')} blocks pinned and "
+            f"{tiers.count('file')} in the files"
+        )
+    files = left_in_files(order, limit, forced)
+    streamed, count = sum(block.nbytes for block in files), len(files)
+    # What a forward reads from the files: the streamed blocks placed beyond the budget
+    # are offloaded, so read at every forward.
+    at, beyond = 0, set()
+    for block in order:
+        if at + block.nbytes > budget:
+            beyond.add(block)
+        at += block.nbytes
+    every = sum(block.nbytes for block in files if block in beyond)
+    pinned = weights - streamed
+    said = (
+        f"pins {format_size(pinned)} of its {format_size(weights)} of weights in host "
+        f"memory ({why}); {count} blocks ({format_size(streamed)}) stay in the "
+        "checkpoint's files, read again at each copy: those placed first, kept resident "
+        "in VRAM and read again only after an eviction"
+    )
+    deferred = None
+    candidates = [b for b in reversed(order) if streamable(b) and b not in forced]
+    if defer and not set(candidates).isdisjoint(files):
+        held = sum(b.nbytes for b in order if always_pinned(b, forced))
+        if limit > held:
+            deferred = (candidates, limit - held)
+            # In the files until then. The reads' figures are the placement rule's
+            # (`streamed`, `every`): the choice then pins about as much.
+            files = [b for b in order if not always_pinned(b, forced)]
+            said = (
+                f"pins {format_size(held)} of its {format_size(weights)} of weights in "
+                f"host memory now ({why}): until its first forward timed block by block "
+                f"that offloads a block, its {len(files)} blocks that can stream "
+                f"({format_size(sum(b.nbytes for b in files))}) are read from the "
+                f"checkpoint's files at each copy; then up to {format_size(limit - held)} "
+                "of them are pinned, the blocks copied at every forward that the compute "
+                "waited for most per byte first (about "
+                f"{format_size(streamed)} stay in the files)"
+            )
+    return TierPlan(files, every, pinned, deferred, said)
