@@ -26,10 +26,10 @@ the same with them dropped before every step (a host whose page cache cannot kee
 files). ``--direct cached|direct`` forces offload's ``file_reads`` (default: auto, the
 library's choice). ``--rings`` runs
 every limit that reads the files once per ring, READERSxMiB[xBUFFERS[xAHEAD]] (that many
-reader threads, exactly that many buffers of that many MiB: twice the readers unless given; AHEAD
-MiB read ahead of the copies queued, 0 for none: the library's "auto" unless given), instead
-of once with the library's own. ``--switch-interval S`` sets Python's switch interval for
-each run.
+reader threads, exactly that many buffers of that many MiB: twice the readers unless
+given; AHEAD MiB read ahead of the copies queued, 0 for none: the library's "auto" unless
+given), instead of once with the library's own. ``--switch-interval S`` sets Python's
+switch interval for each run.
 ``--trace DIR`` profiles one more step of each aimdo run (torch.profiler, after the timed
 steps; benchmarks/_trace.py), its trace saved in DIR and its summary (the compute and copy
 streams' busy and idle time, the largest gaps) in the results.

@@ -212,9 +212,9 @@ class Offload:
             path = files[0].weights[0].source.path
             each = buffer_bytes_for(largest)
             biggest = max(sum(w.source.nbytes for w in b.weights) for b in files)
-            ring = ring_buffers(each, biggest) * each  # pinned too, at the first copy
+            ring_bytes = ring_buffers(each, biggest) * each  # pinned too, at the first copy
             asked = options.get("file_reads", "auto")
-            direct, how = reads_direct(every, plan.pinned + ring, path, asked)
+            direct, how = reads_direct(every, plan.pinned + ring_bytes, path, asked)
             self._stream = FileStream(stamps, pin, largest, direct, backend.driver, device, biggest)
             for block in files:
                 block.file_runs = [(w.offset, w.source) for w in block.weights]

@@ -208,15 +208,18 @@ def pinned_by_stall(candidates: list, every, stalls: dict, left: int) -> list:
 
 @dataclasses.dataclass
 class TierPlan:
-    """What plan_tiers decided for an offload's blocks."""
+    """What plan_tiers decided for an offload's blocks: `files`, the blocks read from the
+    files from the first copy (placement order); `every`, the bytes of the blocks the
+    placement rule (left_in_files) streams that are placed beyond the VRAM budget, so read
+    at every forward; `pinned`, the bytes of weights that rule pins (the deferred choice
+    pins about as much); `deferred`, (candidates, bytes left to pin) for pinned_by_stall,
+    or None; `said`, the choice and why, for the log."""
 
-    files: list  # the blocks read from the files from the first copy, in placement order
-    every: int  # bytes of the streamed blocks placed beyond the VRAM budget (read at
-    # every forward), by the placement rule (left_in_files)
-    pinned: int  # bytes of weights pinned by that rule (the deferred choice pins about as
-    # much)
-    deferred: tuple | None  # (candidates, bytes left to pin) for pinned_by_stall, or None
-    said: str  # the choice and why, for the log
+    files: list
+    every: int
+    pinned: int
+    deferred: tuple | None
+    said: str
 
 
 def plan_tiers(order: list, host_limit, forced: dict, budget: int, defer: bool) -> TierPlan:

@@ -35,17 +35,18 @@ MARGIN = 0.01
 #: but end at a depth measured this much slower than the fastest so far (a fraction of a
 #: forward): deeper ones would only take more staging from the resident weights.
 GIVE_UP = 0.1
-#: Once the sweep of the depths ends, this many depths are measured once more (the one kept by then
-#: and the fastest of the others; a settling forward first, unless the module runs at it already,
-#: and, shallower than the depth it runs at, the residency the deeper one's staging took grown back
-#: (_try); each at the staging the budget gives it then), and each counts with the fastest of its
-#: measurements: a forward is only ever slowed by what else the machine did meanwhile (a page cache
-#: written back, a read from the disk, another process), so one slowed that way would otherwise
-#: decide. None is measured again when a single depth was, nor when the trials end on failures or
-#: disturbances (FAILED_LIMIT, NOT_COMPARED_LIMIT). On an H200, Qwen-Image at host_limit 8 GiB
-#: measured 550.5, 541.6, 489.1 and 598.8 ms at 2, 3, 4 and 6 in one run and kept 4 (495.8 ms a
-#: step), where four other runs at 79dad59 measured 3 at 432.6-463.3 ms and kept it (426.2-462.1 ms
-#: a step; benchmarks/RESULTS.md, eleventh session).
+#: Once the sweep of the depths ends, this many depths are measured once more (the one kept
+#: by then and the fastest of the others; a settling forward first, unless the module runs
+#: at it already, and, shallower than the depth it runs at, the residency the deeper one's
+#: staging took grown back (_try); each at the staging the budget gives it then), and each
+#: counts with the fastest of its measurements: a forward is only ever slowed by what else
+#: the machine did meanwhile (a page cache written back, a read from the disk, another
+#: process), so one slowed that way would otherwise decide. None is measured again when a
+#: single depth was, nor when the trials end on failures or disturbances (FAILED_LIMIT,
+#: NOT_COMPARED_LIMIT). On an H200, Qwen-Image at host_limit 8 GiB measured 550.5, 541.6,
+#: 489.1 and 598.8 ms at 2, 3, 4 and 6 in one run and kept 4 (495.8 ms a step), where four
+#: other runs at 79dad59 measured 3 at 432.6-463.3 ms and kept it (426.2-462.1 ms a step;
+#: benchmarks/RESULTS.md, eleventh session).
 CONFIRMED = 2
 #: Forwards of the trials not compared (unlike the one measured before, or disturbed: the
 #: module's watermark moved while it ran or since the last forward of the trials, or it
