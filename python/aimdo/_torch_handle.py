@@ -21,7 +21,7 @@ from ._torch_host import HostWeights
 from ._torch_layout import Binding, lay_out
 from ._torch_offload import _ABSENT, Runner, _TorchExecutor, make_forward
 from ._torch_options import declared_order, forced_tiers, kept_first
-from ._torch_stream import FileStream, buffer_bytes_for, ring_buffers
+from ._torch_stream import FileStream, ring_bytes_for
 from ._torch_tiers import (
     STALL_FLOOR,
     pinned_by_stall,
@@ -210,9 +210,8 @@ class Offload:
         if files:
             largest = max(w.source.nbytes for block in files for w in block.weights)
             path = files[0].weights[0].source.path
-            each = buffer_bytes_for(largest)
             biggest = max(sum(w.source.nbytes for w in b.weights) for b in files)
-            ring_bytes = ring_buffers(each, biggest) * each  # pinned too, at the first copy
+            ring_bytes = ring_bytes_for(largest, biggest)  # pinned too, at the first copy
             asked = options.get("file_reads", "auto")
             direct, how = reads_direct(every, plan.pinned + ring_bytes, path, asked)
             self._stream = FileStream(stamps, pin, largest, direct, backend.driver, device, biggest)

@@ -91,6 +91,13 @@ def ring_buffers(buffer_bytes: int, largest_block: int) -> int:
     return max(RING_BUFFERS, min(wanted, RING_MOST_BUFFERS))
 
 
+def ring_bytes_for(largest: int | None, largest_block: int) -> int:
+    """The bytes of the ring a FileStream given `largest` and `largest_block` pins at its
+    first copy (FileStream.ring_bytes), known before it is made."""
+    each = buffer_bytes_for(largest)
+    return ring_buffers(each, largest_block) * each
+
+
 def reader_threads() -> int:
     """The ring's reader threads: READERS, but no more than the CPUs this process may run
     on less SPARE_CPUS, nor than half of them where that is more (at least one). A native

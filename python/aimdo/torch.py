@@ -181,9 +181,9 @@ def offload(
     at each copy, through a ring of 24 pinned buffers of up to 16 MiB (more for blocks of
     more than 6 buffers' bytes: four such blocks' bytes, up to 64 buffers), by up to 12
     native threads (fewer on a host of few cores: aimdo._torch_stream.reader_threads).
-    The blocks
-    pinned first are those the VBAR places last (offloaded, so copied at every forward);
-    those placed first (resident in VRAM, read again only after an eviction) stream.
+    The blocks pinned first are those the VBAR places last (offloaded, so copied at every
+    forward); those placed first (resident in VRAM, read again only after an eviction)
+    stream.
     With ``prefetch="auto"`` (the default) the choice among the blocks copied at every
     forward waits for the forward timed to choose the depth: until then they are read
     from the files, then those the compute waited for most per byte are pinned first
