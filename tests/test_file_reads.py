@@ -8,6 +8,7 @@ a clear error before anything is read; close reads what is queued and refuses mo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import mmap
 import os
@@ -19,7 +20,7 @@ torch = pytest.importorskip("torch")  # the test extra installs it: a skip here 
 
 import aimdo  # noqa: E402
 from aimdo import _core  # noqa: E402
-from aimdo._safetensors import stamp  # noqa: E402
+from aimdo._safetensors import Tensor, stamp  # noqa: E402
 from aimdo._torch_checkpoint import DIRECT_ALIGN, Reader  # noqa: E402
 from native_reads import NativeReads  # noqa: E402
 from test_file_direct import aligned_buffer, odd_file  # noqa: E402
@@ -105,6 +106,38 @@ def test_a_read_of_a_file_unlike_its_stamp_is_refused_unread(data_file, new_read
     buffer = bytearray(16)
     assert read_now(reads, fd, -1, 0, 16, memoryview(buffer), *change(file_stamp))[0] == "changed"
     assert buffer == bytearray(16)
+
+
+def test_a_file_written_while_it_is_read_is_refused(tmp_path, new_reads):
+    # Each read lands in a shared, writable mapping of a page of the file itself: the
+    # kernel's copy into it is a write to the file, made during the read, after the
+    # check before it. The file's mtime is set far back first, so that write moves it.
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(range(256)) * (4 * DIRECT_ALIGN // 256))
+    fd = os.open(path, os.O_RDWR)
+    try:
+
+        def written_page(page: int):
+            os.utime(path, ns=(1, 1))
+            area = mmap.mmap(fd, DIRECT_ALIGN, offset=page * DIRECT_ALIGN)
+            return area, stamp(str(path))
+
+        area, before = written_page(2)
+        status = read_now(new_reads(1), fd, -1, 0, 64, area, *dataclasses.astuple(before))[0]
+        if os.stat(fd).st_mtime_ns == before.mtime_ns:
+            pytest.skip("this file system does not time writes made through a mapping")
+        assert status == "changed"
+        area.close()
+        # The Python reader (a pinned chunk's reads at offload) checks after reading too.
+        area, before = written_page(3)
+        tensor = Tensor("t", str(path), 0, 64, "U8", (64,))
+        reader = Reader({str(path): before})
+        with pytest.raises(aimdo.CheckpointError, match=r"changed since .*\(reading tensor t\)"):
+            reader.read(tensor, torch.frombuffer(area, dtype=torch.uint8)[:64])
+        reader.close()
+        area.close()
+    finally:
+        os.close(fd)
 
 
 def test_reads_past_the_end_are_truncated_and_a_closed_file_fails(data_file, new_reads):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import struct
 
 import pytest
@@ -50,6 +51,15 @@ def assert_untouched(model, manager) -> None:
     assert manager.vbar_count(0) == 0
     assert all(p.device.type == "meta" for p in model.parameters())
     assert "forward" not in model.__dict__
+
+
+def info_logged(caplog, text: str) -> list[str]:
+    """The messages logged at INFO by the logger ``aimdo`` that hold `text`."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "aimdo" and r.levelno == logging.INFO and text in r.getMessage()
+    ]
 
 
 def test_a_meta_module_runs_on_the_checkpoints_weights_held_once(make_manager, tmp_path):
@@ -160,7 +170,7 @@ def cut(path, nbytes: int) -> None:
 @pytest.mark.parametrize(
     "spoil, message",
     [
-        (lambda p, m: cut(p, 100), r"past the file's end .*truncated"),
+        (lambda p, m: cut(p, 100), r"tensor [\w.]+ ends at byte \d+, past the file's end"),
         (lambda p, m: p.write_bytes(b"\x10" + p.read_bytes()[1:]), "header is not JSON|claims"),
         (lambda p, m: p.write_bytes(struct.pack("<Q", 1 << 40) + b"{}"), "claims"),
         (lambda p, m: p.write_bytes(b"abc"), "too short"),
@@ -429,10 +439,63 @@ def test_host_limit_with_a_depth_given_pins_the_blocks_placed_last_and_streams_t
             assert torch.equal(model(x.to(where(0))), expected)
         ring = o._stream.nbytes
         assert o.pinned_bytes - ring <= limit
-    logged = [r.getMessage() for r in caplog.records if "stay in the checkpoint" in r.getMessage()]
+        assert host_bytes_held(o) == o.pinned_bytes  # the count is what the tensors hold
+    logged = info_logged(caplog, "stay in the checkpoint")
     assert len(logged) == 1 and "host_limit=5.00 MiB" in logged[0] and "8 blocks" in logged[0]
     assert "read ahead of their copies (up to " in logged[0]
     assert "ring) while the prefetch window is at most 2 copies" in logged[0]
+
+
+def test_the_default_host_limit_pins_half_the_host_memory_available(
+    make_manager, tmp_path, caplog, monkeypatch
+):
+    import aimdo._torch_tiers as tiers
+
+    real, x, expected, path, model, manager = saved_stack(make_manager, tmp_path)
+    caplog.set_level(logging.INFO, logger="aimdo")
+    # 10 MiB available: "auto" pins up to half of it, as host_limit="5MiB" does above.
+    monkeypatch.setattr(tiers, "available_host_bytes", lambda: 10 << 20)
+    with atorch.offload(model, 0, manager=manager, checkpoint=path, prefetch=2) as o:
+        placed = [name for name, _, _ in o.placement()]
+        sizes = {block.name: block.nbytes for block in o._blocks}
+        left, pinned = 5 << 20, set()
+        for name in reversed(placed):
+            if sizes[name] <= left:
+                left -= sizes[name]
+                pinned.add(name)
+        streamed = {block.name for block in o._blocks if block.file_runs}
+        assert streamed == set(placed) - pinned and len(streamed) == 8
+        assert torch.equal(model(x.to(where(0))), expected)
+        assert o.pinned_bytes - o._stream.nbytes <= 5 << 20
+        assert host_bytes_held(o) == o.pinned_bytes
+    logged = info_logged(caplog, "stay in the checkpoint")
+    assert len(logged) == 1 and "8 blocks" in logged[0]
+    assert "host_limit='auto': 50% of the 10.00 MiB of host memory available" in logged[0]
+    # Room for twice the weights: every weight pinned, nothing read from the files.
+    caplog.clear()
+    weights = sum(sizes.values())
+    monkeypatch.setattr(tiers, "available_host_bytes", lambda: 2 * weights)
+    model = on_meta()
+    with atorch.offload(model, 0, manager=manager, checkpoint=path, prefetch=2) as o:
+        assert not any(block.file_runs for block in o._blocks) and o._stream is None
+        assert o.pinned_bytes == weights == host_bytes_held(o) and o.streamed_bytes == 0
+        assert torch.equal(model(x.to(where(0))), expected)
+    logged = info_logged(caplog, "in host memory")
+    assert len(logged) == 1 and "0 blocks (0 B) stay in the checkpoint" in logged[0]
+    assert "host_limit='auto': the weights fit in 50% of the" in logged[0]
+
+
+def host_bytes_held(o) -> int:
+    """The host memory an offload's weights and ring hold, measured on the tensors
+    themselves rather than taken from its own count: every distinct storage its blocks
+    copy from, and every ring buffer's (all of it pinned on CUDA)."""
+    storages = {}
+    for block in o._blocks:
+        for _, source in block.runs:
+            storage = source.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    ring = o._stream.buffers if o._stream is not None else []
+    return sum(storages.values()) + sum(b.whole.untyped_storage().nbytes() for b in ring)
 
 
 def scripted_stalls(monkeypatch, per_byte: dict) -> None:
@@ -486,11 +549,12 @@ def test_host_limit_pins_the_copied_blocks_the_compute_waited_for_most_once_time
         assert pinned == {*downs, ups[0], *norms}
         assert sum(sizes[n] for n in pinned) + sizes[ups[1]] > 5 << 20
         assert o.pinned_bytes - o._stream.nbytes == sum(sizes[name] for name in pinned)
+        assert host_bytes_held(o) == o.pinned_bytes
         assert o.streamed_bytes == sum(sizes.values()) - sum(sizes[name] for name in pinned)
         for _ in range(2):
             assert torch.equal(model(x.to(where(0))), expected)
     assert o.pinned_bytes == 0
-    logged = [r.getMessage() for r in caplog.records if "it read from the files" in r.getMessage()]
+    logged = info_logged(caplog, "it read from the files")
     assert len(logged) == 1 and "pins 10 blocks (4.02 MiB)" in logged[0]
     assert "4 (4.01 MiB) copied at every forward" in logged[0]
     assert "6 others; 8 blocks (8.02 MiB) stay in the files" in logged[0]
@@ -542,7 +606,7 @@ def test_blocks_left_in_the_files_after_the_choice_are_still_read_ahead(
             assert torch.equal(model(x.to(where(0))), expected)
             seen.append(s.read_ahead_used)
         assert seen == [0, 3]
-    logged = [r.getMessage() for r in caplog.records if "it read from the files" in r.getMessage()]
+    logged = info_logged(caplog, "it read from the files")
     assert len(logged) == 1 and "; 12 blocks (" in logged[0] and "stay in the files" in logged[0]
 
 
@@ -685,7 +749,7 @@ def test_host_tiers_force_blocks_into_the_files_or_into_pinned_memory(
         )
         for _ in range(3):
             assert torch.equal(model(x.to(where(0))), expected)
-    logged = [r.getMessage() for r in caplog.records if "stay in the checkpoint" in r.getMessage()]
+    logged = info_logged(caplog, "stay in the checkpoint")
     assert "host_tiers forces 0 blocks pinned and 2 in the files" in logged[-1]
     # Everything would stream (host_limit=0) but two blocks are forced pinned.
     model = on_meta()
@@ -739,12 +803,53 @@ def test_a_file_changed_under_a_running_model_is_refused_and_nothing_is_lost(
         os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1))
         with pytest.raises(aimdo.CheckpointError, match="changed since its header was read") as e:
             model(x.to(where(0)))
-        assert str(path) in str(e.value) and "tensor" in str(e.value)
+        named = re.search(r"\(reading tensor (\S+)\)", str(e.value))
+        assert str(path) in str(e.value) and named and named.group(1) in real.state_dict()
         # The file as it was: the module runs again, nothing lost.
         os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
         for _ in range(2):
             assert torch.equal(model(x.to(where(0))), expected)
     assert all(p.device.type == "meta" for p in model.parameters())
+    assert manager.vbar_count(0) == 0
+
+
+def threads_now() -> int:
+    """The process's threads, the native ones included (Linux)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_no_thread_is_left_once_a_streaming_module_is_undone_or_refused(
+    make_manager, tmp_path, monkeypatch
+):
+    real, x, expected, path, model, manager = saved_stack(make_manager, tmp_path)
+    reference(real, x, 0)  # PyTorch's own threads, started before the count
+    before = threads_now()
+    with atorch.offload(model, 0, manager=manager, checkpoint=path, host_limit=0) as o:
+        assert torch.equal(model(x.to(where(0))), expected)
+        assert threads_now() > before and o._stream is not None  # its readers run
+        stat = os.stat(path)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+        with pytest.raises(aimdo.CheckpointError, match="changed since its header was read"):
+            model(x.to(where(0)))
+    assert threads_now() == before
+    # Refused while reading the pinned weights, its ring made: nothing is left running.
+    import aimdo._torch_handle as handle
+
+    place = handle.place
+
+    def place_then_change(*args, **kwargs):
+        stat = os.stat(path)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+        return place(*args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(handle, "place", place_then_change)
+        with pytest.raises(aimdo.CheckpointError, match="changed since its header was read"):
+            atorch.offload(
+                on_meta(), 0, manager=manager, checkpoint=path, host_limit="5MiB", prefetch=2
+            )
+    assert threads_now() == before
     assert manager.vbar_count(0) == 0
 
 

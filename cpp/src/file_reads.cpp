@@ -109,7 +109,15 @@ ReadResult read_direct(const ReadRequest& request) {
 }  // namespace
 
 ReadResult read_piece(const ReadRequest& request) {
-  return request.direct_fd >= 0 ? read_direct(request) : read_cached(request);
+  ReadResult result = request.direct_fd >= 0 ? read_direct(request) : read_cached(request);
+  // The stamp again once the bytes are in: a file written while it was read (after the
+  // check before the read) has a new mtime now, and the bytes may be part old, part new.
+  if (result.status == ReadStatus::kDone) {
+    const ReadResult after = checked(request.fd, request);
+    result.status = after.status;
+    result.error = after.error;
+  }
+  return result;
 }
 
 FileReads::FileReads(int threads) : creator_(static_cast<long>(::getpid())) {

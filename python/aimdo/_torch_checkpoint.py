@@ -138,9 +138,9 @@ def raise_for_read(status: str, error: int, tensor: Tensor) -> None:
 
 
 class Reader:
-    """Reads tensors' bytes from their files, each file opened once, checking before every
-    read that the file is what its stamp says (its size and modification time, from the
-    open file). Thread-safe (reads are positional). Close it when done.
+    """Reads tensors' bytes from their files, each file opened once, checking before and
+    after every read that the file is what its stamp says (its size, modification time
+    and inode, from the open file). Thread-safe (reads are positional). Close it when done.
 
     With `direct`, the native reads (FilePump) read its files past the page cache
     (O_DIRECT, where the platform and the file system have it; else through the page
@@ -209,6 +209,8 @@ class Reader:
             if count == 0:
                 raise _truncated(tensor)
             done += count
+        if stamp(fd) != self.stamps.get(tensor.path):  # written while it was read
+            raise _changed(tensor)
 
     def close(self) -> None:
         with self._opening:
