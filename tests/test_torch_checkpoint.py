@@ -414,6 +414,17 @@ def test_by_default_the_files_are_read_ahead_while_the_prefetch_window_is_shallo
         assert s.read_ahead_used == used and s.read_ahead_dropped == 0
 
 
+def placed_last_within(placed: list, sizes: dict, limit: int) -> set:
+    """The names the placement rule pins within `limit` bytes: the blocks placed last
+    first (`placed`: names in placement order; `sizes`: name -> bytes), each that fits."""
+    left, pinned = limit, set()
+    for name in reversed(placed):
+        if sizes[name] <= left:
+            left -= sizes[name]
+            pinned.add(name)
+    return pinned
+
+
 def test_host_limit_with_a_depth_given_pins_the_blocks_placed_last_and_streams_the_rest(
     make_manager, tmp_path, caplog
 ):
@@ -426,11 +437,7 @@ def test_host_limit_with_a_depth_given_pins_the_blocks_placed_last_and_streams_t
     ) as o:
         placed = [name for name, _, _ in o.placement()]  # by offset: placement order
         sizes = {block.name: block.nbytes for block in o._blocks}
-        left, pinned = limit, set()
-        for name in reversed(placed):  # the blocks placed last are pinned first
-            if sizes[name] <= left:
-                left -= sizes[name]
-                pinned.add(name)
+        pinned = placed_last_within(placed, sizes, limit)
         streamed = {block.name for block in o._blocks if block.file_runs}
         assert streamed == set(placed) - pinned and len(streamed) == 8
         assert all(name.endswith(("up", "down")) for name in streamed)
@@ -458,11 +465,7 @@ def test_the_default_host_limit_pins_half_the_host_memory_available(
     with atorch.offload(model, 0, manager=manager, checkpoint=path, prefetch=2) as o:
         placed = [name for name, _, _ in o.placement()]
         sizes = {block.name: block.nbytes for block in o._blocks}
-        left, pinned = 5 << 20, set()
-        for name in reversed(placed):
-            if sizes[name] <= left:
-                left -= sizes[name]
-                pinned.add(name)
+        pinned = placed_last_within(placed, sizes, 5 << 20)
         streamed = {block.name for block in o._blocks if block.file_runs}
         assert streamed == set(placed) - pinned and len(streamed) == 8
         assert torch.equal(model(x.to(where(0))), expected)

@@ -209,8 +209,7 @@ class Reader:
             if count == 0:
                 raise _truncated(tensor)
             done += count
-        if stamp(fd) != self.stamps.get(tensor.path):  # written while it was read
-            raise _changed(tensor)
+        self._check(tensor)  # again: a file written while it was read
 
     def close(self) -> None:
         with self._opening:

@@ -210,11 +210,13 @@ class Offload:
         if files:
             largest = max(w.source.nbytes for block in files for w in block.weights)
             path = files[0].weights[0].source.path
-            biggest = max(sum(w.source.nbytes for w in b.weights) for b in files)
-            ring_bytes = ring_bytes_for(largest, biggest)  # pinned too, at the first copy
+            largest_block = max(sum(w.source.nbytes for w in b.weights) for b in files)
+            ring_bytes = ring_bytes_for(largest, largest_block)  # pinned too, at the first copy
             asked = options.get("file_reads", "auto")
             direct, how = reads_direct(every, plan.pinned + ring_bytes, path, asked)
-            self._stream = FileStream(stamps, pin, largest, direct, backend.driver, device, biggest)
+            self._stream = FileStream(
+                stamps, pin, largest, direct, backend.driver, device, largest_block
+            )
             for block in files:
                 block.file_runs = [(w.offset, w.source) for w in block.weights]
                 block.stream = self._stream
